@@ -1,0 +1,5 @@
+//! dm-replica's replication stream: segment format, stream keys, messages.
+
+pub mod frame;
+pub mod keys;
+pub mod msg;

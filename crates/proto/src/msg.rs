@@ -1,0 +1,228 @@
+//! Messages on the replication connection (inside TLS).
+//!
+//! Every message is `type: u8`, `len: u32 LE`, then `len` bytes. Control
+//! messages (hello, welcome, error) are JSON so they can grow fields without
+//! a new protocol version; segments are the binary frames of
+//! [`crate::frame`]; acks are 16 bytes.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Feature bits this build offers in the handshake.
+pub const PROTOCOL_FEATURES: u64 = FEATURE_ZSTD_SEGMENTS;
+/// Feature: segments are zstd-compressed.
+pub const FEATURE_ZSTD_SEGMENTS: u64 = 1;
+/// Largest message accepted.
+pub const MAX_MESSAGE: usize = (crate::frame::MAX_PLAIN_LEN as usize) + 64 * 1024;
+
+const T_HELLO: u8 = 1;
+const T_WELCOME: u8 = 2;
+const T_SEGMENT: u8 = 3;
+const T_ACK: u8 = 4;
+const T_ERROR: u8 = 5;
+
+/// Source's opening message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    /// Protocol version.
+    pub protocol: u32,
+    /// Feature bits offered.
+    pub features: u64,
+    /// Volume (or group) id.
+    pub volume: String,
+    /// Ring generation, hex.
+    pub generation: String,
+    /// Epoch the source believes in.
+    pub epoch: u64,
+    /// Source's half of the stream id, hex.
+    pub source_random: String,
+    /// Oldest record sequence the source can still send.
+    pub oldest_seq: u64,
+    /// Key id the source will seal with.
+    pub key_id: u32,
+}
+
+/// Target's answer when it accepts the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Welcome {
+    /// Protocol version chosen.
+    pub protocol: u32,
+    /// Feature bits agreed.
+    pub features: u64,
+    /// Target's half of the stream id, hex.
+    pub target_random: String,
+    /// Last record sequence durable in the target's journal (0: none).
+    pub durable_seq: u64,
+    /// Last record sequence applied to the replica.
+    pub applied_seq: u64,
+    /// Epoch the target is at.
+    pub epoch: u64,
+}
+
+/// Acknowledgement: everything up to `durable_seq` is durable in the
+/// target's journal; `applied_seq` is applied to the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// Last durable record.
+    pub durable_seq: u64,
+    /// Last applied record.
+    pub applied_seq: u64,
+}
+
+/// Whether the sender should retry later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// Retry on the backoff schedule (disk full, busy, transient).
+    Recoverable,
+    /// Stop and go Critical (authentication, sequence gap, wrong epoch...).
+    Fatal,
+}
+
+/// An error reported by the peer before it closes the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorMsg {
+    /// Retry or not.
+    pub class: ErrorClass,
+    /// Short machine-readable code.
+    pub code: String,
+    /// Human explanation.
+    pub message: String,
+}
+
+/// A decoded message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Source hello.
+    Hello(Hello),
+    /// Target welcome.
+    Welcome(Welcome),
+    /// A segment frame.
+    Segment(Vec<u8>),
+    /// An ack.
+    Ack(Ack),
+    /// An error.
+    Error(ErrorMsg),
+}
+
+/// Message decoding errors.
+#[derive(Debug, thiserror::Error)]
+pub enum MsgError {
+    /// Unknown message type.
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    /// Message larger than allowed.
+    #[error("message of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// Bad JSON body.
+    #[error("malformed control message: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Bad ack body.
+    #[error("malformed ack")]
+    BadAck,
+}
+
+fn put(out: &mut Vec<u8>, t: u8, body: &[u8]) {
+    out.push(t);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+}
+
+impl Message {
+    /// Appends the encoded message to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::Hello(h) => put(out, T_HELLO, &serde_json::to_vec(h).unwrap_or_default()),
+            Message::Welcome(w) => put(out, T_WELCOME, &serde_json::to_vec(w).unwrap_or_default()),
+            Message::Segment(f) => put(out, T_SEGMENT, f),
+            Message::Ack(a) => {
+                let mut b = [0u8; 16];
+                b[..8].copy_from_slice(&a.durable_seq.to_le_bytes());
+                b[8..].copy_from_slice(&a.applied_seq.to_le_bytes());
+                put(out, T_ACK, &b)
+            }
+            Message::Error(e) => put(out, T_ERROR, &serde_json::to_vec(e).unwrap_or_default()),
+        }
+    }
+
+    /// Encodes into a fresh buffer.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode(&mut v);
+        v
+    }
+
+    /// Decodes one message from the front of `buf`: `Ok(None)` if more bytes
+    /// are needed, else the message and the bytes it used.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, MsgError> {
+        if buf.len() < 5 {
+            return Ok(None);
+        }
+        let t = buf[0];
+        let len = u32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if len > MAX_MESSAGE {
+            return Err(MsgError::TooLarge(len));
+        }
+        if !(T_HELLO..=T_ERROR).contains(&t) {
+            return Err(MsgError::UnknownType(t));
+        }
+        if buf.len() < 5 + len {
+            return Ok(None);
+        }
+        let body = &buf[5..5 + len];
+        let m = match t {
+            T_HELLO => Message::Hello(serde_json::from_slice(body)?),
+            T_WELCOME => Message::Welcome(serde_json::from_slice(body)?),
+            T_SEGMENT => Message::Segment(body.to_vec()),
+            T_ACK => {
+                if body.len() != 16 {
+                    return Err(MsgError::BadAck);
+                }
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&body[..8]);
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&body[8..]);
+                Message::Ack(Ack { durable_seq: u64::from_le_bytes(a), applied_seq: u64::from_le_bytes(b) })
+            }
+            _ => Message::Error(serde_json::from_slice(body)?),
+        };
+        Ok(Some((m, 5 + len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_partial_input() {
+        let msgs = vec![
+            Message::Ack(Ack { durable_seq: 7, applied_seq: 5 }),
+            Message::Error(ErrorMsg { class: ErrorClass::Fatal, code: "gap".into(), message: "x".into() }),
+            Message::Segment(vec![1, 2, 3]),
+        ];
+        let mut buf = Vec::new();
+        for m in &msgs {
+            m.encode(&mut buf);
+        }
+        for cut in 0..buf.len() {
+            // A prefix never decodes into something wrong.
+            if let Some((m, used)) = Message::decode(&buf[..cut]).expect("decode") {
+                assert_eq!(m, msgs[0]);
+                assert!(used <= cut);
+            }
+        }
+        let mut p = 0;
+        for m in &msgs {
+            let (d, used) = Message::decode(&buf[p..]).expect("ok").expect("whole");
+            assert_eq!(&d, m);
+            p += used;
+        }
+        assert!(Message::decode(&[9, 0, 0, 0, 0]).is_err());
+        assert!(Message::decode(&[3, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+}
