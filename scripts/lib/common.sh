@@ -1,0 +1,26 @@
+# Shared settings and helpers for the kernel-side scripts. Sourced, not run.
+# shellcheck shell=bash
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/dm-replica"
+DM_REPLICA_TOOLS="${DM_REPLICA_TOOLS:-$CACHE_ROOT/tools}"
+BINDGEN_VERSION=0.69.5
+BINDGEN="$DM_REPLICA_TOOLS/bin/bindgen"
+# Debian's rustc-web: the kernel needs its matching core source, which the
+# rustup toolchains do not ship. Always passed by absolute path.
+KRUSTC=/usr/bin/rustc
+KRUSTDOC=/usr/bin/rustdoc
+KERNEL_SERIES=6.12
+
+say() { printf '==> %s\n' "$*" >&2; }
+warn() { printf '==> WARNING: %s\n' "$*" >&2; }
+die() {
+	printf '==> ERROR: %s\n' "$*" >&2
+	exit 1
+}
+
+# Make variables every kernel make call needs, module builds included: the
+# rustup proxy earlier on PATH would otherwise compile with another rustc.
+kmake_vars() {
+	printf '%s\n' "RUSTC=$KRUSTC" "RUSTDOC=$KRUSTDOC" "HOSTRUSTC=$KRUSTC" "BINDGEN=$BINDGEN"
+}
