@@ -1,1 +1,56 @@
-//! placeholder
+//! Target-side storage of dm-replica: the segment journal, replica
+//! backends with recovery points, and persistent volume state.
+
+pub mod journal;
+pub mod replica;
+pub mod state;
+
+use std::path::{Path, PathBuf};
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O operation failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stored data is damaged.
+    #[error("{}: damaged at offset {offset}: {why}", path.display())]
+    Corrupt {
+        /// File.
+        path: PathBuf,
+        /// Where.
+        offset: u64,
+        /// What is wrong.
+        why: String,
+    },
+    /// A request that cannot be honoured.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// Wraps an OS error with context.
+    pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io { what, path: path.to_owned(), source }
+    }
+
+    /// Whether retrying later can succeed (full disk, out of memory,
+    /// interrupted); everything else is non-recoverable.
+    pub fn is_recoverable(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::ENOMEM) | Some(libc::EAGAIN) | Some(libc::EINTR)
+            ) || source.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        }
+    }
+}

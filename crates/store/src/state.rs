@@ -1,0 +1,95 @@
+//! The target's persistent per-volume state, written atomically (temporary
+//! file, fsync, rename, fsync of the directory).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+
+/// Why a recovery point was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PointKind {
+    /// At a committed flush: crash-consistent.
+    Crash,
+    /// At a marker inserted by an application-consistency hook.
+    Marker,
+}
+
+/// A recovery point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryPoint {
+    /// Point id (the record sequence it was taken at).
+    pub id: u64,
+    /// Last record sequence included.
+    pub seq: u64,
+    /// Ring generation, hex.
+    pub generation: String,
+    /// Source time of that record, ns since the epoch.
+    pub source_time_ns: u64,
+    /// Target time when it was recorded, ns since the epoch.
+    pub created_ns: u64,
+    /// Kind.
+    pub kind: PointKind,
+    /// Marker id for marker points.
+    #[serde(default)]
+    pub marker: Option<u64>,
+}
+
+/// Persistent state of one replicated volume on the target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeState {
+    /// State format version.
+    pub version: u32,
+    /// Ring generation the journal belongs to, hex ("" before the first stream).
+    pub generation: String,
+    /// Replication epoch.
+    pub epoch: u64,
+    /// Every record up to here is applied and flushed to the replica.
+    pub applied_seq: u64,
+    /// Recovery points, oldest first.
+    pub points: Vec<RecoveryPoint>,
+    /// Set when the volume hit a non-recoverable error.
+    pub critical: Option<String>,
+}
+
+/// Current state format version.
+pub const STATE_VERSION: u32 = 1;
+
+impl VolumeState {
+    /// Loads the state file, or a fresh state if there is none.
+    pub fn load(path: &Path) -> Result<Self, StoreError> {
+        match std::fs::read(path) {
+            Ok(b) => {
+                let s: Self = serde_json::from_slice(&b)
+                    .map_err(|e| StoreError::Corrupt { path: path.to_owned(), offset: 0, why: e.to_string() })?;
+                if s.version != STATE_VERSION {
+                    return Err(StoreError::Invalid(format!("{}: state version {} unsupported", path.display(), s.version)));
+                }
+                Ok(s)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self { version: STATE_VERSION, ..Self::default() }),
+            Err(e) => Err(StoreError::io("read state", path, e)),
+        }
+    }
+
+    /// Writes the state atomically.
+    pub fn save(&self, path: &Path) -> Result<(), StoreError> {
+        write_atomic(path, &serde_json::to_vec_pretty(self).unwrap_or_default())
+    }
+}
+
+/// Replaces `path` with `data` atomically and durably.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let dir: PathBuf = path.parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."));
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io("write state", &tmp, e))?;
+    f.write_all(data).map_err(|e| StoreError::io("write state", &tmp, e))?;
+    f.sync_all().map_err(|e| StoreError::io("sync state", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| StoreError::io("publish state", path, e))?;
+    crate::journal::sync_dir(&dir)
+}
