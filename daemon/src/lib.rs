@@ -1,1 +1,62 @@
-//! placeholder
+//! replicad: the dm-replica daemon. One binary, two roles:
+//!
+//! * `replicad source` drains the capture ring of a protected volume (or
+//!   consistency group), packs records into compressed, encrypted segments
+//!   and ships them over TLS to the target;
+//! * `replicad target` verifies, journals and acknowledges segments, and
+//!   applies them in order to the replica, keeping recovery points.
+
+pub mod cli;
+pub mod config;
+pub mod link;
+pub mod retry;
+pub mod source;
+pub mod status;
+pub mod target;
+pub mod tls;
+
+use std::path::{Path, PathBuf};
+
+/// Daemon errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// Keys.
+    #[error(transparent)]
+    Keys(#[from] replica_proto::keys::KeyError),
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Storage.
+    #[error(transparent)]
+    Store(#[from] replica_store::StoreError),
+    /// The capture ring.
+    #[error("capture ring: {0}")]
+    Ring(#[from] replica_ring::RingError),
+    /// An OS error with context.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Replication stopped for a non-recoverable error.
+    #[error("Critical: {0}")]
+    Critical(String),
+    /// Not supported by this build.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl DaemonError {
+    /// Wraps an OS error.
+    pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io { what, path: path.to_owned(), source }
+    }
+}

@@ -1,1 +1,4 @@
-fn main() {}
+//! `replicad`: see the library crate.
+fn main() -> std::process::ExitCode {
+    replicad::cli::main()
+}

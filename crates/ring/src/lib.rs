@@ -87,6 +87,12 @@ pub trait Release: Send {
     fn release(&mut self, map: &Mapping, new_cons: u64, data_tail: u64) -> Result<(), RingError>;
 }
 
+impl Release for Box<dyn Release> {
+    fn release(&mut self, map: &Mapping, new_cons: u64, data_tail: u64) -> Result<(), RingError> {
+        (**self).release(map, new_cons, data_tail)
+    }
+}
+
 /// Release for a ring file shared with a userspace producer: the consumer
 /// writes the consumer indices itself.
 #[derive(Debug, Default)]
@@ -226,6 +232,34 @@ impl<R: Release> Consumer<R> {
         if !out.is_empty() {
             self.map.read_data(rec.desc.data_pos, out)?;
         }
+        Ok(())
+    }
+
+    /// Appends the payload of a committed record to `out` (one copy, from
+    /// the ring into the caller's buffer).
+    pub fn append_payload(&self, rec: &Record, out: &mut Vec<u8>) -> Result<(), RingError> {
+        let start = out.len();
+        out.resize(start + rec.payload_len(), 0);
+        if rec.payload_len() > 0 {
+            self.map.read_data(rec.desc.data_pos, &mut out[start..])?;
+        }
+        Ok(())
+    }
+
+    /// Moves the read position back (or forward) to `seq`, which must lie
+    /// between the released position and the current read position: after
+    /// a reconnect, records the target did not acknowledge are read again.
+    pub fn rewind(&mut self, seq: u64) -> Result<(), RingError> {
+        if !ring_abi::release_is_valid(self.released, self.next, seq) {
+            return Err(RingError::InvalidRelease(seq));
+        }
+        self.tail_after_next = if seq == self.released {
+            self.map.header().data_tail.load(Ordering::Acquire)
+        } else {
+            let d = self.map.read_desc(seq.wrapping_sub(1));
+            d.data_pos.wrapping_add(u64::from(d.granules))
+        };
+        self.next = seq;
         Ok(())
     }
 

@@ -1,0 +1,143 @@
+//! Command line of `replicad`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{SourceConfig, TargetConfig};
+
+/// dm-replica daemon.
+#[derive(Debug, Parser)]
+#[command(name = "replicad", version, about = "dm-replica replication daemon (source and target roles)")]
+pub struct Cli {
+    /// Role to run.
+    #[command(subcommand)]
+    pub role: RoleCmd,
+}
+
+/// Roles.
+#[derive(Debug, Subcommand)]
+pub enum RoleCmd {
+    /// Ship a protected volume's captured writes to a target.
+    Source {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Receive, journal and apply segments to replicas.
+    Target {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and exit.
+    Check {
+        /// `source` or `target`.
+        role: String,
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// Process exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// Stopped cleanly.
+    Ok = 0,
+    /// Could not start (configuration, keys, certificates, storage).
+    Startup = 2,
+    /// Stopped for a non-recoverable replication error (Critical).
+    Critical = 3,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e as u8)
+    }
+}
+
+/// Blocks SIGINT/SIGTERM in every thread and sets `stop` when one arrives.
+fn stop_on_signals() -> Arc<AtomicBool> {
+    use nix::sys::signal::{SigSet, Signal};
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    if set.thread_block().is_ok() {
+        let s = stop.clone();
+        let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+            if let Ok(sig) = set.wait() {
+                tracing::info!(signal = ?sig, "stopping");
+            }
+            s.store(true, Ordering::Release);
+        });
+    }
+    stop
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REPLICAD_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// Entry point shared by the `replicad` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.role {
+        RoleCmd::Check { role, config } => {
+            let r = match role.as_str() {
+                "source" => SourceConfig::load(&config).map(|_| ()),
+                "target" => TargetConfig::load(&config).map(|_| ()),
+                other => {
+                    eprintln!("replicad: unknown role {other:?} (source or target)");
+                    return Exit::Startup.into();
+                }
+            };
+            return match r {
+                Ok(()) => {
+                    println!("{}: ok", config.display());
+                    Exit::Ok.into()
+                }
+                Err(e) => {
+                    eprintln!("replicad: {e}");
+                    Exit::Startup.into()
+                }
+            };
+        }
+        RoleCmd::Source { config } => {
+            let stop = stop_on_signals();
+            SourceConfig::load(&config)
+                .map_err(crate::DaemonError::from)
+                .and_then(|c| crate::source::Source::new(c, stop))
+                .map(|s| s.run())
+        }
+        RoleCmd::Target { config } => {
+            let stop = stop_on_signals();
+            TargetConfig::load(&config)
+                .map_err(crate::DaemonError::from)
+                .and_then(|c| crate::target::Target::start(&c, stop))
+                .map(|t| t.run())
+        }
+    };
+    match result {
+        Ok(Ok(())) => Exit::Ok.into(),
+        Ok(Err(crate::DaemonError::Critical(m))) => {
+            eprintln!("replicad: stopped, Critical: {m}");
+            Exit::Critical.into()
+        }
+        Ok(Err(e)) => {
+            eprintln!("replicad: {e}");
+            Exit::Critical.into()
+        }
+        Err(e) => {
+            eprintln!("replicad: cannot start: {e}");
+            Exit::Startup.into()
+        }
+    }
+}

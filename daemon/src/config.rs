@@ -1,0 +1,306 @@
+//! Typed configuration of both roles. Unknown keys are errors, so a typo
+//! never silently becomes a default; every default is documented here and
+//! in docs/configuration.md.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("config {path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not parse or names an unknown key.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// What toml says, including the offending key and line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// TLS material (PEM files).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The private CA that issued the peer's certificate; the only trust root.
+    pub ca: PathBuf,
+    /// This host's certificate chain.
+    pub cert: PathBuf,
+    /// This host's private key.
+    pub key: PathBuf,
+}
+
+/// Where the source reads captured writes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum RingSource {
+    /// A ring file written by a userspace producer (development and tests).
+    File(PathBuf),
+    /// The kernel module's ring of this consistency group, via
+    /// `/dev/dm-replica`.
+    Group(String),
+}
+
+/// Segment batching and sealing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentConfig {
+    /// Upper bound of a segment's uncompressed records, bytes. Default 4 MiB.
+    pub max_bytes: usize,
+    /// zstd level. Default 1.
+    pub zstd_level: i32,
+    /// Compression/encryption worker threads. Default 2.
+    pub workers: usize,
+    /// Segments sealed but not yet sent, at most. Default 4.
+    pub queue: usize,
+}
+
+impl Default for SegmentConfig {
+    fn default() -> Self {
+        Self { max_bytes: 4 << 20, zstd_level: 1, workers: 2, queue: 4 }
+    }
+}
+
+/// Backoff for recoverable errors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Waits between attempts, seconds; the last one repeats. Default
+    /// 60, 120, 240, 480, 600, then 1800 (1, 2, 4, 8, 10, 30 minutes).
+    pub schedule_secs: Vec<f64>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { schedule_secs: vec![60.0, 120.0, 240.0, 480.0, 600.0, 1800.0] }
+    }
+}
+
+/// `replicad source` configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Volume (or consistency group) id, as known to the target.
+    pub volume: String,
+    /// Size of the protected volume in bytes (records beyond it are refused).
+    pub volume_size: u64,
+    /// Where captured writes come from.
+    pub ring: RingSource,
+    /// Target address, `host:port`.
+    pub target: String,
+    /// Name the target's certificate must carry (DNS subject alt name).
+    pub target_name: String,
+    /// TLS material.
+    pub tls: TlsConfig,
+    /// Keyring file (mode 0600) shared with the target.
+    pub keys: PathBuf,
+    /// Directory for this daemon's own state (never on a protected volume).
+    pub state_dir: PathBuf,
+    /// Replication epoch this source is at. Default 1.
+    #[serde(default = "one")]
+    pub epoch: u64,
+    /// Segment settings.
+    #[serde(default)]
+    pub segment: SegmentConfig,
+    /// Retry settings.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// One volume the target receives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetVolume {
+    /// Volume (or group) id.
+    pub id: String,
+    /// Volume size in bytes.
+    pub size: u64,
+    /// Replica storage.
+    pub replica: ReplicaConfig,
+    /// Certificate subjects (common names) allowed to replicate this volume.
+    pub allowed_sources: Vec<String>,
+    /// Recovery points to keep (oldest pruned first). Default 16.
+    #[serde(default = "sixteen")]
+    pub keep_points: usize,
+}
+
+/// Replica storage backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", tag = "backend")]
+pub enum ReplicaConfig {
+    /// A plain file (hosts without device-mapper); points are file copies.
+    File {
+        /// Replica image path.
+        path: PathBuf,
+    },
+}
+
+/// `replicad target` configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// Listen address, `host:port`.
+    pub listen: String,
+    /// TLS material.
+    pub tls: TlsConfig,
+    /// Keyring file (mode 0600) shared with the sources.
+    pub keys: PathBuf,
+    /// Directory for journals and state.
+    pub state_dir: PathBuf,
+    /// Journal file size before rotation, bytes. Default 64 MiB.
+    #[serde(default = "journal_file_bytes")]
+    pub journal_file_bytes: u64,
+    /// Volumes.
+    #[serde(rename = "volume")]
+    pub volumes: Vec<TargetVolume>,
+}
+
+fn one() -> u64 {
+    1
+}
+fn sixteen() -> usize {
+    16
+}
+fn journal_file_bytes() -> u64 {
+    64 << 20
+}
+
+fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
+    parse(path, &text)
+}
+
+/// Parses configuration text (the path is only for messages).
+pub fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 63 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+impl SourceConfig {
+    /// Loads and checks a source configuration.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let c: Self = load(path)?;
+        c.check(path)?;
+        Ok(c)
+    }
+
+    /// Range checks.
+    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid { path: path.to_owned(), message: m });
+        if !valid_id(&self.volume) {
+            return bad(format!("volume id {:?}: use 1-63 letters, digits, '-', '_' or '.'", self.volume));
+        }
+        if self.volume_size == 0 || self.volume_size % 512 != 0 {
+            return bad("volume_size must be a non-zero multiple of 512".into());
+        }
+        if self.segment.max_bytes < 64 << 10 || self.segment.max_bytes > 32 << 20 {
+            return bad("segment.max_bytes must be between 64 KiB and 32 MiB".into());
+        }
+        if !(1..=19).contains(&self.segment.zstd_level) {
+            return bad("segment.zstd_level must be 1..=19".into());
+        }
+        if self.segment.workers == 0 || self.segment.workers > 64 || self.segment.queue == 0 {
+            return bad("segment.workers must be 1..=64 and segment.queue at least 1".into());
+        }
+        if self.retry.schedule_secs.is_empty() || self.retry.schedule_secs.iter().any(|s| !(s.is_finite() && *s >= 0.0)) {
+            return bad("retry.schedule_secs must be a non-empty list of non-negative seconds".into());
+        }
+        if self.epoch == 0 {
+            return bad("epoch starts at 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl TargetConfig {
+    /// Loads and checks a target configuration.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let c: Self = load(path)?;
+        let bad = |m: String| Err(ConfigError::Invalid { path: path.to_owned(), message: m });
+        let mut seen = std::collections::HashSet::new();
+        for v in &c.volumes {
+            if !valid_id(&v.id) {
+                return bad(format!("volume id {:?}: use 1-63 letters, digits, '-', '_' or '.'", v.id));
+            }
+            if !seen.insert(v.id.clone()) {
+                return bad(format!("volume {} listed twice", v.id));
+            }
+            if v.size == 0 || v.size % 512 != 0 {
+                return bad(format!("volume {}: size must be a non-zero multiple of 512", v.id));
+            }
+            if v.allowed_sources.is_empty() {
+                return bad(format!("volume {}: allowed_sources is empty; nobody could replicate it", v.id));
+            }
+            if v.keep_points == 0 {
+                return bad(format!("volume {}: keep_points must be at least 1", v.id));
+            }
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOURCE: &str = r#"
+volume = "db1"
+volume_size = 1048576
+ring = { file = "/run/ring" }
+target = "127.0.0.1:7700"
+target_name = "target.example"
+keys = "/etc/keys.toml"
+state_dir = "/var/lib/replicad"
+[tls]
+ca = "ca.pem"
+cert = "c.pem"
+key = "k.pem"
+"#;
+
+    #[test]
+    fn minimal_source_parses_with_defaults() {
+        let c: SourceConfig = parse(Path::new("s.toml"), SOURCE).expect("parse");
+        c.check(Path::new("s.toml")).expect("check");
+        assert_eq!(c.segment.max_bytes, 4 << 20);
+        assert_eq!(c.retry.schedule_secs, vec![60.0, 120.0, 240.0, 480.0, 600.0, 1800.0]);
+        assert_eq!(c.epoch, 1);
+    }
+
+    #[test]
+    fn unknown_key_is_named_in_the_error() {
+        let text = SOURCE.replace("target_name", "target_nmae");
+        let e = parse::<SourceConfig>(Path::new("s.toml"), &text).unwrap_err().to_string();
+        assert!(e.contains("target_nmae"), "{e}");
+        let text = format!("{SOURCE}\n[segment]\nzstd_levle = 3\n");
+        let e = parse::<SourceConfig>(Path::new("s.toml"), &text).unwrap_err().to_string();
+        assert!(e.contains("zstd_levle"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let text = format!("{SOURCE}\n[segment]\nzstd_level = 40\n");
+        let c: SourceConfig = parse(Path::new("s.toml"), &text).expect("parse");
+        assert!(c.check(Path::new("s.toml")).unwrap_err().to_string().contains("zstd_level"));
+    }
+}

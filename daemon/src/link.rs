@@ -1,0 +1,237 @@
+//! One replication connection: a non-blocking socket driven by `poll`,
+//! rustls in the middle, and length-prefixed messages on top. A single
+//! thread reads and writes, so neither direction can stall the other.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use replica_proto::msg::{Message, MsgError};
+
+/// Connection errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Socket error.
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+    /// TLS error (certificate refused, handshake failure, bad record).
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The peer closed the connection.
+    #[error("connection closed by peer")]
+    Closed,
+    /// The peer sent something that is not a message.
+    #[error("protocol: {0}")]
+    Msg(#[from] MsgError),
+    /// Deadline passed.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+}
+
+impl LinkError {
+    /// Whether the error means the peer's or our certificate was refused
+    /// (a non-recoverable, configuration problem).
+    pub fn is_certificate(&self) -> bool {
+        use rustls::AlertDescription as A;
+        match self {
+            LinkError::Tls(rustls::Error::InvalidCertificate(_)) | LinkError::Tls(rustls::Error::NoCertificatesPresented) => true,
+            LinkError::Tls(rustls::Error::AlertReceived(a)) => matches!(
+                a,
+                A::BadCertificate | A::UnsupportedCertificate | A::CertificateRevoked | A::CertificateExpired
+                    | A::CertificateUnknown | A::UnknownCA | A::AccessDenied | A::CertificateRequired
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// A TLS connection carrying messages.
+pub struct Link {
+    sock: TcpStream,
+    conn: rustls::Connection,
+    inbuf: Vec<u8>,
+    outq: VecDeque<Vec<u8>>,
+    out_off: usize,
+    closed: bool,
+}
+
+impl Link {
+    /// Wraps a connected socket.
+    pub fn new(sock: TcpStream, conn: rustls::Connection) -> Result<Self, LinkError> {
+        sock.set_nonblocking(true)?;
+        sock.set_nodelay(true)?;
+        Ok(Self { sock, conn, inbuf: Vec::with_capacity(1 << 20), outq: VecDeque::new(), out_off: 0, closed: false })
+    }
+
+    /// The TLS connection (peer certificates etc.).
+    pub fn tls(&self) -> &rustls::Connection {
+        &self.conn
+    }
+
+    /// Drives the handshake to completion.
+    pub fn handshake(&mut self, timeout: Duration) -> Result<(), LinkError> {
+        let deadline = Instant::now() + timeout;
+        while self.conn.is_handshaking() {
+            let left = deadline.checked_duration_since(Instant::now()).ok_or(LinkError::Timeout("in TLS handshake"))?;
+            self.pump(left, None)?;
+            if self.closed {
+                return Err(LinkError::Closed);
+            }
+        }
+        // Flush the last handshake flight.
+        self.flush_tls()?;
+        Ok(())
+    }
+
+    /// Queues a message for sending.
+    pub fn send(&mut self, m: &Message) {
+        self.outq.push_back(m.to_bytes());
+    }
+
+    /// Queues already-encoded message bytes.
+    pub fn send_raw(&mut self, b: Vec<u8>) {
+        self.outq.push_back(b);
+    }
+
+    /// Bytes queued and not yet handed to TLS.
+    pub fn queued(&self) -> usize {
+        self.outq.iter().map(Vec::len).sum::<usize>() - self.out_off
+    }
+
+    /// Whether everything queued has been written to the socket.
+    pub fn drained(&self) -> bool {
+        self.outq.is_empty() && !self.conn.wants_write()
+    }
+
+    /// Takes the next whole message received, if any.
+    pub fn recv(&mut self) -> Result<Option<Message>, LinkError> {
+        match Message::decode(&self.inbuf)? {
+            Some((m, used)) => {
+                self.inbuf.drain(..used);
+                Ok(Some(m))
+            }
+            None if self.closed => Err(LinkError::Closed),
+            None => Ok(None),
+        }
+    }
+
+    fn feed_tls(&mut self) -> Result<(), LinkError> {
+        while let Some(front) = self.outq.front() {
+            let n = self.conn.writer().write(&front[self.out_off..])?;
+            if n == 0 {
+                break;
+            }
+            self.out_off += n;
+            if self.out_off == front.len() {
+                self.outq.pop_front();
+                self.out_off = 0;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_tls(&mut self) -> Result<(), LinkError> {
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut self.sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_socket(&mut self) -> Result<(), LinkError> {
+        loop {
+            match self.conn.read_tls(&mut self.sock) {
+                Ok(0) => {
+                    self.closed = true;
+                    break;
+                }
+                Ok(_) => {
+                    let st = self.conn.process_new_packets();
+                    if let Err(e) = st {
+                        // Send the alert that explains the failure, then fail.
+                        let _ = self.flush_tls();
+                        return Err(e.into());
+                    }
+                    let mut tmp = [0u8; 64 * 1024];
+                    loop {
+                        match self.conn.reader().read(&mut tmp) {
+                            Ok(0) => {
+                                self.closed = true;
+                                break;
+                            }
+                            Ok(n) => self.inbuf.extend_from_slice(&tmp[..n]),
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves bytes: hands queued messages to TLS, writes what the socket
+    /// takes, waits up to `timeout` for the socket (or `wake`) to be ready,
+    /// and reads what arrived. Returns true if `wake` became readable.
+    pub fn pump(&mut self, timeout: Duration, wake: Option<BorrowedFd<'_>>) -> Result<bool, LinkError> {
+        if !self.conn.is_handshaking() {
+            self.feed_tls()?;
+        }
+        self.flush_tls()?;
+        if self.closed {
+            return Ok(false);
+        }
+        let mut flags = PollFlags::POLLIN;
+        if self.conn.wants_write() {
+            flags |= PollFlags::POLLOUT;
+        }
+        let sock_fd = self.sock.as_fd();
+        let mut fds = vec![PollFd::new(sock_fd, flags)];
+        if let Some(w) = wake {
+            fds.push(PollFd::new(w, PollFlags::POLLIN));
+        }
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        match poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(false),
+            Err(e) => return Err(std::io::Error::from(e).into()),
+        }
+        let sock_ready = fds[0].revents().unwrap_or(PollFlags::empty());
+        let woke = fds.get(1).and_then(|f| f.revents()).is_some_and(|r| r.contains(PollFlags::POLLIN));
+        drop(fds);
+        if sock_ready.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            self.read_socket()?;
+        }
+        if !self.conn.is_handshaking() {
+            self.feed_tls()?;
+        }
+        self.flush_tls()?;
+        Ok(woke)
+    }
+
+    /// Sends queued messages and a TLS close, best effort, within `timeout`.
+    pub fn close(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.drained() && Instant::now() < deadline {
+            if self.pump(Duration::from_millis(20), None).is_err() {
+                break;
+            }
+        }
+        self.conn.send_close_notify();
+        let _ = self.flush_tls();
+    }
+
+    /// Raw fd of the socket.
+    pub fn raw_fd(&self) -> i32 {
+        self.sock.as_raw_fd()
+    }
+}

@@ -1,0 +1,562 @@
+//! Source role: drain the capture ring in order, batch records into
+//! segments, compress and seal them on worker threads, send them in order
+//! over TLS, and release ring space only up to what the target acknowledged
+//! as durable. Reconnects resume by record sequence.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use replica_proto::frame::{self, SegmentHeader, OP_SKIPPED};
+use replica_proto::keys::{self, Direction, KeyRing, StreamContext, StreamKey};
+use replica_proto::msg::{self, ErrorClass as WireClass, Hello, Message};
+use replica_ring::{Consumer, FileRelease, Peek, Record, Release};
+
+use crate::config::{RingSource, SourceConfig};
+use crate::link::{Link, LinkError};
+use crate::retry::{Backoff, Decision, ErrorClass};
+use crate::status::{Connection, Health, Role, StatusBoard, VolumeStatus};
+use crate::DaemonError;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Stop pulling sealed segments while this much is queued for the socket.
+const MAX_QUEUED_BYTES: usize = 16 << 20;
+
+/// A session failure, classified.
+#[derive(Debug)]
+pub struct SessionError {
+    /// Retry or Critical.
+    pub class: ErrorClass,
+    /// Explanation.
+    pub message: String,
+}
+
+impl SessionError {
+    fn recoverable(m: impl Into<String>) -> Self {
+        Self { class: ErrorClass::Recoverable, message: m.into() }
+    }
+    fn fatal(m: impl Into<String>) -> Self {
+        Self { class: ErrorClass::Fatal, message: m.into() }
+    }
+    fn link(e: LinkError) -> Self {
+        if e.is_certificate() {
+            Self::fatal(format!("certificate refused: {e}"))
+        } else {
+            Self::recoverable(e.to_string())
+        }
+    }
+}
+
+/// The ring consumer, whatever the ring's origin.
+pub type RingConsumer = Consumer<Box<dyn Release>>;
+
+/// Opens the configured ring.
+pub fn open_ring(cfg: &SourceConfig) -> Result<RingConsumer, DaemonError> {
+    match &cfg.ring {
+        RingSource::File(p) => {
+            let map = replica_ring::Mapping::open_file(p, true)?;
+            Ok(Consumer::new(map, Box::new(FileRelease) as Box<dyn Release>)?)
+        }
+        RingSource::Group(g) => Err(DaemonError::Unsupported(format!(
+            "ring group {g:?}: attaching to the kernel module's ring is not available in this build"
+        ))),
+    }
+}
+
+/// A batch of records to seal.
+struct Job {
+    header: SegmentHeader,
+    plain: Vec<u8>,
+}
+
+/// A running source.
+pub struct Source {
+    cfg: SourceConfig,
+    keys: Arc<KeyRing>,
+    tls: Arc<rustls::ClientConfig>,
+    board: Arc<StatusBoard>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Source {
+    /// Loads keys and TLS material.
+    pub fn new(cfg: SourceConfig, stop: Arc<AtomicBool>) -> Result<Self, DaemonError> {
+        let keys = Arc::new(KeyRing::load(&cfg.keys)?);
+        let tls = crate::tls::client_config(&cfg.tls)?;
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| DaemonError::io("create state directory", &cfg.state_dir, e))?;
+        let board = Arc::new(StatusBoard::new(&cfg.state_dir, vec![VolumeStatus::new(&cfg.volume, Role::Primary)]));
+        Ok(Self { cfg, keys, tls, board, stop })
+    }
+
+    /// Replicates until stopped. Returns an error only for a
+    /// non-recoverable condition (after publishing Critical).
+    pub fn run(self) -> Result<(), DaemonError> {
+        let mut consumer = open_ring(&self.cfg)?;
+        let generation = consumer.mapping().generation();
+        let vol = self.cfg.volume.clone();
+        self.board.update(&vol, |s| {
+            s.generation = hex::encode(generation);
+            s.epoch = self.cfg.epoch;
+            s.captured_seq = consumer.next_seq();
+        });
+        let mut backoff = Backoff::from_secs(&self.cfg.retry.schedule_secs);
+        while !self.stop.load(Ordering::Acquire) {
+            self.board.update(&vol, |s| s.connection = Connection::Connecting);
+            let (c, result) = self.session(consumer, &mut backoff);
+            consumer = c;
+            let err = match result {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            match backoff.on_failure(err.class, Instant::now()) {
+                Decision::Critical => {
+                    tracing::error!(volume = %vol, "replication stopped: {}", err.message);
+                    self.board.update(&vol, |s| {
+                        s.connection = Connection::StandAlone;
+                        s.health = Health::Critical;
+                        s.reasons = vec![err.message.clone()];
+                    });
+                    return Err(DaemonError::Critical(err.message));
+                }
+                Decision::RetryAt(at) => {
+                    tracing::warn!(volume = %vol, attempt = backoff.attempts(), "replication interrupted, retrying: {}", err.message);
+                    self.board.update(&vol, |s| {
+                        s.connection = Connection::Retrying;
+                        s.health = Health::Warning;
+                        s.reasons = vec![err.message.clone()];
+                        s.retries = backoff.attempts() as u64;
+                    });
+                    while Instant::now() < at && !self.stop.load(Ordering::Acquire) {
+                        std::thread::sleep((at - Instant::now()).min(Duration::from_millis(50)));
+                    }
+                }
+            }
+        }
+        self.board.update(&vol, |s| s.connection = Connection::StandAlone);
+        Ok(())
+    }
+
+    fn connect(&self) -> Result<Link, SessionError> {
+        let addrs: Vec<_> = self
+            .cfg
+            .target
+            .to_socket_addrs()
+            .map_err(|e| SessionError::recoverable(format!("resolve {}: {e}", self.cfg.target)))?
+            .collect();
+        let mut last = None;
+        let mut sock = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+                Ok(s) => {
+                    sock = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let sock = sock.ok_or_else(|| {
+            SessionError::recoverable(format!(
+                "connect {}: {}",
+                self.cfg.target,
+                last.map_or_else(|| "no address".to_owned(), |e| e.to_string())
+            ))
+        })?;
+        let name = rustls_pki_types::ServerName::try_from(self.cfg.target_name.clone())
+            .map_err(|e| SessionError::fatal(format!("target_name {:?}: {e}", self.cfg.target_name)))?;
+        let conn = rustls::ClientConnection::new(self.tls.clone(), name)
+            .map_err(|e| SessionError::fatal(format!("TLS setup: {e}")))?;
+        let mut link = Link::new(sock, rustls::Connection::Client(conn)).map_err(SessionError::link)?;
+        link.handshake(HANDSHAKE_TIMEOUT).map_err(SessionError::link)?;
+        Ok(link)
+    }
+
+    /// One connection's life. Always hands the consumer back.
+    fn session(&self, mut consumer: RingConsumer, backoff: &mut Backoff) -> (RingConsumer, Result<(), SessionError>) {
+        let mut link = match self.connect() {
+            Ok(l) => l,
+            Err(e) => return (consumer, Err(e)),
+        };
+        let welcome = match self.handshake(&mut link, &mut consumer) {
+            Ok(w) => w,
+            Err(e) => return (consumer, Err(e)),
+        };
+        backoff.reset();
+        let vol = self.cfg.volume.clone();
+        self.board.update(&vol, |s| {
+            s.connection = Connection::Connected;
+            s.health = if s.failed_records > 0 { Health::Warning } else { Health::OK };
+            s.reasons.retain(|r| r.starts_with("write failed"));
+            s.retries = 0;
+            s.durable_seq = welcome.durable;
+        });
+        let key = match StreamKey::derive(
+            &self.keys,
+            self.keys.active(),
+            &StreamContext { stream_id: welcome.stream_id, volume: &self.cfg.volume, direction: Direction::Forward, epoch: self.cfg.epoch },
+        ) {
+            Ok(k) => Arc::new(k),
+            Err(e) => return (consumer, Err(SessionError::fatal(e.to_string()))),
+        };
+
+        let acked = Arc::new(AtomicU64::new(welcome.durable));
+        let session_stop = Arc::new(AtomicBool::new(false));
+        let (job_tx, job_rx) = bounded::<Job>(self.cfg.segment.queue);
+        let (out_tx, out_rx) = bounded::<(u64, Result<Vec<u8>, String>)>(self.cfg.segment.queue + self.cfg.segment.workers);
+        let (wake_rx, wake_tx) = match UnixStream::pair() {
+            Ok(p) => p,
+            Err(e) => return (consumer, Err(SessionError::recoverable(format!("wake pipe: {e}")))),
+        };
+        let _ = wake_rx.set_nonblocking(true);
+        let _ = wake_tx.set_nonblocking(true);
+        let wake_tx = Arc::new(wake_tx);
+
+        let mut workers = Vec::new();
+        for i in 0..self.cfg.segment.workers {
+            let rx = job_rx.clone();
+            let tx = out_tx.clone();
+            let key = key.clone();
+            let wake = wake_tx.clone();
+            let level = self.cfg.segment.zstd_level;
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("seal-{i}"))
+                    .spawn(move || seal_worker(rx, tx, &key, level, &wake))
+                    .ok(),
+            );
+        }
+        drop(job_rx);
+        drop(out_tx);
+
+        let batcher = {
+            let ctx = BatchCtx {
+                header: SegmentHeader {
+                    features: 0,
+                    key_id: self.keys.active(),
+                    stream_id: welcome.stream_id,
+                    generation: consumer.mapping().generation(),
+                    volume_tag: keys::volume_tag(&self.cfg.volume),
+                    epoch: self.cfg.epoch,
+                    counter: 0,
+                    first_seq: 0,
+                    last_seq: 0,
+                    record_count: 0,
+                    plain_len: 0,
+                    cipher_len: 0,
+                    zstd_level: 0,
+                    source_time_ns: 0,
+                },
+                max_bytes: self.cfg.segment.max_bytes,
+                volume_size: self.cfg.volume_size,
+                acked: acked.clone(),
+                stop: session_stop.clone(),
+                global_stop: self.stop.clone(),
+                board: self.board.clone(),
+                volume: vol.clone(),
+            };
+            std::thread::Builder::new().name("batch".into()).spawn(move || ctx.run(consumer, job_tx))
+        };
+        let batcher: JoinHandle<(RingConsumer, Result<(), SessionError>)> = match batcher {
+            Ok(h) => h,
+            Err(e) => {
+                // Without the batcher the consumer is gone with the closure;
+                // this only happens when the process is out of threads.
+                tracing::error!(error = %e, "cannot spawn the batching thread");
+                std::process::abort();
+            }
+        };
+
+        let io_result = self.pump(&mut link, &out_rx, &wake_rx, &acked);
+        session_stop.store(true, Ordering::Release);
+        drop(out_rx);
+        let (consumer, batch_result) = match batcher.join() {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!("batching thread panicked");
+                std::process::abort();
+            }
+        };
+        for w in workers.into_iter().flatten() {
+            let _ = w.join();
+        }
+        if io_result.is_ok() {
+            link.close(Duration::from_secs(2));
+        }
+        // The batcher's error (a corrupt ring) outranks the link's.
+        let result = match (batch_result, io_result) {
+            (Err(e), _) => Err(e),
+            (Ok(()), r) => r,
+        };
+        (consumer, result)
+    }
+
+    fn handshake(&self, link: &mut Link, consumer: &mut RingConsumer) -> Result<Welcomed, SessionError> {
+        let src_rand = keys::random16().map_err(|e| SessionError::recoverable(e.to_string()))?;
+        let oldest = consumer.released_seq();
+        link.send(&Message::Hello(Hello {
+            protocol: msg::PROTOCOL_VERSION,
+            features: msg::PROTOCOL_FEATURES,
+            volume: self.cfg.volume.clone(),
+            generation: hex::encode(consumer.mapping().generation()),
+            epoch: self.cfg.epoch,
+            source_random: hex::encode(src_rand),
+            oldest_seq: oldest,
+            key_id: self.keys.active(),
+        }));
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let w = loop {
+            match link.recv().map_err(SessionError::link)? {
+                Some(Message::Welcome(w)) => break w,
+                Some(Message::Error(e)) => {
+                    return Err(match e.class {
+                        WireClass::Fatal => SessionError::fatal(format!("target refused: {} ({})", e.message, e.code)),
+                        WireClass::Recoverable => SessionError::recoverable(format!("target busy: {} ({})", e.message, e.code)),
+                    })
+                }
+                Some(other) => return Err(SessionError::fatal(format!("expected welcome, got {other:?}"))),
+                None => {}
+            }
+            let left = deadline.checked_duration_since(Instant::now()).ok_or_else(|| SessionError::recoverable("no welcome from target"))?;
+            link.pump(left.min(Duration::from_millis(100)), None).map_err(SessionError::link)?;
+        };
+        if w.protocol != msg::PROTOCOL_VERSION {
+            return Err(SessionError::fatal(format!("target speaks protocol {}", w.protocol)));
+        }
+        let mut tgt_rand = [0u8; 16];
+        hex::decode_to_slice(&w.target_random, &mut tgt_rand).map_err(|_| SessionError::fatal("malformed welcome"))?;
+        // Resume right after what the target has durably.
+        let resume = w.durable_seq.wrapping_add(1);
+        if !ring_abi::release_is_valid(consumer.released_seq(), consumer.next_seq(), resume) {
+            let produced = consumer.producer_seq();
+            if !ring_abi::release_is_valid(consumer.released_seq(), produced, resume) {
+                return Err(SessionError::fatal(format!(
+                    "target has records up to {} but this ring only holds {}..{}: not the same source",
+                    w.durable_seq,
+                    consumer.released_seq(),
+                    produced
+                )));
+            }
+        }
+        if ring_abi::release_is_valid(consumer.released_seq(), consumer.next_seq(), resume) {
+            consumer.rewind(resume).map_err(|e| SessionError::fatal(e.to_string()))?;
+            consumer.release(resume).map_err(|e| SessionError::fatal(e.to_string()))?;
+        }
+        tracing::info!(volume = %self.cfg.volume, durable = w.durable_seq, "connected");
+        Ok(Welcomed { stream_id: keys::stream_id(&src_rand, &tgt_rand), durable: w.durable_seq })
+    }
+
+    /// Sends sealed segments in counter order and handles acks.
+    fn pump(&self, link: &mut Link, out_rx: &Receiver<(u64, Result<Vec<u8>, String>)>, wake: &UnixStream, acked: &AtomicU64) -> Result<(), SessionError> {
+        let mut next = 0u64;
+        let mut pending: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut workers_done = false;
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            // Collect what the workers finished, in counter order.
+            while link.queued() < MAX_QUEUED_BYTES && !workers_done {
+                match out_rx.try_recv() {
+                    Ok((c, Ok(f))) => {
+                        pending.insert(c, f);
+                    }
+                    Ok((_, Err(e))) => return Err(SessionError::fatal(format!("sealing failed: {e}"))),
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => workers_done = true,
+                }
+                while let Some(f) = pending.remove(&next) {
+                    let n = f.len() as u64;
+                    link.send(&Message::Segment(f));
+                    next += 1;
+                    self.board.update(&self.cfg.volume, |s| {
+                        s.segments += 1;
+                        s.frame_bytes += n;
+                    });
+                }
+            }
+            if workers_done && pending.is_empty() {
+                // The batcher stopped (ring error or shutdown): flush and end.
+                if link.drained() {
+                    return Ok(());
+                }
+            }
+            let woke = link.pump(Duration::from_millis(100), Some(wake.as_fd())).map_err(SessionError::link)?;
+            if woke {
+                let mut b = [0u8; 256];
+                while matches!((&*wake).read(&mut b), Ok(n) if n > 0) {}
+            }
+            while let Some(m) = link.recv().map_err(SessionError::link)? {
+                match m {
+                    Message::Ack(a) => {
+                        let prev = acked.fetch_max(a.durable_seq, Ordering::AcqRel);
+                        if a.durable_seq > prev || a.applied_seq > 0 {
+                            self.board.update(&self.cfg.volume, |s| {
+                                s.durable_seq = s.durable_seq.max(a.durable_seq);
+                                s.applied_seq = s.applied_seq.max(a.applied_seq);
+                            });
+                        }
+                    }
+                    Message::Error(e) => {
+                        return Err(match e.class {
+                            WireClass::Fatal => SessionError::fatal(format!("target: {} ({})", e.message, e.code)),
+                            WireClass::Recoverable => SessionError::recoverable(format!("target: {} ({})", e.message, e.code)),
+                        })
+                    }
+                    other => return Err(SessionError::fatal(format!("unexpected message from target: {other:?}"))),
+                }
+            }
+        }
+    }
+}
+
+struct Welcomed {
+    stream_id: [u8; 16],
+    durable: u64,
+}
+
+fn seal_worker(rx: Receiver<Job>, tx: Sender<(u64, Result<Vec<u8>, String>)>, key: &StreamKey, level: i32, wake: &UnixStream) {
+    for job in rx {
+        let c = job.header.counter;
+        let r = frame::seal(job.header, &job.plain, level, key).map_err(|e| e.to_string());
+        drop(job.plain);
+        if tx.send((c, r)).is_err() {
+            return;
+        }
+        let _ = (&*wake).write(&[1]);
+    }
+}
+
+struct BatchCtx {
+    header: SegmentHeader,
+    max_bytes: usize,
+    volume_size: u64,
+    acked: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    global_stop: Arc<AtomicBool>,
+    board: Arc<StatusBoard>,
+    volume: String,
+}
+
+impl BatchCtx {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire) || self.global_stop.load(Ordering::Acquire)
+    }
+
+    fn run(mut self, mut consumer: RingConsumer, tx: Sender<Job>) -> (RingConsumer, Result<(), SessionError>) {
+        let r = self.batch_loop(&mut consumer, &tx);
+        (consumer, r)
+    }
+
+    fn release_acked(&self, consumer: &mut RingConsumer) -> Result<(), SessionError> {
+        let acked = self.acked.load(Ordering::Acquire);
+        let upto = acked.wrapping_add(1);
+        if upto != consumer.released_seq() && ring_abi::release_is_valid(consumer.released_seq(), consumer.next_seq(), upto) {
+            consumer.release(upto).map_err(|e| SessionError::fatal(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn batch_loop(&mut self, consumer: &mut RingConsumer, tx: &Sender<Job>) -> Result<(), SessionError> {
+        let mut plain: Vec<u8> = Vec::with_capacity(self.max_bytes + (1 << 20));
+        let mut first: Option<u64> = None;
+        let mut last = 0u64;
+        let mut last_time = 0u64;
+        let mut idle = 0u32;
+        loop {
+            if self.stopping() {
+                return Ok(());
+            }
+            self.release_acked(consumer)?;
+            let peek = consumer.peek().map_err(|e| SessionError::fatal(format!("capture ring: {e}")))?;
+            let rec: Option<(Record, bool)> = match peek {
+                Peek::Committed(r) => Some((r, true)),
+                Peek::Failed(r) => Some((r, false)),
+                Peek::Pending | Peek::Empty => None,
+            };
+            match rec {
+                Some((r, ok)) => {
+                    idle = 0;
+                    let d = &r.desc;
+                    if d.volume > u32::from(u16::MAX) {
+                        return Err(SessionError::fatal(format!("record {} names volume index {}", r.seq, d.volume)));
+                    }
+                    let end = d.sector.checked_mul(512).and_then(|s| s.checked_add(u64::from(d.len)));
+                    if end.is_none_or(|e| e > self.volume_size) {
+                        return Err(SessionError::fatal(format!("record {} lies beyond the volume end", r.seq)));
+                    }
+                    let op = if ok { d.op } else { OP_SKIPPED };
+                    frame::encode_record_parts(&mut plain, r.seq, op, d.flags, d.volume, d.sector, d.len, d.submit_ns, d.aux, &[]);
+                    if ok {
+                        consumer.append_payload(&r, &mut plain).map_err(|e| SessionError::fatal(format!("capture ring: {e}")))?;
+                    } else {
+                        tracing::warn!(seq = r.seq, sector = d.sector, len = d.len, "write failed on the source; region marked for resync");
+                        let (sector, len) = (d.sector, d.len);
+                        self.board.update(&self.volume, |s| {
+                            s.failed_records += 1;
+                            s.health = Health::Warning;
+                            let why = format!("write failed on the source at sector {sector} (+{len} bytes): region needs resync");
+                            s.reasons.retain(|x| x != &why);
+                            s.reasons.push(why);
+                        });
+                    }
+                    consumer.advance(&r);
+                    first.get_or_insert(r.seq);
+                    last = r.seq;
+                    last_time = d.submit_ns;
+                    if plain.len() >= self.max_bytes {
+                        self.emit(tx, &mut plain, &mut first, last, last_time)?;
+                    }
+                }
+                None => {
+                    if first.is_some() {
+                        self.emit(tx, &mut plain, &mut first, last, last_time)?;
+                        continue;
+                    }
+                    // Nothing to read: back off from a spin to short sleeps.
+                    idle = idle.saturating_add(1);
+                    if idle > 64 {
+                        std::thread::sleep(Duration::from_micros(u64::from(idle.min(5000))));
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                    if idle % 256 == 0 {
+                        let next = consumer.next_seq();
+                        self.board.update(&self.volume, |s| s.captured_seq = next);
+                    }
+                }
+            }
+        }
+    }
+
+    fn emit(&mut self, tx: &Sender<Job>, plain: &mut Vec<u8>, first: &mut Option<u64>, last: u64, last_time: u64) -> Result<(), SessionError> {
+        let Some(f) = first.take() else { return Ok(()) };
+        let mut h = self.header.clone();
+        h.first_seq = f;
+        h.last_seq = last;
+        h.record_count = (last - f + 1) as u32;
+        h.source_time_ns = last_time;
+        self.header.counter += 1;
+        let job = Job { header: h, plain: std::mem::replace(plain, Vec::with_capacity(self.max_bytes + (1 << 20))) };
+        let mut job = Some(job);
+        while let Some(j) = job.take() {
+            match tx.send_timeout(j, Duration::from_millis(100)) {
+                Ok(()) => {}
+                Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => {
+                    if self.stopping() {
+                        return Ok(());
+                    }
+                    job = Some(j);
+                }
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,158 @@
+//! Daemon status, DRBD style: role, connection, replica state and health are
+//! separate dimensions. Written atomically to `status.json` in the state
+//! directory whenever it changes, so operators and tests can read it without
+//! talking to the daemon.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Role of this side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// The protected (writable) side.
+    Primary,
+    /// The replica side.
+    Secondary,
+}
+
+/// Connection state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Connection {
+    /// Streaming.
+    Connected,
+    /// Trying to connect or handshaking.
+    Connecting,
+    /// Waiting for the next retry after a recoverable error.
+    Retrying,
+    /// Not replicating (stopped or Critical).
+    StandAlone,
+}
+
+/// Health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    /// Fine.
+    OK,
+    /// Degraded, recovering by itself (retrying, low space).
+    Warning,
+    /// Needs an operator: replication stopped for a non-recoverable error.
+    Critical,
+}
+
+/// Per-volume status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    /// Volume id.
+    pub volume: String,
+    /// Role.
+    pub role: Role,
+    /// Connection.
+    pub connection: Connection,
+    /// Replica state: UpToDate, Consistent, Inconsistent, Outdated.
+    pub replica: String,
+    /// Health.
+    pub health: Health,
+    /// Reasons for Warning or Critical.
+    pub reasons: Vec<String>,
+    /// Ring generation, hex.
+    pub generation: String,
+    /// Epoch.
+    pub epoch: u64,
+    /// Source: next record to read from the ring. Target: unused (0).
+    pub captured_seq: u64,
+    /// Last record durable on the target.
+    pub durable_seq: u64,
+    /// Last record applied to the replica.
+    pub applied_seq: u64,
+    /// Records that failed on the source and were skipped (their regions
+    /// need resync).
+    pub failed_records: u64,
+    /// Segments sent (source) or received (target) since start.
+    pub segments: u64,
+    /// Bytes of records shipped or received (uncompressed).
+    pub record_bytes: u64,
+    /// Bytes on the wire / in the journal (compressed, encrypted).
+    pub frame_bytes: u64,
+    /// Recovery points (target).
+    pub points: u64,
+    /// Latest recovery point sequence (target).
+    pub last_point_seq: u64,
+    /// Connection attempts since the last success.
+    pub retries: u64,
+}
+
+impl VolumeStatus {
+    /// A fresh status.
+    pub fn new(volume: &str, role: Role) -> Self {
+        Self {
+            volume: volume.to_owned(),
+            role,
+            connection: Connection::StandAlone,
+            replica: "Inconsistent".into(),
+            health: Health::OK,
+            reasons: Vec::new(),
+            generation: String::new(),
+            epoch: 0,
+            captured_seq: 0,
+            durable_seq: 0,
+            applied_seq: 0,
+            failed_records: 0,
+            segments: 0,
+            record_bytes: 0,
+            frame_bytes: 0,
+            points: 0,
+            last_point_seq: 0,
+            retries: 0,
+        }
+    }
+}
+
+/// The status of all volumes of a daemon, published to a file.
+pub struct StatusBoard {
+    path: PathBuf,
+    vols: Mutex<Vec<VolumeStatus>>,
+}
+
+impl StatusBoard {
+    /// A board writing to `<dir>/status.json`.
+    pub fn new(dir: &Path, vols: Vec<VolumeStatus>) -> Self {
+        let b = Self { path: dir.join("status.json"), vols: Mutex::new(vols) };
+        b.publish();
+        b
+    }
+
+    /// Updates one volume's status and publishes the board.
+    pub fn update(&self, volume: &str, f: impl FnOnce(&mut VolumeStatus)) {
+        {
+            let mut v = self.vols.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = v.iter_mut().find(|s| s.volume == volume) {
+                f(s);
+            }
+        }
+        self.publish();
+    }
+
+    /// A copy of one volume's status.
+    pub fn get(&self, volume: &str) -> Option<VolumeStatus> {
+        self.vols.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|s| s.volume == volume).cloned()
+    }
+
+    fn publish(&self) {
+        let v = self.vols.lock().unwrap_or_else(|p| p.into_inner());
+        let json = serde_json::to_vec_pretty(&*v).unwrap_or_default();
+        // Status is advisory and rebuilt at start: replace the file
+        // atomically (readers never see a partial one) but skip the fsync.
+        let tmp = self.path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, &self.path)) {
+            tracing::warn!(error = %e, "cannot publish status");
+        }
+    }
+}
+
+/// Reads a daemon's published status.
+pub fn read(dir: &Path) -> std::io::Result<Vec<VolumeStatus>> {
+    let b = std::fs::read(dir.join("status.json"))?;
+    serde_json::from_slice(&b).map_err(std::io::Error::other)
+}

@@ -1,0 +1,801 @@
+//! Target role: accept authorised sources, verify and journal their
+//! segments durably, acknowledge, and apply them in order to the replica,
+//! taking recovery points at committed flushes.
+//!
+//! Per volume there is one applier thread that owns the replica; each
+//! connection runs on its own thread and talks to the applier through a
+//! channel. The newest connection for a volume wins: an older one (a source
+//! that restarted) notices and ends.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+use replica_proto::frame::{self, FrameError, SegmentHeader, WireRecord};
+use replica_proto::keys::{self, Direction, KeyRing, StreamContext, StreamKey};
+use replica_proto::msg::{self, Ack, ErrorClass, ErrorMsg, Hello, Message, Welcome};
+use replica_store::journal::{self, FramePos, Journal};
+use replica_store::replica::{ApplyOp, FileReplica, ReplicaStore};
+use replica_store::state::{PointKind, RecoveryPoint, VolumeState};
+use replica_store::StoreError;
+
+use crate::config::{ReplicaConfig, TargetConfig, TargetVolume};
+use crate::link::{Link, LinkError};
+use crate::status::{Connection, Health, Role, StatusBoard, VolumeStatus};
+use crate::DaemonError;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const PUMP_INTERVAL: Duration = Duration::from_millis(100);
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+enum ApplyMsg {
+    Frame(FramePos, Option<Arc<Vec<u8>>>),
+}
+
+/// Shared state of one volume.
+struct Volume {
+    cfg: TargetVolume,
+    dir: PathBuf,
+    tag: [u8; 16],
+    state: Mutex<VolumeState>,
+    journal: Mutex<Journal>,
+    applied: AtomicU64,
+    session: AtomicU64,
+    apply_tx: Sender<ApplyMsg>,
+}
+
+impl Volume {
+    fn state_path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, VolumeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the volume Critical (persisted: it stays Critical across
+    /// restarts until an operator clears it).
+    fn go_critical(&self, board: &StatusBoard, why: &str) {
+        tracing::error!(volume = %self.cfg.id, reason = why, "volume is Critical");
+        {
+            let mut st = self.lock_state();
+            if st.critical.is_none() {
+                st.critical = Some(why.to_owned());
+                if let Err(e) = st.save(&self.state_path()) {
+                    tracing::error!(error = %e, "cannot persist Critical state");
+                }
+            }
+        }
+        board.update(&self.cfg.id, |s| {
+            s.health = Health::Critical;
+            s.connection = Connection::StandAlone;
+            if !s.reasons.iter().any(|r| r == why) {
+                s.reasons.push(why.to_owned());
+            }
+        });
+    }
+}
+
+/// A running target.
+pub struct Target {
+    volumes: HashMap<String, Arc<Volume>>,
+    appliers: Vec<JoinHandle<()>>,
+    keys: Arc<KeyRing>,
+    tls: Arc<rustls::ServerConfig>,
+    board: Arc<StatusBoard>,
+    stop: Arc<AtomicBool>,
+    listener: TcpListener,
+}
+
+/// A failure handling one connection, classified.
+#[derive(Debug)]
+struct Refusal {
+    class: ErrorClass,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn fatal(code: &'static str, message: impl Into<String>) -> Self {
+        Self { class: ErrorClass::Fatal, code, message: message.into() }
+    }
+    fn recoverable(code: &'static str, message: impl Into<String>) -> Self {
+        Self { class: ErrorClass::Recoverable, code, message: message.into() }
+    }
+}
+
+impl Target {
+    /// Opens every volume (journal scan, replay of unapplied segments,
+    /// orphan point cleanup) and binds the listener.
+    pub fn start(cfg: &TargetConfig, stop: Arc<AtomicBool>) -> Result<Self, DaemonError> {
+        let keys = Arc::new(KeyRing::load(&cfg.keys)?);
+        let tls = crate::tls::server_config(&cfg.tls)?;
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| DaemonError::io("create state directory", &cfg.state_dir, e))?;
+        let board = Arc::new(StatusBoard::new(
+            &cfg.state_dir,
+            cfg.volumes.iter().map(|v| VolumeStatus::new(&v.id, Role::Secondary)).collect(),
+        ));
+        let mut volumes = HashMap::new();
+        let mut appliers = Vec::new();
+        for vc in &cfg.volumes {
+            let (vol, applier) = open_volume(cfg, vc, keys.clone(), board.clone(), stop.clone())?;
+            volumes.insert(vc.id.clone(), vol);
+            appliers.push(applier);
+        }
+        let listener = TcpListener::bind(&cfg.listen).map_err(|e| DaemonError::io("listen on", Path::new(&cfg.listen), e))?;
+        listener.set_nonblocking(true).map_err(|e| DaemonError::io("listen on", Path::new(&cfg.listen), e))?;
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "target ready");
+        Ok(Self { volumes, appliers, keys, tls, board, stop, listener })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections until `stop` is set, then waits for the
+    /// appliers to finish what is journaled.
+    pub fn run(self) -> Result<(), DaemonError> {
+        let mut conns: Vec<JoinHandle<()>> = Vec::new();
+        while !self.stop.load(Ordering::Acquire) {
+            match self.listener.accept() {
+                Ok((sock, peer)) => {
+                    tracing::info!(%peer, "connection");
+                    let ctx = ConnCtx {
+                        volumes: self.volumes.clone(),
+                        keys: self.keys.clone(),
+                        tls: self.tls.clone(),
+                        board: self.board.clone(),
+                        stop: self.stop.clone(),
+                    };
+                    conns.push(std::thread::spawn(move || ctx.serve(sock)));
+                    conns.retain(|h| !h.is_finished());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let fd = std::os::fd::AsFd::as_fd(&self.listener);
+                    let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        for h in conns {
+            let _ = h.join();
+        }
+        // Appliers end when every sender of their channel is gone.
+        drop(self.volumes);
+        for a in self.appliers {
+            let _ = a.join();
+        }
+        Ok(())
+    }
+}
+
+fn open_volume(
+    cfg: &TargetConfig,
+    vc: &TargetVolume,
+    keys: Arc<KeyRing>,
+    board: Arc<StatusBoard>,
+    stop: Arc<AtomicBool>,
+) -> Result<(Arc<Volume>, JoinHandle<()>), DaemonError> {
+    let dir = cfg.state_dir.join("volumes").join(&vc.id);
+    std::fs::create_dir_all(&dir).map_err(|e| DaemonError::io("create volume directory", &dir, e))?;
+    let mut state = VolumeState::load(&dir.join("state.json"))?;
+    let (journal, scan) = Journal::open(&dir.join("journal"), cfg.journal_file_bytes)?;
+    let mut replica: Box<dyn ReplicaStore> = match &vc.replica {
+        ReplicaConfig::File { path } => Box::new(FileReplica::open(path, vc.size, &dir.join("points"))?),
+    };
+    // Snapshots without a record (a crash between taking one and recording
+    // it) are deleted; records without a snapshot are dropped.
+    let on_disk = replica.list_points()?;
+    for id in &on_disk {
+        if !state.points.iter().any(|p| p.id == *id) {
+            tracing::warn!(volume = %vc.id, point = id, "deleting unrecorded snapshot");
+            replica.delete_point(*id)?;
+        }
+    }
+    let before = state.points.len();
+    state.points.retain(|p| on_disk.contains(&p.id));
+    if state.points.len() != before {
+        state.save(&dir.join("state.json"))?;
+    }
+    let durable = journal.durable_seq().max(state.applied_seq);
+    let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
+    for f in scan.frames.into_iter().filter(|f| f.header.last_seq > state.applied_seq) {
+        let _ = apply_tx.send(ApplyMsg::Frame(f, None));
+    }
+    board.update(&vc.id, |s| {
+        s.generation = state.generation.clone();
+        s.epoch = state.epoch;
+        s.durable_seq = durable;
+        s.applied_seq = state.applied_seq;
+        s.points = state.points.len() as u64;
+        s.last_point_seq = state.points.last().map_or(0, |p| p.seq);
+        s.replica = if state.points.is_empty() { "Inconsistent".into() } else { "Consistent".into() };
+        if let Some(c) = &state.critical {
+            s.health = Health::Critical;
+            s.reasons = vec![c.clone()];
+        }
+    });
+    let applied = state.applied_seq;
+    let vol = Arc::new(Volume {
+        cfg: vc.clone(),
+        dir: dir.clone(),
+        tag: keys::volume_tag(&vc.id),
+        state: Mutex::new(state),
+        journal: Mutex::new(journal),
+        applied: AtomicU64::new(applied),
+        session: AtomicU64::new(0),
+        apply_tx,
+    });
+    let v2 = vol.clone();
+    let h = std::thread::Builder::new()
+        .name(format!("apply-{}", vc.id))
+        .spawn(move || Applier::new(v2, replica, keys, board, stop).run(apply_rx))
+        .map_err(|e| DaemonError::io("spawn applier", &dir, e))?;
+    Ok((vol, h))
+}
+
+struct ConnCtx {
+    volumes: HashMap<String, Arc<Volume>>,
+    keys: Arc<KeyRing>,
+    tls: Arc<rustls::ServerConfig>,
+    board: Arc<StatusBoard>,
+    stop: Arc<AtomicBool>,
+}
+
+/// What the connection knows after the handshake.
+struct Session {
+    vol: Arc<Volume>,
+    id: u64,
+    stream_id: [u8; 16],
+    generation: [u8; 16],
+    epoch: u64,
+    next_counter: u64,
+    /// Last record durable in the journal (acknowledged).
+    durable: u64,
+    /// Last record appended to the journal (durable at the next sync).
+    received: u64,
+    keys: HashMap<u32, StreamKey>,
+}
+
+impl ConnCtx {
+    fn serve(self, sock: TcpStream) {
+        let conn = match rustls::ServerConnection::new(self.tls.clone()) {
+            Ok(c) => rustls::Connection::Server(c),
+            Err(e) => {
+                tracing::error!(error = %e, "TLS setup");
+                return;
+            }
+        };
+        let mut link = match Link::new(sock, conn) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "connection setup");
+                return;
+            }
+        };
+        if let Err(e) = link.handshake(HANDSHAKE_TIMEOUT) {
+            // A refused certificate is logged; the client sees the alert.
+            tracing::warn!(error = %e, "TLS handshake failed");
+            return;
+        }
+        let mut session = match self.accept(&mut link) {
+            Ok(s) => s,
+            Err(r) => {
+                self.refuse(&mut link, None, &r);
+                return;
+            }
+        };
+        let vol = session.vol.clone();
+        self.board.update(&vol.cfg.id, |s| {
+            s.connection = Connection::Connected;
+            if s.health == Health::Warning {
+                s.health = Health::OK;
+                s.reasons.clear();
+            }
+        });
+        let result = self.stream(&mut link, &mut session);
+        if session.vol.session.load(Ordering::Acquire) == session.id {
+            self.board.update(&vol.cfg.id, |s| s.connection = Connection::StandAlone);
+        }
+        match result {
+            Ok(()) => link.close(Duration::from_secs(1)),
+            Err(r) => self.refuse(&mut link, Some(&vol), &r),
+        }
+    }
+
+    fn refuse(&self, link: &mut Link, vol: Option<&Arc<Volume>>, r: &Refusal) {
+        tracing::warn!(code = r.code, class = ?r.class, "{}", r.message);
+        if let Some(v) = vol {
+            match r.class {
+                ErrorClass::Fatal => v.go_critical(&self.board, &r.message),
+                ErrorClass::Recoverable => self.board.update(&v.cfg.id, |s| {
+                    s.health = Health::Warning;
+                    s.reasons = vec![r.message.clone()];
+                }),
+            }
+        }
+        link.send(&Message::Error(ErrorMsg { class: r.class, code: r.code.into(), message: r.message.clone() }));
+        link.close(Duration::from_secs(2));
+    }
+
+    fn accept(&self, link: &mut Link) -> Result<Session, Refusal> {
+        let cn = link
+            .tls()
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(crate::tls::subject_cn)
+            .ok_or_else(|| Refusal::fatal("no-identity", "client certificate has no subject common name"))?;
+        let hello = recv_hello(link)?;
+        if hello.protocol != msg::PROTOCOL_VERSION {
+            return Err(Refusal::fatal("protocol", format!("protocol version {} not supported", hello.protocol)));
+        }
+        let vol = self
+            .volumes
+            .get(&hello.volume)
+            .cloned()
+            .ok_or_else(|| Refusal::fatal("volume-not-found", format!("volume {:?} is not configured on this target", hello.volume)))?;
+        if !vol.cfg.allowed_sources.iter().any(|a| a == &cn) {
+            // Not a volume state problem: the caller is refused, the volume
+            // stays as it is.
+            return Err(Refusal::fatal(
+                "not-authorized",
+                format!("certificate subject {cn:?} is not allowed to replicate volume {}", vol.cfg.id),
+            ));
+        }
+        let bad_hex = || Refusal::fatal("protocol", "malformed hello");
+        let mut generation = [0u8; 16];
+        hex::decode_to_slice(&hello.generation, &mut generation).map_err(|_| bad_hex())?;
+        let mut src_rand = [0u8; 16];
+        hex::decode_to_slice(&hello.source_random, &mut src_rand).map_err(|_| bad_hex())?;
+        let target_rand = keys::random16().map_err(|e| Refusal::recoverable("random", e.to_string()))?;
+        let stream_id = keys::stream_id(&src_rand, &target_rand);
+
+        let (durable, applied, epoch) = {
+            let mut st = vol.lock_state();
+            if let Some(c) = &st.critical {
+                return Err(Refusal::fatal("critical", format!("volume {} is Critical: {c}", vol.cfg.id)));
+            }
+            if hello.epoch < st.epoch {
+                return Err(Refusal::fatal(
+                    "stale-epoch",
+                    format!("source is at epoch {} but the target is at {}: the source was failed over and must reprotect", hello.epoch, st.epoch),
+                ));
+            }
+            let gen_hex = hex::encode(generation);
+            let journal_durable = vol.lock_journal().durable_seq();
+            if st.generation.is_empty() {
+                // First stream of this volume: start at the source's oldest record.
+                st.generation = gen_hex;
+                st.applied_seq = hello.oldest_seq.saturating_sub(1);
+                vol.applied.store(st.applied_seq, Ordering::Release);
+            } else if st.generation != gen_hex {
+                return Err(Refusal::fatal(
+                    "generation",
+                    format!("source ring generation {gen_hex} differs from the replica's {}: a full resync is needed", st.generation),
+                ));
+            }
+            st.epoch = hello.epoch;
+            st.save(&vol.state_path()).map_err(|e| Refusal::recoverable("state", e.to_string()))?;
+            let durable = journal_durable.max(st.applied_seq);
+            if hello.oldest_seq > durable.saturating_add(1) {
+                return Err(Refusal::fatal(
+                    "sequence-gap",
+                    format!("source starts at record {} but the target has only up to {durable}: records are missing", hello.oldest_seq),
+                ));
+            }
+            (durable, vol.applied.load(Ordering::Acquire), st.epoch)
+        };
+        if !self.keys.ids().contains(&hello.key_id) {
+            return Err(Refusal::fatal("unknown-key", format!("source seals with key id {} which this target does not have", hello.key_id)));
+        }
+        let id = vol.session.fetch_add(1, Ordering::AcqRel) + 1;
+        link.send(&Message::Welcome(Welcome {
+            protocol: msg::PROTOCOL_VERSION,
+            features: hello.features & msg::PROTOCOL_FEATURES,
+            target_random: hex::encode(target_rand),
+            durable_seq: durable,
+            applied_seq: applied,
+            epoch,
+        }));
+        tracing::info!(volume = %vol.cfg.id, source = %cn, durable, "stream accepted");
+        self.board.update(&vol.cfg.id, |s| {
+            s.generation = hex::encode(generation);
+            s.epoch = epoch;
+        });
+        Ok(Session { vol, id, stream_id, generation, epoch, next_counter: 0, durable, received: durable, keys: HashMap::new() })
+    }
+
+    fn stream(&self, link: &mut Link, s: &mut Session) -> Result<(), Refusal> {
+        let net = |e: LinkError| Refusal::recoverable("network", e.to_string());
+        let mut last_applied_sent = u64::MAX;
+        let mut last_durable_sent = s.durable;
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if s.vol.session.load(Ordering::Acquire) != s.id {
+                tracing::info!(volume = %s.vol.cfg.id, "a newer connection took over this volume");
+                return Ok(());
+            }
+            link.pump(PUMP_INTERVAL, None).map_err(net)?;
+            let mut appended: Vec<(FramePos, Arc<Vec<u8>>)> = Vec::new();
+            let mut dup_ack = false;
+            let mut failure = None;
+            loop {
+                let m = match link.recv() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(LinkError::Closed) if appended.is_empty() => return Ok(()),
+                    Err(LinkError::Closed) => break,
+                    Err(e) => {
+                        failure = Some(net(e));
+                        break;
+                    }
+                };
+                match m {
+                    Message::Segment(f) => match self.segment(s, f) {
+                        Ok(Some(a)) => appended.push(a),
+                        Ok(None) => dup_ack = true,
+                        Err(r) => {
+                            failure = Some(r);
+                            break;
+                        }
+                    },
+                    Message::Error(e) => return Err(Refusal::recoverable("peer", format!("source reported: {}", e.message))),
+                    other => {
+                        failure = Some(Refusal::fatal("protocol", format!("unexpected message {other:?}")));
+                        break;
+                    }
+                }
+            }
+            // Group commit: one fsync for everything that arrived, then ack.
+            if !appended.is_empty() {
+                let durable = s.vol.lock_journal().sync().map_err(|e| store_refusal(&e))?;
+                s.durable = durable;
+                for (pos, bytes) in appended {
+                    let _ = s.vol.apply_tx.send(ApplyMsg::Frame(pos, Some(bytes)));
+                }
+                self.board.update(&s.vol.cfg.id, |st| st.durable_seq = durable);
+            }
+            let applied = s.vol.applied.load(Ordering::Acquire);
+            if dup_ack || applied != last_applied_sent || s.durable != last_durable_sent {
+                link.send(&Message::Ack(Ack { durable_seq: s.durable, applied_seq: applied }));
+                last_applied_sent = applied;
+                last_durable_sent = s.durable;
+            }
+            if let Some(r) = failure {
+                return Err(r);
+            }
+        }
+    }
+
+    /// Verifies one segment and appends it to the journal. `Ok(None)` for
+    /// a duplicate of what is already durable.
+    fn segment(&self, s: &mut Session, f: Vec<u8>) -> Result<Option<(FramePos, Arc<Vec<u8>>)>, Refusal> {
+        let h = frame::check(&f).map_err(|e| match e {
+            FrameError::Unsupported(_) => Refusal::fatal("unsupported", e.to_string()),
+            _ => Refusal::recoverable("corrupt-segment", format!("rejected segment: {e}")),
+        })?;
+        if h.volume_tag != s.vol.tag {
+            return Err(Refusal::fatal("wrong-volume", "segment belongs to another volume (replayed or misrouted)"));
+        }
+        if h.stream_id != s.stream_id {
+            return Err(Refusal::fatal("wrong-stream", "segment belongs to another stream (replayed)"));
+        }
+        if h.generation != s.generation || h.epoch != s.epoch {
+            return Err(Refusal::fatal("wrong-generation", "segment of another ring generation or epoch"));
+        }
+        if h.counter != s.next_counter {
+            return Err(Refusal::fatal(
+                "replay",
+                format!("segment counter {} where {} was expected (replayed or reordered)", h.counter, s.next_counter),
+            ));
+        }
+        if !s.keys.contains_key(&h.key_id) {
+            let ctx = StreamContext { stream_id: s.stream_id, volume: &s.vol.cfg.id, direction: Direction::Forward, epoch: s.epoch };
+            let k = StreamKey::derive(&self.keys, h.key_id, &ctx)
+                .map_err(|_| Refusal::fatal("unknown-key", format!("segment sealed with unknown key id {}", h.key_id)))?;
+            s.keys.insert(h.key_id, k);
+        }
+        let key = s.keys.get(&h.key_id).ok_or_else(|| Refusal::fatal("unknown-key", "key vanished"))?;
+        let plain = frame::open(&h, &f, key).map_err(|e| match e {
+            FrameError::Authentication => Refusal::fatal(
+                "authentication",
+                format!("segment {}..={} failed authentication: the data keys differ between source and target", h.first_seq, h.last_seq),
+            ),
+            other => Refusal::fatal("malformed-segment", other.to_string()),
+        })?;
+        let records = frame::decode_records(&h, &plain).map_err(|e| Refusal::fatal("malformed-segment", e.to_string()))?;
+        check_bounds(&records, s.vol.cfg.size).map_err(|m| Refusal::fatal("out-of-range", m))?;
+        s.next_counter += 1;
+        self.board.update(&s.vol.cfg.id, |st| {
+            st.segments += 1;
+            st.record_bytes += u64::from(h.plain_len);
+            st.frame_bytes += f.len() as u64;
+        });
+        if h.last_seq <= s.received {
+            // Everything in it is already journaled: acknowledge, keep once.
+            return Ok(None);
+        }
+        if h.first_seq > s.received + 1 {
+            return Err(Refusal::fatal(
+                "sequence-gap",
+                format!("segment starts at record {} but the target has only up to {}", h.first_seq, s.received),
+            ));
+        }
+        let pos = s.vol.lock_journal().append(&f, &h).map_err(|e| store_refusal(&e))?;
+        s.received = h.last_seq;
+        Ok(Some((pos, Arc::new(f))))
+    }
+}
+
+fn store_refusal(e: &StoreError) -> Refusal {
+    if e.is_recoverable() {
+        Refusal::recoverable("target-storage", format!("target storage: {e}"))
+    } else {
+        Refusal::fatal("target-storage", format!("target storage: {e}"))
+    }
+}
+
+fn check_bounds(records: &[WireRecord], size: u64) -> Result<(), String> {
+    for r in records {
+        if matches!(r.op, frame::ring_op::WRITE | frame::ring_op::DISCARD | frame::ring_op::WRITE_ZEROES) {
+            let start = r.sector.checked_mul(512).ok_or("sector overflow")?;
+            let end = start.checked_add(u64::from(r.len)).ok_or("length overflow")?;
+            if end > size {
+                return Err(format!("record {} writes [{start}, {end}) beyond the volume end {size}", r.seq));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn recv_hello(link: &mut Link) -> Result<Hello, Refusal> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    loop {
+        match link.recv() {
+            Ok(Some(Message::Hello(h))) => return Ok(h),
+            Ok(Some(other)) => return Err(Refusal::fatal("protocol", format!("expected hello, got {other:?}"))),
+            Ok(None) => {}
+            Err(e) => return Err(Refusal::recoverable("network", e.to_string())),
+        }
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .ok_or_else(|| Refusal::recoverable("timeout", "no hello within the handshake timeout"))?;
+        link.pump(left.min(PUMP_INTERVAL), None).map_err(|e| Refusal::recoverable("network", e.to_string()))?;
+    }
+}
+
+/// Applies journaled segments to the replica in order.
+struct Applier {
+    vol: Arc<Volume>,
+    replica: Box<dyn ReplicaStore>,
+    keys: Arc<KeyRing>,
+    board: Arc<StatusBoard>,
+    stop: Arc<AtomicBool>,
+    key_cache: HashMap<([u8; 16], u32, u64), StreamKey>,
+    applied: u64,
+    unflushed_segments: u32,
+}
+
+impl Applier {
+    fn new(vol: Arc<Volume>, replica: Box<dyn ReplicaStore>, keys: Arc<KeyRing>, board: Arc<StatusBoard>, stop: Arc<AtomicBool>) -> Self {
+        let applied = vol.applied.load(Ordering::Acquire);
+        Self { vol, replica, keys, board, stop, key_cache: HashMap::new(), applied, unflushed_segments: 0 }
+    }
+
+    fn run(mut self, rx: Receiver<ApplyMsg>) {
+        loop {
+            let msg = match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(m) => m,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if self.unflushed_segments > 0 {
+                        self.retry("checkpoint", |a| a.checkpoint());
+                    }
+                    if self.stop.load(Ordering::Acquire) && rx.is_empty() {
+                        break;
+                    }
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
+            if self.vol.lock_state().critical.is_some() {
+                continue;
+            }
+            let ApplyMsg::Frame(pos, bytes) = msg;
+            if pos.header.last_seq <= self.applied {
+                continue;
+            }
+            let bytes = match bytes {
+                Some(b) => b,
+                None => match journal::read_frame(self.vol.lock_journal().dir(), &pos) {
+                    Ok(b) => Arc::new(b),
+                    Err(e) => {
+                        self.vol.go_critical(&self.board, &format!("journal unreadable: {e}"));
+                        continue;
+                    }
+                },
+            };
+            let records = match self.decode(&pos.header, &bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.vol.go_critical(&self.board, &format!("journaled segment {}..={}: {e}", pos.header.first_seq, pos.header.last_seq));
+                    continue;
+                }
+            };
+            if let Some(()) = self.retry("apply", |a| a.apply_records(&pos.header, &records)) {
+                self.unflushed_segments += 1;
+                if self.unflushed_segments >= 16 {
+                    self.retry("checkpoint", |a| a.checkpoint());
+                }
+            } else if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+        }
+        if self.unflushed_segments > 0 {
+            let _ = self.checkpoint();
+        }
+    }
+
+    /// Runs `f` until it succeeds, retrying recoverable storage errors
+    /// (full disk) with a bounded wait that watches `stop`. A
+    /// non-recoverable error makes the volume Critical.
+    fn retry(&mut self, what: &str, mut f: impl FnMut(&mut Self) -> Result<(), StoreError>) -> Option<()> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match f(self) {
+                Ok(()) => {
+                    if self.board.get(&self.vol.cfg.id).is_some_and(|s| s.health == Health::Warning && s.reasons.iter().any(|r| r.starts_with("replica"))) {
+                        self.board.update(&self.vol.cfg.id, |s| {
+                            s.health = Health::OK;
+                            s.reasons.clear();
+                        });
+                    }
+                    return Some(());
+                }
+                Err(e) if e.is_recoverable() => {
+                    let why = format!("replica {what} failed, retrying: {e}");
+                    tracing::warn!(volume = %self.vol.cfg.id, "{why}");
+                    self.board.update(&self.vol.cfg.id, |s| {
+                        if s.health == Health::OK {
+                            s.health = Health::Warning;
+                        }
+                        s.reasons = vec![why.clone()];
+                    });
+                    let until = Instant::now() + wait;
+                    while Instant::now() < until {
+                        if self.stop.load(Ordering::Acquire) {
+                            return None;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => {
+                    self.vol.go_critical(&self.board, &format!("replica {what}: {e}"));
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn decode(&mut self, h: &SegmentHeader, bytes: &[u8]) -> Result<Vec<WireRecord>, String> {
+        let k = (h.stream_id, h.key_id, h.epoch);
+        if !self.key_cache.contains_key(&k) {
+            let ctx = StreamContext { stream_id: h.stream_id, volume: &self.vol.cfg.id, direction: Direction::Forward, epoch: h.epoch };
+            let key = StreamKey::derive(&self.keys, h.key_id, &ctx).map_err(|e| e.to_string())?;
+            if self.key_cache.len() > 64 {
+                self.key_cache.clear();
+            }
+            self.key_cache.insert(k, key);
+        }
+        let key = self.key_cache.get(&k).ok_or("key cache")?;
+        let plain = frame::open(h, bytes, key).map_err(|e| e.to_string())?;
+        frame::decode_records(h, &plain).map_err(|e| e.to_string())
+    }
+
+    fn apply_records(&mut self, h: &SegmentHeader, records: &[WireRecord]) -> Result<(), StoreError> {
+        let mut ops: Vec<ApplyOp<'_>> = Vec::new();
+        let mut applied = self.applied;
+        for r in records {
+            if r.seq <= applied {
+                continue;
+            }
+            let off = r.sector * 512;
+            match r.op {
+                frame::ring_op::WRITE => ops.push(ApplyOp::Write { offset: off, data: &r.data }),
+                frame::ring_op::DISCARD => ops.push(ApplyOp::Discard { offset: off, len: u64::from(r.len) }),
+                frame::ring_op::WRITE_ZEROES => ops.push(ApplyOp::Zero { offset: off, len: u64::from(r.len) }),
+                frame::ring_op::FLUSH | frame::ring_op::MARKER => {
+                    self.replica.apply(&ops)?;
+                    ops.clear();
+                    let kind = if r.op == frame::ring_op::MARKER { PointKind::Marker } else { PointKind::Crash };
+                    self.point(r, kind)?;
+                    applied = r.seq;
+                    self.applied = applied;
+                    continue;
+                }
+                _ => {} // skipped (failed on the source)
+            }
+            applied = r.seq;
+        }
+        self.replica.apply(&ops)?;
+        self.applied = applied;
+        debug_assert!(applied <= h.last_seq);
+        Ok(())
+    }
+
+    /// Flushes the replica and records a recovery point at record `r`.
+    fn point(&mut self, r: &WireRecord, kind: PointKind) -> Result<(), StoreError> {
+        self.replica.flush()?;
+        let keep = self.vol.cfg.keep_points;
+        self.replica.create_point(r.seq)?;
+        let (count, pruned) = {
+            let mut st = self.vol.lock_state();
+            let gen = st.generation.clone();
+            st.points.retain(|p| p.id != r.seq);
+            st.points.push(RecoveryPoint {
+                id: r.seq,
+                seq: r.seq,
+                generation: gen,
+                source_time_ns: r.submit_ns,
+                created_ns: now_ns(),
+                kind,
+                marker: (kind == PointKind::Marker).then_some(r.aux),
+            });
+            let mut pruned = Vec::new();
+            while st.points.len() > keep {
+                pruned.push(st.points.remove(0).id);
+            }
+            st.applied_seq = r.seq;
+            st.save(&self.vol.state_path())?;
+            (st.points.len(), pruned)
+        };
+        for id in pruned {
+            self.replica.delete_point(id)?;
+        }
+        self.vol.applied.store(r.seq, Ordering::Release);
+        self.unflushed_segments = 0;
+        self.board.update(&self.vol.cfg.id, |s| {
+            s.applied_seq = r.seq;
+            s.points = count as u64;
+            s.last_point_seq = r.seq;
+            s.replica = "Consistent".into();
+        });
+        Ok(())
+    }
+
+    /// Flushes the replica, persists the applied sequence and trims the
+    /// journal.
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.replica.flush()?;
+        {
+            let mut st = self.vol.lock_state();
+            st.applied_seq = self.applied;
+            st.save(&self.vol.state_path())?;
+        }
+        self.vol.applied.store(self.applied, Ordering::Release);
+        self.unflushed_segments = 0;
+        self.vol.lock_journal().trim(self.applied)?;
+        let applied = self.applied;
+        self.board.update(&self.vol.cfg.id, |s| s.applied_seq = applied);
+        Ok(())
+    }
+}

@@ -1,0 +1,97 @@
+//! TLS 1.3 with mutual certificates: rustls with the `ring` provider, the
+//! private CA as the only trust root, no 0-RTT.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::TlsConfig;
+
+/// TLS setup errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file cannot be read or parsed.
+    #[error("{what} {path}: {message}")]
+    Pem {
+        /// What it should hold.
+        what: &'static str,
+        /// File.
+        path: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// rustls refused the material.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("TLS client verifier: {0}")]
+    Verifier(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = |message: String| TlsError::Pem { what, path: path.display().to_string(), message };
+    let v: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem(e.to_string()))?;
+    if v.is_empty() {
+        return Err(pem("no certificate in file".into()));
+    }
+    Ok(v)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
+        what: "private key",
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut r = RootCertStore::empty();
+    for c in certs(path, "CA certificate")? {
+        r.add(c).map_err(TlsError::Rustls)?;
+    }
+    Ok(r)
+}
+
+/// Server side: requires a client certificate issued by the CA.
+pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&t.ca)?), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&t.cert, "certificate")?, key(&t.key)?)?;
+    cfg.max_early_data_size = 0;
+    cfg.send_tls13_tickets = 0;
+    Ok(Arc::new(cfg))
+}
+
+/// Client side: trusts only the CA, presents this host's certificate.
+pub fn client_config(t: &TlsConfig) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(&t.ca)?)
+        .with_client_auth_cert(certs(&t.cert, "certificate")?, key(&t.key)?)?;
+    cfg.enable_early_data = false;
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// The common name of a certificate's subject.
+pub fn subject_cn(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
+    Some(cn)
+}
