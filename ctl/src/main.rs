@@ -1,1 +1,140 @@
-fn main() {}
+//! `replctl`: drive dm-replica.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use replica_proto::keys::KeyRing;
+
+#[derive(Debug, Parser)]
+#[command(name = "replctl", version, about = "dm-replica control tool")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Data keys (AES-256-GCM master keys shared by source and target).
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+    /// Private CA and host certificates for the replication link.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// Show the status a daemon publishes in its state directory.
+    Status {
+        /// The daemon's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCmd {
+    /// Create a new keyring file (mode 0600) with one random key.
+    Generate {
+        /// Output file; never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add a new key and make it active; older keys stay accepted.
+    Rotate {
+        /// Keyring file to update in place.
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Create a private CA and a certificate for each host, in one directory.
+    Generate {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Host names (certificate CN and DNS name); repeat for each host.
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Validity of host certificates in days.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+    /// Issue one more host certificate from an existing CA directory.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Host name.
+        #[arg(long)]
+        host: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.cmd {
+        Cmd::Keys { cmd: KeysCmd::Generate { out } } => {
+            let kr = KeyRing::generate().map_err(|e| e.to_string())?;
+            kr.save(&out, false).map_err(|e| e.to_string())?;
+            println!("wrote {} (key id {}); copy it to the other site over a secure channel", out.display(), kr.active());
+        }
+        Cmd::Keys { cmd: KeysCmd::Rotate { file } } => {
+            let mut kr = KeyRing::load(&file).map_err(|e| e.to_string())?;
+            let id = kr.rotate().map_err(|e| e.to_string())?;
+            kr.save(&file, true).map_err(|e| e.to_string())?;
+            println!("key id {id} is now active in {}; install the file on both sites", file.display());
+        }
+        Cmd::Certs { cmd: CertsCmd::Generate { out, hosts, days } } => {
+            replctl::certs::generate(&out, &hosts, days).map_err(|e| e.to_string())?;
+            println!("wrote ca.pem/ca.key and {} host certificate(s) to {}", hosts.len(), out.display());
+        }
+        Cmd::Certs { cmd: CertsCmd::Issue { ca_dir, out, host, days } } => {
+            replctl::certs::issue(&ca_dir, &out, &host, days).map_err(|e| e.to_string())?;
+            println!("wrote {host}.pem and {host}.key to {}", out.display());
+        }
+        Cmd::Status { state_dir, json } => {
+            let vols = replicad::status::read(&state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vols).map_err(|e| e.to_string())?);
+            } else {
+                println!("{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12}  reasons", "VOLUME", "ROLE", "CONN", "REPLICA", "HEALTH", "DURABLE", "APPLIED");
+                for v in vols {
+                    println!(
+                        "{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12}  {}",
+                        v.volume,
+                        format!("{:?}", v.role),
+                        format!("{:?}", v.connection),
+                        v.replica,
+                        format!("{:?}", v.health),
+                        v.durable_seq,
+                        v.applied_seq,
+                        v.reasons.join("; ")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("replctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -136,7 +136,10 @@ impl Target {
         }
         let listener = TcpListener::bind(&cfg.listen).map_err(|e| DaemonError::io("listen on", Path::new(&cfg.listen), e))?;
         listener.set_nonblocking(true).map_err(|e| DaemonError::io("listen on", Path::new(&cfg.listen), e))?;
-        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "target ready");
+        let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        // The bound address (useful with port 0) for operators and tools.
+        replica_store::state::write_atomic(&cfg.state_dir.join("listen.addr"), bound.as_bytes())?;
+        tracing::info!(listen = %bound, "target ready");
         Ok(Self { volumes, appliers, keys, tls, board, stop, listener })
     }
 

@@ -1,1 +1,430 @@
-//! placeholder
+//! Test harness for host-only end-to-end tests: certificates and keys in a
+//! temporary directory, `replicad` processes for both roles, a userspace
+//! producer that writes exactly the kernel's ring ABI, and a reference model
+//! of the source volume to compare the replica and its recovery points with.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use replica_ring::{DescFields, Producer, RingError, RingParams};
+use ring_abi::{OP_DISCARD, OP_FLUSH, OP_MARKER, OP_WRITE, OP_WRITE_ZEROES};
+
+/// Path of the daemon binary built for these tests (cargo builds the
+/// package's binaries next to the integration test executables' `deps`).
+pub fn replicad_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let bin = dir.join("replicad-test");
+    assert!(bin.exists(), "{} is missing: run the tests with `cargo test -p replica-tests`", bin.display());
+    bin
+}
+
+/// Waits until `f` returns true, polling, or panics after `timeout` with
+/// `what` and the last diagnostic `f` left in `why`.
+pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(2);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so every seed replays.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded generator.
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// Next value.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    /// Fills a buffer.
+    pub fn fill(&mut self, b: &mut [u8]) {
+        for c in b.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// Certificates, keys and directories for one test.
+pub struct Env {
+    /// Temporary root.
+    pub dir: tempfile::TempDir,
+}
+
+/// Host names used in test certificates.
+pub const SOURCE_CN: &str = "source-a";
+/// The target's certificate name.
+pub const TARGET_CN: &str = "target.example";
+
+impl Env {
+    /// Creates a CA with certificates for the source, the target and an
+    /// intruder (CA-issued but not authorised), a foreign CA with its own
+    /// source certificate, and a keyring.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = dir.path().join("pki");
+        replctl::certs::generate(&pki, &[SOURCE_CN.into(), TARGET_CN.into(), "intruder".into()], 30).expect("certs");
+        replctl::certs::generate(&dir.path().join("foreign"), &[SOURCE_CN.into()], 30).expect("foreign certs");
+        let kr = replica_proto::keys::KeyRing::generate().expect("keys");
+        kr.save(&dir.path().join("keys.toml"), false).expect("save keys");
+        Self { dir }
+    }
+
+    /// A path inside the test directory.
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Writes a target configuration serving `volumes` (id, size) with file
+    /// replicas under `<root>/<id>.img`, state in `state_dir`.
+    pub fn target_config(&self, name: &str, state_dir: &Path, volumes: &[(&str, u64)], keep_points: usize, extra: &str) -> PathBuf {
+        let pki = self.path("pki");
+        let mut s = format!(
+            "listen = \"127.0.0.1:0\"\nkeys = \"{}\"\nstate_dir = \"{}\"\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.path("keys.toml").display(),
+            state_dir.display(),
+            pki.join("ca.pem").display(),
+            pki.join(format!("{TARGET_CN}.pem")).display(),
+            pki.join(format!("{TARGET_CN}.key")).display(),
+        );
+        for (id, size) in volumes {
+            s.push_str(&format!(
+                "\n[[volume]]\nid = \"{id}\"\nsize = {size}\nallowed_sources = [\"{SOURCE_CN}\"]\nkeep_points = {keep_points}\nreplica = {{ backend = \"file\", path = \"{}\" }}\n",
+                state_dir.join(format!("{id}.img")).display()
+            ));
+        }
+        let p = self.path(name);
+        std::fs::write(&p, s).expect("write target config");
+        p
+    }
+
+    /// Writes a source configuration.
+    #[allow(clippy::too_many_arguments)]
+    pub fn source_config(
+        &self,
+        name: &str,
+        volume: &str,
+        size: u64,
+        ring: &Path,
+        target: &str,
+        state_dir: &Path,
+        cert: (&str, &str),
+        keys: &Path,
+        extra: &str,
+    ) -> PathBuf {
+        let s = format!(
+            "volume = \"{volume}\"\nvolume_size = {size}\nring = {{ file = \"{}\" }}\ntarget = \"{target}\"\ntarget_name = \"{TARGET_CN}\"\nkeys = \"{}\"\nstate_dir = \"{}\"\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            ring.display(),
+            keys.display(),
+            state_dir.display(),
+            self.path("pki/ca.pem").display(),
+            self.path(&format!("{}/{}.pem", cert.0, cert.1)).display(),
+            self.path(&format!("{}/{}.key", cert.0, cert.1)).display(),
+        );
+        let p = self.path(name);
+        std::fs::write(&p, s).expect("write source config");
+        p
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A `replicad` process.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Its stderr log.
+    pub log: PathBuf,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `replicad <role> --config <config>`.
+    pub fn start(role: &str, config: &Path, state_dir: &Path, log: &Path) -> Self {
+        let err = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log");
+        let child = Command::new(replicad_bin())
+            .args([role, "--config"])
+            .arg(config)
+            .env("REPLICAD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("spawn replicad");
+        Self { child: Some(child), log: log.to_owned(), state_dir: state_dir.to_owned() }
+    }
+
+    /// Starts a target and waits until it listens; returns it and its address.
+    pub fn start_target(config: &Path, state_dir: &Path, log: &Path) -> (Self, String) {
+        let _ = std::fs::remove_file(state_dir.join("listen.addr"));
+        let mut d = Self::start("target", config, state_dir, log);
+        let mut addr = String::new();
+        wait_for(Duration::from_secs(20), "target to listen", || {
+            if let Some(code) = d.try_exit() {
+                panic!("target exited with {code:?} before listening:\n{}", d.log_text());
+            }
+            match std::fs::read_to_string(state_dir.join("listen.addr")) {
+                Ok(a) if !a.is_empty() => {
+                    addr = a.trim().to_owned();
+                    true
+                }
+                _ => false,
+            }
+        });
+        (d, addr)
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Exit code if it has exited.
+    pub fn try_exit(&mut self) -> Option<Option<i32>> {
+        let c = self.child.as_mut()?;
+        c.try_wait().ok().flatten().map(|s| s.code())
+    }
+
+    /// Waits for it to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let mut code = None;
+        wait_for(timeout, "daemon to exit", || match self.try_exit() {
+            Some(c) => {
+                code = c;
+                true
+            }
+            None => false,
+        });
+        self.child = None;
+        code
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> Option<i32> {
+        if let Some(c) = &self.child {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+        if self.child.is_some() {
+            self.wait_exit(Duration::from_secs(30))
+        } else {
+            None
+        }
+    }
+
+    /// The published status of `volume`.
+    pub fn status(&self, volume: &str) -> Option<replicad::status::VolumeStatus> {
+        replicad::status::read(&self.state_dir).ok()?.into_iter().find(|v| v.volume == volume)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The target's persisted state of a volume.
+pub fn target_state(state_dir: &Path, volume: &str) -> replica_store::state::VolumeState {
+    replica_store::state::VolumeState::load(&state_dir.join("volumes").join(volume).join("state.json")).expect("state")
+}
+
+/// Path of a recovery point image on the file backend.
+pub fn point_image(state_dir: &Path, volume: &str, id: u64) -> PathBuf {
+    state_dir.join("volumes").join(volume).join("points").join(format!("{id:020}.img"))
+}
+
+/// One operation of a workload.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Write `len` bytes of fresh data at `sector`; `ok = false` makes the
+    /// write fail on the "source disk" (never applied, never shipped).
+    Write {
+        /// Sector.
+        sector: u64,
+        /// Bytes.
+        len: u32,
+        /// Succeeds on the source.
+        ok: bool,
+    },
+    /// Flush (a recovery point on the target).
+    Flush,
+    /// Discard.
+    Discard {
+        /// Sector.
+        sector: u64,
+        /// Bytes.
+        len: u32,
+    },
+    /// Write zeroes.
+    Zeroes {
+        /// Sector.
+        sector: u64,
+        /// Bytes.
+        len: u32,
+    },
+    /// Marker.
+    Marker(u64),
+}
+
+/// The source volume as the kernel would see it, plus the ring producer.
+pub struct Source {
+    /// Producer into the ring file.
+    pub producer: Producer,
+    /// Current content of the source volume.
+    pub image: Vec<u8>,
+    /// Bytes whose content is unspecified (discarded since last written).
+    pub masked: Vec<bool>,
+    /// Image (and mask) as of each flush or marker, by record sequence.
+    pub points: std::collections::BTreeMap<u64, (Vec<u8>, Vec<bool>)>,
+    /// Last record sequence produced.
+    pub last_seq: u64,
+    /// Failed writes (sector, len).
+    pub failed: Vec<(u64, u32)>,
+    rng: Rng,
+    keep_points: bool,
+}
+
+impl Source {
+    /// A fresh ring file and a zeroed volume of `size` bytes.
+    pub fn create(ring: &Path, size: usize, desc_count: u64, data_granules: u64, seed: u64) -> Self {
+        let producer = Producer::create(
+            ring,
+            RingParams { desc_count, data_granules, generation: replica_proto::keys::random16().expect("rand"), first_seq: 1, first_granule: 0 },
+        )
+        .expect("create ring");
+        Self {
+            producer,
+            image: vec![0; size],
+            masked: vec![false; size],
+            points: Default::default(),
+            last_seq: 0,
+            failed: Vec::new(),
+            rng: Rng::new(seed),
+            keep_points: true,
+        }
+    }
+
+    /// Do not keep images per flush (large workloads).
+    pub fn without_point_images(mut self) -> Self {
+        self.keep_points = false;
+        self
+    }
+
+    /// Reserves a record, waiting (up to a deadline) while the ring is full.
+    fn reserve(&mut self, f: DescFields, payload: &[u8]) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.producer.reserve(f, payload) {
+                Ok(s) => return s,
+                Err(RingError::Full) => {
+                    assert!(Instant::now() < deadline, "ring stayed full for 60 s: the source daemon is not draining");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => panic!("reserve: {e}"),
+            }
+        }
+    }
+
+    /// Applies one operation to the model and the ring.
+    pub fn apply(&mut self, op: &Op) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        match *op {
+            Op::Write { sector, len, ok } => {
+                let mut data = vec![0u8; len as usize];
+                self.rng.fill(&mut data);
+                let seq = self.reserve(DescFields { op: OP_WRITE, sector, len, submit_ns: now, ..Default::default() }, &data);
+                self.producer.complete(seq, ok);
+                if ok {
+                    let o = (sector * 512) as usize;
+                    self.image[o..o + len as usize].copy_from_slice(&data);
+                    self.masked[o..o + len as usize].fill(false);
+                } else {
+                    self.failed.push((sector, len));
+                }
+                self.last_seq = seq;
+            }
+            Op::Flush | Op::Marker(_) => {
+                let (opc, aux) = match op {
+                    Op::Marker(id) => (OP_MARKER, *id),
+                    _ => (OP_FLUSH, 0),
+                };
+                let seq = self.reserve(DescFields { op: opc, aux, submit_ns: now, ..Default::default() }, &[]);
+                self.producer.complete(seq, true);
+                if self.keep_points {
+                    self.points.insert(seq, (self.image.clone(), self.masked.clone()));
+                }
+                self.last_seq = seq;
+            }
+            Op::Discard { sector, len } | Op::Zeroes { sector, len } => {
+                let opc = if matches!(op, Op::Discard { .. }) { OP_DISCARD } else { OP_WRITE_ZEROES };
+                let seq = self.reserve(DescFields { op: opc, sector, len, submit_ns: now, ..Default::default() }, &[]);
+                self.producer.complete(seq, true);
+                let o = (sector * 512) as usize;
+                self.image[o..o + len as usize].fill(0);
+                if opc == OP_DISCARD {
+                    self.masked[o..o + len as usize].fill(true);
+                }
+                self.last_seq = seq;
+            }
+        }
+    }
+
+    /// A random operation within a volume of `size` bytes.
+    pub fn random_op(&mut self, max_len_sectors: u64) -> Op {
+        let sectors = self.image.len() as u64 / 512;
+        let len = (1 + self.rng.below(max_len_sectors)).min(sectors);
+        let sector = self.rng.below(sectors - len + 1);
+        let len = (len * 512) as u32;
+        match self.rng.below(100) {
+            0..=74 => Op::Write { sector, len, ok: true },
+            75..=84 => Op::Flush,
+            85..=90 => Op::Discard { sector, len },
+            91..=95 => Op::Zeroes { sector, len },
+            _ => Op::Marker(self.rng.next_u64()),
+        }
+    }
+}
+
+/// Compares `got` with `want`, ignoring masked bytes; returns the first
+/// differing offset.
+pub fn first_difference(got: &[u8], want: &[u8], masked: &[bool]) -> Option<usize> {
+    if got.len() != want.len() {
+        return Some(got.len().min(want.len()));
+    }
+    (0..got.len()).find(|&i| got[i] != want[i] && !masked[i])
+}

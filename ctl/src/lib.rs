@@ -1,0 +1,4 @@
+//! replctl: the dm-replica command-line tool (library part, shared with
+//! tests).
+
+pub mod certs;

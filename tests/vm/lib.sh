@@ -1,0 +1,91 @@
+# Helpers for VM test scenarios, sourced by each scenario in the guest as
+# /lib/vmtest/lib.sh (scripts/vm.sh puts it there). busybox sh.
+# shellcheck shell=sh
+
+# Fails the scenario: the reason goes to the console and to the result
+# marker /init prints.
+fail() {
+	echo "FAIL: $*"
+	echo "$*" >/tmp/vmtest-fail-reason
+	exit 1
+}
+
+# Prints a heading for the next group of checks.
+step() {
+	echo "--- $*"
+}
+
+# check DESCRIPTION COMMAND...: runs COMMAND, fails the scenario if it fails.
+check() {
+	_desc=$1
+	shift
+	if "$@"; then
+		echo "ok: $_desc"
+	else
+		fail "$_desc (command failed: $*)"
+	fi
+}
+
+# check_not DESCRIPTION COMMAND...: fails the scenario if COMMAND succeeds.
+check_not() {
+	_desc=$1
+	shift
+	if "$@"; then
+		fail "$_desc (command unexpectedly succeeded: $*)"
+	else
+		echo "ok: $_desc"
+	fi
+}
+
+# check_eq DESCRIPTION EXPECTED ACTUAL
+check_eq() {
+	if [ "$2" = "$3" ]; then
+		echo "ok: $1 ($3)"
+	else
+		fail "$1: expected '$2', got '$3'"
+	fi
+}
+
+# wait_for DESCRIPTION SECONDS COMMAND...: polls COMMAND until it succeeds,
+# failing the scenario if it still fails after SECONDS.
+wait_for() {
+	_desc=$1
+	_deadline=$(($(cut -d. -f1 /proc/uptime) + $2))
+	shift 2
+	until "$@"; do
+		if [ "$(cut -d. -f1 /proc/uptime)" -ge "$_deadline" ]; then
+			fail "timed out waiting for: $_desc"
+		fi
+		sleep 0.1
+	done
+	echo "ok: $_desc"
+}
+
+# module_path NAME: the guest path of a module passed with --module.
+module_path() {
+	for _m in $VM_MODULES; do
+		case "$_m" in
+		*/"$1".ko)
+			echo "$_m"
+			return 0
+			;;
+		esac
+	done
+	fail "module $1 was not put in the guest"
+}
+
+# kernel_log_has TEXT: the kernel log (since the last clear_kernel_log)
+# contains TEXT.
+kernel_log_has() {
+	dmesg | grep -qF -- "$1"
+}
+
+# Clears the kernel ring buffer (the console log on the host keeps it all).
+clear_kernel_log() {
+	dmesg -c >/dev/null
+}
+
+# dm_exists NAME: a device-mapper device of that name exists.
+dm_exists() {
+	dmsetup info "$1" >/dev/null 2>&1
+}
