@@ -82,7 +82,9 @@ fn stop_on_signals() -> Arc<AtomicBool> {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("REPLICAD_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 /// Entry point shared by the `replicad` binary.

@@ -40,7 +40,9 @@ impl LinkError {
             LinkError::Tls(rustls::Error::InvalidCertificate(_)) | LinkError::Tls(rustls::Error::NoCertificatesPresented) => true,
             LinkError::Tls(rustls::Error::AlertReceived(a)) => matches!(
                 a,
-                A::BadCertificate | A::UnsupportedCertificate | A::CertificateRevoked | A::CertificateExpired
+                // DecryptError is what rustls sends when a certificate's
+                // signature does not verify (e.g. a look-alike CA).
+                A::DecryptError | A::BadCertificate | A::UnsupportedCertificate | A::CertificateRevoked | A::CertificateExpired
                     | A::CertificateUnknown | A::UnknownCA | A::AccessDenied | A::CertificateRequired
             ),
             _ => false,

@@ -66,6 +66,8 @@ pub struct VolumeStatus {
     pub durable_seq: u64,
     /// Last record applied to the replica.
     pub applied_seq: u64,
+    /// Records applied to the replica since the daemon started (target).
+    pub applied_records: u64,
     /// Records that failed on the source and were skipped (their regions
     /// need resync).
     pub failed_records: u64,
@@ -98,6 +100,7 @@ impl VolumeStatus {
             captured_seq: 0,
             durable_seq: 0,
             applied_seq: 0,
+            applied_records: 0,
             failed_records: 0,
             segments: 0,
             record_bytes: 0,

@@ -300,8 +300,8 @@ impl ConnCtx {
         }
         let mut session = match self.accept(&mut link) {
             Ok(s) => s,
-            Err(r) => {
-                self.refuse(&mut link, None, &r);
+            Err((vol, r)) => {
+                self.refuse(&mut link, vol.as_ref(), &r);
                 return;
             }
         };
@@ -338,48 +338,54 @@ impl ConnCtx {
         link.close(Duration::from_secs(2));
     }
 
-    fn accept(&self, link: &mut Link) -> Result<Session, Refusal> {
+    /// Checks the peer and its hello. On refusal, the volume is returned
+    /// with the error when the error says something about the volume's
+    /// replica (it then goes Critical); refusals of the caller (unknown
+    /// volume, not authorised, stale epoch) leave the volume alone.
+    fn accept(&self, link: &mut Link) -> Result<Session, (Option<Arc<Volume>>, Refusal)> {
+        self.accept_inner(link).map_err(|(critical, vol, r)| (if critical { vol } else { None }, r))
+    }
+
+    fn accept_inner(&self, link: &mut Link) -> Result<Session, (bool, Option<Arc<Volume>>, Refusal)> {
+        let caller = |r: Refusal| (false, None, r);
         let cn = link
             .tls()
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(crate::tls::subject_cn)
-            .ok_or_else(|| Refusal::fatal("no-identity", "client certificate has no subject common name"))?;
-        let hello = recv_hello(link)?;
+            .ok_or_else(|| caller(Refusal::fatal("no-identity", "client certificate has no subject common name")))?;
+        let hello = recv_hello(link).map_err(caller)?;
         if hello.protocol != msg::PROTOCOL_VERSION {
-            return Err(Refusal::fatal("protocol", format!("protocol version {} not supported", hello.protocol)));
+            return Err(caller(Refusal::fatal("protocol", format!("protocol version {} not supported", hello.protocol))));
         }
-        let vol = self
-            .volumes
-            .get(&hello.volume)
-            .cloned()
-            .ok_or_else(|| Refusal::fatal("volume-not-found", format!("volume {:?} is not configured on this target", hello.volume)))?;
+        let vol = self.volumes.get(&hello.volume).cloned().ok_or_else(|| {
+            caller(Refusal::fatal("volume-not-found", format!("volume {:?} is not configured on this target", hello.volume)))
+        })?;
         if !vol.cfg.allowed_sources.iter().any(|a| a == &cn) {
-            // Not a volume state problem: the caller is refused, the volume
-            // stays as it is.
-            return Err(Refusal::fatal(
+            return Err(caller(Refusal::fatal(
                 "not-authorized",
                 format!("certificate subject {cn:?} is not allowed to replicate volume {}", vol.cfg.id),
-            ));
+            )));
         }
-        let bad_hex = || Refusal::fatal("protocol", "malformed hello");
+        let bad_hex = || caller(Refusal::fatal("protocol", "malformed hello"));
         let mut generation = [0u8; 16];
         hex::decode_to_slice(&hello.generation, &mut generation).map_err(|_| bad_hex())?;
         let mut src_rand = [0u8; 16];
         hex::decode_to_slice(&hello.source_random, &mut src_rand).map_err(|_| bad_hex())?;
-        let target_rand = keys::random16().map_err(|e| Refusal::recoverable("random", e.to_string()))?;
+        let target_rand = keys::random16().map_err(|e| caller(Refusal::recoverable("random", e.to_string())))?;
+        let replica_err = |r: Refusal| (true, Some(vol.clone()), r);
         let stream_id = keys::stream_id(&src_rand, &target_rand);
 
         let (durable, applied, epoch) = {
             let mut st = vol.lock_state();
             if let Some(c) = &st.critical {
-                return Err(Refusal::fatal("critical", format!("volume {} is Critical: {c}", vol.cfg.id)));
+                return Err(caller(Refusal::fatal("critical", format!("volume {} is Critical: {c}", vol.cfg.id))));
             }
             if hello.epoch < st.epoch {
-                return Err(Refusal::fatal(
+                return Err(caller(Refusal::fatal(
                     "stale-epoch",
                     format!("source is at epoch {} but the target is at {}: the source was failed over and must reprotect", hello.epoch, st.epoch),
-                ));
+                )));
             }
             let gen_hex = hex::encode(generation);
             let journal_durable = vol.lock_journal().durable_seq();
@@ -389,24 +395,27 @@ impl ConnCtx {
                 st.applied_seq = hello.oldest_seq.saturating_sub(1);
                 vol.applied.store(st.applied_seq, Ordering::Release);
             } else if st.generation != gen_hex {
-                return Err(Refusal::fatal(
+                return Err(replica_err(Refusal::fatal(
                     "generation",
                     format!("source ring generation {gen_hex} differs from the replica's {}: a full resync is needed", st.generation),
-                ));
+                )));
             }
             st.epoch = hello.epoch;
-            st.save(&vol.state_path()).map_err(|e| Refusal::recoverable("state", e.to_string()))?;
+            st.save(&vol.state_path()).map_err(|e| caller(store_refusal(&e)))?;
             let durable = journal_durable.max(st.applied_seq);
             if hello.oldest_seq > durable.saturating_add(1) {
-                return Err(Refusal::fatal(
+                return Err(replica_err(Refusal::fatal(
                     "sequence-gap",
                     format!("source starts at record {} but the target has only up to {durable}: records are missing", hello.oldest_seq),
-                ));
+                )));
             }
             (durable, vol.applied.load(Ordering::Acquire), st.epoch)
         };
         if !self.keys.ids().contains(&hello.key_id) {
-            return Err(Refusal::fatal("unknown-key", format!("source seals with key id {} which this target does not have", hello.key_id)));
+            return Err(replica_err(Refusal::fatal(
+                "unknown-key",
+                format!("source seals with key id {} which this target does not have", hello.key_id),
+            )));
         }
         let id = vol.session.fetch_add(1, Ordering::AcqRel) + 1;
         link.send(&Message::Welcome(Welcome {
@@ -427,7 +436,7 @@ impl ConnCtx {
 
     fn stream(&self, link: &mut Link, s: &mut Session) -> Result<(), Refusal> {
         let net = |e: LinkError| Refusal::recoverable("network", e.to_string());
-        let mut last_applied_sent = u64::MAX;
+        let mut last_applied_sent = s.vol.applied.load(Ordering::Acquire);
         let mut last_durable_sent = s.durable;
         loop {
             if self.stop.load(Ordering::Acquire) {
@@ -716,6 +725,7 @@ impl Applier {
 
     fn apply_records(&mut self, h: &SegmentHeader, records: &[WireRecord]) -> Result<(), StoreError> {
         let mut ops: Vec<ApplyOp<'_>> = Vec::new();
+        let start = self.applied;
         let mut applied = self.applied;
         for r in records {
             if r.seq <= applied {
@@ -740,8 +750,10 @@ impl Applier {
             applied = r.seq;
         }
         self.replica.apply(&ops)?;
-        self.applied = applied;
+        let n = records.iter().filter(|r| r.seq > start && r.seq <= applied).count() as u64;
         debug_assert!(applied <= h.last_seq);
+        self.applied = applied;
+        self.board.update(&self.vol.cfg.id, |s| s.applied_records += n);
         Ok(())
     }
 
