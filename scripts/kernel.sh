@@ -163,7 +163,8 @@ kmake -j2 bzImage modules_prepare
 say "building in-tree modules (Module.symvers)"
 kmake -j2 modules
 
-printf '%s\n' "${extra_make[@]}" >"$tmp/.dm-replica-make-vars"
+# Make variables out-of-tree module builds must repeat (one per line).
+for v in "${extra_make[@]}"; do echo "$v"; done >"$tmp/.dm-replica-make-vars"
 {
 	echo "flavour=$flavour"
 	echo "key=$key"

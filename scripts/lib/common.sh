@@ -1,5 +1,6 @@
 # Shared settings and helpers for the kernel-side scripts. Sourced, not run.
 # shellcheck shell=bash
+# shellcheck disable=SC2034 # variables used by the scripts that source this
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/dm-replica"

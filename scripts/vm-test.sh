@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# Run the VM test scenarios of tests/vm/ against dm_replica.ko in qemu.
+#
+#   scripts/vm-test.sh [options] [SCENARIO...]
+#
+# With no SCENARIO, runs every tests/vm/*.sh scenario and then the
+# broken-module check. A SCENARIO is a name (smoke) or a path.
+#
+# Options:
+#   --flavour normal|debug  kernel flavour (default normal; debug adds
+#                           lockdep, KASAN, kmemleak, DM_FLAKEY)
+#   --broken-module         run only the broken-module check: the smoke
+#                           scenario against a module built to corrupt one
+#                           byte of every read must FAIL with a data
+#                           mismatch; this check passes when it does
+#   --no-broken-check       skip the broken-module check in a full run
+#   --bin FILE[:NAME]       extra executable for every guest (repeatable),
+#                           e.g. statically linked replicad / replctl
+#   --timeout SECONDS       per-guest timeout (default 300, 900 for debug)
+#
+# Builds what is missing first (kernel and module are cached; see
+# scripts/kernel.sh and scripts/kmod.sh). Each scenario declares its disks
+# in a `# vm-disks: SIZE...` line. Console logs go to
+#   <repo>/out/vm/<flavour>/<scenario>/console.log
+# Prints one PASS/FAIL line per scenario and a final line
+# `N passed, N failed`; exits non-zero if anything failed or could not run.
+set -euo pipefail
+
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+flavour=normal
+broken_only=0
+broken_check=1
+timeout=
+bins=()
+scenarios=()
+while (($# > 0)); do
+	case "$1" in
+	--flavour) flavour=${2:?--flavour needs a value}; shift 2 ;;
+	--flavour=*) flavour=${1#*=}; shift ;;
+	--broken-module) broken_only=1; shift ;;
+	--no-broken-check) broken_check=0; shift ;;
+	--bin) bins+=("${2:?--bin needs a value}"); shift 2 ;;
+	--timeout) timeout=${2:?--timeout needs a value}; shift 2 ;;
+	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+	-*) die "unknown option: $1" ;;
+	*) scenarios+=("$1"); shift ;;
+	esac
+done
+case "$flavour" in
+normal) timeout=${timeout:-300} ;;
+debug) timeout=${timeout:-900} ;;
+*) die "unknown flavour '$flavour' (normal or debug)" ;;
+esac
+
+# Resolve scenario names to files.
+scenario_dir="$REPO_ROOT/tests/vm"
+files=()
+if ((broken_only)); then
+	broken_check=1
+elif ((${#scenarios[@]} == 0)); then
+	for f in "$scenario_dir"/*.sh; do
+		[[ "$(basename "$f")" == lib.sh ]] || files+=("$f")
+	done
+	((${#files[@]} > 0)) || die "no scenarios found in $scenario_dir"
+else
+	broken_check=0
+	for s in "${scenarios[@]}"; do
+		if [[ -f "$s" ]]; then
+			files+=("$s")
+		elif [[ -f "$scenario_dir/$s.sh" ]]; then
+			files+=("$scenario_dir/$s.sh")
+		else
+			die "no such scenario: $s"
+		fi
+	done
+fi
+
+started=$SECONDS
+results=()
+passed=0
+failed=0
+record() { # record PASS|FAIL NAME DETAIL
+	results+=("$(printf '%-4s  %-24s %s' "$1" "$2" "$3")")
+	if [[ "$1" == PASS ]]; then
+		passed=$((passed + 1))
+	else
+		failed=$((failed + 1))
+	fi
+}
+summary() {
+	echo
+	echo "VM test summary ($flavour kernel, $((SECONDS - started)) s):"
+	for r in "${results[@]}"; do
+		echo "  $r"
+	done
+	echo "$passed passed, $failed failed"
+}
+
+# --- Build: kernel, module(s), guest tools. ---
+if ! kernel_tree=$("$REPO_ROOT/scripts/kernel.sh" --flavour "$flavour"); then
+	record FAIL build "kernel ($flavour) could not be built"
+	summary
+	exit 1
+fi
+bzimage="$kernel_tree/arch/x86/boot/bzImage"
+ko=
+if ((!broken_only)) && ! ko=$("$REPO_ROOT/scripts/kmod.sh" --flavour "$flavour"); then
+	record FAIL build "dm_replica.ko could not be built"
+	summary
+	exit 1
+fi
+broken_ko=
+if ((broken_check)) && ! broken_ko=$("$REPO_ROOT/scripts/kmod.sh" --flavour "$flavour" --broken); then
+	record FAIL build "fault-injection dm_replica.ko could not be built"
+	summary
+	exit 1
+fi
+
+tools_out="$REPO_ROOT/out/vm/tools"
+mkdir -p "$tools_out"
+tool_bins=()
+for src in "$scenario_dir"/tools/*.c; do
+	[[ -e "$src" ]] || continue
+	exe="$tools_out/$(basename "$src" .c)"
+	say "compiling guest tool $(basename "$src") (static)"
+	if ! gcc -static -O2 -Wall -Wextra -Werror -o "$exe" "$src"; then
+		record FAIL build "guest tool $(basename "$src") did not compile"
+		summary
+		exit 1
+	fi
+	tool_bins+=(--bin "$exe")
+done
+for b in "${bins[@]}"; do
+	tool_bins+=(--bin "$b")
+done
+
+# run_guest NAME SCENARIO_FILE MODULE [vm.sh options...]
+run_guest() {
+	local name=$1 file=$2 module=$3
+	shift 3
+	local disks=() d
+	read -r -a disks < <(sed -n 's/^# vm-disks:[[:space:]]*//p' "$file" | head -n1)
+	local disk_args=()
+	for d in "${disks[@]}"; do
+		disk_args+=(--disk "$d")
+	done
+	"$REPO_ROOT/scripts/vm.sh" --kernel "$bzimage" --scenario "$file" --name "$name" \
+		--workdir "$REPO_ROOT/out/vm/$flavour/$name" --timeout "$timeout" \
+		--module "$module" "${tool_bins[@]}" "${disk_args[@]}" "$@"
+}
+
+# --- Scenarios. ---
+for f in "${files[@]}"; do
+	name=$(basename "$f" .sh)
+	say "=== scenario $name ($flavour)"
+	t0=$SECONDS
+	rc=0
+	run_guest "$name" "$f" "$ko" || rc=$?
+	case $rc in
+	0) record PASS "$name" "($((SECONDS - t0)) s)" ;;
+	2) record FAIL "$name" "TIMEOUT after ${timeout} s (log: out/vm/$flavour/$name/console.log)" ;;
+	*) record FAIL "$name" "exit $rc (log: out/vm/$flavour/$name/console.log)" ;;
+	esac
+done
+
+# --- The harness must be able to fail: a module that corrupts reads. ---
+if ((broken_check)); then
+	name=broken-module
+	say "=== broken-module check: smoke scenario against a module that corrupts reads (must FAIL)"
+	t0=$SECONDS
+	rc=0
+	run_guest "$name" "$scenario_dir/smoke.sh" "$broken_ko" --expect-fail || rc=$?
+	log="$REPO_ROOT/out/vm/$flavour/$name/console.log"
+	if ((rc == 1)) && grep -aq 'pattern mismatch' "$log"; then
+		record PASS "$name" "smoke FAILED on corrupted data, as it must ($((SECONDS - t0)) s)"
+	elif ((rc == 0)); then
+		record FAIL "$name" "smoke PASSED with a module that corrupts reads: the harness cannot detect corruption"
+	elif ((rc == 1)); then
+		record FAIL "$name" "smoke failed, but not on a data mismatch (log: out/vm/$flavour/$name/console.log)"
+	else
+		record FAIL "$name" "guest did not complete (exit $rc; log: out/vm/$flavour/$name/console.log)"
+	fi
+fi
+
+summary
+((failed == 0))
