@@ -13,6 +13,24 @@ mod dm;
 mod table;
 mod target;
 
+/// The capture ring's memory layout and index rules, shared with `replicad`
+/// (one `core`-only file; see its documentation). Not used by the
+/// pass-through target yet; compiled here so the kernel toolchain checks it.
+#[path = "../../crates/ring-abi/src/ring_abi.rs"]
+#[allow(dead_code, unreachable_pub, missing_docs)]
+mod ring_abi;
+
+// The ABI's constants must agree with the kernel this module is built for.
+const _: () = {
+    use kernel::ioctl::{_IOW, _IOWR};
+    use ring_abi as abi;
+    assert!(abi::PAGE_SIZE == kernel::page::PAGE_SIZE as u64);
+    assert!(abi::SECTOR_SIZE == 1 << dm::SECTOR_SHIFT);
+    assert!(abi::IOC_ATTACH == _IOWR::<abi::AttachArg>(abi::IOC_TYPE, 1));
+    assert!(abi::IOC_RELEASE == _IOW::<abi::ReleaseArg>(abi::IOC_TYPE, 2));
+    assert!(abi::IOC_BITMAP == _IOWR::<abi::BitmapArg>(abi::IOC_TYPE, 3));
+};
+
 #[cfg(not(dm_replica_corrupt_reads))]
 module! {
     type: DmReplica,
