@@ -758,10 +758,29 @@ impl Applier {
     }
 
     /// Flushes the replica and records a recovery point at record `r`.
+    ///
+    /// Everything up to `r` is made durable and the journal trimmed first,
+    /// so the space a snapshot needs is freed before it is taken. A snapshot
+    /// that fails for lack of space is skipped (with a warning): a missed
+    /// recovery point is better than a replica that stops advancing.
     fn point(&mut self, r: &WireRecord, kind: PointKind) -> Result<(), StoreError> {
-        self.replica.flush()?;
+        self.applied = r.seq;
+        self.checkpoint()?;
         let keep = self.vol.cfg.keep_points;
-        self.replica.create_point(r.seq)?;
+        if let Err(e) = self.replica.create_point(r.seq) {
+            if !e.is_recoverable() {
+                return Err(e);
+            }
+            let why = format!("recovery point at record {} skipped: {e}", r.seq);
+            tracing::warn!(volume = %self.vol.cfg.id, "{why}");
+            self.board.update(&self.vol.cfg.id, |s| {
+                if s.health == Health::OK {
+                    s.health = Health::Warning;
+                }
+                s.reasons = vec![why.clone()];
+            });
+            return Ok(());
+        }
         let (count, pruned) = {
             let mut st = self.vol.lock_state();
             let gen = st.generation.clone();
@@ -779,20 +798,20 @@ impl Applier {
             while st.points.len() > keep {
                 pruned.push(st.points.remove(0).id);
             }
-            st.applied_seq = r.seq;
             st.save(&self.vol.state_path())?;
             (st.points.len(), pruned)
         };
         for id in pruned {
             self.replica.delete_point(id)?;
         }
-        self.vol.applied.store(r.seq, Ordering::Release);
-        self.unflushed_segments = 0;
         self.board.update(&self.vol.cfg.id, |s| {
-            s.applied_seq = r.seq;
             s.points = count as u64;
             s.last_point_seq = r.seq;
             s.replica = "Consistent".into();
+            if s.reasons.iter().any(|x| x.starts_with("recovery point")) {
+                s.reasons.clear();
+                s.health = Health::OK;
+            }
         });
         Ok(())
     }

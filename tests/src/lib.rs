@@ -64,10 +64,12 @@ impl Rng {
     }
 }
 
-/// Certificates, keys and directories for one test.
+/// Certificates, keys and directories for one test. Set
+/// `REPLICA_TEST_KEEP=1` to keep the directory (logs, journals) after the
+/// test.
 pub struct Env {
-    /// Temporary root.
-    pub dir: tempfile::TempDir,
+    root: PathBuf,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// Host names used in test certificates.
@@ -80,18 +82,26 @@ impl Env {
     /// intruder (CA-issued but not authorised), a foreign CA with its own
     /// source certificate, and a keyring.
     pub fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pki = dir.path().join("pki");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().to_owned();
+        let keep = std::env::var_os("REPLICA_TEST_KEEP").is_some();
+        let dir = if keep {
+            eprintln!("test directory kept: {}", tmp.keep().display());
+            None
+        } else {
+            Some(tmp)
+        };
+        let pki = root.join("pki");
         replctl::certs::generate(&pki, &[SOURCE_CN.into(), TARGET_CN.into(), "intruder".into()], 30).expect("certs");
-        replctl::certs::generate(&dir.path().join("foreign"), &[SOURCE_CN.into()], 30).expect("foreign certs");
+        replctl::certs::generate(&root.join("foreign"), &[SOURCE_CN.into()], 30).expect("foreign certs");
         let kr = replica_proto::keys::KeyRing::generate().expect("keys");
-        kr.save(&dir.path().join("keys.toml"), false).expect("save keys");
-        Self { dir }
+        kr.save(&root.join("keys.toml"), false).expect("save keys");
+        Self { root, _dir: dir }
     }
 
     /// A path inside the test directory.
     pub fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
+        self.root.join(p)
     }
 
     /// Writes a target configuration serving `volumes` (id, size) with file
@@ -344,12 +354,14 @@ impl Source {
         self
     }
 
-    /// Reserves a record, waiting (up to a deadline) while the ring is full.
-    fn reserve(&mut self, f: DescFields, payload: &[u8]) -> u64 {
+    /// Reserves a record, waiting (up to a deadline) while the ring is full
+    /// unless `nowait`.
+    fn reserve(&mut self, f: DescFields, payload: &[u8], nowait: bool) -> Option<u64> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match self.producer.reserve(f, payload) {
-                Ok(s) => return s,
+                Ok(s) => return Some(s),
+                Err(RingError::Full) if nowait => return None,
                 Err(RingError::Full) => {
                     assert!(Instant::now() < deadline, "ring stayed full for 60 s: the source daemon is not draining");
                     std::thread::sleep(Duration::from_millis(2));
@@ -359,14 +371,27 @@ impl Source {
         }
     }
 
-    /// Applies one operation to the model and the ring.
+    /// Applies one operation to the model and the ring, waiting for ring
+    /// space.
     pub fn apply(&mut self, op: &Op) {
+        self.apply_inner(op, false);
+    }
+
+    /// Applies one operation if the ring has room now; returns false (and
+    /// changes nothing) if it is full.
+    pub fn try_apply(&mut self, op: &Op) -> bool {
+        self.apply_inner(op, true)
+    }
+
+    fn apply_inner(&mut self, op: &Op, nowait: bool) -> bool {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
         match *op {
             Op::Write { sector, len, ok } => {
                 let mut data = vec![0u8; len as usize];
                 self.rng.fill(&mut data);
-                let seq = self.reserve(DescFields { op: OP_WRITE, sector, len, submit_ns: now, ..Default::default() }, &data);
+                let Some(seq) = self.reserve(DescFields { op: OP_WRITE, sector, len, submit_ns: now, ..Default::default() }, &data, nowait) else {
+                    return false;
+                };
                 self.producer.complete(seq, ok);
                 if ok {
                     let o = (sector * 512) as usize;
@@ -382,7 +407,9 @@ impl Source {
                     Op::Marker(id) => (OP_MARKER, *id),
                     _ => (OP_FLUSH, 0),
                 };
-                let seq = self.reserve(DescFields { op: opc, aux, submit_ns: now, ..Default::default() }, &[]);
+                let Some(seq) = self.reserve(DescFields { op: opc, aux, submit_ns: now, ..Default::default() }, &[], nowait) else {
+                    return false;
+                };
                 self.producer.complete(seq, true);
                 if self.keep_points {
                     self.points.insert(seq, (self.image.clone(), self.masked.clone()));
@@ -391,7 +418,9 @@ impl Source {
             }
             Op::Discard { sector, len } | Op::Zeroes { sector, len } => {
                 let opc = if matches!(op, Op::Discard { .. }) { OP_DISCARD } else { OP_WRITE_ZEROES };
-                let seq = self.reserve(DescFields { op: opc, sector, len, submit_ns: now, ..Default::default() }, &[]);
+                let Some(seq) = self.reserve(DescFields { op: opc, sector, len, submit_ns: now, ..Default::default() }, &[], nowait) else {
+                    return false;
+                };
                 self.producer.complete(seq, true);
                 let o = (sector * 512) as usize;
                 self.image[o..o + len as usize].fill(0);
@@ -401,6 +430,7 @@ impl Source {
                 self.last_seq = seq;
             }
         }
+        true
     }
 
     /// A random operation within a volume of `size` bytes.

@@ -170,12 +170,8 @@ impl FileReplica {
     }
 }
 
-impl ReplicaStore for FileReplica {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn apply(&mut self, ops: &[ApplyOp<'_>]) -> Result<(), StoreError> {
+impl FileReplica {
+    fn apply_ops(&mut self, ops: &[ApplyOp<'_>]) -> Result<(), StoreError> {
         let mut batch: Vec<&ApplyOp<'_>> = Vec::with_capacity(QUEUE_DEPTH as usize);
         for op in ops {
             let (s, e) = op.range();
@@ -195,19 +191,13 @@ impl ReplicaStore for FileReplica {
         self.submit_batch(&batch)
     }
 
-    fn flush(&mut self) -> Result<(), StoreError> {
-        self.file.sync_data().map_err(|e| StoreError::io("flush replica", &self.path, e))
-    }
-
-    fn create_point(&mut self, id: u64) -> Result<(), StoreError> {
-        let dst = self.point_path(id);
-        let tmp = dst.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
+    fn create_point_inner(&mut self, dst: &Path, tmp: &Path) -> Result<(), StoreError> {
+        let _ = std::fs::remove_file(tmp);
         let out = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&tmp)
-            .map_err(|e| StoreError::io("create point", &tmp, e))?;
+            .open(tmp)
+            .map_err(|e| StoreError::io("create point", tmp, e))?;
         // FICLONE shares extents on filesystems that support reflinks;
         // otherwise copy (copy_file_range via std::io::copy).
         // SAFETY: FICLONE takes the source fd as its argument and touches no
@@ -216,11 +206,36 @@ impl ReplicaStore for FileReplica {
         if !cloned {
             let mut src = File::open(&self.path).map_err(|e| StoreError::io("open replica", &self.path, e))?;
             let mut o = &out;
-            std::io::copy(&mut src, &mut o).map_err(|e| StoreError::io("copy point", &tmp, e))?;
+            std::io::copy(&mut src, &mut o).map_err(|e| StoreError::io("copy point", tmp, e))?;
         }
-        out.sync_all().map_err(|e| StoreError::io("sync point", &tmp, e))?;
-        std::fs::rename(&tmp, &dst).map_err(|e| StoreError::io("publish point", &dst, e))?;
+        out.sync_all().map_err(|e| StoreError::io("sync point", tmp, e))?;
+        std::fs::rename(tmp, dst).map_err(|e| StoreError::io("publish point", dst, e))?;
         crate::journal::sync_dir(&self.points_dir)
+    }
+}
+
+impl ReplicaStore for FileReplica {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn apply(&mut self, ops: &[ApplyOp<'_>]) -> Result<(), StoreError> {
+        self.apply_ops(ops)
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        self.file.sync_data().map_err(|e| StoreError::io("flush replica", &self.path, e))
+    }
+
+    fn create_point(&mut self, id: u64) -> Result<(), StoreError> {
+        let dst = self.point_path(id);
+        let tmp = dst.with_extension("tmp");
+        let r = self.create_point_inner(&dst, &tmp);
+        if r.is_err() {
+            // Leave no partial image behind: it would hold the space.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
     }
 
     fn delete_point(&mut self, id: u64) -> Result<(), StoreError> {
