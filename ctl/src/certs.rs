@@ -11,8 +11,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 
 /// Certificate errors.
@@ -36,14 +36,25 @@ pub enum CertError {
 }
 
 fn write(path: &Path, data: &str, mode: u32) -> Result<(), CertError> {
-    let io = |source| CertError::Io { path: path.to_owned(), source };
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io)?;
+    let io = |source| CertError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
     f.write_all(data.as_bytes()).map_err(io)?;
     f.sync_all().map_err(io)
 }
 
 fn read(path: &Path) -> Result<String, CertError> {
-    std::fs::read_to_string(path).map_err(|source| CertError::Io { path: path.to_owned(), source })
+    std::fs::read_to_string(path).map_err(|source| CertError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn validity(p: &mut CertificateParams, days: i64) {
@@ -54,7 +65,10 @@ fn validity(p: &mut CertificateParams, days: i64) {
 
 /// Creates `ca.pem` and `ca.key` (0600) in `dir`.
 pub fn create_ca(dir: &Path, name: &str, days: i64) -> Result<(), CertError> {
-    std::fs::create_dir_all(dir).map_err(|source| CertError::Io { path: dir.to_owned(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
     let key = KeyPair::generate()?;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
@@ -62,7 +76,11 @@ pub fn create_ca(dir: &Path, name: &str, days: i64) -> Result<(), CertError> {
     dn.push(DnType::OrganizationName, "dm-replica");
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     validity(&mut p, days);
     let cert = p.self_signed(&key)?;
     write(&dir.join("ca.key"), &key.serialize_pem(), 0o600)?;
@@ -70,7 +88,11 @@ pub fn create_ca(dir: &Path, name: &str, days: i64) -> Result<(), CertError> {
 }
 
 fn valid_host(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 253 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// Issues `<name>.pem` and `<name>.key` (0600) in `out`, signed by the CA
@@ -89,12 +111,22 @@ pub fn issue(ca_dir: &Path, out: &Path, name: &str, days: i64) -> Result<(), Cer
     p.distinguished_name = dn;
     p.is_ca = IsCa::NoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     p.use_authority_key_identifier_extension = true;
     validity(&mut p, days);
     let cert = p.signed_by(&key, &issuer)?;
-    std::fs::create_dir_all(out).map_err(|source| CertError::Io { path: out.to_owned(), source })?;
-    write(&out.join(format!("{name}.key")), &key.serialize_pem(), 0o600)?;
+    std::fs::create_dir_all(out).map_err(|source| CertError::Io {
+        path: out.to_owned(),
+        source,
+    })?;
+    write(
+        &out.join(format!("{name}.key")),
+        &key.serialize_pem(),
+        0o600,
+    )?;
     write(&out.join(format!("{name}.pem")), &cert.pem(), 0o644)
 }
 

@@ -85,31 +85,63 @@ enum CertsCmd {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.cmd {
-        Cmd::Keys { cmd: KeysCmd::Generate { out } } => {
+        Cmd::Keys {
+            cmd: KeysCmd::Generate { out },
+        } => {
             let kr = KeyRing::generate().map_err(|e| e.to_string())?;
             kr.save(&out, false).map_err(|e| e.to_string())?;
-            println!("wrote {} (key id {}); copy it to the other site over a secure channel", out.display(), kr.active());
+            println!(
+                "wrote {} (key id {}); copy it to the other site over a secure channel",
+                out.display(),
+                kr.active()
+            );
         }
-        Cmd::Keys { cmd: KeysCmd::Rotate { file } } => {
+        Cmd::Keys {
+            cmd: KeysCmd::Rotate { file },
+        } => {
             let mut kr = KeyRing::load(&file).map_err(|e| e.to_string())?;
             let id = kr.rotate().map_err(|e| e.to_string())?;
             kr.save(&file, true).map_err(|e| e.to_string())?;
-            println!("key id {id} is now active in {}; install the file on both sites", file.display());
+            println!(
+                "key id {id} is now active in {}; install the file on both sites",
+                file.display()
+            );
         }
-        Cmd::Certs { cmd: CertsCmd::Generate { out, hosts, days } } => {
+        Cmd::Certs {
+            cmd: CertsCmd::Generate { out, hosts, days },
+        } => {
             replctl::certs::generate(&out, &hosts, days).map_err(|e| e.to_string())?;
-            println!("wrote ca.pem/ca.key and {} host certificate(s) to {}", hosts.len(), out.display());
+            println!(
+                "wrote ca.pem/ca.key and {} host certificate(s) to {}",
+                hosts.len(),
+                out.display()
+            );
         }
-        Cmd::Certs { cmd: CertsCmd::Issue { ca_dir, out, host, days } } => {
+        Cmd::Certs {
+            cmd:
+                CertsCmd::Issue {
+                    ca_dir,
+                    out,
+                    host,
+                    days,
+                },
+        } => {
             replctl::certs::issue(&ca_dir, &out, &host, days).map_err(|e| e.to_string())?;
             println!("wrote {host}.pem and {host}.key to {}", out.display());
         }
         Cmd::Status { state_dir, json } => {
-            let vols = replicad::status::read(&state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+            let vols = replicad::status::read(&state_dir)
+                .map_err(|e| format!("{}: {e}", state_dir.display()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&vols).map_err(|e| e.to_string())?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&vols).map_err(|e| e.to_string())?
+                );
             } else {
-                println!("{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12}  reasons", "VOLUME", "ROLE", "CONN", "REPLICA", "HEALTH", "DURABLE", "APPLIED");
+                println!(
+                    "{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12}  reasons",
+                    "VOLUME", "ROLE", "CONN", "REPLICA", "HEALTH", "DURABLE", "APPLIED"
+                );
                 for v in vols {
                     println!(
                         "{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12}  {}",

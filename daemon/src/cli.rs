@@ -11,7 +11,11 @@ use crate::config::{SourceConfig, TargetConfig};
 
 /// dm-replica daemon.
 #[derive(Debug, Parser)]
-#[command(name = "replicad", version, about = "dm-replica replication daemon (source and target roles)")]
+#[command(
+    name = "replicad",
+    version,
+    about = "dm-replica replication daemon (source and target roles)"
+)]
 pub struct Cli {
     /// Role to run.
     #[command(subcommand)]
@@ -70,19 +74,25 @@ fn stop_on_signals() -> Arc<AtomicBool> {
     set.add(Signal::SIGTERM);
     if set.thread_block().is_ok() {
         let s = stop.clone();
-        let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
-            if let Ok(sig) = set.wait() {
-                tracing::info!(signal = ?sig, "stopping");
-            }
-            s.store(true, Ordering::Release);
-        });
+        let _ = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Ok(sig) = set.wait() {
+                    tracing::info!(signal = ?sig, "stopping");
+                }
+                s.store(true, Ordering::Release);
+            });
     }
     stop
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("REPLICAD_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false)
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REPLICAD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

@@ -75,7 +75,12 @@ pub struct SegmentConfig {
 
 impl Default for SegmentConfig {
     fn default() -> Self {
-        Self { max_bytes: 4 << 20, zstd_level: 1, workers: 2, queue: 4 }
+        Self {
+            max_bytes: 4 << 20,
+            zstd_level: 1,
+            workers: 2,
+            queue: 4,
+        }
     }
 }
 
@@ -90,7 +95,9 @@ pub struct RetryConfig {
 
 impl Default for RetryConfig {
     fn default() -> Self {
-        Self { schedule_secs: vec![60.0, 120.0, 240.0, 480.0, 600.0, 1800.0] }
+        Self {
+            schedule_secs: vec![60.0, 120.0, 240.0, 480.0, 600.0, 1800.0],
+        }
     }
 }
 
@@ -184,17 +191,27 @@ fn journal_file_bytes() -> u64 {
 }
 
 fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     parse(path, &text)
 }
 
 /// Parses configuration text (the path is only for messages).
 pub fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 63 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 impl SourceConfig {
@@ -207,11 +224,19 @@ impl SourceConfig {
 
     /// Range checks.
     pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid { path: path.to_owned(), message: m });
+        let bad = |m: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: m,
+            })
+        };
         if !valid_id(&self.volume) {
-            return bad(format!("volume id {:?}: use 1-63 letters, digits, '-', '_' or '.'", self.volume));
+            return bad(format!(
+                "volume id {:?}: use 1-63 letters, digits, '-', '_' or '.'",
+                self.volume
+            ));
         }
-        if self.volume_size == 0 || self.volume_size % 512 != 0 {
+        if self.volume_size == 0 || !self.volume_size.is_multiple_of(512) {
             return bad("volume_size must be a non-zero multiple of 512".into());
         }
         if self.segment.max_bytes < 64 << 10 || self.segment.max_bytes > 32 << 20 {
@@ -223,8 +248,16 @@ impl SourceConfig {
         if self.segment.workers == 0 || self.segment.workers > 64 || self.segment.queue == 0 {
             return bad("segment.workers must be 1..=64 and segment.queue at least 1".into());
         }
-        if self.retry.schedule_secs.is_empty() || self.retry.schedule_secs.iter().any(|s| !(s.is_finite() && *s >= 0.0)) {
-            return bad("retry.schedule_secs must be a non-empty list of non-negative seconds".into());
+        if self.retry.schedule_secs.is_empty()
+            || self
+                .retry
+                .schedule_secs
+                .iter()
+                .any(|s| !(s.is_finite() && *s >= 0.0))
+        {
+            return bad(
+                "retry.schedule_secs must be a non-empty list of non-negative seconds".into(),
+            );
         }
         if self.epoch == 0 {
             return bad("epoch starts at 1".into());
@@ -237,20 +270,34 @@ impl TargetConfig {
     /// Loads and checks a target configuration.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let c: Self = load(path)?;
-        let bad = |m: String| Err(ConfigError::Invalid { path: path.to_owned(), message: m });
+        let bad = |m: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: m,
+            })
+        };
         let mut seen = std::collections::HashSet::new();
         for v in &c.volumes {
             if !valid_id(&v.id) {
-                return bad(format!("volume id {:?}: use 1-63 letters, digits, '-', '_' or '.'", v.id));
+                return bad(format!(
+                    "volume id {:?}: use 1-63 letters, digits, '-', '_' or '.'",
+                    v.id
+                ));
             }
             if !seen.insert(v.id.clone()) {
                 return bad(format!("volume {} listed twice", v.id));
             }
-            if v.size == 0 || v.size % 512 != 0 {
-                return bad(format!("volume {}: size must be a non-zero multiple of 512", v.id));
+            if v.size == 0 || !v.size.is_multiple_of(512) {
+                return bad(format!(
+                    "volume {}: size must be a non-zero multiple of 512",
+                    v.id
+                ));
             }
             if v.allowed_sources.is_empty() {
-                return bad(format!("volume {}: allowed_sources is empty; nobody could replicate it", v.id));
+                return bad(format!(
+                    "volume {}: allowed_sources is empty; nobody could replicate it",
+                    v.id
+                ));
             }
             if v.keep_points == 0 {
                 return bad(format!("volume {}: keep_points must be at least 1", v.id));
@@ -283,17 +330,24 @@ key = "k.pem"
         let c: SourceConfig = parse(Path::new("s.toml"), SOURCE).expect("parse");
         c.check(Path::new("s.toml")).expect("check");
         assert_eq!(c.segment.max_bytes, 4 << 20);
-        assert_eq!(c.retry.schedule_secs, vec![60.0, 120.0, 240.0, 480.0, 600.0, 1800.0]);
+        assert_eq!(
+            c.retry.schedule_secs,
+            vec![60.0, 120.0, 240.0, 480.0, 600.0, 1800.0]
+        );
         assert_eq!(c.epoch, 1);
     }
 
     #[test]
     fn unknown_key_is_named_in_the_error() {
         let text = SOURCE.replace("target_name", "target_nmae");
-        let e = parse::<SourceConfig>(Path::new("s.toml"), &text).unwrap_err().to_string();
+        let e = parse::<SourceConfig>(Path::new("s.toml"), &text)
+            .expect_err("must fail")
+            .to_string();
         assert!(e.contains("target_nmae"), "{e}");
         let text = format!("{SOURCE}\n[segment]\nzstd_levle = 3\n");
-        let e = parse::<SourceConfig>(Path::new("s.toml"), &text).unwrap_err().to_string();
+        let e = parse::<SourceConfig>(Path::new("s.toml"), &text)
+            .expect_err("must fail")
+            .to_string();
         assert!(e.contains("zstd_levle"), "{e}");
     }
 
@@ -301,6 +355,10 @@ key = "k.pem"
     fn out_of_range_values_are_refused() {
         let text = format!("{SOURCE}\n[segment]\nzstd_level = 40\n");
         let c: SourceConfig = parse(Path::new("s.toml"), &text).expect("parse");
-        assert!(c.check(Path::new("s.toml")).unwrap_err().to_string().contains("zstd_level"));
+        assert!(c
+            .check(Path::new("s.toml"))
+            .expect_err("must fail")
+            .to_string()
+            .contains("zstd_level"));
     }
 }

@@ -57,6 +57,10 @@ pub enum DaemonError {
 impl DaemonError {
     /// Wraps an OS error.
     pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io { what, path: path.to_owned(), source }
+        Self::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
     }
 }

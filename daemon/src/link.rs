@@ -37,13 +37,21 @@ impl LinkError {
     pub fn is_certificate(&self) -> bool {
         use rustls::AlertDescription as A;
         match self {
-            LinkError::Tls(rustls::Error::InvalidCertificate(_)) | LinkError::Tls(rustls::Error::NoCertificatesPresented) => true,
+            LinkError::Tls(rustls::Error::InvalidCertificate(_))
+            | LinkError::Tls(rustls::Error::NoCertificatesPresented) => true,
             LinkError::Tls(rustls::Error::AlertReceived(a)) => matches!(
                 a,
                 // DecryptError is what rustls sends when a certificate's
                 // signature does not verify (e.g. a look-alike CA).
-                A::DecryptError | A::BadCertificate | A::UnsupportedCertificate | A::CertificateRevoked | A::CertificateExpired
-                    | A::CertificateUnknown | A::UnknownCA | A::AccessDenied | A::CertificateRequired
+                A::DecryptError
+                    | A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+                    | A::AccessDenied
+                    | A::CertificateRequired
             ),
             _ => false,
         }
@@ -65,7 +73,14 @@ impl Link {
     pub fn new(sock: TcpStream, conn: rustls::Connection) -> Result<Self, LinkError> {
         sock.set_nonblocking(true)?;
         sock.set_nodelay(true)?;
-        Ok(Self { sock, conn, inbuf: Vec::with_capacity(1 << 20), outq: VecDeque::new(), out_off: 0, closed: false })
+        Ok(Self {
+            sock,
+            conn,
+            inbuf: Vec::with_capacity(1 << 20),
+            outq: VecDeque::new(),
+            out_off: 0,
+            closed: false,
+        })
     }
 
     /// The TLS connection (peer certificates etc.).
@@ -77,7 +92,9 @@ impl Link {
     pub fn handshake(&mut self, timeout: Duration) -> Result<(), LinkError> {
         let deadline = Instant::now() + timeout;
         while self.conn.is_handshaking() {
-            let left = deadline.checked_duration_since(Instant::now()).ok_or(LinkError::Timeout("in TLS handshake"))?;
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .ok_or(LinkError::Timeout("in TLS handshake"))?;
             self.pump(left, None)?;
             if self.closed {
                 return Err(LinkError::Closed);
@@ -184,7 +201,11 @@ impl Link {
     /// Moves bytes: hands queued messages to TLS, writes what the socket
     /// takes, waits up to `timeout` for the socket (or `wake`) to be ready,
     /// and reads what arrived. Returns true if `wake` became readable.
-    pub fn pump(&mut self, timeout: Duration, wake: Option<BorrowedFd<'_>>) -> Result<bool, LinkError> {
+    pub fn pump(
+        &mut self,
+        timeout: Duration,
+        wake: Option<BorrowedFd<'_>>,
+    ) -> Result<bool, LinkError> {
         if !self.conn.is_handshaking() {
             self.feed_tls()?;
         }
@@ -202,13 +223,19 @@ impl Link {
             fds.push(PollFd::new(w, PollFlags::POLLIN));
         }
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        match poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => return Ok(false),
             Err(e) => return Err(std::io::Error::from(e).into()),
         }
         let sock_ready = fds[0].revents().unwrap_or(PollFlags::empty());
-        let woke = fds.get(1).and_then(|f| f.revents()).is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let woke = fds
+            .get(1)
+            .and_then(|f| f.revents())
+            .is_some_and(|r| r.contains(PollFlags::POLLIN));
         drop(fds);
         if sock_ready.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
             self.read_socket()?;

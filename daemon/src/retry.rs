@@ -35,7 +35,10 @@ impl Backoff {
     /// A backoff over `schedule` (the last entry repeats). An empty schedule
     /// retries at once.
     pub fn new(schedule: Vec<Duration>) -> Self {
-        Self { schedule, attempt: 0 }
+        Self {
+            schedule,
+            attempt: 0,
+        }
     }
 
     /// From seconds.
@@ -88,13 +91,19 @@ mod tests {
             .collect();
         assert_eq!(mins, vec![1, 2, 4, 8, 10, 30, 30, 30, 30]);
         b.reset();
-        assert_eq!(b.on_failure(ErrorClass::Recoverable, t0), Decision::RetryAt(t0 + Duration::from_secs(60)));
+        assert_eq!(
+            b.on_failure(ErrorClass::Recoverable, t0),
+            Decision::RetryAt(t0 + Duration::from_secs(60))
+        );
     }
 
     #[test]
     fn fatal_errors_go_critical_at_once() {
         let mut b = Backoff::from_secs(&[1.0]);
-        assert_eq!(b.on_failure(ErrorClass::Fatal, Instant::now()), Decision::Critical);
+        assert_eq!(
+            b.on_failure(ErrorClass::Fatal, Instant::now()),
+            Decision::Critical
+        );
         assert_eq!(b.attempts(), 0);
     }
 }

@@ -41,10 +41,16 @@ pub struct SessionError {
 
 impl SessionError {
     fn recoverable(m: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Recoverable, message: m.into() }
+        Self {
+            class: ErrorClass::Recoverable,
+            message: m.into(),
+        }
     }
     fn fatal(m: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Fatal, message: m.into() }
+        Self {
+            class: ErrorClass::Fatal,
+            message: m.into(),
+        }
     }
     fn link(e: LinkError) -> Self {
         if e.is_certificate() {
@@ -63,7 +69,10 @@ pub fn open_ring(cfg: &SourceConfig) -> Result<RingConsumer, DaemonError> {
     match &cfg.ring {
         RingSource::File(p) => {
             let map = replica_ring::Mapping::open_file(p, true)?;
-            Ok(Consumer::new(map, Box::new(FileRelease) as Box<dyn Release>)?)
+            Ok(Consumer::new(
+                map,
+                Box::new(FileRelease) as Box<dyn Release>,
+            )?)
         }
         RingSource::Group(g) => Err(DaemonError::Unsupported(format!(
             "ring group {g:?}: attaching to the kernel module's ring is not available in this build"
@@ -91,9 +100,19 @@ impl Source {
     pub fn new(cfg: SourceConfig, stop: Arc<AtomicBool>) -> Result<Self, DaemonError> {
         let keys = Arc::new(KeyRing::load(&cfg.keys)?);
         let tls = crate::tls::client_config(&cfg.tls)?;
-        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| DaemonError::io("create state directory", &cfg.state_dir, e))?;
-        let board = Arc::new(StatusBoard::new(&cfg.state_dir, vec![VolumeStatus::new(&cfg.volume, Role::Primary)]));
-        Ok(Self { cfg, keys, tls, board, stop })
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(|e| DaemonError::io("create state directory", &cfg.state_dir, e))?;
+        let board = Arc::new(StatusBoard::new(
+            &cfg.state_dir,
+            vec![VolumeStatus::new(&cfg.volume, Role::Primary)],
+        ));
+        Ok(Self {
+            cfg,
+            keys,
+            tls,
+            board,
+            stop,
+        })
     }
 
     /// Replicates until stopped. Returns an error only for a
@@ -109,7 +128,8 @@ impl Source {
         });
         let mut backoff = Backoff::from_secs(&self.cfg.retry.schedule_secs);
         while !self.stop.load(Ordering::Acquire) {
-            self.board.update(&vol, |s| s.connection = Connection::Connecting);
+            self.board
+                .update(&vol, |s| s.connection = Connection::Connecting);
             let (c, result) = self.session(consumer, &mut backoff);
             consumer = c;
             let err = match result {
@@ -140,7 +160,8 @@ impl Source {
                 }
             }
         }
-        self.board.update(&vol, |s| s.connection = Connection::StandAlone);
+        self.board
+            .update(&vol, |s| s.connection = Connection::StandAlone);
         Ok(())
     }
 
@@ -169,17 +190,25 @@ impl Source {
                 last.map_or_else(|| "no address".to_owned(), |e| e.to_string())
             ))
         })?;
-        let name = rustls_pki_types::ServerName::try_from(self.cfg.target_name.clone())
-            .map_err(|e| SessionError::fatal(format!("target_name {:?}: {e}", self.cfg.target_name)))?;
+        let name =
+            rustls_pki_types::ServerName::try_from(self.cfg.target_name.clone()).map_err(|e| {
+                SessionError::fatal(format!("target_name {:?}: {e}", self.cfg.target_name))
+            })?;
         let conn = rustls::ClientConnection::new(self.tls.clone(), name)
             .map_err(|e| SessionError::fatal(format!("TLS setup: {e}")))?;
-        let mut link = Link::new(sock, rustls::Connection::Client(conn)).map_err(SessionError::link)?;
-        link.handshake(HANDSHAKE_TIMEOUT).map_err(SessionError::link)?;
+        let mut link =
+            Link::new(sock, rustls::Connection::Client(conn)).map_err(SessionError::link)?;
+        link.handshake(HANDSHAKE_TIMEOUT)
+            .map_err(SessionError::link)?;
         Ok(link)
     }
 
     /// One connection's life. Always hands the consumer back.
-    fn session(&self, mut consumer: RingConsumer, backoff: &mut Backoff) -> (RingConsumer, Result<(), SessionError>) {
+    fn session(
+        &self,
+        mut consumer: RingConsumer,
+        backoff: &mut Backoff,
+    ) -> (RingConsumer, Result<(), SessionError>) {
         let mut link = match self.connect() {
             Ok(l) => l,
             Err(e) => return (consumer, Err(e)),
@@ -192,7 +221,11 @@ impl Source {
         let vol = self.cfg.volume.clone();
         self.board.update(&vol, |s| {
             s.connection = Connection::Connected;
-            s.health = if s.failed_records > 0 { Health::Warning } else { Health::OK };
+            s.health = if s.failed_records > 0 {
+                Health::Warning
+            } else {
+                Health::OK
+            };
             s.reasons.retain(|r| r.starts_with("write failed"));
             s.retries = 0;
             s.durable_seq = welcome.durable;
@@ -200,7 +233,12 @@ impl Source {
         let key = match StreamKey::derive(
             &self.keys,
             self.keys.active(),
-            &StreamContext { stream_id: welcome.stream_id, volume: &self.cfg.volume, direction: Direction::Forward, epoch: self.cfg.epoch },
+            &StreamContext {
+                stream_id: welcome.stream_id,
+                volume: &self.cfg.volume,
+                direction: Direction::Forward,
+                epoch: self.cfg.epoch,
+            },
         ) {
             Ok(k) => Arc::new(k),
             Err(e) => return (consumer, Err(SessionError::fatal(e.to_string()))),
@@ -209,10 +247,17 @@ impl Source {
         let acked = Arc::new(AtomicU64::new(welcome.durable));
         let session_stop = Arc::new(AtomicBool::new(false));
         let (job_tx, job_rx) = bounded::<Job>(self.cfg.segment.queue);
-        let (out_tx, out_rx) = bounded::<(u64, Result<Vec<u8>, String>)>(self.cfg.segment.queue + self.cfg.segment.workers);
+        let (out_tx, out_rx) = bounded::<(u64, Result<Vec<u8>, String>)>(
+            self.cfg.segment.queue + self.cfg.segment.workers,
+        );
         let (wake_rx, wake_tx) = match UnixStream::pair() {
             Ok(p) => p,
-            Err(e) => return (consumer, Err(SessionError::recoverable(format!("wake pipe: {e}")))),
+            Err(e) => {
+                return (
+                    consumer,
+                    Err(SessionError::recoverable(format!("wake pipe: {e}"))),
+                )
+            }
         };
         let _ = wake_rx.set_nonblocking(true);
         let _ = wake_tx.set_nonblocking(true);
@@ -261,7 +306,9 @@ impl Source {
                 board: self.board.clone(),
                 volume: vol.clone(),
             };
-            std::thread::Builder::new().name("batch".into()).spawn(move || ctx.run(consumer, job_tx))
+            std::thread::Builder::new()
+                .name("batch".into())
+                .spawn(move || ctx.run(consumer, job_tx))
         };
         let batcher: JoinHandle<(RingConsumer, Result<(), SessionError>)> = match batcher {
             Ok(h) => h,
@@ -297,7 +344,11 @@ impl Source {
         (consumer, result)
     }
 
-    fn handshake(&self, link: &mut Link, consumer: &mut RingConsumer) -> Result<Welcomed, SessionError> {
+    fn handshake(
+        &self,
+        link: &mut Link,
+        consumer: &mut RingConsumer,
+    ) -> Result<Welcomed, SessionError> {
         let src_rand = keys::random16().map_err(|e| SessionError::recoverable(e.to_string()))?;
         let oldest = consumer.released_seq();
         link.send(&Message::Hello(Hello {
@@ -316,21 +367,38 @@ impl Source {
                 Some(Message::Welcome(w)) => break w,
                 Some(Message::Error(e)) => {
                     return Err(match e.class {
-                        WireClass::Fatal => SessionError::fatal(format!("target refused: {} ({})", e.message, e.code)),
-                        WireClass::Recoverable => SessionError::recoverable(format!("target busy: {} ({})", e.message, e.code)),
+                        WireClass::Fatal => SessionError::fatal(format!(
+                            "target refused: {} ({})",
+                            e.message, e.code
+                        )),
+                        WireClass::Recoverable => SessionError::recoverable(format!(
+                            "target busy: {} ({})",
+                            e.message, e.code
+                        )),
                     })
                 }
-                Some(other) => return Err(SessionError::fatal(format!("expected welcome, got {other:?}"))),
+                Some(other) => {
+                    return Err(SessionError::fatal(format!(
+                        "expected welcome, got {other:?}"
+                    )))
+                }
                 None => {}
             }
-            let left = deadline.checked_duration_since(Instant::now()).ok_or_else(|| SessionError::recoverable("no welcome from target"))?;
-            link.pump(left.min(Duration::from_millis(100)), None).map_err(SessionError::link)?;
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .ok_or_else(|| SessionError::recoverable("no welcome from target"))?;
+            link.pump(left.min(Duration::from_millis(100)), None)
+                .map_err(SessionError::link)?;
         };
         if w.protocol != msg::PROTOCOL_VERSION {
-            return Err(SessionError::fatal(format!("target speaks protocol {}", w.protocol)));
+            return Err(SessionError::fatal(format!(
+                "target speaks protocol {}",
+                w.protocol
+            )));
         }
         let mut tgt_rand = [0u8; 16];
-        hex::decode_to_slice(&w.target_random, &mut tgt_rand).map_err(|_| SessionError::fatal("malformed welcome"))?;
+        hex::decode_to_slice(&w.target_random, &mut tgt_rand)
+            .map_err(|_| SessionError::fatal("malformed welcome"))?;
         // Resume right after what the target has durably.
         let resume = w.durable_seq.wrapping_add(1);
         if !ring_abi::release_is_valid(consumer.released_seq(), consumer.next_seq(), resume) {
@@ -345,15 +413,28 @@ impl Source {
             }
         }
         if ring_abi::release_is_valid(consumer.released_seq(), consumer.next_seq(), resume) {
-            consumer.rewind(resume).map_err(|e| SessionError::fatal(e.to_string()))?;
-            consumer.release(resume).map_err(|e| SessionError::fatal(e.to_string()))?;
+            consumer
+                .rewind(resume)
+                .map_err(|e| SessionError::fatal(e.to_string()))?;
+            consumer
+                .release(resume)
+                .map_err(|e| SessionError::fatal(e.to_string()))?;
         }
         tracing::info!(volume = %self.cfg.volume, durable = w.durable_seq, "connected");
-        Ok(Welcomed { stream_id: keys::stream_id(&src_rand, &tgt_rand), durable: w.durable_seq })
+        Ok(Welcomed {
+            stream_id: keys::stream_id(&src_rand, &tgt_rand),
+            durable: w.durable_seq,
+        })
     }
 
     /// Sends sealed segments in counter order and handles acks.
-    fn pump(&self, link: &mut Link, out_rx: &Receiver<(u64, Result<Vec<u8>, String>)>, wake: &UnixStream, acked: &AtomicU64) -> Result<(), SessionError> {
+    fn pump(
+        &self,
+        link: &mut Link,
+        out_rx: &Receiver<(u64, Result<Vec<u8>, String>)>,
+        wake: &UnixStream,
+        acked: &AtomicU64,
+    ) -> Result<(), SessionError> {
         let mut next = 0u64;
         let mut pending: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut workers_done = false;
@@ -367,7 +448,9 @@ impl Source {
                     Ok((c, Ok(f))) => {
                         pending.insert(c, f);
                     }
-                    Ok((_, Err(e))) => return Err(SessionError::fatal(format!("sealing failed: {e}"))),
+                    Ok((_, Err(e))) => {
+                        return Err(SessionError::fatal(format!("sealing failed: {e}")))
+                    }
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => workers_done = true,
                 }
@@ -387,7 +470,9 @@ impl Source {
                     return Ok(());
                 }
             }
-            let woke = link.pump(Duration::from_millis(100), Some(wake.as_fd())).map_err(SessionError::link)?;
+            let woke = link
+                .pump(Duration::from_millis(100), Some(wake.as_fd()))
+                .map_err(SessionError::link)?;
             if woke {
                 let mut b = [0u8; 256];
                 while matches!((&*wake).read(&mut b), Ok(n) if n > 0) {}
@@ -405,11 +490,20 @@ impl Source {
                     }
                     Message::Error(e) => {
                         return Err(match e.class {
-                            WireClass::Fatal => SessionError::fatal(format!("target: {} ({})", e.message, e.code)),
-                            WireClass::Recoverable => SessionError::recoverable(format!("target: {} ({})", e.message, e.code)),
+                            WireClass::Fatal => {
+                                SessionError::fatal(format!("target: {} ({})", e.message, e.code))
+                            }
+                            WireClass::Recoverable => SessionError::recoverable(format!(
+                                "target: {} ({})",
+                                e.message, e.code
+                            )),
                         })
                     }
-                    other => return Err(SessionError::fatal(format!("unexpected message from target: {other:?}"))),
+                    other => {
+                        return Err(SessionError::fatal(format!(
+                            "unexpected message from target: {other:?}"
+                        )))
+                    }
                 }
             }
         }
@@ -421,7 +515,13 @@ struct Welcomed {
     durable: u64,
 }
 
-fn seal_worker(rx: Receiver<Job>, tx: Sender<(u64, Result<Vec<u8>, String>)>, key: &StreamKey, level: i32, wake: &UnixStream) {
+fn seal_worker(
+    rx: Receiver<Job>,
+    tx: Sender<(u64, Result<Vec<u8>, String>)>,
+    key: &StreamKey,
+    level: i32,
+    wake: &UnixStream,
+) {
     for job in rx {
         let c = job.header.counter;
         let r = frame::seal(job.header, &job.plain, level, key).map_err(|e| e.to_string());
@@ -449,7 +549,11 @@ impl BatchCtx {
         self.stop.load(Ordering::Acquire) || self.global_stop.load(Ordering::Acquire)
     }
 
-    fn run(mut self, mut consumer: RingConsumer, tx: Sender<Job>) -> (RingConsumer, Result<(), SessionError>) {
+    fn run(
+        mut self,
+        mut consumer: RingConsumer,
+        tx: Sender<Job>,
+    ) -> (RingConsumer, Result<(), SessionError>) {
         let r = self.batch_loop(&mut consumer, &tx);
         (consumer, r)
     }
@@ -457,13 +561,21 @@ impl BatchCtx {
     fn release_acked(&self, consumer: &mut RingConsumer) -> Result<(), SessionError> {
         let acked = self.acked.load(Ordering::Acquire);
         let upto = acked.wrapping_add(1);
-        if upto != consumer.released_seq() && ring_abi::release_is_valid(consumer.released_seq(), consumer.next_seq(), upto) {
-            consumer.release(upto).map_err(|e| SessionError::fatal(e.to_string()))?;
+        if upto != consumer.released_seq()
+            && ring_abi::release_is_valid(consumer.released_seq(), consumer.next_seq(), upto)
+        {
+            consumer
+                .release(upto)
+                .map_err(|e| SessionError::fatal(e.to_string()))?;
         }
         Ok(())
     }
 
-    fn batch_loop(&mut self, consumer: &mut RingConsumer, tx: &Sender<Job>) -> Result<(), SessionError> {
+    fn batch_loop(
+        &mut self,
+        consumer: &mut RingConsumer,
+        tx: &Sender<Job>,
+    ) -> Result<(), SessionError> {
         let mut plain: Vec<u8> = Vec::with_capacity(self.max_bytes + (1 << 20));
         let mut first: Option<u64> = None;
         let mut last = 0u64;
@@ -474,7 +586,9 @@ impl BatchCtx {
                 return Ok(());
             }
             self.release_acked(consumer)?;
-            let peek = consumer.peek().map_err(|e| SessionError::fatal(format!("capture ring: {e}")))?;
+            let peek = consumer
+                .peek()
+                .map_err(|e| SessionError::fatal(format!("capture ring: {e}")))?;
             let rec: Option<(Record, bool)> = match peek {
                 Peek::Committed(r) => Some((r, true)),
                 Peek::Failed(r) => Some((r, false)),
@@ -485,18 +599,45 @@ impl BatchCtx {
                     idle = 0;
                     let d = &r.desc;
                     if d.volume > u32::from(u16::MAX) {
-                        return Err(SessionError::fatal(format!("record {} names volume index {}", r.seq, d.volume)));
+                        return Err(SessionError::fatal(format!(
+                            "record {} names volume index {}",
+                            r.seq, d.volume
+                        )));
                     }
-                    let end = d.sector.checked_mul(512).and_then(|s| s.checked_add(u64::from(d.len)));
+                    let end = d
+                        .sector
+                        .checked_mul(512)
+                        .and_then(|s| s.checked_add(u64::from(d.len)));
                     if end.is_none_or(|e| e > self.volume_size) {
-                        return Err(SessionError::fatal(format!("record {} lies beyond the volume end", r.seq)));
+                        return Err(SessionError::fatal(format!(
+                            "record {} lies beyond the volume end",
+                            r.seq
+                        )));
                     }
                     let op = if ok { d.op } else { OP_SKIPPED };
-                    frame::encode_record_parts(&mut plain, r.seq, op, d.flags, d.volume, d.sector, d.len, d.submit_ns, d.aux, &[]);
+                    frame::encode_record_parts(
+                        &mut plain,
+                        r.seq,
+                        op,
+                        d.flags,
+                        d.volume,
+                        d.sector,
+                        d.len,
+                        d.submit_ns,
+                        d.aux,
+                        &[],
+                    );
                     if ok {
-                        consumer.append_payload(&r, &mut plain).map_err(|e| SessionError::fatal(format!("capture ring: {e}")))?;
+                        consumer
+                            .append_payload(&r, &mut plain)
+                            .map_err(|e| SessionError::fatal(format!("capture ring: {e}")))?;
                     } else {
-                        tracing::warn!(seq = r.seq, sector = d.sector, len = d.len, "write failed on the source; region marked for resync");
+                        tracing::warn!(
+                            seq = r.seq,
+                            sector = d.sector,
+                            len = d.len,
+                            "write failed on the source; region marked for resync"
+                        );
                         let (sector, len) = (d.sector, d.len);
                         self.board.update(&self.volume, |s| {
                             s.failed_records += 1;
@@ -526,7 +667,7 @@ impl BatchCtx {
                     } else {
                         std::hint::spin_loop();
                     }
-                    if idle % 256 == 0 {
+                    if idle.is_multiple_of(256) {
                         let next = consumer.next_seq();
                         self.board.update(&self.volume, |s| s.captured_seq = next);
                     }
@@ -535,7 +676,14 @@ impl BatchCtx {
         }
     }
 
-    fn emit(&mut self, tx: &Sender<Job>, plain: &mut Vec<u8>, first: &mut Option<u64>, last: u64, last_time: u64) -> Result<(), SessionError> {
+    fn emit(
+        &mut self,
+        tx: &Sender<Job>,
+        plain: &mut Vec<u8>,
+        first: &mut Option<u64>,
+        last: u64,
+        last_time: u64,
+    ) -> Result<(), SessionError> {
         let Some(f) = first.take() else { return Ok(()) };
         let mut h = self.header.clone();
         h.first_seq = f;
@@ -543,7 +691,10 @@ impl BatchCtx {
         h.record_count = (last - f + 1) as u32;
         h.source_time_ns = last_time;
         self.header.counter += 1;
-        let job = Job { header: h, plain: std::mem::replace(plain, Vec::with_capacity(self.max_bytes + (1 << 20))) };
+        let job = Job {
+            header: h,
+            plain: std::mem::replace(plain, Vec::with_capacity(self.max_bytes + (1 << 20))),
+        };
         let mut job = Some(job);
         while let Some(j) = job.take() {
             match tx.send_timeout(j, Duration::from_millis(100)) {

@@ -121,7 +121,10 @@ pub struct StatusBoard {
 impl StatusBoard {
     /// A board writing to `<dir>/status.json`.
     pub fn new(dir: &Path, vols: Vec<VolumeStatus>) -> Self {
-        let b = Self { path: dir.join("status.json"), vols: Mutex::new(vols) };
+        let b = Self {
+            path: dir.join("status.json"),
+            vols: Mutex::new(vols),
+        };
         b.publish();
         b
     }
@@ -139,7 +142,12 @@ impl StatusBoard {
 
     /// A copy of one volume's status.
     pub fn get(&self, volume: &str) -> Option<VolumeStatus> {
-        self.vols.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|s| s.volume == volume).cloned()
+        self.vols
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|s| s.volume == volume)
+            .cloned()
     }
 
     fn publish(&self) {
@@ -148,7 +156,8 @@ impl StatusBoard {
         // Status is advisory and rebuilt at start: replace the file
         // atomically (readers never see a partial one) but skip the fsync.
         let tmp = self.path.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, &self.path)) {
+        if let Err(e) = std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, &self.path))
+        {
             tracing::warn!(error = %e, "cannot publish status");
         }
     }

@@ -33,7 +33,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PUMP_INTERVAL: Duration = Duration::from_millis(100);
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 enum ApplyMsg {
@@ -109,10 +112,18 @@ struct Refusal {
 
 impl Refusal {
     fn fatal(code: &'static str, message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Fatal, code, message: message.into() }
+        Self {
+            class: ErrorClass::Fatal,
+            code,
+            message: message.into(),
+        }
     }
     fn recoverable(code: &'static str, message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Recoverable, code, message: message.into() }
+        Self {
+            class: ErrorClass::Recoverable,
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -122,10 +133,14 @@ impl Target {
     pub fn start(cfg: &TargetConfig, stop: Arc<AtomicBool>) -> Result<Self, DaemonError> {
         let keys = Arc::new(KeyRing::load(&cfg.keys)?);
         let tls = crate::tls::server_config(&cfg.tls)?;
-        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| DaemonError::io("create state directory", &cfg.state_dir, e))?;
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(|e| DaemonError::io("create state directory", &cfg.state_dir, e))?;
         let board = Arc::new(StatusBoard::new(
             &cfg.state_dir,
-            cfg.volumes.iter().map(|v| VolumeStatus::new(&v.id, Role::Secondary)).collect(),
+            cfg.volumes
+                .iter()
+                .map(|v| VolumeStatus::new(&v.id, Role::Secondary))
+                .collect(),
         ));
         let mut volumes = HashMap::new();
         let mut appliers = Vec::new();
@@ -134,13 +149,27 @@ impl Target {
             volumes.insert(vc.id.clone(), vol);
             appliers.push(applier);
         }
-        let listener = TcpListener::bind(&cfg.listen).map_err(|e| DaemonError::io("listen on", Path::new(&cfg.listen), e))?;
-        listener.set_nonblocking(true).map_err(|e| DaemonError::io("listen on", Path::new(&cfg.listen), e))?;
-        let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let listener = TcpListener::bind(&cfg.listen)
+            .map_err(|e| DaemonError::io("listen on", Path::new(&cfg.listen), e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| DaemonError::io("listen on", Path::new(&cfg.listen), e))?;
+        let bound = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         // The bound address (useful with port 0) for operators and tools.
         replica_store::state::write_atomic(&cfg.state_dir.join("listen.addr"), bound.as_bytes())?;
         tracing::info!(listen = %bound, "target ready");
-        Ok(Self { volumes, appliers, keys, tls, board, stop, listener })
+        Ok(Self {
+            volumes,
+            appliers,
+            keys,
+            tls,
+            board,
+            stop,
+            listener,
+        })
     }
 
     /// The bound address.
@@ -197,11 +226,14 @@ fn open_volume(
     stop: Arc<AtomicBool>,
 ) -> Result<(Arc<Volume>, JoinHandle<()>), DaemonError> {
     let dir = cfg.state_dir.join("volumes").join(&vc.id);
-    std::fs::create_dir_all(&dir).map_err(|e| DaemonError::io("create volume directory", &dir, e))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| DaemonError::io("create volume directory", &dir, e))?;
     let mut state = VolumeState::load(&dir.join("state.json"))?;
     let (journal, scan) = Journal::open(&dir.join("journal"), cfg.journal_file_bytes)?;
     let mut replica: Box<dyn ReplicaStore> = match &vc.replica {
-        ReplicaConfig::File { path } => Box::new(FileReplica::open(path, vc.size, &dir.join("points"))?),
+        ReplicaConfig::File { path } => {
+            Box::new(FileReplica::open(path, vc.size, &dir.join("points"))?)
+        }
     };
     // Snapshots without a record (a crash between taking one and recording
     // it) are deleted; records without a snapshot are dropped.
@@ -219,7 +251,11 @@ fn open_volume(
     }
     let durable = journal.durable_seq().max(state.applied_seq);
     let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
-    for f in scan.frames.into_iter().filter(|f| f.header.last_seq > state.applied_seq) {
+    for f in scan
+        .frames
+        .into_iter()
+        .filter(|f| f.header.last_seq > state.applied_seq)
+    {
         let _ = apply_tx.send(ApplyMsg::Frame(f, None));
     }
     board.update(&vc.id, |s| {
@@ -229,7 +265,11 @@ fn open_volume(
         s.applied_seq = state.applied_seq;
         s.points = state.points.len() as u64;
         s.last_point_seq = state.points.last().map_or(0, |p| p.seq);
-        s.replica = if state.points.is_empty() { "Inconsistent".into() } else { "Consistent".into() };
+        s.replica = if state.points.is_empty() {
+            "Inconsistent".into()
+        } else {
+            "Consistent".into()
+        };
         if let Some(c) = &state.critical {
             s.health = Health::Critical;
             s.reasons = vec![c.clone()];
@@ -253,6 +293,9 @@ fn open_volume(
         .map_err(|e| DaemonError::io("spawn applier", &dir, e))?;
     Ok((vol, h))
 }
+
+/// A segment appended to the journal, with its bytes for the applier.
+type Journaled = (FramePos, Arc<Vec<u8>>);
 
 struct ConnCtx {
     volumes: HashMap<String, Arc<Volume>>,
@@ -315,7 +358,8 @@ impl ConnCtx {
         });
         let result = self.stream(&mut link, &mut session);
         if session.vol.session.load(Ordering::Acquire) == session.id {
-            self.board.update(&vol.cfg.id, |s| s.connection = Connection::StandAlone);
+            self.board
+                .update(&vol.cfg.id, |s| s.connection = Connection::StandAlone);
         }
         match result {
             Ok(()) => link.close(Duration::from_secs(1)),
@@ -334,7 +378,11 @@ impl ConnCtx {
                 }),
             }
         }
-        link.send(&Message::Error(ErrorMsg { class: r.class, code: r.code.into(), message: r.message.clone() }));
+        link.send(&Message::Error(ErrorMsg {
+            class: r.class,
+            code: r.code.into(),
+            message: r.message.clone(),
+        }));
         link.close(Duration::from_secs(2));
     }
 
@@ -343,28 +391,46 @@ impl ConnCtx {
     /// replica (it then goes Critical); refusals of the caller (unknown
     /// volume, not authorised, stale epoch) leave the volume alone.
     fn accept(&self, link: &mut Link) -> Result<Session, (Option<Arc<Volume>>, Refusal)> {
-        self.accept_inner(link).map_err(|(critical, vol, r)| (if critical { vol } else { None }, r))
+        self.accept_inner(link)
+            .map_err(|(critical, vol, r)| (if critical { vol } else { None }, r))
     }
 
-    fn accept_inner(&self, link: &mut Link) -> Result<Session, (bool, Option<Arc<Volume>>, Refusal)> {
+    fn accept_inner(
+        &self,
+        link: &mut Link,
+    ) -> Result<Session, (bool, Option<Arc<Volume>>, Refusal)> {
         let caller = |r: Refusal| (false, None, r);
         let cn = link
             .tls()
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(crate::tls::subject_cn)
-            .ok_or_else(|| caller(Refusal::fatal("no-identity", "client certificate has no subject common name")))?;
+            .ok_or_else(|| {
+                caller(Refusal::fatal(
+                    "no-identity",
+                    "client certificate has no subject common name",
+                ))
+            })?;
         let hello = recv_hello(link).map_err(caller)?;
         if hello.protocol != msg::PROTOCOL_VERSION {
-            return Err(caller(Refusal::fatal("protocol", format!("protocol version {} not supported", hello.protocol))));
+            return Err(caller(Refusal::fatal(
+                "protocol",
+                format!("protocol version {} not supported", hello.protocol),
+            )));
         }
         let vol = self.volumes.get(&hello.volume).cloned().ok_or_else(|| {
-            caller(Refusal::fatal("volume-not-found", format!("volume {:?} is not configured on this target", hello.volume)))
+            caller(Refusal::fatal(
+                "volume-not-found",
+                format!("volume {:?} is not configured on this target", hello.volume),
+            ))
         })?;
         if !vol.cfg.allowed_sources.iter().any(|a| a == &cn) {
             return Err(caller(Refusal::fatal(
                 "not-authorized",
-                format!("certificate subject {cn:?} is not allowed to replicate volume {}", vol.cfg.id),
+                format!(
+                    "certificate subject {cn:?} is not allowed to replicate volume {}",
+                    vol.cfg.id
+                ),
             )));
         }
         let bad_hex = || caller(Refusal::fatal("protocol", "malformed hello"));
@@ -372,14 +438,18 @@ impl ConnCtx {
         hex::decode_to_slice(&hello.generation, &mut generation).map_err(|_| bad_hex())?;
         let mut src_rand = [0u8; 16];
         hex::decode_to_slice(&hello.source_random, &mut src_rand).map_err(|_| bad_hex())?;
-        let target_rand = keys::random16().map_err(|e| caller(Refusal::recoverable("random", e.to_string())))?;
+        let target_rand =
+            keys::random16().map_err(|e| caller(Refusal::recoverable("random", e.to_string())))?;
         let replica_err = |r: Refusal| (true, Some(vol.clone()), r);
         let stream_id = keys::stream_id(&src_rand, &target_rand);
 
         let (durable, applied, epoch) = {
             let mut st = vol.lock_state();
             if let Some(c) = &st.critical {
-                return Err(caller(Refusal::fatal("critical", format!("volume {} is Critical: {c}", vol.cfg.id))));
+                return Err(caller(Refusal::fatal(
+                    "critical",
+                    format!("volume {} is Critical: {c}", vol.cfg.id),
+                )));
             }
             if hello.epoch < st.epoch {
                 return Err(caller(Refusal::fatal(
@@ -401,7 +471,8 @@ impl ConnCtx {
                 )));
             }
             st.epoch = hello.epoch;
-            st.save(&vol.state_path()).map_err(|e| caller(store_refusal(&e)))?;
+            st.save(&vol.state_path())
+                .map_err(|e| caller(store_refusal(&e)))?;
             let durable = journal_durable.max(st.applied_seq);
             if hello.oldest_seq > durable.saturating_add(1) {
                 return Err(replica_err(Refusal::fatal(
@@ -414,7 +485,10 @@ impl ConnCtx {
         if !self.keys.ids().contains(&hello.key_id) {
             return Err(replica_err(Refusal::fatal(
                 "unknown-key",
-                format!("source seals with key id {} which this target does not have", hello.key_id),
+                format!(
+                    "source seals with key id {} which this target does not have",
+                    hello.key_id
+                ),
             )));
         }
         let id = vol.session.fetch_add(1, Ordering::AcqRel) + 1;
@@ -431,7 +505,17 @@ impl ConnCtx {
             s.generation = hex::encode(generation);
             s.epoch = epoch;
         });
-        Ok(Session { vol, id, stream_id, generation, epoch, next_counter: 0, durable, received: durable, keys: HashMap::new() })
+        Ok(Session {
+            vol,
+            id,
+            stream_id,
+            generation,
+            epoch,
+            next_counter: 0,
+            durable,
+            received: durable,
+            keys: HashMap::new(),
+        })
     }
 
     fn stream(&self, link: &mut Link, s: &mut Session) -> Result<(), Refusal> {
@@ -447,7 +531,7 @@ impl ConnCtx {
                 return Ok(());
             }
             link.pump(PUMP_INTERVAL, None).map_err(net)?;
-            let mut appended: Vec<(FramePos, Arc<Vec<u8>>)> = Vec::new();
+            let mut appended: Vec<Journaled> = Vec::new();
             let mut dup_ack = false;
             let mut failure = None;
             loop {
@@ -470,9 +554,17 @@ impl ConnCtx {
                             break;
                         }
                     },
-                    Message::Error(e) => return Err(Refusal::recoverable("peer", format!("source reported: {}", e.message))),
+                    Message::Error(e) => {
+                        return Err(Refusal::recoverable(
+                            "peer",
+                            format!("source reported: {}", e.message),
+                        ))
+                    }
                     other => {
-                        failure = Some(Refusal::fatal("protocol", format!("unexpected message {other:?}")));
+                        failure = Some(Refusal::fatal(
+                            "protocol",
+                            format!("unexpected message {other:?}"),
+                        ));
                         break;
                     }
                 }
@@ -484,11 +576,15 @@ impl ConnCtx {
                 for (pos, bytes) in appended {
                     let _ = s.vol.apply_tx.send(ApplyMsg::Frame(pos, Some(bytes)));
                 }
-                self.board.update(&s.vol.cfg.id, |st| st.durable_seq = durable);
+                self.board
+                    .update(&s.vol.cfg.id, |st| st.durable_seq = durable);
             }
             let applied = s.vol.applied.load(Ordering::Acquire);
             if dup_ack || applied != last_applied_sent || s.durable != last_durable_sent {
-                link.send(&Message::Ack(Ack { durable_seq: s.durable, applied_seq: applied }));
+                link.send(&Message::Ack(Ack {
+                    durable_seq: s.durable,
+                    applied_seq: applied,
+                }));
                 last_applied_sent = applied;
                 last_durable_sent = s.durable;
             }
@@ -500,33 +596,57 @@ impl ConnCtx {
 
     /// Verifies one segment and appends it to the journal. `Ok(None)` for
     /// a duplicate of what is already durable.
-    fn segment(&self, s: &mut Session, f: Vec<u8>) -> Result<Option<(FramePos, Arc<Vec<u8>>)>, Refusal> {
+    fn segment(&self, s: &mut Session, f: Vec<u8>) -> Result<Option<Journaled>, Refusal> {
         let h = frame::check(&f).map_err(|e| match e {
             FrameError::Unsupported(_) => Refusal::fatal("unsupported", e.to_string()),
             _ => Refusal::recoverable("corrupt-segment", format!("rejected segment: {e}")),
         })?;
         if h.volume_tag != s.vol.tag {
-            return Err(Refusal::fatal("wrong-volume", "segment belongs to another volume (replayed or misrouted)"));
+            return Err(Refusal::fatal(
+                "wrong-volume",
+                "segment belongs to another volume (replayed or misrouted)",
+            ));
         }
         if h.stream_id != s.stream_id {
-            return Err(Refusal::fatal("wrong-stream", "segment belongs to another stream (replayed)"));
+            return Err(Refusal::fatal(
+                "wrong-stream",
+                "segment belongs to another stream (replayed)",
+            ));
         }
         if h.generation != s.generation || h.epoch != s.epoch {
-            return Err(Refusal::fatal("wrong-generation", "segment of another ring generation or epoch"));
+            return Err(Refusal::fatal(
+                "wrong-generation",
+                "segment of another ring generation or epoch",
+            ));
         }
         if h.counter != s.next_counter {
             return Err(Refusal::fatal(
                 "replay",
-                format!("segment counter {} where {} was expected (replayed or reordered)", h.counter, s.next_counter),
+                format!(
+                    "segment counter {} where {} was expected (replayed or reordered)",
+                    h.counter, s.next_counter
+                ),
             ));
         }
         if !s.keys.contains_key(&h.key_id) {
-            let ctx = StreamContext { stream_id: s.stream_id, volume: &s.vol.cfg.id, direction: Direction::Forward, epoch: s.epoch };
-            let k = StreamKey::derive(&self.keys, h.key_id, &ctx)
-                .map_err(|_| Refusal::fatal("unknown-key", format!("segment sealed with unknown key id {}", h.key_id)))?;
+            let ctx = StreamContext {
+                stream_id: s.stream_id,
+                volume: &s.vol.cfg.id,
+                direction: Direction::Forward,
+                epoch: s.epoch,
+            };
+            let k = StreamKey::derive(&self.keys, h.key_id, &ctx).map_err(|_| {
+                Refusal::fatal(
+                    "unknown-key",
+                    format!("segment sealed with unknown key id {}", h.key_id),
+                )
+            })?;
             s.keys.insert(h.key_id, k);
         }
-        let key = s.keys.get(&h.key_id).ok_or_else(|| Refusal::fatal("unknown-key", "key vanished"))?;
+        let key = s
+            .keys
+            .get(&h.key_id)
+            .ok_or_else(|| Refusal::fatal("unknown-key", "key vanished"))?;
         let plain = frame::open(&h, &f, key).map_err(|e| match e {
             FrameError::Authentication => Refusal::fatal(
                 "authentication",
@@ -534,7 +654,8 @@ impl ConnCtx {
             ),
             other => Refusal::fatal("malformed-segment", other.to_string()),
         })?;
-        let records = frame::decode_records(&h, &plain).map_err(|e| Refusal::fatal("malformed-segment", e.to_string()))?;
+        let records = frame::decode_records(&h, &plain)
+            .map_err(|e| Refusal::fatal("malformed-segment", e.to_string()))?;
         check_bounds(&records, s.vol.cfg.size).map_err(|m| Refusal::fatal("out-of-range", m))?;
         s.next_counter += 1;
         self.board.update(&s.vol.cfg.id, |st| {
@@ -549,10 +670,17 @@ impl ConnCtx {
         if h.first_seq > s.received + 1 {
             return Err(Refusal::fatal(
                 "sequence-gap",
-                format!("segment starts at record {} but the target has only up to {}", h.first_seq, s.received),
+                format!(
+                    "segment starts at record {} but the target has only up to {}",
+                    h.first_seq, s.received
+                ),
             ));
         }
-        let pos = s.vol.lock_journal().append(&f, &h).map_err(|e| store_refusal(&e))?;
+        let pos = s
+            .vol
+            .lock_journal()
+            .append(&f, &h)
+            .map_err(|e| store_refusal(&e))?;
         s.received = h.last_seq;
         Ok(Some((pos, Arc::new(f))))
     }
@@ -568,11 +696,19 @@ fn store_refusal(e: &StoreError) -> Refusal {
 
 fn check_bounds(records: &[WireRecord], size: u64) -> Result<(), String> {
     for r in records {
-        if matches!(r.op, frame::ring_op::WRITE | frame::ring_op::DISCARD | frame::ring_op::WRITE_ZEROES) {
+        if matches!(
+            r.op,
+            frame::ring_op::WRITE | frame::ring_op::DISCARD | frame::ring_op::WRITE_ZEROES
+        ) {
             let start = r.sector.checked_mul(512).ok_or("sector overflow")?;
-            let end = start.checked_add(u64::from(r.len)).ok_or("length overflow")?;
+            let end = start
+                .checked_add(u64::from(r.len))
+                .ok_or("length overflow")?;
             if end > size {
-                return Err(format!("record {} writes [{start}, {end}) beyond the volume end {size}", r.seq));
+                return Err(format!(
+                    "record {} writes [{start}, {end}) beyond the volume end {size}",
+                    r.seq
+                ));
             }
         }
     }
@@ -584,14 +720,22 @@ fn recv_hello(link: &mut Link) -> Result<Hello, Refusal> {
     loop {
         match link.recv() {
             Ok(Some(Message::Hello(h))) => return Ok(h),
-            Ok(Some(other)) => return Err(Refusal::fatal("protocol", format!("expected hello, got {other:?}"))),
+            Ok(Some(other)) => {
+                return Err(Refusal::fatal(
+                    "protocol",
+                    format!("expected hello, got {other:?}"),
+                ))
+            }
             Ok(None) => {}
             Err(e) => return Err(Refusal::recoverable("network", e.to_string())),
         }
         let left = deadline
             .checked_duration_since(Instant::now())
-            .ok_or_else(|| Refusal::recoverable("timeout", "no hello within the handshake timeout"))?;
-        link.pump(left.min(PUMP_INTERVAL), None).map_err(|e| Refusal::recoverable("network", e.to_string()))?;
+            .ok_or_else(|| {
+                Refusal::recoverable("timeout", "no hello within the handshake timeout")
+            })?;
+        link.pump(left.min(PUMP_INTERVAL), None)
+            .map_err(|e| Refusal::recoverable("network", e.to_string()))?;
     }
 }
 
@@ -608,9 +752,24 @@ struct Applier {
 }
 
 impl Applier {
-    fn new(vol: Arc<Volume>, replica: Box<dyn ReplicaStore>, keys: Arc<KeyRing>, board: Arc<StatusBoard>, stop: Arc<AtomicBool>) -> Self {
+    fn new(
+        vol: Arc<Volume>,
+        replica: Box<dyn ReplicaStore>,
+        keys: Arc<KeyRing>,
+        board: Arc<StatusBoard>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
         let applied = vol.applied.load(Ordering::Acquire);
-        Self { vol, replica, keys, board, stop, key_cache: HashMap::new(), applied, unflushed_segments: 0 }
+        Self {
+            vol,
+            replica,
+            keys,
+            board,
+            stop,
+            key_cache: HashMap::new(),
+            applied,
+            unflushed_segments: 0,
+        }
     }
 
     fn run(mut self, rx: Receiver<ApplyMsg>) {
@@ -640,7 +799,8 @@ impl Applier {
                 None => match journal::read_frame(self.vol.lock_journal().dir(), &pos) {
                     Ok(b) => Arc::new(b),
                     Err(e) => {
-                        self.vol.go_critical(&self.board, &format!("journal unreadable: {e}"));
+                        self.vol
+                            .go_critical(&self.board, &format!("journal unreadable: {e}"));
                         continue;
                     }
                 },
@@ -648,7 +808,13 @@ impl Applier {
             let records = match self.decode(&pos.header, &bytes) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.vol.go_critical(&self.board, &format!("journaled segment {}..={}: {e}", pos.header.first_seq, pos.header.last_seq));
+                    self.vol.go_critical(
+                        &self.board,
+                        &format!(
+                            "journaled segment {}..={}: {e}",
+                            pos.header.first_seq, pos.header.last_seq
+                        ),
+                    );
                     continue;
                 }
             };
@@ -669,12 +835,19 @@ impl Applier {
     /// Runs `f` until it succeeds, retrying recoverable storage errors
     /// (full disk) with a bounded wait that watches `stop`. A
     /// non-recoverable error makes the volume Critical.
-    fn retry(&mut self, what: &str, mut f: impl FnMut(&mut Self) -> Result<(), StoreError>) -> Option<()> {
+    fn retry(
+        &mut self,
+        what: &str,
+        mut f: impl FnMut(&mut Self) -> Result<(), StoreError>,
+    ) -> Option<()> {
         let mut wait = Duration::from_millis(100);
         loop {
             match f(self) {
                 Ok(()) => {
-                    if self.board.get(&self.vol.cfg.id).is_some_and(|s| s.health == Health::Warning && s.reasons.iter().any(|r| r.starts_with("replica"))) {
+                    if self.board.get(&self.vol.cfg.id).is_some_and(|s| {
+                        s.health == Health::Warning
+                            && s.reasons.iter().any(|r| r.starts_with("replica"))
+                    }) {
                         self.board.update(&self.vol.cfg.id, |s| {
                             s.health = Health::OK;
                             s.reasons.clear();
@@ -701,7 +874,8 @@ impl Applier {
                     wait = (wait * 2).min(Duration::from_secs(10));
                 }
                 Err(e) => {
-                    self.vol.go_critical(&self.board, &format!("replica {what}: {e}"));
+                    self.vol
+                        .go_critical(&self.board, &format!("replica {what}: {e}"));
                     return None;
                 }
             }
@@ -711,7 +885,12 @@ impl Applier {
     fn decode(&mut self, h: &SegmentHeader, bytes: &[u8]) -> Result<Vec<WireRecord>, String> {
         let k = (h.stream_id, h.key_id, h.epoch);
         if !self.key_cache.contains_key(&k) {
-            let ctx = StreamContext { stream_id: h.stream_id, volume: &self.vol.cfg.id, direction: Direction::Forward, epoch: h.epoch };
+            let ctx = StreamContext {
+                stream_id: h.stream_id,
+                volume: &self.vol.cfg.id,
+                direction: Direction::Forward,
+                epoch: h.epoch,
+            };
             let key = StreamKey::derive(&self.keys, h.key_id, &ctx).map_err(|e| e.to_string())?;
             if self.key_cache.len() > 64 {
                 self.key_cache.clear();
@@ -723,7 +902,11 @@ impl Applier {
         frame::decode_records(h, &plain).map_err(|e| e.to_string())
     }
 
-    fn apply_records(&mut self, h: &SegmentHeader, records: &[WireRecord]) -> Result<(), StoreError> {
+    fn apply_records(
+        &mut self,
+        h: &SegmentHeader,
+        records: &[WireRecord],
+    ) -> Result<(), StoreError> {
         let mut ops: Vec<ApplyOp<'_>> = Vec::new();
         let start = self.applied;
         let mut applied = self.applied;
@@ -733,13 +916,26 @@ impl Applier {
             }
             let off = r.sector * 512;
             match r.op {
-                frame::ring_op::WRITE => ops.push(ApplyOp::Write { offset: off, data: &r.data }),
-                frame::ring_op::DISCARD => ops.push(ApplyOp::Discard { offset: off, len: u64::from(r.len) }),
-                frame::ring_op::WRITE_ZEROES => ops.push(ApplyOp::Zero { offset: off, len: u64::from(r.len) }),
+                frame::ring_op::WRITE => ops.push(ApplyOp::Write {
+                    offset: off,
+                    data: &r.data,
+                }),
+                frame::ring_op::DISCARD => ops.push(ApplyOp::Discard {
+                    offset: off,
+                    len: u64::from(r.len),
+                }),
+                frame::ring_op::WRITE_ZEROES => ops.push(ApplyOp::Zero {
+                    offset: off,
+                    len: u64::from(r.len),
+                }),
                 frame::ring_op::FLUSH | frame::ring_op::MARKER => {
                     self.replica.apply(&ops)?;
                     ops.clear();
-                    let kind = if r.op == frame::ring_op::MARKER { PointKind::Marker } else { PointKind::Crash };
+                    let kind = if r.op == frame::ring_op::MARKER {
+                        PointKind::Marker
+                    } else {
+                        PointKind::Crash
+                    };
                     self.point(r, kind)?;
                     applied = r.seq;
                     self.applied = applied;
@@ -750,10 +946,14 @@ impl Applier {
             applied = r.seq;
         }
         self.replica.apply(&ops)?;
-        let n = records.iter().filter(|r| r.seq > start && r.seq <= applied).count() as u64;
+        let n = records
+            .iter()
+            .filter(|r| r.seq > start && r.seq <= applied)
+            .count() as u64;
         debug_assert!(applied <= h.last_seq);
         self.applied = applied;
-        self.board.update(&self.vol.cfg.id, |s| s.applied_records += n);
+        self.board
+            .update(&self.vol.cfg.id, |s| s.applied_records += n);
         Ok(())
     }
 
@@ -829,7 +1029,8 @@ impl Applier {
         self.unflushed_segments = 0;
         self.vol.lock_journal().trim(self.applied)?;
         let applied = self.applied;
-        self.board.update(&self.vol.cfg.id, |s| s.applied_seq = applied);
+        self.board
+            .update(&self.vol.cfg.id, |s| s.applied_seq = applied);
         Ok(())
     }
 }

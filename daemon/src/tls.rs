@@ -37,7 +37,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = |message: String| TlsError::Pem { what, path: path.display().to_string(), message };
+    let pem = |message: String| TlsError::Pem {
+        what,
+        path: path.display().to_string(),
+        message,
+    };
     let v: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| pem(e.to_string()))?
         .collect::<Result<_, _>>()
@@ -92,6 +96,12 @@ pub fn client_config(t: &TlsConfig) -> Result<Arc<ClientConfig>, TlsError> {
 /// The common name of a certificate's subject.
 pub fn subject_cn(der: &CertificateDer<'_>) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_owned();
     Some(cn)
 }

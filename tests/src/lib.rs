@@ -15,9 +15,16 @@ use ring_abi::{OP_DISCARD, OP_FLUSH, OP_MARKER, OP_WRITE, OP_WRITE_ZEROES};
 /// package's binaries next to the integration test executables' `deps`).
 pub fn replicad_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
     let bin = dir.join("replicad-test");
-    assert!(bin.exists(), "{} is missing: run the tests with `cargo test -p replica-tests`", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test -p replica-tests`",
+        bin.display()
+    );
     bin
 }
 
@@ -27,7 +34,10 @@ pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(2);
     while !f() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_millis(50));
     }
@@ -92,8 +102,14 @@ impl Env {
             Some(tmp)
         };
         let pki = root.join("pki");
-        replctl::certs::generate(&pki, &[SOURCE_CN.into(), TARGET_CN.into(), "intruder".into()], 30).expect("certs");
-        replctl::certs::generate(&root.join("foreign"), &[SOURCE_CN.into()], 30).expect("foreign certs");
+        replctl::certs::generate(
+            &pki,
+            &[SOURCE_CN.into(), TARGET_CN.into(), "intruder".into()],
+            30,
+        )
+        .expect("certs");
+        replctl::certs::generate(&root.join("foreign"), &[SOURCE_CN.into()], 30)
+            .expect("foreign certs");
         let kr = replica_proto::keys::KeyRing::generate().expect("keys");
         kr.save(&root.join("keys.toml"), false).expect("save keys");
         Self { root, _dir: dir }
@@ -106,7 +122,14 @@ impl Env {
 
     /// Writes a target configuration serving `volumes` (id, size) with file
     /// replicas under `<root>/<id>.img`, state in `state_dir`.
-    pub fn target_config(&self, name: &str, state_dir: &Path, volumes: &[(&str, u64)], keep_points: usize, extra: &str) -> PathBuf {
+    pub fn target_config(
+        &self,
+        name: &str,
+        state_dir: &Path,
+        volumes: &[(&str, u64)],
+        keep_points: usize,
+        extra: &str,
+    ) -> PathBuf {
         let pki = self.path("pki");
         let mut s = format!(
             "listen = \"127.0.0.1:0\"\nkeys = \"{}\"\nstate_dir = \"{}\"\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
@@ -174,7 +197,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `replicad <role> --config <config>`.
     pub fn start(role: &str, config: &Path, state_dir: &Path, log: &Path) -> Self {
-        let err = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log");
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log");
         let child = Command::new(replicad_bin())
             .args([role, "--config"])
             .arg(config)
@@ -184,7 +211,11 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .expect("spawn replicad");
-        Self { child: Some(child), log: log.to_owned(), state_dir: state_dir.to_owned() }
+        Self {
+            child: Some(child),
+            log: log.to_owned(),
+            state_dir: state_dir.to_owned(),
+        }
     }
 
     /// Starts a target and waits until it listens; returns it and its address.
@@ -194,7 +225,10 @@ impl Daemon {
         let mut addr = String::new();
         wait_for(Duration::from_secs(20), "target to listen", || {
             if let Some(code) = d.try_exit() {
-                panic!("target exited with {code:?} before listening:\n{}", d.log_text());
+                panic!(
+                    "target exited with {code:?} before listening:\n{}",
+                    d.log_text()
+                );
             }
             match std::fs::read_to_string(state_dir.join("listen.addr")) {
                 Ok(a) if !a.is_empty() => {
@@ -230,7 +264,11 @@ impl Daemon {
                 self.child = None;
                 return c;
             }
-            assert!(Instant::now() < deadline, "daemon did not exit within {timeout:?}; its log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit within {timeout:?}; its log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -246,7 +284,10 @@ impl Daemon {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> Option<i32> {
         if let Some(c) = &self.child {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         if self.child.is_some() {
             self.wait_exit(Duration::from_secs(30))
@@ -257,7 +298,10 @@ impl Daemon {
 
     /// The published status of `volume`.
     pub fn status(&self, volume: &str) -> Option<replicad::status::VolumeStatus> {
-        replicad::status::read(&self.state_dir).ok()?.into_iter().find(|v| v.volume == volume)
+        replicad::status::read(&self.state_dir)
+            .ok()?
+            .into_iter()
+            .find(|v| v.volume == volume)
     }
 }
 
@@ -269,12 +313,19 @@ impl Drop for Daemon {
 
 /// The target's persisted state of a volume.
 pub fn target_state(state_dir: &Path, volume: &str) -> replica_store::state::VolumeState {
-    replica_store::state::VolumeState::load(&state_dir.join("volumes").join(volume).join("state.json")).expect("state")
+    replica_store::state::VolumeState::load(
+        &state_dir.join("volumes").join(volume).join("state.json"),
+    )
+    .expect("state")
 }
 
 /// Path of a recovery point image on the file backend.
 pub fn point_image(state_dir: &Path, volume: &str, id: u64) -> PathBuf {
-    state_dir.join("volumes").join(volume).join("points").join(format!("{id:020}.img"))
+    state_dir
+        .join("volumes")
+        .join(volume)
+        .join("points")
+        .join(format!("{id:020}.img"))
 }
 
 /// One operation of a workload.
@@ -330,10 +381,22 @@ pub struct Source {
 
 impl Source {
     /// A fresh ring file and a zeroed volume of `size` bytes.
-    pub fn create(ring: &Path, size: usize, desc_count: u64, data_granules: u64, seed: u64) -> Self {
+    pub fn create(
+        ring: &Path,
+        size: usize,
+        desc_count: u64,
+        data_granules: u64,
+        seed: u64,
+    ) -> Self {
         let producer = Producer::create(
             ring,
-            RingParams { desc_count, data_granules, generation: replica_proto::keys::random16().expect("rand"), first_seq: 1, first_granule: 0 },
+            RingParams {
+                desc_count,
+                data_granules,
+                generation: replica_proto::keys::random16().expect("rand"),
+                first_seq: 1,
+                first_granule: 0,
+            },
         )
         .expect("create ring");
         Self {
@@ -363,7 +426,10 @@ impl Source {
                 Ok(s) => return Some(s),
                 Err(RingError::Full) if nowait => return None,
                 Err(RingError::Full) => {
-                    assert!(Instant::now() < deadline, "ring stayed full for 60 s: the source daemon is not draining");
+                    assert!(
+                        Instant::now() < deadline,
+                        "ring stayed full for 60 s: the source daemon is not draining"
+                    );
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 Err(e) => panic!("reserve: {e}"),
@@ -384,12 +450,25 @@ impl Source {
     }
 
     fn apply_inner(&mut self, op: &Op, nowait: bool) -> bool {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
         match *op {
             Op::Write { sector, len, ok } => {
                 let mut data = vec![0u8; len as usize];
                 self.rng.fill(&mut data);
-                let Some(seq) = self.reserve(DescFields { op: OP_WRITE, sector, len, submit_ns: now, ..Default::default() }, &data, nowait) else {
+                let Some(seq) = self.reserve(
+                    DescFields {
+                        op: OP_WRITE,
+                        sector,
+                        len,
+                        submit_ns: now,
+                        ..Default::default()
+                    },
+                    &data,
+                    nowait,
+                ) else {
                     return false;
                 };
                 self.producer.complete(seq, ok);
@@ -407,18 +486,42 @@ impl Source {
                     Op::Marker(id) => (OP_MARKER, *id),
                     _ => (OP_FLUSH, 0),
                 };
-                let Some(seq) = self.reserve(DescFields { op: opc, aux, submit_ns: now, ..Default::default() }, &[], nowait) else {
+                let Some(seq) = self.reserve(
+                    DescFields {
+                        op: opc,
+                        aux,
+                        submit_ns: now,
+                        ..Default::default()
+                    },
+                    &[],
+                    nowait,
+                ) else {
                     return false;
                 };
                 self.producer.complete(seq, true);
                 if self.keep_points {
-                    self.points.insert(seq, (self.image.clone(), self.masked.clone()));
+                    self.points
+                        .insert(seq, (self.image.clone(), self.masked.clone()));
                 }
                 self.last_seq = seq;
             }
             Op::Discard { sector, len } | Op::Zeroes { sector, len } => {
-                let opc = if matches!(op, Op::Discard { .. }) { OP_DISCARD } else { OP_WRITE_ZEROES };
-                let Some(seq) = self.reserve(DescFields { op: opc, sector, len, submit_ns: now, ..Default::default() }, &[], nowait) else {
+                let opc = if matches!(op, Op::Discard { .. }) {
+                    OP_DISCARD
+                } else {
+                    OP_WRITE_ZEROES
+                };
+                let Some(seq) = self.reserve(
+                    DescFields {
+                        op: opc,
+                        sector,
+                        len,
+                        submit_ns: now,
+                        ..Default::default()
+                    },
+                    &[],
+                    nowait,
+                ) else {
                     return false;
                 };
                 self.producer.complete(seq, true);
@@ -440,7 +543,11 @@ impl Source {
         let sector = self.rng.below(sectors - len + 1);
         let len = (len * 512) as u32;
         match self.rng.below(100) {
-            0..=74 => Op::Write { sector, len, ok: true },
+            0..=74 => Op::Write {
+                sector,
+                len,
+                ok: true,
+            },
             75..=84 => Op::Flush,
             85..=90 => Op::Discard { sector, len },
             91..=95 => Op::Zeroes { sector, len },
@@ -477,7 +584,14 @@ pub struct RawClient {
 
 impl RawClient {
     /// Connects as `cert` (dir, name) and says hello for `volume`.
-    pub fn connect(env: &Env, addr: &str, cert: (&str, &str), volume: &str, generation: [u8; 16], oldest_seq: u64) -> Result<Self, String> {
+    pub fn connect(
+        env: &Env,
+        addr: &str,
+        cert: (&str, &str),
+        volume: &str,
+        generation: [u8; 16],
+        oldest_seq: u64,
+    ) -> Result<Self, String> {
         use replica_proto::msg::{Hello, Message};
         let tls = replicad::config::TlsConfig {
             ca: env.path("pki/ca.pem"),
@@ -486,10 +600,13 @@ impl RawClient {
         };
         let cfg = replicad::tls::client_config(&tls).map_err(|e| e.to_string())?;
         let sock = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-        let name = rustls_pki_types::ServerName::try_from(TARGET_CN.to_owned()).map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::try_from(TARGET_CN.to_owned())
+            .map_err(|e| e.to_string())?;
         let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
-        let mut link = replicad::link::Link::new(sock, rustls::Connection::Client(conn)).map_err(|e| e.to_string())?;
-        link.handshake(Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        let mut link = replicad::link::Link::new(sock, rustls::Connection::Client(conn))
+            .map_err(|e| e.to_string())?;
+        link.handshake(Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
         let src_rand = replica_proto::keys::random16().map_err(|e| e.to_string())?;
         link.send(&Message::Hello(Hello {
             protocol: replica_proto::msg::PROTOCOL_VERSION,
@@ -523,21 +640,51 @@ impl RawClient {
             if Instant::now() > deadline {
                 return Err("no welcome".into());
             }
-            link.pump(Duration::from_millis(50), None).map_err(|e| e.to_string())?;
+            link.pump(Duration::from_millis(50), None)
+                .map_err(|e| e.to_string())?;
         }
     }
 
     /// Seals records `first..` (a write of `data` at sector 0 for each
     /// even sequence, a flush for each odd one) under this stream's key from
     /// `keys` with master key `key_id`, as the next segment.
-    pub fn seal(&mut self, keys: &replica_proto::keys::KeyRing, key_id: u32, first: u64, n: u64, data: &[u8]) -> Vec<u8> {
+    pub fn seal(
+        &mut self,
+        keys: &replica_proto::keys::KeyRing,
+        key_id: u32,
+        first: u64,
+        n: u64,
+        data: &[u8],
+    ) -> Vec<u8> {
         use replica_proto::frame;
         let mut plain = Vec::new();
         for seq in first..first + n {
             if seq % 2 == 0 {
-                frame::encode_record_parts(&mut plain, seq, frame::ring_op::WRITE, 0, 0, 0, data.len() as u32, 0, 0, data);
+                frame::encode_record_parts(
+                    &mut plain,
+                    seq,
+                    frame::ring_op::WRITE,
+                    0,
+                    0,
+                    0,
+                    data.len() as u32,
+                    0,
+                    0,
+                    data,
+                );
             } else {
-                frame::encode_record_parts(&mut plain, seq, frame::ring_op::FLUSH, 0, 0, 0, 0, 0, 0, &[]);
+                frame::encode_record_parts(
+                    &mut plain,
+                    seq,
+                    frame::ring_op::FLUSH,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    &[],
+                );
             }
         }
         let ctx = replica_proto::keys::StreamContext {
@@ -572,7 +719,8 @@ impl RawClient {
     pub fn send_frame(&mut self, f: Vec<u8>) -> Result<replica_proto::msg::Ack, String> {
         use replica_proto::msg::Message;
         // A damaged frame covers nothing: only an error answers it.
-        let covers = replica_proto::frame::SegmentHeader::decode(&f).map_or(u64::MAX, |(h, _)| h.last_seq);
+        let covers =
+            replica_proto::frame::SegmentHeader::decode(&f).map_or(u64::MAX, |(h, _)| h.last_seq);
         // Acks that answered earlier frames are stale now.
         let _ = self.link.pump(Duration::ZERO, None);
         while let Ok(Some(Message::Ack(_))) = self.link.recv() {}

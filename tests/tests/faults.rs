@@ -21,7 +21,10 @@ fn keys(env: &Env) -> KeyRing {
 }
 
 fn replica_is_zero(st: &std::path::Path, vol: &str) -> bool {
-    std::fs::read(st.join(format!("{vol}.img"))).expect("replica").iter().all(|&b| b == 0)
+    std::fs::read(st.join(format!("{vol}.img")))
+        .expect("replica")
+        .iter()
+        .all(|&b| b == 0)
 }
 
 #[test]
@@ -29,7 +32,8 @@ fn flipped_byte_is_rejected_nothing_applied_and_the_stream_can_resume() {
     let env = Env::new();
     let (t, addr, st) = target(&env, &[("v", SIZE)]);
     let kr = keys(&env);
-    let mut c = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [5; 16], 1).expect("connect");
+    let mut c =
+        RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [5; 16], 1).expect("connect");
     let mut f = c.seal(&kr, 1, 1, 4, &[0xAB; 4096]);
     // A bit flipped in the ciphertext (the header has its own checksum too).
     let mid = replica_proto::frame::HEADER_LEN + (f.len() - replica_proto::frame::HEADER_LEN) / 2;
@@ -39,14 +43,20 @@ fn flipped_byte_is_rejected_nothing_applied_and_the_stream_can_resume() {
     let s = target_state(&st, "v");
     assert_eq!(s.applied_seq, 0);
     assert!(s.points.is_empty());
-    assert!(s.critical.is_none(), "a damaged frame is recoverable: the source resends");
+    assert!(
+        s.critical.is_none(),
+        "a damaged frame is recoverable: the source resends"
+    );
     assert!(replica_is_zero(&st, "v"));
     // The source reconnects and sends the intact frame: it applies.
-    let mut c = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [5; 16], 1).expect("reconnect");
+    let mut c =
+        RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [5; 16], 1).expect("reconnect");
     let f = c.seal(&kr, 1, 1, 4, &[0xAB; 4096]);
     let ack = c.send_frame(f).expect("intact frame");
     assert_eq!(ack.durable_seq, 4);
-    wait_for(Duration::from_secs(10), "apply", || target_state(&st, "v").applied_seq == 4);
+    wait_for(Duration::from_secs(10), "apply", || {
+        target_state(&st, "v").applied_seq == 4
+    });
     assert!(!replica_is_zero(&st, "v"));
     drop(t);
 }
@@ -59,7 +69,9 @@ fn segment_replayed_from_another_stream_is_rejected() {
     let mut a = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [5; 16], 1).expect("a");
     let first = a.seal(&kr, 1, 1, 2, &[1; 4096]);
     a.send_frame(first).expect("first segment");
-    wait_for(Duration::from_secs(10), "apply", || target_state(&st, "v").applied_seq == 2);
+    wait_for(Duration::from_secs(10), "apply", || {
+        target_state(&st, "v").applied_seq == 2
+    });
     // Sealed on stream A, never sent there...
     let captured = a.seal(&kr, 1, 3, 2, &[2; 4096]);
     drop(a);
@@ -68,11 +80,18 @@ fn segment_replayed_from_another_stream_is_rejected() {
     assert_eq!(b.welcome.durable_seq, 2);
     let e = b.send_bad_frame(captured).expect("replay must be refused");
     assert!(e.starts_with("wrong-stream"), "{e}");
-    wait_for(Duration::from_secs(10), "state", || target_state(&st, "v").critical.is_some());
+    wait_for(Duration::from_secs(10), "state", || {
+        target_state(&st, "v").critical.is_some()
+    });
     let s = target_state(&st, "v");
-    assert_eq!(s.applied_seq, 2, "records 3..=4 of the replay must not be applied");
+    assert_eq!(
+        s.applied_seq, 2,
+        "records 3..=4 of the replay must not be applied"
+    );
     // A Critical volume refuses further streams with a clear reason.
-    let e = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [5; 16], 1).err().expect("refused");
+    let e = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [5; 16], 1)
+        .err()
+        .expect("refused");
     assert!(e.starts_with("critical"), "{e}");
 }
 
@@ -86,7 +105,9 @@ fn segment_replayed_onto_another_volume_is_rejected() {
     let mut b = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "w", [6; 16], 1).expect("b");
     // Same stream id would be needed to pass the stream check; the volume
     // tag is checked first and names the mismatch.
-    let e = b.send_bad_frame(for_v).expect("misrouted segment must be refused");
+    let e = b
+        .send_bad_frame(for_v)
+        .expect("misrouted segment must be refused");
     assert!(e.starts_with("wrong-volume"), "{e}");
     assert_eq!(target_state(&st, "w").applied_seq, 0);
     assert!(replica_is_zero(&st, "w"));
@@ -101,7 +122,9 @@ fn replayed_counter_within_a_stream_is_rejected() {
     let mut a = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [5; 16], 1).expect("a");
     let f = a.seal(&kr, 1, 1, 2, &[1; 4096]);
     a.send_frame(f.clone()).expect("first");
-    wait_for(Duration::from_secs(10), "apply", || target_state(&st, "v").applied_seq == 2);
+    wait_for(Duration::from_secs(10), "apply", || {
+        target_state(&st, "v").applied_seq == 2
+    });
     let e = a.send_bad_frame(f).expect("same frame twice on one stream");
     assert!(e.starts_with("replay"), "{e}");
     assert_eq!(target_state(&st, "v").applied_seq, 2);
@@ -119,11 +142,18 @@ fn unknown_key_id_in_a_segment_makes_the_volume_critical() {
     let f = a.seal(&other, other.active(), 1, 2, &[1; 4096]);
     let e = a.send_bad_frame(f).expect("unknown key");
     assert!(e.starts_with("unknown-key"), "{e}");
-    wait_for(Duration::from_secs(10), "Critical", || target_state(&st, "v").critical.is_some());
+    wait_for(Duration::from_secs(10), "Critical", || {
+        target_state(&st, "v").critical.is_some()
+    });
     assert!(replica_is_zero(&st, "v"));
 }
 
-fn source_with(env: &Env, addr: &str, cert: (&str, &str), keys: &std::path::Path) -> (Daemon, Source) {
+fn source_with(
+    env: &Env,
+    addr: &str,
+    cert: (&str, &str),
+    keys: &std::path::Path,
+) -> (Daemon, Source) {
     let ring = env.path("ring");
     let mut src = Source::create(&ring, SIZE as usize, 64, 64, 1);
     for _ in 0..10 {
@@ -132,8 +162,21 @@ fn source_with(env: &Env, addr: &str, cert: (&str, &str), keys: &std::path::Path
     }
     src.apply(&Op::Flush);
     let sst = env.path("sstate");
-    let cfg = env.source_config("source.toml", "v", SIZE, &ring, addr, &sst, cert, keys, "[retry]\nschedule_secs = [0.05]\n");
-    (Daemon::start("source", &cfg, &sst, &env.path("source.log")), src)
+    let cfg = env.source_config(
+        "source.toml",
+        "v",
+        SIZE,
+        &ring,
+        addr,
+        &sst,
+        cert,
+        keys,
+        "[retry]\nschedule_secs = [0.05]\n",
+    );
+    (
+        Daemon::start("source", &cfg, &sst, &env.path("source.log")),
+        src,
+    )
 }
 
 #[test]
@@ -142,15 +185,34 @@ fn wrong_data_key_is_critical_on_both_sides_and_nothing_applies() {
     let (t, addr, st) = target(&env, &[("v", SIZE)]);
     // Same key id, different secret.
     let wrong = env.path("wrong-keys.toml");
-    KeyRing::generate().expect("kr").save(&wrong, false).expect("save");
+    KeyRing::generate()
+        .expect("kr")
+        .save(&wrong, false)
+        .expect("save");
     let (mut s, _src) = source_with(&env, &addr, ("pki", SOURCE_CN), &wrong);
     let code = s.wait_exit(Duration::from_secs(30));
-    assert_eq!(code, Some(3), "source must stop as Critical:\n{}", s.log_text());
+    assert_eq!(
+        code,
+        Some(3),
+        "source must stop as Critical:\n{}",
+        s.log_text()
+    );
     let status = s.status("v").expect("status");
     assert_eq!(status.health, replicad::status::Health::Critical);
-    assert!(status.reasons.iter().any(|r| r.contains("authentication")), "{:?}", status.reasons);
+    assert!(
+        status.reasons.iter().any(|r| r.contains("authentication")),
+        "{:?}",
+        status.reasons
+    );
     let ts = target_state(&st, "v");
-    assert!(ts.critical.as_deref().is_some_and(|c| c.contains("authentication")), "{:?}\n{}", ts.critical, t.log_text());
+    assert!(
+        ts.critical
+            .as_deref()
+            .is_some_and(|c| c.contains("authentication")),
+        "{:?}\n{}",
+        ts.critical,
+        t.log_text()
+    );
     assert_eq!(ts.applied_seq, 0);
     assert!(replica_is_zero(&st, "v"));
 }
@@ -160,11 +222,23 @@ fn certificate_from_another_ca_is_refused() {
     let env = Env::new();
     let (_t, addr, st) = target(&env, &[("v", SIZE)]);
     let (mut s, _src) = source_with(&env, &addr, ("foreign", SOURCE_CN), &env.path("keys.toml"));
-    assert_eq!(s.wait_exit(Duration::from_secs(30)), Some(3), "{}", s.log_text());
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(30)),
+        Some(3),
+        "{}",
+        s.log_text()
+    );
     let status = s.status("v").expect("status");
-    assert!(status.reasons.iter().any(|r| r.contains("certificate")), "{:?}", status.reasons);
+    assert!(
+        status.reasons.iter().any(|r| r.contains("certificate")),
+        "{:?}",
+        status.reasons
+    );
     let ts = target_state(&st, "v");
-    assert!(ts.critical.is_none(), "an unauthenticated caller must not change the volume");
+    assert!(
+        ts.critical.is_none(),
+        "an unauthenticated caller must not change the volume"
+    );
     assert_eq!(ts.applied_seq, 0);
     assert!(replica_is_zero(&st, "v"));
 }
@@ -174,11 +248,23 @@ fn certificate_not_authorized_for_the_volume_is_refused() {
     let env = Env::new();
     let (_t, addr, st) = target(&env, &[("v", SIZE)]);
     let (mut s, _src) = source_with(&env, &addr, ("pki", "intruder"), &env.path("keys.toml"));
-    assert_eq!(s.wait_exit(Duration::from_secs(30)), Some(3), "{}", s.log_text());
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(30)),
+        Some(3),
+        "{}",
+        s.log_text()
+    );
     let status = s.status("v").expect("status");
-    assert!(status.reasons.iter().any(|r| r.contains("not allowed")), "{:?}", status.reasons);
+    assert!(
+        status.reasons.iter().any(|r| r.contains("not allowed")),
+        "{:?}",
+        status.reasons
+    );
     let ts = target_state(&st, "v");
-    assert!(ts.critical.is_none(), "an unauthorised caller must not change the volume");
+    assert!(
+        ts.critical.is_none(),
+        "an unauthorised caller must not change the volume"
+    );
     assert!(replica_is_zero(&st, "v"));
 }
 
@@ -186,20 +272,42 @@ fn certificate_not_authorized_for_the_volume_is_refused() {
 fn malformed_config_names_the_bad_key() {
     let env = Env::new();
     let st = env.path("tstate");
-    let cfg = env.target_config("target.toml", &st, &[("v", SIZE)], 4, "journal_fille_bytes = 5");
-    let out = std::process::Command::new(replicad_bin()).args(["check", "target", "--config"]).arg(&cfg).output().expect("run");
+    let cfg = env.target_config(
+        "target.toml",
+        &st,
+        &[("v", SIZE)],
+        4,
+        "journal_fille_bytes = 5",
+    );
+    let out = std::process::Command::new(replicad_bin())
+        .args(["check", "target", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("journal_fille_bytes"), "{err}");
     // The daemon itself refuses to start the same way.
-    let out = std::process::Command::new(replicad_bin()).args(["target", "--config"]).arg(&cfg).output().expect("run");
+    let out = std::process::Command::new(replicad_bin())
+        .args(["target", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("journal_fille_bytes"));
     // A key file readable by others is refused with the reason.
     let good = env.target_config("good.toml", &st, &[("v", SIZE)], 4, "");
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(env.path("keys.toml"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let out = std::process::Command::new(replicad_bin()).args(["target", "--config"]).arg(&good).output().expect("run");
+    std::fs::set_permissions(
+        env.path("keys.toml"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    let out = std::process::Command::new(replicad_bin())
+        .args(["target", "--config"])
+        .arg(&good)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
 }

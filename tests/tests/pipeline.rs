@@ -32,25 +32,46 @@ fn pair(size: usize, seed: u64, segment_max: usize) -> Pair {
         &sstate,
         ("pki", SOURCE_CN),
         &env.path("keys.toml"),
-        &format!("[segment]\nmax_bytes = {segment_max}\n[retry]\nschedule_secs = [0.05, 0.1, 0.2]\n"),
+        &format!(
+            "[segment]\nmax_bytes = {segment_max}\n[retry]\nschedule_secs = [0.05, 0.1, 0.2]\n"
+        ),
     );
     let source = Daemon::start("source", &scfg, &sstate, &env.path("source.log"));
-    Pair { env, target, source, src, tstate }
+    Pair {
+        env,
+        target,
+        source,
+        src,
+        tstate,
+    }
 }
 
 impl Pair {
     fn wait_applied(&self, seq: u64) {
-        wait_for(Duration::from_secs(60), &format!("target to apply up to {seq}"), || {
-            let st = target_state(&self.tstate, VOL);
-            assert!(st.critical.is_none(), "target went Critical: {:?}\n{}", st.critical, self.target.log_text());
-            st.applied_seq >= seq
-        });
+        wait_for(
+            Duration::from_secs(60),
+            &format!("target to apply up to {seq}"),
+            || {
+                let st = target_state(&self.tstate, VOL);
+                assert!(
+                    st.critical.is_none(),
+                    "target went Critical: {:?}\n{}",
+                    st.critical,
+                    self.target.log_text()
+                );
+                st.applied_seq >= seq
+            },
+        );
     }
 
     fn check_replica(&self) {
         let got = std::fs::read(self.tstate.join(format!("{VOL}.img"))).expect("replica");
         if let Some(off) = first_difference(&got, &self.src.image, &self.src.masked) {
-            panic!("replica differs from the source at byte {off}\nsource log:\n{}\ntarget log:\n{}", self.source.log_text(), self.target.log_text());
+            panic!(
+                "replica differs from the source at byte {off}\nsource log:\n{}\ntarget log:\n{}",
+                self.source.log_text(),
+                self.target.log_text()
+            );
         }
     }
 
@@ -58,10 +79,17 @@ impl Pair {
         let st = target_state(&self.tstate, VOL);
         let mut checked = 0;
         for p in &st.points {
-            let (want, mask) = self.src.points.get(&p.seq).unwrap_or_else(|| panic!("point at {} is not a flush or marker", p.seq));
+            let (want, mask) = self
+                .src
+                .points
+                .get(&p.seq)
+                .unwrap_or_else(|| panic!("point at {} is not a flush or marker", p.seq));
             let got = std::fs::read(point_image(&self.tstate, VOL, p.id)).expect("point image");
             if let Some(off) = first_difference(&got, want, mask) {
-                panic!("recovery point {} differs from the source as of that flush at byte {off}", p.seq);
+                panic!(
+                    "recovery point {} differs from the source as of that flush at byte {off}",
+                    p.seq
+                );
             }
             checked += 1;
         }
@@ -99,15 +127,33 @@ proptest! {
 #[test]
 fn failed_writes_are_never_shipped_and_are_reported() {
     let mut p = pair(1 << 20, 7, 1 << 20);
-    p.src.apply(&Op::Write { sector: 0, len: 8192, ok: true });
-    p.src.apply(&Op::Write { sector: 8, len: 4096, ok: false });
-    p.src.apply(&Op::Write { sector: 64, len: 4096, ok: true });
+    p.src.apply(&Op::Write {
+        sector: 0,
+        len: 8192,
+        ok: true,
+    });
+    p.src.apply(&Op::Write {
+        sector: 8,
+        len: 4096,
+        ok: false,
+    });
+    p.src.apply(&Op::Write {
+        sector: 64,
+        len: 4096,
+        ok: true,
+    });
     p.src.apply(&Op::Flush);
     p.wait_applied(p.src.last_seq);
     p.check_replica();
-    wait_for(Duration::from_secs(10), "source to report the failed write", || {
-        p.source.status(VOL).is_some_and(|s| s.failed_records == 1 && s.reasons.iter().any(|r| r.contains("sector 8")))
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "source to report the failed write",
+        || {
+            p.source.status(VOL).is_some_and(|s| {
+                s.failed_records == 1 && s.reasons.iter().any(|r| r.contains("sector 8"))
+            })
+        },
+    );
     p.source.stop();
     p.target.stop();
 }

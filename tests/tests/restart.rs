@@ -25,11 +25,26 @@ fn rig(seed: u64, tstate: Option<PathBuf>, keep_points: usize, target_extra: &st
     let env = Env::new();
     let tstate = tstate.unwrap_or_else(|| env.path("tstate"));
     let sstate = env.path("sstate");
-    let tcfg = env.target_config("target.toml", &tstate, &[(VOL, SIZE as u64)], keep_points, target_extra);
+    let tcfg = env.target_config(
+        "target.toml",
+        &tstate,
+        &[(VOL, SIZE as u64)],
+        keep_points,
+        target_extra,
+    );
     let (target, addr) = Daemon::start_target(&tcfg, &tstate, &env.path("target.log"));
     // 16 MiB of ring: enough for what is written while a daemon is down.
     let src = Source::create(&env.path("ring"), SIZE, 4096, 4096, seed);
-    let mut r = Rig { env, tstate, sstate, tcfg, addr, target, source: None, src };
+    let mut r = Rig {
+        env,
+        tstate,
+        sstate,
+        tcfg,
+        addr,
+        target,
+        source: None,
+        src,
+    };
     r.start_source(64 << 10);
     r
 }
@@ -47,14 +62,22 @@ impl Rig {
             &self.env.path("keys.toml"),
             &format!("[segment]\nmax_bytes = {segment_max}\n[retry]\nschedule_secs = [0.02, 0.05, 0.1]\n"),
         );
-        self.source = Some(Daemon::start("source", &cfg, &self.sstate, &self.env.path("source.log")));
+        self.source = Some(Daemon::start(
+            "source",
+            &cfg,
+            &self.sstate,
+            &self.env.path("source.log"),
+        ));
     }
 
     fn restart_target(&mut self) {
         // Same address: the source's config names it.
-        let cfg = std::fs::read_to_string(&self.tcfg).expect("cfg").replace("127.0.0.1:0", &self.addr);
+        let cfg = std::fs::read_to_string(&self.tcfg)
+            .expect("cfg")
+            .replace("127.0.0.1:0", &self.addr);
         std::fs::write(&self.tcfg, cfg).expect("cfg");
-        let (t, addr) = Daemon::start_target(&self.tcfg, &self.tstate, &self.env.path("target.log"));
+        let (t, addr) =
+            Daemon::start_target(&self.tcfg, &self.tstate, &self.env.path("target.log"));
         assert_eq!(addr, self.addr);
         self.target = t;
     }
@@ -62,18 +85,30 @@ impl Rig {
     fn logs(&self) -> String {
         format!(
             "--- source log\n{}\n--- target log\n{}",
-            self.source.as_ref().map(|s| s.log_text()).unwrap_or_default(),
+            self.source
+                .as_ref()
+                .map(|s| s.log_text())
+                .unwrap_or_default(),
             self.target.log_text()
         )
     }
 
     fn drain_and_check(&self) {
         let last = self.src.last_seq;
-        wait_for(Duration::from_secs(90), &format!("target to apply up to {last}"), || {
-            let st = target_state(&self.tstate, VOL);
-            assert!(st.critical.is_none(), "Critical: {:?}\n{}", st.critical, self.logs());
-            st.applied_seq >= last
-        });
+        wait_for(
+            Duration::from_secs(90),
+            &format!("target to apply up to {last}"),
+            || {
+                let st = target_state(&self.tstate, VOL);
+                assert!(
+                    st.critical.is_none(),
+                    "Critical: {:?}\n{}",
+                    st.critical,
+                    self.logs()
+                );
+                st.applied_seq >= last
+            },
+        );
         let got = std::fs::read(self.tstate.join(format!("{VOL}.img"))).expect("replica");
         if let Some(off) = first_difference(&got, &self.src.image, &self.src.masked) {
             panic!("replica differs at byte {off}\n{}", self.logs());
@@ -82,7 +117,11 @@ impl Rig {
         for p in &st.points {
             let (want, mask) = &self.src.points[&p.seq];
             let got = std::fs::read(point_image(&self.tstate, VOL, p.id)).expect("point");
-            assert!(first_difference(&got, want, mask).is_none(), "point {} differs", p.seq);
+            assert!(
+                first_difference(&got, want, mask).is_none(),
+                "point {} differs",
+                p.seq
+            );
         }
     }
 
@@ -110,14 +149,23 @@ impl Rig {
 fn journal_nonces(tstate: &Path) -> Vec<([u8; 16], u32, u64)> {
     let dir = tstate.join("volumes").join(VOL).join("journal");
     let mut out = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("journal").map(|e| e.expect("entry").path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("journal")
+        .map(|e| e.expect("entry").path())
+        .collect();
     files.sort();
     for f in files {
         let b = std::fs::read(&f).expect("read");
         let mut off = 0;
         while off < b.len() {
-            let h = replica_proto::frame::check(&b[off..off + replica_proto::frame::SegmentHeader::decode(&b[off..]).expect("header").0.frame_len()])
-                .expect("frame");
+            let h = replica_proto::frame::check(
+                &b[off..off
+                    + replica_proto::frame::SegmentHeader::decode(&b[off..])
+                        .expect("header")
+                        .0
+                        .frame_len()],
+            )
+            .expect("frame");
             out.push((h.stream_id, h.key_id, h.counter));
             off += h.frame_len();
         }
@@ -143,12 +191,25 @@ fn source_restart_rebatches_without_loss_duplicates_or_nonce_reuse() {
     // Every record applied exactly once (the target did not restart, so its
     // counter covers the whole run).
     let st = r.target.status(VOL).expect("target status");
-    assert_eq!(st.applied_records, r.src.last_seq, "records applied != records produced\n{}", r.logs());
+    assert_eq!(
+        st.applied_records,
+        r.src.last_seq,
+        "records applied != records produced\n{}",
+        r.logs()
+    );
     let nonces = journal_nonces(&r.tstate);
     let uniq: HashSet<_> = nonces.iter().collect();
-    assert_eq!(uniq.len(), nonces.len(), "a (stream key, nonce) pair was used twice");
+    assert_eq!(
+        uniq.len(),
+        nonces.len(),
+        "a (stream key, nonce) pair was used twice"
+    );
     let streams: HashSet<_> = nonces.iter().map(|n| n.0).collect();
-    assert!(streams.len() >= 3, "each source start must use a fresh stream id: {}", streams.len());
+    assert!(
+        streams.len() >= 3,
+        "each source start must use a fresh stream id: {}",
+        streams.len()
+    );
 }
 
 #[test]
@@ -182,11 +243,17 @@ fn target_disk_full_is_retried_and_recovers_without_corruption() {
         .arg(mnt.path())
         .status()
         .expect("run mount");
-    assert!(status.success(), "this test needs root to mount a size-limited tmpfs");
+    assert!(
+        status.success(),
+        "this test needs root to mount a size-limited tmpfs"
+    );
     struct Unmount(PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _guard = Unmount(mnt.path().to_owned());
@@ -195,7 +262,9 @@ fn target_disk_full_is_retried_and_recovers_without_corruption() {
     let mut r = rig(5, Some(tstate.clone()), 2, "journal_file_bytes = 262144");
     r.write(100);
     r.src.apply(&Op::Flush);
-    wait_for(Duration::from_secs(30), "first segments applied", || target_state(&tstate, VOL).applied_seq > 0);
+    wait_for(Duration::from_secs(30), "first segments applied", || {
+        target_state(&tstate, VOL).applied_seq > 0
+    });
     // Fill the disk.
     let filler = mnt.path().join("filler");
     let _ = std::process::Command::new("dd")
@@ -204,12 +273,28 @@ fn target_disk_full_is_retried_and_recovers_without_corruption() {
         .stderr(std::process::Stdio::null())
         .status();
     r.write_while_down(300);
-    wait_for(Duration::from_secs(30), "target to report the full disk", || {
-        r.target.status(VOL).is_some_and(|s| s.health == replicad::status::Health::Warning && s.reasons.iter().any(|x| x.contains("No space") || x.contains("full")))
-            || r.source.as_ref().and_then(|s| s.status(VOL)).is_some_and(|s| s.reasons.iter().any(|x| x.contains("No space")))
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "target to report the full disk",
+        || {
+            r.target.status(VOL).is_some_and(|s| {
+                s.health == replicad::status::Health::Warning
+                    && s.reasons
+                        .iter()
+                        .any(|x| x.contains("No space") || x.contains("full"))
+            }) || r
+                .source
+                .as_ref()
+                .and_then(|s| s.status(VOL))
+                .is_some_and(|s| s.reasons.iter().any(|x| x.contains("No space")))
+        },
+    );
     let st = target_state(&tstate, VOL);
-    assert!(st.critical.is_none(), "a full disk is recoverable: {:?}", st.critical);
+    assert!(
+        st.critical.is_none(),
+        "a full disk is recoverable: {:?}",
+        st.critical
+    );
     // Space comes back: replication resumes by itself.
     std::fs::remove_file(&filler).expect("remove filler");
     r.src.apply(&Op::Flush);

@@ -182,14 +182,18 @@ impl SegmentHeader {
         if h.features & !FEATURES_KNOWN != 0 {
             return Err(FrameError::Unsupported("unknown feature bits"));
         }
-        if h.plain_len > MAX_PLAIN_LEN || h.cipher_len as usize > MAX_PLAIN_LEN as usize + 4096 + TAG_LEN {
+        if h.plain_len > MAX_PLAIN_LEN
+            || h.cipher_len as usize > MAX_PLAIN_LEN as usize + 4096 + TAG_LEN
+        {
             return Err(FrameError::Corrupt("length out of bounds"));
         }
         if (h.cipher_len as usize) < TAG_LEN {
             return Err(FrameError::Corrupt("ciphertext shorter than its tag"));
         }
         if h.last_seq < h.first_seq || h.last_seq - h.first_seq + 1 != u64::from(h.record_count) {
-            return Err(FrameError::Corrupt("sequence range does not match the record count"));
+            return Err(FrameError::Corrupt(
+                "sequence range does not match the record count",
+            ));
         }
         Ok((h, u32_at(128)))
     }
@@ -225,7 +229,18 @@ pub struct WireRecord {
 
 /// Appends a record to a plaintext buffer.
 pub fn encode_record(out: &mut Vec<u8>, r: &WireRecord) {
-    encode_record_parts(out, r.seq, r.op, r.flags, r.volume, r.sector, r.len, r.submit_ns, r.aux, &r.data);
+    encode_record_parts(
+        out,
+        r.seq,
+        r.op,
+        r.flags,
+        r.volume,
+        r.sector,
+        r.len,
+        r.submit_ns,
+        r.aux,
+        &r.data,
+    );
 }
 
 /// Appends a record to a plaintext buffer from its parts (no payload copy
@@ -263,7 +278,9 @@ pub fn decode_records(h: &SegmentHeader, plain: &[u8]) -> Result<Vec<WireRecord>
     let mut p = 0usize;
     let mut expect = h.first_seq;
     while p < plain.len() {
-        let rh = plain.get(p..p + RECORD_HEADER_LEN).ok_or(FrameError::Records("truncated record header"))?;
+        let rh = plain
+            .get(p..p + RECORD_HEADER_LEN)
+            .ok_or(FrameError::Records("truncated record header"))?;
         let u64_at = |o: usize| {
             let mut a = [0u8; 8];
             a.copy_from_slice(&rh[o..o + 8]);
@@ -287,13 +304,28 @@ pub fn decode_records(h: &SegmentHeader, plain: &[u8]) -> Result<Vec<WireRecord>
             ring_op::DISCARD | ring_op::WRITE_ZEROES => 0,
             _ => return Err(FrameError::Records("unknown record op")),
         };
-        let data = plain.get(p..p + dlen).ok_or(FrameError::Records("truncated payload"))?.to_vec();
+        let data = plain
+            .get(p..p + dlen)
+            .ok_or(FrameError::Records("truncated payload"))?
+            .to_vec();
         p += dlen;
-        out.push(WireRecord { seq, op, flags, volume, sector, len, submit_ns, aux, data });
+        out.push(WireRecord {
+            seq,
+            op,
+            flags,
+            volume,
+            sector,
+            len,
+            submit_ns,
+            aux,
+            data,
+        });
         expect = expect.wrapping_add(1);
     }
     if out.len() != h.record_count as usize {
-        return Err(FrameError::Records("record count does not match the header"));
+        return Err(FrameError::Records(
+            "record count does not match the header",
+        ));
     }
     Ok(out)
 }
@@ -315,11 +347,17 @@ pub mod ring_op {
 
 /// Compresses and seals a plaintext into a frame. `h.plain_len`,
 /// `cipher_len` and `features` are filled in here.
-pub fn seal(mut h: SegmentHeader, plain: &[u8], zstd_level: i32, key: &StreamKey) -> Result<Vec<u8>, FrameError> {
+pub fn seal(
+    mut h: SegmentHeader,
+    plain: &[u8],
+    zstd_level: i32,
+    key: &StreamKey,
+) -> Result<Vec<u8>, FrameError> {
     if plain.len() > MAX_PLAIN_LEN as usize {
         return Err(FrameError::Records("segment too large"));
     }
-    let mut body = zstd::bulk::compress(plain, zstd_level).map_err(|e| FrameError::Decompress(e.to_string()))?;
+    let mut body = zstd::bulk::compress(plain, zstd_level)
+        .map_err(|e| FrameError::Decompress(e.to_string()))?;
     body.reserve(TAG_LEN);
     h.features = FEATURE_ZSTD;
     h.key_id = key.key_id();
@@ -327,7 +365,8 @@ pub fn seal(mut h: SegmentHeader, plain: &[u8], zstd_level: i32, key: &StreamKey
     h.cipher_len = (body.len() + TAG_LEN) as u32;
     h.zstd_level = zstd_level.clamp(i8::MIN as i32, i8::MAX as i32) as i8;
     let aad = h.aad();
-    key.seal(h.counter, &aad, &mut body).map_err(|_| FrameError::Authentication)?;
+    key.seal(h.counter, &aad, &mut body)
+        .map_err(|_| FrameError::Authentication)?;
     let mut hdr = h.encode_without_crc(crc32c::crc32c(&body));
     let hcrc = crc32c::crc32c(&hdr[..132]);
     hdr[132..136].copy_from_slice(&hcrc.to_le_bytes());
@@ -341,7 +380,9 @@ pub fn seal(mut h: SegmentHeader, plain: &[u8], zstd_level: i32, key: &StreamKey
 pub fn check(frame: &[u8]) -> Result<SegmentHeader, FrameError> {
     let (h, pcrc) = SegmentHeader::decode(frame)?;
     if frame.len() != h.frame_len() {
-        return Err(FrameError::Corrupt("frame length does not match the header"));
+        return Err(FrameError::Corrupt(
+            "frame length does not match the header",
+        ));
     }
     if crc32c::crc32c(&frame[HEADER_LEN..]) != pcrc {
         return Err(FrameError::Corrupt("payload checksum mismatch"));
@@ -352,11 +393,16 @@ pub fn check(frame: &[u8]) -> Result<SegmentHeader, FrameError> {
 /// Authenticates, decrypts and decompresses a frame checked by [`check`].
 pub fn open(h: &SegmentHeader, frame: &[u8], key: &StreamKey) -> Result<Vec<u8>, FrameError> {
     let mut body = frame[HEADER_LEN..].to_vec();
-    let n = key.open(h.counter, &h.aad(), &mut body).map_err(|_| FrameError::Authentication)?;
+    let n = key
+        .open(h.counter, &h.aad(), &mut body)
+        .map_err(|_| FrameError::Authentication)?;
     body.truncate(n);
-    let plain = zstd::bulk::decompress(&body, h.plain_len as usize).map_err(|e| FrameError::Decompress(e.to_string()))?;
+    let plain = zstd::bulk::decompress(&body, h.plain_len as usize)
+        .map_err(|e| FrameError::Decompress(e.to_string()))?;
     if plain.len() != h.plain_len as usize {
-        return Err(FrameError::Records("plaintext length does not match the header"));
+        return Err(FrameError::Records(
+            "plaintext length does not match the header",
+        ));
     }
     Ok(plain)
 }
@@ -367,15 +413,50 @@ mod tests {
     use crate::keys::{Direction, KeyRing, StreamContext};
 
     fn key(kr: &KeyRing, stream: u8, vol: &str) -> StreamKey {
-        let ctx = StreamContext { stream_id: [stream; 16], volume: vol, direction: Direction::Forward, epoch: 1 };
+        let ctx = StreamContext {
+            stream_id: [stream; 16],
+            volume: vol,
+            direction: Direction::Forward,
+            epoch: 1,
+        };
         StreamKey::derive(kr, kr.active(), &ctx).expect("derive")
     }
 
     fn sample() -> (SegmentHeader, Vec<u8>) {
         let recs = [
-            WireRecord { seq: 10, op: ring_op::WRITE, flags: 0, volume: 0, sector: 8, len: 4096, submit_ns: 1, aux: 0, data: vec![7; 4096] },
-            WireRecord { seq: 11, op: ring_op::FLUSH, flags: 0, volume: 0, sector: 0, len: 0, submit_ns: 2, aux: 0, data: vec![] },
-            WireRecord { seq: 12, op: OP_SKIPPED, flags: 0, volume: 1, sector: 16, len: 512, submit_ns: 3, aux: 0, data: vec![] },
+            WireRecord {
+                seq: 10,
+                op: ring_op::WRITE,
+                flags: 0,
+                volume: 0,
+                sector: 8,
+                len: 4096,
+                submit_ns: 1,
+                aux: 0,
+                data: vec![7; 4096],
+            },
+            WireRecord {
+                seq: 11,
+                op: ring_op::FLUSH,
+                flags: 0,
+                volume: 0,
+                sector: 0,
+                len: 0,
+                submit_ns: 2,
+                aux: 0,
+                data: vec![],
+            },
+            WireRecord {
+                seq: 12,
+                op: OP_SKIPPED,
+                flags: 0,
+                volume: 1,
+                sector: 16,
+                len: 512,
+                submit_ns: 3,
+                aux: 0,
+                data: vec![],
+            },
         ];
         let mut plain = Vec::new();
         for r in &recs {
@@ -435,9 +516,18 @@ mod tests {
         let (h, plain) = sample();
         let frame = seal(h, &plain, 1, &key(&kr, 1, "vol")).expect("seal");
         let hh = check(&frame).expect("checksums are fine");
-        assert_eq!(open(&hh, &frame, &key(&kr, 2, "vol")), Err(FrameError::Authentication));
-        assert_eq!(open(&hh, &frame, &key(&kr, 1, "other")), Err(FrameError::Authentication));
+        assert_eq!(
+            open(&hh, &frame, &key(&kr, 2, "vol")),
+            Err(FrameError::Authentication)
+        );
+        assert_eq!(
+            open(&hh, &frame, &key(&kr, 1, "other")),
+            Err(FrameError::Authentication)
+        );
         let other = KeyRing::generate().expect("kr2");
-        assert_eq!(open(&hh, &frame, &key(&other, 1, "vol")), Err(FrameError::Authentication));
+        assert_eq!(
+            open(&hh, &frame, &key(&other, 1, "vol")),
+            Err(FrameError::Authentication)
+        );
     }
 }

@@ -51,7 +51,9 @@ pub enum KeyError {
         message: String,
     },
     /// The key file can be read by others.
-    #[error("key file {path} has mode {mode:o}; it must not be readable by group or others (chmod 600)")]
+    #[error(
+        "key file {path} has mode {mode:o}; it must not be readable by group or others (chmod 600)"
+    )]
     Permissions {
         /// The file.
         path: PathBuf,
@@ -97,21 +99,33 @@ pub struct KeyRing {
 
 impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyRing").field("active", &self.active).field("ids", &self.ids()).finish()
+        f.debug_struct("KeyRing")
+            .field("active", &self.active)
+            .field("ids", &self.ids())
+            .finish()
     }
 }
 
 impl KeyRing {
     /// Loads and checks a keyring file.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let io = |source| KeyError::Io { path: path.to_owned(), source };
+        let io = |source| KeyError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let meta = std::fs::metadata(path).map_err(io)?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(KeyError::Permissions { path: path.to_owned(), mode });
+            return Err(KeyError::Permissions {
+                path: path.to_owned(),
+                mode,
+            });
         }
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
-        Self::parse(&text).map_err(|message| KeyError::Parse { path: path.to_owned(), message })
+        Self::parse(&text).map_err(|message| KeyError::Parse {
+            path: path.to_owned(),
+            message,
+        })
     }
 
     /// Parses keyring text.
@@ -130,7 +144,10 @@ impl KeyRing {
         if !keys.contains_key(&file.active) {
             return Err(format!("active key id {} is not in the file", file.active));
         }
-        Ok(Self { active: file.active, keys })
+        Ok(Self {
+            active: file.active,
+            keys,
+        })
     }
 
     /// The id of the key that seals new segments.
@@ -144,7 +161,10 @@ impl KeyRing {
     }
 
     fn master(&self, id: u32) -> Result<&[u8; 32], KeyError> {
-        self.keys.get(&id).map(|k| &**k).ok_or(KeyError::UnknownKey(id))
+        self.keys
+            .get(&id)
+            .map(|k| &**k)
+            .ok_or(KeyError::UnknownKey(id))
     }
 
     /// Serialises the keyring (secrets included).
@@ -154,14 +174,20 @@ impl KeyRing {
             self.active
         ));
         for (id, k) in &self.keys {
-            s.push_str(&format!("\n[[key]]\nid = {id}\nsecret = \"{}\"\n", hex::encode(&k[..])));
+            s.push_str(&format!(
+                "\n[[key]]\nid = {id}\nsecret = \"{}\"\n",
+                hex::encode(&k[..])
+            ));
         }
         s
     }
 
     /// A new keyring holding one random key with id 1.
     pub fn generate() -> Result<Self, KeyError> {
-        let mut kr = Self { active: 0, keys: BTreeMap::new() };
+        let mut kr = Self {
+            active: 0,
+            keys: BTreeMap::new(),
+        };
         kr.rotate()?;
         Ok(kr)
     }
@@ -170,7 +196,9 @@ impl KeyRing {
     /// previous keys stay accepted. Returns the new id.
     pub fn rotate(&mut self) -> Result<u32, KeyError> {
         let mut k = Zeroizing::new([0u8; 32]);
-        SystemRandom::new().fill(&mut k[..]).map_err(|_| KeyError::Random)?;
+        SystemRandom::new()
+            .fill(&mut k[..])
+            .map_err(|_| KeyError::Random)?;
         let id = self.keys.keys().next_back().map_or(1, |m| m + 1);
         self.keys.insert(id, k);
         self.active = id;
@@ -180,13 +208,24 @@ impl KeyRing {
     /// Writes the keyring to `path` with mode 0600 (atomically, via a
     /// temporary file). Refuses to overwrite unless `overwrite`.
     pub fn save(&self, path: &Path, overwrite: bool) -> Result<(), KeyError> {
-        let io = |source| KeyError::Io { path: path.to_owned(), source };
+        let io = |source| KeyError::Io {
+            path: path.to_owned(),
+            source,
+        };
         if !overwrite && path.exists() {
-            return Err(io(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "refusing to overwrite")));
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "refusing to overwrite",
+            )));
         }
         let tmp = path.with_extension("tmp");
         let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
         f.write_all(self.to_toml().as_bytes()).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)?;
@@ -215,7 +254,9 @@ pub struct StreamKey {
 
 impl std::fmt::Debug for StreamKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamKey").field("key_id", &self.key_id).finish_non_exhaustive()
+        f.debug_struct("StreamKey")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -231,8 +272,17 @@ impl StreamKey {
         let dir = [ctx.direction as u8];
         let epoch = ctx.epoch.to_le_bytes();
         let kid = key_id.to_le_bytes();
-        let info: [&[u8]; 6] = [KDF_LABEL, &vol_len, ctx.volume.as_bytes(), &dir, &epoch, &kid];
-        let okm = prk.expand(&info, &aead::AES_256_GCM).map_err(|_| KeyError::UnknownKey(key_id))?;
+        let info: [&[u8]; 6] = [
+            KDF_LABEL,
+            &vol_len,
+            ctx.volume.as_bytes(),
+            &dir,
+            &epoch,
+            &kid,
+        ];
+        let okm = prk
+            .expand(&info, &aead::AES_256_GCM)
+            .map_err(|_| KeyError::UnknownKey(key_id))?;
         // The derived key material lives only inside ring's key schedule;
         // `UnboundKey::from(okm)` never exposes it.
         let key = aead::LessSafeKey::new(aead::UnboundKey::from(okm));
@@ -245,14 +295,27 @@ impl StreamKey {
     }
 
     /// Encrypts `buf` in place and appends the tag.
-    pub fn seal(&self, counter: u64, aad: &[u8], buf: &mut Vec<u8>) -> Result<(), ring::error::Unspecified> {
-        self.key.seal_in_place_append_tag(nonce(counter), aead::Aad::from(aad), buf)
+    pub fn seal(
+        &self,
+        counter: u64,
+        aad: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ring::error::Unspecified> {
+        self.key
+            .seal_in_place_append_tag(nonce(counter), aead::Aad::from(aad), buf)
     }
 
     /// Decrypts `buf` (ciphertext + tag) in place; returns the plaintext
     /// length on success.
-    pub fn open(&self, counter: u64, aad: &[u8], buf: &mut [u8]) -> Result<usize, ring::error::Unspecified> {
-        self.key.open_in_place(nonce(counter), aead::Aad::from(aad), buf).map(|p| p.len())
+    pub fn open(
+        &self,
+        counter: u64,
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<usize, ring::error::Unspecified> {
+        self.key
+            .open_in_place(nonce(counter), aead::Aad::from(aad), buf)
+            .map(|p| p.len())
     }
 }
 
@@ -265,7 +328,9 @@ fn nonce(counter: u64) -> aead::Nonce {
 /// 16 random bytes.
 pub fn random16() -> Result<[u8; 16], KeyError> {
     let mut b = [0u8; 16];
-    SystemRandom::new().fill(&mut b).map_err(|_| KeyError::Random)?;
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| KeyError::Random)?;
     Ok(b)
 }
 
@@ -307,16 +372,25 @@ mod tests {
 
     #[test]
     fn bad_keyrings_are_rejected_with_the_reason() {
-        assert!(KeyRing::parse("active = 1\n[[key]]\nid = 1\nsecret = \"zz\"\n").unwrap_err().contains("64 hex"));
+        assert!(
+            KeyRing::parse("active = 1\n[[key]]\nid = 1\nsecret = \"zz\"\n")
+                .expect_err("must fail")
+                .contains("64 hex")
+        );
         assert!(KeyRing::parse("active = 2\n[[key]]\nid = 1\nsecret = \"00\"\n").is_err());
-        let e = KeyRing::parse("active = 1\nsecrets = 3\n").unwrap_err();
+        let e = KeyRing::parse("active = 1\nsecrets = 3\n").expect_err("must fail");
         assert!(e.contains("secrets"), "{e}");
     }
 
     #[test]
     fn derived_keys_differ_by_every_input() {
         let kr = KeyRing::generate().expect("generate");
-        let base = StreamContext { stream_id: [1; 16], volume: "v", direction: Direction::Forward, epoch: 1 };
+        let base = StreamContext {
+            stream_id: [1; 16],
+            volume: "v",
+            direction: Direction::Forward,
+            epoch: 1,
+        };
         let seal = |ctx: &StreamContext<'_>| {
             let k = StreamKey::derive(&kr, 1, ctx).expect("derive");
             let mut b = b"same plaintext".to_vec();
@@ -325,9 +399,27 @@ mod tests {
         };
         let a = seal(&base);
         assert_eq!(a, seal(&base));
-        assert_ne!(a, seal(&StreamContext { stream_id: [2; 16], ..base }));
-        assert_ne!(a, seal(&StreamContext { volume: "w", ..base }));
-        assert_ne!(a, seal(&StreamContext { direction: Direction::Reverse, ..base }));
+        assert_ne!(
+            a,
+            seal(&StreamContext {
+                stream_id: [2; 16],
+                ..base
+            })
+        );
+        assert_ne!(
+            a,
+            seal(&StreamContext {
+                volume: "w",
+                ..base
+            })
+        );
+        assert_ne!(
+            a,
+            seal(&StreamContext {
+                direction: Direction::Reverse,
+                ..base
+            })
+        );
         assert_ne!(a, seal(&StreamContext { epoch: 2, ..base }));
     }
 
@@ -335,11 +427,23 @@ mod tests {
     fn key_file_permissions_are_enforced() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("keys.toml");
-        KeyRing::generate().expect("gen").save(&p, false).expect("save");
-        assert_eq!(std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600);
+        KeyRing::generate()
+            .expect("gen")
+            .save(&p, false)
+            .expect("save");
+        assert_eq!(
+            std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
         KeyRing::load(&p).expect("load 0600");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        assert!(matches!(KeyRing::load(&p), Err(KeyError::Permissions { .. })));
-        assert!(KeyRing::generate().expect("gen").save(&p, false).is_err(), "must not overwrite");
+        assert!(matches!(
+            KeyRing::load(&p),
+            Err(KeyError::Permissions { .. })
+        ));
+        assert!(
+            KeyRing::generate().expect("gen").save(&p, false).is_err(),
+            "must not overwrite"
+        );
     }
 }

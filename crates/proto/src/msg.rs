@@ -186,7 +186,10 @@ impl Message {
                 a.copy_from_slice(&body[..8]);
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&body[8..]);
-                Message::Ack(Ack { durable_seq: u64::from_le_bytes(a), applied_seq: u64::from_le_bytes(b) })
+                Message::Ack(Ack {
+                    durable_seq: u64::from_le_bytes(a),
+                    applied_seq: u64::from_le_bytes(b),
+                })
             }
             _ => Message::Error(serde_json::from_slice(body)?),
         };
@@ -201,8 +204,15 @@ mod tests {
     #[test]
     fn round_trip_and_partial_input() {
         let msgs = vec![
-            Message::Ack(Ack { durable_seq: 7, applied_seq: 5 }),
-            Message::Error(ErrorMsg { class: ErrorClass::Fatal, code: "gap".into(), message: "x".into() }),
+            Message::Ack(Ack {
+                durable_seq: 7,
+                applied_seq: 5,
+            }),
+            Message::Error(ErrorMsg {
+                class: ErrorClass::Fatal,
+                code: "gap".into(),
+                message: "x".into(),
+            }),
             Message::Segment(vec![1, 2, 3]),
         ];
         let mut buf = Vec::new();

@@ -249,7 +249,7 @@ pub const fn granules_for(len: u32) -> u64 {
 pub const fn page_align(x: u64) -> u64 {
     match x.checked_add(PAGE_SIZE - 1) {
         Some(v) => v & !(PAGE_SIZE - 1),
-        None => u64::MAX & !(PAGE_SIZE - 1),
+        None => !(PAGE_SIZE - 1),
     }
 }
 
@@ -291,7 +291,13 @@ pub const fn geometry(desc_count: u64, data_granules: u64) -> Option<RingGeometr
         Some(v) => v,
         None => return None,
     };
-    Some(RingGeometry { desc_count, data_granules, desc_offset, data_offset, total_size })
+    Some(RingGeometry {
+        desc_count,
+        data_granules,
+        desc_offset,
+        data_offset,
+        total_size,
+    })
 }
 
 /// Where a payload of `need` granules goes, given the producer's data head
@@ -300,7 +306,12 @@ pub const fn geometry(desc_count: u64, data_granules: u64) -> Option<RingGeometr
 /// if it would, it starts at the next lap and the skipped granules are
 /// padding.
 #[inline]
-pub const fn reserve_data(head: u64, tail: u64, data_granules: u64, need: u64) -> Option<(u64, u64)> {
+pub const fn reserve_data(
+    head: u64,
+    tail: u64,
+    data_granules: u64,
+    need: u64,
+) -> Option<(u64, u64)> {
     if need > data_granules {
         return None;
     }
@@ -403,8 +414,23 @@ pub struct BitmapArg {
 }
 
 /// Attach to a group's ring.
-pub const IOC_ATTACH: u32 = ioc(IOC_READ | IOC_WRITE, IOC_TYPE, 1, core::mem::size_of::<AttachArg>() as u32);
+pub const IOC_ATTACH: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    IOC_TYPE,
+    1,
+    core::mem::size_of::<AttachArg>() as u32,
+);
 /// Release consumed records.
-pub const IOC_RELEASE: u32 = ioc(IOC_WRITE, IOC_TYPE, 2, core::mem::size_of::<ReleaseArg>() as u32);
+pub const IOC_RELEASE: u32 = ioc(
+    IOC_WRITE,
+    IOC_TYPE,
+    2,
+    core::mem::size_of::<ReleaseArg>() as u32,
+);
 /// Read and clear the dirty bitmap.
-pub const IOC_BITMAP: u32 = ioc(IOC_READ | IOC_WRITE, IOC_TYPE, 3, core::mem::size_of::<BitmapArg>() as u32);
+pub const IOC_BITMAP: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    IOC_TYPE,
+    3,
+    core::mem::size_of::<BitmapArg>() as u32,
+);

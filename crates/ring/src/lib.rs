@@ -136,10 +136,18 @@ impl<R: Release> Consumer<R> {
         let cons = h.cons_seq.load(Ordering::Acquire);
         let tail = h.data_tail.load(Ordering::Acquire);
         let prod = h.prod_seq.load(Ordering::Acquire);
-        if !ring_abi::release_is_valid(cons, prod, prod) || ring_abi::records_live(prod, cons) > map.geometry().desc_count {
+        if !ring_abi::release_is_valid(cons, prod, prod)
+            || ring_abi::records_live(prod, cons) > map.geometry().desc_count
+        {
             return Err(RingError::Corrupt("consumer index ahead of producer"));
         }
-        Ok(Self { map, releaser, next: cons, released: cons, tail_after_next: tail })
+        Ok(Self {
+            map,
+            releaser,
+            next: cons,
+            released: cons,
+            tail_after_next: tail,
+        })
     }
 
     /// The mapping.
@@ -190,7 +198,11 @@ impl<R: Release> Consumer<R> {
         let desc = self.map.read_desc(seq);
         self.validate(&desc)?;
         let rec = Record { seq, desc };
-        Ok(if state == ring_abi::STATE_COMMITTED { Peek::Committed(rec) } else { Peek::Failed(rec) })
+        Ok(if state == ring_abi::STATE_COMMITTED {
+            Peek::Committed(rec)
+        } else {
+            Peek::Failed(rec)
+        })
     }
 
     fn validate(&self, d: &DescFields) -> Result<(), RingError> {
@@ -207,10 +219,14 @@ impl<R: Release> Consumer<R> {
             _ => return Err(RingError::Corrupt("unknown record operation")),
         };
         if u64::from(d.granules) != want_granules {
-            return Err(RingError::Corrupt("payload granules do not match the length"));
+            return Err(RingError::Corrupt(
+                "payload granules do not match the length",
+            ));
         }
         if u64::from(d.len) % ring_abi::SECTOR_SIZE != 0 {
-            return Err(RingError::Corrupt("length not a multiple of the sector size"));
+            return Err(RingError::Corrupt(
+                "length not a multiple of the sector size",
+            ));
         }
         // The payload must start at or after the end of the previous record,
         // at most one padding lap away, and not cross the end of the ring.
@@ -220,7 +236,9 @@ impl<R: Release> Consumer<R> {
         }
         let off = d.data_pos & (g.data_granules - 1);
         if off + want_granules > g.data_granules {
-            return Err(RingError::Corrupt("payload crosses the end of the data ring"));
+            return Err(RingError::Corrupt(
+                "payload crosses the end of the data ring",
+            ));
         }
         Ok(())
     }
@@ -323,7 +341,12 @@ impl Producer {
             .ok_or(RingError::BadHeader("counts must be powers of two"))?;
         let (mut map, _file) = Mapping::create_file(path, geometry)?;
         map.init_header(params.generation, params.first_seq, params.first_granule);
-        Ok(Self { map, next_seq: params.first_seq, head: params.first_granule, geometry })
+        Ok(Self {
+            map,
+            next_seq: params.first_seq,
+            head: params.first_granule,
+            geometry,
+        })
     }
 
     /// Reattaches to an existing ring file (e.g. a restarted test producer).
@@ -333,7 +356,12 @@ impl Producer {
         let next_seq = h.prod_seq.load(Ordering::Acquire);
         let head = h.data_head.load(Ordering::Acquire);
         let geometry = map.geometry();
-        Ok(Self { map, next_seq, head, geometry })
+        Ok(Self {
+            map,
+            next_seq,
+            head,
+            geometry,
+        })
     }
 
     /// The generation id.
@@ -348,7 +376,10 @@ impl Producer {
 
     /// Records reserved and not yet released by the consumer.
     pub fn live(&self) -> u64 {
-        ring_abi::records_live(self.next_seq, self.map.header().cons_seq.load(Ordering::Acquire))
+        ring_abi::records_live(
+            self.next_seq,
+            self.map.header().cons_seq.load(Ordering::Acquire),
+        )
     }
 
     /// Sets or clears ring flags.
@@ -368,8 +399,9 @@ impl Producer {
         }
         let need = ring_abi::granules_for(payload.len() as u32);
         let tail = h.data_tail.load(Ordering::Acquire);
-        let (pos, new_head) = ring_abi::reserve_data(self.head, tail, self.geometry.data_granules, need)
-            .ok_or(RingError::Full)?;
+        let (pos, new_head) =
+            ring_abi::reserve_data(self.head, tail, self.geometry.data_granules, need)
+                .ok_or(RingError::Full)?;
         fields.data_pos = pos;
         fields.granules = need as u32;
         let seq = self.next_seq;
@@ -379,10 +411,14 @@ impl Producer {
             // Zero the rest of the last granule so stale bytes never linger.
             let rem = payload.len() as u64 % GRANULE_SIZE;
             if rem != 0 {
-                self.map.zero_data(pos, payload.len(), (GRANULE_SIZE - rem) as usize)?;
+                self.map
+                    .zero_data(pos, payload.len(), (GRANULE_SIZE - rem) as usize)?;
             }
         }
-        self.map.stamp(seq).store(ring_abi::stamp(seq, ring_abi::STATE_PENDING), Ordering::Release);
+        self.map.stamp(seq).store(
+            ring_abi::stamp(seq, ring_abi::STATE_PENDING),
+            Ordering::Release,
+        );
         self.next_seq = seq.wrapping_add(1);
         self.head = new_head;
         h.data_head.store(new_head, Ordering::Release);
@@ -392,7 +428,13 @@ impl Producer {
 
     /// Marks a reserved record COMMITTED (`ok`) or FAILED.
     pub fn complete(&self, seq: u64, ok: bool) {
-        let state = if ok { ring_abi::STATE_COMMITTED } else { ring_abi::STATE_FAILED };
-        self.map.stamp(seq).store(ring_abi::stamp(seq, state), Ordering::Release);
+        let state = if ok {
+            ring_abi::STATE_COMMITTED
+        } else {
+            ring_abi::STATE_FAILED
+        };
+        self.map
+            .stamp(seq)
+            .store(ring_abi::stamp(seq, state), Ordering::Release);
     }
 }

@@ -67,34 +67,63 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 fn map_fd(fd: i32, len: usize, writable: bool) -> Result<NonNull<u8>, RingError> {
-    let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
     // SAFETY: a fresh shared mapping of `len` bytes of an open file descriptor
     // at a kernel-chosen address; no existing memory is affected.
     let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
     if p == libc::MAP_FAILED {
-        return Err(RingError::Io { what: "mmap ring", source: std::io::Error::last_os_error() });
+        return Err(RingError::Io {
+            what: "mmap ring",
+            source: std::io::Error::last_os_error(),
+        });
     }
-    NonNull::new(p.cast::<u8>())
-        .ok_or(RingError::Io { what: "mmap ring", source: std::io::Error::other("null mapping") })
+    NonNull::new(p.cast::<u8>()).ok_or(RingError::Io {
+        what: "mmap ring",
+        source: std::io::Error::other("null mapping"),
+    })
 }
 
 impl Mapping {
     /// Creates a ring file of the given geometry and maps it read-write. The
     /// header is initialised by [`crate::Producer`].
-    pub(crate) fn create_file(path: &Path, geometry: RingGeometry) -> Result<(Self, File), RingError> {
+    pub(crate) fn create_file(
+        path: &Path,
+        geometry: RingGeometry,
+    ) -> Result<(Self, File), RingError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(path)
-            .map_err(|source| RingError::Io { what: "create ring file", source })?;
+            .map_err(|source| RingError::Io {
+                what: "create ring file",
+                source,
+            })?;
         file.set_len(geometry.total_size)
-            .map_err(|source| RingError::Io { what: "size ring file", source })?;
-        let len = usize::try_from(geometry.total_size).map_err(|_| RingError::BadHeader("ring too large"))?;
+            .map_err(|source| RingError::Io {
+                what: "size ring file",
+                source,
+            })?;
+        let len = usize::try_from(geometry.total_size)
+            .map_err(|_| RingError::BadHeader("ring too large"))?;
         let ptr = map_fd(file.as_raw_fd(), len, true)?;
         // INVARIANT: the file was sized to the geometry just computed.
-        Ok((Self { ptr, len, writable: true, geometry, generation: [0; 16], first_seq: 0 }, file))
+        Ok((
+            Self {
+                ptr,
+                len,
+                writable: true,
+                geometry,
+                generation: [0; 16],
+                first_seq: 0,
+            },
+            file,
+        ))
     }
 
     /// Maps an existing ring file and validates its header.
@@ -103,8 +132,17 @@ impl Mapping {
             .read(true)
             .write(writable)
             .open(path)
-            .map_err(|source| RingError::Io { what: "open ring file", source })?;
-        let size = file.metadata().map_err(|source| RingError::Io { what: "stat ring file", source })?.len();
+            .map_err(|source| RingError::Io {
+                what: "open ring file",
+                source,
+            })?;
+        let size = file
+            .metadata()
+            .map_err(|source| RingError::Io {
+                what: "stat ring file",
+                source,
+            })?
+            .len();
         Self::from_fd(file.as_raw_fd(), size, writable)
     }
 
@@ -120,14 +158,29 @@ impl Mapping {
             ptr,
             len,
             writable,
-            geometry: RingGeometry { desc_count: 0, data_granules: 0, desc_offset: 0, data_offset: 0, total_size: 0 },
+            geometry: RingGeometry {
+                desc_count: 0,
+                data_granules: 0,
+                desc_offset: 0,
+                data_offset: 0,
+                total_size: 0,
+            },
             generation: [0; 16],
             first_seq: 0,
         };
         // SAFETY: the mapping is at least HEADER_SIZE bytes and page aligned,
         // so a RingHeader fits at offset 0; the fields read here are written
         // once before the ring is shared and never change afterwards.
-        let (magic, version, desc_count, data_granules, desc_offset, data_offset, generation, first_seq) = unsafe {
+        let (
+            magic,
+            version,
+            desc_count,
+            data_granules,
+            desc_offset,
+            data_offset,
+            generation,
+            first_seq,
+        ) = unsafe {
             let h = m.ptr.as_ptr().cast::<RingHeader>();
             (
                 std::ptr::addr_of!((*h).magic).read_volatile(),
@@ -146,7 +199,8 @@ impl Mapping {
         if version != ring_abi::RING_ABI_VERSION {
             return Err(RingError::Version(version));
         }
-        let geometry = ring_abi::geometry(desc_count, data_granules).ok_or(RingError::BadHeader("bad ring geometry"))?;
+        let geometry = ring_abi::geometry(desc_count, data_granules)
+            .ok_or(RingError::BadHeader("bad ring geometry"))?;
         if geometry.desc_offset != desc_offset || geometry.data_offset != data_offset {
             return Err(RingError::BadHeader("unexpected area offsets"));
         }
@@ -198,10 +252,18 @@ impl Mapping {
             std::ptr::addr_of_mut!((*h).data_offset).write_volatile(g.data_offset);
             std::ptr::addr_of_mut!((*h).first_seq).write_volatile(first_seq);
         }
-        self.header().prod_seq.store(first_seq, std::sync::atomic::Ordering::Release);
-        self.header().cons_seq.store(first_seq, std::sync::atomic::Ordering::Release);
-        self.header().data_head.store(first_granule, std::sync::atomic::Ordering::Release);
-        self.header().data_tail.store(first_granule, std::sync::atomic::Ordering::Release);
+        self.header()
+            .prod_seq
+            .store(first_seq, std::sync::atomic::Ordering::Release);
+        self.header()
+            .cons_seq
+            .store(first_seq, std::sync::atomic::Ordering::Release);
+        self.header()
+            .data_head
+            .store(first_granule, std::sync::atomic::Ordering::Release);
+        self.header()
+            .data_tail
+            .store(first_granule, std::sync::atomic::Ordering::Release);
         // Stamps of a fresh ring must not match any sequence the first lap
         // will use: stamp 0 is "seq 0, no state", and state 0 is never
         // published, so an all-zero slot reads as "not yet published".
@@ -218,7 +280,8 @@ impl Mapping {
     }
 
     fn desc_ptr(&self, seq: u64) -> *mut RecordDesc {
-        let off = ring_abi::desc_byte_offset(self.geometry.desc_offset, seq, self.geometry.desc_count);
+        let off =
+            ring_abi::desc_byte_offset(self.geometry.desc_offset, seq, self.geometry.desc_count);
         debug_assert!(off + DESC_SIZE <= self.geometry.total_size);
         // SAFETY: by the invariant, every slot offset lies inside the mapping.
         unsafe { self.ptr.as_ptr().add(off as usize).cast::<RecordDesc>() }
@@ -280,10 +343,14 @@ impl Mapping {
     fn data_range(&self, pos: u64, len: usize) -> Result<usize, RingError> {
         let g = self.geometry;
         let off = ring_abi::data_byte_offset(g.data_offset, pos, g.data_granules);
-        let end = off.checked_add(len as u64).ok_or(RingError::Corrupt("payload offset overflow"))?;
+        let end = off
+            .checked_add(len as u64)
+            .ok_or(RingError::Corrupt("payload offset overflow"))?;
         // A payload never straddles the end of the data ring.
         if end > g.total_size || (len as u64) > g.data_granules * GRANULE_SIZE {
-            return Err(RingError::Corrupt("payload crosses the end of the data ring"));
+            return Err(RingError::Corrupt(
+                "payload crosses the end of the data ring",
+            ));
         }
         Ok(off as usize)
     }
@@ -294,7 +361,9 @@ impl Mapping {
         // SAFETY: `data_range` checked `[off, off + out.len())` lies inside the
         // mapping; the protocol keeps the payload stable until it is released;
         // `out` is a distinct, exclusively borrowed buffer.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), out.as_mut_ptr(), out.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), out.as_mut_ptr(), out.len())
+        };
         Ok(())
     }
 
@@ -316,7 +385,9 @@ impl Mapping {
         // SAFETY: `data_range` checked the range lies inside the writable
         // mapping; the granules were reserved by the producer and released by
         // the consumer, so nobody reads them until the record is published.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
+        };
         Ok(())
     }
 }

@@ -6,15 +6,28 @@ use replica_ring::{Consumer, DescFields, Peek, Producer, RingError, RingParams};
 use ring_abi::{OP_FLUSH, OP_WRITE};
 
 fn params(desc: u64, granules: u64, first_seq: u64, first_granule: u64) -> RingParams {
-    RingParams { desc_count: desc, data_granules: granules, generation: [7; 16], first_seq, first_granule }
+    RingParams {
+        desc_count: desc,
+        data_granules: granules,
+        generation: [7; 16],
+        first_seq,
+        first_granule,
+    }
 }
 
 fn write(sector: u64, len: u32) -> DescFields {
-    DescFields { op: OP_WRITE, sector, len, ..Default::default() }
+    DescFields {
+        op: OP_WRITE,
+        sector,
+        len,
+        ..Default::default()
+    }
 }
 
 fn pattern(seq: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (seq as usize).wrapping_mul(31).wrapping_add(i) as u8).collect()
+    (0..len)
+        .map(|i| (seq as usize).wrapping_mul(31).wrapping_add(i) as u8)
+        .collect()
 }
 
 fn setup(p: RingParams) -> (tempfile::TempDir, Producer, Consumer) {
@@ -44,14 +57,18 @@ fn wrap_around_pads_instead_of_splitting_a_payload() {
     // 8 granules: a 3-granule payload at offset 6 cannot fit before the end.
     let (_d, mut prod, mut cons) = setup(params(16, 8, 1, 0));
     for i in 0..2u64 {
-        let s = prod.reserve(write(i * 24, 3 * 4096), &pattern(1 + i, 3 * 4096)).expect("reserve");
+        let s = prod
+            .reserve(write(i * 24, 3 * 4096), &pattern(1 + i, 3 * 4096))
+            .expect("reserve");
         prod.complete(s, true);
     }
     take(&mut cons, 1, 3 * 4096);
     take(&mut cons, 2, 3 * 4096);
     cons.release(3).expect("release");
     // Head is at granule 6; a 3-granule payload must start at 8 (padding 6..8).
-    let s = prod.reserve(write(0, 3 * 4096), &pattern(3, 3 * 4096)).expect("reserve after wrap");
+    let s = prod
+        .reserve(write(0, 3 * 4096), &pattern(3, 3 * 4096))
+        .expect("reserve after wrap");
     prod.complete(s, true);
     match cons.peek().expect("peek") {
         Peek::Committed(r) => assert_eq!(r.desc.data_pos, 8, "payload must start at the next lap"),
@@ -61,8 +78,13 @@ fn wrap_around_pads_instead_of_splitting_a_payload() {
     cons.release(4).expect("release");
     // Padding was released with that record: 5 granules are free again
     // (8 - 3), so a 5-granule payload fits, a 6-granule one does not.
-    assert!(matches!(prod.reserve(write(0, 6 * 4096), &pattern(4, 6 * 4096)), Err(RingError::Full)));
-    let s = prod.reserve(write(0, 5 * 4096), &pattern(4, 5 * 4096)).expect("5 granules fit");
+    assert!(matches!(
+        prod.reserve(write(0, 6 * 4096), &pattern(4, 6 * 4096)),
+        Err(RingError::Full)
+    ));
+    let s = prod
+        .reserve(write(0, 5 * 4096), &pattern(4, 5 * 4096))
+        .expect("5 granules fit");
     prod.complete(s, true);
     take(&mut cons, 4, 5 * 4096);
 }
@@ -74,18 +96,41 @@ fn exactly_full_ring_accepts_the_last_record_and_refuses_one_more() {
     for i in 0..4 {
         prod.reserve(write(i, 512), &pattern(i, 512)).expect("fits");
     }
-    assert!(matches!(prod.reserve(DescFields { op: OP_FLUSH, ..Default::default() }, &[]), Err(RingError::Full)));
+    assert!(matches!(
+        prod.reserve(
+            DescFields {
+                op: OP_FLUSH,
+                ..Default::default()
+            },
+            &[]
+        ),
+        Err(RingError::Full)
+    ));
     // Data full to the last granule.
     let (_d, mut prod, mut cons) = setup(params(64, 4, 1, 0));
-    let s = prod.reserve(write(0, 4 * 4096), &pattern(1, 4 * 4096)).expect("exactly the data ring");
+    let s = prod
+        .reserve(write(0, 4 * 4096), &pattern(1, 4 * 4096))
+        .expect("exactly the data ring");
     prod.complete(s, true);
-    assert!(matches!(prod.reserve(write(0, 512), &pattern(2, 512)), Err(RingError::Full)));
+    assert!(matches!(
+        prod.reserve(write(0, 512), &pattern(2, 512)),
+        Err(RingError::Full)
+    ));
     // A data-less record still fits while the data ring is full.
-    let f = prod.reserve(DescFields { op: OP_FLUSH, ..Default::default() }, &[]).expect("flush needs no data");
+    let f = prod
+        .reserve(
+            DescFields {
+                op: OP_FLUSH,
+                ..Default::default()
+            },
+            &[],
+        )
+        .expect("flush needs no data");
     prod.complete(f, true);
     take(&mut cons, 1, 4 * 4096);
     cons.release(2).expect("release");
-    prod.reserve(write(0, 512), &pattern(3, 512)).expect("room again after release");
+    prod.reserve(write(0, 512), &pattern(3, 512))
+        .expect("room again after release");
 }
 
 #[test]
@@ -94,7 +139,11 @@ fn pending_record_blocks_the_consumer_and_later_records() {
     let a = prod.reserve(write(0, 4096), &pattern(1, 4096)).expect("a");
     let b = prod.reserve(write(8, 4096), &pattern(2, 4096)).expect("b");
     prod.complete(b, true); // completes out of order
-    assert_eq!(cons.peek().expect("peek"), Peek::Pending, "a is in flight: wait");
+    assert_eq!(
+        cons.peek().expect("peek"),
+        Peek::Pending,
+        "a is in flight: wait"
+    );
     assert_eq!(cons.next_seq(), a);
     prod.complete(a, true);
     take(&mut cons, 1, 4096);
@@ -125,14 +174,23 @@ fn failed_record_is_reported_and_skipped() {
 fn consumer_never_passes_the_producer() {
     let (_d, mut prod, mut cons) = setup(params(16, 16, 1, 0));
     assert_eq!(cons.peek().expect("peek"), Peek::Empty);
-    assert!(matches!(cons.release(2), Err(RingError::InvalidRelease(2))), "cannot release unseen records");
+    assert!(
+        matches!(cons.release(2), Err(RingError::InvalidRelease(2))),
+        "cannot release unseen records"
+    );
     let s = prod.reserve(write(0, 512), &pattern(1, 512)).expect("r");
-    assert!(matches!(cons.release(2), Err(RingError::InvalidRelease(2))), "cannot release before advancing");
+    assert!(
+        matches!(cons.release(2), Err(RingError::InvalidRelease(2))),
+        "cannot release before advancing"
+    );
     prod.complete(s, true);
     take(&mut cons, 1, 512);
     assert_eq!(cons.peek().expect("peek"), Peek::Empty);
     cons.release(2).expect("ok now");
-    assert!(matches!(cons.release(1), Err(RingError::InvalidRelease(1))), "cannot go backwards");
+    assert!(
+        matches!(cons.release(1), Err(RingError::InvalidRelease(1))),
+        "cannot go backwards"
+    );
 }
 
 #[test]
@@ -141,7 +199,9 @@ fn indices_wrap_at_two_to_the_64() {
     let (_d, mut prod, mut cons) = setup(params(4, 4, u64::MAX - 2, u64::MAX - 1));
     let mut expect = u64::MAX - 2;
     for round in 0..12u64 {
-        let s = prod.reserve(write(round, 4096), &pattern(expect, 4096)).expect("reserve");
+        let s = prod
+            .reserve(write(round, 4096), &pattern(expect, 4096))
+            .expect("reserve");
         assert_eq!(s, expect);
         prod.complete(s, true);
         take(&mut cons, expect, 4096);
@@ -158,13 +218,24 @@ fn corrupt_descriptor_is_an_error_not_a_crash() {
     let mut prod = Producer::create(&path, params(16, 16, 1, 0)).expect("create");
     // A descriptor with an unknown operation: the producer trusts its
     // caller, the consumer must not.
-    let s = prod.reserve(DescFields { op: 99, ..Default::default() }, &[]).expect("reserve");
+    let s = prod
+        .reserve(
+            DescFields {
+                op: 99,
+                ..Default::default()
+            },
+            &[],
+        )
+        .expect("reserve");
     prod.complete(s, true);
     let cons = Consumer::open_file(&path).expect("open");
     assert!(matches!(cons.peek(), Err(RingError::Corrupt(_))));
     // A file that is not a ring at all.
     std::fs::write(dir.path().join("junk"), vec![0u8; 8192]).expect("junk");
-    assert!(matches!(Consumer::open_file(&dir.path().join("junk")), Err(RingError::BadHeader(_))));
+    assert!(matches!(
+        Consumer::open_file(&dir.path().join("junk")),
+        Err(RingError::BadHeader(_))
+    ));
 }
 
 #[derive(Debug, Clone)]

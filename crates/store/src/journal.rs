@@ -69,26 +69,41 @@ fn list_files(dir: &Path) -> Result<Vec<u64>, StoreError> {
 
 /// Fsyncs a directory so a created or removed entry is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io("sync directory", dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io("sync directory", dir, e))
 }
 
 /// Reads the frame at `pos` (header and ciphertext).
 pub fn read_frame(dir: &Path, pos: &FramePos) -> Result<Vec<u8>, StoreError> {
     let path = dir.join(file_name(pos.file));
     let mut f = File::open(&path).map_err(|e| StoreError::io("open journal file", &path, e))?;
-    f.seek(SeekFrom::Start(pos.offset)).map_err(|e| StoreError::io("seek journal", &path, e))?;
+    f.seek(SeekFrom::Start(pos.offset))
+        .map_err(|e| StoreError::io("seek journal", &path, e))?;
     let mut buf = vec![0u8; pos.header.frame_len()];
-    f.read_exact(&mut buf).map_err(|e| StoreError::io("read journal", &path, e))?;
-    let h = frame::check(&buf).map_err(|e| StoreError::Corrupt { path: path.clone(), offset: pos.offset, why: e.to_string() })?;
+    f.read_exact(&mut buf)
+        .map_err(|e| StoreError::io("read journal", &path, e))?;
+    let h = frame::check(&buf).map_err(|e| StoreError::Corrupt {
+        path: path.clone(),
+        offset: pos.offset,
+        why: e.to_string(),
+    })?;
     if h != pos.header {
-        return Err(StoreError::Corrupt { path, offset: pos.offset, why: "frame changed on disk".into() });
+        return Err(StoreError::Corrupt {
+            path,
+            offset: pos.offset,
+            why: "frame changed on disk".into(),
+        });
     }
     Ok(buf)
 }
 
 fn scan_file(path: &Path, no: u64, frames: &mut Vec<FramePos>) -> Result<(u64, u64), StoreError> {
     let mut f = File::open(path).map_err(|e| StoreError::io("open journal file", path, e))?;
-    let len = f.metadata().map_err(|e| StoreError::io("stat journal file", path, e))?.len();
+    let len = f
+        .metadata()
+        .map_err(|e| StoreError::io("stat journal file", path, e))?
+        .len();
     let mut off = 0u64;
     let mut hdr = [0u8; HEADER_LEN];
     let mut buf = Vec::new();
@@ -111,7 +126,11 @@ fn scan_file(path: &Path, no: u64, frames: &mut Vec<FramePos>) -> Result<(u64, u
         match ok {
             Some(h) => {
                 let n = h.frame_len() as u64;
-                frames.push(FramePos { file: no, offset: off, header: h });
+                frames.push(FramePos {
+                    file: no,
+                    offset: off,
+                    header: h,
+                });
                 off += n;
             }
             None => return Ok((off, len)),
@@ -124,7 +143,8 @@ impl Journal {
     /// Opens (creating if needed) the journal in `dir`, scanning every file
     /// and truncating a torn tail of the newest one.
     pub fn open(dir: &Path, max_file_bytes: u64) -> Result<(Self, Scan), StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create journal directory", dir, e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::io("create journal directory", dir, e))?;
         let files = list_files(dir)?;
         let mut scan = Scan::default();
         let last = files.last().copied();
@@ -139,9 +159,14 @@ impl Journal {
                         why: "damaged frame in the middle of the journal".into(),
                     });
                 }
-                let f = OpenOptions::new().write(true).open(&path).map_err(|e| StoreError::io("open journal file", &path, e))?;
-                f.set_len(good).map_err(|e| StoreError::io("truncate torn journal tail", &path, e))?;
-                f.sync_all().map_err(|e| StoreError::io("sync journal", &path, e))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| StoreError::io("open journal file", &path, e))?;
+                f.set_len(good)
+                    .map_err(|e| StoreError::io("truncate torn journal tail", &path, e))?;
+                f.sync_all()
+                    .map_err(|e| StoreError::io("sync journal", &path, e))?;
                 scan.truncated_bytes = len - good;
                 tracing::warn!(file = %path.display(), offset = good, bytes = len - good, "journal: truncated a torn tail");
             }
@@ -153,11 +178,19 @@ impl Journal {
             .append(true)
             .open(&path)
             .map_err(|e| StoreError::io("open journal file", &path, e))?;
-        let current_len = current.metadata().map_err(|e| StoreError::io("stat journal", &path, e))?.len();
+        let current_len = current
+            .metadata()
+            .map_err(|e| StoreError::io("stat journal", &path, e))?
+            .len();
         if last.is_none() {
             sync_dir(dir)?;
         }
-        let durable_seq = scan.frames.iter().map(|f| f.header.last_seq).max().unwrap_or(0);
+        let durable_seq = scan
+            .frames
+            .iter()
+            .map(|f| f.header.last_seq)
+            .max()
+            .unwrap_or(0);
         let mut file_max = std::collections::BTreeMap::new();
         for no in &files {
             file_max.insert(*no, 0);
@@ -192,8 +225,13 @@ impl Journal {
     /// Appends a checked frame (not yet durable: call [`Self::sync`]). On
     /// failure (e.g. a full disk) the file is cut back so no partial frame
     /// remains.
-    pub fn append(&mut self, frame_bytes: &[u8], header: &SegmentHeader) -> Result<FramePos, StoreError> {
-        if self.current_len > 0 && self.current_len + frame_bytes.len() as u64 > self.max_file_bytes {
+    pub fn append(
+        &mut self,
+        frame_bytes: &[u8],
+        header: &SegmentHeader,
+    ) -> Result<FramePos, StoreError> {
+        if self.current_len > 0 && self.current_len + frame_bytes.len() as u64 > self.max_file_bytes
+        {
             self.rotate()?;
         }
         let path = self.dir.join(file_name(self.current_no));
@@ -202,7 +240,11 @@ impl Journal {
             let _ = self.current.set_len(self.current_len);
             return Err(StoreError::io("append to journal", &path, e));
         }
-        let pos = FramePos { file: self.current_no, offset: self.current_len, header: header.clone() };
+        let pos = FramePos {
+            file: self.current_no,
+            offset: self.current_len,
+            header: header.clone(),
+        };
         self.current_len += frame_bytes.len() as u64;
         self.pending_seq = self.pending_seq.max(header.last_seq);
         let m = self.file_max.entry(self.current_no).or_insert(0);
@@ -222,7 +264,9 @@ impl Journal {
 
     fn rotate(&mut self) -> Result<(), StoreError> {
         let old = self.dir.join(file_name(self.current_no));
-        self.current.sync_all().map_err(|e| StoreError::io("sync journal", &old, e))?;
+        self.current
+            .sync_all()
+            .map_err(|e| StoreError::io("sync journal", &old, e))?;
         let no = self.current_no + 1;
         let path = self.dir.join(file_name(no));
         self.current = OpenOptions::new()
@@ -282,8 +326,17 @@ mod tests {
 
     fn frame(first: u64, n: u32, counter: u64) -> (Vec<u8>, SegmentHeader) {
         let kr = KeyRing::generate().expect("kr");
-        let k = StreamKey::derive(&kr, 1, &StreamContext { stream_id: [1; 16], volume: "v", direction: Direction::Forward, epoch: 1 })
-            .expect("key");
+        let k = StreamKey::derive(
+            &kr,
+            1,
+            &StreamContext {
+                stream_id: [1; 16],
+                volume: "v",
+                direction: Direction::Forward,
+                epoch: 1,
+            },
+        )
+        .expect("key");
         let mut plain = Vec::new();
         for s in first..first + u64::from(n) {
             replica_proto::frame::encode_record_parts(&mut plain, s, 2, 0, 0, 0, 0, 0, 0, &[]);
@@ -354,6 +407,9 @@ mod tests {
         let mut b = std::fs::read(&first).expect("read");
         b[HEADER_LEN + 3] ^= 1;
         std::fs::write(&first, b).expect("write");
-        assert!(matches!(Journal::open(d.path(), 300), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            Journal::open(d.path(), 300),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 }

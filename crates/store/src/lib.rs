@@ -39,17 +39,27 @@ pub enum StoreError {
 impl StoreError {
     /// Wraps an OS error with context.
     pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io { what, path: path.to_owned(), source }
+        Self::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
     }
 
     /// Whether retrying later can succeed (full disk, out of memory,
     /// interrupted); everything else is non-recoverable.
     pub fn is_recoverable(&self) -> bool {
         match self {
-            StoreError::Io { source, .. } => matches!(
-                source.raw_os_error(),
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::ENOMEM) | Some(libc::EAGAIN) | Some(libc::EINTR)
-            ) || source.kind() == std::io::ErrorKind::StorageFull,
+            StoreError::Io { source, .. } => {
+                matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC)
+                        | Some(libc::EDQUOT)
+                        | Some(libc::ENOMEM)
+                        | Some(libc::EAGAIN)
+                        | Some(libc::EINTR)
+                ) || source.kind() == std::io::ErrorKind::StorageFull
+            }
             _ => false,
         }
     }

@@ -43,7 +43,9 @@ impl ApplyOp<'_> {
     fn range(&self) -> (u64, u64) {
         match self {
             ApplyOp::Write { offset, data } => (*offset, offset + data.len() as u64),
-            ApplyOp::Discard { offset, len } | ApplyOp::Zero { offset, len } => (*offset, offset + len),
+            ApplyOp::Discard { offset, len } | ApplyOp::Zero { offset, len } => {
+                (*offset, offset + len)
+            }
         }
     }
 }
@@ -89,18 +91,30 @@ impl FileReplica {
             .truncate(false)
             .open(path)
             .map_err(|e| StoreError::io("open replica", path, e))?;
-        let cur = file.metadata().map_err(|e| StoreError::io("stat replica", path, e))?.len();
+        let cur = file
+            .metadata()
+            .map_err(|e| StoreError::io("stat replica", path, e))?
+            .len();
         if cur == 0 {
-            file.set_len(size).map_err(|e| StoreError::io("size replica", path, e))?;
+            file.set_len(size)
+                .map_err(|e| StoreError::io("size replica", path, e))?;
         } else if cur != size {
             return Err(StoreError::Invalid(format!(
                 "replica {} is {cur} bytes but the volume is {size} bytes",
                 path.display()
             )));
         }
-        std::fs::create_dir_all(points_dir).map_err(|e| StoreError::io("create points directory", points_dir, e))?;
-        let ring = IoUring::new(QUEUE_DEPTH).map_err(|e| StoreError::io("create io_uring", path, e))?;
-        Ok(Self { path: path.to_owned(), points_dir: points_dir.to_owned(), file, size, ring })
+        std::fs::create_dir_all(points_dir)
+            .map_err(|e| StoreError::io("create points directory", points_dir, e))?;
+        let ring =
+            IoUring::new(QUEUE_DEPTH).map_err(|e| StoreError::io("create io_uring", path, e))?;
+        Ok(Self {
+            path: path.to_owned(),
+            points_dir: points_dir.to_owned(),
+            file,
+            size,
+            ring,
+        })
     }
 
     fn submit_batch(&mut self, batch: &[&ApplyOp<'_>]) -> Result<(), StoreError> {
@@ -111,7 +125,9 @@ impl FileReplica {
         for (i, op) in batch.iter().enumerate() {
             let entry = match op {
                 ApplyOp::Write { offset, data } => {
-                    opcode::Write::new(fd, data.as_ptr(), data.len() as u32).offset(*offset).build()
+                    opcode::Write::new(fd, data.as_ptr(), data.len() as u32)
+                        .offset(*offset)
+                        .build()
                 }
                 ApplyOp::Discard { offset, len } | ApplyOp::Zero { offset, len } => {
                     opcode::Fallocate::new(fd, *len)
@@ -139,9 +155,15 @@ impl FileReplica {
         let mut results = vec![i32::MIN; batch.len()];
         let mut seen = 0;
         while seen < batch.len() {
-            let cqes: Vec<_> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+            let cqes: Vec<_> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
             if cqes.is_empty() {
-                self.ring.submit_and_wait(1).map_err(|e| StoreError::io("io_uring wait", &self.path, e))?;
+                self.ring
+                    .submit_and_wait(1)
+                    .map_err(|e| StoreError::io("io_uring wait", &self.path, e))?;
                 continue;
             }
             for (ud, res) in cqes {
@@ -153,7 +175,11 @@ impl FileReplica {
         }
         for (op, res) in batch.iter().zip(results) {
             if res < 0 {
-                return Err(StoreError::io("write replica", &self.path, std::io::Error::from_raw_os_error(-res)));
+                return Err(StoreError::io(
+                    "write replica",
+                    &self.path,
+                    std::io::Error::from_raw_os_error(-res),
+                ));
             }
             if let ApplyOp::Write { offset, data } = op {
                 let done = res as usize;
@@ -176,7 +202,10 @@ impl FileReplica {
         for op in ops {
             let (s, e) = op.range();
             if e > self.size {
-                return Err(StoreError::Invalid(format!("operation [{s}, {e}) beyond the volume end {}", self.size)));
+                return Err(StoreError::Invalid(format!(
+                    "operation [{s}, {e}) beyond the volume end {}",
+                    self.size
+                )));
             }
             let overlaps = batch.iter().any(|b| {
                 let (bs, be) = b.range();
@@ -202,13 +231,16 @@ impl FileReplica {
         // otherwise copy (copy_file_range via std::io::copy).
         // SAFETY: FICLONE takes the source fd as its argument and touches no
         // user memory; both fds are open for the duration of the call.
-        let cloned = unsafe { libc::ioctl(out.as_raw_fd(), libc::FICLONE, self.file.as_raw_fd()) } == 0;
+        let cloned =
+            unsafe { libc::ioctl(out.as_raw_fd(), libc::FICLONE, self.file.as_raw_fd()) } == 0;
         if !cloned {
-            let mut src = File::open(&self.path).map_err(|e| StoreError::io("open replica", &self.path, e))?;
+            let mut src = File::open(&self.path)
+                .map_err(|e| StoreError::io("open replica", &self.path, e))?;
             let mut o = &out;
             std::io::copy(&mut src, &mut o).map_err(|e| StoreError::io("copy point", tmp, e))?;
         }
-        out.sync_all().map_err(|e| StoreError::io("sync point", tmp, e))?;
+        out.sync_all()
+            .map_err(|e| StoreError::io("sync point", tmp, e))?;
         std::fs::rename(tmp, dst).map_err(|e| StoreError::io("publish point", dst, e))?;
         crate::journal::sync_dir(&self.points_dir)
     }
@@ -224,7 +256,9 @@ impl ReplicaStore for FileReplica {
     }
 
     fn flush(&mut self) -> Result<(), StoreError> {
-        self.file.sync_data().map_err(|e| StoreError::io("flush replica", &self.path, e))
+        self.file
+            .sync_data()
+            .map_err(|e| StoreError::io("flush replica", &self.path, e))
     }
 
     fn create_point(&mut self, id: u64) -> Result<(), StoreError> {
@@ -249,10 +283,16 @@ impl ReplicaStore for FileReplica {
 
     fn list_points(&self) -> Result<Vec<u64>, StoreError> {
         let mut v = Vec::new();
-        for e in std::fs::read_dir(&self.points_dir).map_err(|e| StoreError::io("list points", &self.points_dir, e))? {
+        for e in std::fs::read_dir(&self.points_dir)
+            .map_err(|e| StoreError::io("list points", &self.points_dir, e))?
+        {
             let e = e.map_err(|e| StoreError::io("list points", &self.points_dir, e))?;
             let name = e.file_name();
-            if let Some(id) = name.to_string_lossy().strip_suffix(".img").and_then(|s| s.parse().ok()) {
+            if let Some(id) = name
+                .to_string_lossy()
+                .strip_suffix(".img")
+                .and_then(|s| s.parse().ok())
+            {
                 v.push(id);
             }
         }
@@ -272,15 +312,28 @@ mod tests {
     #[test]
     fn overlapping_ops_apply_in_order() {
         let d = tempfile::tempdir().expect("tmp");
-        let mut r = FileReplica::open(&d.path().join("r.img"), 1 << 20, &d.path().join("points")).expect("open");
+        let mut r = FileReplica::open(&d.path().join("r.img"), 1 << 20, &d.path().join("points"))
+            .expect("open");
         let a = vec![1u8; 8192];
         let b = vec![2u8; 4096];
         let c = vec![3u8; 512];
         let ops = [
-            ApplyOp::Write { offset: 0, data: &a },
-            ApplyOp::Write { offset: 4096, data: &b },
-            ApplyOp::Zero { offset: 0, len: 512 },
-            ApplyOp::Write { offset: 4096, data: &c },
+            ApplyOp::Write {
+                offset: 0,
+                data: &a,
+            },
+            ApplyOp::Write {
+                offset: 4096,
+                data: &b,
+            },
+            ApplyOp::Zero {
+                offset: 0,
+                len: 512,
+            },
+            ApplyOp::Write {
+                offset: 4096,
+                data: &c,
+            },
         ];
         r.apply(&ops).expect("apply");
         r.flush().expect("flush");
@@ -292,6 +345,13 @@ mod tests {
         r.create_point(7).expect("point");
         assert_eq!(r.list_points().expect("list"), vec![7]);
         assert_eq!(std::fs::read(r.point_path(7)).expect("point"), got);
-        assert!(r.apply(&[ApplyOp::Write { offset: (1 << 20) - 512, data: &a }]).is_err(), "past the end");
+        assert!(
+            r.apply(&[ApplyOp::Write {
+                offset: (1 << 20) - 512,
+                data: &a
+            }])
+            .is_err(),
+            "past the end"
+        );
     }
 }

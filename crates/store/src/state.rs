@@ -65,14 +65,24 @@ impl VolumeState {
     pub fn load(path: &Path) -> Result<Self, StoreError> {
         match std::fs::read(path) {
             Ok(b) => {
-                let s: Self = serde_json::from_slice(&b)
-                    .map_err(|e| StoreError::Corrupt { path: path.to_owned(), offset: 0, why: e.to_string() })?;
+                let s: Self = serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
+                    path: path.to_owned(),
+                    offset: 0,
+                    why: e.to_string(),
+                })?;
                 if s.version != STATE_VERSION {
-                    return Err(StoreError::Invalid(format!("{}: state version {} unsupported", path.display(), s.version)));
+                    return Err(StoreError::Invalid(format!(
+                        "{}: state version {} unsupported",
+                        path.display(),
+                        s.version
+                    )));
                 }
                 Ok(s)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self { version: STATE_VERSION, ..Self::default() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self {
+                version: STATE_VERSION,
+                ..Self::default()
+            }),
             Err(e) => Err(StoreError::io("read state", path, e)),
         }
     }
@@ -85,11 +95,16 @@ impl VolumeState {
 
 /// Replaces `path` with `data` atomically and durably.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    let dir: PathBuf = path.parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."));
+    let dir: PathBuf = path
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."));
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io("write state", &tmp, e))?;
-    f.write_all(data).map_err(|e| StoreError::io("write state", &tmp, e))?;
-    f.sync_all().map_err(|e| StoreError::io("sync state", &tmp, e))?;
+    f.write_all(data)
+        .map_err(|e| StoreError::io("write state", &tmp, e))?;
+    f.sync_all()
+        .map_err(|e| StoreError::io("sync state", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| StoreError::io("publish state", path, e))?;
     crate::journal::sync_dir(&dir)
 }
