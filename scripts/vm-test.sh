@@ -3,17 +3,22 @@
 #
 #   scripts/vm-test.sh [options] [SCENARIO...]
 #
-# With no SCENARIO, runs every tests/vm/*.sh scenario and then the
-# broken-module check. A SCENARIO is a name (smoke) or a path.
+# With no SCENARIO, runs every tests/vm/*.sh scenario and then the harness
+# checks, which prove the harness can fail:
+#   broken-module   the smoke scenario against a module built to corrupt one
+#                   byte of every read must FAIL with a data mismatch
+#   log-verdict     console logs with a kernel WARNING, BUG, kmemleak report,
+#                   a FAIL marker or no marker must be judged FAIL
+#   timeout         a guest that hangs must be killed at its timeout
+# Each passes when the failure is detected. A SCENARIO is a name (smoke) or
+# a path; naming scenarios skips the harness checks.
 #
 # Options:
 #   --flavour normal|debug  kernel flavour (default normal; debug adds
 #                           lockdep, KASAN, kmemleak, DM_FLAKEY)
-#   --broken-module         run only the broken-module check: the smoke
-#                           scenario against a module built to corrupt one
-#                           byte of every read must FAIL with a data
-#                           mismatch; this check passes when it does
-#   --no-broken-check       skip the broken-module check in a full run
+#   --broken-module         run only the broken-module check
+#   --harness-checks        run only the harness checks
+#   --no-harness-checks     skip the harness checks in a full run
 #   --bin FILE[:NAME]       extra executable for every guest (repeatable),
 #                           e.g. statically linked replicad / replctl
 #   --timeout SECONDS       per-guest timeout (default 300, 900 for debug)
@@ -30,8 +35,9 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 flavour=normal
-broken_only=0
+scenarios_on=1
 broken_check=1
+harness_checks=1
 timeout=
 bins=()
 scenarios=()
@@ -39,8 +45,9 @@ while (($# > 0)); do
 	case "$1" in
 	--flavour) flavour=${2:?--flavour needs a value}; shift 2 ;;
 	--flavour=*) flavour=${1#*=}; shift ;;
-	--broken-module) broken_only=1; shift ;;
-	--no-broken-check) broken_check=0; shift ;;
+	--broken-module) scenarios_on=0 harness_checks=0 broken_check=1; shift ;;
+	--harness-checks) scenarios_on=0 harness_checks=1 broken_check=1; shift ;;
+	--no-harness-checks) harness_checks=0 broken_check=0; shift ;;
 	--bin) bins+=("${2:?--bin needs a value}"); shift 2 ;;
 	--timeout) timeout=${2:?--timeout needs a value}; shift 2 ;;
 	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -57,15 +64,15 @@ esac
 # Resolve scenario names to files.
 scenario_dir="$REPO_ROOT/tests/vm"
 files=()
-if ((broken_only)); then
-	broken_check=1
+if ((!scenarios_on)); then
+	:
 elif ((${#scenarios[@]} == 0)); then
 	for f in "$scenario_dir"/*.sh; do
 		[[ "$(basename "$f")" == lib.sh ]] || files+=("$f")
 	done
 	((${#files[@]} > 0)) || die "no scenarios found in $scenario_dir"
 else
-	broken_check=0
+	broken_check=0 harness_checks=0
 	for s in "${scenarios[@]}"; do
 		if [[ -f "$s" ]]; then
 			files+=("$s")
@@ -106,7 +113,7 @@ if ! kernel_tree=$("$REPO_ROOT/scripts/kernel.sh" --flavour "$flavour"); then
 fi
 bzimage="$kernel_tree/arch/x86/boot/bzImage"
 ko=
-if ((!broken_only)) && ! ko=$("$REPO_ROOT/scripts/kmod.sh" --flavour "$flavour"); then
+if ((${#files[@]} > 0)) && ! ko=$("$REPO_ROOT/scripts/kmod.sh" --flavour "$flavour"); then
 	record FAIL build "dm_replica.ko could not be built"
 	summary
 	exit 1
@@ -181,6 +188,50 @@ if ((broken_check)); then
 		record FAIL "$name" "smoke failed, but not on a data mismatch (log: out/vm/$flavour/$name/console.log)"
 	else
 		record FAIL "$name" "guest did not complete (exit $rc; log: out/vm/$flavour/$name/console.log)"
+	fi
+fi
+
+# --- The log verdict must catch kernel reports and missing results. ---
+if ((harness_checks)); then
+	name='log-verdict'
+	say "=== harness check: log verdicts"
+	dir="$REPO_ROOT/out/vm/$flavour/$name"
+	rm -rf "$dir"
+	mkdir -p "$dir"
+	pass='VMTEST-RESULT: PASS'
+	printf '[    1.000000] booted\n%s\n' "$pass" >"$dir/pass.log"
+	printf '[    1.0] WARNING: CPU: 1 PID: 7 at drivers/md/dm.c:1 x+0x1/0x2\n%s\n' "$pass" >"$dir/warning.log"
+	printf '[    1.0] BUG: kernel NULL pointer dereference, address: 0000000000000008\n%s\n' "$pass" >"$dir/bug.log"
+	printf '[    1.0] BUG: KASAN: slab-use-after-free in x+0x1/0x2\n%s\n' "$pass" >"$dir/kasan.log"
+	printf 'vmtest: kmemleak report:\nunreferenced object 0xffff888003e4a000 (size 64):\n%s\n' "$pass" >"$dir/kmemleak.log"
+	printf '[    1.0] WARNING: possible circular locking dependency detected\n%s\n' "$pass" >"$dir/lockdep.log"
+	printf 'dm_replica: panicked at src/target.rs:1:1:\n%s\n' "$pass" >"$dir/rust-panic.log"
+	printf 'VMTEST-RESULT: FAIL: something\n' >"$dir/fail-marker.log"
+	printf '[    1.0] Kernel panic - not syncing: Fatal exception\n' >"$dir/no-marker.log"
+	bad=()
+	for l in "$dir"/*.log; do
+		want=1
+		[[ "$l" == */pass.log ]] && want=0
+		rc=0
+		"$REPO_ROOT/scripts/vm.sh" --verdict "$l" --expect-fail >/dev/null 2>&1 || rc=$?
+		((rc == want)) || bad+=("$(basename "$l") judged $rc, want $want")
+	done
+	if ((${#bad[@]} == 0)); then
+		record PASS "$name" "$(find "$dir" -name '*.log' | wc -l) synthetic logs judged correctly"
+	else
+		record FAIL "$name" "${bad[*]}"
+	fi
+
+	name=timeout
+	say "=== harness check: a hanging guest is killed at its timeout (must TIMEOUT)"
+	t0=$SECONDS
+	rc=0
+	"$REPO_ROOT/scripts/vm.sh" --kernel "$bzimage" --scenario "$scenario_dir/selftest/hang.sh" \
+		--name "$name" --workdir "$REPO_ROOT/out/vm/$flavour/$name" --timeout 20 || rc=$?
+	if ((rc == 2)) && grep -aq 'hang: blocking' "$REPO_ROOT/out/vm/$flavour/$name/console.log"; then
+		record PASS "$name" "hanging guest killed and reported as TIMEOUT ($((SECONDS - t0)) s)"
+	else
+		record FAIL "$name" "hanging guest not reported as TIMEOUT (exit $rc)"
 	fi
 fi
 

@@ -26,6 +26,9 @@
 #   --accel ACCEL       qemu accelerator (default tcg; kvm only where it works)
 #   --expect-fail       the caller expects the scenario to fail: report a
 #                       failure calmly (the exit code is the same)
+#   --verdict LOG       boot nothing: judge an existing console log the way
+#                       a run's log is judged, and exit accordingly (used by
+#                       the harness self-check)
 #
 # The guest's /init mounts the usual filesystems, runs the scenario with
 # /lib/vmtest/lib.sh available (see tests/vm/lib.sh), checks kmemleak when the
@@ -46,7 +49,7 @@ usage_error() {
 	exit 3
 }
 
-kernel='' scenario='' name='' workdir='' log='' append=''
+kernel='' scenario='' name='' workdir='' log='' append='' verdict_log=''
 timeout=300 mem=1024 smp=2 accel=tcg expect_fail=0
 modules=() bins=() files=() disks=() envs=() qemu_args=()
 while (($# > 0)); do
@@ -76,9 +79,60 @@ while (($# > 0)); do
 	--mem) mem=$val ;;
 	--smp) smp=$val ;;
 	--accel) accel=$val ;;
+	--verdict) verdict_log=$val ;;
 	*) usage_error "unknown option: $opt" ;;
 	esac
 done
+
+# --- Verdict. ---
+# verdict LOG QEMU_STATUS: exit status for a finished guest (see the header).
+verdict() {
+	local log=$1 qemu_status=$2 reports marker status=0
+	# Kernel reports that fail any test, whatever the scenario said.
+	local report_re='(WARNING:|BUG:|Oops|general protection fault|Kernel panic|kernel BUG|Unable to handle|UBSAN:|KASAN|possible circular locking|possible recursive locking|inconsistent lock state|suspicious RCU usage|unreferenced object|suspected memory leak|panicked at|Call Trace:)'
+	reports=$(grep -a -nE "$report_re" "$log" || true)
+	marker=$(grep -a -oE 'VMTEST-RESULT: (PASS|FAIL.*)' "$log" | tail -n1 | tr -d '\r' || true)
+	if [[ -n "$reports" ]]; then
+		verdict_fail "kernel reports in the console log:"$'\n'"$reports"
+		status=1
+	fi
+	case "$marker" in
+	"VMTEST-RESULT: PASS")
+		if ((qemu_status != 0)); then
+			verdict_fail "guest reported PASS but qemu exited with status $qemu_status"
+			status=1
+		fi
+		;;
+	"VMTEST-RESULT: FAIL"*)
+		verdict_fail "scenario: ${marker#VMTEST-RESULT: FAIL: }"
+		status=1
+		;;
+	*)
+		verdict_fail "guest gave no result (crashed or powered off early; qemu status $qemu_status)"
+		status=1
+		;;
+	esac
+	if ((status == 0)); then
+		say "[$name] PASS"
+	fi
+	return "$status"
+}
+
+verdict_fail() {
+	if ((expect_fail)); then
+		say "[$name] FAIL (expected): $*"
+	else
+		printf '\n==> [%s] FAIL: %s\n' "$name" "$*" >&2
+	fi
+}
+
+if [[ -n "$verdict_log" ]]; then
+	[[ -f "$verdict_log" ]] || usage_error "--verdict: no such log: $verdict_log"
+	name=${name:-$(basename "$verdict_log")}
+	status=0
+	verdict "$verdict_log" 0 || status=$?
+	exit "$status"
+fi
 
 [[ -n "$kernel" ]] || usage_error "--kernel is required"
 [[ -f "$kernel" ]] || usage_error "kernel image not found: $kernel"
@@ -258,51 +312,15 @@ set -e
 elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
 qemu_status=${statuses[0]}
 
-# --- Verdict. ---
-fail() {
-	if ((expect_fail)); then
-		say "[$name] FAIL (expected): $*"
-	else
-		printf '\n==> [%s] FAIL: %s\n' "$name" "$*" >&2
-	fi
-}
-
 if ((qemu_status == 124 || qemu_status == 137)); then
-	printf '\n==> [%s] TIMEOUT: guest killed after %s s; the scenario did not finish (log: %s)\n' \
-		"$name" "$timeout" "$log" >&2
+	msg="TIMEOUT: guest killed after $timeout s; the scenario did not finish"
+	printf '\nvm.sh: %s\n' "$msg" >>"$log"
+	printf '\n==> [%s] %s (log: %s)\n' "$name" "$msg" "$log" >&2
 	exit 2
 fi
 
 init_at=$(grep -a -m1 -oE 'vmtest: /init started at [0-9.]+' "$log" | awk '{ print $NF }' || true)
 say "[$name] guest ran ${elapsed} s wall clock; /init reached at ${init_at:-?} s guest uptime"
-
-# Kernel reports that fail any test, whatever the scenario said.
-report_re='(WARNING:|BUG:|Oops|general protection fault|Kernel panic|kernel BUG|Unable to handle|UBSAN:|KASAN|possible circular locking|possible recursive locking|inconsistent lock state|suspicious RCU usage|unreferenced object|suspected memory leak|panicked at|Call Trace:)'
-reports=$(grep -a -nE "$report_re" "$log" || true)
-
-marker=$(grep -a -oE 'VMTEST-RESULT: (PASS|FAIL.*)' "$log" | tail -n1 | tr -d '\r' || true)
 status=0
-if [[ -n "$reports" ]]; then
-	fail "kernel reports in the console log:"$'\n'"$reports"
-	status=1
-fi
-case "$marker" in
-"VMTEST-RESULT: PASS")
-	if ((qemu_status != 0)); then
-		fail "guest reported PASS but qemu exited with status $qemu_status"
-		status=1
-	fi
-	;;
-"VMTEST-RESULT: FAIL"*)
-	fail "scenario: ${marker#VMTEST-RESULT: FAIL: }"
-	status=1
-	;;
-*)
-	fail "guest gave no result (crashed or powered off early; qemu status $qemu_status)"
-	status=1
-	;;
-esac
-if ((status == 0)); then
-	say "[$name] PASS"
-fi
+verdict "$log" "$qemu_status" || status=$?
 exit "$status"

@@ -56,7 +56,10 @@ impl dm::Target for Replica {
                 args.data_dev,
                 errno.to_errno()
             );
-            CtrError { errno, msg: c_str!("Cannot open data device") }
+            CtrError {
+                errno,
+                msg: c_str!("Cannot open data device"),
+            }
         })?;
 
         // Flushes, discards and write-zeroes reach `map` once each, so they
@@ -67,7 +70,11 @@ impl dm::Target for Replica {
         #[cfg(dm_replica_corrupt_reads)]
         ctr.set_per_io_data_size(fault::PER_IO_DATA_SIZE);
 
-        Ok(Replica { data, begin: ctr.begin(), len: ctr.len() })
+        Ok(Replica {
+            data,
+            begin: ctr.begin(),
+            len: ctr.len(),
+        })
     }
 
     fn map(&self, bio: &mut Bio<'_>) -> MapResult {

@@ -16,8 +16,8 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use kernel::bindings;
-use kernel::ffi::{c_char, c_int, c_uint, c_void};
 use kernel::error::to_result;
+use kernel::ffi::{c_char, c_int, c_uint, c_void};
 use kernel::prelude::*;
 use kernel::str::CStr;
 use kernel::types::Opaque;
@@ -444,7 +444,10 @@ impl<T: Target> Registration<T> {
         // address that stays allocated until `drop` unregisters it.
         to_result(unsafe { bindings::dm_register_target(tt.get()) })?;
         // INVARIANT: registration succeeded.
-        Ok(Self { tt, _p: PhantomData })
+        Ok(Self {
+            tt,
+            _p: PhantomData,
+        })
     }
 }
 
@@ -470,12 +473,20 @@ unsafe extern "C" fn ctr_callback<T: Target>(
         return EINVAL.to_errno();
     };
     // INVARIANT: dm passes a valid target under construction.
-    let mut ctr = Ctr { ti: ti_ptr, _p: PhantomData };
+    let mut ctr = Ctr {
+        ti: ti_ptr,
+        _p: PhantomData,
+    };
     let Ok(argc) = usize::try_from(argc) else {
         return EINVAL.to_errno();
     };
     // INVARIANT: dm passes `argc` valid strings that live through ctr.
-    let args = Args { argv: argv as *const *const c_char, argc, next: 0, _p: PhantomData };
+    let args = Args {
+        argv: argv as *const *const c_char,
+        argc,
+        next: 0,
+        _p: PhantomData,
+    };
 
     let result = T::ctr(&mut ctr, args).and_then(|target| {
         KBox::new(target, GFP_KERNEL).map_err(|_| CtrError {
@@ -537,7 +548,10 @@ unsafe extern "C" fn map_callback<T: Target>(
     // SAFETY: dm calls map for a constructed, live target.
     let target = unsafe { private::<T>(ti) };
     // INVARIANT: the bio is valid and ours for the duration of map.
-    let mut bio = Bio { bio, _p: PhantomData };
+    let mut bio = Bio {
+        bio,
+        _p: PhantomData,
+    };
     match target.map(&mut bio) {
         MapResult::Remapped => bindings::DM_MAPIO_REMAPPED as c_int,
         MapResult::Kill => bindings::DM_MAPIO_KILL as c_int,
@@ -561,7 +575,10 @@ unsafe extern "C" fn end_io_callback<T: Target>(
     // SAFETY: dm calls end_io for a constructed, live target.
     let target = unsafe { private::<T>(ti) };
     // INVARIANT: the bio is valid and ours until end_io returns.
-    let mut bio = Bio { bio, _p: PhantomData };
+    let mut bio = Bio {
+        bio,
+        _p: PhantomData,
+    };
     target.end_io(&mut bio, ok);
     bindings::DM_ENDIO_DONE as c_int
 }
@@ -579,7 +596,12 @@ unsafe extern "C" fn iterate_devices_callback<T: Target>(
     };
     // SAFETY: dm calls iterate_devices for a constructed, live target.
     let target = unsafe { private::<T>(ti) };
-    let mut visitor = DeviceVisitor { ti, callout, data, _p: PhantomData };
+    let mut visitor = DeviceVisitor {
+        ti,
+        callout,
+        data,
+        _p: PhantomData,
+    };
     match target.iterate_devices(&mut visitor) {
         Ok(()) => 0,
         Err(VisitStop(r)) => r,
