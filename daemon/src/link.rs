@@ -58,6 +58,10 @@ impl LinkError {
     }
 }
 
+/// Stop reading the socket while this much received data waits to be
+/// processed (TCP then pushes back on the sender).
+const MAX_INBUF: usize = 8 << 20;
+
 /// A TLS connection carrying messages.
 pub struct Link {
     sock: TcpStream,
@@ -110,9 +114,11 @@ impl Link {
         self.outq.push_back(m.to_bytes());
     }
 
-    /// Queues already-encoded message bytes.
-    pub fn send_raw(&mut self, b: Vec<u8>) {
-        self.outq.push_back(b);
+    /// Queues a segment frame without copying it.
+    pub fn send_segment(&mut self, frame: Vec<u8>) {
+        self.outq
+            .push_back(replica_proto::msg::segment_header(frame.len()).to_vec());
+        self.outq.push_back(frame);
     }
 
     /// Bytes queued and not yet handed to TLS.
@@ -135,6 +141,22 @@ impl Link {
             None if self.closed => Err(LinkError::Closed),
             None => Ok(None),
         }
+    }
+
+    /// Bytes the message at the front of the input still needs.
+    fn wanted(&self) -> usize {
+        if self.inbuf.len() < 5 {
+            return 5;
+        }
+        let len = u32::from_le_bytes([self.inbuf[1], self.inbuf[2], self.inbuf[3], self.inbuf[4]])
+            as usize;
+        (5 + len).saturating_sub(self.inbuf.len())
+    }
+
+    /// Whether to read more: below the buffer bound, or the message at the
+    /// front is still incomplete (a message may exceed the bound).
+    fn want_input(&self) -> bool {
+        self.inbuf.len() < MAX_INBUF || self.wanted() > 0
     }
 
     fn feed_tls(&mut self) -> Result<(), LinkError> {
@@ -164,7 +186,7 @@ impl Link {
     }
 
     fn read_socket(&mut self) -> Result<(), LinkError> {
-        loop {
+        while self.want_input() {
             match self.conn.read_tls(&mut self.sock) {
                 Ok(0) => {
                     self.closed = true;
@@ -206,15 +228,15 @@ impl Link {
         timeout: Duration,
         wake: Option<BorrowedFd<'_>>,
     ) -> Result<bool, LinkError> {
-        if !self.conn.is_handshaking() {
-            self.feed_tls()?;
-        }
-        self.flush_tls()?;
+        self.write_out()?;
         if self.closed {
             return Ok(false);
         }
-        let mut flags = PollFlags::POLLIN;
-        if self.conn.wants_write() {
+        let mut flags = PollFlags::empty();
+        if self.want_input() {
+            flags |= PollFlags::POLLIN;
+        }
+        if self.conn.wants_write() || !self.outq.is_empty() {
             flags |= PollFlags::POLLOUT;
         }
         let sock_fd = self.sock.as_fd();
@@ -240,11 +262,27 @@ impl Link {
         if sock_ready.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
             self.read_socket()?;
         }
-        if !self.conn.is_handshaking() {
-            self.feed_tls()?;
-        }
-        self.flush_tls()?;
+        self.write_out()?;
         Ok(woke)
+    }
+
+    /// Hands queued messages to TLS and TLS records to the socket until
+    /// the queue is empty or the socket would block.
+    fn write_out(&mut self) -> Result<(), LinkError> {
+        loop {
+            if !self.conn.is_handshaking() {
+                self.feed_tls()?;
+            }
+            if !self.conn.wants_write() {
+                return Ok(());
+            }
+            match self.conn.write_tls(&mut self.sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Sends queued messages and a TLS close, best effort, within `timeout`.

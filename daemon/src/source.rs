@@ -456,7 +456,7 @@ impl Source {
                 }
                 while let Some(f) = pending.remove(&next) {
                     let n = f.len() as u64;
-                    link.send(&Message::Segment(f));
+                    link.send_segment(f);
                     next += 1;
                     self.board.update(&self.cfg.volume, |s| {
                         s.segments += 1;

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
-use replica_proto::frame::{self, FrameError, SegmentHeader, WireRecord};
+use replica_proto::frame::{self, FrameError, RecordView, SegmentHeader};
 use replica_proto::keys::{self, Direction, KeyRing, StreamContext, StreamKey};
 use replica_proto::msg::{self, Ack, ErrorClass, ErrorMsg, Hello, Message, Welcome};
 use replica_store::journal::{self, FramePos, Journal};
@@ -31,6 +31,8 @@ use crate::DaemonError;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PUMP_INTERVAL: Duration = Duration::from_millis(100);
+/// Segments queued between receiver and applier.
+const APPLY_QUEUE: usize = 8;
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -39,8 +41,13 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-enum ApplyMsg {
-    Frame(FramePos, Option<Arc<Vec<u8>>>),
+/// A journaled segment for the applier: where it is, and its authenticated
+/// (still compressed) payload when the receiver still has it; after a
+/// restart the applier reads and authenticates the frame from the journal
+/// itself.
+struct ApplyMsg {
+    pos: FramePos,
+    body: Option<Vec<u8>>,
 }
 
 /// Shared state of one volume.
@@ -52,6 +59,10 @@ struct Volume {
     journal: Mutex<Journal>,
     applied: AtomicU64,
     session: AtomicU64,
+    /// Held by the one connection that streams into this volume. A newer
+    /// connection bumps `session` and waits for the older one to finish,
+    /// so journal order, apply order and `received` always agree.
+    streaming: AtomicBool,
     apply_tx: Sender<ApplyMsg>,
 }
 
@@ -250,14 +261,14 @@ fn open_volume(
         state.save(&dir.join("state.json"))?;
     }
     let durable = journal.durable_seq().max(state.applied_seq);
-    let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
-    for f in scan
+    // Bounded: a slow replica pushes back on the connection, and through it
+    // on the source, instead of growing memory.
+    let (apply_tx, apply_rx) = crossbeam_channel::bounded(APPLY_QUEUE);
+    let replay: Vec<FramePos> = scan
         .frames
         .into_iter()
         .filter(|f| f.header.last_seq > state.applied_seq)
-    {
-        let _ = apply_tx.send(ApplyMsg::Frame(f, None));
-    }
+        .collect();
     board.update(&vc.id, |s| {
         s.generation = state.generation.clone();
         s.epoch = state.epoch;
@@ -284,6 +295,7 @@ fn open_volume(
         journal: Mutex::new(journal),
         applied: AtomicU64::new(applied),
         session: AtomicU64::new(0),
+        streaming: AtomicBool::new(false),
         apply_tx,
     });
     let v2 = vol.clone();
@@ -291,11 +303,15 @@ fn open_volume(
         .name(format!("apply-{}", vc.id))
         .spawn(move || Applier::new(v2, replica, keys, board, stop).run(apply_rx))
         .map_err(|e| DaemonError::io("spawn applier", &dir, e))?;
+    // Segments journaled but not applied before the last stop.
+    for pos in replay {
+        let _ = vol.apply_tx.send(ApplyMsg { pos, body: None });
+    }
     Ok((vol, h))
 }
 
-/// A segment appended to the journal, with its bytes for the applier.
-type Journaled = (FramePos, Arc<Vec<u8>>);
+/// A segment appended to the journal, with its authenticated payload.
+type Journaled = (FramePos, Vec<u8>);
 
 struct ConnCtx {
     volumes: HashMap<String, Arc<Volume>>,
@@ -306,8 +322,18 @@ struct ConnCtx {
 }
 
 /// What the connection knows after the handshake.
+/// Releases a volume's streaming slot when a session ends.
+struct StreamGuard(Arc<Volume>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streaming.store(false, Ordering::Release);
+    }
+}
+
 struct Session {
     vol: Arc<Volume>,
+    _guard: StreamGuard,
     id: u64,
     stream_id: [u8; 16],
     generation: [u8; 16],
@@ -433,6 +459,20 @@ impl ConnCtx {
                 ),
             )));
         }
+        // Take the volume over from an older connection (a source that
+        // restarted): tell it to stop, then wait until it has.
+        let id = vol.session.fetch_add(1, Ordering::AcqRel) + 1;
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        while vol.streaming.swap(true, Ordering::AcqRel) {
+            if Instant::now() > deadline || vol.session.load(Ordering::Acquire) != id {
+                return Err(caller(Refusal::recoverable(
+                    "busy",
+                    "another connection is still streaming into this volume",
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let guard = StreamGuard(vol.clone());
         let bad_hex = || caller(Refusal::fatal("protocol", "malformed hello"));
         let mut generation = [0u8; 16];
         hex::decode_to_slice(&hello.generation, &mut generation).map_err(|_| bad_hex())?;
@@ -491,7 +531,6 @@ impl ConnCtx {
                 ),
             )));
         }
-        let id = vol.session.fetch_add(1, Ordering::AcqRel) + 1;
         link.send(&Message::Welcome(Welcome {
             protocol: msg::PROTOCOL_VERSION,
             features: hello.features & msg::PROTOCOL_FEATURES,
@@ -506,6 +545,7 @@ impl ConnCtx {
             s.epoch = epoch;
         });
         Ok(Session {
+            _guard: guard,
             vol,
             id,
             stream_id,
@@ -573,8 +613,11 @@ impl ConnCtx {
             if !appended.is_empty() {
                 let durable = s.vol.lock_journal().sync().map_err(|e| store_refusal(&e))?;
                 s.durable = durable;
-                for (pos, bytes) in appended {
-                    let _ = s.vol.apply_tx.send(ApplyMsg::Frame(pos, Some(bytes)));
+                for (pos, body) in appended {
+                    let _ = s.vol.apply_tx.send(ApplyMsg {
+                        pos,
+                        body: Some(body),
+                    });
                 }
                 self.board
                     .update(&s.vol.cfg.id, |st| st.durable_seq = durable);
@@ -647,16 +690,15 @@ impl ConnCtx {
             .keys
             .get(&h.key_id)
             .ok_or_else(|| Refusal::fatal("unknown-key", "key vanished"))?;
-        let plain = frame::open(&h, &f, key).map_err(|e| match e {
+        // Authenticate here (the second AES-GCM pass after TLS); the
+        // applier decompresses and checks the records, on its own thread.
+        let body = frame::authenticate(&h, &f, key).map_err(|e| match e {
             FrameError::Authentication => Refusal::fatal(
                 "authentication",
                 format!("segment {}..={} failed authentication: the data keys differ between source and target", h.first_seq, h.last_seq),
             ),
             other => Refusal::fatal("malformed-segment", other.to_string()),
         })?;
-        let records = frame::decode_records(&h, &plain)
-            .map_err(|e| Refusal::fatal("malformed-segment", e.to_string()))?;
-        check_bounds(&records, s.vol.cfg.size).map_err(|m| Refusal::fatal("out-of-range", m))?;
         s.next_counter += 1;
         self.board.update(&s.vol.cfg.id, |st| {
             st.segments += 1;
@@ -682,7 +724,7 @@ impl ConnCtx {
             .append(&f, &h)
             .map_err(|e| store_refusal(&e))?;
         s.received = h.last_seq;
-        Ok(Some((pos, Arc::new(f))))
+        Ok(Some((pos, body)))
     }
 }
 
@@ -694,7 +736,7 @@ fn store_refusal(e: &StoreError) -> Refusal {
     }
 }
 
-fn check_bounds(records: &[WireRecord], size: u64) -> Result<(), String> {
+fn check_bounds(records: &[RecordView<'_>], size: u64) -> Result<(), String> {
     for r in records {
         if matches!(
             r.op,
@@ -790,22 +832,37 @@ impl Applier {
             if self.vol.lock_state().critical.is_some() {
                 continue;
             }
-            let ApplyMsg::Frame(pos, bytes) = msg;
+            let ApplyMsg { pos, body } = msg;
             if pos.header.last_seq <= self.applied {
                 continue;
             }
-            let bytes = match bytes {
-                Some(b) => b,
-                None => match journal::read_frame(self.vol.lock_journal().dir(), &pos) {
-                    Ok(b) => Arc::new(b),
-                    Err(e) => {
-                        self.vol
-                            .go_critical(&self.board, &format!("journal unreadable: {e}"));
-                        continue;
-                    }
-                },
+            if pos.header.first_seq > self.applied.saturating_add(1) {
+                // Cannot happen while segments arrive in journal order; if
+                // it does, applying would silently skip records.
+                self.vol.go_critical(
+                    &self.board,
+                    &format!(
+                        "segment {}..={} would leave a gap after applied record {}",
+                        pos.header.first_seq, pos.header.last_seq, self.applied
+                    ),
+                );
+                continue;
+            }
+            let plain = match body {
+                Some(b) => frame::decompress(&pos.header, &b).map_err(|e| e.to_string()),
+                None => {
+                    let dir = self.vol.lock_journal().dir().to_owned();
+                    journal::read_frame(&dir, &pos)
+                        .map_err(|e| format!("journal unreadable: {e}"))
+                        .and_then(|b| self.open(&pos.header, &b))
+                }
             };
-            let records = match self.decode(&pos.header, &bytes) {
+            let size = self.vol.cfg.size;
+            let records = match plain.as_deref().map_err(Clone::clone).and_then(|p| {
+                let r = frame::decode_records(&pos.header, p).map_err(|e| e.to_string())?;
+                check_bounds(&r, size)?;
+                Ok(r)
+            }) {
                 Ok(r) => r,
                 Err(e) => {
                     self.vol.go_critical(
@@ -882,7 +939,8 @@ impl Applier {
         }
     }
 
-    fn decode(&mut self, h: &SegmentHeader, bytes: &[u8]) -> Result<Vec<WireRecord>, String> {
+    /// Authenticates and decompresses a journaled frame.
+    fn open(&mut self, h: &SegmentHeader, bytes: &[u8]) -> Result<Vec<u8>, String> {
         let k = (h.stream_id, h.key_id, h.epoch);
         if !self.key_cache.contains_key(&k) {
             let ctx = StreamContext {
@@ -898,14 +956,13 @@ impl Applier {
             self.key_cache.insert(k, key);
         }
         let key = self.key_cache.get(&k).ok_or("key cache")?;
-        let plain = frame::open(h, bytes, key).map_err(|e| e.to_string())?;
-        frame::decode_records(h, &plain).map_err(|e| e.to_string())
+        frame::open(h, bytes, key).map_err(|e| e.to_string())
     }
 
     fn apply_records(
         &mut self,
         h: &SegmentHeader,
-        records: &[WireRecord],
+        records: &[RecordView<'_>],
     ) -> Result<(), StoreError> {
         let mut ops: Vec<ApplyOp<'_>> = Vec::new();
         let start = self.applied;
@@ -918,7 +975,7 @@ impl Applier {
             match r.op {
                 frame::ring_op::WRITE => ops.push(ApplyOp::Write {
                     offset: off,
-                    data: &r.data,
+                    data: r.data,
                 }),
                 frame::ring_op::DISCARD => ops.push(ApplyOp::Discard {
                     offset: off,
@@ -963,7 +1020,7 @@ impl Applier {
     /// so the space a snapshot needs is freed before it is taken. A snapshot
     /// that fails for lack of space is skipped (with a warning): a missed
     /// recovery point is better than a replica that stops advancing.
-    fn point(&mut self, r: &WireRecord, kind: PointKind) -> Result<(), StoreError> {
+    fn point(&mut self, r: &RecordView<'_>, kind: PointKind) -> Result<(), StoreError> {
         self.applied = r.seq;
         self.checkpoint()?;
         let keep = self.vol.cfg.keep_points;

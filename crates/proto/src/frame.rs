@@ -270,10 +270,36 @@ pub fn encode_record_parts(
     out.extend_from_slice(data);
 }
 
+/// A record inside a decoded plaintext (borrowing its payload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordView<'a> {
+    /// Sequence.
+    pub seq: u64,
+    /// Operation (`ring_op::*` or [`OP_SKIPPED`]).
+    pub op: u8,
+    /// Flags.
+    pub flags: u8,
+    /// Volume index within the group.
+    pub volume: u32,
+    /// First sector.
+    pub sector: u64,
+    /// Bytes affected.
+    pub len: u32,
+    /// Submission time.
+    pub submit_ns: u64,
+    /// Marker id etc.
+    pub aux: u64,
+    /// Payload (writes only).
+    pub data: &'a [u8],
+}
+
 /// Parsed records of a plaintext, checked against the header: consecutive
 /// sequences from `first_seq`, the right count, payloads exactly the length
-/// of writes.
-pub fn decode_records(h: &SegmentHeader, plain: &[u8]) -> Result<Vec<WireRecord>, FrameError> {
+/// of writes. Payloads are borrowed, not copied.
+pub fn decode_records<'a>(
+    h: &SegmentHeader,
+    plain: &'a [u8],
+) -> Result<Vec<RecordView<'a>>, FrameError> {
     let mut out = Vec::with_capacity(h.record_count as usize);
     let mut p = 0usize;
     let mut expect = h.first_seq;
@@ -306,10 +332,9 @@ pub fn decode_records(h: &SegmentHeader, plain: &[u8]) -> Result<Vec<WireRecord>
         };
         let data = plain
             .get(p..p + dlen)
-            .ok_or(FrameError::Records("truncated payload"))?
-            .to_vec();
+            .ok_or(FrameError::Records("truncated payload"))?;
         p += dlen;
-        out.push(WireRecord {
+        out.push(RecordView {
             seq,
             op,
             flags,
@@ -392,12 +417,28 @@ pub fn check(frame: &[u8]) -> Result<SegmentHeader, FrameError> {
 
 /// Authenticates, decrypts and decompresses a frame checked by [`check`].
 pub fn open(h: &SegmentHeader, frame: &[u8], key: &StreamKey) -> Result<Vec<u8>, FrameError> {
+    decompress(h, &authenticate(h, frame, key)?)
+}
+
+/// Authenticates and decrypts a frame checked by [`check`], returning the
+/// compressed payload (the receiver verifies with this; the applier
+/// decompresses later).
+pub fn authenticate(
+    h: &SegmentHeader,
+    frame: &[u8],
+    key: &StreamKey,
+) -> Result<Vec<u8>, FrameError> {
     let mut body = frame[HEADER_LEN..].to_vec();
     let n = key
         .open(h.counter, &h.aad(), &mut body)
         .map_err(|_| FrameError::Authentication)?;
     body.truncate(n);
-    let plain = zstd::bulk::decompress(&body, h.plain_len as usize)
+    Ok(body)
+}
+
+/// Decompresses an authenticated payload and checks its length.
+pub fn decompress(h: &SegmentHeader, body: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let plain = zstd::bulk::decompress(body, h.plain_len as usize)
         .map_err(|e| FrameError::Decompress(e.to_string()))?;
     if plain.len() != h.plain_len as usize {
         return Err(FrameError::Records(
@@ -492,7 +533,7 @@ mod tests {
         assert_eq!(back, plain);
         let recs = decode_records(&hh, &back).expect("records");
         assert_eq!(recs.len(), 3);
-        assert_eq!(recs[0].data, vec![7; 4096]);
+        assert_eq!(recs[0].data, &[7u8; 4096][..]);
         assert_eq!(recs[2].op, OP_SKIPPED);
     }
 

@@ -132,6 +132,14 @@ fn put(out: &mut Vec<u8>, t: u8, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
+/// The 5-byte message header of a segment of `len` bytes (so a frame can be
+/// queued without copying it into a message buffer).
+pub fn segment_header(len: usize) -> [u8; 5] {
+    let mut h = [T_SEGMENT, 0, 0, 0, 0];
+    h[1..].copy_from_slice(&(len as u32).to_le_bytes());
+    h
+}
+
 impl Message {
     /// Appends the encoded message to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {

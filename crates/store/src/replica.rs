@@ -98,6 +98,17 @@ impl FileReplica {
         if cur == 0 {
             file.set_len(size)
                 .map_err(|e| StoreError::io("size replica", path, e))?;
+            // Reserve the space up front, as a block device has it: applying
+            // must never fail for lack of space once the replica exists.
+            // SAFETY: plain syscall on an fd we own; no memory is passed.
+            let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    let _ = std::fs::remove_file(path);
+                    return Err(StoreError::io("reserve replica space", path, e));
+                }
+            }
         } else if cur != size {
             return Err(StoreError::Invalid(format!(
                 "replica {} is {cur} bytes but the volume is {size} bytes",
