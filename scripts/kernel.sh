@@ -173,11 +173,12 @@ for v in "${extra_make[@]}"; do echo "$v"; done >"$tmp/.dm-replica-make-vars"
 	echo "build_seconds=$((SECONDS - start))"
 } >"$tmp/.dm-replica-complete"
 mv "$tmp" "$tree"
-# Older builds of this flavour are superseded (about 2 GB each).
+# Older builds of this flavour (about 2 GB each) and their logs are
+# superseded.
 for old in "$kcache/$flavour"-*; do
-	[[ -d "$old" && "$old" != "$tree" ]] || continue
-	say "removing superseded kernel build $(basename "$old")"
-	rm -rf "$old" "$old.log"
+	[[ "$old" != "$tree" && "$old" != "$log" ]] || continue
+	say "removing superseded $(basename "$old")"
+	rm -rf "$old"
 done
 say "kernel ($flavour) built in $((SECONDS - start)) s: $tree"
 echo "$tree"

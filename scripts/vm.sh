@@ -297,7 +297,7 @@ for d in "${disks[@]}"; do
 done
 
 # --- Boot. ---
-cmdline="console=ttyS0 panic=-1 oops=panic rdinit=/init${append:+ $append}"
+cmdline="console=ttyS0 panic=-1 oops=panic acpi=noirq rdinit=/init${append:+ $append}"
 qemu=(qemu-system-x86_64 -accel "$accel" -cpu max -m "$mem" -smp "$smp"
 	-nographic -no-reboot
 	-kernel "$kernel" -initrd "$workdir/initramfs.cpio" -append "$cmdline"
