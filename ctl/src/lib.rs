@@ -2,3 +2,4 @@
 //! tests).
 
 pub mod certs;
+pub mod dev;

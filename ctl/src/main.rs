@@ -25,6 +25,26 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CertsCmd,
     },
+    /// Development mode (no kernel module): feed a userspace capture ring.
+    Dev {
+        #[command(subcommand)]
+        cmd: DevCmd,
+    },
+    /// Wait until a volume's replica has applied a record sequence.
+    Wait {
+        /// The daemon's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Volume id.
+        #[arg(long)]
+        volume: String,
+        /// Record sequence that must be applied.
+        #[arg(long)]
+        applied: u64,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// Show the status a daemon publishes in its state directory.
     Status {
         /// The daemon's state directory.
@@ -49,6 +69,26 @@ enum KeysCmd {
         /// Keyring file to update in place.
         #[arg(long)]
         file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevCmd {
+    /// Capture the blocks in which IMAGE differs from --base (all of IMAGE
+    /// without a base) into a ring file, followed by a flush.
+    Feed {
+        /// Ring file (created if missing).
+        #[arg(long)]
+        ring: PathBuf,
+        /// The volume's new content.
+        #[arg(long)]
+        image: PathBuf,
+        /// The volume's previous content.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Data space when creating the ring, MiB.
+        #[arg(long, default_value_t = 64)]
+        ring_mib: u64,
     },
 }
 
@@ -128,6 +168,61 @@ fn run(cli: Cli) -> Result<(), String> {
         } => {
             replctl::certs::issue(&ca_dir, &out, &host, days).map_err(|e| e.to_string())?;
             println!("wrote {host}.pem and {host}.key to {}", out.display());
+        }
+        Cmd::Dev {
+            cmd:
+                DevCmd::Feed {
+                    ring,
+                    image,
+                    base,
+                    ring_mib,
+                },
+        } => {
+            let new = std::fs::read(&image).map_err(|e| format!("{}: {e}", image.display()))?;
+            let base = match base {
+                Some(b) => Some(std::fs::read(&b).map_err(|e| format!("{}: {e}", b.display()))?),
+                None => None,
+            };
+            let mut p = replctl::dev::open_or_create(&ring, 4096, ring_mib)?;
+            let (records, bytes) = replctl::dev::feed(
+                &mut p,
+                base.as_deref(),
+                &new,
+                std::time::Duration::from_secs(300),
+            )?;
+            println!(
+                "captured {records} records ({bytes} bytes of writes) up to sequence {}",
+                p.next_seq() - 1
+            );
+        }
+        Cmd::Wait {
+            state_dir,
+            volume,
+            applied,
+            timeout,
+        } => {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+            loop {
+                let vols = replicad::status::read(&state_dir).unwrap_or_default();
+                if let Some(v) = vols.iter().find(|v| v.volume == volume) {
+                    if v.health == replicad::status::Health::Critical {
+                        return Err(format!(
+                            "volume {volume} is Critical: {}",
+                            v.reasons.join("; ")
+                        ));
+                    }
+                    if v.applied_seq >= applied {
+                        println!("volume {volume}: applied up to {}", v.applied_seq);
+                        break;
+                    }
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "volume {volume} did not reach record {applied} within {timeout} s"
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
         Cmd::Status { state_dir, json } => {
             let vols = replicad::status::read(&state_dir)

@@ -1022,7 +1022,7 @@ impl Applier {
     /// recovery point is better than a replica that stops advancing.
     fn point(&mut self, r: &RecordView<'_>, kind: PointKind) -> Result<(), StoreError> {
         self.applied = r.seq;
-        self.checkpoint()?;
+        self.persist_applied()?;
         let keep = self.vol.cfg.keep_points;
         if let Err(e) = self.replica.create_point(r.seq) {
             if !e.is_recoverable() {
@@ -1036,6 +1036,7 @@ impl Applier {
                 }
                 s.reasons = vec![why.clone()];
             });
+            self.publish_applied();
             return Ok(());
         }
         let (count, pruned) = {
@@ -1061,7 +1062,9 @@ impl Applier {
         for id in pruned {
             self.replica.delete_point(id)?;
         }
+        self.vol.applied.store(r.seq, Ordering::Release);
         self.board.update(&self.vol.cfg.id, |s| {
+            s.applied_seq = r.seq;
             s.points = count as u64;
             s.last_point_seq = r.seq;
             s.replica = "Consistent".into();
@@ -1076,18 +1079,30 @@ impl Applier {
     /// Flushes the replica, persists the applied sequence and trims the
     /// journal.
     fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.persist_applied()?;
+        self.publish_applied();
+        Ok(())
+    }
+
+    /// Flushes the replica, persists the applied sequence, trims the journal.
+    fn persist_applied(&mut self) -> Result<(), StoreError> {
         self.replica.flush()?;
         {
             let mut st = self.vol.lock_state();
             st.applied_seq = self.applied;
             st.save(&self.vol.state_path())?;
         }
-        self.vol.applied.store(self.applied, Ordering::Release);
         self.unflushed_segments = 0;
         self.vol.lock_journal().trim(self.applied)?;
+        Ok(())
+    }
+
+    /// Tells acks and status how far the replica is (after any recovery
+    /// point at that sequence exists).
+    fn publish_applied(&self) {
         let applied = self.applied;
+        self.vol.applied.store(applied, Ordering::Release);
         self.board
             .update(&self.vol.cfg.id, |s| s.applied_seq = applied);
-        Ok(())
     }
 }
