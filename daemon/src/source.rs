@@ -522,9 +522,17 @@ fn seal_worker(
     level: i32,
     wake: &UnixStream,
 ) {
+    let mut compressor = match zstd::bulk::Compressor::new(level) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send((0, Err(format!("zstd: {e}"))));
+            return;
+        }
+    };
     for job in rx {
         let c = job.header.counter;
-        let r = frame::seal(job.header, &job.plain, level, key).map_err(|e| e.to_string());
+        let r = frame::seal_with(&mut compressor, job.header, &job.plain, level, key)
+            .map_err(|e| e.to_string());
         drop(job.plain);
         if tx.send((c, r)).is_err() {
             return;

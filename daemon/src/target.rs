@@ -791,6 +791,9 @@ struct Applier {
     key_cache: HashMap<([u8; 16], u32, u64), StreamKey>,
     applied: u64,
     unflushed_segments: u32,
+    /// Reused decompression context (None if it could not be allocated:
+    /// then each segment gets a fresh one).
+    dctx: Option<zstd::bulk::Decompressor<'static>>,
 }
 
 impl Applier {
@@ -811,6 +814,7 @@ impl Applier {
             key_cache: HashMap::new(),
             applied,
             unflushed_segments: 0,
+            dctx: zstd::bulk::Decompressor::new().ok(),
         }
     }
 
@@ -849,7 +853,11 @@ impl Applier {
                 continue;
             }
             let plain = match body {
-                Some(b) => frame::decompress(&pos.header, &b).map_err(|e| e.to_string()),
+                Some(b) => match self.dctx.as_mut() {
+                    Some(d) => frame::decompress_with(d, &pos.header, &b),
+                    None => frame::decompress(&pos.header, &b),
+                }
+                .map_err(|e| e.to_string()),
                 None => {
                     let dir = self.vol.lock_journal().dir().to_owned();
                     journal::read_frame(&dir, &pos)

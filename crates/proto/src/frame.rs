@@ -373,6 +373,19 @@ pub mod ring_op {
 /// Compresses and seals a plaintext into a frame. `h.plain_len`,
 /// `cipher_len` and `features` are filled in here.
 pub fn seal(
+    h: SegmentHeader,
+    plain: &[u8],
+    zstd_level: i32,
+    key: &StreamKey,
+) -> Result<Vec<u8>, FrameError> {
+    let mut c = zstd::bulk::Compressor::new(zstd_level)
+        .map_err(|e| FrameError::Decompress(e.to_string()))?;
+    seal_with(&mut c, h, plain, zstd_level, key)
+}
+
+/// [`seal`] with a reusable compression context (one per worker thread).
+pub fn seal_with(
+    compressor: &mut zstd::bulk::Compressor<'_>,
     mut h: SegmentHeader,
     plain: &[u8],
     zstd_level: i32,
@@ -381,7 +394,8 @@ pub fn seal(
     if plain.len() > MAX_PLAIN_LEN as usize {
         return Err(FrameError::Records("segment too large"));
     }
-    let mut body = zstd::bulk::compress(plain, zstd_level)
+    let mut body = compressor
+        .compress(plain)
         .map_err(|e| FrameError::Decompress(e.to_string()))?;
     body.reserve(TAG_LEN);
     h.features = FEATURE_ZSTD;
@@ -438,7 +452,19 @@ pub fn authenticate(
 
 /// Decompresses an authenticated payload and checks its length.
 pub fn decompress(h: &SegmentHeader, body: &[u8]) -> Result<Vec<u8>, FrameError> {
-    let plain = zstd::bulk::decompress(body, h.plain_len as usize)
+    let mut d =
+        zstd::bulk::Decompressor::new().map_err(|e| FrameError::Decompress(e.to_string()))?;
+    decompress_with(&mut d, h, body)
+}
+
+/// [`decompress`] with a reusable decompression context.
+pub fn decompress_with(
+    d: &mut zstd::bulk::Decompressor<'_>,
+    h: &SegmentHeader,
+    body: &[u8],
+) -> Result<Vec<u8>, FrameError> {
+    let plain = d
+        .decompress(body, h.plain_len as usize)
         .map_err(|e| FrameError::Decompress(e.to_string()))?;
     if plain.len() != h.plain_len as usize {
         return Err(FrameError::Records(
