@@ -217,11 +217,12 @@ fn wrong_data_key_is_critical_on_both_sides_and_nothing_applies() {
     assert!(replica_is_zero(&st, "v"));
 }
 
-#[test]
-fn certificate_from_another_ca_is_refused() {
+/// A source presenting `cert` is refused: it stops as Critical with
+/// `reason`, and the target's volume is left exactly as it was.
+fn assert_source_refused(cert: (&str, &str), reason: &str) {
     let env = Env::new();
     let (_t, addr, st) = target(&env, &[("v", SIZE)]);
-    let (mut s, _src) = source_with(&env, &addr, ("foreign", SOURCE_CN), &env.path("keys.toml"));
+    let (mut s, _src) = source_with(&env, &addr, cert, &env.path("keys.toml"));
     assert_eq!(
         s.wait_exit(Duration::from_secs(30)),
         Some(3),
@@ -230,42 +231,27 @@ fn certificate_from_another_ca_is_refused() {
     );
     let status = s.status("v").expect("status");
     assert!(
-        status.reasons.iter().any(|r| r.contains("certificate")),
+        status.reasons.iter().any(|r| r.contains(reason)),
         "{:?}",
         status.reasons
     );
     let ts = target_state(&st, "v");
     assert!(
         ts.critical.is_none(),
-        "an unauthenticated caller must not change the volume"
+        "a refused caller must not change the volume"
     );
     assert_eq!(ts.applied_seq, 0);
     assert!(replica_is_zero(&st, "v"));
 }
 
 #[test]
+fn certificate_from_another_ca_is_refused() {
+    assert_source_refused(("foreign", SOURCE_CN), "certificate");
+}
+
+#[test]
 fn certificate_not_authorized_for_the_volume_is_refused() {
-    let env = Env::new();
-    let (_t, addr, st) = target(&env, &[("v", SIZE)]);
-    let (mut s, _src) = source_with(&env, &addr, ("pki", "intruder"), &env.path("keys.toml"));
-    assert_eq!(
-        s.wait_exit(Duration::from_secs(30)),
-        Some(3),
-        "{}",
-        s.log_text()
-    );
-    let status = s.status("v").expect("status");
-    assert!(
-        status.reasons.iter().any(|r| r.contains("not allowed")),
-        "{:?}",
-        status.reasons
-    );
-    let ts = target_state(&st, "v");
-    assert!(
-        ts.critical.is_none(),
-        "an unauthorised caller must not change the volume"
-    );
-    assert!(replica_is_zero(&st, "v"));
+    assert_source_refused(("pki", "intruder"), "not allowed");
 }
 
 #[test]

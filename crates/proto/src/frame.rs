@@ -204,31 +204,8 @@ impl SegmentHeader {
     }
 }
 
-/// One record as shipped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireRecord {
-    /// Sequence.
-    pub seq: u64,
-    /// Operation (`ring_abi::OP_*` or [`OP_SKIPPED`]).
-    pub op: u8,
-    /// Flags.
-    pub flags: u8,
-    /// Volume index within the group.
-    pub volume: u32,
-    /// First sector.
-    pub sector: u64,
-    /// Bytes affected.
-    pub len: u32,
-    /// Submission time.
-    pub submit_ns: u64,
-    /// Marker id etc.
-    pub aux: u64,
-    /// Payload (writes only).
-    pub data: Vec<u8>,
-}
-
 /// Appends a record to a plaintext buffer.
-pub fn encode_record(out: &mut Vec<u8>, r: &WireRecord) {
+pub fn encode_record(out: &mut Vec<u8>, r: &RecordView<'_>) {
     encode_record_parts(
         out,
         r.seq,
@@ -491,7 +468,7 @@ mod tests {
 
     fn sample() -> (SegmentHeader, Vec<u8>) {
         let recs = [
-            WireRecord {
+            RecordView {
                 seq: 10,
                 op: ring_op::WRITE,
                 flags: 0,
@@ -500,9 +477,9 @@ mod tests {
                 len: 4096,
                 submit_ns: 1,
                 aux: 0,
-                data: vec![7; 4096],
+                data: &[7; 4096],
             },
-            WireRecord {
+            RecordView {
                 seq: 11,
                 op: ring_op::FLUSH,
                 flags: 0,
@@ -511,9 +488,9 @@ mod tests {
                 len: 0,
                 submit_ns: 2,
                 aux: 0,
-                data: vec![],
+                data: &[],
             },
-            WireRecord {
+            RecordView {
                 seq: 12,
                 op: OP_SKIPPED,
                 flags: 0,
@@ -522,7 +499,7 @@ mod tests {
                 len: 512,
                 submit_ns: 3,
                 aux: 0,
-                data: vec![],
+                data: &[],
             },
         ];
         let mut plain = Vec::new();
