@@ -216,7 +216,7 @@ pub fn encode_record(out: &mut Vec<u8>, r: &RecordView<'_>) {
         r.len,
         r.submit_ns,
         r.aux,
-        &r.data,
+        r.data,
     );
 }
 
