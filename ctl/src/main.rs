@@ -47,9 +47,14 @@ enum Cmd {
     },
     /// Show the status a daemon publishes in its state directory.
     Status {
-        /// The daemon's state directory.
+        /// The daemon's state directory: asks its control socket
+        /// (`replicad.sock` there), or, if the daemon is not running, shows
+        /// the last status it published.
+        #[arg(long, required_unless_present = "socket")]
+        state_dir: Option<PathBuf>,
+        /// A control socket path (when it is not in the state directory).
         #[arg(long)]
-        state_dir: PathBuf,
+        socket: Option<PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -224,9 +229,35 @@ fn run(cli: Cli) -> Result<(), String> {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
-        Cmd::Status { state_dir, json } => {
-            let vols = replicad::status::read(&state_dir)
-                .map_err(|e| format!("{}: {e}", state_dir.display()))?;
+        Cmd::Status {
+            state_dir,
+            socket,
+            json,
+        } => {
+            let sock = socket
+                .clone()
+                .or_else(|| state_dir.as_deref().map(replicad::control::default_path));
+            let live = sock
+                .as_deref()
+                .map(|s| replicad::control::request(s, "status"));
+            let vols = match (live, &state_dir) {
+                (Some(Ok(r)), _) => r.status.unwrap_or_default(),
+                // An explicit socket that does not answer is an error.
+                (Some(Err(e)), _) if socket.is_some() => return Err(e),
+                // A refused caller must not fall back to the file.
+                (Some(Err(e)), _) if e.to_lowercase().contains("permission denied") => {
+                    return Err(e)
+                }
+                (_, Some(dir)) => {
+                    eprintln!(
+                        "replctl: daemon not answering; last published status from {}",
+                        dir.display()
+                    );
+                    replicad::status::read(dir).map_err(|e| format!("{}: {e}", dir.display()))?
+                }
+                (Some(Err(e)), None) => return Err(e),
+                (None, None) => return Err("give --state-dir or --socket".into()),
+            };
             if json {
                 println!(
                     "{}",

@@ -121,6 +121,9 @@ pub struct SourceConfig {
     pub keys: PathBuf,
     /// Directory for this daemon's own state (never on a protected volume).
     pub state_dir: PathBuf,
+    /// Control socket (mode 0600). Default `<state_dir>/replicad.sock`.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
     /// Replication epoch this source is at. Default 1.
     #[serde(default = "one")]
     pub epoch: u64,
@@ -172,6 +175,9 @@ pub struct TargetConfig {
     pub keys: PathBuf,
     /// Directory for journals and state.
     pub state_dir: PathBuf,
+    /// Control socket (mode 0600). Default `<state_dir>/replicad.sock`.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
     /// Journal file size before rotation, bytes. Default 64 MiB.
     #[serde(default = "journal_file_bytes")]
     pub journal_file_bytes: u64,

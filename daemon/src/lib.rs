@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod link;
 pub mod retry;
 pub mod source;
@@ -52,6 +53,15 @@ pub enum DaemonError {
     /// Not supported by this build.
     #[error("{0}")]
     Unsupported(String),
+}
+
+/// Creates a daemon's state directory, readable by its owner only (it holds
+/// journals, status and the control socket).
+pub fn create_state_dir(dir: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| DaemonError::io("create state directory", dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| DaemonError::io("restrict state directory", dir, e))
 }
 
 impl DaemonError {

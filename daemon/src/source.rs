@@ -93,6 +93,8 @@ pub struct Source {
     tls: Arc<rustls::ClientConfig>,
     board: Arc<StatusBoard>,
     stop: Arc<AtomicBool>,
+    notifier: std::sync::Mutex<crate::control::Notifier>,
+    control: Option<JoinHandle<()>>,
 }
 
 impl Source {
@@ -100,26 +102,60 @@ impl Source {
     pub fn new(cfg: SourceConfig, stop: Arc<AtomicBool>) -> Result<Self, DaemonError> {
         let keys = Arc::new(KeyRing::load(&cfg.keys)?);
         let tls = crate::tls::client_config(&cfg.tls)?;
-        std::fs::create_dir_all(&cfg.state_dir)
-            .map_err(|e| DaemonError::io("create state directory", &cfg.state_dir, e))?;
+        crate::create_state_dir(&cfg.state_dir)?;
         let board = Arc::new(StatusBoard::new(
             &cfg.state_dir,
             vec![VolumeStatus::new(&cfg.volume, Role::Primary)],
         ));
+        let sock = cfg
+            .control_socket
+            .clone()
+            .unwrap_or_else(|| crate::control::default_path(&cfg.state_dir));
+        let control = Some(crate::control::serve(&sock, board.clone(), stop.clone())?);
         Ok(Self {
             cfg,
             keys,
             tls,
             board,
             stop,
+            notifier: std::sync::Mutex::new(crate::control::Notifier::new()),
+            control,
         })
+    }
+
+    fn tick(&self) {
+        self.notifier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .tick();
     }
 
     /// Replicates until stopped. Returns an error only for a
     /// non-recoverable condition (after publishing Critical).
-    pub fn run(self) -> Result<(), DaemonError> {
+    pub fn run(mut self) -> Result<(), DaemonError> {
+        let r = self.run_inner();
+        self.notifier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stopping();
+        self.stop.store(true, Ordering::Release);
+        if let Some(c) = self.control.take() {
+            let _ = c.join();
+        }
+        r
+    }
+
+    fn run_inner(&self) -> Result<(), DaemonError> {
         let mut consumer = open_ring(&self.cfg)?;
         let generation = consumer.mapping().generation();
+        // Ring attached, control socket up: the source can serve.
+        self.notifier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ready(&format!(
+                "replicating volume {} to {}",
+                self.cfg.volume, self.cfg.target
+            ));
         let vol = self.cfg.volume.clone();
         self.board.update(&vol, |s| {
             s.generation = hex::encode(generation);
@@ -155,6 +191,7 @@ impl Source {
                         s.retries = backoff.attempts() as u64;
                     });
                     while Instant::now() < at && !self.stop.load(Ordering::Acquire) {
+                        self.tick();
                         std::thread::sleep((at - Instant::now()).min(Duration::from_millis(50)));
                     }
                 }
@@ -442,6 +479,7 @@ impl Source {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
+            self.tick();
             // Collect what the workers finished, in counter order.
             while link.queued() < MAX_QUEUED_BYTES && !workers_done {
                 match out_rx.try_recv() {

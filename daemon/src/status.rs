@@ -140,6 +140,11 @@ impl StatusBoard {
         self.publish();
     }
 
+    /// A copy of every volume's status.
+    pub fn all(&self) -> Vec<VolumeStatus> {
+        self.vols.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// A copy of one volume's status.
     pub fn get(&self, volume: &str) -> Option<VolumeStatus> {
         self.vols

@@ -111,6 +111,8 @@ pub struct Target {
     board: Arc<StatusBoard>,
     stop: Arc<AtomicBool>,
     listener: TcpListener,
+    control: JoinHandle<()>,
+    notifier: crate::control::Notifier,
 }
 
 /// A failure handling one connection, classified.
@@ -144,8 +146,7 @@ impl Target {
     pub fn start(cfg: &TargetConfig, stop: Arc<AtomicBool>) -> Result<Self, DaemonError> {
         let keys = Arc::new(KeyRing::load(&cfg.keys)?);
         let tls = crate::tls::server_config(&cfg.tls)?;
-        std::fs::create_dir_all(&cfg.state_dir)
-            .map_err(|e| DaemonError::io("create state directory", &cfg.state_dir, e))?;
+        crate::create_state_dir(&cfg.state_dir)?;
         let board = Arc::new(StatusBoard::new(
             &cfg.state_dir,
             cfg.volumes
@@ -171,6 +172,18 @@ impl Target {
             .unwrap_or_default();
         // The bound address (useful with port 0) for operators and tools.
         replica_store::state::write_atomic(&cfg.state_dir.join("listen.addr"), bound.as_bytes())?;
+        let sock = cfg
+            .control_socket
+            .clone()
+            .unwrap_or_else(|| crate::control::default_path(&cfg.state_dir));
+        let control = crate::control::serve(&sock, board.clone(), stop.clone())?;
+        let notifier = crate::control::Notifier::new();
+        // Journals scanned, replicas open, listening, control socket up:
+        // only now can the target serve.
+        notifier.ready(&format!(
+            "listening on {bound}, {} volume(s)",
+            volumes.len()
+        ));
         tracing::info!(listen = %bound, "target ready");
         Ok(Self {
             volumes,
@@ -180,6 +193,8 @@ impl Target {
             board,
             stop,
             listener,
+            control,
+            notifier,
         })
     }
 
@@ -190,9 +205,10 @@ impl Target {
 
     /// Accepts connections until `stop` is set, then waits for the
     /// appliers to finish what is journaled.
-    pub fn run(self) -> Result<(), DaemonError> {
+    pub fn run(mut self) -> Result<(), DaemonError> {
         let mut conns: Vec<JoinHandle<()>> = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
+            self.notifier.tick();
             match self.listener.accept() {
                 Ok((sock, peer)) => {
                     tracing::info!(%peer, "connection");
@@ -220,11 +236,13 @@ impl Target {
         for h in conns {
             let _ = h.join();
         }
+        self.notifier.stopping();
         // Appliers end when every sender of their channel is gone.
         drop(self.volumes);
         for a in self.appliers {
             let _ = a.join();
         }
+        let _ = self.control.join();
         Ok(())
     }
 }

@@ -1,0 +1,245 @@
+//! The control socket: a Unix stream socket, mode 0600, whose callers are
+//! checked with SO_PEERCRED (root or the daemon's own user only). One JSON
+//! request per line, one JSON response per line:
+//!
+//! ```text
+//! -> {"version":1,"command":"status"}
+//! <- {"version":1,"ok":true,"status":[{...per volume...}]}
+//! <- {"version":1,"ok":false,"error":"..."}
+//! ```
+//!
+//! Also here: the systemd notification protocol (READY, STATUS, WATCHDOG).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::status::{StatusBoard, VolumeStatus};
+use crate::DaemonError;
+
+/// Version of the control protocol.
+pub const CONTROL_VERSION: u32 = 1;
+
+/// A request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// Protocol version.
+    pub version: u32,
+    /// `status`.
+    pub command: String,
+}
+
+/// A response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// Protocol version.
+    pub version: u32,
+    /// Success.
+    pub ok: bool,
+    /// Per-volume status (for `status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Vec<VolumeStatus>>,
+    /// Error text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    fn err(m: impl Into<String>) -> Self {
+        Self {
+            version: CONTROL_VERSION,
+            ok: false,
+            status: None,
+            error: Some(m.into()),
+        }
+    }
+}
+
+/// The default socket path for a state directory.
+pub fn default_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("replicad.sock")
+}
+
+/// Serves the control socket until `stop`.
+pub fn serve(
+    path: &Path,
+    board: Arc<StatusBoard>,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, DaemonError> {
+    let io = |e| DaemonError::io("control socket", path, e);
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    listener.set_nonblocking(true).map_err(io)?;
+    let own_uid = nix::unistd::geteuid().as_raw();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let b = board.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("control-conn".into())
+                            .spawn(move || handle(s, &b, own_uid));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        let mut fds = [nix::poll::PollFd::new(
+                            listener.as_fd(),
+                            nix::poll::PollFlags::POLLIN,
+                        )];
+                        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket accept failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .map_err(io)
+}
+
+fn handle(s: UnixStream, board: &StatusBoard, own_uid: u32) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+    let mut w = match s.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let uid = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.uid());
+    let resp = match uid {
+        Ok(uid) if uid == 0 || uid == own_uid => {
+            let mut line = String::new();
+            match BufReader::new(&s).take(64 * 1024).read_line(&mut line) {
+                Ok(_) => respond(&line, board),
+                Err(e) => Response::err(format!("reading request: {e}")),
+            }
+        }
+        Ok(uid) => {
+            tracing::warn!(uid, "control socket: refused caller");
+            Response::err(format!(
+                "permission denied: uid {uid} is not allowed (root or the daemon's user only)"
+            ))
+        }
+        Err(e) => Response::err(format!("cannot identify caller: {e}")),
+    };
+    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    out.push(b'\n');
+    let _ = w.write_all(&out);
+}
+
+use std::io::Read as _;
+
+fn respond(line: &str, board: &StatusBoard) -> Response {
+    let req: Request = match serde_json::from_str(line.trim()) {
+        Ok(r) => r,
+        Err(e) => return Response::err(format!("malformed request: {e}")),
+    };
+    if req.version != CONTROL_VERSION {
+        return Response::err(format!(
+            "control protocol version {} not supported (this daemon speaks {CONTROL_VERSION})",
+            req.version
+        ));
+    }
+    match req.command.as_str() {
+        "status" => Response {
+            version: CONTROL_VERSION,
+            ok: true,
+            status: Some(board.all()),
+            error: None,
+        },
+        other => Response::err(format!("unknown command {other:?}")),
+    }
+}
+
+/// Sends one request to a daemon's control socket.
+pub fn request(path: &Path, command: &str) -> Result<Response, String> {
+    let mut s = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = Request {
+        version: CONTROL_VERSION,
+        command: command.to_owned(),
+    };
+    let mut b = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+    b.push(b'\n');
+    s.write_all(&b)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let r: Response =
+        serde_json::from_str(&line).map_err(|e| format!("malformed response: {e}"))?;
+    if r.ok {
+        Ok(r)
+    } else {
+        Err(r.error.unwrap_or_else(|| "request failed".into()))
+    }
+}
+
+/// systemd notifications (no-ops when not started by systemd).
+pub struct Notifier {
+    watchdog: Option<Duration>,
+    last: Instant,
+}
+
+impl Notifier {
+    /// Reads the watchdog interval systemd asked for, if any.
+    pub fn new() -> Self {
+        let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+        Self {
+            watchdog,
+            last: Instant::now(),
+        }
+    }
+
+    /// The daemon can serve.
+    pub fn ready(&self, status: &str) {
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(status),
+        ]);
+    }
+
+    /// Updates the status line systemd shows.
+    pub fn status(&self, status: &str) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(status)]);
+    }
+
+    /// Called from a main loop: pings the watchdog when due, so a hung loop
+    /// gets the daemon restarted.
+    pub fn tick(&mut self) {
+        if let Some(every) = self.watchdog {
+            if self.last.elapsed() >= every {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                self.last = Instant::now();
+            }
+        }
+    }
+
+    /// The daemon is stopping.
+    pub fn stopping(&self) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    }
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
