@@ -65,25 +65,46 @@ impl From<Exit> for ExitCode {
     }
 }
 
-/// Blocks SIGINT/SIGTERM in every thread and sets `stop` when one arrives.
-fn stop_on_signals() -> Arc<AtomicBool> {
+/// What the signal thread reports.
+#[derive(Clone)]
+pub struct Signals {
+    /// Set at SIGINT/SIGTERM.
+    pub stop: Arc<AtomicBool>,
+    /// Bumped at every SIGHUP (reload keys).
+    pub hup: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in every thread and handles them on one.
+fn signals() -> Signals {
     use nix::sys::signal::{SigSet, Signal};
-    let stop = Arc::new(AtomicBool::new(false));
+    let sig = Signals {
+        stop: Arc::new(AtomicBool::new(false)),
+        hup: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    };
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
     if set.thread_block().is_ok() {
-        let s = stop.clone();
+        let s = sig.clone();
         let _ = std::thread::Builder::new()
             .name("signals".into())
-            .spawn(move || {
-                if let Ok(sig) = set.wait() {
-                    tracing::info!(signal = ?sig, "stopping");
+            .spawn(move || loop {
+                match set.wait() {
+                    Ok(Signal::SIGHUP) => {
+                        tracing::info!("SIGHUP: reloading keys");
+                        s.hup.fetch_add(1, Ordering::AcqRel);
+                    }
+                    Ok(sig) => {
+                        tracing::info!(signal = ?sig, "stopping");
+                        s.stop.store(true, Ordering::Release);
+                        return;
+                    }
+                    Err(_) => return,
                 }
-                s.store(true, Ordering::Release);
             });
     }
-    stop
+    sig
 }
 
 fn init_logging() {
@@ -123,17 +144,17 @@ pub fn main() -> ExitCode {
             };
         }
         RoleCmd::Source { config } => {
-            let stop = stop_on_signals();
+            let sig = signals();
             SourceConfig::load(&config)
                 .map_err(crate::DaemonError::from)
-                .and_then(|c| crate::source::Source::new(c, stop))
+                .and_then(|c| crate::source::Source::new(c, sig))
                 .map(|s| s.run())
         }
         RoleCmd::Target { config } => {
-            let stop = stop_on_signals();
+            let sig = signals();
             TargetConfig::load(&config)
                 .map_err(crate::DaemonError::from)
-                .and_then(|c| crate::target::Target::start(&c, stop))
+                .and_then(|c| crate::target::Target::start(&c, sig))
                 .map(|t| t.run())
         }
     };

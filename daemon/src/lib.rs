@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod keystore;
 pub mod link;
 pub mod retry;
 pub mod source;

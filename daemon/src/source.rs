@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use replica_proto::frame::{self, SegmentHeader, OP_SKIPPED};
-use replica_proto::keys::{self, Direction, KeyRing, StreamContext, StreamKey};
+use replica_proto::keys::{self, Direction, StreamContext, StreamKey};
+
+use crate::keystore::KeyStore;
 use replica_proto::msg::{self, ErrorClass as WireClass, Hello, Message};
 use replica_ring::{Consumer, FileRelease, Peek, Record, Release};
 
@@ -89,18 +91,21 @@ struct Job {
 /// A running source.
 pub struct Source {
     cfg: SourceConfig,
-    keys: Arc<KeyRing>,
+    keys: Arc<KeyStore>,
+    hup: Arc<AtomicU64>,
     tls: Arc<rustls::ClientConfig>,
     board: Arc<StatusBoard>,
     stop: Arc<AtomicBool>,
     notifier: std::sync::Mutex<crate::control::Notifier>,
     control: Option<JoinHandle<()>>,
+    hup_seen: AtomicU64,
 }
 
 impl Source {
     /// Loads keys and TLS material.
-    pub fn new(cfg: SourceConfig, stop: Arc<AtomicBool>) -> Result<Self, DaemonError> {
-        let keys = Arc::new(KeyRing::load(&cfg.keys)?);
+    pub fn new(cfg: SourceConfig, sig: crate::cli::Signals) -> Result<Self, DaemonError> {
+        let stop = sig.stop.clone();
+        let keys = KeyStore::load(&cfg.keys)?;
         let tls = crate::tls::client_config(&cfg.tls)?;
         crate::create_state_dir(&cfg.state_dir)?;
         let board = Arc::new(StatusBoard::new(
@@ -120,14 +125,20 @@ impl Source {
             stop,
             notifier: std::sync::Mutex::new(crate::control::Notifier::new()),
             control,
+            hup: sig.hup,
+            hup_seen: AtomicU64::new(0),
         })
     }
 
+    /// Called from the main loops: watchdog, and key reload after SIGHUP.
     fn tick(&self) {
         self.notifier
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .tick();
+        let mut seen = self.hup_seen.load(Ordering::Acquire);
+        self.keys.reload_on(&self.hup, &mut seen);
+        self.hup_seen.store(seen, Ordering::Release);
     }
 
     /// Replicates until stopped. Returns an error only for a
@@ -267,19 +278,16 @@ impl Source {
             s.retries = 0;
             s.durable_seq = welcome.durable;
         });
-        let key = match StreamKey::derive(
-            &self.keys,
-            self.keys.active(),
-            &StreamContext {
-                stream_id: welcome.stream_id,
-                volume: &self.cfg.volume,
-                direction: Direction::Forward,
-                epoch: self.cfg.epoch,
-            },
-        ) {
-            Ok(k) => Arc::new(k),
-            Err(e) => return (consumer, Err(SessionError::fatal(e.to_string()))),
-        };
+        let key = Arc::new(SessionKeys {
+            store: self.keys.clone(),
+            stream_id: welcome.stream_id,
+            volume: self.cfg.volume.clone(),
+            epoch: self.cfg.epoch,
+            cache: std::sync::Mutex::new(None),
+        });
+        if let Err(e) = key.current() {
+            return (consumer, Err(SessionError::fatal(e)));
+        }
 
         let acked = Arc::new(AtomicU64::new(welcome.durable));
         let session_stop = Arc::new(AtomicBool::new(false));
@@ -321,7 +329,7 @@ impl Source {
             let ctx = BatchCtx {
                 header: SegmentHeader {
                     features: 0,
-                    key_id: self.keys.active(),
+                    key_id: 0, // set by seal
                     stream_id: welcome.stream_id,
                     generation: consumer.mapping().generation(),
                     volume_tag: keys::volume_tag(&self.cfg.volume),
@@ -396,7 +404,7 @@ impl Source {
             epoch: self.cfg.epoch,
             source_random: hex::encode(src_rand),
             oldest_seq: oldest,
-            key_id: self.keys.active(),
+            key_id: self.keys.get().active(),
         }));
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         let w = loop {
@@ -553,10 +561,43 @@ struct Welcomed {
     durable: u64,
 }
 
+/// The stream key of a session, following the active key of the keyring:
+/// after a reload the next segment is sealed with the new key (same stream,
+/// counter going on), so rotation does not interrupt replication.
+struct SessionKeys {
+    store: Arc<KeyStore>,
+    stream_id: [u8; 16],
+    volume: String,
+    epoch: u64,
+    cache: std::sync::Mutex<Option<(u64, Arc<StreamKey>)>>,
+}
+
+impl SessionKeys {
+    fn current(&self) -> Result<Arc<StreamKey>, String> {
+        let v = self.store.version();
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cv, k)) = c.as_ref() {
+            if *cv == v {
+                return Ok(k.clone());
+            }
+        }
+        let kr = self.store.get();
+        let ctx = StreamContext {
+            stream_id: self.stream_id,
+            volume: &self.volume,
+            direction: Direction::Forward,
+            epoch: self.epoch,
+        };
+        let k = Arc::new(StreamKey::derive(&kr, kr.active(), &ctx).map_err(|e| e.to_string())?);
+        *c = Some((v, k.clone()));
+        Ok(k)
+    }
+}
+
 fn seal_worker(
     rx: Receiver<Job>,
     tx: Sender<(u64, Result<Vec<u8>, String>)>,
-    key: &StreamKey,
+    key: &SessionKeys,
     level: i32,
     wake: &UnixStream,
 ) {
@@ -569,8 +610,10 @@ fn seal_worker(
     };
     for job in rx {
         let c = job.header.counter;
-        let r = frame::seal_with(&mut compressor, job.header, &job.plain, level, key)
-            .map_err(|e| e.to_string());
+        let r = key.current().and_then(|k| {
+            frame::seal_with(&mut compressor, job.header, &job.plain, level, &k)
+                .map_err(|e| e.to_string())
+        });
         drop(job.plain);
         if tx.send((c, r)).is_err() {
             return;

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 use replica_proto::frame::{self, FrameError, RecordView, SegmentHeader};
-use replica_proto::keys::{self, Direction, KeyRing, StreamContext, StreamKey};
+use replica_proto::keys::{self, Direction, StreamContext, StreamKey};
+
+use crate::keystore::KeyStore;
 use replica_proto::msg::{self, Ack, ErrorClass, ErrorMsg, Hello, Message, Welcome};
 use replica_store::journal::{self, FramePos, Journal};
 use replica_store::replica::{ApplyOp, FileReplica, ReplicaStore};
@@ -106,13 +108,14 @@ impl Volume {
 pub struct Target {
     volumes: HashMap<String, Arc<Volume>>,
     appliers: Vec<JoinHandle<()>>,
-    keys: Arc<KeyRing>,
+    keys: Arc<KeyStore>,
     tls: Arc<rustls::ServerConfig>,
     board: Arc<StatusBoard>,
     stop: Arc<AtomicBool>,
     listener: TcpListener,
     control: JoinHandle<()>,
     notifier: crate::control::Notifier,
+    hup: Arc<AtomicU64>,
 }
 
 /// A failure handling one connection, classified.
@@ -143,8 +146,9 @@ impl Refusal {
 impl Target {
     /// Opens every volume (journal scan, replay of unapplied segments,
     /// orphan point cleanup) and binds the listener.
-    pub fn start(cfg: &TargetConfig, stop: Arc<AtomicBool>) -> Result<Self, DaemonError> {
-        let keys = Arc::new(KeyRing::load(&cfg.keys)?);
+    pub fn start(cfg: &TargetConfig, sig: crate::cli::Signals) -> Result<Self, DaemonError> {
+        let stop = sig.stop.clone();
+        let keys = KeyStore::load(&cfg.keys)?;
         let tls = crate::tls::server_config(&cfg.tls)?;
         crate::create_state_dir(&cfg.state_dir)?;
         let board = Arc::new(StatusBoard::new(
@@ -195,6 +199,7 @@ impl Target {
             listener,
             control,
             notifier,
+            hup: sig.hup,
         })
     }
 
@@ -207,8 +212,10 @@ impl Target {
     /// appliers to finish what is journaled.
     pub fn run(mut self) -> Result<(), DaemonError> {
         let mut conns: Vec<JoinHandle<()>> = Vec::new();
+        let mut hup_seen = self.hup.load(Ordering::Acquire);
         while !self.stop.load(Ordering::Acquire) {
             self.notifier.tick();
+            self.keys.reload_on(&self.hup, &mut hup_seen);
             match self.listener.accept() {
                 Ok((sock, peer)) => {
                     tracing::info!(%peer, "connection");
@@ -250,7 +257,7 @@ impl Target {
 fn open_volume(
     cfg: &TargetConfig,
     vc: &TargetVolume,
-    keys: Arc<KeyRing>,
+    keys: Arc<KeyStore>,
     board: Arc<StatusBoard>,
     stop: Arc<AtomicBool>,
 ) -> Result<(Arc<Volume>, JoinHandle<()>), DaemonError> {
@@ -333,7 +340,7 @@ type Journaled = (FramePos, Vec<u8>);
 
 struct ConnCtx {
     volumes: HashMap<String, Arc<Volume>>,
-    keys: Arc<KeyRing>,
+    keys: Arc<KeyStore>,
     tls: Arc<rustls::ServerConfig>,
     board: Arc<StatusBoard>,
     stop: Arc<AtomicBool>,
@@ -540,7 +547,7 @@ impl ConnCtx {
             }
             (durable, vol.applied.load(Ordering::Acquire), st.epoch)
         };
-        if !self.keys.ids().contains(&hello.key_id) {
+        if !self.keys.get().ids().contains(&hello.key_id) {
             return Err(replica_err(Refusal::fatal(
                 "unknown-key",
                 format!(
@@ -696,7 +703,7 @@ impl ConnCtx {
                 direction: Direction::Forward,
                 epoch: s.epoch,
             };
-            let k = StreamKey::derive(&self.keys, h.key_id, &ctx).map_err(|_| {
+            let k = StreamKey::derive(&self.keys.get(), h.key_id, &ctx).map_err(|_| {
                 Refusal::fatal(
                     "unknown-key",
                     format!("segment sealed with unknown key id {}", h.key_id),
@@ -803,7 +810,7 @@ fn recv_hello(link: &mut Link) -> Result<Hello, Refusal> {
 struct Applier {
     vol: Arc<Volume>,
     replica: Box<dyn ReplicaStore>,
-    keys: Arc<KeyRing>,
+    keys: Arc<KeyStore>,
     board: Arc<StatusBoard>,
     stop: Arc<AtomicBool>,
     key_cache: HashMap<([u8; 16], u32, u64), StreamKey>,
@@ -818,7 +825,7 @@ impl Applier {
     fn new(
         vol: Arc<Volume>,
         replica: Box<dyn ReplicaStore>,
-        keys: Arc<KeyRing>,
+        keys: Arc<KeyStore>,
         board: Arc<StatusBoard>,
         stop: Arc<AtomicBool>,
     ) -> Self {
@@ -975,7 +982,8 @@ impl Applier {
                 direction: Direction::Forward,
                 epoch: h.epoch,
             };
-            let key = StreamKey::derive(&self.keys, h.key_id, &ctx).map_err(|e| e.to_string())?;
+            let key =
+                StreamKey::derive(&self.keys.get(), h.key_id, &ctx).map_err(|e| e.to_string())?;
             if self.key_cache.len() > 64 {
                 self.key_cache.clear();
             }

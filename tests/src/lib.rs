@@ -281,6 +281,13 @@ impl Daemon {
         }
     }
 
+    /// Sends a signal (e.g. SIGHUP).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &self.child {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig).expect("signal");
+        }
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> Option<i32> {
         if let Some(c) = &self.child {
