@@ -122,21 +122,20 @@ fn handle(s: UnixStream, board: &StatusBoard, own_uid: u32) {
     };
     let uid = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
         .map(|c| c.uid());
-    let resp = match uid {
-        Ok(uid) if uid == 0 || uid == own_uid => {
-            let mut line = String::new();
-            match BufReader::new(&s).take(64 * 1024).read_line(&mut line) {
-                Ok(_) => respond(&line, board),
-                Err(e) => Response::err(format!("reading request: {e}")),
-            }
-        }
-        Ok(uid) => {
+    // Read the request line whoever asks, so a refused caller gets the
+    // refusal rather than a reset connection.
+    let mut line = String::new();
+    let read = BufReader::new(&s).take(64 * 1024).read_line(&mut line);
+    let resp = match (uid, read) {
+        (Ok(uid), _) if uid != 0 && uid != own_uid => {
             tracing::warn!(uid, "control socket: refused caller");
             Response::err(format!(
                 "permission denied: uid {uid} is not allowed (root or the daemon's user only)"
             ))
         }
-        Err(e) => Response::err(format!("cannot identify caller: {e}")),
+        (Ok(_), Ok(_)) => respond(&line, board),
+        (Ok(_), Err(e)) => Response::err(format!("reading request: {e}")),
+        (Err(e), _) => Response::err(format!("cannot identify caller: {e}")),
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
