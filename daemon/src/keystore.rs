@@ -47,15 +47,4 @@ impl KeyStore {
         self.version.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
-
-    /// Reloads if `hup` moved since `seen` (a SIGHUP arrived).
-    pub fn reload_on(&self, hup: &AtomicU64, seen: &mut u64) {
-        let h = hup.load(Ordering::Acquire);
-        if h != *seen {
-            *seen = h;
-            if let Err(e) = self.reload() {
-                tracing::error!(error = %e, "keyring reload failed; keeping the keys in force");
-            }
-        }
-    }
 }

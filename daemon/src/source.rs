@@ -93,7 +93,7 @@ pub struct Source {
     cfg: SourceConfig,
     keys: Arc<KeyStore>,
     hup: Arc<AtomicU64>,
-    tls: Arc<rustls::ClientConfig>,
+    tls: crate::tls::Reloadable<rustls::ClientConfig>,
     board: Arc<StatusBoard>,
     stop: Arc<AtomicBool>,
     notifier: std::sync::Mutex<crate::control::Notifier>,
@@ -106,7 +106,7 @@ impl Source {
     pub fn new(cfg: SourceConfig, sig: crate::cli::Signals) -> Result<Self, DaemonError> {
         let stop = sig.stop.clone();
         let keys = KeyStore::load(&cfg.keys)?;
-        let tls = crate::tls::client_config(&cfg.tls)?;
+        let tls = crate::tls::Reloadable::new(crate::tls::client_config(&cfg.tls)?);
         crate::create_state_dir(&cfg.state_dir)?;
         let board = Arc::new(StatusBoard::new(
             &cfg.state_dir,
@@ -136,9 +136,46 @@ impl Source {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .tick();
-        let mut seen = self.hup_seen.load(Ordering::Acquire);
-        self.keys.reload_on(&self.hup, &mut seen);
-        self.hup_seen.store(seen, Ordering::Release);
+        let h = self.hup.load(Ordering::Acquire);
+        if self.hup_seen.swap(h, Ordering::AcqRel) != h {
+            self.reload();
+        }
+    }
+
+    /// SIGHUP: reload keys (the next segment uses the new active key) and
+    /// certificates (the next connection uses them).
+    fn reload(&self) {
+        if let Err(e) = self.keys.reload() {
+            tracing::error!(error = %e, "keyring reload failed; keeping the keys in force");
+        }
+        match crate::tls::client_config(&self.cfg.tls) {
+            Ok(c) => {
+                self.tls.set(c);
+                tracing::info!("certificates reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "certificate reload failed; keeping the certificates in force")
+            }
+        }
+        self.check_expiry();
+    }
+
+    /// Warns (log and status) about certificates that expire soon.
+    fn check_expiry(&self) {
+        let warnings = crate::tls::expiry_warnings(&self.cfg.tls, std::time::SystemTime::now());
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        self.board.update(&self.cfg.volume, |s| {
+            s.reasons
+                .retain(|r| !(r.contains("certificate") && r.contains("expire")));
+            if !warnings.is_empty() {
+                if s.health == Health::OK {
+                    s.health = Health::Warning;
+                }
+                s.reasons.extend(warnings.iter().cloned());
+            }
+        });
     }
 
     /// Replicates until stopped. Returns an error only for a
@@ -242,7 +279,7 @@ impl Source {
             rustls_pki_types::ServerName::try_from(self.cfg.target_name.clone()).map_err(|e| {
                 SessionError::fatal(format!("target_name {:?}: {e}", self.cfg.target_name))
             })?;
-        let conn = rustls::ClientConnection::new(self.tls.clone(), name)
+        let conn = rustls::ClientConnection::new(self.tls.get(), name)
             .map_err(|e| SessionError::fatal(format!("TLS setup: {e}")))?;
         let mut link =
             Link::new(sock, rustls::Connection::Client(conn)).map_err(SessionError::link)?;
@@ -269,12 +306,16 @@ impl Source {
         let vol = self.cfg.volume.clone();
         self.board.update(&vol, |s| {
             s.connection = Connection::Connected;
-            s.health = if s.failed_records > 0 {
-                Health::Warning
-            } else {
+            // Failed writes and expiring certificates still need an
+            // operator; connection problems are over.
+            s.reasons.retain(|r| {
+                r.starts_with("write failed") || (r.contains("certificate") && r.contains("expire"))
+            });
+            s.health = if s.reasons.is_empty() {
                 Health::OK
+            } else {
+                Health::Warning
             };
-            s.reasons.retain(|r| r.starts_with("write failed"));
             s.retries = 0;
             s.durable_seq = welcome.durable;
         });

@@ -109,7 +109,8 @@ pub struct Target {
     volumes: HashMap<String, Arc<Volume>>,
     appliers: Vec<JoinHandle<()>>,
     keys: Arc<KeyStore>,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<crate::tls::Reloadable<rustls::ServerConfig>>,
+    tls_cfg: crate::config::TlsConfig,
     board: Arc<StatusBoard>,
     stop: Arc<AtomicBool>,
     listener: TcpListener,
@@ -149,7 +150,9 @@ impl Target {
     pub fn start(cfg: &TargetConfig, sig: crate::cli::Signals) -> Result<Self, DaemonError> {
         let stop = sig.stop.clone();
         let keys = KeyStore::load(&cfg.keys)?;
-        let tls = crate::tls::server_config(&cfg.tls)?;
+        let tls = Arc::new(crate::tls::Reloadable::new(crate::tls::server_config(
+            &cfg.tls,
+        )?));
         crate::create_state_dir(&cfg.state_dir)?;
         let board = Arc::new(StatusBoard::new(
             &cfg.state_dir,
@@ -194,6 +197,7 @@ impl Target {
             appliers,
             keys,
             tls,
+            tls_cfg: cfg.tls.clone(),
             board,
             stop,
             listener,
@@ -201,6 +205,47 @@ impl Target {
             notifier,
             hup: sig.hup,
         })
+    }
+
+    /// SIGHUP: reload keys and certificates (new connections use them).
+    /// A file that does not load leaves what is in force.
+    fn reload(&self) {
+        if let Err(e) = self.keys.reload() {
+            tracing::error!(error = %e, "keyring reload failed; keeping the keys in force");
+        }
+        match crate::tls::server_config(&self.tls_cfg) {
+            Ok(c) => {
+                self.tls.set(c);
+                tracing::info!("certificates reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "certificate reload failed; keeping the certificates in force")
+            }
+        }
+        self.check_expiry();
+    }
+
+    /// Warns (log and status) about certificates that expire soon.
+    fn check_expiry(&self) {
+        let warnings = crate::tls::expiry_warnings(&self.tls_cfg, std::time::SystemTime::now());
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        for id in self.volumes.keys() {
+            self.board.update(id, |s| {
+                s.reasons
+                    .retain(|r| !(r.contains("certificate") && r.contains("expire")));
+                if s.reasons.is_empty() && s.health == Health::Warning {
+                    s.health = Health::OK;
+                }
+                if !warnings.is_empty() {
+                    if s.health == Health::OK {
+                        s.health = Health::Warning;
+                    }
+                    s.reasons.extend(warnings.iter().cloned());
+                }
+            });
+        }
     }
 
     /// The bound address.
@@ -213,16 +258,25 @@ impl Target {
     pub fn run(mut self) -> Result<(), DaemonError> {
         let mut conns: Vec<JoinHandle<()>> = Vec::new();
         let mut hup_seen = self.hup.load(Ordering::Acquire);
+        self.check_expiry();
+        let mut last_expiry_check = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             self.notifier.tick();
-            self.keys.reload_on(&self.hup, &mut hup_seen);
+            if self.hup.load(Ordering::Acquire) != hup_seen {
+                hup_seen = self.hup.load(Ordering::Acquire);
+                self.reload();
+            }
+            if last_expiry_check.elapsed() > Duration::from_secs(3600) {
+                self.check_expiry();
+                last_expiry_check = Instant::now();
+            }
             match self.listener.accept() {
                 Ok((sock, peer)) => {
                     tracing::info!(%peer, "connection");
                     let ctx = ConnCtx {
                         volumes: self.volumes.clone(),
                         keys: self.keys.clone(),
-                        tls: self.tls.clone(),
+                        tls: self.tls.get(),
                         board: self.board.clone(),
                         stop: self.stop.clone(),
                     };

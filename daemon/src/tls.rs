@@ -105,3 +105,71 @@ pub fn subject_cn(der: &CertificateDer<'_>) -> Option<String> {
         .to_owned();
     Some(cn)
 }
+
+/// When the first certificate in a PEM file stops being valid.
+pub fn not_after(path: &std::path::Path) -> Result<std::time::SystemTime, TlsError> {
+    let c = certs(path, "certificate")?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(c[0].as_ref()).map_err(|e| TlsError::Pem {
+            what: "certificate",
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    let ts = cert.validity().not_after.timestamp();
+    Ok(std::time::UNIX_EPOCH + std::time::Duration::from_secs(ts.max(0) as u64))
+}
+
+/// Warn this long before a certificate expires.
+pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Reasons to warn about the CA and host certificates of `t`: expiring
+/// within [`EXPIRY_WARNING`], or already expired.
+pub fn expiry_warnings(t: &TlsConfig, now: std::time::SystemTime) -> Vec<String> {
+    let mut out = Vec::new();
+    for (what, p) in [("CA certificate", &t.ca), ("certificate", &t.cert)] {
+        match not_after(p) {
+            Ok(end) if end <= now => out.push(format!("{what} {} has expired", p.display())),
+            Ok(end) if end <= now + EXPIRY_WARNING => {
+                let days = end
+                    .duration_since(now)
+                    .map(|d| d.as_secs() / 86400)
+                    .unwrap_or(0);
+                out.push(format!(
+                    "{what} {} expires in {days} day(s): renew it and send SIGHUP",
+                    p.display()
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => out.push(e.to_string()),
+        }
+    }
+    out
+}
+
+/// A TLS configuration that can be replaced at run time (SIGHUP); new
+/// connections use the newest one.
+pub struct Reloadable<T> {
+    current: std::sync::RwLock<Arc<T>>,
+}
+
+impl<T> Reloadable<T> {
+    /// Wraps a configuration.
+    pub fn new(v: Arc<T>) -> Self {
+        Self {
+            current: std::sync::RwLock::new(v),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn get(&self) -> Arc<T> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces it.
+    pub fn set(&self, v: Arc<T>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = v;
+    }
+}

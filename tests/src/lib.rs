@@ -105,10 +105,10 @@ impl Env {
         replctl::certs::generate(
             &pki,
             &[SOURCE_CN.into(), TARGET_CN.into(), "intruder".into()],
-            30,
+            365,
         )
         .expect("certs");
-        replctl::certs::generate(&root.join("foreign"), &[SOURCE_CN.into()], 30)
+        replctl::certs::generate(&root.join("foreign"), &[SOURCE_CN.into()], 365)
             .expect("foreign certs");
         let kr = replica_proto::keys::KeyRing::generate().expect("keys");
         kr.save(&root.join("keys.toml"), false).expect("save keys");

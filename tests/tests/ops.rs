@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use replica_tests::*;
+use rustls_pki_types::pem::PemObject;
 
 fn target_env(extra: &str) -> (Env, std::path::PathBuf, std::path::PathBuf) {
     let env = Env::new();
@@ -309,4 +310,56 @@ fn key_rotation_mid_stream_does_not_interrupt_and_old_segments_still_apply() {
     assert!(target_state(&st, "v").critical.is_none());
     assert_eq!(std::fs::read(&replica).expect("replica"), before);
     assert!(first_difference(&before, &src.image, &src.masked).is_none());
+}
+
+#[test]
+fn expiring_certificate_warns_and_sighup_reloads_certificates() {
+    let env = Env::new();
+    // Replace the target's certificate by one valid for 10 days.
+    let pki = env.path("pki");
+    for ext in ["pem", "key"] {
+        std::fs::remove_file(pki.join(format!("{TARGET_CN}.{ext}"))).expect("remove");
+    }
+    replctl::certs::issue(&pki, &pki, TARGET_CN, 10).expect("short certificate");
+    let st = env.path("tstate");
+    let cfg = env.target_config("target.toml", &st, &[("v", 1 << 20)], 4, "");
+    let (t, addr) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
+    let warned = |t: &Daemon| {
+        t.status("v").is_some_and(|s| {
+            s.health == replicad::status::Health::Warning
+                && s.reasons.iter().any(|r| r.contains("expires in"))
+        })
+    };
+    wait_for(Duration::from_secs(10), "expiry warning", || warned(&t));
+    assert!(t.log_text().contains("expires in"));
+
+    // Renew, SIGHUP: the warning clears and new connections use the new
+    // certificate.
+    for ext in ["pem", "key"] {
+        std::fs::remove_file(pki.join(format!("{TARGET_CN}.{ext}"))).expect("remove");
+    }
+    replctl::certs::issue(&pki, &pki, TARGET_CN, 365).expect("renewed certificate");
+    let renewed = std::fs::read(pki.join(format!("{TARGET_CN}.pem"))).expect("read");
+    t.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(10), "reload", || {
+        t.log_text().contains("certificates reloaded")
+    });
+    wait_for(Duration::from_secs(10), "warning cleared", || !warned(&t));
+    let c = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [1; 16], 1)
+        .expect("connect after reload");
+    let served = c
+        .link
+        .tls()
+        .peer_certificates()
+        .and_then(|p| p.first().map(|d| d.as_ref().to_vec()))
+        .expect("peer cert");
+    let renewed_der = rustls_pki_types::CertificateDer::pem_slice_iter(&renewed)
+        .next()
+        .expect("one cert")
+        .expect("parse");
+    assert_eq!(
+        served,
+        renewed_der.as_ref(),
+        "the target must serve the renewed certificate"
+    );
 }
