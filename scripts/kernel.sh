@@ -178,7 +178,7 @@ mv "$tmp" "$tree"
 for old in "$kcache/$flavour"-*; do
 	[[ "$old" != "$tree" && "$old" != "$log" ]] || continue
 	say "removing superseded $(basename "$old")"
-	rm -rf "$old"
+	rm -rf "$old" "$CACHE_ROOT/kmod/$(basename "$old")"
 done
 say "kernel ($flavour) built in $((SECONDS - start)) s: $tree"
 echo "$tree"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build dm_replica.ko out of tree against the cached test kernel.
 #
-#   scripts/kmod.sh [--flavour normal|debug] [--broken] [--out DIR]
+#   scripts/kmod.sh [--flavour normal|debug] [--fault NAME | --broken] [--out DIR]
 #
 # Prints the path of the built dm_replica.ko on stdout.
 #
@@ -11,9 +11,12 @@
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/dm-replica/kmod/<kernel>/<variant>
 # Any compiler warning fails the build.
 #
-#   --broken  build the fault-injection variant that corrupts one byte of
-#             every read (DM_REPLICA_FAULT=corrupt-reads-destroys-data); it
-#             exists to prove the VM tests can fail. Never install it.
+#   --fault NAME  build a variant that is broken on purpose, to prove the VM
+#                 tests can fail. Never install one.
+#                   corrupt-reads  flips one byte of every read
+#                   leak           leaks memory in every table constructor
+#                                  (caught by kmemleak in the debug flavour)
+#   --broken      same as --fault corrupt-reads
 set -euo pipefail
 
 # shellcheck source=scripts/lib/common.sh
@@ -26,7 +29,8 @@ while (($# > 0)); do
 	case "$1" in
 	--flavour) flavour=${2:?--flavour needs a value}; shift 2 ;;
 	--flavour=*) flavour=${1#*=}; shift ;;
-	--broken) variant=broken; shift ;;
+	--broken) variant=corrupt-reads; shift ;;
+	--fault) variant=${2:?--fault needs a value}; shift 2 ;;
 	--out) out=${2:?--out needs a value}; shift 2 ;;
 	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 	*) die "unknown argument: $1" ;;
@@ -42,9 +46,12 @@ mapfile -t vars < <(kmake_vars)
 while IFS= read -r v; do
 	[[ -n "$v" ]] && vars+=("$v")
 done <"$tree/.dm-replica-make-vars"
-if [[ "$variant" == broken ]]; then
-	vars+=(DM_REPLICA_FAULT=corrupt-reads-destroys-data)
-fi
+case "$variant" in
+normal) ;;
+corrupt-reads) vars+=(DM_REPLICA_FAULT=corrupt-reads-destroys-data) ;;
+leak) vars+=(DM_REPLICA_FAULT=leak-memory-per-table-line) ;;
+*) die "unknown fault '$variant' (corrupt-reads or leak)" ;;
+esac
 
 mkdir -p "$out"
 exec 8>"$out.lock"

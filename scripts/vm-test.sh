@@ -10,6 +10,9 @@
 #   log-verdict     console logs with a kernel WARNING, BUG, kmemleak report,
 #                   a FAIL marker or no marker must be judged FAIL
 #   timeout         a guest that hangs must be killed at its timeout
+#   kmemleak        (debug flavour only, the normal kernel has no kmemleak)
+#                   the smoke scenario against a module built to leak memory
+#                   in every constructor must FAIL with a kmemleak report
 # Each passes when the failure is detected. A SCENARIO is a name (smoke) or
 # a path; naming scenarios skips the harness checks.
 #
@@ -17,7 +20,7 @@
 #   --flavour normal|debug  kernel flavour (default normal; debug adds
 #                           lockdep, KASAN, kmemleak, DM_FLAKEY)
 #   --broken-module         run only the broken-module check
-#   --harness-checks        run only the harness checks
+#   --harness-checks        run only the harness checks (all of them)
 #   --no-harness-checks     skip the harness checks in a full run
 #   --bin FILE[:NAME]       extra executable for every guest (repeatable),
 #                           e.g. statically linked replicad / replctl
@@ -56,8 +59,8 @@ while (($# > 0)); do
 	esac
 done
 case "$flavour" in
-normal) timeout=${timeout:-300} ;;
-debug) timeout=${timeout:-900} ;;
+normal) timeout=${timeout:-300} hang_timeout=20 ;;
+debug) timeout=${timeout:-900} hang_timeout=120 ;;
 *) die "unknown flavour '$flavour' (normal or debug)" ;;
 esac
 
@@ -119,8 +122,15 @@ if ((${#files[@]} > 0)) && ! ko=$("$REPO_ROOT/scripts/kmod.sh" --flavour "$flavo
 	exit 1
 fi
 broken_ko=
-if ((broken_check)) && ! broken_ko=$("$REPO_ROOT/scripts/kmod.sh" --flavour "$flavour" --broken); then
-	record FAIL build "fault-injection dm_replica.ko could not be built"
+if ((broken_check)) && ! broken_ko=$("$REPO_ROOT/scripts/kmod.sh" --flavour "$flavour" --fault corrupt-reads); then
+	record FAIL build "fault-injection (corrupt-reads) dm_replica.ko could not be built"
+	summary
+	exit 1
+fi
+leak_ko=
+if ((harness_checks)) && [[ "$flavour" == debug ]] &&
+	! leak_ko=$("$REPO_ROOT/scripts/kmod.sh" --flavour "$flavour" --fault leak); then
+	record FAIL build "fault-injection (leak) dm_replica.ko could not be built"
 	summary
 	exit 1
 fi
@@ -227,11 +237,29 @@ if ((harness_checks)); then
 	t0=$SECONDS
 	rc=0
 	"$REPO_ROOT/scripts/vm.sh" --kernel "$bzimage" --scenario "$scenario_dir/selftest/hang.sh" \
-		--name "$name" --workdir "$REPO_ROOT/out/vm/$flavour/$name" --timeout 20 || rc=$?
+		--name "$name" --workdir "$REPO_ROOT/out/vm/$flavour/$name" --timeout "$hang_timeout" || rc=$?
 	if ((rc == 2)) && grep -aq 'hang: blocking' "$REPO_ROOT/out/vm/$flavour/$name/console.log"; then
 		record PASS "$name" "hanging guest killed and reported as TIMEOUT ($((SECONDS - t0)) s)"
 	else
 		record FAIL "$name" "hanging guest not reported as TIMEOUT (exit $rc)"
+	fi
+fi
+
+# --- kmemleak must catch a leaking module (debug kernels only). ---
+if [[ -n "$leak_ko" ]]; then
+	name=kmemleak
+	say "=== harness check: smoke scenario against a module that leaks memory (must FAIL)"
+	t0=$SECONDS
+	rc=0
+	run_guest "$name" "$scenario_dir/smoke.sh" "$leak_ko" --expect-fail || rc=$?
+	log="$REPO_ROOT/out/vm/$flavour/$name/console.log"
+	if ((rc == 1)) && grep -aq 'VMTEST-RESULT: FAIL: kmemleak reported leaks' "$log" &&
+		grep -aq 'unreferenced object' "$log"; then
+		record PASS "$name" "smoke FAILED on the kmemleak report, as it must ($((SECONDS - t0)) s)"
+	elif ((rc == 0)); then
+		record FAIL "$name" "smoke PASSED with a module that leaks: kmemleak reports are not caught"
+	else
+		record FAIL "$name" "smoke did not fail on a kmemleak report (exit $rc; log: out/vm/$flavour/$name/console.log)"
 	fi
 fi
 

@@ -256,9 +256,11 @@ if [ -w "$kmemleak" ]; then
 		fi
 		sleep 1
 	done
-	if [ -s "$kmemleak" ]; then
+	# debugfs files have no size: read the report to see if there is one.
+	leaks=$(cat "$kmemleak")
+	if [ -n "$leaks" ]; then
 		echo "vmtest: kmemleak report:"
-		cat "$kmemleak"
+		echo "$leaks"
 		result=FAIL
 		reason="${reason:+$reason; }kmemleak reported leaks"
 	else

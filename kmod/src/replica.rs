@@ -31,7 +31,7 @@ const _: () = {
     assert!(abi::IOC_BITMAP == _IOWR::<abi::BitmapArg>(abi::IOC_TYPE, 3));
 };
 
-#[cfg(not(dm_replica_corrupt_reads))]
+#[cfg(not(dm_replica_fault))]
 module! {
     type: DmReplica,
     name: "dm_replica",
@@ -39,11 +39,11 @@ module! {
     license: "GPL",
 }
 
-#[cfg(dm_replica_corrupt_reads)]
+#[cfg(dm_replica_fault)]
 module! {
     type: DmReplica,
     name: "dm_replica",
-    description: "FAULT INJECTION BUILD: corrupts every read; for testing the test harness only",
+    description: "FAULT INJECTION BUILD: broken on purpose, for testing the test harness only",
     license: "GPL",
 }
 
@@ -56,6 +56,8 @@ impl kernel::Module for DmReplica {
         let target = dm::Registration::new(module)?;
         #[cfg(dm_replica_corrupt_reads)]
         pr_err!("fault injection build: every read through a replica target is corrupted\n");
+        #[cfg(dm_replica_leak)]
+        pr_err!("fault injection build: every replica table line leaks memory\n");
         pr_info!("target 'replica' registered\n");
         Ok(Self { _target: target })
     }

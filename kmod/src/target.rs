@@ -69,6 +69,8 @@ impl dm::Target for Replica {
         ctr.set_num_write_zeroes_bios(1);
         #[cfg(dm_replica_corrupt_reads)]
         ctr.set_per_io_data_size(fault::PER_IO_DATA_SIZE);
+        #[cfg(dm_replica_leak)]
+        fault::leak();
 
         Ok(Replica {
             data,
@@ -130,26 +132,42 @@ impl dm::Target for Replica {
     }
 }
 
-/// Fault injection for testing the test harness: every successful read
-/// returns data with one bit flipped. Only compiled into builds made with
-/// `DM_REPLICA_FAULT=corrupt-reads-destroys-data` (see `Kbuild`).
-#[cfg(dm_replica_corrupt_reads)]
+/// Fault injection for testing the test harness; compiled only into builds
+/// made with a `DM_REPLICA_FAULT` value (see `Kbuild`).
+///
+/// * `dm_replica_corrupt_reads`: every successful read returns data with one
+///   bit flipped.
+/// * `dm_replica_leak`: every constructor leaks a small allocation.
+#[cfg(dm_replica_fault)]
 mod fault {
+    #[cfg(dm_replica_corrupt_reads)]
     use crate::dm::{Bio, Op};
 
     /// Room for the saved `bvec_iter` (sector, size, idx, bvec offset).
+    #[cfg(dm_replica_corrupt_reads)]
     pub(super) const PER_IO_DATA_SIZE: u32 =
         core::mem::size_of::<kernel::bindings::bvec_iter>() as u32;
 
+    #[cfg(dm_replica_corrupt_reads)]
     pub(super) fn on_map(bio: &mut Bio<'_>) {
         if bio.op() == Op::Read {
             bio.save_iter();
         }
     }
 
+    #[cfg(dm_replica_corrupt_reads)]
     pub(super) fn on_end_io(bio: &mut Bio<'_>, ok: bool) {
         if ok && bio.op() == Op::Read {
             bio.corrupt_first_byte();
+        }
+    }
+
+    /// Allocates 256 bytes and forgets the only pointer to them.
+    #[cfg(dm_replica_leak)]
+    pub(super) fn leak() {
+        use kernel::prelude::*;
+        if let Ok(b) = KBox::new([0x5au8; 256], GFP_KERNEL) {
+            KBox::leak(b);
         }
     }
 }
