@@ -129,7 +129,9 @@ impl<'a> Ctr<'a> {
     }
 
     /// Opens a lower device by path or `major:minor`, in the table's mode.
-    /// It is released when the returned [`TargetDev`] is dropped.
+    /// It is released when the returned [`TargetDev`] is dropped, which must
+    /// happen before the target is destroyed: keep it in the target (or let
+    /// it drop when the constructor fails), never anywhere else.
     pub(crate) fn get_device(&mut self, path: &CStr) -> Result<TargetDev> {
         let ti = self.ti.as_ptr();
         let mut dev: *mut bindings::dm_dev = core::ptr::null_mut();
