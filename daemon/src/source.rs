@@ -145,37 +145,15 @@ impl Source {
     /// SIGHUP: reload keys (the next segment uses the new active key) and
     /// certificates (the next connection uses them).
     fn reload(&self) {
-        if let Err(e) = self.keys.reload() {
-            tracing::error!(error = %e, "keyring reload failed; keeping the keys in force");
-        }
-        match crate::tls::client_config(&self.cfg.tls) {
-            Ok(c) => {
-                self.tls.set(c);
-                tracing::info!("certificates reloaded");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "certificate reload failed; keeping the certificates in force")
-            }
-        }
+        crate::tls::reload_material(&self.keys, &self.tls, || {
+            crate::tls::client_config(&self.cfg.tls)
+        });
         self.check_expiry();
     }
 
     /// Warns (log and status) about certificates that expire soon.
     fn check_expiry(&self) {
-        let warnings = crate::tls::expiry_warnings(&self.cfg.tls, std::time::SystemTime::now());
-        for w in &warnings {
-            tracing::warn!("{w}");
-        }
-        self.board.update(&self.cfg.volume, |s| {
-            s.reasons
-                .retain(|r| !(r.contains("certificate") && r.contains("expire")));
-            if !warnings.is_empty() {
-                if s.health == Health::OK {
-                    s.health = Health::Warning;
-                }
-                s.reasons.extend(warnings.iter().cloned());
-            }
-        });
+        crate::tls::publish_expiry(&self.cfg.tls, &self.board, [self.cfg.volume.as_str()]);
     }
 
     /// Replicates until stopped. Returns an error only for a

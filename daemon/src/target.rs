@@ -210,42 +210,19 @@ impl Target {
     /// SIGHUP: reload keys and certificates (new connections use them).
     /// A file that does not load leaves what is in force.
     fn reload(&self) {
-        if let Err(e) = self.keys.reload() {
-            tracing::error!(error = %e, "keyring reload failed; keeping the keys in force");
-        }
-        match crate::tls::server_config(&self.tls_cfg) {
-            Ok(c) => {
-                self.tls.set(c);
-                tracing::info!("certificates reloaded");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "certificate reload failed; keeping the certificates in force")
-            }
-        }
+        crate::tls::reload_material(&self.keys, &self.tls, || {
+            crate::tls::server_config(&self.tls_cfg)
+        });
         self.check_expiry();
     }
 
     /// Warns (log and status) about certificates that expire soon.
     fn check_expiry(&self) {
-        let warnings = crate::tls::expiry_warnings(&self.tls_cfg, std::time::SystemTime::now());
-        for w in &warnings {
-            tracing::warn!("{w}");
-        }
-        for id in self.volumes.keys() {
-            self.board.update(id, |s| {
-                s.reasons
-                    .retain(|r| !(r.contains("certificate") && r.contains("expire")));
-                if s.reasons.is_empty() && s.health == Health::Warning {
-                    s.health = Health::OK;
-                }
-                if !warnings.is_empty() {
-                    if s.health == Health::OK {
-                        s.health = Health::Warning;
-                    }
-                    s.reasons.extend(warnings.iter().cloned());
-                }
-            });
-        }
+        crate::tls::publish_expiry(
+            &self.tls_cfg,
+            &self.board,
+            self.volumes.keys().map(String::as_str),
+        );
     }
 
     /// The bound address.

@@ -173,3 +173,54 @@ impl<T> Reloadable<T> {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = v;
     }
 }
+
+/// SIGHUP: reloads the keyring and the TLS configuration (built by
+/// `build`). What does not load is reported and the material in force kept.
+pub fn reload_material<T>(
+    keys: &crate::keystore::KeyStore,
+    slot: &Reloadable<T>,
+    build: impl FnOnce() -> Result<Arc<T>, TlsError>,
+) {
+    if let Err(e) = keys.reload() {
+        tracing::error!(error = %e, "keyring reload failed; keeping the keys in force");
+    }
+    match build() {
+        Ok(c) => {
+            slot.set(c);
+            tracing::info!("certificates reloaded");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "certificate reload failed; keeping the certificates in force")
+        }
+    }
+}
+
+/// Logs expiry warnings for the certificates of `t` and shows them in the
+/// status of `volumes` (health Warning); clears earlier ones that no longer
+/// apply.
+pub fn publish_expiry<'a>(
+    t: &TlsConfig,
+    board: &crate::status::StatusBoard,
+    volumes: impl IntoIterator<Item = &'a str>,
+) {
+    use crate::status::Health;
+    let warnings = expiry_warnings(t, std::time::SystemTime::now());
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    for v in volumes {
+        board.update(v, |s| {
+            s.reasons
+                .retain(|r| !(r.contains("certificate") && r.contains("expire")));
+            if s.reasons.is_empty() && s.health == Health::Warning {
+                s.health = Health::OK;
+            }
+            if !warnings.is_empty() {
+                if s.health == Health::OK {
+                    s.health = Health::Warning;
+                }
+                s.reasons.extend(warnings.iter().cloned());
+            }
+        });
+    }
+}

@@ -326,6 +326,29 @@ pub fn target_state(state_dir: &Path, volume: &str) -> replica_store::state::Vol
     .expect("state")
 }
 
+/// The header of every segment in a target volume's journal, checked
+/// (checksums) and in journal order.
+pub fn journal_headers(state_dir: &Path, volume: &str) -> Vec<replica_proto::frame::SegmentHeader> {
+    let dir = state_dir.join("volumes").join(volume).join("journal");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("journal")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let b = std::fs::read(&f).expect("read journal");
+        let mut off = 0;
+        while off < b.len() {
+            let (h, _) = replica_proto::frame::SegmentHeader::decode(&b[off..]).expect("header");
+            let h = replica_proto::frame::check(&b[off..off + h.frame_len()]).expect("whole frame");
+            off += h.frame_len();
+            out.push(h);
+        }
+    }
+    out
+}
+
 /// Path of a recovery point image on the file backend.
 pub fn point_image(state_dir: &Path, volume: &str, id: u64) -> PathBuf {
     state_dir

@@ -203,23 +203,10 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
 
 /// Key ids and stream ids of every journaled segment of a volume.
 fn journal_keys(tstate: &std::path::Path, vol: &str) -> Vec<(u32, [u8; 16])> {
-    let dir = tstate.join("volumes").join(vol).join("journal");
-    let mut out = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("journal")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    for f in files {
-        let b = std::fs::read(&f).expect("read");
-        let mut off = 0;
-        while off < b.len() {
-            let (h, _) = replica_proto::frame::SegmentHeader::decode(&b[off..]).expect("header");
-            out.push((h.key_id, h.stream_id));
-            off += h.frame_len();
-        }
-    }
-    out
+    journal_headers(tstate, vol)
+        .into_iter()
+        .map(|h| (h.key_id, h.stream_id))
+        .collect()
 }
 
 #[test]

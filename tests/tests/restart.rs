@@ -147,30 +147,10 @@ impl Rig {
 /// Every journaled frame's (stream id, key id, counter): the AES-GCM
 /// (key, nonce) pairs the target has seen.
 fn journal_nonces(tstate: &Path) -> Vec<([u8; 16], u32, u64)> {
-    let dir = tstate.join("volumes").join(VOL).join("journal");
-    let mut out = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("journal")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    for f in files {
-        let b = std::fs::read(&f).expect("read");
-        let mut off = 0;
-        while off < b.len() {
-            let h = replica_proto::frame::check(
-                &b[off..off
-                    + replica_proto::frame::SegmentHeader::decode(&b[off..])
-                        .expect("header")
-                        .0
-                        .frame_len()],
-            )
-            .expect("frame");
-            out.push((h.stream_id, h.key_id, h.counter));
-            off += h.frame_len();
-        }
-    }
-    out
+    journal_headers(tstate, VOL)
+        .into_iter()
+        .map(|h| (h.stream_id, h.key_id, h.counter))
+        .collect()
 }
 
 #[test]
