@@ -265,12 +265,19 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
             } else {
                 println!(
-                    "{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12}  reasons",
-                    "VOLUME", "ROLE", "CONN", "REPLICA", "HEALTH", "DURABLE", "APPLIED"
+                    "{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12} {:>16}  reasons",
+                    "VOLUME", "ROLE", "CONN", "REPLICA", "HEALTH", "DURABLE", "APPLIED", "LAG"
                 );
                 for v in vols {
+                    // Lag is measured on the source (records not yet durable
+                    // on the target, and the age of the oldest).
+                    let lag = if v.role == replicad::status::Role::Primary {
+                        format!("{} rec/{:.1}s", v.lag_records, v.lag_seconds)
+                    } else {
+                        "-".to_owned()
+                    };
                     println!(
-                        "{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12}  {}",
+                        "{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12} {:>16}  {}",
                         v.volume,
                         format!("{:?}", v.role),
                         format!("{:?}", v.connection),
@@ -278,6 +285,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         format!("{:?}", v.health),
                         v.durable_seq,
                         v.applied_seq,
+                        lag,
                         v.reasons.join("; ")
                     );
                 }

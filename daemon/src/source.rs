@@ -82,6 +82,47 @@ pub fn open_ring(cfg: &SourceConfig) -> Result<RingConsumer, DaemonError> {
     }
 }
 
+/// Publishes the replication lag: what the ring holds beyond what the
+/// target has durably.
+fn publish_lag(board: &StatusBoard, volume: &str, consumer: &RingConsumer, durable: u64) {
+    let produced = consumer.producer_seq();
+    let records = produced
+        .wrapping_sub(durable.wrapping_add(1))
+        .min(produced.wrapping_sub(consumer.released_seq()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let seconds = if records == 0 {
+        0.0
+    } else {
+        consumer
+            .submit_ns(durable.wrapping_add(1))
+            .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e9)
+    };
+    let bytes = if records == 0 {
+        0
+    } else {
+        consumer.data_bytes_in_use()
+    };
+    board.update(volume, |s| {
+        // The replica as seen from here: nothing durable yet, caught up, or
+        // behind (consistent at an older point: replication is asynchronous).
+        s.replica = if durable == 0 {
+            "Inconsistent"
+        } else if records == 0 {
+            "UpToDate"
+        } else {
+            "Consistent"
+        }
+        .into();
+        s.lag_records = records;
+        s.lag_bytes = bytes;
+        s.lag_seconds = seconds;
+        s.captured_seq = consumer.next_seq();
+    });
+}
+
 /// A batch of records to seal.
 struct Job {
     header: SegmentHeader,
@@ -218,6 +259,8 @@ impl Source {
                     });
                     while Instant::now() < at && !self.stop.load(Ordering::Acquire) {
                         self.tick();
+                        let durable = self.board.get(&vol).map_or(0, |s| s.durable_seq);
+                        publish_lag(&self.board, &vol, &consumer, durable);
                         std::thread::sleep((at - Instant::now()).min(Duration::from_millis(50)));
                     }
                 }
@@ -689,7 +732,17 @@ impl BatchCtx {
         let mut last = 0u64;
         let mut last_time = 0u64;
         let mut idle = 0u32;
+        let mut last_lag = Instant::now();
         loop {
+            if last_lag.elapsed() >= Duration::from_millis(100) {
+                publish_lag(
+                    &self.board,
+                    &self.volume,
+                    consumer,
+                    self.acked.load(Ordering::Acquire),
+                );
+                last_lag = Instant::now();
+            }
             if self.stopping() {
                 return Ok(());
             }
@@ -774,10 +827,6 @@ impl BatchCtx {
                         std::thread::sleep(Duration::from_micros(u64::from(idle.min(5000))));
                     } else {
                         std::hint::spin_loop();
-                    }
-                    if idle.is_multiple_of(256) {
-                        let next = consumer.next_seq();
-                        self.board.update(&self.volume, |s| s.captured_seq = next);
                     }
                 }
             }

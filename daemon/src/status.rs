@@ -68,6 +68,12 @@ pub struct VolumeStatus {
     pub applied_seq: u64,
     /// Records applied to the replica since the daemon started (target).
     pub applied_records: u64,
+    /// Source: records captured but not yet durable on the target.
+    pub lag_records: u64,
+    /// Source: bytes those records hold in the capture ring.
+    pub lag_bytes: u64,
+    /// Source: age of the oldest record not yet durable on the target, s.
+    pub lag_seconds: f64,
     /// Records that failed on the source and were skipped (their regions
     /// need resync).
     pub failed_records: u64,
@@ -101,6 +107,9 @@ impl VolumeStatus {
             durable_seq: 0,
             applied_seq: 0,
             applied_records: 0,
+            lag_records: 0,
+            lag_bytes: 0,
+            lag_seconds: 0.0,
             failed_records: 0,
             segments: 0,
             record_bytes: 0,

@@ -350,3 +350,76 @@ fn expiring_certificate_warns_and_sighup_reloads_certificates() {
         "the target must serve the renewed certificate"
     );
 }
+
+#[test]
+fn status_lag_grows_while_the_target_is_down_and_returns_to_zero() {
+    let env = Env::new();
+    let st = env.path("tstate");
+    let sst = env.path("sstate");
+    let cfg = env.target_config("target.toml", &st, &[("v", 1 << 20)], 100, "");
+    let (mut target, addr) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
+    let ring = env.path("ring");
+    let mut src = Source::create(&ring, 1 << 20, 1024, 1024, 5);
+    let scfg = env.source_config(
+        "source.toml",
+        "v",
+        1 << 20,
+        &ring,
+        &addr,
+        &sst,
+        ("pki", SOURCE_CN),
+        &env.path("keys.toml"),
+        "[retry]\nschedule_secs = [0.05]\n",
+    );
+    let _source = Daemon::start("source", &scfg, &sst, &env.path("source.log"));
+    let lag = || {
+        replicad::control::request(&sst.join("replicad.sock"), "status")
+            .ok()
+            .and_then(|r| r.status)
+            .and_then(|v| v.into_iter().next())
+    };
+    for _ in 0..50 {
+        let op = src.random_op(16);
+        src.apply(&op);
+    }
+    src.apply(&Op::Flush);
+    wait_for(Duration::from_secs(30), "lag 0 on a live pair", || {
+        lag().is_some_and(|s| {
+            s.lag_records == 0 && s.lag_bytes == 0 && s.durable_seq == src.last_seq
+        })
+    });
+
+    target.kill9();
+    for _ in 0..50 {
+        let op = src.random_op(16);
+        src.apply(&op);
+    }
+    let behind = src.last_seq - wait_durable(&lag);
+    wait_for(
+        Duration::from_secs(30),
+        "lag while the target is down",
+        || {
+            lag().is_some_and(|s| {
+                s.lag_records >= behind
+                    && s.lag_records > 0
+                    && s.lag_bytes > 0
+                    && s.lag_seconds > 0.0
+            })
+        },
+    );
+
+    let c = std::fs::read_to_string(&cfg)
+        .expect("cfg")
+        .replace("127.0.0.1:0", &addr);
+    std::fs::write(&cfg, c).expect("cfg");
+    let (_t2, _) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
+    wait_for(Duration::from_secs(60), "lag back to 0", || {
+        lag().is_some_and(|s| {
+            s.lag_records == 0 && s.lag_seconds == 0.0 && s.durable_seq == src.last_seq
+        })
+    });
+}
+
+fn wait_durable(lag: &impl Fn() -> Option<replicad::status::VolumeStatus>) -> u64 {
+    lag().map_or(0, |s| s.durable_seq)
+}

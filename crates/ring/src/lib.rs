@@ -170,6 +170,27 @@ impl<R: Release> Consumer<R> {
         self.map.header().prod_seq.load(Ordering::Acquire)
     }
 
+    /// Submission time (ns since the epoch) of a record the consumer has
+    /// not released yet, if it is published.
+    pub fn submit_ns(&self, seq: u64) -> Option<u64> {
+        let prod = self.producer_seq();
+        if !ring_abi::release_is_valid(self.released, prod, seq) || seq == prod {
+            return None;
+        }
+        let st = self.map.stamp(seq).load(Ordering::Acquire);
+        ring_abi::stamp_is_for(st, seq).then(|| self.map.read_desc(seq).submit_ns)
+    }
+
+    /// Bytes of the data ring holding records not yet released.
+    pub fn data_bytes_in_use(&self) -> u64 {
+        let h = self.map.header();
+        h.data_head
+            .load(Ordering::Acquire)
+            .wrapping_sub(h.data_tail.load(Ordering::Acquire))
+            .min(self.map.geometry().data_granules)
+            * ring_abi::GRANULE_SIZE
+    }
+
     /// Ring flags (`RING_FLAG_*`).
     pub fn flags(&self) -> u32 {
         self.map.header().flags.load(Ordering::Acquire)
