@@ -155,6 +155,7 @@ pub fn main() -> ExitCode {
             TargetConfig::load(&config)
                 .map_err(crate::DaemonError::from)
                 .and_then(|c| crate::target::Target::start(&c, sig))
+                .map(|t| t.reload_from(&config))
                 .map(|t| t.run())
         }
     };

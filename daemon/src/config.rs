@@ -37,7 +37,7 @@ pub enum ConfigError {
 }
 
 /// TLS material (PEM files).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// The private CA that issued the peer's certificate; the only trust root.
@@ -49,7 +49,7 @@ pub struct TlsConfig {
 }
 
 /// Where the source reads captured writes from.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum RingSource {
     /// A ring file written by a userspace producer (development and tests).
@@ -60,7 +60,7 @@ pub enum RingSource {
 }
 
 /// Segment batching and sealing.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SegmentConfig {
     /// Upper bound of a segment's uncompressed records, bytes. Default 4 MiB.
@@ -85,7 +85,7 @@ impl Default for SegmentConfig {
 }
 
 /// Backoff for recoverable errors.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     /// Waits between attempts, seconds; the last one repeats. Default
@@ -102,7 +102,7 @@ impl Default for RetryConfig {
 }
 
 /// `replicad source` configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// Volume (or consistency group) id, as known to the target.
@@ -136,7 +136,7 @@ pub struct SourceConfig {
 }
 
 /// One volume the target receives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetVolume {
     /// Volume (or group) id.
@@ -153,7 +153,7 @@ pub struct TargetVolume {
 }
 
 /// Replica storage backend.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case", tag = "backend")]
 pub enum ReplicaConfig {
     /// A plain file (hosts without device-mapper); points are file copies.
@@ -164,7 +164,7 @@ pub enum ReplicaConfig {
 }
 
 /// `replicad target` configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// Listen address, `host:port`.

@@ -61,6 +61,10 @@ struct Volume {
     journal: Mutex<Journal>,
     applied: AtomicU64,
     session: AtomicU64,
+    /// Certificate subjects allowed to replicate it (reloadable).
+    allowed_sources: std::sync::RwLock<Vec<String>>,
+    /// Recovery points kept (reloadable).
+    keep_points: std::sync::atomic::AtomicUsize,
     /// Held by the one connection that streams into this volume. A newer
     /// connection bumps `session` and waits for the older one to finish,
     /// so journal order, apply order and `received` always agree.
@@ -71,6 +75,13 @@ struct Volume {
 impl Volume {
     fn state_path(&self) -> PathBuf {
         self.dir.join("state.json")
+    }
+
+    fn allowed(&self) -> Vec<String> {
+        self.allowed_sources
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, VolumeState> {
@@ -111,6 +122,8 @@ pub struct Target {
     keys: Arc<KeyStore>,
     tls: Arc<crate::tls::Reloadable<rustls::ServerConfig>>,
     tls_cfg: crate::config::TlsConfig,
+    config: TargetConfig,
+    config_path: Option<PathBuf>,
     board: Arc<StatusBoard>,
     stop: Arc<AtomicBool>,
     listener: TcpListener,
@@ -198,6 +211,8 @@ impl Target {
             keys,
             tls,
             tls_cfg: cfg.tls.clone(),
+            config: cfg.clone(),
+            config_path: None,
             board,
             stop,
             listener,
@@ -209,11 +224,70 @@ impl Target {
 
     /// SIGHUP: reload keys and certificates (new connections use them).
     /// A file that does not load leaves what is in force.
-    fn reload(&self) {
+    fn reload(&mut self) {
+        self.reload_config();
         crate::tls::reload_material(&self.keys, &self.tls, || {
             crate::tls::server_config(&self.tls_cfg)
         });
         self.check_expiry();
+    }
+
+    /// Applies what may change at run time from the configuration file
+    /// (TLS file paths, each volume's `allowed_sources` and `keep_points`);
+    /// anything else that changed is reported and ignored until a restart.
+    fn reload_config(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            return;
+        };
+        let new = match TargetConfig::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; keeping the configuration in force");
+                return;
+            }
+        };
+        let old = &self.config;
+        let mut fixed = Vec::new();
+        if new.listen != old.listen {
+            fixed.push("listen");
+        }
+        if new.state_dir != old.state_dir {
+            fixed.push("state_dir");
+        }
+        if new.control_socket != old.control_socket {
+            fixed.push("control_socket");
+        }
+        if new.keys != old.keys {
+            fixed.push("keys");
+        }
+        if new.journal_file_bytes != old.journal_file_bytes {
+            fixed.push("journal_file_bytes");
+        }
+        let same_volumes = new.volumes.len() == old.volumes.len()
+            && new
+                .volumes
+                .iter()
+                .zip(&old.volumes)
+                .all(|(n, o)| n.id == o.id && n.size == o.size && n.replica == o.replica);
+        if !same_volumes {
+            fixed.push("volume (ids, sizes, replicas)");
+        }
+        for f in &fixed {
+            tracing::error!(
+                key = f,
+                "configuration key cannot change at run time; restart the daemon to apply it"
+            );
+        }
+        for nv in &new.volumes {
+            if let Some(v) = self.volumes.get(&nv.id) {
+                *v.allowed_sources.write().unwrap_or_else(|p| p.into_inner()) =
+                    nv.allowed_sources.clone();
+                v.keep_points.store(nv.keep_points, Ordering::Release);
+            }
+        }
+        self.tls_cfg = new.tls.clone();
+        tracing::info!("configuration reloaded");
+        self.config = new;
     }
 
     /// Warns (log and status) about certificates that expire soon.
@@ -223,6 +297,12 @@ impl Target {
             &self.board,
             self.volumes.keys().map(String::as_str),
         );
+    }
+
+    /// Re-read `path` on SIGHUP for what can change at run time.
+    pub fn reload_from(mut self, path: &Path) -> Self {
+        self.config_path = Some(path.to_owned());
+        self
     }
 
     /// The bound address.
@@ -352,6 +432,8 @@ fn open_volume(
         applied: AtomicU64::new(applied),
         session: AtomicU64::new(0),
         streaming: AtomicBool::new(false),
+        allowed_sources: std::sync::RwLock::new(vc.allowed_sources.clone()),
+        keep_points: std::sync::atomic::AtomicUsize::new(vc.keep_points),
         apply_tx,
     });
     let v2 = vol.clone();
@@ -506,7 +588,7 @@ impl ConnCtx {
                 format!("volume {:?} is not configured on this target", hello.volume),
             ))
         })?;
-        if !vol.cfg.allowed_sources.iter().any(|a| a == &cn) {
+        if !vol.allowed().iter().any(|a| a == &cn) {
             return Err(caller(Refusal::fatal(
                 "not-authorized",
                 format!(
@@ -1088,7 +1170,7 @@ impl Applier {
     fn point(&mut self, r: &RecordView<'_>, kind: PointKind) -> Result<(), StoreError> {
         self.applied = r.seq;
         self.persist_applied()?;
-        let keep = self.vol.cfg.keep_points;
+        let keep = self.vol.keep_points.load(Ordering::Acquire);
         if let Err(e) = self.replica.create_point(r.seq) {
             if !e.is_recoverable() {
                 return Err(e);

@@ -423,3 +423,50 @@ fn status_lag_grows_while_the_target_is_down_and_returns_to_zero() {
 fn wait_durable(lag: &impl Fn() -> Option<replicad::status::VolumeStatus>) -> u64 {
     lag().map_or(0, |s| s.durable_seq)
 }
+
+#[test]
+fn sighup_applies_runtime_config_and_reports_what_needs_a_restart() {
+    let env = Env::new();
+    let st = env.path("tstate");
+    let cfg = env.target_config("target.toml", &st, &[("v", 1 << 20)], 4, "");
+    let (t, addr) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
+    RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [1; 16], 1)
+        .expect("authorised before");
+    assert!(RawClient::connect(&env, &addr, ("pki", "intruder"), "v", [1; 16], 1).is_err());
+
+    // Authorise another host instead, and (wrongly) change the listen
+    // address, which cannot change at run time.
+    let text = std::fs::read_to_string(&cfg)
+        .expect("cfg")
+        .replace(
+            &format!("allowed_sources = [\"{SOURCE_CN}\"]"),
+            "allowed_sources = [\"intruder\"]",
+        )
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
+    std::fs::write(&cfg, text).expect("write cfg");
+    t.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(10), "reload", || {
+        t.log_text().contains("configuration reloaded")
+    });
+    let log = t.log_text();
+    assert!(
+        log.contains("cannot change at run time") && log.contains("listen"),
+        "{log}"
+    );
+    // Still listening where it was; the new authorisation is in force.
+    let e = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [1; 16], 1)
+        .err()
+        .expect("refused now");
+    assert!(e.starts_with("not-authorized"), "{e}");
+    RawClient::connect(&env, &addr, ("pki", "intruder"), "v", [1; 16], 1)
+        .expect("newly authorised");
+
+    // A configuration that does not parse leaves everything as it was.
+    std::fs::write(&cfg, "listen = ").expect("write cfg");
+    t.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(10), "failed reload reported", || {
+        t.log_text().contains("configuration reload failed")
+    });
+    RawClient::connect(&env, &addr, ("pki", "intruder"), "v", [1; 16], 1)
+        .expect("still authorised");
+}
