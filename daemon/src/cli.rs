@@ -148,6 +148,7 @@ pub fn main() -> ExitCode {
             SourceConfig::load(&config)
                 .map_err(crate::DaemonError::from)
                 .and_then(|c| crate::source::Source::new(c, sig))
+                .map(|s| s.reload_from(&config))
                 .map(|s| s.run())
         }
         RoleCmd::Target { config } => {

@@ -63,6 +63,12 @@ impl Backoff {
         }
     }
 
+    /// Replaces the schedule (after a configuration reload); the attempt
+    /// count is kept.
+    pub fn set_schedule_secs(&mut self, secs: &[f64]) {
+        self.schedule = secs.iter().map(|s| Duration::from_secs_f64(*s)).collect();
+    }
+
     /// A connection made progress: start the schedule over.
     pub fn reset(&mut self) {
         self.attempt = 0;

@@ -131,7 +131,8 @@ struct Job {
 
 /// A running source.
 pub struct Source {
-    cfg: SourceConfig,
+    cfg: std::sync::RwLock<Arc<SourceConfig>>,
+    config_path: Option<std::path::PathBuf>,
     keys: Arc<KeyStore>,
     hup: Arc<AtomicU64>,
     tls: crate::tls::Reloadable<rustls::ClientConfig>,
@@ -159,7 +160,8 @@ impl Source {
             .unwrap_or_else(|| crate::control::default_path(&cfg.state_dir));
         let control = Some(crate::control::serve(&sock, board.clone(), stop.clone())?);
         Ok(Self {
-            cfg,
+            cfg: std::sync::RwLock::new(Arc::new(cfg)),
+            config_path: None,
             keys,
             tls,
             board,
@@ -172,6 +174,63 @@ impl Source {
     }
 
     /// Called from the main loops: watchdog, and key reload after SIGHUP.
+    /// The configuration in force.
+    fn cfg(&self) -> Arc<SourceConfig> {
+        self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-read `path` on SIGHUP for what can change at run time.
+    pub fn reload_from(mut self, path: &std::path::Path) -> Self {
+        self.config_path = Some(path.to_owned());
+        self
+    }
+
+    /// Applies what may change at run time (target address and name,
+    /// certificate paths: at the next connection; segment settings: at the
+    /// next session; retry schedule: at the next failure); every other
+    /// changed key is reported and keeps its running value.
+    fn reload_config(&self) {
+        let Some(path) = &self.config_path else {
+            return;
+        };
+        let new = match SourceConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; keeping the configuration in force");
+                return;
+            }
+        };
+        let old = self.cfg();
+        let fixed: Vec<&str> = [
+            ("volume", new.volume != old.volume),
+            ("volume_size", new.volume_size != old.volume_size),
+            ("ring", new.ring != old.ring),
+            ("keys", new.keys != old.keys),
+            ("state_dir", new.state_dir != old.state_dir),
+            ("control_socket", new.control_socket != old.control_socket),
+            ("epoch", new.epoch != old.epoch),
+        ]
+        .into_iter()
+        .filter_map(|(k, changed)| changed.then_some(k))
+        .collect();
+        for k in &fixed {
+            tracing::error!(
+                key = k,
+                "configuration key cannot change at run time; restart the daemon to apply it"
+            );
+        }
+        let mut merged = new;
+        merged.volume = old.volume.clone();
+        merged.volume_size = old.volume_size;
+        merged.ring = old.ring.clone();
+        merged.keys = old.keys.clone();
+        merged.state_dir = old.state_dir.clone();
+        merged.control_socket = old.control_socket.clone();
+        merged.epoch = old.epoch;
+        *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
+        tracing::info!("configuration reloaded");
+    }
+
     fn tick(&self) {
         self.notifier
             .lock()
@@ -186,15 +245,18 @@ impl Source {
     /// SIGHUP: reload keys (the next segment uses the new active key) and
     /// certificates (the next connection uses them).
     fn reload(&self) {
+        self.reload_config();
+        let cfg = self.cfg();
         crate::tls::reload_material(&self.keys, &self.tls, || {
-            crate::tls::client_config(&self.cfg.tls)
+            crate::tls::client_config(&cfg.tls)
         });
         self.check_expiry();
     }
 
     /// Warns (log and status) about certificates that expire soon.
     fn check_expiry(&self) {
-        crate::tls::publish_expiry(&self.cfg.tls, &self.board, [self.cfg.volume.as_str()]);
+        let cfg = self.cfg();
+        crate::tls::publish_expiry(&cfg.tls, &self.board, [cfg.volume.as_str()]);
     }
 
     /// Replicates until stopped. Returns an error only for a
@@ -213,7 +275,8 @@ impl Source {
     }
 
     fn run_inner(&self) -> Result<(), DaemonError> {
-        let mut consumer = open_ring(&self.cfg)?;
+        let cfg = self.cfg();
+        let mut consumer = open_ring(&cfg)?;
         let generation = consumer.mapping().generation();
         // Ring attached, control socket up: the source can serve.
         self.notifier
@@ -221,15 +284,15 @@ impl Source {
             .unwrap_or_else(|p| p.into_inner())
             .ready(&format!(
                 "replicating volume {} to {}",
-                self.cfg.volume, self.cfg.target
+                cfg.volume, cfg.target
             ));
-        let vol = self.cfg.volume.clone();
+        let vol = cfg.volume.clone();
         self.board.update(&vol, |s| {
             s.generation = hex::encode(generation);
-            s.epoch = self.cfg.epoch;
+            s.epoch = cfg.epoch;
             s.captured_seq = consumer.next_seq();
         });
-        let mut backoff = Backoff::from_secs(&self.cfg.retry.schedule_secs);
+        let mut backoff = Backoff::from_secs(&cfg.retry.schedule_secs);
         while !self.stop.load(Ordering::Acquire) {
             self.board
                 .update(&vol, |s| s.connection = Connection::Connecting);
@@ -239,6 +302,7 @@ impl Source {
                 Ok(()) => break,
                 Err(e) => e,
             };
+            backoff.set_schedule_secs(&self.cfg().retry.schedule_secs);
             match backoff.on_failure(err.class, Instant::now()) {
                 Decision::Critical => {
                     tracing::error!(volume = %vol, "replication stopped: {}", err.message);
@@ -272,11 +336,11 @@ impl Source {
     }
 
     fn connect(&self) -> Result<Link, SessionError> {
-        let addrs: Vec<_> = self
-            .cfg
+        let cfg = self.cfg();
+        let addrs: Vec<_> = cfg
             .target
             .to_socket_addrs()
-            .map_err(|e| SessionError::recoverable(format!("resolve {}: {e}", self.cfg.target)))?
+            .map_err(|e| SessionError::recoverable(format!("resolve {}: {e}", cfg.target)))?
             .collect();
         let mut last = None;
         let mut sock = None;
@@ -292,14 +356,12 @@ impl Source {
         let sock = sock.ok_or_else(|| {
             SessionError::recoverable(format!(
                 "connect {}: {}",
-                self.cfg.target,
+                cfg.target,
                 last.map_or_else(|| "no address".to_owned(), |e| e.to_string())
             ))
         })?;
-        let name =
-            rustls_pki_types::ServerName::try_from(self.cfg.target_name.clone()).map_err(|e| {
-                SessionError::fatal(format!("target_name {:?}: {e}", self.cfg.target_name))
-            })?;
+        let name = rustls_pki_types::ServerName::try_from(cfg.target_name.clone())
+            .map_err(|e| SessionError::fatal(format!("target_name {:?}: {e}", cfg.target_name)))?;
         let conn = rustls::ClientConnection::new(self.tls.get(), name)
             .map_err(|e| SessionError::fatal(format!("TLS setup: {e}")))?;
         let mut link =
@@ -315,6 +377,7 @@ impl Source {
         mut consumer: RingConsumer,
         backoff: &mut Backoff,
     ) -> (RingConsumer, Result<(), SessionError>) {
+        let cfg = self.cfg();
         let mut link = match self.connect() {
             Ok(l) => l,
             Err(e) => return (consumer, Err(e)),
@@ -324,7 +387,7 @@ impl Source {
             Err(e) => return (consumer, Err(e)),
         };
         backoff.reset();
-        let vol = self.cfg.volume.clone();
+        let vol = cfg.volume.clone();
         self.board.update(&vol, |s| {
             s.connection = Connection::Connected;
             // Failed writes and expiring certificates still need an
@@ -343,8 +406,8 @@ impl Source {
         let key = Arc::new(SessionKeys {
             store: self.keys.clone(),
             stream_id: welcome.stream_id,
-            volume: self.cfg.volume.clone(),
-            epoch: self.cfg.epoch,
+            volume: cfg.volume.clone(),
+            epoch: cfg.epoch,
             cache: std::sync::Mutex::new(None),
         });
         if let Err(e) = key.current() {
@@ -353,10 +416,9 @@ impl Source {
 
         let acked = Arc::new(AtomicU64::new(welcome.durable));
         let session_stop = Arc::new(AtomicBool::new(false));
-        let (job_tx, job_rx) = bounded::<Job>(self.cfg.segment.queue);
-        let (out_tx, out_rx) = bounded::<(u64, Result<Vec<u8>, String>)>(
-            self.cfg.segment.queue + self.cfg.segment.workers,
-        );
+        let (job_tx, job_rx) = bounded::<Job>(cfg.segment.queue);
+        let (out_tx, out_rx) =
+            bounded::<(u64, Result<Vec<u8>, String>)>(cfg.segment.queue + cfg.segment.workers);
         let (wake_rx, wake_tx) = match UnixStream::pair() {
             Ok(p) => p,
             Err(e) => {
@@ -371,12 +433,12 @@ impl Source {
         let wake_tx = Arc::new(wake_tx);
 
         let mut workers = Vec::new();
-        for i in 0..self.cfg.segment.workers {
+        for i in 0..cfg.segment.workers {
             let rx = job_rx.clone();
             let tx = out_tx.clone();
             let key = key.clone();
             let wake = wake_tx.clone();
-            let level = self.cfg.segment.zstd_level;
+            let level = cfg.segment.zstd_level;
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("seal-{i}"))
@@ -394,8 +456,8 @@ impl Source {
                     key_id: 0, // set by seal
                     stream_id: welcome.stream_id,
                     generation: consumer.mapping().generation(),
-                    volume_tag: keys::volume_tag(&self.cfg.volume),
-                    epoch: self.cfg.epoch,
+                    volume_tag: keys::volume_tag(&cfg.volume),
+                    epoch: cfg.epoch,
                     counter: 0,
                     first_seq: 0,
                     last_seq: 0,
@@ -405,8 +467,8 @@ impl Source {
                     zstd_level: 0,
                     source_time_ns: 0,
                 },
-                max_bytes: self.cfg.segment.max_bytes,
-                volume_size: self.cfg.volume_size,
+                max_bytes: cfg.segment.max_bytes,
+                volume_size: cfg.volume_size,
                 acked: acked.clone(),
                 stop: session_stop.clone(),
                 global_stop: self.stop.clone(),
@@ -456,14 +518,15 @@ impl Source {
         link: &mut Link,
         consumer: &mut RingConsumer,
     ) -> Result<Welcomed, SessionError> {
+        let cfg = self.cfg();
         let src_rand = keys::random16().map_err(|e| SessionError::recoverable(e.to_string()))?;
         let oldest = consumer.released_seq();
         link.send(&Message::Hello(Hello {
             protocol: msg::PROTOCOL_VERSION,
             features: msg::PROTOCOL_FEATURES,
-            volume: self.cfg.volume.clone(),
+            volume: cfg.volume.clone(),
             generation: hex::encode(consumer.mapping().generation()),
-            epoch: self.cfg.epoch,
+            epoch: cfg.epoch,
             source_random: hex::encode(src_rand),
             oldest_seq: oldest,
             key_id: self.keys.get().active(),
@@ -527,7 +590,7 @@ impl Source {
                 .release(resume)
                 .map_err(|e| SessionError::fatal(e.to_string()))?;
         }
-        tracing::info!(volume = %self.cfg.volume, durable = w.durable_seq, "connected");
+        tracing::info!(volume = %cfg.volume, durable = w.durable_seq, "connected");
         Ok(Welcomed {
             stream_id: keys::stream_id(&src_rand, &tgt_rand),
             durable: w.durable_seq,
@@ -542,6 +605,7 @@ impl Source {
         wake: &UnixStream,
         acked: &AtomicU64,
     ) -> Result<(), SessionError> {
+        let cfg = self.cfg();
         let mut next = 0u64;
         let mut pending: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut workers_done = false;
@@ -566,7 +630,7 @@ impl Source {
                     let n = f.len() as u64;
                     link.send_segment(f);
                     next += 1;
-                    self.board.update(&self.cfg.volume, |s| {
+                    self.board.update(&cfg.volume, |s| {
                         s.segments += 1;
                         s.frame_bytes += n;
                     });
@@ -590,7 +654,7 @@ impl Source {
                     Message::Ack(a) => {
                         let prev = acked.fetch_max(a.durable_seq, Ordering::AcqRel);
                         if a.durable_seq > prev || a.applied_seq > 0 {
-                            self.board.update(&self.cfg.volume, |s| {
+                            self.board.update(&cfg.volume, |s| {
                                 s.durable_seq = s.durable_seq.max(a.durable_seq);
                                 s.applied_seq = s.applied_seq.max(a.applied_seq);
                             });

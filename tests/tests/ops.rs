@@ -470,3 +470,64 @@ fn sighup_applies_runtime_config_and_reports_what_needs_a_restart() {
     RawClient::connect(&env, &addr, ("pki", "intruder"), "v", [1; 16], 1)
         .expect("still authorised");
 }
+
+#[test]
+fn source_sighup_moves_to_a_new_target_address_and_refuses_immutable_changes() {
+    let env = Env::new();
+    let st = env.path("tstate");
+    let sst = env.path("sstate");
+    let cfg = env.target_config("target.toml", &st, &[("v", 1 << 20)], 16, "");
+    let (_t, addr) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
+    // A port nobody listens on: bind, read the port, close.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .to_string();
+    let ring = env.path("ring");
+    let mut src = Source::create(&ring, 1 << 20, 256, 256, 3);
+    for _ in 0..20 {
+        let op = src.random_op(16);
+        src.apply(&op);
+    }
+    src.apply(&Op::Flush);
+    let scfg = env.source_config(
+        "source.toml",
+        "v",
+        1 << 20,
+        &ring,
+        &dead,
+        &sst,
+        ("pki", SOURCE_CN),
+        &env.path("keys.toml"),
+        "[retry]\nschedule_secs = [0.05]\n",
+    );
+    let s = Daemon::start("source", &scfg, &sst, &env.path("source.log"));
+    wait_for(
+        Duration::from_secs(10),
+        "retrying against the dead address",
+        || {
+            s.status("v")
+                .is_some_and(|x| x.connection == replicad::status::Connection::Retrying)
+        },
+    );
+    let text = std::fs::read_to_string(&scfg)
+        .expect("cfg")
+        .replace(&dead, &addr)
+        .replace("volume_size = 1048576", "volume_size = 2097152");
+    std::fs::write(&scfg, text).expect("write");
+    s.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(
+        Duration::from_secs(30),
+        "replicated via the new address",
+        || target_state(&st, "v").applied_seq >= src.last_seq,
+    );
+    let log = s.log_text();
+    assert!(log.contains("configuration reloaded"), "{log}");
+    assert!(
+        log.contains("cannot change at run time") && log.contains("volume_size"),
+        "{log}"
+    );
+    let got = std::fs::read(st.join("v.img")).expect("replica");
+    assert!(first_difference(&got, &src.image, &src.masked).is_none());
+}
