@@ -185,6 +185,79 @@ impl Default for Env {
     }
 }
 
+/// A target and a source replicating one volume, both as processes, with
+/// the source fed by a userspace ring producer.
+pub struct Pair {
+    /// Target daemon.
+    pub target: Daemon,
+    /// Its listen address.
+    pub addr: String,
+    /// Its configuration file.
+    pub target_config: PathBuf,
+    /// Source daemon.
+    pub source: Daemon,
+    /// The ring producer and reference model.
+    pub src: Source,
+}
+
+impl Env {
+    /// Starts a target serving `volume` (`size` bytes, `keep_points`), a
+    /// ring (`desc` descriptors, `granules` data granules) and a source
+    /// shipping it; `source_extra` is appended to the source configuration.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pair(
+        &self,
+        volume: &str,
+        size: usize,
+        keep_points: usize,
+        desc: u64,
+        granules: u64,
+        seed: u64,
+        source_extra: &str,
+    ) -> Pair {
+        let st = self.path("tstate");
+        let target_config = self.target_config(
+            "target.toml",
+            &st,
+            &[(volume, size as u64)],
+            keep_points,
+            "",
+        );
+        let (target, addr) = Daemon::start_target(&target_config, &st, &self.path("target.log"));
+        let ring = self.path("ring");
+        let src = Source::create(&ring, size, desc, granules, seed);
+        let sst = self.path("sstate");
+        let scfg = self.source_config(
+            "source.toml",
+            volume,
+            size as u64,
+            &ring,
+            &addr,
+            &sst,
+            ("pki", SOURCE_CN),
+            &self.path("keys.toml"),
+            source_extra,
+        );
+        let source = Daemon::start("source", &scfg, &sst, &self.path("source.log"));
+        Pair {
+            target,
+            addr,
+            target_config,
+            source,
+            src,
+        }
+    }
+}
+
+/// Rewrites a target configuration to listen on `addr` again (so a
+/// restarted target is where its sources look for it).
+pub fn pin_listen(config: &Path, addr: &str) {
+    let text = std::fs::read_to_string(config)
+        .expect("read config")
+        .replace("127.0.0.1:0", addr);
+    std::fs::write(config, text).expect("write config");
+}
+
 /// A `replicad` process.
 pub struct Daemon {
     child: Option<Child>,

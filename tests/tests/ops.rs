@@ -213,23 +213,13 @@ fn journal_keys(tstate: &std::path::Path, vol: &str) -> Vec<(u32, [u8; 16])> {
 fn key_rotation_mid_stream_does_not_interrupt_and_old_segments_still_apply() {
     let env = Env::new();
     let st = env.path("tstate");
-    let sst = env.path("sstate");
-    let cfg = env.target_config("target.toml", &st, &[("v", 1 << 20)], 1000, "");
-    let (mut target, addr) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
-    let ring = env.path("ring");
-    let mut src = Source::create(&ring, 1 << 20, 256, 1024, 9);
-    let scfg = env.source_config(
-        "source.toml",
-        "v",
-        1 << 20,
-        &ring,
-        &addr,
-        &sst,
-        ("pki", SOURCE_CN),
-        &env.path("keys.toml"),
-        "",
-    );
-    let source = Daemon::start("source", &scfg, &sst, &env.path("source.log"));
+    let Pair {
+        mut target,
+        addr,
+        target_config: cfg,
+        source,
+        mut src,
+    } = env.pair("v", 1 << 20, 1000, 256, 1024, 9, "");
     let write = |src: &mut Source, n: usize| {
         for _ in 0..n {
             let op = src.random_op(32);
@@ -286,10 +276,7 @@ fn key_rotation_mid_stream_does_not_interrupt_and_old_segments_still_apply() {
             .save(&st.join("volumes/v/state.json"))
             .expect("save state");
     }
-    let c = std::fs::read_to_string(&cfg)
-        .expect("cfg")
-        .replace("127.0.0.1:0", &addr);
-    std::fs::write(&cfg, c).expect("cfg");
+    pin_listen(&cfg, &addr);
     let (_t2, _) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
     wait_for(Duration::from_secs(30), "replay", || {
         target_state(&st, "v").applied_seq >= src.last_seq
@@ -356,22 +343,21 @@ fn status_lag_grows_while_the_target_is_down_and_returns_to_zero() {
     let env = Env::new();
     let st = env.path("tstate");
     let sst = env.path("sstate");
-    let cfg = env.target_config("target.toml", &st, &[("v", 1 << 20)], 100, "");
-    let (mut target, addr) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
-    let ring = env.path("ring");
-    let mut src = Source::create(&ring, 1 << 20, 1024, 1024, 5);
-    let scfg = env.source_config(
-        "source.toml",
+    let Pair {
+        mut target,
+        addr,
+        target_config: cfg,
+        source: _source,
+        mut src,
+    } = env.pair(
         "v",
         1 << 20,
-        &ring,
-        &addr,
-        &sst,
-        ("pki", SOURCE_CN),
-        &env.path("keys.toml"),
+        100,
+        1024,
+        1024,
+        5,
         "[retry]\nschedule_secs = [0.05]\n",
     );
-    let _source = Daemon::start("source", &scfg, &sst, &env.path("source.log"));
     let lag = || {
         replicad::control::request(&sst.join("replicad.sock"), "status")
             .ok()
@@ -408,10 +394,7 @@ fn status_lag_grows_while_the_target_is_down_and_returns_to_zero() {
         },
     );
 
-    let c = std::fs::read_to_string(&cfg)
-        .expect("cfg")
-        .replace("127.0.0.1:0", &addr);
-    std::fs::write(&cfg, c).expect("cfg");
+    pin_listen(&cfg, &addr);
     let (_t2, _) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
     wait_for(Duration::from_secs(60), "lag back to 0", || {
         lag().is_some_and(|s| {

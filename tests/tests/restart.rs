@@ -72,10 +72,7 @@ impl Rig {
 
     fn restart_target(&mut self) {
         // Same address: the source's config names it.
-        let cfg = std::fs::read_to_string(&self.tcfg)
-            .expect("cfg")
-            .replace("127.0.0.1:0", &self.addr);
-        std::fs::write(&self.tcfg, cfg).expect("cfg");
+        pin_listen(&self.tcfg, &self.addr);
         let (t, addr) =
             Daemon::start_target(&self.tcfg, &self.tstate, &self.env.path("target.log"));
         assert_eq!(addr, self.addr);

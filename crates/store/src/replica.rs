@@ -117,8 +117,8 @@ impl FileReplica {
         }
         std::fs::create_dir_all(points_dir)
             .map_err(|e| StoreError::io("create points directory", points_dir, e))?;
-        let ring =
-            IoUring::new(QUEUE_DEPTH).map_err(|e| StoreError::io("create io_uring", path, e))?;
+        let ring = IoUring::new(QUEUE_DEPTH * 2)
+            .map_err(|e| StoreError::io("create io_uring", path, e))?;
         Ok(Self {
             path: path.to_owned(),
             points_dir: points_dir.to_owned(),
@@ -133,21 +133,41 @@ impl FileReplica {
             return Ok(());
         }
         let fd = types::Fd(self.file.as_raw_fd());
+        // user_data = op index << 1 | second entry of that op.
+        let mut entries = Vec::with_capacity(batch.len() * 2);
         for (i, op) in batch.iter().enumerate() {
-            let entry = match op {
-                ApplyOp::Write { offset, data } => {
+            let ud = (i as u64) << 1;
+            match op {
+                ApplyOp::Write { offset, data } => entries.push(
                     opcode::Write::new(fd, data.as_ptr(), data.len() as u32)
                         .offset(*offset)
                         .build()
-                }
+                        .user_data(ud),
+                ),
                 ApplyOp::Discard { offset, len } | ApplyOp::Zero { offset, len } => {
-                    opcode::Fallocate::new(fd, *len)
-                        .offset(*offset)
-                        .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                        .build()
+                    // Punch (reads back as zeroes), then allocate the range
+                    // again (linked, in order): the replica keeps the space
+                    // it reserved, so a later write there cannot hit a full
+                    // disk.
+                    entries.push(
+                        opcode::Fallocate::new(fd, *len)
+                            .offset(*offset)
+                            .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                            .build()
+                            .flags(io_uring::squeue::Flags::IO_LINK)
+                            .user_data(ud),
+                    );
+                    entries.push(
+                        opcode::Fallocate::new(fd, *len)
+                            .offset(*offset)
+                            .mode(libc::FALLOC_FL_KEEP_SIZE)
+                            .build()
+                            .user_data(ud | 1),
+                    );
                 }
             }
-            .user_data(i as u64);
+        }
+        for entry in &entries {
             // SAFETY: the buffers referenced by the entries (`data` slices) are
             // borrowed from `batch`, which outlives this function, and we wait
             // for every completion below before returning, so the kernel never
@@ -156,16 +176,16 @@ impl FileReplica {
             unsafe {
                 self.ring
                     .submission()
-                    .push(&entry)
+                    .push(entry)
                     .map_err(|_| StoreError::Invalid("io_uring submission queue full".into()))?;
             }
         }
         self.ring
-            .submit_and_wait(batch.len())
+            .submit_and_wait(entries.len())
             .map_err(|e| StoreError::io("io_uring submit", &self.path, e))?;
-        let mut results = vec![i32::MIN; batch.len()];
+        let mut results = vec![(i32::MIN, 0i32); batch.len()];
         let mut seen = 0;
-        while seen < batch.len() {
+        while seen < entries.len() {
             let cqes: Vec<_> = self
                 .ring
                 .completion()
@@ -178,18 +198,24 @@ impl FileReplica {
                 continue;
             }
             for (ud, res) in cqes {
-                if let Some(r) = results.get_mut(ud as usize) {
-                    *r = res;
+                if let Some(r) = results.get_mut((ud >> 1) as usize) {
+                    if ud & 1 == 0 {
+                        r.0 = res;
+                    } else {
+                        r.1 = res;
+                    }
                     seen += 1;
                 }
             }
         }
-        for (op, res) in batch.iter().zip(results) {
-            if res < 0 {
+        for (op, (res, res2)) in batch.iter().zip(results) {
+            // A cancelled second entry only follows a failed first one.
+            let err = if res < 0 { res } else { res2.min(0) };
+            if err < 0 {
                 return Err(StoreError::io(
                     "write replica",
                     &self.path,
-                    std::io::Error::from_raw_os_error(-res),
+                    std::io::Error::from_raw_os_error(-err),
                 ));
             }
             if let ApplyOp::Write { offset, data } = op {
