@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -295,10 +295,5 @@ impl Link {
         }
         self.conn.send_close_notify();
         let _ = self.flush_tls();
-    }
-
-    /// Raw fd of the socket.
-    pub fn raw_fd(&self) -> i32 {
-        self.sock.as_raw_fd()
     }
 }

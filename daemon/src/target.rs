@@ -305,11 +305,6 @@ impl Target {
         self
     }
 
-    /// The bound address.
-    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.listener.local_addr()
-    }
-
     /// Accepts connections until `stop` is set, then waits for the
     /// appliers to finish what is journaled.
     pub fn run(mut self) -> Result<(), DaemonError> {

@@ -553,88 +553,96 @@ impl Source {
     }
 
     fn apply_inner(&mut self, op: &Op, nowait: bool) -> bool {
-        let now = std::time::SystemTime::now()
+        let submit_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        match *op {
+        // What the kernel would capture: one record, completed at once.
+        let mut data = Vec::new();
+        let (fields, ok) = match *op {
             Op::Write { sector, len, ok } => {
-                let mut data = vec![0u8; len as usize];
+                data = vec![0u8; len as usize];
                 self.rng.fill(&mut data);
-                let Some(seq) = self.reserve(
+                (
                     DescFields {
                         op: OP_WRITE,
                         sector,
                         len,
-                        submit_ns: now,
                         ..Default::default()
                     },
-                    &data,
-                    nowait,
-                ) else {
-                    return false;
-                };
-                self.producer.complete(seq, ok);
-                if ok {
-                    let o = (sector * 512) as usize;
-                    self.image[o..o + len as usize].copy_from_slice(&data);
-                    self.masked[o..o + len as usize].fill(false);
-                } else {
-                    self.failed.push((sector, len));
-                }
-                self.last_seq = seq;
+                    ok,
+                )
+            }
+            Op::Flush => (
+                DescFields {
+                    op: OP_FLUSH,
+                    ..Default::default()
+                },
+                true,
+            ),
+            Op::Marker(aux) => (
+                DescFields {
+                    op: OP_MARKER,
+                    aux,
+                    ..Default::default()
+                },
+                true,
+            ),
+            Op::Discard { sector, len } => (
+                DescFields {
+                    op: OP_DISCARD,
+                    sector,
+                    len,
+                    ..Default::default()
+                },
+                true,
+            ),
+            Op::Zeroes { sector, len } => (
+                DescFields {
+                    op: OP_WRITE_ZEROES,
+                    sector,
+                    len,
+                    ..Default::default()
+                },
+                true,
+            ),
+        };
+        let Some(seq) = self.reserve(
+            DescFields {
+                submit_ns,
+                ..fields
+            },
+            &data,
+            nowait,
+        ) else {
+            return false;
+        };
+        self.producer.complete(seq, ok);
+        self.last_seq = seq;
+        // The model of the source volume.
+        let range =
+            (fields.sector * 512) as usize..(fields.sector * 512) as usize + fields.len as usize;
+        match *op {
+            Op::Write {
+                sector,
+                len,
+                ok: false,
+            } => self.failed.push((sector, len)),
+            Op::Write { .. } => {
+                self.image[range.clone()].copy_from_slice(&data);
+                self.masked[range].fill(false);
             }
             Op::Flush | Op::Marker(_) => {
-                let (opc, aux) = match op {
-                    Op::Marker(id) => (OP_MARKER, *id),
-                    _ => (OP_FLUSH, 0),
-                };
-                let Some(seq) = self.reserve(
-                    DescFields {
-                        op: opc,
-                        aux,
-                        submit_ns: now,
-                        ..Default::default()
-                    },
-                    &[],
-                    nowait,
-                ) else {
-                    return false;
-                };
-                self.producer.complete(seq, true);
                 if self.keep_points {
                     self.points
                         .insert(seq, (self.image.clone(), self.masked.clone()));
                 }
-                self.last_seq = seq;
             }
-            Op::Discard { sector, len } | Op::Zeroes { sector, len } => {
-                let opc = if matches!(op, Op::Discard { .. }) {
-                    OP_DISCARD
-                } else {
-                    OP_WRITE_ZEROES
-                };
-                let Some(seq) = self.reserve(
-                    DescFields {
-                        op: opc,
-                        sector,
-                        len,
-                        submit_ns: now,
-                        ..Default::default()
-                    },
-                    &[],
-                    nowait,
-                ) else {
-                    return false;
-                };
-                self.producer.complete(seq, true);
-                let o = (sector * 512) as usize;
-                self.image[o..o + len as usize].fill(0);
-                if opc == OP_DISCARD {
-                    self.masked[o..o + len as usize].fill(true);
-                }
-                self.last_seq = seq;
+            Op::Discard { .. } => {
+                self.image[range.clone()].fill(0);
+                self.masked[range].fill(true);
             }
+            Op::Zeroes { .. } => self.image[range].fill(0),
         }
         true
     }

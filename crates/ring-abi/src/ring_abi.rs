@@ -350,16 +350,17 @@ pub const fn release_is_valid(cons: u64, prod: u64, new_cons: u64) -> bool {
     new_cons.wrapping_sub(cons) <= prod.wrapping_sub(cons)
 }
 
-/// Loads a descriptor's stamp with acquire ordering (consumer side).
+/// Loads a descriptor's stamp (`RecordDesc::stamp`) with acquire ordering
+/// (consumer side).
 #[inline]
-pub fn load_stamp(desc: &RecordDesc) -> u64 {
-    desc.stamp.load(Ordering::Acquire)
+pub fn load_stamp(stamp: &AtomicU64) -> u64 {
+    stamp.load(Ordering::Acquire)
 }
 
-/// Publishes a stamp with release ordering (producer side).
+/// Publishes a descriptor's stamp with release ordering (producer side).
 #[inline]
-pub fn publish_stamp(desc: &RecordDesc, seq: u64, state: u64) {
-    desc.stamp.store(stamp(seq, state), Ordering::Release)
+pub fn publish_stamp(slot: &AtomicU64, seq: u64, state: u64) {
+    slot.store(stamp(seq, state), Ordering::Release)
 }
 
 // --- Control device (/dev/dm-replica) ioctls ---------------------------------

@@ -177,7 +177,7 @@ impl<R: Release> Consumer<R> {
         if !ring_abi::release_is_valid(self.released, prod, seq) || seq == prod {
             return None;
         }
-        let st = self.map.stamp(seq).load(Ordering::Acquire);
+        let st = ring_abi::load_stamp(self.map.stamp(seq));
         ring_abi::stamp_is_for(st, seq).then(|| self.map.read_desc(seq).submit_ns)
     }
 
@@ -205,7 +205,7 @@ impl<R: Release> Consumer<R> {
             // which a valid producer never shows).
             return Ok(Peek::Empty);
         }
-        let st = self.map.stamp(seq).load(Ordering::Acquire);
+        let st = ring_abi::load_stamp(self.map.stamp(seq));
         if !ring_abi::stamp_is_for(st, seq) {
             return Ok(Peek::Empty);
         }
@@ -436,10 +436,7 @@ impl Producer {
                     .zero_data(pos, payload.len(), (GRANULE_SIZE - rem) as usize)?;
             }
         }
-        self.map.stamp(seq).store(
-            ring_abi::stamp(seq, ring_abi::STATE_PENDING),
-            Ordering::Release,
-        );
+        ring_abi::publish_stamp(self.map.stamp(seq), seq, ring_abi::STATE_PENDING);
         self.next_seq = seq.wrapping_add(1);
         self.head = new_head;
         h.data_head.store(new_head, Ordering::Release);
@@ -454,8 +451,6 @@ impl Producer {
         } else {
             ring_abi::STATE_FAILED
         };
-        self.map
-            .stamp(seq)
-            .store(ring_abi::stamp(seq, state), Ordering::Release);
+        ring_abi::publish_stamp(self.map.stamp(seq), seq, state);
     }
 }

@@ -306,16 +306,6 @@ impl Journal {
         }
         Ok(removed)
     }
-
-    /// Bytes on disk in journal files.
-    pub fn bytes(&self) -> u64 {
-        list_files(&self.dir)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|no| std::fs::metadata(self.dir.join(file_name(*no))).ok())
-            .map(|m| m.len())
-            .sum()
-    }
 }
 
 #[cfg(test)]
