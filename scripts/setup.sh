@@ -21,8 +21,9 @@ PACKAGES=(
 	# Rust for the kernel: Debian's rustc (the kernel needs its core source)
 	# and libclang for bindgen.
 	rustc-web rust-web-src libclang-dev clang llvm lld
-	# Guest: emulator, initramfs contents.
-	qemu-system-x86 busybox-static dmsetup
+	# Guest: emulator, initramfs contents (e2fsprogs for filesystem tests;
+	# libaio-dev and zlib for the static fio build).
+	qemu-system-x86 busybox-static dmsetup e2fsprogs libaio-dev zlib1g-dev
 	# Used by the scripts themselves.
 	util-linux coreutils gzip
 )
@@ -58,6 +59,38 @@ else
 	cargo install --locked --root "$DM_REPLICA_TOOLS" bindgen-cli --version "$BINDGEN_VERSION"
 	[[ "$("$BINDGEN" --version)" == "bindgen $BINDGEN_VERSION" ]] ||
 		die "bindgen at $BINDGEN does not report version $BINDGEN_VERSION"
+fi
+
+# fio: the guests need a self-contained binary. Built from Debian's source
+# package (fetched with a private apt source list and state directory, so
+# the system's package lists are left alone).
+if [[ -x "$FIO" && "$("$FIO" --version 2>/dev/null)" == "fio-$FIO_VERSION" ]]; then
+	say "fio $FIO_VERSION (static) present at $FIO"
+else
+	say "building fio $FIO_VERSION statically from Debian's source package"
+	work=$(mktemp -d "$DM_REPLICA_TOOLS/.fio-build.XXXXXX" 2>/dev/null || { mkdir -p "$DM_REPLICA_TOOLS" && mktemp -d "$DM_REPLICA_TOOLS/.fio-build.XXXXXX"; })
+	trap 'rm -rf "$work"' EXIT
+	mkdir -p "$work/lists/partial" "$work/src"
+	cat >"$work/sources.list" <<-SRC
+		deb-src http://deb.debian.org/debian bookworm main
+	SRC
+	apt_src=(-o "Dir::Etc::SourceList=$work/sources.list" -o Dir::Etc::SourceParts=/dev/null
+		-o "Dir::State::Lists=$work/lists" -o APT::Sandbox::User=root)
+	apt-get "${apt_src[@]}" update >"$work/apt.log" 2>&1 || { cat "$work/apt.log" >&2; die "cannot fetch Debian's source index"; }
+	(cd "$work/src" && apt-get "${apt_src[@]}" source --download-only fio >>"$work/apt.log" 2>&1) ||
+		{ cat "$work/apt.log" >&2; die "cannot download fio's source package"; }
+	tar -xzf "$work/src/fio_$FIO_VERSION.orig.tar.gz" -C "$work/src"
+	(
+		cd "$work/src/fio-$FIO_VERSION"
+		./configure --build-static --disable-native >"$work/configure.log" 2>&1
+		make -j"$(nproc)" >"$work/make.log" 2>&1
+	) || { tail -n 40 "$work"/*.log >&2; die "fio build failed"; }
+	mkdir -p "$(dirname "$FIO")"
+	install -m 0755 "$work/src/fio-$FIO_VERSION/fio" "$FIO"
+	rm -rf "$work"
+	trap - EXIT
+	[[ "$("$FIO" --version)" == "fio-$FIO_VERSION" ]] || die "built fio does not report version $FIO_VERSION"
+	say "fio $FIO_VERSION built: $FIO"
 fi
 
 # The kernel must be built with Debian's rustc, which ships the core source the

@@ -149,6 +149,23 @@ for src in "$scenario_dir"/tools/*.c; do
 	fi
 	tool_bins+=(--bin "$exe")
 done
+# Userspace tools the scenarios use, self-contained: the project's own
+# binaries linked statically, fio built statically by setup.sh, and
+# e2fsprogs (small; vm.sh copies their libraries).
+say "building static userspace tools (dmr-ring)"
+static_target=x86_64-unknown-linux-gnu
+if ! (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' \
+	cargo build --quiet --release --locked --target "$static_target" -p replica-tests --bin dmr-ring); then
+	record FAIL build "static userspace tools did not build"
+	summary
+	exit 1
+fi
+tool_bins+=(--bin "$REPO_ROOT/target/$static_target/release/dmr-ring")
+[[ -x "$FIO" ]] || die "fio not found at $FIO: run scripts/setup.sh"
+tool_bins+=(--bin "$FIO")
+for t in mkfs.ext4 e2fsck; do
+	tool_bins+=(--bin "$(command -v "$t")")
+done
 for b in "${bins[@]}"; do
 	tool_bins+=(--bin "$b")
 done

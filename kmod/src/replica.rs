@@ -2,20 +2,30 @@
 
 //! dm-replica: the `replica` device-mapper target.
 //!
-//! Captures the writes of a protected volume for block-level replication.
-//! This version passes all I/O through to the data device unchanged.
+//! Captures every write of a protected volume, in submission order, into a
+//! ring shared with the replication daemon, and passes all I/O through to
+//! the data device. See `target` (the table line and the I/O path), `group`
+//! (rings, held and waiting bios, overflow), `control` (`/dev/dm-replica`)
+//! and `capture` (the ring logic itself, also tested on the host).
 //!
-//! Table line: `<start> <sectors> replica <data_dev>`.
+//! Table line: `<start> <sectors> replica <data_dev> <volume_id> [options]`
+//! (see `table`).
+//!
+//! All `unsafe` code lives in `dm` and its C shim; everything else is safe
+//! Rust.
 
+use kernel::c_str;
 use kernel::prelude::*;
 
+mod capture;
+mod control;
 mod dm;
+mod group;
 mod table;
 mod target;
 
 /// The capture ring's memory layout and index rules, shared with `replicad`
-/// (one `core`-only file; see its documentation). Not used by the
-/// pass-through target yet; compiled here so the kernel toolchain checks it.
+/// (one `core`-only file; see its documentation).
 #[path = "../../crates/ring-abi/src/ring_abi.rs"]
 #[allow(dead_code, unreachable_pub, missing_docs)]
 mod ring_abi;
@@ -29,6 +39,7 @@ const _: () = {
     assert!(abi::IOC_ATTACH == _IOWR::<abi::AttachArg>(abi::IOC_TYPE, 1));
     assert!(abi::IOC_RELEASE == _IOW::<abi::ReleaseArg>(abi::IOC_TYPE, 2));
     assert!(abi::IOC_BITMAP == _IOWR::<abi::BitmapArg>(abi::IOC_TYPE, 3));
+    assert!(abi::IOC_VOLUME == _IOWR::<abi::VolumeArg>(abi::IOC_TYPE, 4));
 };
 
 #[cfg(not(dm_replica_fault))]
@@ -47,19 +58,35 @@ module! {
     license: "GPL",
 }
 
+/// The module's state. Fields drop in order: the control device and the
+/// target type go first (nothing can use them then: open files and tables
+/// hold a module reference, so none exist at unload), then the workqueue,
+/// whose destruction drains what is still queued, then the registry.
 struct DmReplica {
+    _control: dm::misc::MiscRegistration<control::ControlFile>,
     _target: dm::Registration<target::Replica>,
+    _workqueue: dm::sys::WorkQueue,
+    _registry: kernel::sync::Arc<group::Registry>,
 }
 
 impl kernel::Module for DmReplica {
     fn init(module: &'static ThisModule) -> Result<Self> {
-        let target = dm::Registration::new(module)?;
+        let registry = group::Registry::new()?;
+        let workqueue = dm::sys::WorkQueue::new(c_str!("dm_replica"))?;
+        let target = dm::Registration::new(module, registry.clone())?;
+        let control =
+            dm::misc::MiscRegistration::register(module, c_str!("dm-replica"), 0o600, registry.clone())?;
         #[cfg(dm_replica_corrupt_reads)]
         pr_err!("fault injection build: every read through a replica target is corrupted\n");
         #[cfg(dm_replica_leak)]
         pr_err!("fault injection build: every replica table line leaks memory\n");
-        pr_info!("target 'replica' registered\n");
-        Ok(Self { _target: target })
+        pr_info!("target 'replica' and /dev/dm-replica registered\n");
+        Ok(Self {
+            _control: control,
+            _target: target,
+            _workqueue: workqueue,
+            _registry: registry,
+        })
     }
 }
 

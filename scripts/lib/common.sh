@@ -12,6 +12,10 @@ BINDGEN="$DM_REPLICA_TOOLS/bin/bindgen"
 KRUSTC=/usr/bin/rustc
 KRUSTDOC=/usr/bin/rustdoc
 KERNEL_SERIES=6.12
+# fio for the guests, built statically from Debian's source package (the
+# binary package pulls in 80 MB of libraries).
+FIO_VERSION=3.33
+FIO="$DM_REPLICA_TOOLS/fio-$FIO_VERSION/fio"
 
 say() { printf '==> %s\n' "$*" >&2; }
 warn() { printf '==> WARNING: %s\n' "$*" >&2; }

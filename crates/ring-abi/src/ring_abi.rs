@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
-//! dm-replica capture ring ABI, version 1.
+//! dm-replica capture ring ABI, version 2.
 //!
 //! This one file is the single source of truth for the memory layout and the
 //! index rules of the ring that the `replica` device-mapper target fills and
@@ -72,7 +72,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// `"DMRRING1"` read as a little-endian u64.
 pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"DMRRING1");
 /// ABI version; bumped on any incompatible layout or rule change.
-pub const RING_ABI_VERSION: u32 = 1;
+pub const RING_ABI_VERSION: u32 = 2;
 /// Size of the header page.
 pub const HEADER_SIZE: u64 = 4096;
 /// Size of one descriptor.
@@ -157,8 +157,11 @@ pub struct RingHeader {
     pub overflow_seq: AtomicU64,
     /// Sequence of the first record of this generation.
     pub first_seq: u64,
+    /// Regions currently marked dirty in the group's bitmaps (failed writes
+    /// and writes made while overflowing); read them with [`IOC_BITMAP`].
+    pub dirty_regions: AtomicU64,
     /// Reserved, zero.
-    pub _reserved1: [u64; 3],
+    pub _reserved1: [u64; 2],
 
     // --- consumer cache line (offset 128) ---
     /// Oldest sequence not yet released by the consumer.
@@ -194,8 +197,9 @@ pub struct RecordDesc {
     pub _reserved0: u16,
     /// Operation-specific: the marker id for OP_MARKER.
     pub aux: u64,
-    /// Reserved, zero.
-    pub _reserved1: u64,
+    /// Wall-clock time the write completed on the source, nanoseconds since
+    /// the Unix epoch; valid once the state is COMMITTED or FAILED.
+    pub complete_ns: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<RingHeader>() == 192);
@@ -414,6 +418,23 @@ pub struct BitmapArg {
     pub resume_seq: u64,
 }
 
+/// Argument of [`IOC_VOLUME`]: describe one volume of the attached group.
+#[repr(C)]
+pub struct VolumeArg {
+    /// Volume index within the group (the `volume` field of records).
+    pub index: u32,
+    /// Out: region size of the dirty bitmap in KiB.
+    pub region_kib: u32,
+    /// Out: volume size in 512-byte sectors.
+    pub sectors: u64,
+    /// Out: number of regions (bits) of the volume's dirty bitmap.
+    pub regions: u64,
+    /// Out: regions currently marked dirty.
+    pub dirty_regions: u64,
+    /// Out: volume id from the table line, NUL-padded.
+    pub id: [u8; GROUP_NAME_LEN],
+}
+
 /// Attach to a group's ring.
 pub const IOC_ATTACH: u32 = ioc(
     IOC_READ | IOC_WRITE,
@@ -434,4 +455,11 @@ pub const IOC_BITMAP: u32 = ioc(
     IOC_TYPE,
     3,
     core::mem::size_of::<BitmapArg>() as u32,
+);
+/// Describe a volume of the attached group (`ENOENT` past the last one).
+pub const IOC_VOLUME: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    IOC_TYPE,
+    4,
+    core::mem::size_of::<VolumeArg>() as u32,
 );

@@ -9,10 +9,12 @@
 //!
 //! The raw memory accesses live in [`map`]; this module is safe Rust.
 
+pub mod device;
 pub mod map;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use ring_abi::{RingGeometry, GRANULE_SIZE};
 
@@ -85,11 +87,23 @@ pub trait Release: Send {
     /// Moves the consumer index to `new_cons` (exclusive), with the data
     /// tail at `data_tail`.
     fn release(&mut self, map: &Mapping, new_cons: u64, data_tail: u64) -> Result<(), RingError>;
+
+    /// Waits up to `timeout` for the producer to publish something. The
+    /// default (a ring file, whose producer cannot wake anyone) sleeps
+    /// briefly.
+    fn wait(&mut self, _map: &Mapping, timeout: Duration) -> Result<(), RingError> {
+        std::thread::sleep(timeout.min(Duration::from_millis(1)));
+        Ok(())
+    }
 }
 
 impl Release for Box<dyn Release> {
     fn release(&mut self, map: &Mapping, new_cons: u64, data_tail: u64) -> Result<(), RingError> {
         (**self).release(map, new_cons, data_tail)
+    }
+
+    fn wait(&mut self, map: &Mapping, timeout: Duration) -> Result<(), RingError> {
+        (**self).wait(map, timeout)
     }
 }
 
@@ -194,6 +208,32 @@ impl<R: Release> Consumer<R> {
     /// Ring flags (`RING_FLAG_*`).
     pub fn flags(&self) -> u32 {
         self.map.header().flags.load(Ordering::Acquire)
+    }
+
+    /// Whether the producer overflowed (writes went to the dirty bitmap).
+    pub fn overflowing(&self) -> bool {
+        self.flags() & ring_abi::RING_FLAG_OVERFLOW != 0
+    }
+
+    /// Whether the ring is dead (no more records will come). Records
+    /// already in it can still be read.
+    pub fn is_dead(&self) -> bool {
+        self.flags() & ring_abi::RING_FLAG_DEAD != 0
+    }
+
+    /// Regions the producer has marked dirty (failed writes, overflow).
+    pub fn dirty_regions(&self) -> u64 {
+        self.map.header().dirty_regions.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `timeout` for the producer to publish something.
+    pub fn wait(&mut self, timeout: Duration) -> Result<(), RingError> {
+        self.releaser.wait(&self.map, timeout)
+    }
+
+    /// The release mechanism (for a kernel ring: the control device).
+    pub fn releaser(&self) -> &R {
+        &self.releaser
     }
 
     /// Looks at the record at the next sequence without consuming it.
@@ -340,6 +380,13 @@ pub struct Producer {
     geometry: RingGeometry,
 }
 
+/// Wall-clock time in ns since the Unix epoch (0 if the clock is before it).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// Parameters of a new ring.
 #[derive(Debug, Clone, Copy)]
 pub struct RingParams {
@@ -446,6 +493,7 @@ impl Producer {
 
     /// Marks a reserved record COMMITTED (`ok`) or FAILED.
     pub fn complete(&self, seq: u64, ok: bool) {
+        self.map.set_complete_ns(seq, now_ns());
         let state = if ok {
             ring_abi::STATE_COMMITTED
         } else {

@@ -37,6 +37,8 @@ pub struct DescFields {
     pub flags: u8,
     /// Marker id for markers.
     pub aux: u64,
+    /// Completion time, ns since the epoch (0 while pending).
+    pub complete_ns: u64,
 }
 
 /// A shared mapping of a ring.
@@ -313,6 +315,7 @@ impl Mapping {
                 op: std::ptr::addr_of!((*d).op).read_volatile(),
                 flags: std::ptr::addr_of!((*d).flags).read_volatile(),
                 aux: std::ptr::addr_of!((*d).aux).read_volatile(),
+                complete_ns: std::ptr::addr_of!((*d).complete_ns).read_volatile(),
             }
         }
     }
@@ -336,7 +339,7 @@ impl Mapping {
             std::ptr::addr_of_mut!((*d).flags).write_volatile(f.flags);
             std::ptr::addr_of_mut!((*d).aux).write_volatile(f.aux);
             std::ptr::addr_of_mut!((*d)._reserved0).write_volatile(0);
-            std::ptr::addr_of_mut!((*d)._reserved1).write_volatile(0);
+            std::ptr::addr_of_mut!((*d).complete_ns).write_volatile(f.complete_ns);
         }
     }
 
@@ -376,6 +379,17 @@ impl Mapping {
         // inside the writable mapping; the granules are reserved, unpublished.
         unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(off + byte_off), 0, len) };
         Ok(())
+    }
+
+    /// Sets the completion time of the slot for `seq` (producer only, before
+    /// publishing its final state).
+    pub(crate) fn set_complete_ns(&self, seq: u64, ns: u64) {
+        assert!(self.writable, "set_complete_ns on a read-only mapping");
+        let d = self.desc_ptr(seq);
+        // SAFETY: the slot lies inside the writable mapping (invariant); the
+        // record is PENDING, so the consumer does not read this field until
+        // the final state is published after this store.
+        unsafe { std::ptr::addr_of_mut!((*d).complete_ns).write_volatile(ns) };
     }
 
     /// Copies `src` into the data ring at granule `pos` (producer only).

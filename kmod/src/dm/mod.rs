@@ -1,15 +1,24 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! A small safe interface to device-mapper for one bio-based target type.
+//! A small safe interface to device-mapper for one bio-based target type,
+//! and to the other kernel services the module uses ([`sys`], [`misc`]).
 //!
-//! This module and its C shim (`shim.c`) are the only places in the module
-//! with `unsafe` code. A target implements [`Target`]; [`Registration`]
-//! registers it with dm and unregisters it on drop. dm calls back into the
-//! `extern "C"` trampolines below, which turn raw pointers into the safe
-//! types [`Ctr`], [`Args`], [`Bio`], [`DeviceVisitor`] and [`StatusWriter`],
-//! and convert results to kernel error codes exactly once, at the boundary.
+//! This module, its submodules and its C shim (`shim.c`) are the only places
+//! in the module with `unsafe` code. A target implements [`Target`];
+//! [`Registration`] registers it with dm and unregisters it on drop. dm calls
+//! back into the `extern "C"` trampolines below, which turn raw pointers into
+//! the safe types [`Ctr`], [`Args`], [`Bio`], [`DeviceVisitor`] and
+//! [`StatusWriter`], and convert results to kernel error codes exactly once,
+//! at the boundary.
+//!
+//! A bio the target keeps past `map` (to submit later) is a [`HeldBio`]: an
+//! owned handle that is submitted exactly once, by [`HeldBio::submit`] or,
+//! failing that, when it is dropped, so a held write can never be lost.
 //!
 //! C header: [`include/linux/device-mapper.h`](srctree/include/linux/device-mapper.h)
+
+pub(crate) mod misc;
+pub(crate) mod sys;
 
 use core::fmt;
 use core::marker::PhantomData;
@@ -17,15 +26,36 @@ use core::ptr::NonNull;
 
 use kernel::bindings;
 use kernel::error::to_result;
-use kernel::ffi::{c_char, c_int, c_uint, c_void};
+use kernel::ffi::{c_char, c_int, c_uint, c_ulong, c_void};
 use kernel::prelude::*;
 use kernel::str::CStr;
-use kernel::types::Opaque;
+use kernel::sync::Arc;
 
 // The C side of the shim, compiled into the same module (see `shim.h`).
 #[allow(improper_ctypes)]
 extern "C" {
     fn dmr_bio_set_dev(bio: *mut bindings::bio, bdev: *mut bindings::block_device);
+    fn dmr_per_bio_data(bio: *mut bindings::bio, size: usize) -> *mut c_void;
+    fn dmr_bio_copy_data(bio: *mut bindings::bio, dst: *mut c_void, len: usize) -> usize;
+    fn dmr_limits_set_stable_writes(limits: *mut bindings::queue_limits);
+    fn dmr_spin_lock_irqsave(lock: *mut bindings::spinlock_t) -> c_ulong;
+    fn dmr_spin_unlock_irqrestore(lock: *mut bindings::spinlock_t, flags: c_ulong);
+    fn dmr_vmalloc_user(size: c_ulong) -> *mut c_void;
+    fn dmr_vfree(addr: *mut c_void);
+    fn dmr_mmap_vmalloc_readonly(
+        vma: *mut bindings::vm_area_struct,
+        addr: *mut c_void,
+        size: c_ulong,
+    ) -> c_int;
+    fn dmr_poll_wait(
+        file: *mut bindings::file,
+        wq: *mut bindings::wait_queue_head,
+        pt: *mut bindings::poll_table_struct,
+    );
+    fn dmr_wake_up_all(wq: *mut bindings::wait_queue_head);
+    fn dmr_init_waitqueue_head(wq: *mut bindings::wait_queue_head);
+    fn dmr_alloc_workqueue(name: *const c_char) -> *mut bindings::workqueue_struct;
+    fn dmr_now_ns() -> u64;
     #[cfg(dm_replica_corrupt_reads)]
     fn dmr_bio_save_iter(bio: *mut bindings::bio);
     #[cfg(dm_replica_corrupt_reads)]
@@ -54,14 +84,19 @@ impl CtrError {
     }
 }
 
-/// What [`Target::map`] decided for a bio.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum MapResult {
-    /// The bio was pointed at a lower device; dm submits it.
+enum MapResult {
     Remapped,
-    /// Fail the bio with an I/O error.
     Kill,
+    Submitted,
 }
+
+/// What [`Target::map`] decided for a bio. Only obtainable from the bio
+/// itself ([`Bio::remapped`], [`Bio::kill`], [`Bio::hold`]), so the answer
+/// always matches what happened to it.
+#[derive(Debug)]
+#[must_use]
+pub(crate) struct Mapped(MapResult);
 
 /// Which status `dmsetup` asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,15 +119,27 @@ pub(crate) trait Target: Sized + Send + Sync {
     const NAME: &'static CStr;
     /// Target type version (major, minor, patch).
     const VERSION: [u32; 3];
+    /// Ask the block layer to keep the pages of a write unchanged until the
+    /// write completes (`BLK_FEAT_STABLE_WRITES`).
+    const STABLE_WRITES: bool = false;
+
+    /// State shared by every target of this type (given to
+    /// [`Registration::new`]).
+    type Shared: Send + Sync;
+    /// Per-bio state, kept in the per-bio data dm reserves in every clone
+    /// (`per_io_data_size`), written in `map` and read back in `end_io`.
+    type PerBio: Copy + Default;
 
     /// Builds the target from its table arguments.
-    fn ctr(ctr: &mut Ctr<'_>, args: Args<'_>) -> Result<Self, CtrError>;
+    fn ctr(ctr: &mut Ctr<'_>, shared: &Arc<Self::Shared>, args: Args<'_>)
+        -> Result<Self, CtrError>;
 
-    /// Maps a bio. Must not sleep.
-    fn map(&self, bio: &mut Bio<'_>) -> MapResult;
+    /// Maps a bio. Must not sleep or allocate.
+    fn map(&self, bio: Bio<'_, Self::PerBio>) -> Mapped;
 
-    /// Called when a remapped bio completes. May run in hard-IRQ context.
-    fn end_io(&self, _bio: &mut Bio<'_>, _ok: bool) {
+    /// Called when a remapped or submitted bio completes. May run in hard-IRQ
+    /// context: must not sleep or allocate.
+    fn end_io(&self, _bio: &mut Bio<'_, Self::PerBio>, _ok: bool) {
         kernel::build_error(kernel::error::VTABLE_DEFAULT_ERROR)
     }
 
@@ -102,6 +149,12 @@ pub(crate) trait Target: Sized + Send + Sync {
 
     /// Writes the status line for `dmsetup status` / `dmsetup table`.
     fn status(&self, kind: StatusType, out: &mut StatusWriter<'_>) -> fmt::Result;
+
+    /// Handles `dmsetup message <dev> <sector> <args...>`; `out` is shown to
+    /// the caller.
+    fn message(&self, _args: Args<'_>, _out: &mut StatusWriter<'_>) -> Result {
+        kernel::build_error(kernel::error::VTABLE_DEFAULT_ERROR)
+    }
 }
 
 /// The target being constructed: its place in the table and the settings a
@@ -167,11 +220,10 @@ impl<'a> Ctr<'a> {
         unsafe { (*self.ti.as_ptr()).num_write_zeroes_bios = n };
     }
 
-    /// Bytes of per-bio data dm reserves for the target in every clone.
-    #[cfg(dm_replica_corrupt_reads)]
-    pub(crate) fn set_per_io_data_size(&mut self, n: u32) {
-        // SAFETY: as in `set_num_flush_bios`.
-        unsafe { (*self.ti.as_ptr()).per_io_data_size = n };
+    /// Splits bios so that none crosses a boundary of `sectors` sectors.
+    pub(crate) fn set_max_io_len(&mut self, sectors: u64) -> Result {
+        // SAFETY: `ti` is valid and under construction (type invariant).
+        to_result(unsafe { bindings::dm_set_target_max_io_len(self.ti.as_ptr(), sectors) })
     }
 }
 
@@ -206,6 +258,13 @@ impl TargetDev {
         self.dev.as_ptr()
     }
 
+    /// The device number (`dev_t`) of the lower device.
+    pub(crate) fn devt(&self) -> u32 {
+        // SAFETY: `dev` is valid while held (type invariant), so its open
+        // block device is too.
+        unsafe { (*self.bdev()).bd_dev }
+    }
+
     /// The device's `major:minor` name, as dm prints it in tables.
     pub(crate) fn name(&self) -> &CStr {
         // SAFETY: `dev` is valid while held (type invariant) and dm
@@ -226,7 +285,7 @@ impl Drop for TargetDev {
     }
 }
 
-/// The constructor's arguments (the table line after the target name).
+/// Arguments of a table line (after the target name) or of a message.
 ///
 /// # Invariants
 ///
@@ -253,24 +312,15 @@ impl<'a> Iterator for Args<'a> {
     }
 }
 
-/// A bio handed to the target by dm (a clone of the submitted one).
-///
-/// # Invariants
-///
-/// `bio` is valid and owned by the target for `'a` (the map or end_io call).
-pub(crate) struct Bio<'a> {
-    bio: NonNull<bindings::bio>,
-    _p: PhantomData<&'a mut bindings::bio>,
-}
-
 /// Block layer operation of a bio.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Op {
     /// Read data.
     Read,
-    /// Write data.
+    /// Write data (possibly with FUA).
     Write,
-    /// Flush the volatile cache (empty, or with data as PREFLUSH/FUA write).
+    /// Flush the volatile cache: an empty write with PREFLUSH (dm splits a
+    /// flush-with-data into this and the data).
     Flush,
     /// Discard a range.
     Discard,
@@ -280,18 +330,26 @@ pub(crate) enum Op {
     Other,
 }
 
-impl Bio<'_> {
-    fn raw(&self) -> *mut bindings::bio {
-        self.bio.as_ptr()
-    }
+/// Read access to a bio's fields and data.
+///
+/// # Safety
+///
+/// Implementors guarantee that `raw_bio` returns a bio that is valid and
+/// owned by the caller for as long as the implementing value lives. Only
+/// [`Bio`] and [`HeldBio`] implement it.
+pub(crate) unsafe trait BioData {
+    /// The bio.
+    fn raw_bio(&self) -> *mut bindings::bio;
 
     /// The bio's operation.
-    pub(crate) fn op(&self) -> Op {
-        // SAFETY: the bio is valid (type invariant).
-        let opf = unsafe { (*self.raw()).bi_opf };
+    fn op(&self) -> Op {
+        // SAFETY: the bio is valid (trait contract).
+        let (opf, size) = unsafe { ((*self.raw_bio()).bi_opf, (*self.raw_bio()).bi_iter.bi_size) };
         let op = opf & ((1u32 << bindings::REQ_OP_BITS) - 1);
+        let preflush = opf & (1u32 << bindings::req_flag_bits___REQ_PREFLUSH) != 0;
         match op {
             bindings::req_op_REQ_OP_READ => Op::Read,
+            bindings::req_op_REQ_OP_WRITE if size == 0 && preflush => Op::Flush,
             bindings::req_op_REQ_OP_WRITE => Op::Write,
             bindings::req_op_REQ_OP_FLUSH => Op::Flush,
             bindings::req_op_REQ_OP_DISCARD => Op::Discard,
@@ -300,16 +358,88 @@ impl Bio<'_> {
         }
     }
 
-    /// First sector (of the mapped device, before remapping).
-    pub(crate) fn sector(&self) -> u64 {
-        // SAFETY: the bio is valid (type invariant).
-        unsafe { (*self.raw()).bi_iter.bi_sector }
+    /// Whether the write has forced unit access (durable on completion).
+    fn is_fua(&self) -> bool {
+        // SAFETY: the bio is valid (trait contract).
+        let opf = unsafe { (*self.raw_bio()).bi_opf };
+        opf & (1u32 << bindings::req_flag_bits___REQ_FUA) != 0
     }
 
-    /// Length in sectors (0 for an empty flush).
-    pub(crate) fn sectors(&self) -> u32 {
-        // SAFETY: the bio is valid (type invariant).
-        unsafe { (*self.raw()).bi_iter.bi_size >> SECTOR_SHIFT }
+    /// Current first sector (of the mapped device before remapping, of the
+    /// lower device after).
+    fn sector(&self) -> u64 {
+        // SAFETY: the bio is valid (trait contract).
+        unsafe { (*self.raw_bio()).bi_iter.bi_sector }
+    }
+
+    /// Bytes the bio covers (0 for an empty flush).
+    fn bytes(&self) -> u32 {
+        // SAFETY: the bio is valid (trait contract).
+        unsafe { (*self.raw_bio()).bi_iter.bi_size }
+    }
+
+    /// Length in sectors.
+    fn sectors(&self) -> u32 {
+        self.bytes() >> SECTOR_SHIFT
+    }
+
+    /// Bytes of data the bio carries: its size for a write, 0 otherwise
+    /// (discard and write-zeroes have a size but no data pages).
+    fn data_bytes(&self) -> usize {
+        match self.op() {
+            Op::Write => self.bytes() as usize,
+            _ => 0,
+        }
+    }
+}
+
+/// Per-bio data of type `P` of a dm clone.
+///
+/// # Safety
+///
+/// `bio` must be a dm clone of a target whose per-bio data size is
+/// `size_of::<P>()` (set by `ctr_callback` from `Target::PerBio`).
+unsafe fn per_bio_ptr<P>(bio: *mut bindings::bio) -> *mut P {
+    // SAFETY: per the function's contract.
+    unsafe { dmr_per_bio_data(bio, core::mem::size_of::<P>()).cast::<P>() }
+}
+
+/// A bio handed to the target by dm (a clone of the submitted one), with
+/// per-bio data of type `P`.
+///
+/// # Invariants
+///
+/// `bio` is valid and owned by the target for `'a` (the map or end_io call),
+/// and it is a clone of a target whose per-bio data is a `P`.
+pub(crate) struct Bio<'a, P> {
+    bio: NonNull<bindings::bio>,
+    _p: PhantomData<(&'a mut bindings::bio, P)>,
+}
+
+// SAFETY: the bio is valid and ours for `'a` (type invariant).
+unsafe impl<P> BioData for Bio<'_, P> {
+    fn raw_bio(&self) -> *mut bindings::bio {
+        self.bio.as_ptr()
+    }
+}
+
+impl<P: Copy + Default> Bio<'_, P> {
+    fn raw(&self) -> *mut bindings::bio {
+        self.bio.as_ptr()
+    }
+
+    /// The target's per-bio state (as last set; `P::default()`-initialised
+    /// by nobody: set it in `map` before relying on it in `end_io`).
+    pub(crate) fn per_bio(&self) -> P {
+        // SAFETY: the per-bio area is a `P`-sized slot of this clone (type
+        // invariant); unaligned read because dm only aligns it to 8 bytes.
+        unsafe { per_bio_ptr::<P>(self.raw()).read_unaligned() }
+    }
+
+    /// Sets the target's per-bio state.
+    pub(crate) fn set_per_bio(&mut self, v: P) {
+        // SAFETY: as in `per_bio`; the bio is exclusively ours.
+        unsafe { per_bio_ptr::<P>(self.raw()).write_unaligned(v) }
     }
 
     /// Sends the bio to `dev`, leaving its sector unchanged (for empty bios).
@@ -326,12 +456,38 @@ impl Bio<'_> {
         unsafe { (*self.raw()).bi_iter.bi_sector = sector };
     }
 
-    /// Fault injection: remember where the data starts (needs
-    /// `per_io_data_size` of a `bvec_iter`, see [`Ctr::set_per_io_data_size`]).
+    /// `map`'s answer for a bio remapped with [`Bio::remap`]: dm submits it.
+    pub(crate) fn remapped(self) -> Mapped {
+        Mapped(MapResult::Remapped)
+    }
+
+    /// `map`'s answer that fails the bio with an I/O error.
+    pub(crate) fn kill(self) -> Mapped {
+        Mapped(MapResult::Kill)
+    }
+
+    /// Keeps the (already remapped) bio to submit it later: `map` returns
+    /// the second value, the target keeps the first.
+    pub(crate) fn hold(self) -> (HeldBio<P>, Mapped) {
+        // INVARIANT: a bio for which map returns DM_MAPIO_SUBMITTED belongs
+        // to the target until it submits it; dm keeps the original alive
+        // until the clone completes.
+        (
+            HeldBio {
+                bio: self.bio,
+                _p: PhantomData,
+            },
+            Mapped(MapResult::Submitted),
+        )
+    }
+
+    /// Fault injection: remember where the data starts (in the per-bio data;
+    /// needs `PerBio` to be at least a `bvec_iter`).
     #[cfg(dm_replica_corrupt_reads)]
     pub(crate) fn save_iter(&mut self) {
-        // SAFETY: the bio is a dm clone with per-bio data of a `bvec_iter`
-        // reserved by the constructor.
+        const { assert!(core::mem::size_of::<P>() >= core::mem::size_of::<bindings::bvec_iter>()) };
+        // SAFETY: the bio is a dm clone with per-bio data of at least a
+        // `bvec_iter` (checked above).
         unsafe { dmr_bio_save_iter(self.raw()) };
     }
 
@@ -342,6 +498,158 @@ impl Bio<'_> {
         // SAFETY: as in `save_iter`; the read completed, so its pages hold
         // data the target may modify before dm completes the original bio.
         unsafe { dmr_bio_corrupt_first_byte(self.raw()) };
+    }
+}
+
+/// A remapped bio the target took ownership of in `map` and has not
+/// submitted yet. Submitted by [`HeldBio::submit`], or when dropped (so it
+/// is never lost). Submitting may recurse into the block layer: do it from
+/// process context with no spinlock held.
+///
+/// # Invariants
+///
+/// `bio` is a valid dm clone with per-bio data `P`, owned by this value
+/// until it is submitted.
+pub(crate) struct HeldBio<P> {
+    bio: NonNull<bindings::bio>,
+    _p: PhantomData<P>,
+}
+
+// SAFETY: a held bio is owned by this value alone and may be submitted from
+// any thread; `P` is plain per-bio data.
+unsafe impl<P: Copy + Send> Send for HeldBio<P> {}
+
+// SAFETY: the bio is valid and owned until submission (type invariant).
+unsafe impl<P> BioData for HeldBio<P> {
+    fn raw_bio(&self) -> *mut bindings::bio {
+        self.bio.as_ptr()
+    }
+}
+
+impl<P: Copy + Default> HeldBio<P> {
+    /// The target's per-bio state.
+    pub(crate) fn per_bio(&self) -> P {
+        // SAFETY: the per-bio area is a `P` of this clone (type invariant).
+        unsafe { per_bio_ptr::<P>(self.bio.as_ptr()).read_unaligned() }
+    }
+
+    /// Sets the target's per-bio state.
+    pub(crate) fn set_per_bio(&mut self, v: P) {
+        // SAFETY: as in `per_bio`; the bio is exclusively ours.
+        unsafe { per_bio_ptr::<P>(self.bio.as_ptr()).write_unaligned(v) }
+    }
+
+    /// Submits the bio to the device it was remapped to.
+    pub(crate) fn submit(self) {
+        // Drop does the submission.
+    }
+}
+
+impl<P> Drop for HeldBio<P> {
+    fn drop(&mut self) {
+        // SAFETY: the bio is a remapped dm clone we own (type invariant);
+        // dm_submit_bio_remap submits it once and dm completes it through
+        // the target's end_io.
+        unsafe { bindings::dm_submit_bio_remap(self.bio.as_ptr(), core::ptr::null_mut()) };
+    }
+}
+
+/// A FIFO of held bios, linked through the bios themselves (`bi_next`), so
+/// queueing never allocates. Dropping a non-empty queue submits the bios.
+///
+/// # Invariants
+///
+/// `head` starts a chain of `len` held bios (owned by the queue) linked by
+/// `bi_next` and ending at `tail`, whose `bi_next` is null.
+pub(crate) struct BioQueue<P> {
+    head: Option<NonNull<bindings::bio>>,
+    tail: Option<NonNull<bindings::bio>>,
+    len: usize,
+    _p: PhantomData<P>,
+}
+
+// SAFETY: the queue owns its bios (like `HeldBio`, which is Send).
+unsafe impl<P: Copy + Send> Send for BioQueue<P> {}
+
+impl<P: Copy + Default> BioQueue<P> {
+    /// An empty queue.
+    pub(crate) const fn new() -> Self {
+        Self {
+            head: None,
+            tail: None,
+            len: 0,
+            _p: PhantomData,
+        }
+    }
+
+    /// Number of queued bios.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the queue is empty.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends a held bio.
+    pub(crate) fn push_back(&mut self, bio: HeldBio<P>) {
+        let ptr = bio.bio;
+        core::mem::forget(bio);
+        // SAFETY: we own the bio now (taken from the HeldBio without
+        // submitting it); `bi_next` is free for the owner's use while the
+        // bio is not submitted.
+        unsafe { (*ptr.as_ptr()).bi_next = core::ptr::null_mut() };
+        match self.tail {
+            // SAFETY: `tail` is a bio owned by the queue (invariant).
+            Some(t) => unsafe { (*t.as_ptr()).bi_next = ptr.as_ptr() },
+            None => self.head = Some(ptr),
+        }
+        self.tail = Some(ptr);
+        self.len += 1;
+    }
+
+    /// Removes the oldest bio.
+    pub(crate) fn pop_front(&mut self) -> Option<HeldBio<P>> {
+        let head = self.head?;
+        // SAFETY: `head` is a bio owned by the queue (invariant).
+        let next = unsafe { (*head.as_ptr()).bi_next };
+        // SAFETY: as above; unlink it before handing it out.
+        unsafe { (*head.as_ptr()).bi_next = core::ptr::null_mut() };
+        self.head = NonNull::new(next);
+        if self.head.is_none() {
+            self.tail = None;
+        }
+        self.len -= 1;
+        // INVARIANT: ownership moves from the queue to the HeldBio.
+        Some(HeldBio {
+            bio: head,
+            _p: PhantomData,
+        })
+    }
+
+    /// The per-bio state of the oldest bio.
+    pub(crate) fn front_per_bio(&self) -> Option<P> {
+        let head = self.head?;
+        // SAFETY: `head` is a held clone with per-bio data `P` (invariant).
+        Some(unsafe { per_bio_ptr::<P>(head.as_ptr()).read_unaligned() })
+    }
+}
+
+impl<P> Drop for BioQueue<P> {
+    fn drop(&mut self) {
+        let mut cur = self.head.take();
+        while let Some(b) = cur {
+            // SAFETY: `b` is owned by the queue (invariant); read the link
+            // before giving the bio away.
+            cur = NonNull::new(unsafe { (*b.as_ptr()).bi_next });
+            // SAFETY: as above.
+            unsafe { (*b.as_ptr()).bi_next = core::ptr::null_mut() };
+            drop(HeldBio::<P> {
+                bio: b,
+                _p: PhantomData,
+            });
+        }
     }
 }
 
@@ -404,19 +712,48 @@ impl fmt::Write for StatusWriter<'_> {
     }
 }
 
+impl StatusWriter<'_> {
+    /// A writer over dm's buffer of `maxlen` bytes at `result`, emptied.
+    ///
+    /// # Safety
+    ///
+    /// `result` must be writable for `maxlen` bytes and not accessed by
+    /// anything else for `'a`.
+    unsafe fn from_raw<'a>(result: *mut c_char, maxlen: c_uint) -> Option<StatusWriter<'a>> {
+        let maxlen = usize::try_from(maxlen).ok()?;
+        if result.is_null() || maxlen == 0 {
+            return None;
+        }
+        // SAFETY: per the function's contract.
+        let buf = unsafe { core::slice::from_raw_parts_mut(result.cast::<u8>(), maxlen) };
+        if let Some(first) = buf.first_mut() {
+            *first = 0;
+        }
+        Some(StatusWriter { buf, len: 0 })
+    }
+}
+
+/// The registered target type and the shared state its targets get, at a
+/// fixed address. `tt` comes first, so dm's `ti->type` points at the whole.
+#[repr(C)]
+struct TypeBox<T: Target> {
+    tt: kernel::types::Opaque<bindings::target_type>,
+    shared: Arc<T::Shared>,
+}
+
 /// A registered target type; unregistered on drop.
 ///
 /// # Invariants
 ///
-/// `tt` is registered with dm for the lifetime of the value.
+/// `tb.tt` is registered with dm for the lifetime of the value.
 pub(crate) struct Registration<T: Target> {
-    tt: Pin<KBox<Opaque<bindings::target_type>>>,
-    _p: PhantomData<T>,
+    tb: Pin<KBox<TypeBox<T>>>,
 }
 
 // SAFETY: The registration only keeps the `target_type` alive at a fixed
 // address and unregisters it on drop; dm serialises its own accesses to it,
-// and `dm_unregister_target` may be called from any thread.
+// and `dm_unregister_target` may be called from any thread. The shared state
+// is Send + Sync.
 unsafe impl<T: Target> Send for Registration<T> {}
 // SAFETY: `&Registration` gives no access to the `target_type`.
 unsafe impl<T: Target> Sync for Registration<T> {}
@@ -424,7 +761,8 @@ unsafe impl<T: Target> Sync for Registration<T> {}
 impl<T: Target> Registration<T> {
     /// Registers target type `T`, owned by `module` (dm holds a reference on
     /// the module while a table uses the target, so it cannot be unloaded).
-    pub(crate) fn new(module: &'static ThisModule) -> Result<Self> {
+    /// Every target's constructor gets `shared`.
+    pub(crate) fn new(module: &'static ThisModule, shared: Arc<T::Shared>) -> Result<Self> {
         // SAFETY: `target_type` is a C struct of integers, pointers and
         // optional function pointers, for which all-zero is a valid value
         // (no callback, empty list head).
@@ -438,18 +776,27 @@ impl<T: Target> Registration<T> {
         if T::HAS_END_IO {
             tt.end_io = Some(end_io_callback::<T>);
         }
+        if T::HAS_MESSAGE {
+            tt.message = Some(message_callback::<T>);
+        }
+        if T::STABLE_WRITES {
+            tt.io_hints = Some(io_hints_callback::<T>);
+        }
         tt.iterate_devices = Some(iterate_devices_callback::<T>);
         tt.status = Some(status_callback::<T>);
 
-        let tt = KBox::pin(Opaque::new(tt), GFP_KERNEL)?;
+        let tb = KBox::pin(
+            TypeBox::<T> {
+                tt: kernel::types::Opaque::new(tt),
+                shared,
+            },
+            GFP_KERNEL,
+        )?;
         // SAFETY: `tt` is a fully initialised target type at a stable heap
         // address that stays allocated until `drop` unregisters it.
-        to_result(unsafe { bindings::dm_register_target(tt.get()) })?;
+        to_result(unsafe { bindings::dm_register_target(tb.tt.get()) })?;
         // INVARIANT: registration succeeded.
-        Ok(Self {
-            tt,
-            _p: PhantomData,
-        })
+        Ok(Self { tb })
     }
 }
 
@@ -458,14 +805,15 @@ impl<T: Target> Drop for Registration<T> {
         // SAFETY: `tt` is registered (type invariant). The module cannot be
         // unloading while tables use the target (dm holds a module reference
         // per target), so no target of this type exists any more.
-        unsafe { bindings::dm_unregister_target(self.tt.get()) };
+        unsafe { bindings::dm_unregister_target(self.tb.tt.get()) };
     }
 }
 
 /// # Safety
 ///
-/// Called by dm only, with a valid `ti` under construction and `argc` valid
-/// NUL-terminated strings in `argv`.
+/// Called by dm only, with a valid `ti` under construction (whose type is
+/// our registered `TypeBox<T>`) and `argc` valid NUL-terminated strings in
+/// `argv`.
 unsafe extern "C" fn ctr_callback<T: Target>(
     ti: *mut bindings::dm_target,
     argc: c_uint,
@@ -474,6 +822,9 @@ unsafe extern "C" fn ctr_callback<T: Target>(
     let Some(ti_ptr) = NonNull::new(ti) else {
         return EINVAL.to_errno();
     };
+    // SAFETY: `ti->type` is the target type we registered, the first field
+    // of a `#[repr(C)] TypeBox<T>` that outlives every target of the type.
+    let shared = unsafe { &(*(*ti).type_.cast::<TypeBox<T>>()).shared };
     // INVARIANT: dm passes a valid target under construction.
     let mut ctr = Ctr {
         ti: ti_ptr,
@@ -482,6 +833,17 @@ unsafe extern "C" fn ctr_callback<T: Target>(
     let Ok(argc) = usize::try_from(argc) else {
         return EINVAL.to_errno();
     };
+    let Ok(per_io) = u32::try_from(core::mem::size_of::<T::PerBio>()) else {
+        return EINVAL.to_errno();
+    };
+    // SAFETY: `ti` is valid and ours during ctr. The per-bio data size must
+    // be set here, before any bio reaches map: `Bio<T::PerBio>` relies on it.
+    // The target submits bios it held with dm_submit_bio_remap, which does
+    // the I/O accounting.
+    unsafe {
+        (*ti).per_io_data_size = per_io;
+        (*ti).set_accounts_remapped_io(true);
+    }
     // INVARIANT: dm passes `argc` valid strings that live through ctr.
     let args = Args {
         argv: argv as *const *const c_char,
@@ -490,7 +852,7 @@ unsafe extern "C" fn ctr_callback<T: Target>(
         _p: PhantomData,
     };
 
-    let result = T::ctr(&mut ctr, args).and_then(|target| {
+    let result = T::ctr(&mut ctr, shared, args).and_then(|target| {
         KBox::new(target, GFP_KERNEL).map_err(|_| CtrError {
             errno: ENOMEM,
             msg: kernel::c_str!("Cannot allocate target context"),
@@ -549,14 +911,16 @@ unsafe extern "C" fn map_callback<T: Target>(
     };
     // SAFETY: dm calls map for a constructed, live target.
     let target = unsafe { private::<T>(ti) };
-    // INVARIANT: the bio is valid and ours for the duration of map.
-    let mut bio = Bio {
+    // INVARIANT: the bio is a clone of this target (per-bio data of
+    // `T::PerBio`, set in ctr), valid and ours for the duration of map.
+    let bio = Bio {
         bio,
         _p: PhantomData,
     };
-    match target.map(&mut bio) {
+    match target.map(bio).0 {
         MapResult::Remapped => bindings::DM_MAPIO_REMAPPED as c_int,
         MapResult::Kill => bindings::DM_MAPIO_KILL as c_int,
+        MapResult::Submitted => bindings::DM_MAPIO_SUBMITTED as c_int,
     }
 }
 
@@ -576,7 +940,7 @@ unsafe extern "C" fn end_io_callback<T: Target>(
     let ok = unsafe { error.as_ref() }.map_or(false, |&e| e == 0);
     // SAFETY: dm calls end_io for a constructed, live target.
     let target = unsafe { private::<T>(ti) };
-    // INVARIANT: the bio is valid and ours until end_io returns.
+    // INVARIANT: the bio is a clone of this target, ours until end_io returns.
     let mut bio = Bio {
         bio,
         _p: PhantomData,
@@ -621,18 +985,11 @@ unsafe extern "C" fn status_callback<T: Target>(
     result: *mut c_char,
     maxlen: c_uint,
 ) {
-    let Ok(maxlen) = usize::try_from(maxlen) else {
-        return;
-    };
-    if result.is_null() || maxlen == 0 {
-        return;
-    }
     // SAFETY: dm passes a writable buffer of `maxlen` bytes that nothing else
     // accesses during the call.
-    let buf = unsafe { core::slice::from_raw_parts_mut(result.cast::<u8>(), maxlen) };
-    if let Some(first) = buf.first_mut() {
-        *first = 0;
-    }
+    let Some(mut out) = (unsafe { StatusWriter::from_raw(result, maxlen) }) else {
+        return;
+    };
     let kind = match status_type {
         bindings::status_type_t_STATUSTYPE_INFO => StatusType::Info,
         bindings::status_type_t_STATUSTYPE_TABLE => StatusType::Table,
@@ -641,7 +998,52 @@ unsafe extern "C" fn status_callback<T: Target>(
     };
     // SAFETY: dm calls status for a constructed, live target.
     let target = unsafe { private::<T>(ti) };
-    let mut out = StatusWriter { buf, len: 0 };
     // A full buffer is detected by dm from the string length; nothing to add.
     let _ = target.status(kind, &mut out);
+}
+
+/// # Safety
+///
+/// Called by dm only, for a live target, with `argc` valid strings in `argv`
+/// and a writable buffer of `maxlen` bytes at `result`.
+unsafe extern "C" fn message_callback<T: Target>(
+    ti: *mut bindings::dm_target,
+    argc: c_uint,
+    argv: *mut *mut c_char,
+    result: *mut c_char,
+    maxlen: c_uint,
+) -> c_int {
+    let Ok(argc) = usize::try_from(argc) else {
+        return EINVAL.to_errno();
+    };
+    // SAFETY: dm passes a writable result buffer of `maxlen` bytes.
+    let Some(mut out) = (unsafe { StatusWriter::from_raw(result, maxlen) }) else {
+        return EINVAL.to_errno();
+    };
+    // INVARIANT: dm passes `argc` valid strings that live through the call.
+    let args = Args {
+        argv: argv as *const *const c_char,
+        argc,
+        next: 0,
+        _p: PhantomData,
+    };
+    // SAFETY: dm calls message for a constructed, live target.
+    let target = unsafe { private::<T>(ti) };
+    match target.message(args, &mut out) {
+        Ok(()) => 0,
+        Err(e) => e.to_errno(),
+    }
+}
+
+/// # Safety
+///
+/// Called by dm only, for a live target and the limits being stacked.
+unsafe extern "C" fn io_hints_callback<T: Target>(
+    _ti: *mut bindings::dm_target,
+    limits: *mut bindings::queue_limits,
+) {
+    if T::STABLE_WRITES && !limits.is_null() {
+        // SAFETY: dm passes the target's limits, writable during the call.
+        unsafe { dmr_limits_set_stable_writes(limits) };
+    }
 }
