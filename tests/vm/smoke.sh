@@ -1,8 +1,10 @@
 #!/bin/sh
-# Smoke test of dm_replica.ko: the `replica` target as a pass-through.
+# Smoke test of dm_replica.ko: the `replica` target's table and I/O path.
 #
-# Loads the module; checks that bad table lines are rejected with a clear
-# error and leave nothing behind; creates a replica over a virtio disk;
+# Loads the module; checks that bad table lines (every argument, and group
+# conflicts) are rejected with a clear error and leave nothing behind, and
+# that groups come and go with their targets; creates a replica over a
+# virtio disk;
 # writes known patterns through it with O_DIRECT and reads them back through
 # the target and directly from the disk; checks sector mapping at the end of
 # the disk and for a target that does not start at sector 0; passes a discard
@@ -39,21 +41,49 @@ reject() {
 	check "$1: kernel log says '$3'" kernel_log_has "$3"
 }
 reject "no data device" "0 $sectors replica" "replica: Missing argument"
-reject "nonexistent device" "0 $sectors replica /dev/nonexistent" \
+reject "no volume id" "0 $sectors replica $DATA" "missing argument <volume_id>"
+reject "nonexistent device" "0 $sectors replica /dev/nonexistent v0" \
 	"replica: Cannot open data device"
-reject "nonexistent device (detail)" "0 $sectors replica /dev/nonexistent" \
+reject "nonexistent device (detail)" "0 $sectors replica /dev/nonexistent v0" \
 	"cannot open data device '/dev/nonexistent'"
-reject "extra argument" "0 $sectors replica $DATA extra" "replica: Too many arguments"
-reject "unknown option" "0 $sectors replica $DATA ring_mib=4" "unknown option 'ring_mib=4'"
-reject "target longer than the disk" "0 $((sectors + 8)) replica $DATA" \
+reject "extra argument" "0 $sectors replica $DATA v0 extra" "replica: Too many arguments"
+reject "unknown option" "0 $sectors replica $DATA v0 foo=4" "unknown option 'foo=4'"
+reject "bad volume id" "0 $sectors replica $DATA v/0" "invalid volume id 'v/0'"
+reject "bad group name" "0 $sectors replica $DATA v0 group=" "invalid group name 'group='"
+reject "ring size not a power of two" "0 $sectors replica $DATA v0 ring_mib=3" \
+	"invalid value in 'ring_mib=3': a power of two from 1 to 4096"
+reject "ring size too large" "0 $sectors replica $DATA v0 ring_mib=8192" "invalid value in 'ring_mib=8192'"
+reject "region too small" "0 $sectors replica $DATA v0 region_kib=2" "invalid value in 'region_kib=2'"
+reject "wait too long" "0 $sectors replica $DATA v0 overflow_wait_ms=10001" \
+	"invalid value in 'overflow_wait_ms=10001'"
+reject "not a number" "0 $sectors replica $DATA v0 overflow_wait_ms=1x" "invalid value in 'overflow_wait_ms=1x'"
+reject "option twice" "0 $sectors replica $DATA v0 region_kib=64 region_kib=64" \
+	"option 'region_kib=64' given twice"
+reject "target longer than the disk" "0 $((sectors + 8)) replica $DATA v0" \
 	"too small for target"
+check_not "no ring left behind by rejected tables" dmr-ring volumes --group v0
+
+step "groups: conflicting tables are rejected, nothing leaks"
+check "dmsetup create ga (group g, 4 MiB ring)" \
+	dmsetup create ga --table "0 2048 replica $OTHER va group=g ring_mib=4"
+reject "same group, other ring size" "0 $sectors replica $DATA vb group=g ring_mib=8" \
+	"group g has a 4 MiB ring, the table asks for 8 MiB"
+reject "volume id already in another group" "0 $sectors replica $DATA va group=h" \
+	"volume va is already protected in group g"
+reject "same volume id, other device" "0 $sectors replica $DATA va group=g" \
+	"already registered with another data device"
+check "second volume joins group g" dmsetup create gb --table "0 2048 replica $DATA vb group=g"
+check "group g lists both volumes" sh -c 'dmr-ring volumes --group g | grep -q "id=va" && dmr-ring volumes --group g | grep -q "id=vb"'
+check "dmsetup remove ga gb" dmsetup remove ga gb
+check_not "group g is gone with its last target" dmr-ring volumes --group g
 check_eq "failed constructors hold no module reference" 0 \
 	"$(cat /sys/module/dm_replica/refcnt)"
 
 step "create a replica over $DATA"
-check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA"
+check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA vol0"
 check "/dev/mapper/r0 exists" test -b /dev/mapper/r0
-check_eq "table reads back with the device number" "0 $sectors replica $devnum" \
+check_eq "table reads back with the device number" \
+	"0 $sectors replica $devnum vol0 group=vol0 ring_mib=64 region_kib=64 overflow_wait_ms=100" \
 	"$(dmsetup table r0)"
 check_eq "size" "$sectors" "$(blockdev --getsz /dev/mapper/r0)"
 check_eq "logical block size stacked from the disk" \
@@ -85,7 +115,7 @@ check "  range reads as zeroes on the disk" dio zero $DATA $((2 * MIB)) $MIB
 check "  data around it untouched" dio verify $DATA $((3 * MIB)) $MIB 1
 
 step "a replica target that starts at sector 2048 of its device"
-printf '0 2048 linear %s 0\n2048 %s replica %s\n' $OTHER "$sectors" $DATA >/tmp/table
+printf '0 2048 linear %s 0\n2048 %s replica %s vol1\n' $OTHER "$sectors" $DATA >/tmp/table
 check "dmsetup create r1 (linear + replica)" dmsetup create r1 /tmp/table
 check_eq "size" $((2048 + sectors)) "$(blockdev --getsz /dev/mapper/r1)"
 check "write across the boundary between the targets" \
@@ -107,7 +137,7 @@ check_not "target type gone" sh -c 'dmsetup targets | grep -q "^replica "'
 
 step "load, use and unload a second time"
 check "insmod again" insmod "$MOD"
-check "dmsetup create r2" dmsetup create r2 --table "0 $sectors replica $DATA"
+check "dmsetup create r2" dmsetup create r2 --table "0 $sectors replica $DATA vol2"
 check "data from before is still there" dio verify /dev/mapper/r2 $MIB $((4 * MIB)) 6 0
 check "dmsetup remove r2" dmsetup remove r2
 check "rmmod again" rmmod dm_replica
