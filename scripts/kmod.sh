@@ -16,6 +16,8 @@
 #                   corrupt-reads  flips one byte of every read
 #                   leak           leaks memory in every table constructor
 #                                  (caught by kmemleak in the debug flavour)
+#                   no-hold        submits overlapping writes at once instead
+#                                  of holding them back
 #   --broken      same as --fault corrupt-reads
 set -euo pipefail
 
@@ -50,7 +52,8 @@ case "$variant" in
 normal) ;;
 corrupt-reads) vars+=(DM_REPLICA_FAULT=corrupt-reads-destroys-data) ;;
 leak) vars+=(DM_REPLICA_FAULT=leak-memory-per-table-line) ;;
-*) die "unknown fault '$variant' (corrupt-reads or leak)" ;;
+no-hold) vars+=(DM_REPLICA_FAULT=no-overlap-hold-reorders) ;;
+*) die "unknown fault '$variant' (corrupt-reads, leak or no-hold)" ;;
 esac
 
 mkdir -p "$out"

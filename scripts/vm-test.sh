@@ -7,6 +7,9 @@
 # checks, which prove the harness can fail:
 #   broken-module   the smoke scenario against a module built to corrupt one
 #                   byte of every read must FAIL with a data mismatch
+#   no-hold         the overlap scenario against a module built not to hold
+#                   back overlapping writes must FAIL: the replayed ring then
+#                   differs from the disk
 #   log-verdict     console logs with a kernel WARNING, BUG, kmemleak report,
 #                   a FAIL marker or no marker must be judged FAIL
 #   timeout         a guest that hangs must be killed at its timeout
@@ -127,6 +130,12 @@ if ((broken_check)) && ! broken_ko=$("$REPO_ROOT/scripts/kmod.sh" --flavour "$fl
 	summary
 	exit 1
 fi
+nohold_ko=
+if ((harness_checks)) && ! nohold_ko=$("$REPO_ROOT/scripts/kmod.sh" --flavour "$flavour" --fault no-hold); then
+	record FAIL build "fault-injection (no-hold) dm_replica.ko could not be built"
+	summary
+	exit 1
+fi
 leak_ko=
 if ((harness_checks)) && [[ "$flavour" == debug ]] &&
 	! leak_ko=$("$REPO_ROOT/scripts/kmod.sh" --flavour "$flavour" --fault leak); then
@@ -215,6 +224,23 @@ if ((broken_check)); then
 		record FAIL "$name" "smoke failed, but not on a data mismatch (log: out/vm/$flavour/$name/console.log)"
 	else
 		record FAIL "$name" "guest did not complete (exit $rc; log: out/vm/$flavour/$name/console.log)"
+	fi
+fi
+
+# --- The overlap test must catch writes that reach the disk out of ring order. ---
+if [[ -n "$nohold_ko" ]]; then
+	name=no-hold
+	say "=== harness check: overlap scenario against a module that does not hold back overlapping writes (must FAIL)"
+	t0=$SECONDS
+	rc=0
+	run_guest "$name" "$scenario_dir/overlap.sh" "$nohold_ko" --expect-fail || rc=$?
+	log="$REPO_ROOT/out/vm/$flavour/$name/console.log"
+	if ((rc == 1)) && grep -aq 'content differs' "$log"; then
+		record PASS "$name" "overlap FAILED on a replay that differs from the disk, as it must ($((SECONDS - t0)) s)"
+	elif ((rc == 0)); then
+		record FAIL "$name" "overlap PASSED without hold-back: the test cannot see reordered overlapping writes"
+	else
+		record FAIL "$name" "overlap did not fail on a content mismatch (exit $rc; log: out/vm/$flavour/$name/console.log)"
 	fi
 fi
 

@@ -471,7 +471,9 @@ impl Group {
                 pb.copy_failed = !this.fill_record(&r, &pb, 0, Some(&bio));
                 bio.set_per_bio(pb);
                 this.publish_stamp(r.seq, abi::STATE_PENDING);
-                if r.blocked {
+                // Fault injection (harness check only): never hold back.
+                let blocked = r.blocked && !cfg!(dm_replica_no_hold);
+                if blocked {
                     let mut st = this.state.lock();
                     if st.cap.is_blocked(r.seq) && st.cap.set_held(r.seq).is_ok() {
                         let (held, mapped) = bio.hold();
@@ -612,7 +614,7 @@ impl Group {
                     pb.copy_failed = !this.fill_record(&r, &pb, 0, Some(&bio));
                     bio.set_per_bio(pb);
                     this.publish_stamp(r.seq, abi::STATE_PENDING);
-                    if r.blocked {
+                    if r.blocked && !cfg!(dm_replica_no_hold) {
                         let mut st = this.state.lock();
                         if st.cap.is_blocked(r.seq) && st.cap.set_held(r.seq).is_ok() {
                             let slot = abi::desc_slot(r.seq, this.geometry.desc_count) as usize;

@@ -80,6 +80,8 @@ impl kernel::Module for DmReplica {
         pr_err!("fault injection build: every read through a replica target is corrupted\n");
         #[cfg(dm_replica_leak)]
         pr_err!("fault injection build: every replica table line leaks memory\n");
+        #[cfg(dm_replica_no_hold)]
+        pr_err!("fault injection build: overlapping writes are not held back\n");
         pr_info!("target 'replica' and /dev/dm-replica registered\n");
         Ok(Self {
             _control: control,

@@ -25,7 +25,7 @@ sectors=$(cat /sys/block/vda/size)
 step "prepare: random data on $DATA, copied to $COPY"
 check "fill $DATA with random data" dd if=/dev/urandom of=$DATA bs=1M count=$((sectors / 2048)) status=none
 check "copy to $COPY" dd if=$DATA of=$COPY bs=1M status=none
-check "copy equals data" cmp $DATA $COPY
+check "copy equals data" same_content $DATA $COPY
 
 step "load the module"
 check "insmod dm_replica" insmod "$MOD"
@@ -67,7 +67,7 @@ check "records in ring order of completion (checked by the consumer)" grep -q "^
 check "no failed records" grep -q " failed=0 " /tmp/drain.out
 
 step "the replayed copy equals the disk"
-check "cmp $DATA $COPY" cmp $DATA $COPY
+check "copy equals the disk" same_content $DATA $COPY
 
 step "status counters"
 status=$(dmsetup status r0)

@@ -89,3 +89,20 @@ clear_kernel_log() {
 dm_exists() {
 	dmsetup info "$1" >/dev/null 2>&1
 }
+
+# same_content A B: the two block devices (or files) hold the same bytes,
+# read with O_DIRECT so no stale page cache can hide or invent a difference.
+# On a mismatch, prints the first differing 4 KiB blocks.
+same_content() {
+	_a=$(dd if="$1" iflag=direct bs=1M 2>/dev/null | md5sum | cut -d' ' -f1)
+	_b=$(dd if="$2" iflag=direct bs=1M 2>/dev/null | md5sum | cut -d' ' -f1)
+	if [ "$_a" = "$_b" ]; then
+		return 0
+	fi
+	echo "content differs: $1 $_a, $2 $_b"
+	dd if="$1" iflag=direct bs=1M 2>/dev/null >/tmp/same_a
+	dd if="$2" iflag=direct bs=1M 2>/dev/null >/tmp/same_b
+	cmp -l /tmp/same_a /tmp/same_b | awk '{ b = int(($1 - 1) / 4096); if (b != last) { print "  differs in 4 KiB block " b; last = b; n++ } if (n >= 10) exit }'
+	rm -f /tmp/same_a /tmp/same_b
+	return 1
+}
