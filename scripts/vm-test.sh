@@ -161,15 +161,18 @@ done
 # Userspace tools the scenarios use, self-contained: the project's own
 # binaries linked statically, fio built statically by setup.sh, and
 # e2fsprogs (small; vm.sh copies their libraries).
-say "building static userspace tools (dmr-ring)"
+say "building static userspace tools (replicad, replctl, dmr-ring)"
 static_target=x86_64-unknown-linux-gnu
 if ! (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' \
-	cargo build --quiet --release --locked --target "$static_target" -p replica-tests --bin dmr-ring); then
+	cargo build --quiet --release --locked --target "$static_target" \
+	-p replicad -p replctl -p replica-tests --bin replicad --bin replctl --bin dmr-ring); then
 	record FAIL build "static userspace tools did not build"
 	summary
 	exit 1
 fi
-tool_bins+=(--bin "$REPO_ROOT/target/$static_target/release/dmr-ring")
+for b in replicad replctl dmr-ring; do
+	tool_bins+=(--bin "$REPO_ROOT/target/$static_target/release/$b")
+done
 [[ -x "$FIO" ]] || die "fio not found at $FIO: run scripts/setup.sh"
 tool_bins+=(--bin "$FIO")
 for t in mkfs.ext4 e2fsck; do

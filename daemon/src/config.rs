@@ -101,6 +101,10 @@ impl Default for RetryConfig {
     }
 }
 
+fn default_control_device() -> String {
+    replica_ring::device::CONTROL_DEVICE.to_string()
+}
+
 /// `replicad source` configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,6 +128,10 @@ pub struct SourceConfig {
     /// Control socket (mode 0600). Default `<state_dir>/replicad.sock`.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// The kernel module's control device, for `ring = { group = ... }`.
+    /// Default `/dev/dm-replica`.
+    #[serde(default = "default_control_device")]
+    pub control_device: String,
     /// Replication epoch this source is at. Default 1.
     #[serde(default = "one")]
     pub epoch: u64,

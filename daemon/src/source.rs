@@ -76,9 +76,36 @@ pub fn open_ring(cfg: &SourceConfig) -> Result<RingConsumer, DaemonError> {
                 Box::new(FileRelease) as Box<dyn Release>,
             )?)
         }
-        RingSource::Group(g) => Err(DaemonError::Unsupported(format!(
-            "ring group {g:?}: attaching to the kernel module's ring is not available in this build"
-        ))),
+        RingSource::Group(g) => {
+            let dev = replica_ring::device::Device::open(std::path::Path::new(
+                &cfg.control_device,
+            ))?;
+            let consumer = dev.attach(g)?;
+            // One source replicates one volume; find its index in the group.
+            let vols = consumer.releaser().device().volumes()?;
+            let Some(v) = vols.iter().find(|v| v.id == cfg.volume) else {
+                return Err(DaemonError::Unsupported(format!(
+                    "group {g:?} has no volume {:?} (it has: {})",
+                    cfg.volume,
+                    vols.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(", ")
+                )));
+            };
+            if vols.len() > 1 {
+                return Err(DaemonError::Unsupported(format!(
+                    "group {g:?} holds {} volumes; this version replicates groups of one volume",
+                    vols.len()
+                )));
+            }
+            let size = v.sectors * 512;
+            if size != cfg.volume_size {
+                return Err(DaemonError::Unsupported(format!(
+                    "volume {:?} is {size} bytes in the kernel but volume_size says {}",
+                    cfg.volume, cfg.volume_size
+                )));
+            }
+            tracing::info!(group = %g, volume = %cfg.volume, index = v.index, "attached to the kernel capture ring");
+            Ok(consumer.boxed())
+        }
     }
 }
 
@@ -208,6 +235,7 @@ impl Source {
             ("keys", new.keys != old.keys),
             ("state_dir", new.state_dir != old.state_dir),
             ("control_socket", new.control_socket != old.control_socket),
+            ("control_device", new.control_device != old.control_device),
             ("epoch", new.epoch != old.epoch),
         ]
         .into_iter()
@@ -226,6 +254,7 @@ impl Source {
         merged.keys = old.keys.clone();
         merged.state_dir = old.state_dir.clone();
         merged.control_socket = old.control_socket.clone();
+        merged.control_device = old.control_device.clone();
         merged.epoch = old.epoch;
         *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
         tracing::info!("configuration reloaded");
@@ -885,10 +914,20 @@ impl BatchCtx {
                         self.emit(tx, &mut plain, &mut first, last, last_time)?;
                         continue;
                     }
-                    // Nothing to read: back off from a spin to short sleeps.
+                    if consumer.is_dead() && consumer.producer_seq() == consumer.next_seq() {
+                        return Err(SessionError::fatal(
+                            "capture ring closed: the protected volume's table was removed; protect it again to resume"
+                                .to_string(),
+                        ));
+                    }
+                    // Nothing to read: a short spin, then wait for the
+                    // producer (poll on a kernel ring, short sleeps on a
+                    // ring file).
                     idle = idle.saturating_add(1);
                     if idle > 64 {
-                        std::thread::sleep(Duration::from_micros(u64::from(idle.min(5000))));
+                        consumer
+                            .wait(Duration::from_millis(5))
+                            .map_err(|e| SessionError::fatal(format!("capture ring: {e}")))?;
                     } else {
                         std::hint::spin_loop();
                     }

@@ -50,7 +50,7 @@ check "second consumer's error says busy" sh -c 'dmr-ring volumes --group vol0 2
 
 half=$((sectors * 512 / 2))
 for rw in randwrite write; do
-	check "fio $rw with crc32c verify" fio --name=cap --filename=/dev/mapper/r0 --rw=$rw \
+	check "fio $rw with crc32c verify" fio --eta=never --name=cap --filename=/dev/mapper/r0 --rw=$rw \
 		--bsrange=4k-1m --bs_unaligned=0 --blockalign=4k --ioengine=libaio --iodepth=16 --direct=1 \
 		--numjobs=2 --size=$((half / 1048576))M --offset_increment=$((half / 1048576))M \
 		--verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 --group_reporting \

@@ -246,6 +246,12 @@ impl Device {
     }
 }
 
+impl AsRawFd for Device {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 /// Most volume indices a group can use (the module's limit).
 const fn ring_abi_max_volumes() -> u32 {
     32

@@ -236,6 +236,21 @@ impl<R: Release> Consumer<R> {
         &self.releaser
     }
 
+    /// The same consumer with its release mechanism boxed, so consumers of
+    /// ring files and of the kernel's rings have one type.
+    pub fn boxed(self) -> Consumer<Box<dyn Release>>
+    where
+        R: 'static,
+    {
+        Consumer {
+            map: self.map,
+            releaser: Box::new(self.releaser),
+            next: self.next,
+            released: self.released,
+            tail_after_next: self.tail_after_next,
+        }
+    }
+
     /// Looks at the record at the next sequence without consuming it.
     pub fn peek(&self) -> Result<Peek, RingError> {
         let seq = self.next;

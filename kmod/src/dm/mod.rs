@@ -1030,6 +1030,8 @@ unsafe extern "C" fn message_callback<T: Target>(
     // SAFETY: dm calls message for a constructed, live target.
     let target = unsafe { private::<T>(ti) };
     match target.message(args, &mut out) {
+        // 1 tells dm the result buffer holds a reply for the caller.
+        Ok(()) if out.len > 0 => 1,
         Ok(()) => 0,
         Err(e) => e.to_errno(),
     }

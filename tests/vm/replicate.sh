@@ -1,0 +1,88 @@
+#!/bin/sh
+# replicad in kernel mode: `replicad source` attaches to the module's ring
+# through /dev/dm-replica and ships captured writes over TLS (loopback) to
+# `replicad target`, which journals and applies them to a file-backed
+# replica. After fio (with verify) writes through the protected volume and
+# a marker is applied on the target, the replica equals the volume, the
+# source's lag is 0 and the ring is empty.
+#
+# vm-disks: 32M
+# shellcheck source=tests/vm/lib.sh
+. /lib/vmtest/lib.sh
+set -u
+
+DATA=/dev/vda
+sectors=$(cat /sys/block/vda/size)
+size=$((sectors * 512))
+W=/tmp/rep
+
+check "loopback up" ifconfig lo 127.0.0.1 up
+check "insmod dm_replica" insmod "$(module_path dm_replica)"
+check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA rv ring_mib=8 overflow_wait_ms=10000"
+
+step "keys, certificates and configuration"
+mkdir -p $W
+check "certificates" replctl certs generate --out $W/pki --host source-host --host target-host
+check "data key" replctl keys generate --out $W/keys.toml
+cat >$W/target.toml <<CFG
+listen = "127.0.0.1:0"
+keys = "$W/keys.toml"
+state_dir = "$W/target"
+[tls]
+ca = "$W/pki/ca.pem"
+cert = "$W/pki/target-host.pem"
+key = "$W/pki/target-host.key"
+[[volume]]
+id = "rv"
+size = $size
+allowed_sources = ["source-host"]
+keep_points = 2
+replica = { backend = "file", path = "$W/replica.img" }
+CFG
+replicad target --config $W/target.toml 2>$W/target.log &
+tpid=$!
+wait_for "target listening" 30 test -s $W/target/listen.addr
+cat >$W/source.toml <<CFG
+volume = "rv"
+volume_size = $size
+ring = { group = "rv" }
+target = "$(cat $W/target/listen.addr)"
+target_name = "target-host"
+keys = "$W/keys.toml"
+state_dir = "$W/source"
+[tls]
+ca = "$W/pki/ca.pem"
+cert = "$W/pki/source-host.pem"
+key = "$W/pki/source-host.key"
+CFG
+replicad source --config $W/source.toml 2>$W/source.log &
+spid=$!
+wait_for "source attached to the kernel ring" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+
+step "write through the protected volume"
+check "fio randwrite with verify" fio --eta=never --name=rep --filename=/dev/mapper/r0 --rw=randwrite \
+	--bsrange=4k-256k --blockalign=4k --ioengine=libaio --iodepth=8 --direct=1 --size=24M \
+	--verify=crc32c --do_verify=1 --verify_fatal=1 --output=/tmp/fio.out
+out=$(dmsetup message r0 0 marker 42)
+echo "$out"
+seq=$(echo "$out" | sed -n 's/^marker 42 seq \([0-9]*\)$/\1/p')
+check "marker inserted (seq $seq)" test -n "$seq"
+check "target applied up to the marker" replctl wait --state-dir $W/target --volume rv --applied "$seq" --timeout 240
+wait_for "source lag back to 0" 60 sh -c "replctl status --state-dir $W/source --json | grep -qE '\"lag_records\": ?0,'"
+replctl status --state-dir $W/source
+replctl status --state-dir $W/target
+wait_for "ring released by the source" 60 sh -c "dmsetup status r0 | grep -q ' live=0 '"
+
+step "replica equals the volume"
+a=$(dd if=/dev/mapper/r0 iflag=direct bs=1M 2>/dev/null | sha256sum | cut -d' ' -f1)
+b=$(sha256sum <$W/replica.img | cut -d' ' -f1)
+echo "volume  $a"
+echo "replica $b"
+check_eq "checksums" "$a" "$b"
+
+step "shutdown"
+kill $spid $tpid
+wait $spid
+wait $tpid
+check "dmsetup remove r0" dmsetup remove r0
+check "rmmod dm_replica" rmmod dm_replica
