@@ -28,6 +28,7 @@
 #   --bin FILE[:NAME]       extra executable for every guest (repeatable),
 #                           e.g. statically linked replicad / replctl
 #   --timeout SECONDS       per-guest timeout (default 300, 900 for debug)
+#   --env NAME=VALUE        exported to every scenario (repeatable)
 #
 # Builds what is missing first (kernel and module are cached; see
 # scripts/kernel.sh and scripts/kmod.sh). Each scenario declares its disks
@@ -46,6 +47,7 @@ broken_check=1
 harness_checks=1
 timeout=
 bins=()
+envs=()
 scenarios=()
 while (($# > 0)); do
 	case "$1" in
@@ -55,6 +57,7 @@ while (($# > 0)); do
 	--harness-checks) scenarios_on=0 harness_checks=1 broken_check=1; shift ;;
 	--no-harness-checks) harness_checks=0 broken_check=0; shift ;;
 	--bin) bins+=("${2:?--bin needs a value}"); shift 2 ;;
+	--env) envs+=(--env "${2:?--env needs a value}"); shift 2 ;;
 	--timeout) timeout=${2:?--timeout needs a value}; shift 2 ;;
 	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 	-*) die "unknown option: $1" ;;
@@ -194,7 +197,7 @@ run_guest() {
 	done
 	"$REPO_ROOT/scripts/vm.sh" --kernel "$bzimage" --scenario "$file" --name "$name" \
 		--workdir "$REPO_ROOT/out/vm/$flavour/$name" --timeout "$timeout" \
-		--module "$module" "${tool_bins[@]}" "${disk_args[@]}" "$@"
+		--module "$module" "${tool_bins[@]}" "${disk_args[@]}" "${envs[@]}" "$@"
 }
 
 # --- Scenarios. ---

@@ -16,7 +16,7 @@ use core::mem::{offset_of, size_of};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use kernel::prelude::*;
-use kernel::sync::{new_mutex, Arc, Mutex};
+use kernel::sync::{new_spinlock, Arc, SpinLock};
 use kernel::uaccess::UserSlice;
 
 use crate::dm::misc::{poll_bits, user_arg, FileOps, PollTable, Vma};
@@ -24,9 +24,13 @@ use crate::group::{Group, Registry};
 use crate::ring_abi as abi;
 
 /// An open control file.
+///
+/// `attached` is set once by `attach` and only read afterwards. It is a
+/// spinlock, and never held across a user copy: `mmap` reads it with the
+/// process's `mmap_lock` held, and a user copy may take `mmap_lock`.
 pub(crate) struct ControlFile {
     registry: Arc<Registry>,
-    attached: Pin<KBox<Mutex<Option<Arc<Group>>>>>,
+    attached: Pin<KBox<SpinLock<Option<Arc<Group>>>>>,
     /// The group's event counter at the last `poll` that reported data.
     seen: AtomicU64,
 }
@@ -46,8 +50,7 @@ impl ControlFile {
         if !crate::table::valid_name(name) {
             return Err(EINVAL);
         }
-        let mut attached = self.attached.lock();
-        if attached.is_some() {
+        if self.attached.lock().is_some() {
             return Err(errno::already_connected());
         }
         let group = self.registry.find(name).ok_or(ENOENT)?;
@@ -64,7 +67,14 @@ impl ControlFile {
             return Err(e);
         }
         self.seen.store(group.events().wrapping_sub(1), Ordering::Release);
-        *attached = Some(group);
+        let mut slot = self.attached.lock();
+        if slot.is_some() {
+            // A concurrent attach on the same file won.
+            drop(slot);
+            group.detach_consumer();
+            return Err(errno::already_connected());
+        }
+        *slot = Some(group);
         Ok(0)
     }
 
@@ -201,7 +211,7 @@ impl FileOps for ControlFile {
     fn open(registry: &Arc<Registry>) -> Result<Self> {
         Ok(Self {
             registry: registry.clone(),
-            attached: KBox::pin_init(new_mutex!(None, "dm_replica_control_file"), GFP_KERNEL)?,
+            attached: KBox::pin_init(new_spinlock!(None, "dm_replica_control_file"), GFP_KERNEL)?,
             seen: AtomicU64::new(0),
         })
     }
@@ -241,7 +251,9 @@ impl FileOps for ControlFile {
 
 impl Drop for ControlFile {
     fn drop(&mut self) {
-        if let Some(g) = self.attached.lock().take() {
+        let group = self.attached.lock().take();
+        // Outside the spinlock: this may drop the last reference to the ring.
+        if let Some(g) = group {
             g.detach_consumer();
         }
     }

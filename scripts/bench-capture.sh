@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Host microbenchmark of the capture path: the module's own capture logic
+# (kmod/src/capture.rs: reserve, complete, release) plus the payload copy
+# into ring memory and the descriptor and stamp writes, next to a plain
+# memcpy of the same buffers to the same places, in one run. Prints a table
+# of ratios; asserts nothing. Goal: >= 0.8x memcpy.
+#
+#   scripts/bench-capture.sh [MiB per round, default 2048]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cargo run --quiet --release --locked -p replica-capture --bin capture-bench -- "${1:-2048}"
