@@ -75,6 +75,19 @@ enum KeysCmd {
         #[arg(long)]
         file: PathBuf,
     },
+    /// Remove old keys that no journaled, unapplied segment of a target
+    /// needs any more (the active key always stays). Run it on the target
+    /// host, after the sources have reloaded the rotated keyring, then copy
+    /// the file to the sources.
+    Retire {
+        /// Keyring file to update in place.
+        #[arg(long)]
+        file: PathBuf,
+        /// The target's state directory (its journals are read, not
+        /// changed).
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,6 +164,26 @@ fn run(cli: Cli) -> Result<(), String> {
                 "key id {id} is now active in {}; install the file on both sites",
                 file.display()
             );
+        }
+        Cmd::Keys {
+            cmd: KeysCmd::Retire { file, state_dir },
+        } => {
+            let needed = replctl::keys::needed_key_ids(&state_dir)?;
+            let mut kr = KeyRing::load(&file).map_err(|e| e.to_string())?;
+            let gone = kr.retire(&needed);
+            if gone.is_empty() {
+                println!(
+                    "nothing to retire: keys {:?} are active or still needed by journaled segments",
+                    kr.ids()
+                );
+            } else {
+                kr.save(&file, true).map_err(|e| e.to_string())?;
+                println!(
+                    "retired key id(s) {gone:?} from {}; kept {:?}; install the file on both sites",
+                    file.display(),
+                    kr.ids()
+                );
+            }
         }
         Cmd::Certs {
             cmd: CertsCmd::Generate { out, hosts, days },
@@ -265,19 +298,39 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
             } else {
                 println!(
-                    "{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12} {:>16}  reasons",
-                    "VOLUME", "ROLE", "CONN", "REPLICA", "HEALTH", "DURABLE", "APPLIED", "LAG"
+                    "{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12} {:>16} {:>10} {:>12}  reasons",
+                    "VOLUME",
+                    "ROLE",
+                    "CONN",
+                    "REPLICA",
+                    "HEALTH",
+                    "DURABLE",
+                    "APPLIED",
+                    "LAG",
+                    "SPOOL",
+                    "LAST POINT"
                 );
                 for v in vols {
-                    // Lag is measured on the source (records not yet durable
-                    // on the target, and the age of the oldest).
-                    let lag = if v.role == replicad::status::Role::Primary {
-                        format!("{} rec/{:.1}s", v.lag_records, v.lag_seconds)
+                    // Lag and spool are the source's (records not yet
+                    // durable on the target, the age of the oldest, the
+                    // bytes held for them); recovery points the target's.
+                    let primary = v.role == replicad::status::Role::Primary;
+                    let (lag, spool, point) = if primary {
+                        (
+                            format!("{} rec/{:.1}s", v.lag_records, v.lag_seconds),
+                            human_bytes(v.spool_bytes),
+                            "-".to_owned(),
+                        )
                     } else {
-                        "-".to_owned()
+                        let point = if v.points == 0 {
+                            "none".to_owned()
+                        } else {
+                            v.last_point_seq.to_string()
+                        };
+                        ("-".to_owned(), "-".to_owned(), point)
                     };
                     println!(
-                        "{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12} {:>16}  {}",
+                        "{:<16} {:<9} {:<10} {:<12} {:<8} {:>12} {:>12} {:>16} {:>10} {:>12}  {}",
                         v.volume,
                         format!("{:?}", v.role),
                         format!("{:?}", v.connection),
@@ -286,6 +339,8 @@ fn run(cli: Cli) -> Result<(), String> {
                         v.durable_seq,
                         v.applied_seq,
                         lag,
+                        spool,
+                        point,
                         v.reasons.join("; ")
                     );
                 }
@@ -293,6 +348,22 @@ fn run(cli: Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Bytes for a human: B, KiB, MiB, GiB, TiB with one decimal.
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn main() -> ExitCode {

@@ -101,6 +101,57 @@ impl Default for RetryConfig {
     }
 }
 
+/// The source's local spool.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Directory (never on a protected volume; checked at start). Default
+    /// `<state_dir>/spool`.
+    pub dir: Option<PathBuf>,
+    /// The spool is dropped for a resync when the records it holds for the
+    /// target reach this share of the volume size, percent (above 100 keeps
+    /// more than a volume's worth of changes, which a resync would send
+    /// faster). Default 50.
+    pub limit_percent: u32,
+    /// An absolute limit in bytes as well (the smaller one applies); 0 for
+    /// none. Default 0.
+    pub limit_bytes: u64,
+    /// Spool file size before a new file is started, bytes. Default 64 MiB.
+    pub file_bytes: u64,
+    /// Records written to the spool at a time, bytes. Default 1 MiB.
+    pub chunk_bytes: usize,
+    /// Region size of the dirty map kept while a resync is needed, KiB,
+    /// when the capture ring has none of its own (a ring file). The kernel
+    /// ring's `region_kib=` applies otherwise. Default 64.
+    pub region_kib: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            limit_percent: 50,
+            limit_bytes: 0,
+            file_bytes: 64 << 20,
+            chunk_bytes: 1 << 20,
+            region_kib: 64,
+        }
+    }
+}
+
+impl SpoolConfig {
+    /// The limit for a volume of `volume_size` bytes.
+    pub fn limit(&self, volume_size: u64) -> u64 {
+        let pct = (u128::from(volume_size) * u128::from(self.limit_percent) / 100)
+            .min(u128::from(u64::MAX)) as u64;
+        if self.limit_bytes > 0 {
+            pct.min(self.limit_bytes)
+        } else {
+            pct
+        }
+    }
+}
+
 fn default_control_device() -> String {
     replica_ring::device::CONTROL_DEVICE.to_string()
 }
@@ -141,6 +192,19 @@ pub struct SourceConfig {
     /// Retry settings.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Local spool.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+}
+
+impl SourceConfig {
+    /// The spool directory in force.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("spool"))
+    }
 }
 
 /// One volume the target receives.
@@ -275,6 +339,20 @@ impl SourceConfig {
         }
         if self.epoch == 0 {
             return bad("epoch starts at 1".into());
+        }
+        if !(1..=10_000).contains(&self.spool.limit_percent) {
+            return bad("spool.limit_percent must be 1..=10000".into());
+        }
+        if self.spool.file_bytes < 1 << 20 {
+            return bad("spool.file_bytes must be at least 1 MiB".into());
+        }
+        if self.spool.chunk_bytes < 4096 || self.spool.chunk_bytes > 16 << 20 {
+            return bad("spool.chunk_bytes must be between 4 KiB and 16 MiB".into());
+        }
+        if !self.spool.region_kib.is_power_of_two()
+            || !(4..=1 << 20).contains(&self.spool.region_kib)
+        {
+            return bad("spool.region_kib must be a power of two from 4 to 1048576".into());
         }
         Ok(())
     }

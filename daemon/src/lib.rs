@@ -9,10 +9,14 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod dirty;
+pub mod drain;
 pub mod keystore;
 pub mod link;
+pub mod protected;
 pub mod retry;
 pub mod source;
+pub mod spool;
 pub mod status;
 pub mod target;
 pub mod tls;

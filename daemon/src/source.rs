@@ -1,7 +1,9 @@
-//! Source role: drain the capture ring in order, batch records into
-//! segments, compress and seal them on worker threads, send them in order
-//! over TLS, and release ring space only up to what the target acknowledged
-//! as durable. Reconnects resume by record sequence.
+//! Source role: a drain thread moves the capture ring, in order, into a
+//! local spool (see [`crate::drain`]); sessions read the spool from the
+//! target's durable position on, batch records into segments, compress and
+//! seal them on worker threads and send them in order over TLS. The spool
+//! is trimmed only up to what the target acknowledged as durable, so
+//! reconnects and restarts resume by record sequence.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -14,17 +16,40 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use replica_proto::frame::{self, SegmentHeader, OP_SKIPPED};
+use replica_proto::frame::{self, SegmentHeader};
 use replica_proto::keys::{self, Direction, StreamContext, StreamKey};
 
 use crate::keystore::KeyStore;
 use replica_proto::msg::{self, ErrorClass as WireClass, Hello, Message};
-use replica_ring::{Consumer, FileRelease, Peek, Record, Release};
+use replica_ring::{Consumer, FileRelease, Release};
 
 use crate::config::{RingSource, SourceConfig};
+use crate::drain::{DrainSettings, Drainer, KernelRing, Shared, RESYNC_REASON};
 use crate::link::{Link, LinkError};
 use crate::retry::{Backoff, Decision, ErrorClass};
+use crate::spool::SpoolError;
 use crate::status::{Connection, Health, Role, StatusBoard, VolumeStatus};
+
+/// Replaces the reason of the last session failure (`None`: the session
+/// works again), keeping the reasons that outlive a connection: failed
+/// source writes, a needed resync, expiring certificates. Health follows.
+fn set_session_reason(s: &mut VolumeStatus, why: Option<&str>) {
+    s.reasons.retain(|r| {
+        r.starts_with("write failed")
+            || r.starts_with(RESYNC_REASON)
+            || (r.contains("certificate") && r.contains("expire"))
+    });
+    if let Some(w) = why {
+        s.reasons.push(w.to_owned());
+    }
+    if s.health != Health::Critical {
+        s.health = if s.reasons.is_empty() {
+            Health::OK
+        } else {
+            Health::Warning
+        };
+    }
+}
 use crate::DaemonError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,28 +91,32 @@ impl SessionError {
 /// The ring consumer, whatever the ring's origin.
 pub type RingConsumer = Consumer<Box<dyn Release>>;
 
-/// Opens the configured ring.
-pub fn open_ring(cfg: &SourceConfig) -> Result<RingConsumer, DaemonError> {
+/// Opens the configured ring; for a kernel ring also the control device
+/// and the volume's index (for its dirty bitmap).
+pub fn open_ring(cfg: &SourceConfig) -> Result<(RingConsumer, Option<KernelRing>), DaemonError> {
     match &cfg.ring {
         RingSource::File(p) => {
             let map = replica_ring::Mapping::open_file(p, true)?;
-            Ok(Consumer::new(
-                map,
-                Box::new(FileRelease) as Box<dyn Release>,
-            )?)
+            Ok((
+                Consumer::new(map, Box::new(FileRelease) as Box<dyn Release>)?,
+                None,
+            ))
         }
         RingSource::Group(g) => {
-            let dev = replica_ring::device::Device::open(std::path::Path::new(
-                &cfg.control_device,
-            ))?;
+            let dev =
+                replica_ring::device::Device::open(std::path::Path::new(&cfg.control_device))?;
             let consumer = dev.attach(g)?;
             // One source replicates one volume; find its index in the group.
-            let vols = consumer.releaser().device().volumes()?;
+            let device = consumer.releaser().device().clone();
+            let vols = device.volumes()?;
             let Some(v) = vols.iter().find(|v| v.id == cfg.volume) else {
                 return Err(DaemonError::Unsupported(format!(
                     "group {g:?} has no volume {:?} (it has: {})",
                     cfg.volume,
-                    vols.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(", ")
+                    vols.iter()
+                        .map(|v| v.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             };
             if vols.len() > 1 {
@@ -104,50 +133,10 @@ pub fn open_ring(cfg: &SourceConfig) -> Result<RingConsumer, DaemonError> {
                 )));
             }
             tracing::info!(group = %g, volume = %cfg.volume, index = v.index, "attached to the kernel capture ring");
-            Ok(consumer.boxed())
+            let index = v.index;
+            Ok((consumer.boxed(), Some(KernelRing { device, index })))
         }
     }
-}
-
-/// Publishes the replication lag: what the ring holds beyond what the
-/// target has durably.
-fn publish_lag(board: &StatusBoard, volume: &str, consumer: &RingConsumer, durable: u64) {
-    let produced = consumer.producer_seq();
-    let records = produced
-        .wrapping_sub(durable.wrapping_add(1))
-        .min(produced.wrapping_sub(consumer.released_seq()));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let seconds = if records == 0 {
-        0.0
-    } else {
-        consumer
-            .submit_ns(durable.wrapping_add(1))
-            .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e9)
-    };
-    let bytes = if records == 0 {
-        0
-    } else {
-        consumer.data_bytes_in_use()
-    };
-    board.update(volume, |s| {
-        // The replica as seen from here: nothing durable yet, caught up, or
-        // behind (consistent at an older point: replication is asynchronous).
-        s.replica = if durable == 0 {
-            "Inconsistent"
-        } else if records == 0 {
-            "UpToDate"
-        } else {
-            "Consistent"
-        }
-        .into();
-        s.lag_records = records;
-        s.lag_bytes = bytes;
-        s.lag_seconds = seconds;
-        s.captured_seq = consumer.next_seq();
-    });
 }
 
 /// A batch of records to seal.
@@ -174,6 +163,9 @@ impl Source {
     /// Loads keys and TLS material.
     pub fn new(cfg: SourceConfig, sig: crate::cli::Signals) -> Result<Self, DaemonError> {
         let stop = sig.stop.clone();
+        // The daemon's own writes must never be captured.
+        crate::protected::check_not_protected(&cfg.state_dir, "state_dir")?;
+        crate::protected::check_not_protected(&cfg.spool_dir(), "spool.dir")?;
         let keys = KeyStore::load(&cfg.keys)?;
         let tls = crate::tls::Reloadable::new(crate::tls::client_config(&cfg.tls)?);
         crate::create_state_dir(&cfg.state_dir)?;
@@ -237,6 +229,7 @@ impl Source {
             ("control_socket", new.control_socket != old.control_socket),
             ("control_device", new.control_device != old.control_device),
             ("epoch", new.epoch != old.epoch),
+            ("spool", new.spool != old.spool),
         ]
         .into_iter()
         .filter_map(|(k, changed)| changed.then_some(k))
@@ -256,6 +249,7 @@ impl Source {
         merged.control_socket = old.control_socket.clone();
         merged.control_device = old.control_device.clone();
         merged.epoch = old.epoch;
+        merged.spool = old.spool.clone();
         *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
         tracing::info!("configuration reloaded");
     }
@@ -305,9 +299,36 @@ impl Source {
 
     fn run_inner(&self) -> Result<(), DaemonError> {
         let cfg = self.cfg();
-        let mut consumer = open_ring(&cfg)?;
+        let spool_dir = cfg.spool_dir();
+        let (consumer, kernel) = open_ring(&cfg)?;
         let generation = consumer.mapping().generation();
-        // Ring attached, control socket up: the source can serve.
+        let vol = cfg.volume.clone();
+        self.board.update(&vol, |s| {
+            s.generation = hex::encode(generation);
+            s.epoch = cfg.epoch;
+            s.captured_seq = consumer.next_seq();
+        });
+        let (drainer, shared) = Drainer::new(
+            DrainSettings {
+                volume: vol.clone(),
+                volume_size: cfg.volume_size,
+                chunk_bytes: cfg.spool.chunk_bytes.min(cfg.segment.max_bytes),
+                limit_bytes: cfg.spool.limit(cfg.volume_size),
+                region_bytes: cfg.spool.region_kib * 1024,
+                state_path: cfg.state_dir.join("resync.state"),
+            },
+            consumer,
+            kernel,
+            &spool_dir,
+            cfg.spool.file_bytes,
+            self.board.clone(),
+            self.stop.clone(),
+        )?;
+        let drain = std::thread::Builder::new()
+            .name("drain".into())
+            .spawn(move || drainer.run())
+            .map_err(|e| DaemonError::io("start the drain thread", &spool_dir, e))?;
+        // Ring attached, spool open, control socket up: the source can serve.
         self.notifier
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -315,19 +336,25 @@ impl Source {
                 "replicating volume {} to {}",
                 cfg.volume, cfg.target
             ));
-        let vol = cfg.volume.clone();
-        self.board.update(&vol, |s| {
-            s.generation = hex::encode(generation);
-            s.epoch = cfg.epoch;
-            s.captured_seq = consumer.next_seq();
-        });
-        let mut backoff = Backoff::from_secs(&cfg.retry.schedule_secs);
+        let r = self.replicate(&shared);
+        self.stop.store(true, Ordering::Release);
+        shared.spool.wake();
+        if drain.join().is_err() {
+            tracing::error!("drain thread panicked");
+            std::process::abort();
+        }
+        r
+    }
+
+    /// Sessions with the target, retried on the schedule, until stopped or
+    /// Critical.
+    fn replicate(&self, shared: &Arc<Shared>) -> Result<(), DaemonError> {
+        let vol = self.cfg().volume.clone();
+        let mut backoff = Backoff::from_secs(&self.cfg().retry.schedule_secs);
         while !self.stop.load(Ordering::Acquire) {
             self.board
                 .update(&vol, |s| s.connection = Connection::Connecting);
-            let (c, result) = self.session(consumer, &mut backoff);
-            consumer = c;
-            let err = match result {
+            let err = match self.session(shared, &mut backoff) {
                 Ok(()) => break,
                 Err(e) => e,
             };
@@ -338,7 +365,7 @@ impl Source {
                     self.board.update(&vol, |s| {
                         s.connection = Connection::StandAlone;
                         s.health = Health::Critical;
-                        s.reasons = vec![err.message.clone()];
+                        set_session_reason(s, Some(&err.message));
                     });
                     return Err(DaemonError::Critical(err.message));
                 }
@@ -347,13 +374,14 @@ impl Source {
                     self.board.update(&vol, |s| {
                         s.connection = Connection::Retrying;
                         s.health = Health::Warning;
-                        s.reasons = vec![err.message.clone()];
+                        set_session_reason(s, Some(&err.message));
                         s.retries = backoff.attempts() as u64;
                     });
                     while Instant::now() < at && !self.stop.load(Ordering::Acquire) {
                         self.tick();
-                        let durable = self.board.get(&vol).map_or(0, |s| s.durable_seq);
-                        publish_lag(&self.board, &vol, &consumer, durable);
+                        if let Some(f) = shared.fatal() {
+                            return Err(self.critical(&vol, f));
+                        }
                         std::thread::sleep((at - Instant::now()).min(Duration::from_millis(50)));
                     }
                 }
@@ -362,6 +390,17 @@ impl Source {
         self.board
             .update(&vol, |s| s.connection = Connection::StandAlone);
         Ok(())
+    }
+
+    /// Publishes a Critical stop.
+    fn critical(&self, vol: &str, why: String) -> DaemonError {
+        tracing::error!(volume = %vol, "replication stopped: {why}");
+        self.board.update(vol, |s| {
+            s.connection = Connection::StandAlone;
+            s.health = Health::Critical;
+            set_session_reason(s, Some(&why));
+        });
+        DaemonError::Critical(why)
     }
 
     fn connect(&self) -> Result<Link, SessionError> {
@@ -400,35 +439,16 @@ impl Source {
         Ok(link)
     }
 
-    /// One connection's life. Always hands the consumer back.
-    fn session(
-        &self,
-        mut consumer: RingConsumer,
-        backoff: &mut Backoff,
-    ) -> (RingConsumer, Result<(), SessionError>) {
+    /// One connection's life.
+    fn session(&self, shared: &Arc<Shared>, backoff: &mut Backoff) -> Result<(), SessionError> {
         let cfg = self.cfg();
-        let mut link = match self.connect() {
-            Ok(l) => l,
-            Err(e) => return (consumer, Err(e)),
-        };
-        let welcome = match self.handshake(&mut link, &mut consumer) {
-            Ok(w) => w,
-            Err(e) => return (consumer, Err(e)),
-        };
+        let mut link = self.connect()?;
+        let welcome = self.handshake(&mut link, shared)?;
         backoff.reset();
         let vol = cfg.volume.clone();
         self.board.update(&vol, |s| {
             s.connection = Connection::Connected;
-            // Failed writes and expiring certificates still need an
-            // operator; connection problems are over.
-            s.reasons.retain(|r| {
-                r.starts_with("write failed") || (r.contains("certificate") && r.contains("expire"))
-            });
-            s.health = if s.reasons.is_empty() {
-                Health::OK
-            } else {
-                Health::Warning
-            };
+            set_session_reason(s, None);
             s.retries = 0;
             s.durable_seq = welcome.durable;
         });
@@ -439,24 +459,14 @@ impl Source {
             epoch: cfg.epoch,
             cache: std::sync::Mutex::new(None),
         });
-        if let Err(e) = key.current() {
-            return (consumer, Err(SessionError::fatal(e)));
-        }
+        key.current().map_err(SessionError::fatal)?;
 
-        let acked = Arc::new(AtomicU64::new(welcome.durable));
         let session_stop = Arc::new(AtomicBool::new(false));
         let (job_tx, job_rx) = bounded::<Job>(cfg.segment.queue);
         let (out_tx, out_rx) =
             bounded::<(u64, Result<Vec<u8>, String>)>(cfg.segment.queue + cfg.segment.workers);
-        let (wake_rx, wake_tx) = match UnixStream::pair() {
-            Ok(p) => p,
-            Err(e) => {
-                return (
-                    consumer,
-                    Err(SessionError::recoverable(format!("wake pipe: {e}"))),
-                )
-            }
-        };
+        let (wake_rx, wake_tx) =
+            UnixStream::pair().map_err(|e| SessionError::recoverable(format!("wake pipe: {e}")))?;
         let _ = wake_rx.set_nonblocking(true);
         let _ = wake_tx.set_nonblocking(true);
         let wake_tx = Arc::new(wake_tx);
@@ -484,7 +494,7 @@ impl Source {
                     features: 0,
                     key_id: 0, // set by seal
                     stream_id: welcome.stream_id,
-                    generation: consumer.mapping().generation(),
+                    generation: shared.generation,
                     volume_tag: keys::volume_tag(&cfg.volume),
                     epoch: cfg.epoch,
                     counter: 0,
@@ -497,31 +507,22 @@ impl Source {
                     source_time_ns: 0,
                 },
                 max_bytes: cfg.segment.max_bytes,
-                volume_size: cfg.volume_size,
-                acked: acked.clone(),
+                resume: welcome.durable.wrapping_add(1),
+                shared: shared.clone(),
                 stop: session_stop.clone(),
                 global_stop: self.stop.clone(),
-                board: self.board.clone(),
-                volume: vol.clone(),
             };
             std::thread::Builder::new()
                 .name("batch".into())
-                .spawn(move || ctx.run(consumer, job_tx))
-        };
-        let batcher: JoinHandle<(RingConsumer, Result<(), SessionError>)> = match batcher {
-            Ok(h) => h,
-            Err(e) => {
-                // Without the batcher the consumer is gone with the closure;
-                // this only happens when the process is out of threads.
-                tracing::error!(error = %e, "cannot spawn the batching thread");
-                std::process::abort();
-            }
+                .spawn(move || ctx.run(job_tx))
+                .map_err(|e| SessionError::recoverable(format!("cannot start a thread: {e}")))?
         };
 
-        let io_result = self.pump(&mut link, &out_rx, &wake_rx, &acked);
+        let io_result = self.pump(&mut link, &out_rx, &wake_rx, shared);
         session_stop.store(true, Ordering::Release);
+        shared.spool.wake();
         drop(out_rx);
-        let (consumer, batch_result) = match batcher.join() {
+        let batch_result = match batcher.join() {
             Ok(r) => r,
             Err(_) => {
                 tracing::error!("batching thread panicked");
@@ -534,27 +535,22 @@ impl Source {
         if io_result.is_ok() {
             link.close(Duration::from_secs(2));
         }
-        // The batcher's error (a corrupt ring) outranks the link's.
-        let result = match (batch_result, io_result) {
+        // The batcher's error (a damaged spool) outranks the link's.
+        match (batch_result, io_result) {
             (Err(e), _) => Err(e),
             (Ok(()), r) => r,
-        };
-        (consumer, result)
+        }
     }
 
-    fn handshake(
-        &self,
-        link: &mut Link,
-        consumer: &mut RingConsumer,
-    ) -> Result<Welcomed, SessionError> {
+    fn handshake(&self, link: &mut Link, shared: &Shared) -> Result<Welcomed, SessionError> {
         let cfg = self.cfg();
         let src_rand = keys::random16().map_err(|e| SessionError::recoverable(e.to_string()))?;
-        let oldest = consumer.released_seq();
+        let oldest = shared.spool.oldest_seq();
         link.send(&Message::Hello(Hello {
             protocol: msg::PROTOCOL_VERSION,
             features: msg::PROTOCOL_FEATURES,
             volume: cfg.volume.clone(),
-            generation: hex::encode(consumer.mapping().generation()),
+            generation: hex::encode(shared.generation),
             epoch: cfg.epoch,
             source_random: hex::encode(src_rand),
             oldest_seq: oldest,
@@ -598,27 +594,17 @@ impl Source {
         let mut tgt_rand = [0u8; 16];
         hex::decode_to_slice(&w.target_random, &mut tgt_rand)
             .map_err(|_| SessionError::fatal("malformed welcome"))?;
-        // Resume right after what the target has durably.
+        // Resume right after what the target has durably, which the spool
+        // must still hold (or not have reached yet).
         let resume = w.durable_seq.wrapping_add(1);
-        if !ring_abi::release_is_valid(consumer.released_seq(), consumer.next_seq(), resume) {
-            let produced = consumer.producer_seq();
-            if !ring_abi::release_is_valid(consumer.released_seq(), produced, resume) {
-                return Err(SessionError::fatal(format!(
-                    "target has records up to {} but this ring only holds {}..{}: not the same source",
-                    w.durable_seq,
-                    consumer.released_seq(),
-                    produced
-                )));
-            }
+        let oldest = shared.spool.oldest_seq();
+        if (resume.wrapping_sub(oldest) as i64) < 0 {
+            return Err(SessionError::fatal(format!(
+                "sequence gap: the target has records up to {} but this source's spool starts at {oldest}: not the same source, or the target lost data",
+                w.durable_seq
+            )));
         }
-        if ring_abi::release_is_valid(consumer.released_seq(), consumer.next_seq(), resume) {
-            consumer
-                .rewind(resume)
-                .map_err(|e| SessionError::fatal(e.to_string()))?;
-            consumer
-                .release(resume)
-                .map_err(|e| SessionError::fatal(e.to_string()))?;
-        }
+        shared.acknowledged(w.durable_seq);
         tracing::info!(volume = %cfg.volume, durable = w.durable_seq, "connected");
         Ok(Welcomed {
             stream_id: keys::stream_id(&src_rand, &tgt_rand),
@@ -632,7 +618,7 @@ impl Source {
         link: &mut Link,
         out_rx: &Receiver<(u64, Result<Vec<u8>, String>)>,
         wake: &UnixStream,
-        acked: &AtomicU64,
+        shared: &Shared,
     ) -> Result<(), SessionError> {
         let cfg = self.cfg();
         let mut next = 0u64;
@@ -643,6 +629,16 @@ impl Source {
                 return Ok(());
             }
             self.tick();
+            if let Some(f) = shared.fatal() {
+                return Err(SessionError::fatal(f));
+            }
+            if shared.closed.load(Ordering::Acquire)
+                && shared.durable.load(Ordering::Acquire).wrapping_add(1) == shared.spool.next_seq()
+            {
+                return Err(SessionError::fatal(
+                    "capture ring closed: the protected volume's table was removed; everything captured is durable on the target; protect it again to resume",
+                ));
+            }
             // Collect what the workers finished, in counter order.
             while link.queued() < MAX_QUEUED_BYTES && !workers_done {
                 match out_rx.try_recv() {
@@ -681,7 +677,8 @@ impl Source {
             while let Some(m) = link.recv().map_err(SessionError::link)? {
                 match m {
                     Message::Ack(a) => {
-                        let prev = acked.fetch_max(a.durable_seq, Ordering::AcqRel);
+                        let prev = shared.durable.load(Ordering::Acquire);
+                        shared.acknowledged(a.durable_seq);
                         if a.durable_seq > prev || a.applied_seq > 0 {
                             self.board.update(&cfg.volume, |s| {
                                 s.durable_seq = s.durable_seq.max(a.durable_seq);
@@ -780,12 +777,11 @@ fn seal_worker(
 struct BatchCtx {
     header: SegmentHeader,
     max_bytes: usize,
-    volume_size: u64,
-    acked: Arc<AtomicU64>,
+    /// First record to send.
+    resume: u64,
+    shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     global_stop: Arc<AtomicBool>,
-    board: Arc<StatusBoard>,
-    volume: String,
 }
 
 impl BatchCtx {
@@ -793,145 +789,57 @@ impl BatchCtx {
         self.stop.load(Ordering::Acquire) || self.global_stop.load(Ordering::Acquire)
     }
 
-    fn run(
-        mut self,
-        mut consumer: RingConsumer,
-        tx: Sender<Job>,
-    ) -> (RingConsumer, Result<(), SessionError>) {
-        let r = self.batch_loop(&mut consumer, &tx);
-        (consumer, r)
-    }
-
-    fn release_acked(&self, consumer: &mut RingConsumer) -> Result<(), SessionError> {
-        let acked = self.acked.load(Ordering::Acquire);
-        let upto = acked.wrapping_add(1);
-        if upto != consumer.released_seq()
-            && ring_abi::release_is_valid(consumer.released_seq(), consumer.next_seq(), upto)
-        {
-            consumer
-                .release(upto)
-                .map_err(|e| SessionError::fatal(e.to_string()))?;
+    fn run(mut self, tx: Sender<Job>) -> Result<(), SessionError> {
+        let r = self.batch_loop(&tx);
+        if let Err(e) = &r {
+            if e.class == ErrorClass::Recoverable && e.message.starts_with("spool") {
+                self.shared.report_damage(e.message.clone());
+            }
         }
-        Ok(())
+        r
     }
 
-    fn batch_loop(
-        &mut self,
-        consumer: &mut RingConsumer,
-        tx: &Sender<Job>,
-    ) -> Result<(), SessionError> {
+    /// Reads spool chunks from `resume` on and packs them into segments: a
+    /// segment closes at `max_bytes` or when the spool has nothing more.
+    fn batch_loop(&mut self, tx: &Sender<Job>) -> Result<(), SessionError> {
+        let spool = self.shared.spool.clone();
+        let mut reader = spool.reader(self.resume);
         let mut plain: Vec<u8> = Vec::with_capacity(self.max_bytes + (1 << 20));
         let mut first: Option<u64> = None;
         let mut last = 0u64;
         let mut last_time = 0u64;
-        let mut idle = 0u32;
-        let mut last_lag = Instant::now();
         loop {
-            if last_lag.elapsed() >= Duration::from_millis(100) {
-                publish_lag(
-                    &self.board,
-                    &self.volume,
-                    consumer,
-                    self.acked.load(Ordering::Acquire),
-                );
-                last_lag = Instant::now();
-            }
             if self.stopping() {
                 return Ok(());
             }
-            self.release_acked(consumer)?;
-            let peek = consumer
-                .peek()
-                .map_err(|e| SessionError::fatal(format!("capture ring: {e}")))?;
-            let rec: Option<(Record, bool)> = match peek {
-                Peek::Committed(r) => Some((r, true)),
-                Peek::Failed(r) => Some((r, false)),
-                Peek::Pending | Peek::Empty => None,
-            };
-            match rec {
-                Some((r, ok)) => {
-                    idle = 0;
-                    let d = &r.desc;
-                    if d.volume > u32::from(u16::MAX) {
-                        return Err(SessionError::fatal(format!(
-                            "record {} names volume index {}",
-                            r.seq, d.volume
-                        )));
+            match reader.next_chunk() {
+                Ok(Some(c)) => {
+                    if first.is_some()
+                        && plain.len() + c.plain.len() > frame::MAX_PLAIN_LEN as usize
+                    {
+                        self.emit(tx, &mut plain, &mut first, last, last_time)?;
                     }
-                    let end = d
-                        .sector
-                        .checked_mul(512)
-                        .and_then(|s| s.checked_add(u64::from(d.len)));
-                    if end.is_none_or(|e| e > self.volume_size) {
-                        return Err(SessionError::fatal(format!(
-                            "record {} lies beyond the volume end",
-                            r.seq
-                        )));
-                    }
-                    let op = if ok { d.op } else { OP_SKIPPED };
-                    frame::encode_record_parts(
-                        &mut plain,
-                        r.seq,
-                        op,
-                        d.flags,
-                        d.volume,
-                        d.sector,
-                        d.len,
-                        d.submit_ns,
-                        d.aux,
-                        &[],
-                    );
-                    if ok {
-                        consumer
-                            .append_payload(&r, &mut plain)
-                            .map_err(|e| SessionError::fatal(format!("capture ring: {e}")))?;
-                    } else {
-                        tracing::warn!(
-                            seq = r.seq,
-                            sector = d.sector,
-                            len = d.len,
-                            "write failed on the source; region marked for resync"
-                        );
-                        let (sector, len) = (d.sector, d.len);
-                        self.board.update(&self.volume, |s| {
-                            s.failed_records += 1;
-                            s.health = Health::Warning;
-                            let why = format!("write failed on the source at sector {sector} (+{len} bytes): region needs resync");
-                            s.reasons.retain(|x| x != &why);
-                            s.reasons.push(why);
-                        });
-                    }
-                    consumer.advance(&r);
-                    first.get_or_insert(r.seq);
-                    last = r.seq;
-                    last_time = d.submit_ns;
+                    first.get_or_insert(c.first_seq);
+                    last = c.last_seq;
+                    last_time = c.last_ns;
+                    plain.extend_from_slice(&c.plain);
                     if plain.len() >= self.max_bytes {
                         self.emit(tx, &mut plain, &mut first, last, last_time)?;
                     }
                 }
-                None => {
+                Ok(None) => {
                     if first.is_some() {
                         self.emit(tx, &mut plain, &mut first, last, last_time)?;
                         continue;
                     }
-                    if consumer.is_dead() && consumer.producer_seq() == consumer.next_seq() {
-                        return Err(SessionError::fatal(
-                            "capture ring closed: the protected volume's table was removed; protect it again to resume"
-                                .to_string(),
-                        ));
-                    }
-                    // Nothing to read: a short spin, then wait for the
-                    // producer (poll on a kernel ring, short sleeps on a
-                    // ring file).
-                    idle = idle.saturating_add(1);
-                    if idle > 64 {
-                        consumer
-                            .wait(Duration::from_millis(5))
-                            .map_err(|e| SessionError::fatal(format!("capture ring: {e}")))?;
-                    } else {
-                        std::hint::spin_loop();
-                    }
+                    spool.wait_for(reader.seq(), reader.drops(), Duration::from_millis(100));
                 }
+                Err(SpoolError::Dropped) => {
+                    return Err(SessionError::recoverable(
+                        "spool dropped for a resync; the stream stops here",
+                    ))
+                }
+                Err(e) => return Err(SessionError::recoverable(format!("spool: {e}"))),
             }
         }
     }
@@ -948,7 +856,7 @@ impl BatchCtx {
         let mut h = self.header.clone();
         h.first_seq = f;
         h.last_seq = last;
-        h.record_count = (last - f + 1) as u32;
+        h.record_count = last.wrapping_sub(f).wrapping_add(1) as u32;
         h.source_time_ns = last_time;
         self.header.counter += 1;
         let job = Job {

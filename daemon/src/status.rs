@@ -89,6 +89,26 @@ pub struct VolumeStatus {
     pub last_point_seq: u64,
     /// Connection attempts since the last success.
     pub retries: u64,
+    /// Source: next record to be written to the spool.
+    #[serde(default)]
+    pub spooled_seq: u64,
+    /// Source: spool bytes holding records the target does not have yet.
+    #[serde(default)]
+    pub spool_bytes: u64,
+    /// Source: the stream cannot carry every write any more; the regions
+    /// of `dirty_regions` need a resync.
+    #[serde(default)]
+    pub needs_resync: bool,
+    /// Source: first record the target will not receive through the stream
+    /// (with `needs_resync`).
+    #[serde(default)]
+    pub resync_since_seq: u64,
+    /// Source: dirty regions waiting for a resync.
+    #[serde(default)]
+    pub dirty_regions: u64,
+    /// Source: bytes those regions cover.
+    #[serde(default)]
+    pub dirty_bytes: u64,
 }
 
 impl VolumeStatus {
@@ -117,6 +137,12 @@ impl VolumeStatus {
             points: 0,
             last_point_seq: 0,
             retries: 0,
+            spooled_seq: 0,
+            spool_bytes: 0,
+            needs_resync: false,
+            resync_since_seq: 0,
+            dirty_regions: 0,
+            dirty_bytes: 0,
         }
     }
 }

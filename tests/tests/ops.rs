@@ -276,6 +276,9 @@ fn key_rotation_mid_stream_does_not_interrupt_and_old_segments_still_apply() {
             .save(&st.join("volumes/v/state.json"))
             .expect("save state");
     }
+    // Both keys are needed while their segments wait to be replayed.
+    let needed = replctl::keys::needed_key_ids(&st).expect("needed keys");
+    assert_eq!(needed, [1u32, 2].into_iter().collect());
     pin_listen(&cfg, &addr);
     let (_t2, _) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
     wait_for(Duration::from_secs(30), "replay", || {
@@ -284,6 +287,12 @@ fn key_rotation_mid_stream_does_not_interrupt_and_old_segments_still_apply() {
     assert!(target_state(&st, "v").critical.is_none());
     assert_eq!(std::fs::read(&replica).expect("replica"), before);
     assert!(first_difference(&before, &src.image, &src.masked).is_none());
+    // Everything applied: the old key can go; the active one stays.
+    let needed = replctl::keys::needed_key_ids(&st).expect("needed keys");
+    assert!(needed.is_empty(), "{needed:?}");
+    let mut kr = replica_proto::keys::KeyRing::load(&env.path("keys.toml")).expect("keys");
+    assert_eq!(kr.retire(&needed), vec![1]);
+    assert_eq!(kr.ids(), vec![2]);
 }
 
 #[test]

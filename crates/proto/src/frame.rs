@@ -277,9 +277,20 @@ pub fn decode_records<'a>(
     h: &SegmentHeader,
     plain: &'a [u8],
 ) -> Result<Vec<RecordView<'a>>, FrameError> {
-    let mut out = Vec::with_capacity(h.record_count as usize);
+    decode_record_run(h.first_seq, h.record_count, plain)
+}
+
+/// Parsed records of a plaintext that must hold exactly `count` records
+/// with consecutive sequences from `first_seq` (a segment's, or a spool
+/// chunk's). Payloads are borrowed, not copied.
+pub fn decode_record_run(
+    first_seq: u64,
+    count: u32,
+    plain: &[u8],
+) -> Result<Vec<RecordView<'_>>, FrameError> {
+    let mut out = Vec::with_capacity(count.min(1 << 16) as usize);
     let mut p = 0usize;
-    let mut expect = h.first_seq;
+    let mut expect = first_seq;
     while p < plain.len() {
         let rh = plain
             .get(p..p + RECORD_HEADER_LEN)
@@ -324,7 +335,7 @@ pub fn decode_records<'a>(
         });
         expect = expect.wrapping_add(1);
     }
-    if out.len() != h.record_count as usize {
+    if out.len() != count as usize {
         return Err(FrameError::Records(
             "record count does not match the header",
         ));

@@ -205,6 +205,22 @@ impl KeyRing {
         Ok(id)
     }
 
+    /// Removes every key but the active one and those in `needed`; returns
+    /// the ids removed (their secrets are zeroized as they are dropped).
+    pub fn retire(&mut self, needed: &std::collections::BTreeSet<u32>) -> Vec<u32> {
+        let active = self.active;
+        let gone: Vec<u32> = self
+            .keys
+            .keys()
+            .copied()
+            .filter(|id| *id != active && !needed.contains(id))
+            .collect();
+        for id in &gone {
+            self.keys.remove(id);
+        }
+        gone
+    }
+
     /// Writes the keyring to `path` with mode 0600 (atomically, via a
     /// temporary file). Refuses to overwrite unless `overwrite`.
     pub fn save(&self, path: &Path, overwrite: bool) -> Result<(), KeyError> {
@@ -368,6 +384,22 @@ mod tests {
         let back = KeyRing::parse(&kr.to_toml()).expect("parse");
         assert_eq!(back.active(), 2);
         assert_eq!(back.master(1).expect("k1"), kr.master(1).expect("k1"));
+    }
+
+    #[test]
+    fn retire_keeps_the_active_key_and_the_needed_ones() {
+        let mut kr = KeyRing::generate().expect("generate");
+        for _ in 0..3 {
+            kr.rotate().expect("rotate");
+        }
+        let k2 = *kr.master(2).expect("k2");
+        let needed = [2u32, 9].into_iter().collect();
+        assert_eq!(kr.retire(&needed), vec![1, 3]);
+        assert_eq!(kr.ids(), vec![2, 4]);
+        assert_eq!(kr.active(), 4);
+        assert_eq!(*kr.master(2).expect("k2"), k2);
+        assert!(kr.retire(&Default::default()) == vec![2]);
+        assert_eq!(kr.ids(), vec![4]);
     }
 
     #[test]

@@ -98,6 +98,16 @@ pub fn read_frame(dir: &Path, pos: &FramePos) -> Result<Vec<u8>, StoreError> {
     Ok(buf)
 }
 
+/// Every whole frame of the journal in `dir`, in order, read-only (a torn
+/// tail is left alone): for tools that inspect a live daemon's journal.
+pub fn frames(dir: &Path) -> Result<Vec<FramePos>, StoreError> {
+    let mut out = Vec::new();
+    for no in list_files(dir)? {
+        scan_file(&dir.join(file_name(no)), no, &mut out)?;
+    }
+    Ok(out)
+}
+
 fn scan_file(path: &Path, no: u64, frames: &mut Vec<FramePos>) -> Result<(u64, u64), StoreError> {
     let mut f = File::open(path).map_err(|e| StoreError::io("open journal file", path, e))?;
     let len = f

@@ -1,0 +1,319 @@
+//! Dirty-region maps and the source's persistent "needs resync" state.
+//!
+//! When the stream of records cannot carry every write any more (the spool
+//! reached its limit or its disk is full, the kernel ring overflowed, the
+//! spool lost records), the source records *which regions* changed instead
+//! of *what* changed. The map is saved before the ring records it covers are
+//! released, so a killed daemon never forgets a write; a resync later sends
+//! the current content of every dirty region.
+
+use std::path::Path;
+
+use replica_store::state::write_atomic;
+
+const MAGIC: [u8; 8] = *b"DMRDIRT1";
+const VERSION: u32 = 1;
+const HEADER_LEN: usize = 8 + 4 + 4 + 16 + 8 + 8 + 8 + 4;
+
+/// A bitmap of fixed-size regions of a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyMap {
+    volume_size: u64,
+    region_bytes: u64,
+    words: Vec<u64>,
+    set: u64,
+}
+
+impl DirtyMap {
+    /// An empty map of `volume_size` bytes in regions of `region_bytes` (a
+    /// power of two, at least 4 KiB).
+    pub fn new(volume_size: u64, region_bytes: u64) -> Self {
+        let region_bytes = region_bytes.max(4096).next_power_of_two();
+        let regions = volume_size.div_ceil(region_bytes);
+        Self {
+            volume_size,
+            region_bytes,
+            words: vec![0; regions.div_ceil(64) as usize],
+            set: 0,
+        }
+    }
+
+    /// Region size in bytes.
+    pub fn region_bytes(&self) -> u64 {
+        self.region_bytes
+    }
+
+    /// Number of regions.
+    pub fn regions(&self) -> u64 {
+        self.volume_size.div_ceil(self.region_bytes)
+    }
+
+    /// Volume size in bytes.
+    pub fn volume_size(&self) -> u64 {
+        self.volume_size
+    }
+
+    /// Regions set.
+    pub fn count(&self) -> u64 {
+        self.set
+    }
+
+    fn set_region(&mut self, r: u64) {
+        if r >= self.regions() {
+            return;
+        }
+        if let Some(w) = self.words.get_mut((r / 64) as usize) {
+            let bit = 1u64 << (r % 64);
+            if *w & bit == 0 {
+                *w |= bit;
+                self.set += 1;
+            }
+        }
+    }
+
+    /// Whether region `r` is set.
+    pub fn is_set(&self, r: u64) -> bool {
+        self.words
+            .get((r / 64) as usize)
+            .is_some_and(|w| w & (1 << (r % 64)) != 0)
+    }
+
+    /// Marks every region touched by `len` bytes at byte `offset` (clipped
+    /// to the volume).
+    pub fn mark(&mut self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.volume_size {
+            return;
+        }
+        let end = offset.saturating_add(len).min(self.volume_size);
+        let first = offset / self.region_bytes;
+        let last = (end - 1) / self.region_bytes;
+        for r in first..=last {
+            self.set_region(r);
+        }
+    }
+
+    /// Marks the whole volume.
+    pub fn mark_all(&mut self) {
+        for r in 0..self.regions() {
+            self.set_region(r);
+        }
+    }
+
+    /// Adds the regions of another map (any region size) of the same volume.
+    pub fn merge_regions(&mut self, region_bytes: u64, regions: impl Iterator<Item = u64>) {
+        for r in regions {
+            self.mark(r.saturating_mul(region_bytes), region_bytes);
+        }
+    }
+
+    /// The set regions, in order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.regions()).filter(|&r| self.is_set(r))
+    }
+
+    /// Bytes covered by set regions (the last region clipped to the volume).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.iter()
+            .map(|r| {
+                let start = r * self.region_bytes;
+                (start + self.region_bytes).min(self.volume_size) - start
+            })
+            .sum()
+    }
+}
+
+/// The source's record of a volume that needs a resync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncState {
+    /// Ring generation the map belongs to.
+    pub generation: [u8; 16],
+    /// First record the target will not receive through the stream: the
+    /// replica can be made consistent up to `since_seq - 1` from the spool,
+    /// and needs the map's regions beyond that.
+    pub since_seq: u64,
+    /// Why.
+    pub reason: String,
+    /// Regions changed since `since_seq` (at least).
+    pub map: DirtyMap,
+}
+
+/// Errors reading the resync state.
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncStateError {
+    /// Cannot read or write it.
+    #[error("resync state {path}: {source}")]
+    Io {
+        /// File.
+        path: String,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Damaged.
+    #[error("resync state {path}: {message}")]
+    Damaged {
+        /// File.
+        path: String,
+        /// What is wrong.
+        message: &'static str,
+    },
+    /// Cannot be saved.
+    #[error(transparent)]
+    Store(#[from] replica_store::StoreError),
+}
+
+impl ResyncState {
+    /// Encodes it (with a trailing CRC32C).
+    pub fn encode(&self) -> Vec<u8> {
+        let reason = self.reason.as_bytes();
+        let mut b = Vec::with_capacity(HEADER_LEN + reason.len() + self.map.words.len() * 8 + 4);
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&self.generation);
+        b.extend_from_slice(&self.map.volume_size.to_le_bytes());
+        b.extend_from_slice(&self.map.region_bytes.to_le_bytes());
+        b.extend_from_slice(&self.since_seq.to_le_bytes());
+        b.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+        b.extend_from_slice(reason);
+        for w in &self.map.words {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes what [`Self::encode`] wrote.
+    pub fn decode(b: &[u8]) -> Result<Self, &'static str> {
+        if b.len() < HEADER_LEN + 4 || b[0..8] != MAGIC {
+            return Err("not a resync state file");
+        }
+        let (body, crc) = b.split_at(b.len() - 4);
+        if crc32c::crc32c(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+            return Err("checksum mismatch");
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        if u32_at(8) != VERSION {
+            return Err("unsupported version");
+        }
+        let mut generation = [0u8; 16];
+        generation.copy_from_slice(&b[16..32]);
+        let volume_size = u64_at(32);
+        let region_bytes = u64_at(40);
+        let since_seq = u64_at(48);
+        let rlen = u32_at(56) as usize;
+        if !region_bytes.is_power_of_two() || region_bytes < 4096 {
+            return Err("bad region size");
+        }
+        let reason = body
+            .get(HEADER_LEN..HEADER_LEN + rlen)
+            .and_then(|r| std::str::from_utf8(r).ok())
+            .ok_or("bad reason")?
+            .to_owned();
+        let mut map = DirtyMap::new(volume_size, region_bytes);
+        let words = &body[HEADER_LEN + rlen..];
+        if words.len() != map.words.len() * 8 {
+            return Err("bitmap length does not match the volume");
+        }
+        for (i, c) in words.chunks_exact(8).enumerate() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            map.words[i] = u64::from_le_bytes(a);
+        }
+        map.set = map.words.iter().map(|w| u64::from(w.count_ones())).sum();
+        Ok(Self {
+            generation,
+            since_seq,
+            reason,
+            map,
+        })
+    }
+
+    /// Saves it atomically and durably.
+    pub fn save(&self, path: &Path) -> Result<(), ResyncStateError> {
+        Ok(write_atomic(path, &self.encode())?)
+    }
+
+    /// Loads it; `None` if there is none.
+    pub fn load(path: &Path) -> Result<Option<Self>, ResyncStateError> {
+        let b = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ResyncStateError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        };
+        Self::decode(&b)
+            .map(Some)
+            .map_err(|message| ResyncStateError::Damaged {
+                path: path.display().to_string(),
+                message,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_exactly_the_regions_touched() {
+        let mut m = DirtyMap::new(1 << 20, 65536);
+        assert_eq!(m.regions(), 16);
+        m.mark(65535, 2);
+        m.mark(5 * 65536, 65536);
+        m.mark(0, 0);
+        m.mark(15 * 65536 + 10, 1 << 30); // clipped at the end
+        assert_eq!(m.iter().collect::<Vec<_>>(), vec![0, 1, 5, 15]);
+        assert_eq!(m.count(), 4);
+        m.mark(65536, 1);
+        assert_eq!(m.count(), 4);
+        m.merge_regions(4096, [32u64, 33, 200].into_iter());
+        // 4 KiB regions 32 and 33 lie in 64 KiB region 2, 200 in region 12.
+        assert_eq!(m.iter().collect::<Vec<_>>(), vec![0, 1, 2, 5, 12, 15]);
+    }
+
+    #[test]
+    fn volume_not_a_multiple_of_the_region_size() {
+        let mut m = DirtyMap::new(65536 * 3 + 512, 65536);
+        assert_eq!(m.regions(), 4);
+        m.mark_all();
+        assert_eq!(m.count(), 4);
+        assert_eq!(m.dirty_bytes(), 65536 * 3 + 512);
+    }
+
+    #[test]
+    fn state_round_trips_and_damage_is_detected() {
+        let mut map = DirtyMap::new(10 << 20, 65536);
+        map.mark(123 * 4096, 100_000);
+        map.mark(9 << 20, 1);
+        let s = ResyncState {
+            generation: [3; 16],
+            since_seq: 4242,
+            reason: "spool limit reached".into(),
+            map,
+        };
+        let b = s.encode();
+        assert_eq!(ResyncState::decode(&b), Ok(s.clone()));
+        for i in [0, 20, 60, b.len() - 1] {
+            let mut d = b.clone();
+            d[i] ^= 1;
+            assert!(ResyncState::decode(&d).is_err(), "byte {i}");
+        }
+        assert!(ResyncState::decode(&b[..b.len() - 9]).is_err());
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("resync.state");
+        assert_eq!(ResyncState::load(&p).expect("load"), None);
+        s.save(&p).expect("save");
+        assert_eq!(ResyncState::load(&p).expect("load"), Some(s));
+    }
+}

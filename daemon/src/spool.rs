@@ -1,0 +1,1221 @@
+//! The source's local spool: every record drained from the capture ring,
+//! in ring order, on a local disk, until the target has it durably.
+//!
+//! The ring is kernel memory sized for seconds of writes; the spool holds
+//! outages. The drain thread appends chunks (a run of consecutive records in
+//! the segment plaintext encoding) and releases ring space as soon as a chunk
+//! is written; sessions read chunks from any sequence onwards; acknowledged
+//! files are deleted.
+//!
+//! Layout: `<dir>/<first seq, 20 digits>.spool`, each a 64-byte file header
+//! (magic, version, ring generation, volume tag, first sequence, CRC32C)
+//! followed by chunks: a 48-byte header (magic, record count, first and last
+//! sequence, first and last submission time, plaintext length, CRC32C over
+//! header and plaintext) and the plaintext. Sequences are consecutive across
+//! chunks and files.
+//!
+//! Durability: chunks are written, not synced. A spool outlives the daemon
+//! (a killed daemon's writes are in the page cache), not the host: after a
+//! host crash the ring has a new generation and the volume needs a resync
+//! anyway. A write torn by a kill is found at start-up (short header, bad
+//! CRC, broken sequence) and the spool is cut at the last whole chunk; the
+//! ring still holds what follows, because ring space is released only after
+//! a chunk is written.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use replica_proto::frame::{self, RecordView};
+
+const FILE_MAGIC: [u8; 8] = *b"DMRSPOL1";
+const FILE_VERSION: u32 = 1;
+/// Bytes of a spool file's header.
+pub const FILE_HEADER_LEN: u64 = 64;
+const CHUNK_MAGIC: [u8; 4] = *b"SPCK";
+/// Bytes of a chunk header.
+pub const CHUNK_HEADER_LEN: u64 = 48;
+/// Largest chunk plaintext accepted when reading (a bound for damaged
+/// lengths; writers stay far below it).
+const MAX_CHUNK_PLAIN: u32 = 64 << 20;
+
+/// Spool errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// An I/O operation failed.
+    #[error("spool: {what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The spool holds something it should not.
+    #[error("spool {}: {message}", path.display())]
+    Corrupt {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The spool was dropped while being read.
+    #[error("spool dropped")]
+    Dropped,
+}
+
+impl SpoolError {
+    fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// Whether this is "no space left" (or quota).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Self::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
+/// A chunk's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    /// Records in the chunk.
+    pub count: u32,
+    /// First record's sequence.
+    pub first_seq: u64,
+    /// Last record's sequence.
+    pub last_seq: u64,
+    /// First record's submission time (ns since the epoch).
+    pub first_ns: u64,
+    /// Last record's submission time.
+    pub last_ns: u64,
+    /// Plaintext bytes that follow.
+    pub plain_len: u32,
+}
+
+impl ChunkHeader {
+    fn encode(&self, plain: &[u8]) -> [u8; CHUNK_HEADER_LEN as usize] {
+        let mut b = [0u8; CHUNK_HEADER_LEN as usize];
+        b[0..4].copy_from_slice(&CHUNK_MAGIC);
+        b[4..8].copy_from_slice(&self.count.to_le_bytes());
+        b[8..16].copy_from_slice(&self.first_seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.last_seq.to_le_bytes());
+        b[24..32].copy_from_slice(&self.first_ns.to_le_bytes());
+        b[32..40].copy_from_slice(&self.last_ns.to_le_bytes());
+        b[40..44].copy_from_slice(&self.plain_len.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..44]), plain);
+        b[44..48].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parses a header; the CRC is checked with the plaintext later.
+    fn decode(b: &[u8; CHUNK_HEADER_LEN as usize]) -> Option<(Self, u32)> {
+        if b[0..4] != CHUNK_MAGIC {
+            return None;
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        let h = Self {
+            count: u32_at(4),
+            first_seq: u64_at(8),
+            last_seq: u64_at(16),
+            first_ns: u64_at(24),
+            last_ns: u64_at(32),
+            plain_len: u32_at(40),
+        };
+        let sane = h.count > 0
+            && h.plain_len <= MAX_CHUNK_PLAIN
+            && h.last_seq.wrapping_sub(h.first_seq) == u64::from(h.count - 1);
+        sane.then_some((h, u32_at(44)))
+    }
+
+    fn crc_ok(&self, raw: &[u8; CHUNK_HEADER_LEN as usize], crc: u32, plain: &[u8]) -> bool {
+        plain.len() == self.plain_len as usize
+            && crc32c::crc32c_append(crc32c::crc32c(&raw[..44]), plain) == crc
+    }
+
+    /// Bytes the chunk takes in its file.
+    pub fn stored_len(&self) -> u64 {
+        CHUNK_HEADER_LEN + u64::from(self.plain_len)
+    }
+}
+
+/// What a spool file's header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileHeader {
+    generation: [u8; 16],
+    volume_tag: [u8; 16],
+    first_seq: u64,
+}
+
+impl FileHeader {
+    fn encode(&self) -> [u8; FILE_HEADER_LEN as usize] {
+        let mut b = [0u8; FILE_HEADER_LEN as usize];
+        b[0..8].copy_from_slice(&FILE_MAGIC);
+        b[8..12].copy_from_slice(&FILE_VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&(FILE_HEADER_LEN as u32).to_le_bytes());
+        b[16..32].copy_from_slice(&self.generation);
+        b[32..48].copy_from_slice(&self.volume_tag);
+        b[48..56].copy_from_slice(&self.first_seq.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; FILE_HEADER_LEN as usize]) -> Result<Self, &'static str> {
+        if b[0..8] != FILE_MAGIC {
+            return Err("not a spool file (bad magic)");
+        }
+        let crc = u32::from_le_bytes([b[60], b[61], b[62], b[63]]);
+        if crc32c::crc32c(&b[..60]) != crc {
+            return Err("file header checksum mismatch");
+        }
+        if u32::from_le_bytes([b[8], b[9], b[10], b[11]]) != FILE_VERSION {
+            return Err("unsupported spool file version");
+        }
+        let mut generation = [0u8; 16];
+        generation.copy_from_slice(&b[16..32]);
+        let mut volume_tag = [0u8; 16];
+        volume_tag.copy_from_slice(&b[32..48]);
+        let mut s = [0u8; 8];
+        s.copy_from_slice(&b[48..56]);
+        Ok(Self {
+            generation,
+            volume_tag,
+            first_seq: u64::from_le_bytes(s),
+        })
+    }
+}
+
+fn file_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.spool")
+}
+
+fn parse_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".spool")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+/// One spool file as indexed in memory.
+#[derive(Debug, Clone)]
+struct FileInfo {
+    path: PathBuf,
+    /// Bytes of whole chunks (plus the header).
+    len: u64,
+    /// Sequence after its last chunk.
+    next_seq: u64,
+    /// Logical spool offset of the file's byte 0.
+    base: u64,
+}
+
+/// The oldest record the target does not have yet, as a position.
+#[derive(Debug, Clone, Copy)]
+struct AckCursor {
+    /// First sequence not acknowledged.
+    seq: u64,
+    /// File and offset of the chunk holding it (or the end).
+    file: u64,
+    offset: u64,
+    /// Logical offset of that chunk.
+    logical: u64,
+    /// Submission time of that chunk's first record, if there is one.
+    first_ns: Option<u64>,
+}
+
+struct Inner {
+    files: BTreeMap<u64, FileInfo>,
+    /// The file being appended to.
+    writer: Option<(u64, File)>,
+    /// Sequence the next appended chunk must start with.
+    next_seq: u64,
+    /// Logical bytes ever appended (file headers included).
+    logical_end: u64,
+    acked: AckCursor,
+    /// Bumped by [`Spool::drop_all`]; readers of an older value stop.
+    drops: u64,
+}
+
+/// What opening a spool found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Records found, and the sequence after the last whole chunk; `None`
+    /// when the spool was empty.
+    pub next_seq: Option<u64>,
+    /// Chunks found.
+    pub chunks: u64,
+    /// Bytes cut off a torn or damaged tail.
+    pub truncated_bytes: u64,
+    /// Damage found (the spool was cut at the first bad chunk, or a file of
+    /// another ring generation or volume was removed).
+    pub damage: Vec<String>,
+    /// A file of another ring generation was found (and removed).
+    pub other_generation: bool,
+}
+
+/// A chunk read back: its header and plaintext (records from the sequence
+/// asked for).
+#[derive(Debug)]
+pub struct Chunk {
+    /// First record's sequence (after skipping, when read from the middle).
+    pub first_seq: u64,
+    /// Last record's sequence.
+    pub last_seq: u64,
+    /// Records.
+    pub count: u32,
+    /// Last record's submission time.
+    pub last_ns: u64,
+    /// Plaintext records.
+    pub plain: Vec<u8>,
+}
+
+/// The spool of one volume (or group).
+pub struct Spool {
+    dir: PathBuf,
+    generation: [u8; 16],
+    volume_tag: [u8; 16],
+    file_bytes: u64,
+    inner: Mutex<Inner>,
+    cond: Condvar,
+}
+
+impl Spool {
+    /// Opens (creating) the spool in `dir` for a ring of `generation`:
+    /// indexes every file, cuts a torn or damaged tail at the last whole
+    /// chunk, removes files of another generation or volume (reported) and
+    /// files after a gap.
+    pub fn open(
+        dir: &Path,
+        generation: [u8; 16],
+        volume_tag: [u8; 16],
+        file_bytes: u64,
+    ) -> Result<(Self, Recovery), SpoolError> {
+        std::fs::create_dir_all(dir).map_err(|e| SpoolError::io("create", dir, e))?;
+        let mut names: Vec<(u64, PathBuf)> = Vec::new();
+        for ent in std::fs::read_dir(dir).map_err(|e| SpoolError::io("list", dir, e))? {
+            let ent = ent.map_err(|e| SpoolError::io("list", dir, e))?;
+            let name = ent.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(seq) = parse_file_name(name) {
+                names.push((seq, ent.path()));
+            } else if name.ends_with(".spool.tmp") {
+                let _ = std::fs::remove_file(ent.path());
+            }
+        }
+        names.sort();
+        let mut rec = Recovery::default();
+        let mut files = BTreeMap::new();
+        let mut next: Option<u64> = None;
+        let mut logical = 0u64;
+        let mut cut = false;
+        for (name_seq, path) in names {
+            if cut {
+                rec.damage
+                    .push(format!("{}: removed (after damage)", path.display()));
+                remove(&path)?;
+                continue;
+            }
+            let expect = next.unwrap_or(name_seq);
+            match scan_file(&path, generation, volume_tag, expect)? {
+                Scanned::Foreign(why) => {
+                    rec.other_generation |= why.contains("generation");
+                    rec.damage
+                        .push(format!("{}: {why}; removed", path.display()));
+                    remove(&path)?;
+                    // A foreign file says nothing about sequences of this ring.
+                }
+                Scanned::Bad(why) => {
+                    rec.damage
+                        .push(format!("{}: {why}; removed", path.display()));
+                    remove(&path)?;
+                    next = Some(expect);
+                    cut = true;
+                }
+                Scanned::Ok {
+                    len,
+                    file_len,
+                    next_seq,
+                    chunks,
+                    damage,
+                } => {
+                    rec.chunks += chunks;
+                    if len < file_len {
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(|e| SpoolError::io("open", &path, e))?;
+                        f.set_len(len)
+                            .map_err(|e| SpoolError::io("truncate", &path, e))?;
+                        rec.truncated_bytes += file_len - len;
+                    }
+                    if let Some(d) = damage {
+                        rec.damage.push(format!(
+                            "{}: {d} at byte {len}; cut there ({} bytes)",
+                            path.display(),
+                            file_len - len
+                        ));
+                        cut = true;
+                    }
+                    if chunks == 0 {
+                        // Only a header: nothing in it.
+                        remove(&path)?;
+                        next = Some(next_seq);
+                        continue;
+                    }
+                    files.insert(
+                        name_seq,
+                        FileInfo {
+                            path,
+                            len,
+                            next_seq,
+                            base: logical,
+                        },
+                    );
+                    logical += len;
+                    next = Some(next_seq);
+                }
+            }
+        }
+        rec.next_seq = next;
+        let first = files
+            .iter()
+            .next()
+            .map(|(s, f)| (*s, f.base))
+            .unwrap_or((next.unwrap_or(0), logical));
+        let next_seq = next.unwrap_or(0);
+        let acked = AckCursor {
+            seq: first.0,
+            file: first.0,
+            offset: FILE_HEADER_LEN,
+            logical: first.1 + if files.is_empty() { 0 } else { FILE_HEADER_LEN },
+            first_ns: None,
+        };
+        let spool = Self {
+            dir: dir.to_owned(),
+            generation,
+            volume_tag,
+            file_bytes: file_bytes.max(1 << 20),
+            inner: Mutex::new(Inner {
+                files,
+                writer: None,
+                next_seq,
+                logical_end: logical,
+                acked,
+                drops: 0,
+            }),
+            cond: Condvar::new(),
+        };
+        {
+            let mut g = spool.lock();
+            if !g.files.is_empty() {
+                spool.set_acked(&mut g, first.0)?;
+            } else {
+                g.acked = AckCursor {
+                    seq: next_seq,
+                    file: next_seq,
+                    offset: 0,
+                    logical: g.logical_end,
+                    first_ns: None,
+                };
+            }
+        }
+        Ok((spool, rec))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Sequence the next appended chunk starts with.
+    pub fn next_seq(&self) -> u64 {
+        self.lock().next_seq
+    }
+
+    /// Oldest sequence the spool still holds (the first not acknowledged);
+    /// equal to [`Self::next_seq`] when it holds nothing.
+    pub fn oldest_seq(&self) -> u64 {
+        self.lock().acked.seq
+    }
+
+    /// Bytes holding records not acknowledged yet.
+    pub fn unacked_bytes(&self) -> u64 {
+        let g = self.lock();
+        g.logical_end.saturating_sub(g.acked.logical)
+    }
+
+    /// Submission time of the oldest chunk not acknowledged.
+    pub fn oldest_unacked_ns(&self) -> Option<u64> {
+        self.lock().acked.first_ns
+    }
+
+    /// Times the spool was dropped.
+    pub fn drops(&self) -> u64 {
+        self.lock().drops
+    }
+
+    /// Starts an empty spool at `seq` (the first record it will receive).
+    /// Only valid while it holds nothing.
+    pub fn restart_at(&self, seq: u64) {
+        let mut g = self.lock();
+        if g.files.is_empty() {
+            g.next_seq = seq;
+            g.acked = AckCursor {
+                seq,
+                file: seq,
+                offset: 0,
+                logical: g.logical_end,
+                first_ns: None,
+            };
+        }
+    }
+
+    /// Appends a chunk of `count` consecutive records starting at
+    /// `first_seq` (which must be [`Self::next_seq`]).
+    pub fn append(
+        &self,
+        first_seq: u64,
+        count: u32,
+        first_ns: u64,
+        last_ns: u64,
+        plain: &[u8],
+    ) -> Result<(), SpoolError> {
+        let mut g = self.lock();
+        if first_seq != g.next_seq || count == 0 || plain.len() > MAX_CHUNK_PLAIN as usize {
+            return Err(SpoolError::Corrupt {
+                path: self.dir.clone(),
+                message: format!(
+                    "append of {count} records at {first_seq} but the spool is at {}",
+                    g.next_seq
+                ),
+            });
+        }
+        let h = ChunkHeader {
+            count,
+            first_seq,
+            last_seq: first_seq.wrapping_add(u64::from(count) - 1),
+            first_ns,
+            last_ns,
+            plain_len: plain.len() as u32,
+        };
+        let rotate = match &g.writer {
+            None => true,
+            Some((key, _)) => g.files.get(key).is_none_or(|f| f.len >= self.file_bytes),
+        };
+        if rotate {
+            g.writer = None;
+            let path = self.dir.join(file_name(first_seq));
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| SpoolError::io("create", &path, e))?;
+            let fh = FileHeader {
+                generation: self.generation,
+                volume_tag: self.volume_tag,
+                first_seq,
+            };
+            if let Err(e) = f.write_all(&fh.encode()) {
+                drop(f);
+                let _ = std::fs::remove_file(&path);
+                return Err(SpoolError::io("write", &path, e));
+            }
+            let base = g.logical_end;
+            g.files.insert(
+                first_seq,
+                FileInfo {
+                    path,
+                    len: FILE_HEADER_LEN,
+                    next_seq: first_seq,
+                    base,
+                },
+            );
+            g.logical_end += FILE_HEADER_LEN;
+            g.writer = Some((first_seq, f));
+        }
+        let key = match &g.writer {
+            Some((k, _)) => *k,
+            None => unreachable_writer(),
+        };
+        let len = g.files.get(&key).map_or(0, |f| f.len);
+        let hdr = h.encode(plain);
+        let r = match &mut g.writer {
+            Some((_, f)) => f.write_all(&hdr).and_then(|()| f.write_all(plain)),
+            None => unreachable_writer(),
+        };
+        if let Err(e) = r {
+            // Cut what a failed write may have left, so the file stays a
+            // sequence of whole chunks.
+            let path = g
+                .files
+                .get(&key)
+                .map(|f| f.path.clone())
+                .unwrap_or_default();
+            if let Some((_, f)) = &mut g.writer {
+                let _ = f.set_len(len);
+                let _ = f.seek(SeekFrom::Start(len));
+            }
+            return Err(SpoolError::io("write", &path, e));
+        }
+        let stored = h.stored_len();
+        if let Some(fi) = g.files.get_mut(&key) {
+            fi.len += stored;
+            fi.next_seq = h.last_seq.wrapping_add(1);
+        }
+        g.logical_end += stored;
+        g.next_seq = h.last_seq.wrapping_add(1);
+        if g.acked.first_ns.is_none() && g.acked.seq == first_seq {
+            g.acked.first_ns = Some(first_ns);
+            g.acked.file = key;
+            g.acked.offset = len;
+            g.acked.logical = g.files.get(&key).map_or(0, |f| f.base) + len;
+        }
+        drop(g);
+        self.cond.notify_all();
+        Ok(())
+    }
+
+    /// Waits up to `timeout` until the spool holds `seq` (or was dropped).
+    pub fn wait_for(&self, seq: u64, drops: u64, timeout: Duration) {
+        let g = self.lock();
+        if g.next_seq.wrapping_sub(seq) as i64 > 0 || g.drops != drops {
+            return;
+        }
+        let _ = self
+            .cond
+            .wait_timeout(g, timeout)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+
+    /// Wakes every waiter (shutdown).
+    pub fn wake(&self) {
+        self.cond.notify_all();
+    }
+
+    /// The target has every record up to `durable`: deletes the files that
+    /// hold only such records and moves the acknowledged position.
+    pub fn acknowledge(&self, durable: u64) -> Result<(), SpoolError> {
+        let seq = durable.wrapping_add(1);
+        let mut g = self.lock();
+        if (seq.wrapping_sub(g.acked.seq) as i64) <= 0 {
+            return Ok(());
+        }
+        self.set_acked(&mut g, seq)
+    }
+
+    fn set_acked(&self, g: &mut Inner, seq: u64) -> Result<(), SpoolError> {
+        // Whole files before `seq` go.
+        let done: Vec<u64> = g
+            .files
+            .iter()
+            .filter(|(_, f)| (seq.wrapping_sub(f.next_seq) as i64) >= 0)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in done {
+            if g.writer.as_ref().is_some_and(|(w, _)| *w == k) {
+                g.writer = None;
+            }
+            if let Some(f) = g.files.remove(&k) {
+                remove(&f.path)?;
+            }
+        }
+        // The chunk holding `seq`, searched from the last position.
+        let Some((&key, fi)) = g
+            .files
+            .range(..=seq)
+            .next_back()
+            .filter(|(_, f)| (seq.wrapping_sub(f.next_seq) as i64) < 0)
+        else {
+            g.acked = AckCursor {
+                seq,
+                file: seq,
+                offset: 0,
+                logical: g.logical_end,
+                first_ns: None,
+            };
+            return Ok(());
+        };
+        let fi = fi.clone();
+        let mut off = if g.acked.file == key && g.acked.offset >= FILE_HEADER_LEN {
+            g.acked.offset
+        } else {
+            FILE_HEADER_LEN
+        };
+        let f = File::open(&fi.path).map_err(|e| SpoolError::io("open", &fi.path, e))?;
+        while off < fi.len {
+            let (h, _) = read_chunk_header(&f, &fi.path, off)?;
+            if (h.last_seq.wrapping_sub(seq) as i64) >= 0 {
+                g.acked = AckCursor {
+                    seq,
+                    file: key,
+                    offset: off,
+                    logical: fi.base + off,
+                    first_ns: Some(h.first_ns),
+                };
+                return Ok(());
+            }
+            off += h.stored_len();
+        }
+        Err(SpoolError::Corrupt {
+            path: fi.path.clone(),
+            message: format!("record {seq} not found in the file that should hold it"),
+        })
+    }
+
+    /// A reader positioned at `seq`, which must lie between
+    /// [`Self::oldest_seq`] and [`Self::next_seq`] (or beyond: the reader
+    /// then skips records until it reaches it).
+    pub fn reader(&self, seq: u64) -> SpoolReader<'_> {
+        SpoolReader {
+            spool: self,
+            seq,
+            pos: None,
+            file: None,
+            drops: self.drops(),
+        }
+    }
+
+    /// Every record from `seq` on, in order, for one last look (the spool
+    /// is about to be dropped). Stops at damage, returning an error.
+    pub fn for_each_record(
+        &self,
+        seq: u64,
+        mut f: impl FnMut(&RecordView<'_>),
+    ) -> Result<(), SpoolError> {
+        let mut r = self.reader(seq);
+        while let Some(c) = r.next_chunk()? {
+            let recs = frame::decode_record_run(c.first_seq, c.count, &c.plain).map_err(|e| {
+                SpoolError::Corrupt {
+                    path: self.dir.clone(),
+                    message: format!("chunk at {}: {e}", c.first_seq),
+                }
+            })?;
+            for rv in &recs {
+                f(rv);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every file; the spool starts again, empty, at `next_seq`.
+    pub fn drop_all(&self, next_seq: u64) -> Result<(), SpoolError> {
+        let mut g = self.lock();
+        g.writer = None;
+        let files = std::mem::take(&mut g.files);
+        for f in files.values() {
+            remove(&f.path)?;
+        }
+        g.drops += 1;
+        g.next_seq = next_seq;
+        g.acked = AckCursor {
+            seq: next_seq,
+            file: next_seq,
+            offset: 0,
+            logical: g.logical_end,
+            first_ns: None,
+        };
+        drop(g);
+        let _ = replica_store::journal::sync_dir(&self.dir);
+        self.cond.notify_all();
+        Ok(())
+    }
+}
+
+#[cold]
+fn unreachable_writer() -> ! {
+    // The writer was installed just above, under the same lock.
+    std::process::abort()
+}
+
+fn remove(path: &Path) -> Result<(), SpoolError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SpoolError::io("remove", path, e)),
+    }
+}
+
+fn read_chunk_header(
+    f: &File,
+    path: &Path,
+    off: u64,
+) -> Result<(ChunkHeader, [u8; CHUNK_HEADER_LEN as usize]), SpoolError> {
+    let mut raw = [0u8; CHUNK_HEADER_LEN as usize];
+    f.read_exact_at(&mut raw, off)
+        .map_err(|e| SpoolError::io("read", path, e))?;
+    let (h, _) = ChunkHeader::decode(&raw).ok_or_else(|| SpoolError::Corrupt {
+        path: path.to_owned(),
+        message: format!("bad chunk header at byte {off}"),
+    })?;
+    Ok((h, raw))
+}
+
+enum Scanned {
+    /// Another generation or volume: says nothing about this ring.
+    Foreign(String),
+    /// Unreadable header: nothing in this file can be trusted.
+    Bad(String),
+    Ok {
+        /// Bytes of whole, valid chunks (plus the header).
+        len: u64,
+        file_len: u64,
+        next_seq: u64,
+        chunks: u64,
+        /// Why the scan stopped before the end of the file.
+        damage: Option<String>,
+    },
+}
+
+fn scan_file(
+    path: &Path,
+    generation: [u8; 16],
+    volume_tag: [u8; 16],
+    expect_first: u64,
+) -> Result<Scanned, SpoolError> {
+    let mut f = File::open(path).map_err(|e| SpoolError::io("open", path, e))?;
+    let file_len = f
+        .metadata()
+        .map_err(|e| SpoolError::io("stat", path, e))?
+        .len();
+    let mut hb = [0u8; FILE_HEADER_LEN as usize];
+    if f.read_exact(&mut hb).is_err() {
+        return Ok(Scanned::Bad("file shorter than its header".into()));
+    }
+    let fh = match FileHeader::decode(&hb) {
+        Ok(h) => h,
+        Err(why) => return Ok(Scanned::Bad(why.into())),
+    };
+    if fh.generation != generation {
+        return Ok(Scanned::Foreign(format!(
+            "written for ring generation {}",
+            hex::encode(fh.generation)
+        )));
+    }
+    if fh.volume_tag != volume_tag {
+        return Ok(Scanned::Foreign("written for another volume".into()));
+    }
+    if fh.first_seq != expect_first {
+        return Ok(Scanned::Bad(format!(
+            "starts at record {} where {expect_first} was expected",
+            fh.first_seq
+        )));
+    }
+    let mut off = FILE_HEADER_LEN;
+    let mut next = fh.first_seq;
+    let mut chunks = 0u64;
+    let mut plain = Vec::new();
+    let damage = loop {
+        if off == file_len {
+            break None;
+        }
+        if file_len - off < CHUNK_HEADER_LEN {
+            break Some("torn chunk header".to_owned());
+        }
+        let mut raw = [0u8; CHUNK_HEADER_LEN as usize];
+        f.read_exact_at(&mut raw, off)
+            .map_err(|e| SpoolError::io("read", path, e))?;
+        let Some((h, crc)) = ChunkHeader::decode(&raw) else {
+            break Some("bad chunk header".to_owned());
+        };
+        if h.first_seq != next {
+            break Some(format!(
+                "chunk starts at record {} where {next} was expected",
+                h.first_seq
+            ));
+        }
+        if file_len - off < h.stored_len() {
+            break Some("torn chunk".to_owned());
+        }
+        plain.resize(h.plain_len as usize, 0);
+        f.read_exact_at(&mut plain, off + CHUNK_HEADER_LEN)
+            .map_err(|e| SpoolError::io("read", path, e))?;
+        if !h.crc_ok(&raw, crc, &plain) {
+            break Some("chunk checksum mismatch".to_owned());
+        }
+        if frame::decode_record_run(h.first_seq, h.count, &plain).is_err() {
+            break Some("chunk records do not parse".to_owned());
+        }
+        off += h.stored_len();
+        next = h.last_seq.wrapping_add(1);
+        chunks += 1;
+    };
+    Ok(Scanned::Ok {
+        len: off,
+        file_len,
+        next_seq: next,
+        chunks,
+        damage,
+    })
+}
+
+/// Reads chunks in order from a sequence on.
+pub struct SpoolReader<'a> {
+    spool: &'a Spool,
+    /// Next sequence wanted.
+    seq: u64,
+    /// File key and offset of the next chunk to read, once located.
+    pos: Option<(u64, u64)>,
+    file: Option<(u64, File)>,
+    drops: u64,
+}
+
+impl SpoolReader<'_> {
+    /// Next sequence this reader returns.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The spool's drop count this reader started with.
+    pub fn drops(&self) -> u64 {
+        self.drops
+    }
+
+    /// The next chunk (records from [`Self::seq`] on), or `None` if the
+    /// spool holds nothing more yet.
+    pub fn next_chunk(&mut self) -> Result<Option<Chunk>, SpoolError> {
+        loop {
+            let (key, off, fi) = {
+                let g = self.spool.lock();
+                if g.drops != self.drops {
+                    return Err(SpoolError::Dropped);
+                }
+                if (g.next_seq.wrapping_sub(self.seq) as i64) <= 0 {
+                    return Ok(None);
+                }
+                let (key, off) = match self.pos {
+                    Some(p) => p,
+                    None => {
+                        let Some((&k, _)) = g.files.range(..=self.seq).next_back() else {
+                            return Err(SpoolError::Corrupt {
+                                path: self.spool.dir.clone(),
+                                message: format!("record {} is no longer in the spool", self.seq),
+                            });
+                        };
+                        (k, FILE_HEADER_LEN)
+                    }
+                };
+                let Some(fi) = g.files.get(&key) else {
+                    if self.pos.is_some() {
+                        // The file was acknowledged whole and deleted (the
+                        // target has everything in it): find the next one.
+                        self.pos = None;
+                        continue;
+                    }
+                    return Err(SpoolError::Corrupt {
+                        path: self.spool.dir.clone(),
+                        message: format!("record {} is no longer in the spool", self.seq),
+                    });
+                };
+                if off >= fi.len {
+                    // End of this file: the next one starts where it ends.
+                    let next_key = fi.next_seq;
+                    if g.files.contains_key(&next_key) && next_key != key {
+                        self.pos = Some((next_key, FILE_HEADER_LEN));
+                        continue;
+                    }
+                    return Ok(None);
+                }
+                (key, off, fi.clone())
+            };
+            if self.file.as_ref().is_none_or(|(k, _)| *k != key) {
+                let f = File::open(&fi.path).map_err(|e| SpoolError::io("open", &fi.path, e))?;
+                self.file = Some((key, f));
+            }
+            let Some((_, f)) = &self.file else {
+                return Ok(None);
+            };
+            let (h, raw) = read_chunk_header(f, &fi.path, off)?;
+            let next_off = off + h.stored_len();
+            self.pos = Some((key, next_off));
+            if (h.last_seq.wrapping_sub(self.seq) as i64) < 0 {
+                // Entirely before what we want (locating from the file start).
+                continue;
+            }
+            let mut plain = vec![0u8; h.plain_len as usize];
+            f.read_exact_at(&mut plain, off + CHUNK_HEADER_LEN)
+                .map_err(|e| SpoolError::io("read", &fi.path, e))?;
+            let crc = u32::from_le_bytes([raw[44], raw[45], raw[46], raw[47]]);
+            if !h.crc_ok(&raw, crc, &plain) {
+                return Err(SpoolError::Corrupt {
+                    path: fi.path.clone(),
+                    message: format!("chunk at byte {off} fails its checksum"),
+                });
+            }
+            let mut chunk = Chunk {
+                first_seq: h.first_seq,
+                last_seq: h.last_seq,
+                count: h.count,
+                last_ns: h.last_ns,
+                plain,
+            };
+            if h.first_seq != self.seq {
+                chunk = skip_to(chunk, self.seq).map_err(|m| SpoolError::Corrupt {
+                    path: fi.path.clone(),
+                    message: m,
+                })?;
+            }
+            self.seq = h.last_seq.wrapping_add(1);
+            return Ok(Some(chunk));
+        }
+    }
+}
+
+/// Drops the records of `c` before `seq`.
+fn skip_to(c: Chunk, seq: u64) -> Result<Chunk, String> {
+    let recs = frame::decode_record_run(c.first_seq, c.count, &c.plain)
+        .map_err(|e| format!("chunk at {}: {e}", c.first_seq))?;
+    let mut plain = Vec::with_capacity(c.plain.len());
+    let mut count = 0u32;
+    for r in recs
+        .iter()
+        .filter(|r| (r.seq.wrapping_sub(seq) as i64) >= 0)
+    {
+        frame::encode_record(&mut plain, r);
+        count += 1;
+    }
+    if count == 0 {
+        return Err(format!("chunk at {} does not hold {seq}", c.first_seq));
+    }
+    Ok(Chunk {
+        first_seq: seq,
+        last_seq: c.last_seq,
+        count,
+        last_ns: c.last_ns,
+        plain,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GEN: [u8; 16] = [7; 16];
+    const TAG: [u8; 16] = [9; 16];
+
+    fn records(first: u64, n: u32, fill: u8) -> Vec<u8> {
+        let mut p = Vec::new();
+        for i in 0..u64::from(n) {
+            let data = vec![fill.wrapping_add(i as u8); 512];
+            frame::encode_record_parts(
+                &mut p,
+                first + i,
+                1,
+                0,
+                0,
+                i,
+                512,
+                1000 + first + i,
+                0,
+                &data,
+            );
+        }
+        p
+    }
+
+    fn open(dir: &Path) -> (Spool, Recovery) {
+        Spool::open(dir, GEN, TAG, 1 << 20).expect("open")
+    }
+
+    fn fill(s: &Spool, from: u64, chunks: u64, per: u32) -> u64 {
+        let mut seq = from;
+        for c in 0..chunks {
+            s.append(
+                seq,
+                per,
+                1000 + seq,
+                1000 + seq + u64::from(per),
+                &records(seq, per, c as u8),
+            )
+            .expect("append");
+            seq += u64::from(per);
+        }
+        seq
+    }
+
+    fn read_all(s: &Spool, from: u64) -> Vec<u64> {
+        let mut r = s.reader(from);
+        let mut seqs = Vec::new();
+        while let Some(c) = r.next_chunk().expect("read") {
+            for rv in frame::decode_record_run(c.first_seq, c.count, &c.plain).expect("decode") {
+                seqs.push(rv.seq);
+            }
+        }
+        seqs
+    }
+
+    #[test]
+    fn chunks_read_back_in_order_from_any_sequence_across_files() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (s, rec) = open(d.path());
+        assert_eq!(rec.next_seq, None);
+        s.restart_at(5);
+        // 40 chunks of 100 records of 512 bytes: about 2 MiB, so several files.
+        let end = fill(&s, 5, 40, 100);
+        assert!(std::fs::read_dir(d.path()).expect("ls").count() >= 2);
+        assert_eq!(read_all(&s, 5), (5..end).collect::<Vec<_>>());
+        // From the middle of a chunk in a later file.
+        assert_eq!(read_all(&s, 2345), (2345..end).collect::<Vec<_>>());
+        // Reopen: the same, found by scanning.
+        drop(s);
+        let (s, rec) = open(d.path());
+        assert_eq!(rec.next_seq, Some(end));
+        assert_eq!(rec.chunks, 40);
+        assert!(rec.damage.is_empty(), "{:?}", rec.damage);
+        assert_eq!(read_all(&s, 1111), (1111..end).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn acknowledge_deletes_whole_files_and_tracks_the_oldest_record() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (s, _) = open(d.path());
+        s.restart_at(1);
+        let end = fill(&s, 1, 40, 100);
+        let before = s.unacked_bytes();
+        let files_before = std::fs::read_dir(d.path()).expect("ls").count();
+        s.acknowledge(2550).expect("ack");
+        assert_eq!(s.oldest_seq(), 2551);
+        assert!(s.unacked_bytes() < before);
+        assert!(std::fs::read_dir(d.path()).expect("ls").count() < files_before);
+        // Chunks start at 1, 101, ...: 2551 is in the one starting at 2501.
+        assert_eq!(s.oldest_unacked_ns(), Some(1000 + 2501));
+        assert_eq!(read_all(&s, 2551), (2551..end).collect::<Vec<_>>());
+        s.acknowledge(end - 1).expect("ack all");
+        assert_eq!(s.unacked_bytes(), 0);
+        assert_eq!(s.oldest_unacked_ns(), None);
+        assert_eq!(std::fs::read_dir(d.path()).expect("ls").count(), 0);
+        // Appending goes on in a new file.
+        let end2 = fill(&s, end, 2, 10);
+        assert_eq!(read_all(&s, end), (end..end2).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn reader_follows_when_its_file_is_acknowledged_and_deleted() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (s, _) = open(d.path());
+        s.restart_at(1);
+        let end = fill(&s, 1, 2, 10);
+        let mut r = s.reader(1);
+        let mut got = Vec::new();
+        while let Some(c) = r.next_chunk().expect("read") {
+            got.push(c.first_seq);
+        }
+        s.acknowledge(end - 1).expect("ack all: the file goes");
+        assert!(r.next_chunk().expect("nothing yet").is_none());
+        let end2 = fill(&s, end, 1, 10);
+        let c = r.next_chunk().expect("read").expect("the new chunk");
+        assert_eq!((c.first_seq, c.last_seq), (end, end2 - 1));
+        assert_eq!(got, vec![1, 11]);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_at_the_last_whole_chunk() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (s, _) = open(d.path());
+        s.restart_at(1);
+        let end = fill(&s, 1, 5, 10);
+        drop(s);
+        let path = d.path().join(file_name(1));
+        let len = std::fs::metadata(&path).expect("stat").len();
+        for cut in [len - 1, len - 300, len - 600] {
+            let f = OpenOptions::new().write(true).open(&path).expect("open");
+            f.set_len(cut).expect("cut");
+            drop(f);
+            let (s, rec) = open(d.path());
+            assert_eq!(rec.next_seq, Some(end - 10), "cut at {cut}");
+            assert!(rec.truncated_bytes > 0);
+            assert_eq!(read_all(&s, 1), (1..end - 10).collect::<Vec<_>>());
+            // Appending resumes where the whole chunks end.
+            let e2 = fill(&s, end - 10, 1, 10);
+            assert_eq!(e2, end);
+            drop(s);
+        }
+    }
+
+    #[test]
+    fn flipped_byte_cuts_the_spool_there_and_drops_later_files() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (s, _) = open(d.path());
+        s.restart_at(1);
+        let end = fill(&s, 1, 40, 100);
+        drop(s);
+        let mut names: Vec<_> = std::fs::read_dir(d.path())
+            .expect("ls")
+            .map(|e| e.expect("ent").path())
+            .collect();
+        names.sort();
+        assert!(names.len() >= 2);
+        // A byte inside the second chunk of the first file.
+        let mut b = std::fs::read(&names[0]).expect("read");
+        let off = (FILE_HEADER_LEN + CHUNK_HEADER_LEN * 2 + records(1, 100, 0).len() as u64 + 77)
+            as usize;
+        b[off] ^= 0x40;
+        std::fs::write(&names[0], &b).expect("write");
+        let (s, rec) = open(d.path());
+        assert_eq!(rec.next_seq, Some(101), "{rec:?}");
+        assert!(!rec.damage.is_empty());
+        assert_eq!(read_all(&s, 1), (1..101).collect::<Vec<_>>());
+        assert!(!names[1].exists(), "later files are removed");
+        assert!(end > 101);
+    }
+
+    #[test]
+    fn files_of_another_generation_are_removed_and_reported() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (s, _) = open(d.path());
+        s.restart_at(1);
+        fill(&s, 1, 3, 10);
+        drop(s);
+        let (s, rec) = Spool::open(d.path(), [8; 16], TAG, 1 << 20).expect("open");
+        assert!(rec.other_generation);
+        assert_eq!(rec.next_seq, None);
+        assert_eq!(s.unacked_bytes(), 0);
+        assert_eq!(std::fs::read_dir(d.path()).expect("ls").count(), 0);
+    }
+
+    #[test]
+    fn out_of_order_append_is_refused_and_changes_nothing() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (s, _) = open(d.path());
+        s.restart_at(1);
+        fill(&s, 1, 1, 10);
+        assert!(s.append(12, 1, 0, 0, &records(12, 1, 0)).is_err());
+        assert_eq!(s.next_seq(), 11);
+        assert_eq!(read_all(&s, 1), (1..11).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn drop_all_empties_the_spool_and_stops_readers() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (s, _) = open(d.path());
+        s.restart_at(1);
+        fill(&s, 1, 4, 10);
+        let mut r = s.reader(1);
+        assert!(r.next_chunk().expect("read").is_some());
+        s.drop_all(41).expect("drop");
+        assert!(matches!(r.next_chunk(), Err(SpoolError::Dropped)));
+        assert_eq!(s.next_seq(), 41);
+        assert_eq!(s.oldest_seq(), 41);
+        assert_eq!(s.unacked_bytes(), 0);
+        assert_eq!(std::fs::read_dir(d.path()).expect("ls").count(), 0);
+    }
+}

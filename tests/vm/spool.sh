@@ -1,0 +1,114 @@
+#!/bin/sh
+# The source's spool with the kernel ring: while the target is unreachable,
+# fio writes 16x the ring's size through the protected volume; the drain
+# keeps the ring from overflowing (the spool holds the outage). When the
+# target comes up, the replica catches up and equals the volume. Also: a
+# state directory on the protected volume itself is refused at start.
+#
+# vm-disks: 64M 64M
+# shellcheck source=tests/vm/lib.sh
+. /lib/vmtest/lib.sh
+set -u
+
+DATA=/dev/vda
+sectors=$(cat /sys/block/vda/size)
+size=$((sectors * 512))
+W=/tmp/spool
+PORT=7711
+
+check "loopback up" ifconfig lo 127.0.0.1 up
+check "insmod dm_replica" insmod "$(module_path dm_replica)"
+# 1 MiB ring; a writer that found it full would wait 10 s and then switch
+# the ring to overflow, which this test must never see.
+check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA sp ring_mib=1 overflow_wait_ms=10000"
+
+step "keys, certificates and configuration"
+mkdir -p $W
+check "certificates" replctl certs generate --out $W/pki --host source-host --host target-host
+check "data key" replctl keys generate --out $W/keys.toml
+cat >$W/target.toml <<CFG
+listen = "127.0.0.1:$PORT"
+keys = "$W/keys.toml"
+state_dir = "$W/target"
+[tls]
+ca = "$W/pki/ca.pem"
+cert = "$W/pki/target-host.pem"
+key = "$W/pki/target-host.key"
+[[volume]]
+id = "sp"
+size = $size
+allowed_sources = ["source-host"]
+keep_points = 4
+replica = { backend = "file", path = "$W/replica.img" }
+CFG
+source_config() { # state_dir
+	cat <<CFG
+volume = "sp"
+volume_size = $size
+ring = { group = "sp" }
+target = "127.0.0.1:$PORT"
+target_name = "target-host"
+keys = "$W/keys.toml"
+state_dir = "$1"
+[tls]
+ca = "$W/pki/ca.pem"
+cert = "$W/pki/source-host.pem"
+key = "$W/pki/source-host.key"
+[retry]
+schedule_secs = [0.2]
+CFG
+}
+
+step "a state directory on a protected volume is refused"
+# Another protected volume (its own group, nobody draining it).
+check "dmsetup create r1" dmsetup create r1 --table "0 $(cat /sys/block/vdb/size) replica /dev/vdb other overflow_wait_ms=0"
+check "mkfs.ext4 on it" mkfs.ext4 -q -F /dev/mapper/r1
+mkdir -p /mnt/p
+check "mount it" mount -t ext4 /dev/mapper/r1 /mnt/p
+source_config /mnt/p/state >$W/bad.toml
+replicad source --config $W/bad.toml 2>$W/bad.log
+check_eq "replicad refuses to start (exit 2)" 2 $?
+cat $W/bad.log
+check "the reason names the protected volume" grep -q "r1, which is a protected volume" $W/bad.log
+check "umount" umount /mnt/p
+check "dmsetup remove r1" dmsetup remove r1
+
+step "target unreachable: the spool takes 16x the ring"
+source_config $W/source >$W/source.toml
+replicad source --config $W/source.toml 2>$W/source.log &
+spid=$!
+wait_for "source attached to the kernel ring" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+check "fio 16 MiB with verify" fio --eta=never --name=sp --filename=/dev/mapper/r0 --rw=randwrite \
+	--bsrange=4k-128k --blockalign=4k --ioengine=libaio --iodepth=8 --direct=1 --size=16M \
+	--verify=crc32c --do_verify=1 --verify_fatal=1 --output=/tmp/fio.out
+dmsetup status r0
+check "the ring never overflowed" sh -c 'dmsetup status r0 | grep -q " overflow=0 "'
+out=$(dmsetup message r0 0 marker 7)
+seq=$(echo "$out" | sed -n 's/^marker 7 seq \([0-9]*\)$/\1/p')
+check "marker inserted (seq $seq)" test -n "$seq"
+wait_for "marker spooled" 60 sh -c "replctl status --state-dir $W/source --json | grep -qE '\"spooled_seq\": ?$((seq + 1)),'"
+replctl status --state-dir $W/source
+spool=$(replctl status --state-dir $W/source --json | sed -n 's/.*"spool_bytes": *\([0-9]*\).*/\1/p')
+echo "spool holds $spool bytes"
+check "the spool holds more than 8x the ring" test "$spool" -gt $((8 << 20))
+check "no resync needed" sh -c "replctl status --state-dir $W/source --json | grep -qE '\"needs_resync\": ?false'"
+
+step "target back: the replica catches up"
+replicad target --config $W/target.toml 2>$W/target.log &
+tpid=$!
+check "target applied up to the marker" replctl wait --state-dir $W/target --volume sp --applied "$seq" --timeout 300
+wait_for "source lag back to 0 and spool empty" 60 sh -c "replctl status --state-dir $W/source --json | grep -qE '\"spool_bytes\": ?0,'"
+replctl status --state-dir $W/source
+replctl status --state-dir $W/target
+a=$(dd if=/dev/mapper/r0 iflag=direct bs=1M 2>/dev/null | sha256sum | cut -d' ' -f1)
+b=$(sha256sum <$W/replica.img | cut -d' ' -f1)
+echo "volume  $a"
+echo "replica $b"
+check_eq "checksums" "$a" "$b"
+
+step "shutdown"
+kill $spid $tpid
+wait $spid
+wait $tpid
+check "dmsetup remove r0" dmsetup remove r0
+check "rmmod dm_replica" rmmod dm_replica
