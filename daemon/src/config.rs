@@ -233,6 +233,49 @@ pub enum ReplicaConfig {
         /// Replica image path.
         path: PathBuf,
     },
+    /// A thin device in a dm-thin pool; points are thin snapshots.
+    Thin(ThinConfig),
+}
+
+/// The dm-thin backend's settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThinConfig {
+    /// Device-mapper name of the thin pool (created by the administrator,
+    /// with `error_if_no_space`).
+    pub pool: String,
+    /// Thin device id of the replica in the pool (0 to 2^24 - 1). Default:
+    /// allocated by replicad; set it to adopt an existing thin device.
+    #[serde(default)]
+    pub device_id: Option<u32>,
+    /// Device-mapper name of the replica. Default `replica-<volume id>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Pool usage (data or metadata) in percent from which the volume
+    /// reports a Warning, 1..=99. Default 80.
+    #[serde(default = "eighty")]
+    pub low_water_percent: u8,
+}
+
+impl ThinConfig {
+    /// The replica's device-mapper name in force.
+    pub fn name(&self, volume: &str) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("replica-{volume}"))
+    }
+}
+
+/// A device-mapper name replicad may use: 1-100 of `[A-Za-z0-9._+-]`
+/// (points and copies get a suffix; dm names are at most 127 bytes).
+fn valid_dm_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
+        && name != "."
+        && name != ".."
 }
 
 /// `replicad target` configuration.
@@ -260,6 +303,9 @@ pub struct TargetConfig {
 
 fn one() -> u64 {
     1
+}
+fn eighty() -> u8 {
+    80
 }
 fn sixteen() -> usize {
     16
@@ -394,6 +440,55 @@ impl TargetConfig {
             if v.keep_points == 0 {
                 return bad(format!("volume {}: keep_points must be at least 1", v.id));
             }
+            if let ReplicaConfig::Thin(t) = &v.replica {
+                if !valid_dm_name(&t.pool) {
+                    return bad(format!(
+                        "volume {}: replica.pool {:?} is not a device-mapper name",
+                        v.id, t.pool
+                    ));
+                }
+                let name = t.name(&v.id);
+                if !valid_dm_name(&name) {
+                    return bad(format!(
+                        "volume {}: replica.name {name:?}: use 1-100 letters, digits, '-', '_', '.' or '+'",
+                        v.id
+                    ));
+                }
+                if name == t.pool {
+                    return bad(format!("volume {}: replica.name is the pool's name", v.id));
+                }
+                if t.device_id.is_some_and(|id| id >= 1 << 24) {
+                    return bad(format!(
+                        "volume {}: replica.device_id must be below 16777216 (24 bits)",
+                        v.id
+                    ));
+                }
+                if !(1..=99).contains(&t.low_water_percent) {
+                    return bad(format!(
+                        "volume {}: replica.low_water_percent must be 1..=99",
+                        v.id
+                    ));
+                }
+                for o in &c.volumes {
+                    if o.id == v.id {
+                        continue;
+                    }
+                    if let ReplicaConfig::Thin(ot) = &o.replica {
+                        if ot.name(&o.id) == name {
+                            return bad(format!(
+                                "volumes {} and {} use the same replica.name {name}",
+                                o.id, v.id
+                            ));
+                        }
+                        if ot.pool == t.pool && t.device_id.is_some() && ot.device_id == t.device_id {
+                            return bad(format!(
+                                "volumes {} and {} use the same replica.device_id in pool {}",
+                                o.id, v.id, t.pool
+                            ));
+                        }
+                    }
+                }
+            }
         }
         Ok(c)
     }
@@ -441,6 +536,102 @@ key = "k.pem"
             .expect_err("must fail")
             .to_string();
         assert!(e.contains("zstd_levle"), "{e}");
+    }
+
+    const TARGET: &str = r#"
+listen = "127.0.0.1:0"
+keys = "/etc/keys.toml"
+state_dir = "/var/lib/replicad"
+[tls]
+ca = "ca.pem"
+cert = "c.pem"
+key = "k.pem"
+[[volume]]
+id = "db1"
+size = 1048576
+allowed_sources = ["s"]
+replica = REPLICA
+"#;
+
+    fn target(replica: &str) -> Result<TargetConfig, String> {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("t.toml");
+        std::fs::write(&p, TARGET.replace("REPLICA", replica)).expect("write");
+        TargetConfig::load(&p).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn thin_replica_config_parses_with_defaults() {
+        let c = target(r#"{ backend = "thin", pool = "pool0" }"#).expect("parse");
+        let ReplicaConfig::Thin(t) = &c.volumes[0].replica else {
+            panic!("not thin: {:?}", c.volumes[0].replica)
+        };
+        assert_eq!(t.pool, "pool0");
+        assert_eq!(t.device_id, None);
+        assert_eq!(t.name("db1"), "replica-db1");
+        assert_eq!(t.low_water_percent, 80);
+        let c = target(
+            r#"{ backend = "thin", pool = "pool0", device_id = 7, name = "db1-rep", low_water_percent = 90 }"#,
+        )
+        .expect("parse");
+        assert_eq!(
+            c.volumes[0].replica,
+            ReplicaConfig::Thin(ThinConfig {
+                pool: "pool0".into(),
+                device_id: Some(7),
+                name: Some("db1-rep".into()),
+                low_water_percent: 90
+            })
+        );
+    }
+
+    #[test]
+    fn bad_thin_replica_configs_are_refused() {
+        for (replica, want) in [
+            (r#"{ backend = "thin", pool = "pool0", devid = 1 }"#, "devid"),
+            (r#"{ backend = "thin" }"#, "pool"),
+            (r#"{ backend = "thin", pool = "a/b" }"#, "not a device-mapper name"),
+            (r#"{ backend = "thin", pool = "p", name = "p" }"#, "pool's name"),
+            (r#"{ backend = "thin", pool = "p", name = "x y" }"#, "replica.name"),
+            (r#"{ backend = "thin", pool = "p", device_id = 16777216 }"#, "24 bits"),
+            (r#"{ backend = "thin", pool = "p", low_water_percent = 0 }"#, "low_water_percent"),
+            (r#"{ backend = "thin", pool = "p", low_water_percent = 100 }"#, "low_water_percent"),
+            (r#"{ backend = "lvm", pool = "p" }"#, "lvm"),
+        ] {
+            let e = target(replica).expect_err(replica);
+            assert!(e.contains(want), "{replica}: {e}");
+        }
+    }
+
+    #[test]
+    fn two_volumes_cannot_share_a_thin_name_or_id() {
+        let two = |a: &str, b: &str| {
+            let text = format!(
+                "{}\n[[volume]]\nid = \"db2\"\nsize = 1048576\nallowed_sources = [\"s\"]\nreplica = {b}\n",
+                TARGET.replace("REPLICA", a)
+            );
+            let d = tempfile::tempdir().expect("tmp");
+            let p = d.path().join("t.toml");
+            std::fs::write(&p, text).expect("write");
+            TargetConfig::load(&p).map_err(|e| e.to_string())
+        };
+        let e = two(
+            r#"{ backend = "thin", pool = "p", name = "same" }"#,
+            r#"{ backend = "thin", pool = "p", name = "same" }"#,
+        )
+        .expect_err("same name");
+        assert!(e.contains("same replica.name"), "{e}");
+        let e = two(
+            r#"{ backend = "thin", pool = "p", device_id = 3 }"#,
+            r#"{ backend = "thin", pool = "p", device_id = 3 }"#,
+        )
+        .expect_err("same id");
+        assert!(e.contains("same replica.device_id"), "{e}");
+        two(
+            r#"{ backend = "thin", pool = "p" }"#,
+            r#"{ backend = "thin", pool = "p" }"#,
+        )
+        .expect("distinct default names, allocated ids");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! * `replicad target` verifies, journals and acknowledges segments, and
 //!   applies them in order to the replica, keeping recovery points.
 
+pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -22,11 +22,11 @@ use replica_proto::keys::{self, Direction, StreamContext, StreamKey};
 use crate::keystore::KeyStore;
 use replica_proto::msg::{self, Ack, ErrorClass, ErrorMsg, Hello, Message, Welcome};
 use replica_store::journal::{self, FramePos, Journal};
-use replica_store::replica::{ApplyOp, FileReplica, ReplicaStore};
+use replica_store::replica::{ApplyOp, ReplicaStore};
 use replica_store::state::{PointKind, RecoveryPoint, VolumeState};
 use replica_store::StoreError;
 
-use crate::config::{ReplicaConfig, TargetConfig, TargetVolume};
+use crate::config::{TargetConfig, TargetVolume};
 use crate::link::{Link, LinkError};
 use crate::status::{Connection, Health, Role, StatusBoard, VolumeStatus};
 use crate::DaemonError;
@@ -372,11 +372,7 @@ fn open_volume(
         .map_err(|e| DaemonError::io("create volume directory", &dir, e))?;
     let mut state = VolumeState::load(&dir.join("state.json"))?;
     let (journal, scan) = Journal::open(&dir.join("journal"), cfg.journal_file_bytes)?;
-    let mut replica: Box<dyn ReplicaStore> = match &vc.replica {
-        ReplicaConfig::File { path } => {
-            Box::new(FileReplica::open(path, vc.size, &dir.join("points"))?)
-        }
-    };
+    let mut replica = crate::backend::open_replica(&cfg.state_dir, vc)?;
     // Snapshots without a record (a crash between taking one and recording
     // it) are deleted; records without a snapshot are dropped.
     let on_disk = replica.list_points()?;
@@ -927,6 +923,10 @@ struct Applier {
     /// Reused decompression context (None if it could not be allocated:
     /// then each segment gets a fresh one).
     dctx: Option<zstd::bulk::Decompressor<'static>>,
+    /// The backend's warnings in the status (e.g. thin pool space), and
+    /// when they were last asked for.
+    store_warnings: Vec<String>,
+    warnings_checked: Option<Instant>,
 }
 
 impl Applier {
@@ -948,7 +948,51 @@ impl Applier {
             applied,
             unflushed_segments: 0,
             dctx: zstd::bulk::Decompressor::new().ok(),
+            store_warnings: Vec::new(),
+            warnings_checked: None,
         }
+    }
+
+    /// Puts the backend's warnings (pool space) in the status, at most
+    /// every few seconds unless `now`.
+    fn check_store(&mut self, now: bool) {
+        if !now
+            && self
+                .warnings_checked
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
+            return;
+        }
+        self.warnings_checked = Some(Instant::now());
+        let new = match self.replica.warnings() {
+            Ok(w) => w,
+            Err(e) => vec![format!("replica storage status unavailable: {e}")],
+        };
+        if new != self.store_warnings {
+            for w in &new {
+                tracing::warn!(volume = %self.vol.cfg.id, "{w}");
+            }
+        }
+        let old = std::mem::replace(&mut self.store_warnings, new.clone());
+        // Other paths replace the reasons at times: put these back too.
+        let in_place = self.board.get(&self.vol.cfg.id).is_some_and(|s| {
+            new.iter().all(|w| s.reasons.contains(w))
+                && !s.reasons.iter().any(|r| old.contains(r) && !new.contains(r))
+                && (new.is_empty() || s.health != Health::OK)
+                && !(s.health == Health::Warning && s.reasons.is_empty())
+        });
+        if in_place {
+            return;
+        }
+        self.board.update(&self.vol.cfg.id, |s| {
+            s.reasons.retain(|r| !old.contains(r) && !new.contains(r));
+            s.reasons.extend(new.iter().cloned());
+            if s.health == Health::OK && !new.is_empty() {
+                s.health = Health::Warning;
+            } else if s.health == Health::Warning && s.reasons.is_empty() {
+                s.health = Health::OK;
+            }
+        });
     }
 
     fn run(mut self, rx: Receiver<ApplyMsg>) {
@@ -956,6 +1000,7 @@ impl Applier {
             let msg = match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(m) => m,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.check_store(false);
                     if self.unflushed_segments > 0 {
                         self.retry("checkpoint", |a| a.checkpoint());
                     }
@@ -1047,8 +1092,10 @@ impl Applier {
                             && s.reasons.iter().any(|r| r.starts_with("replica"))
                     }) {
                         self.board.update(&self.vol.cfg.id, |s| {
-                            s.health = Health::OK;
-                            s.reasons.clear();
+                            s.reasons.retain(|r| !r.starts_with("replica"));
+                            if s.reasons.is_empty() {
+                                s.health = Health::OK;
+                            }
                         });
                     }
                     return Some(());
@@ -1060,8 +1107,10 @@ impl Applier {
                         if s.health == Health::OK {
                             s.health = Health::Warning;
                         }
-                        s.reasons = vec![why.clone()];
+                        s.reasons.retain(|r| !r.starts_with("replica"));
+                        s.reasons.push(why.clone());
                     });
+                    self.check_store(true);
                     let until = Instant::now() + wait;
                     while Instant::now() < until {
                         if self.stop.load(Ordering::Acquire) {
@@ -1211,8 +1260,10 @@ impl Applier {
             s.last_point_seq = r.seq;
             s.replica = "Consistent".into();
             if s.reasons.iter().any(|x| x.starts_with("recovery point")) {
-                s.reasons.clear();
-                s.health = Health::OK;
+                s.reasons.retain(|x| !x.starts_with("recovery point"));
+                if s.reasons.is_empty() {
+                    s.health = Health::OK;
+                }
             }
         });
         Ok(())
@@ -1229,6 +1280,7 @@ impl Applier {
     /// Flushes the replica, persists the applied sequence, trims the journal.
     fn persist_applied(&mut self) -> Result<(), StoreError> {
         self.replica.flush()?;
+        self.check_store(false);
         {
             let mut st = self.vol.lock_state();
             st.applied_seq = self.applied;

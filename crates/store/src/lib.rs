@@ -4,6 +4,8 @@
 pub mod journal;
 pub mod replica;
 pub mod state;
+pub mod thin;
+mod uring;
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +36,16 @@ pub enum StoreError {
     /// A request that cannot be honoured.
     #[error("{0}")]
     Invalid(String),
+    /// A device-mapper command failed.
+    #[error("{command}: {message}")]
+    Dm {
+        /// The command line.
+        command: String,
+        /// dmsetup's error output.
+        message: String,
+        /// The errno it reported, when recognised.
+        errno: Option<i32>,
+    },
 }
 
 impl StoreError {
@@ -46,8 +58,8 @@ impl StoreError {
         }
     }
 
-    /// Whether retrying later can succeed (full disk, out of memory,
-    /// interrupted); everything else is non-recoverable.
+    /// Whether retrying later can succeed (full disk or thin pool, out of
+    /// memory, interrupted); everything else is non-recoverable.
     pub fn is_recoverable(&self) -> bool {
         match self {
             StoreError::Io { source, .. } => {
@@ -60,6 +72,10 @@ impl StoreError {
                         | Some(libc::EINTR)
                 ) || source.kind() == std::io::ErrorKind::StorageFull
             }
+            StoreError::Dm { errno, .. } => matches!(
+                errno,
+                Some(libc::ENOSPC) | Some(libc::ENOMEM) | Some(libc::EAGAIN)
+            ),
             _ => false,
         }
     }

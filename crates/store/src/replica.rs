@@ -1,16 +1,15 @@
 //! Replica storage: the interface the applier writes through, and the file
 //! backend used on hosts without device-mapper (tests, development).
 //!
-//! Writes are submitted with io_uring in batches; two operations that touch
-//! overlapping bytes are never in flight together (the batch is drained
-//! first), so the replica sees the source's order.
+//! Both backends (this one and [`crate::thin`]) write with the io_uring
+//! applier of [`crate::uring`]: two operations that touch overlapping bytes
+//! are never in flight together, so the replica sees the source's order.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use io_uring::{opcode, types, IoUring};
-
+use crate::uring::{Target, UringFile};
 use crate::StoreError;
 
 /// One operation to apply, in stream order.
@@ -40,7 +39,8 @@ pub enum ApplyOp<'a> {
 }
 
 impl ApplyOp<'_> {
-    fn range(&self) -> (u64, u64) {
+    /// The byte range `[start, end)` it touches.
+    pub(crate) fn range(&self) -> (u64, u64) {
         match self {
             ApplyOp::Write { offset, data } => (*offset, offset + data.len() as u64),
             ApplyOp::Discard { offset, len } | ApplyOp::Zero { offset, len } => {
@@ -50,34 +50,59 @@ impl ApplyOp<'_> {
     }
 }
 
-/// Where a replica keeps its data and recovery points.
+/// How a recovery point is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointAccess {
+    /// The point itself, read-only (verification, copying out).
+    ReadOnly,
+    /// A writable copy of the point (test failover): writes go to the
+    /// copy, never to the point, and replication goes on meanwhile.
+    Writable,
+}
+
+/// Where a replica keeps its data and recovery points. The applier owns
+/// one per volume and calls it from one thread.
 pub trait ReplicaStore: Send {
     /// Volume size in bytes.
     fn size(&self) -> u64;
     /// Applies operations in order (overlapping ones in the given order).
+    /// On error, some of them may have been applied: the caller applies
+    /// the same operations again (in order, that is idempotent).
     fn apply(&mut self, ops: &[ApplyOp<'_>]) -> Result<(), StoreError>;
     /// Makes everything applied so far durable.
     fn flush(&mut self) -> Result<(), StoreError>;
-    /// Takes a snapshot of the current (flushed) contents as point `id`.
+    /// Takes a snapshot of the current (flushed) contents as point `id`
+    /// (replacing one of the same id). Once it returns, the snapshot is
+    /// listed by `list_points` until `delete_point`, also after a crash;
+    /// a crash during it leaves either nothing or a listed snapshot, so the
+    /// caller's start-up cleanup (delete what it has no record of) never
+    /// leaks one.
     fn create_point(&mut self, id: u64) -> Result<(), StoreError>;
     /// Deletes the snapshot of point `id` (missing is fine).
     fn delete_point(&mut self, id: u64) -> Result<(), StoreError>;
-    /// Ids of the snapshots that exist.
+    /// Ids of the snapshots that exist, ascending.
     fn list_points(&self) -> Result<Vec<u64>, StoreError>;
-    /// A path from which the contents of point `id` can be read.
-    fn point_path(&self, id: u64) -> PathBuf;
+    /// Makes point `id` readable (or a writable copy of it) and returns the
+    /// path of the file or block device that holds it. Opening an open
+    /// point again returns the same path.
+    fn open_point(&mut self, id: u64, access: PointAccess) -> Result<PathBuf, StoreError>;
+    /// Undoes `open_point` (a writable copy is discarded). Closing a point
+    /// that is not open is fine.
+    fn close_point(&mut self, id: u64, access: PointAccess) -> Result<(), StoreError>;
+    /// Conditions an operator should know about (e.g. a thin pool above
+    /// its low-water mark), each a sentence with the figures; empty when all
+    /// is well.
+    fn warnings(&mut self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
 }
-
-const QUEUE_DEPTH: u32 = 64;
 
 /// A replica in a plain file, with recovery points as file copies (reflinks
 /// where the filesystem supports them) in a sibling directory.
 pub struct FileReplica {
-    path: PathBuf,
     points_dir: PathBuf,
-    file: File,
+    io: UringFile,
     size: u64,
-    ring: IoUring,
 }
 
 impl FileReplica {
@@ -117,147 +142,24 @@ impl FileReplica {
         }
         std::fs::create_dir_all(points_dir)
             .map_err(|e| StoreError::io("create points directory", points_dir, e))?;
-        let ring = IoUring::new(QUEUE_DEPTH * 2)
-            .map_err(|e| StoreError::io("create io_uring", path, e))?;
         Ok(Self {
-            path: path.to_owned(),
             points_dir: points_dir.to_owned(),
-            file,
+            io: UringFile::new(file, path, size, Target::File)?,
             size,
-            ring,
         })
     }
 
-    fn submit_batch(&mut self, batch: &[&ApplyOp<'_>]) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let fd = types::Fd(self.file.as_raw_fd());
-        // user_data = op index << 1 | second entry of that op.
-        let mut entries = Vec::with_capacity(batch.len() * 2);
-        for (i, op) in batch.iter().enumerate() {
-            let ud = (i as u64) << 1;
-            match op {
-                ApplyOp::Write { offset, data } => entries.push(
-                    opcode::Write::new(fd, data.as_ptr(), data.len() as u32)
-                        .offset(*offset)
-                        .build()
-                        .user_data(ud),
-                ),
-                ApplyOp::Discard { offset, len } | ApplyOp::Zero { offset, len } => {
-                    // Punch (reads back as zeroes), then allocate the range
-                    // again (linked, in order): the replica keeps the space
-                    // it reserved, so a later write there cannot hit a full
-                    // disk.
-                    entries.push(
-                        opcode::Fallocate::new(fd, *len)
-                            .offset(*offset)
-                            .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                            .build()
-                            .flags(io_uring::squeue::Flags::IO_LINK)
-                            .user_data(ud),
-                    );
-                    entries.push(
-                        opcode::Fallocate::new(fd, *len)
-                            .offset(*offset)
-                            .mode(libc::FALLOC_FL_KEEP_SIZE)
-                            .build()
-                            .user_data(ud | 1),
-                    );
-                }
-            }
-        }
-        for entry in &entries {
-            // SAFETY: the buffers referenced by the entries (`data` slices) are
-            // borrowed from `batch`, which outlives this function, and we wait
-            // for every completion below before returning, so the kernel never
-            // reads them after they are gone. The fd stays open (owned by
-            // self) for the same span.
-            unsafe {
-                self.ring
-                    .submission()
-                    .push(entry)
-                    .map_err(|_| StoreError::Invalid("io_uring submission queue full".into()))?;
-            }
-        }
-        self.ring
-            .submit_and_wait(entries.len())
-            .map_err(|e| StoreError::io("io_uring submit", &self.path, e))?;
-        let mut results = vec![(i32::MIN, 0i32); batch.len()];
-        let mut seen = 0;
-        while seen < entries.len() {
-            let cqes: Vec<_> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            if cqes.is_empty() {
-                self.ring
-                    .submit_and_wait(1)
-                    .map_err(|e| StoreError::io("io_uring wait", &self.path, e))?;
-                continue;
-            }
-            for (ud, res) in cqes {
-                if let Some(r) = results.get_mut((ud >> 1) as usize) {
-                    if ud & 1 == 0 {
-                        r.0 = res;
-                    } else {
-                        r.1 = res;
-                    }
-                    seen += 1;
-                }
-            }
-        }
-        for (op, (res, res2)) in batch.iter().zip(results) {
-            // A cancelled second entry only follows a failed first one.
-            let err = if res < 0 { res } else { res2.min(0) };
-            if err < 0 {
-                return Err(StoreError::io(
-                    "write replica",
-                    &self.path,
-                    std::io::Error::from_raw_os_error(-err),
-                ));
-            }
-            if let ApplyOp::Write { offset, data } = op {
-                let done = res as usize;
-                if done < data.len() {
-                    // Short write: finish it synchronously.
-                    use std::os::unix::fs::FileExt;
-                    self.file
-                        .write_all_at(&data[done..], offset + done as u64)
-                        .map_err(|e| StoreError::io("write replica", &self.path, e))?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl FileReplica {
-    fn apply_ops(&mut self, ops: &[ApplyOp<'_>]) -> Result<(), StoreError> {
-        let mut batch: Vec<&ApplyOp<'_>> = Vec::with_capacity(QUEUE_DEPTH as usize);
-        for op in ops {
-            let (s, e) = op.range();
-            if e > self.size {
-                return Err(StoreError::Invalid(format!(
-                    "operation [{s}, {e}) beyond the volume end {}",
-                    self.size
-                )));
-            }
-            let overlaps = batch.iter().any(|b| {
-                let (bs, be) = b.range();
-                s < be && bs < e
-            });
-            if overlaps || batch.len() == QUEUE_DEPTH as usize {
-                self.submit_batch(&batch)?;
-                batch.clear();
-            }
-            batch.push(op);
-        }
-        self.submit_batch(&batch)
+    fn point_path(&self, id: u64) -> PathBuf {
+        self.points_dir.join(format!("{id:020}.img"))
     }
 
-    fn create_point_inner(&mut self, dst: &Path, tmp: &Path) -> Result<(), StoreError> {
+    fn clone_path(&self, id: u64) -> PathBuf {
+        self.points_dir.join(format!("{id:020}.clone"))
+    }
+
+    /// Copies `src` to `dst` (a reflink where the filesystem can), durably
+    /// and atomically (through `tmp`).
+    fn copy_image(&self, src: &File, dst: &Path, tmp: &Path) -> Result<(), StoreError> {
         let _ = std::fs::remove_file(tmp);
         let out = OpenOptions::new()
             .write(true)
@@ -268,18 +170,31 @@ impl FileReplica {
         // otherwise copy (copy_file_range via std::io::copy).
         // SAFETY: FICLONE takes the source fd as its argument and touches no
         // user memory; both fds are open for the duration of the call.
-        let cloned =
-            unsafe { libc::ioctl(out.as_raw_fd(), libc::FICLONE, self.file.as_raw_fd()) } == 0;
+        let cloned = unsafe { libc::ioctl(out.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
         if !cloned {
-            let mut src = File::open(&self.path)
-                .map_err(|e| StoreError::io("open replica", &self.path, e))?;
+            let mut s = src
+                .try_clone()
+                .map_err(|e| StoreError::io("open replica", self.io.path(), e))?;
+            use std::io::Seek;
+            s.rewind()
+                .map_err(|e| StoreError::io("open replica", self.io.path(), e))?;
             let mut o = &out;
-            std::io::copy(&mut src, &mut o).map_err(|e| StoreError::io("copy point", tmp, e))?;
+            std::io::copy(&mut s, &mut o).map_err(|e| StoreError::io("copy point", tmp, e))?;
         }
         out.sync_all()
             .map_err(|e| StoreError::io("sync point", tmp, e))?;
         std::fs::rename(tmp, dst).map_err(|e| StoreError::io("publish point", dst, e))?;
         crate::journal::sync_dir(&self.points_dir)
+    }
+
+    fn copy_or_clean(&self, src: &File, dst: &Path) -> Result<(), StoreError> {
+        let tmp = dst.with_extension("tmp");
+        let r = self.copy_image(src, dst, &tmp);
+        if r.is_err() {
+            // Leave no partial image behind: it would hold the space.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
     }
 }
 
@@ -289,24 +204,15 @@ impl ReplicaStore for FileReplica {
     }
 
     fn apply(&mut self, ops: &[ApplyOp<'_>]) -> Result<(), StoreError> {
-        self.apply_ops(ops)
+        self.io.apply(ops)
     }
 
     fn flush(&mut self) -> Result<(), StoreError> {
-        self.file
-            .sync_data()
-            .map_err(|e| StoreError::io("flush replica", &self.path, e))
+        self.io.flush()
     }
 
     fn create_point(&mut self, id: u64) -> Result<(), StoreError> {
-        let dst = self.point_path(id);
-        let tmp = dst.with_extension("tmp");
-        let r = self.create_point_inner(&dst, &tmp);
-        if r.is_err() {
-            // Leave no partial image behind: it would hold the space.
-            let _ = std::fs::remove_file(&tmp);
-        }
-        r
+        self.copy_or_clean(self.io.file(), &self.point_path(id))
     }
 
     fn delete_point(&mut self, id: u64) -> Result<(), StoreError> {
@@ -337,8 +243,35 @@ impl ReplicaStore for FileReplica {
         Ok(v)
     }
 
-    fn point_path(&self, id: u64) -> PathBuf {
-        self.points_dir.join(format!("{id:020}.img"))
+    fn open_point(&mut self, id: u64, access: PointAccess) -> Result<PathBuf, StoreError> {
+        let p = self.point_path(id);
+        if !p.exists() {
+            return Err(StoreError::Invalid(format!("no recovery point {id}")));
+        }
+        match access {
+            PointAccess::ReadOnly => Ok(p),
+            PointAccess::Writable => {
+                let c = self.clone_path(id);
+                if !c.exists() {
+                    let src =
+                        File::open(&p).map_err(|e| StoreError::io("open point", &p, e))?;
+                    self.copy_or_clean(&src, &c)?;
+                }
+                Ok(c)
+            }
+        }
+    }
+
+    fn close_point(&mut self, id: u64, access: PointAccess) -> Result<(), StoreError> {
+        if access == PointAccess::ReadOnly {
+            return Ok(());
+        }
+        let c = self.clone_path(id);
+        match std::fs::remove_file(&c) {
+            Ok(()) => crate::journal::sync_dir(&self.points_dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io("discard point copy", &c, e)),
+        }
     }
 }
 
@@ -381,7 +314,17 @@ mod tests {
         assert!(got[4608..8192].iter().all(|&x| x == 2));
         r.create_point(7).expect("point");
         assert_eq!(r.list_points().expect("list"), vec![7]);
-        assert_eq!(std::fs::read(r.point_path(7)).expect("point"), got);
+        let p = r.open_point(7, PointAccess::ReadOnly).expect("open point");
+        assert_eq!(std::fs::read(&p).expect("point"), got);
+        // A writable copy is separate from the point and not listed.
+        let c = r.open_point(7, PointAccess::Writable).expect("copy");
+        assert_ne!(c, p);
+        std::fs::write(&c, b"changed").expect("write copy");
+        assert_eq!(std::fs::read(&p).expect("point"), got);
+        assert_eq!(r.list_points().expect("list"), vec![7]);
+        r.close_point(7, PointAccess::Writable).expect("close");
+        assert!(!c.exists());
+        assert!(r.open_point(8, PointAccess::ReadOnly).is_err(), "no such point");
         assert!(
             r.apply(&[ApplyOp::Write {
                 offset: (1 << 20) - 512,

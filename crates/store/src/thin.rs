@@ -1,0 +1,689 @@
+//! The dm-thin replica backend: the replica is a thin device in a thin pool
+//! the administrator created (with `error_if_no_space`), recovery points are
+//! thin snapshots of it.
+//!
+//! * The replica is created (`create_thin`) on first use and activated
+//!   under a stable name, `<name>` (`/dev/mapper/<name>`); writes go through
+//!   the io_uring applier with `O_DIRECT`, so a full pool's `ENOSPC` comes
+//!   back from the write that hit it (see [`crate::uring::Target::Thin`]).
+//!   Flush is an fsync of the device, which commits the pool's metadata.
+//! * A recovery point is a thin snapshot: suspend the replica, `create_snap`,
+//!   resume (always, also after an error). Its device id is entered in the
+//!   pool's [`ledger`] before `create_snap`, so a crash at any moment leaves
+//!   either no snapshot or one that `list_points` reports — and the caller
+//!   deletes, at start-up, every listed point it has no record of.
+//! * Device ids are allocated from the ledger, shared by every volume in
+//!   the pool, so they never collide; an id the pool says is taken by
+//!   something else is marked foreign and skipped.
+//! * Points are readable as `/dev/mapper/<name>-point-<id>` (read-only) and
+//!   as writable copies `/dev/mapper/<name>-test-<id>` (thin snapshots of the
+//!   point: test failover) through `open_point`.
+//! * `warnings` reports the pool above its low-water mark or out of space.
+//!
+//! Test hook: with `REPLICAD_TEST_CRASH=after-create-snap` in the
+//! environment the process aborts right after a recovery point's
+//! `create_snap`, before the replica is resumed and before the point is
+//! recorded — the crash the start-up cleanup exists for (VM test
+//! `tests/vm/thin.sh`).
+
+pub mod dmsetup;
+pub mod ledger;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use self::dmsetup::{Dmsetup, PoolMode, PoolStatus};
+use self::ledger::{Entry, Kind, Ledger};
+use crate::replica::{ApplyOp, PointAccess, ReplicaStore};
+use crate::uring::{Target, UringFile};
+use crate::StoreError;
+
+/// Environment variable of the crash test hook.
+pub const TEST_CRASH_ENV: &str = "REPLICAD_TEST_CRASH";
+
+/// Attempts at a fresh id when the pool reports ids taken by others.
+const ID_ATTEMPTS: usize = 16;
+
+/// Settings of a thin replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThinOptions {
+    /// The pool's device-mapper name.
+    pub pool: String,
+    /// Thin device id of the replica; `None` allocates one.
+    pub device_id: Option<u32>,
+    /// Device-mapper name of the replica (points and copies are named
+    /// after it).
+    pub name: String,
+    /// Pool usage (data or metadata, percent) from which `warnings`
+    /// reports it.
+    pub low_water_percent: u8,
+}
+
+/// A replica in a dm-thin pool.
+pub struct ThinReplica {
+    dm: Dmsetup,
+    opts: ThinOptions,
+    volume: String,
+    size: u64,
+    replica_id: u32,
+    ledger: Ledger,
+    io: UringFile,
+}
+
+fn errno(e: &StoreError) -> Option<i32> {
+    match e {
+        StoreError::Dm { errno, .. } => *errno,
+        StoreError::Io { source, .. } => source.raw_os_error(),
+        _ => None,
+    }
+}
+
+fn mapper_path(name: &str) -> PathBuf {
+    Path::new("/dev/mapper").join(name)
+}
+
+impl ThinReplica {
+    /// Checks the pool, creates and activates the replica if needed, and
+    /// opens it. `ledger_dir` holds the pools' ledgers (the daemon's state
+    /// directory, never on a protected volume).
+    pub fn open(
+        opts: &ThinOptions,
+        volume: &str,
+        size: u64,
+        ledger_dir: &Path,
+    ) -> Result<Self, StoreError> {
+        Self::open_with(Dmsetup::default(), opts, volume, size, ledger_dir)
+    }
+
+    fn open_with(
+        dm: Dmsetup,
+        opts: &ThinOptions,
+        volume: &str,
+        size: u64,
+        ledger_dir: &Path,
+    ) -> Result<Self, StoreError> {
+        if size == 0 || size % 512 != 0 {
+            return Err(StoreError::Invalid(format!(
+                "volume size {size} is not a non-zero multiple of 512"
+            )));
+        }
+        let pool = &opts.pool;
+        let Some(pool_info) = dm.info(pool)? else {
+            return Err(StoreError::Invalid(format!(
+                "thin pool {pool} does not exist: create it first (docs/configuration.md)"
+            )));
+        };
+        let table = dmsetup::parse_pool_table(&dm.table(pool)?)
+            .map_err(|e| StoreError::Invalid(format!("device {pool} is not a thin pool: {e}")))?;
+        if !table.features.iter().any(|f| f == "error_if_no_space") {
+            return Err(StoreError::Invalid(format!(
+                "thin pool {pool} queues I/O when it is full (its table has no error_if_no_space), \
+                 which would hang the applier: reload the pool with the error_if_no_space feature \
+                 (docs/configuration.md)"
+            )));
+        }
+        let status = Self::pool_status(&dm, pool)?;
+        match status.mode {
+            PoolMode::Fail | PoolMode::ReadOnly => {
+                return Err(StoreError::Invalid(format!(
+                    "thin pool {pool} is {}: it needs repair (thin_check/thin_repair) before use",
+                    if status.mode == PoolMode::Fail { "failed" } else { "read-only" }
+                )))
+            }
+            PoolMode::ReadWrite | PoolMode::OutOfDataSpace => {}
+        }
+        if status.needs_check {
+            return Err(StoreError::Invalid(format!(
+                "thin pool {pool} is flagged needs_check: run thin_check before use"
+            )));
+        }
+        let ledger = Ledger::new(ledger_dir, pool)?;
+        let mine: Vec<Entry> = ledger
+            .volume_entries(volume)?
+            .into_iter()
+            .filter(|e| e.kind == Kind::Replica)
+            .collect();
+        let (mut replica_id, mut fresh) = match (mine.as_slice(), opts.device_id) {
+            ([], Some(id)) => {
+                ledger.claim(id, volume, Kind::Replica, None)?;
+                (id, false)
+            }
+            ([], None) => (ledger.allocate(volume, Kind::Replica, None)?, true),
+            ([e], Some(id)) if e.id != id => {
+                return Err(StoreError::Invalid(format!(
+                    "volume {volume}: its replica is thin device {} in pool {pool} (ledger {}), \
+                     but the configuration says device_id = {id}",
+                    e.id,
+                    ledger.path().display()
+                )))
+            }
+            ([e], _) => (e.id, false),
+            _ => {
+                return Err(StoreError::Invalid(format!(
+                    "{}: volume {volume} has several replica devices",
+                    ledger.path().display()
+                )))
+            }
+        };
+        let sectors = size / 512;
+        let name = &opts.name;
+        match dm.info(name)? {
+            Some(info) => {
+                let t = dmsetup::parse_thin_table(&dm.table(name)?).map_err(|e| {
+                    StoreError::Invalid(format!("device {name} exists but is not the replica: {e}"))
+                })?;
+                let pool_dev = format!("{}:{}", pool_info.major, pool_info.minor);
+                if t.pool != pool_dev || t.device_id != replica_id || t.sectors != sectors {
+                    return Err(StoreError::Invalid(format!(
+                        "device {name} is thin device {} of {} with {} sectors, but the replica \
+                         is thin device {replica_id} of pool {pool} ({pool_dev}) with {sectors}",
+                        t.device_id, t.pool, t.sectors
+                    )));
+                }
+                if info.read_only {
+                    return Err(StoreError::Invalid(format!(
+                        "device {name} is active read-only"
+                    )));
+                }
+                if info.suspended {
+                    // A crash while taking a snapshot.
+                    tracing::warn!(device = %name, "replica was left suspended; resuming it");
+                    dm.resume(name)?;
+                }
+            }
+            None => {
+                let mut attempts = 0;
+                loop {
+                    match dm.message(pool, &format!("create_thin {replica_id}")) {
+                        Ok(()) => break,
+                        // Created before a crash, or an existing device the
+                        // configuration names: use it.
+                        Err(e) if errno(&e) == Some(libc::EEXIST) && !fresh => break,
+                        Err(e) if errno(&e) == Some(libc::EEXIST) && attempts < ID_ATTEMPTS => {
+                            Self::mark_foreign(&ledger, pool, replica_id)?;
+                            replica_id = ledger.allocate(volume, Kind::Replica, None)?;
+                            fresh = true;
+                            attempts += 1;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                dm.create(name, &Self::thin_table(pool, sectors, replica_id), false)?;
+                tracing::info!(device = %name, pool = %pool, id = replica_id, "replica activated");
+            }
+        }
+        let path = mapper_path(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .map_err(|e| StoreError::io("open replica", &path, e))?;
+        let io = UringFile::new(
+            file,
+            &path,
+            size,
+            Target::Thin {
+                block_bytes: table.block_sectors * 512,
+            },
+        )?;
+        Ok(Self {
+            dm,
+            opts: opts.clone(),
+            volume: volume.to_owned(),
+            size,
+            replica_id,
+            ledger,
+            io,
+        })
+    }
+
+    fn pool_status(dm: &Dmsetup, pool: &str) -> Result<PoolStatus, StoreError> {
+        dmsetup::parse_pool_status(&dm.status(pool)?)
+            .map_err(|e| StoreError::Invalid(format!("thin pool {pool}: {e}")))
+    }
+
+    fn thin_table(pool: &str, sectors: u64, id: u32) -> String {
+        format!("0 {sectors} thin {} {id}", mapper_path(pool).display())
+    }
+
+    fn mark_foreign(ledger: &Ledger, pool: &str, id: u32) -> Result<(), StoreError> {
+        tracing::warn!(pool = %pool, id, "thin device id is taken by a device replicad did not create; skipping it");
+        ledger.modify(id, |e| {
+            e.kind = Kind::Foreign;
+            e.volume.clear();
+            e.point = None;
+        })
+    }
+
+    /// The replica's thin device id.
+    pub fn device_id(&self) -> u32 {
+        self.replica_id
+    }
+
+    /// The replica's block device.
+    pub fn path(&self) -> PathBuf {
+        mapper_path(&self.opts.name)
+    }
+
+    /// The pool's current status.
+    pub fn pool(&self) -> Result<PoolStatus, StoreError> {
+        Self::pool_status(&self.dm, &self.opts.pool)
+    }
+
+    fn point_name(&self, point: u64) -> String {
+        format!("{}-point-{point}", self.opts.name)
+    }
+
+    fn copy_name(&self, point: u64) -> String {
+        format!("{}-test-{point}", self.opts.name)
+    }
+
+    fn entries(&self, kind: Kind, point: u64) -> Result<Vec<Entry>, StoreError> {
+        Ok(self
+            .ledger
+            .volume_entries(&self.volume)?
+            .into_iter()
+            .filter(|e| e.kind == kind && e.point == Some(point))
+            .collect())
+    }
+
+    /// Takes a snapshot of `origin` (active as `active`, if it is) into a
+    /// freshly allocated id, entered in the ledger first. Returns the id.
+    fn snapshot(
+        &self,
+        origin: u32,
+        active: Option<&str>,
+        kind: Kind,
+        point: u64,
+    ) -> Result<u32, StoreError> {
+        for _ in 0..ID_ATTEMPTS {
+            // The intent: durable before the snapshot can exist.
+            let id = self.ledger.allocate(&self.volume, kind, Some(point))?;
+            if let Some(name) = active {
+                if let Err(e) = self.dm.suspend(name) {
+                    self.ledger.release(id)?;
+                    return Err(e);
+                }
+            }
+            let snap = self
+                .dm
+                .message(&self.opts.pool, &format!("create_snap {id} {origin}"));
+            if snap.is_ok()
+                && kind == Kind::Point
+                && std::env::var(TEST_CRASH_ENV).as_deref() == Ok("after-create-snap")
+            {
+                eprintln!("{TEST_CRASH_ENV}: aborting after create_snap of thin device {id} (point {point})");
+                std::process::abort();
+            }
+            // Resume whatever happened: a suspended replica holds every
+            // later write.
+            let resumed = active.map_or(Ok(()), |name| self.dm.resume(name));
+            match snap {
+                Ok(()) => return resumed.map(|()| id),
+                Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                    Self::mark_foreign(&self.ledger, &self.opts.pool, id)?;
+                    resumed?;
+                }
+                Err(e) => {
+                    // Not created (dm-thin rolls a failed create back); if it
+                    // was after all, the next start-up deletes it.
+                    let _ = self.destroy(id, None);
+                    resumed?;
+                    return Err(e);
+                }
+            }
+        }
+        Err(StoreError::Invalid(format!(
+            "thin pool {}: {ID_ATTEMPTS} device ids in a row are taken by devices replicad did not create",
+            self.opts.pool
+        )))
+    }
+
+    /// Deactivates `active` (if given and active) and deletes thin device
+    /// `id` from the pool, then from the ledger. A device someone holds
+    /// open is marked doomed and left for a later attempt (`Ok(false)`).
+    fn destroy(&self, id: u32, active: Option<&str>) -> Result<bool, StoreError> {
+        let busy = |e: &StoreError| errno(e) == Some(libc::EBUSY);
+        if let Some(name) = active {
+            if self.dm.info(name)?.is_some() {
+                match self.dm.remove(name) {
+                    Ok(()) => {}
+                    Err(e) if busy(&e) => return self.doom(id, &e),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        match self.dm.message(&self.opts.pool, &format!("delete {id}")) {
+            // Never created (a crash between the intent and create_snap).
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(libc::ENODATA) => {}
+            Err(e) if busy(&e) => return self.doom(id, &e),
+            Err(e) => return Err(e),
+        }
+        self.ledger.release(id)?;
+        Ok(true)
+    }
+
+    fn doom(&self, id: u32, why: &StoreError) -> Result<bool, StoreError> {
+        tracing::warn!(volume = %self.volume, id, error = %why, "thin device is in use; deleting it later");
+        self.ledger.modify(id, |e| e.doomed = true)?;
+        Ok(false)
+    }
+
+    /// Retries the deletion of devices that were busy.
+    fn sweep(&self) -> Result<(), StoreError> {
+        for e in self.ledger.volume_entries(&self.volume)? {
+            if e.doomed {
+                let name = match (e.kind, e.point) {
+                    (Kind::Point, Some(p)) => Some(self.point_name(p)),
+                    (Kind::Clone, Some(p)) => Some(self.copy_name(p)),
+                    _ => None,
+                };
+                self.destroy(e.id, name.as_deref())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Activates thin device `id` as `name` unless it is active; returns
+    /// whether the device exists in the pool.
+    fn activate(&self, name: &str, id: u32, read_only: bool) -> Result<bool, StoreError> {
+        if let Some(_info) = self.dm.info(name)? {
+            let t = dmsetup::parse_thin_table(&self.dm.table(name)?)
+                .map_err(|e| StoreError::Invalid(format!("device {name}: {e}")))?;
+            if t.device_id != id {
+                return Err(StoreError::Invalid(format!(
+                    "device {name} is thin device {}, expected {id}",
+                    t.device_id
+                )));
+            }
+            return Ok(true);
+        }
+        let table = Self::thin_table(&self.opts.pool, self.size / 512, id);
+        match self.dm.create(name, &table, read_only) {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::ENODATA) => {
+                // dmsetup leaves an empty device behind when the table fails.
+                if self.dm.info(name)?.is_some() {
+                    self.dm.remove(name)?;
+                }
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl ReplicaStore for ThinReplica {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn apply(&mut self, ops: &[ApplyOp<'_>]) -> Result<(), StoreError> {
+        self.io.apply(ops)
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        self.io.flush()
+    }
+
+    fn create_point(&mut self, id: u64) -> Result<(), StoreError> {
+        if let Err(e) = self.sweep() {
+            tracing::warn!(volume = %self.volume, error = %e, "deleting busy thin devices failed");
+        }
+        // A point of the same id is replaced.
+        self.delete_point(id)?;
+        let name = self.opts.name.clone();
+        self.snapshot(self.replica_id, Some(&name), Kind::Point, id)
+            .map(drop)
+    }
+
+    fn delete_point(&mut self, id: u64) -> Result<(), StoreError> {
+        let name = self.point_name(id);
+        for e in self.entries(Kind::Point, id)? {
+            self.destroy(e.id, Some(&name))?;
+        }
+        Ok(())
+    }
+
+    fn list_points(&self) -> Result<Vec<u64>, StoreError> {
+        let mut v: Vec<u64> = self
+            .ledger
+            .volume_entries(&self.volume)?
+            .into_iter()
+            .filter(|e| e.kind == Kind::Point)
+            .filter_map(|e| e.point)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        Ok(v)
+    }
+
+    fn open_point(&mut self, id: u64, access: PointAccess) -> Result<PathBuf, StoreError> {
+        let Some(point) = self.entries(Kind::Point, id)?.into_iter().find(|e| !e.doomed) else {
+            return Err(StoreError::Invalid(format!(
+                "volume {}: no recovery point {id}",
+                self.volume
+            )));
+        };
+        match access {
+            PointAccess::ReadOnly => {
+                let name = self.point_name(id);
+                if !self.activate(&name, point.id, true)? {
+                    return Err(StoreError::Invalid(format!(
+                        "recovery point {id} (thin device {}) is missing from pool {}",
+                        point.id, self.opts.pool
+                    )));
+                }
+                Ok(mapper_path(&name))
+            }
+            PointAccess::Writable => {
+                let name = self.copy_name(id);
+                if let Some(c) = self.entries(Kind::Clone, id)?.into_iter().find(|e| !e.doomed) {
+                    if self.activate(&name, c.id, false)? {
+                        return Ok(mapper_path(&name));
+                    }
+                    // Entered but never created (a crash): start again.
+                    self.destroy(c.id, None)?;
+                }
+                let ro = self.point_name(id);
+                let active = self.dm.info(&ro)?.is_some().then_some(ro.as_str());
+                let copy = self.snapshot(point.id, active, Kind::Clone, id)?;
+                self.activate(&name, copy, false)?;
+                Ok(mapper_path(&name))
+            }
+        }
+    }
+
+    fn close_point(&mut self, id: u64, access: PointAccess) -> Result<(), StoreError> {
+        match access {
+            PointAccess::ReadOnly => {
+                let name = self.point_name(id);
+                if self.dm.info(&name)?.is_some() {
+                    self.dm.remove(&name)?;
+                }
+                // A pruned point kept only because it was open goes now.
+                for e in self.entries(Kind::Point, id)? {
+                    if e.doomed {
+                        self.destroy(e.id, None)?;
+                    }
+                }
+                Ok(())
+            }
+            PointAccess::Writable => {
+                let name = self.copy_name(id);
+                for e in self.entries(Kind::Clone, id)? {
+                    if !self.destroy(e.id, Some(&name))? {
+                        return Err(StoreError::Invalid(format!(
+                            "{name} is in use: close it first"
+                        )));
+                    }
+                }
+                if self.dm.info(&name)?.is_some() {
+                    self.dm.remove(&name)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn warnings(&mut self) -> Result<Vec<String>, StoreError> {
+        Ok(pool_warnings(
+            &self.opts.pool,
+            &self.pool()?,
+            self.opts.low_water_percent,
+        ))
+    }
+}
+
+fn percent(used: u64, total: u64) -> u64 {
+    if total == 0 {
+        100
+    } else {
+        used.saturating_mul(100) / total
+    }
+}
+
+/// What an operator should know about a pool in this state.
+pub fn pool_warnings(pool: &str, s: &PoolStatus, low_water_percent: u8) -> Vec<String> {
+    let mut w = Vec::new();
+    let figures = format!(
+        "data {}/{} blocks ({}%), metadata {}/{} blocks ({}%)",
+        s.data_used,
+        s.data_total,
+        percent(s.data_used, s.data_total),
+        s.meta_used,
+        s.meta_total,
+        percent(s.meta_used, s.meta_total)
+    );
+    match s.mode {
+        PoolMode::OutOfDataSpace => w.push(format!(
+            "thin pool {pool} is out of data space ({figures}): writes that need new blocks fail \
+             until the pool grows"
+        )),
+        PoolMode::ReadOnly => w.push(format!("thin pool {pool} is read-only ({figures})")),
+        PoolMode::Fail => w.push(format!("thin pool {pool} has failed")),
+        PoolMode::ReadWrite => {}
+    }
+    if s.mode != PoolMode::Fail
+        && (percent(s.data_used, s.data_total) >= u64::from(low_water_percent)
+            || percent(s.meta_used, s.meta_total) >= u64::from(low_water_percent))
+    {
+        w.push(format!(
+            "thin pool {pool} is above its low-water mark of {low_water_percent}%: {figures}"
+        ));
+    }
+    if s.needs_check {
+        w.push(format!("thin pool {pool} needs thin_check"));
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(data: (u64, u64), meta: (u64, u64), mode: PoolMode) -> PoolStatus {
+        PoolStatus {
+            meta_used: meta.0,
+            meta_total: meta.1,
+            data_used: data.0,
+            data_total: data.1,
+            mode,
+            error_if_no_space: true,
+            needs_check: false,
+        }
+    }
+
+    #[test]
+    fn low_water_mark_warns_with_figures() {
+        assert!(pool_warnings("p", &status((79, 100), (10, 100), PoolMode::ReadWrite), 80).is_empty());
+        let w = pool_warnings("p", &status((80, 100), (10, 100), PoolMode::ReadWrite), 80);
+        assert_eq!(
+            w,
+            vec!["thin pool p is above its low-water mark of 80%: data 80/100 blocks (80%), \
+                  metadata 10/100 blocks (10%)"
+                .to_owned()]
+        );
+        let w = pool_warnings("p", &status((1, 100), (95, 100), PoolMode::ReadWrite), 80);
+        assert_eq!(w.len(), 1, "metadata counts too: {w:?}");
+        let w = pool_warnings("p", &status((100, 100), (10, 100), PoolMode::OutOfDataSpace), 80);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("out of data space") && w[0].contains("100/100"), "{w:?}");
+    }
+
+    /// A fake dmsetup (a shell script) for what does not need a kernel:
+    /// the pool checks at open.
+    fn fake_dmsetup(dir: &Path, pool_table: &str, pool_status: &str) -> Dmsetup {
+        let p = dir.join("dmsetup");
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\ncase \"$1\" in\n\
+                 info) [ \"$2\" = pool ] && {{ echo 'State: ACTIVE'; echo 'Open count: 0'; echo 'Major, minor: 254, 1'; exit 0; }}; echo 'Device does not exist.' >&2; exit 1;;\n\
+                 table) echo '{pool_table}';;\n\
+                 status) echo '{pool_status}';;\n\
+                 *) echo \"unexpected: $*\" >&2; exit 1;;\nesac\n"
+            ),
+        )
+        .expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Dmsetup::with_program(&p)
+    }
+
+    fn opts() -> ThinOptions {
+        ThinOptions {
+            pool: "pool".into(),
+            device_id: None,
+            name: "r".into(),
+            low_water_percent: 80,
+        }
+    }
+
+    const RW: &str = "0 8192 thin-pool 0 10/1024 0/64 - rw discard_passdown error_if_no_space - 768";
+
+    #[test]
+    fn a_pool_that_queues_when_full_is_refused() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dm = fake_dmsetup(d.path(), "0 8192 thin-pool 254:2 254:3 128 0 0", RW);
+        let e = ThinReplica::open_with(dm, &opts(), "v", 1 << 20, d.path())
+            .err()
+            .expect("must refuse")
+            .to_string();
+        assert!(e.contains("error_if_no_space") && e.contains("hang"), "{e}");
+    }
+
+    #[test]
+    fn a_read_only_or_failed_pool_is_refused() {
+        let d = tempfile::tempdir().expect("tmp");
+        let table = "0 8192 thin-pool 254:2 254:3 128 0 1 error_if_no_space";
+        for (st, want) in [
+            ("0 8192 thin-pool 0 10/1024 0/64 - ro discard_passdown error_if_no_space - 768", "read-only"),
+            ("0 8192 thin-pool Fail", "failed"),
+            ("0 8192 thin-pool 0 10/1024 0/64 - rw discard_passdown error_if_no_space needs_check 768", "needs_check"),
+        ] {
+            let dm = fake_dmsetup(d.path(), table, st);
+            let e = ThinReplica::open_with(dm, &opts(), "v", 1 << 20, d.path())
+                .err()
+                .expect("must refuse")
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_missing_pool_is_refused_by_name() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dm = fake_dmsetup(d.path(), "", RW);
+        let mut o = opts();
+        o.pool = "nopool".into();
+        let e = ThinReplica::open_with(dm, &o, "v", 1 << 20, d.path())
+            .err()
+            .expect("must refuse")
+            .to_string();
+        assert!(e.contains("thin pool nopool does not exist"), "{e}");
+    }
+}

@@ -1,0 +1,357 @@
+//! The ledger of a thin pool: which thin device ids replicad uses in it, and
+//! what for.
+//!
+//! One file per pool, `<dir>/<pool>.ledger`, shared by every volume whose
+//! replica lives in that pool. Each change is one read-modify-write under an
+//! exclusive `flock` of `<dir>/<pool>.lock` (so volumes applied by different
+//! threads, or `replctl`, never allocate the same id), written atomically
+//! (temporary file, fsync, rename, fsync of the directory).
+//!
+//! An id is entered **before** the device is created (`create_thin`,
+//! `create_snap`) and removed only **after** it is deleted from the pool,
+//! so an entry is an intent: after a crash, the device may or may not
+//! exist, but it is never a device nobody knows about. Ids are reused once
+//! free (the pool's id space is 24 bits; a volume with a recovery point per
+//! second would exhaust a counter in months).
+//!
+//! The file is JSON with one device per line, so shell tools can read it:
+//! `{"version":1,"pool":"pool0","devices":[` / `{"id":1,"volume":"db1",
+//! "kind":"replica"},` / ... / `]}`.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+
+/// Largest thin device id (dm-thin ids are 24 bits).
+pub const MAX_DEVICE_ID: u32 = (1 << 24) - 1;
+
+const LEDGER_VERSION: u32 = 1;
+
+/// What a device id is used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A volume's replica.
+    Replica,
+    /// A recovery point (thin snapshot of the replica).
+    Point,
+    /// A writable copy of a recovery point (test failover).
+    Clone,
+    /// An id found taken in the pool by something else: never allocated,
+    /// never deleted.
+    Foreign,
+}
+
+/// One thin device id in use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Thin device id in the pool.
+    pub id: u32,
+    /// Volume it belongs to ("" for foreign ids).
+    pub volume: String,
+    /// What it is.
+    pub kind: Kind,
+    /// Recovery point id (points and clones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<u64>,
+    /// Deletion was attempted but the device was busy (opened by someone):
+    /// retried later.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub doomed: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Contents {
+    version: u32,
+    pool: String,
+    devices: Vec<Entry>,
+}
+
+/// A pool's ledger (the path; every operation locks, reads and writes it).
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pool: String,
+    path: PathBuf,
+    lock: PathBuf,
+}
+
+/// The lock, held while it lives.
+struct Locked(File);
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        // SAFETY: plain syscall on an fd we own; closing would release the
+        // lock as well.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+impl Ledger {
+    /// The ledger of `pool` in `dir` (created if missing).
+    pub fn new(dir: &Path, pool: &str) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create ledger directory", dir, e))?;
+        Ok(Self {
+            pool: pool.to_owned(),
+            path: dir.join(format!("{pool}.ledger")),
+            lock: dir.join(format!("{pool}.lock")),
+        })
+    }
+
+    /// The ledger file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> Result<Locked, StoreError> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.lock)
+            .map_err(|e| StoreError::io("open ledger lock", &self.lock, e))?;
+        loop {
+            // SAFETY: plain syscall on an fd we own.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(Locked(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(StoreError::io("lock ledger", &self.lock, e));
+            }
+        }
+    }
+
+    fn read(&self) -> Result<Contents, StoreError> {
+        match std::fs::read(&self.path) {
+            Ok(b) => {
+                let c: Contents = serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    offset: 0,
+                    why: e.to_string(),
+                })?;
+                if c.version != LEDGER_VERSION || c.pool != self.pool {
+                    return Err(StoreError::Invalid(format!(
+                        "{}: ledger version {} of pool {:?}, expected version {LEDGER_VERSION} of pool {:?}",
+                        self.path.display(),
+                        c.version,
+                        c.pool,
+                        self.pool
+                    )));
+                }
+                Ok(c)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Contents {
+                version: LEDGER_VERSION,
+                pool: self.pool.clone(),
+                devices: Vec::new(),
+            }),
+            Err(e) => Err(StoreError::io("read ledger", &self.path, e)),
+        }
+    }
+
+    fn write(&self, c: &Contents) -> Result<(), StoreError> {
+        let head = serde_json::json!({ "version": c.version, "pool": c.pool }).to_string();
+        let mut text = format!("{},\"devices\":[\n", head.trim_end_matches('}'));
+        for (i, d) in c.devices.iter().enumerate() {
+            let line = serde_json::to_string(d).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            text.push_str(&line);
+            text.push_str(if i + 1 < c.devices.len() { ",\n" } else { "\n" });
+        }
+        text.push_str("]}\n");
+        crate::state::write_atomic(&self.path, text.as_bytes())
+    }
+
+    /// Runs `f` on the contents under the lock and writes them back if `f`
+    /// changed them.
+    fn update<T>(&self, f: impl FnOnce(&mut Vec<Entry>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let _l = self.lock()?;
+        let mut c = self.read()?;
+        let before = c.devices.clone();
+        let r = f(&mut c.devices)?;
+        if c.devices != before {
+            c.devices.sort_by_key(|d| d.id);
+            self.write(&c)?;
+        }
+        Ok(r)
+    }
+
+    /// Every entry, by id.
+    pub fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+        let _l = self.lock()?;
+        Ok(self.read()?.devices)
+    }
+
+    /// The entries of `volume`.
+    pub fn volume_entries(&self, volume: &str) -> Result<Vec<Entry>, StoreError> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|e| e.volume == volume && e.kind != Kind::Foreign)
+            .collect())
+    }
+
+    /// Enters the lowest free id for `volume`'s `kind` (durably) and
+    /// returns it.
+    pub fn allocate(&self, volume: &str, kind: Kind, point: Option<u64>) -> Result<u32, StoreError> {
+        self.update(|devs| {
+            let mut ids: Vec<u32> = devs.iter().map(|d| d.id).collect();
+            ids.sort_unstable();
+            let mut id = 1u32;
+            for used in ids {
+                if used == id {
+                    id += 1;
+                } else if used > id {
+                    break;
+                }
+            }
+            if id > MAX_DEVICE_ID {
+                return Err(StoreError::Invalid(format!(
+                    "thin pool {}: all {MAX_DEVICE_ID} device ids are in use",
+                    self.pool
+                )));
+            }
+            devs.push(Entry {
+                id,
+                volume: volume.to_owned(),
+                kind,
+                point,
+                doomed: false,
+            });
+            Ok(id)
+        })
+    }
+
+    /// Enters `id` for `volume`'s `kind`. Already entered for the same use
+    /// is fine; entered for anything else is an error.
+    pub fn claim(&self, id: u32, volume: &str, kind: Kind, point: Option<u64>) -> Result<(), StoreError> {
+        if id > MAX_DEVICE_ID {
+            return Err(StoreError::Invalid(format!(
+                "thin device id {id} is above the largest, {MAX_DEVICE_ID}"
+            )));
+        }
+        self.update(|devs| {
+            match devs.iter().find(|d| d.id == id) {
+                Some(d) if d.volume == volume && d.kind == kind && d.point == point => {}
+                Some(d) => {
+                    return Err(StoreError::Invalid(format!(
+                        "thin device id {id} in pool {} is already used by {:?} {:?}",
+                        self.pool, d.volume, d.kind
+                    )))
+                }
+                None => devs.push(Entry {
+                    id,
+                    volume: volume.to_owned(),
+                    kind,
+                    point,
+                    doomed: false,
+                }),
+            }
+            Ok(())
+        })
+    }
+
+    /// Changes the entry of `id` (missing is fine).
+    pub fn modify(&self, id: u32, f: impl FnOnce(&mut Entry)) -> Result<(), StoreError> {
+        self.update(|devs| {
+            if let Some(d) = devs.iter_mut().find(|d| d.id == id) {
+                f(d);
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes `id` (missing is fine): its device no longer exists.
+    pub fn release(&self, id: u32) -> Result<(), StoreError> {
+        self.update(|devs| {
+            devs.retain(|d| d.id != id);
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocates_lowest_free_id_durably_and_reuses_released_ones() {
+        let d = tempfile::tempdir().expect("tmp");
+        let l = Ledger::new(d.path(), "pool0").expect("ledger");
+        assert_eq!(l.allocate("a", Kind::Replica, None).expect("a"), 1);
+        assert_eq!(l.allocate("a", Kind::Point, Some(10)).expect("p"), 2);
+        assert_eq!(l.allocate("b", Kind::Point, Some(5)).expect("p"), 3);
+        l.release(2).expect("release");
+        // A fresh handle (another process, a restart) sees the same state.
+        let l2 = Ledger::new(d.path(), "pool0").expect("ledger");
+        assert_eq!(l2.allocate("b", Kind::Clone, Some(5)).expect("c"), 2);
+        assert_eq!(l2.allocate("a", Kind::Point, Some(11)).expect("p"), 4);
+        let a = l2.volume_entries("a").expect("entries");
+        assert_eq!(
+            a.iter().map(|e| (e.id, e.kind, e.point)).collect::<Vec<_>>(),
+            vec![(1, Kind::Replica, None), (4, Kind::Point, Some(11))]
+        );
+        // One device per line, parseable by shell tools.
+        let text = std::fs::read_to_string(l.path()).expect("read");
+        assert!(
+            text.lines()
+                .any(|x| x.starts_with("{\"id\":4,") && x.contains("\"kind\":\"point\"") && x.contains("\"point\":11")),
+            "{text}"
+        );
+        serde_json::from_str::<serde_json::Value>(&text).expect("valid JSON");
+    }
+
+    #[test]
+    fn claimed_and_foreign_ids_are_never_allocated() {
+        let d = tempfile::tempdir().expect("tmp");
+        let l = Ledger::new(d.path(), "p").expect("ledger");
+        l.claim(1, "a", Kind::Replica, None).expect("claim");
+        l.claim(1, "a", Kind::Replica, None).expect("same claim again");
+        assert!(l.claim(1, "b", Kind::Replica, None).is_err(), "taken by a");
+        assert!(l.claim(MAX_DEVICE_ID + 1, "b", Kind::Replica, None).is_err());
+        let id = l.allocate("a", Kind::Point, Some(1)).expect("alloc");
+        assert_eq!(id, 2);
+        l.modify(id, |e| {
+            e.kind = Kind::Foreign;
+            e.volume.clear();
+        })
+        .expect("foreign");
+        assert_eq!(l.allocate("a", Kind::Point, Some(1)).expect("alloc"), 3);
+        assert!(l.volume_entries("").expect("entries").is_empty(), "foreign ids belong to nobody");
+    }
+
+    #[test]
+    fn concurrent_allocations_get_distinct_ids() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dir = d.path().to_owned();
+        let hs: Vec<_> = (0..4)
+            .map(|t| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    let l = Ledger::new(&dir, "p").expect("ledger");
+                    (0..25)
+                        .map(|i| l.allocate(&format!("v{t}"), Kind::Point, Some(i)).expect("alloc"))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<u32> = hs.into_iter().flat_map(|h| h.join().expect("join")).collect();
+        all.sort_unstable();
+        assert_eq!(all, (1..=100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn ledger_of_another_pool_is_refused() {
+        let d = tempfile::tempdir().expect("tmp");
+        let l = Ledger::new(d.path(), "p").expect("ledger");
+        l.allocate("a", Kind::Replica, None).expect("alloc");
+        std::fs::rename(l.path(), d.path().join("q.ledger")).expect("rename");
+        let q = Ledger::new(d.path(), "q").expect("ledger");
+        assert!(q.entries().is_err());
+    }
+}
