@@ -45,6 +45,13 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Recovery points of a target volume: list them, open one read-only
+    /// or as a writable copy (test failover), close it again. Works while
+    /// `replicad target` runs.
+    Point {
+        #[command(subcommand)]
+        cmd: PointCmd,
+    },
     /// Show the status a daemon publishes in its state directory.
     Status {
         /// The daemon's state directory: asks its control socket
@@ -88,6 +95,67 @@ enum KeysCmd {
         #[arg(long)]
         state_dir: PathBuf,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct PointVolume {
+    /// The target's configuration file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Volume id.
+    #[arg(long)]
+    volume: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum PointCmd {
+    /// Print the ids of the volume's recovery points, oldest first.
+    List {
+        #[command(flatten)]
+        vol: PointVolume,
+    },
+    /// Make a point readable and print the path of its device (or file).
+    Open {
+        #[command(flatten)]
+        vol: PointVolume,
+        /// Point id (`replctl point list`).
+        #[arg(long)]
+        point: u64,
+        /// A writable copy of the point instead of the point itself.
+        #[arg(long)]
+        writable: bool,
+    },
+    /// Undo `open` (a writable copy is discarded).
+    Close {
+        #[command(flatten)]
+        vol: PointVolume,
+        /// Point id.
+        #[arg(long)]
+        point: u64,
+        /// Close the writable copy.
+        #[arg(long)]
+        writable: bool,
+    },
+}
+
+fn open_volume_replica(
+    v: &PointVolume,
+) -> Result<Box<dyn replica_store::replica::ReplicaStore>, String> {
+    let cfg = replicad::config::TargetConfig::load(&v.config).map_err(|e| e.to_string())?;
+    let vc = cfg
+        .volumes
+        .iter()
+        .find(|x| x.id == v.volume)
+        .ok_or_else(|| format!("no volume {} in {}", v.volume, v.config.display()))?;
+    replicad::backend::open_replica(&cfg.state_dir, vc).map_err(|e| e.to_string())
+}
+
+fn access(writable: bool) -> replica_store::replica::PointAccess {
+    if writable {
+        replica_store::replica::PointAccess::Writable
+    } else {
+        replica_store::replica::PointAccess::ReadOnly
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -261,6 +329,41 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
+        }
+        Cmd::Point {
+            cmd: PointCmd::List { vol },
+        } => {
+            for id in open_volume_replica(&vol)?
+                .list_points()
+                .map_err(|e| e.to_string())?
+            {
+                println!("{id}");
+            }
+        }
+        Cmd::Point {
+            cmd:
+                PointCmd::Open {
+                    vol,
+                    point,
+                    writable,
+                },
+        } => {
+            let path = open_volume_replica(&vol)?
+                .open_point(point, access(writable))
+                .map_err(|e| e.to_string())?;
+            println!("{}", path.display());
+        }
+        Cmd::Point {
+            cmd:
+                PointCmd::Close {
+                    vol,
+                    point,
+                    writable,
+                },
+        } => {
+            open_volume_replica(&vol)?
+                .close_point(point, access(writable))
+                .map_err(|e| e.to_string())?;
         }
         Cmd::Status {
             state_dir,
