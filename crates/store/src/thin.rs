@@ -187,9 +187,13 @@ impl ThinReplica {
                     )));
                 }
                 if info.suspended {
-                    // A crash while taking a snapshot.
-                    tracing::warn!(device = %name, "replica was left suspended; resuming it");
-                    dm.resume(name)?;
+                    // Suspended by a snapshot in progress (another process),
+                    // or left so by a crash while taking one.
+                    let _ops = ledger.hold_device_ops()?;
+                    if dm.info(name)?.is_some_and(|i| i.suspended) {
+                        tracing::warn!(device = %name, "replica was left suspended; resuming it");
+                        dm.resume(name)?;
+                    }
                 }
             }
             None => {
@@ -301,6 +305,7 @@ impl ThinReplica {
         for _ in 0..ID_ATTEMPTS {
             // The intent: durable before the snapshot can exist.
             let id = self.ledger.allocate(&self.volume, kind, Some(point))?;
+            let _ops = self.ledger.hold_device_ops()?;
             if let Some(name) = active {
                 if let Err(e) = self.dm.suspend(name) {
                     self.ledger.release(id)?;

@@ -79,10 +79,11 @@ pub struct Ledger {
     pool: String,
     path: PathBuf,
     lock: PathBuf,
+    ops_lock: PathBuf,
 }
 
-/// The lock, held while it lives.
-struct Locked(File);
+/// A lock, held while it lives.
+pub struct Locked(File);
 
 impl Drop for Locked {
     fn drop(&mut self) {
@@ -100,7 +101,16 @@ impl Ledger {
             pool: pool.to_owned(),
             path: dir.join(format!("{pool}.ledger")),
             lock: dir.join(format!("{pool}.lock")),
+            ops_lock: dir.join(format!("{pool}.ops.lock")),
         })
+    }
+
+    /// Serialises device operations that must not interleave between
+    /// processes (a snapshot's suspend..resume, and the resume of a replica
+    /// a crash left suspended). Separate from the ledger's own lock, which
+    /// is taken inside.
+    pub fn hold_device_ops(&self) -> Result<Locked, StoreError> {
+        flock(&self.ops_lock)
     }
 
     /// The ledger file.
@@ -109,22 +119,7 @@ impl Ledger {
     }
 
     fn lock(&self) -> Result<Locked, StoreError> {
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.lock)
-            .map_err(|e| StoreError::io("open ledger lock", &self.lock, e))?;
-        loop {
-            // SAFETY: plain syscall on an fd we own.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(Locked(f));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(StoreError::io("lock ledger", &self.lock, e));
-            }
-        }
+        flock(&self.lock)
     }
 
     fn read(&self) -> Result<Contents, StoreError> {
@@ -272,6 +267,26 @@ impl Ledger {
             devs.retain(|d| d.id != id);
             Ok(())
         })
+    }
+}
+
+/// Takes an exclusive `flock` of `path` (created if missing).
+fn flock(path: &Path) -> Result<Locked, StoreError> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| StoreError::io("open lock", path, e))?;
+    loop {
+        // SAFETY: plain syscall on an fd we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(Locked(f));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(StoreError::io("lock", path, e));
+        }
     }
 }
 

@@ -1,0 +1,297 @@
+#!/bin/sh
+# The dm-thin replica backend: `replicad target` keeps the replica as a thin
+# device in a dm-thin pool and its recovery points as thin snapshots, while
+# `replicad source` ships the writes of a protected volume (kernel ring,
+# TLS over 127.0.0.1). Shows:
+#  * a pool without error_if_no_space is refused at start, with the reason;
+#  * the replica equals the source after a marker is applied, and each
+#    point is a thin snapshot holding the source as of its marker (write A,
+#    marker, write B, marker: the first point has A only);
+#  * a writable copy of a point (test failover) changes neither the point
+#    nor the replica, and goes away when closed;
+#  * keep_points pruning deletes the snapshots from the pool;
+#  * a snapshot left by a crash between create_snap and its record (test
+#    hook REPLICAD_TEST_CRASH=after-create-snap) is deleted at start-up, the
+#    replica left suspended by the crash is resumed, replication goes on;
+#  * the low-water mark gives a Warning with the pool's figures;
+#  * an exhausted pool gives a recoverable Warning, the applier does not
+#    hang or mark unwritten records applied, and after the pool is extended
+#    replication resumes by itself and the replica is correct.
+#
+# vm-disks: 16M 8M 64M
+# shellcheck source=tests/vm/lib.sh
+. /lib/vmtest/lib.sh
+set -u
+
+SRC=/dev/vda   # the protected volume
+META=/dev/vdb  # pool metadata
+DATA=/dev/vdc  # pool data (a linear device over part of it, extended later)
+sectors=$(cat /sys/block/vda/size)
+size=$((sectors * 512))
+W=/tmp/thin
+LEDGER=$W/target/thin/pool.ledger
+POOL_BLOCK=128                # sectors (64 KiB)
+DATA_SECTORS=$((16 * 2048))   # 16 MiB at first: 256 blocks
+BIG_SECTORS=$((64 * 2048))    # after the extension: 1024 blocks
+
+# status_field NAME: a numeric field of the volume's status.
+status_field() {
+	replctl status --state-dir $W/target --json 2>/dev/null | sed -n "s/^ *\"$1\": \([0-9]*\),\{0,1\}$/\1/p" | head -n1
+}
+
+# marker N: inserts marker N on the source, prints its record sequence.
+marker() {
+	_out=$(dmsetup message r0 0 marker "$1")
+	echo "$_out" | sed -n "s/^marker $1 seq \([0-9]*\)$/\1/p"
+}
+
+# write_at FILE OFFSET_MIB: writes FILE at OFFSET_MIB of the protected volume.
+write_at() {
+	dd if="$1" of=/dev/mapper/r0 bs=1M seek="$2" oflag=direct conv=notrunc 2>/dev/null
+}
+
+# random_file FILE MIB
+random_file() {
+	dd if=/dev/urandom of="$1" bs=1M count="$2" 2>/dev/null
+}
+
+# wait_applied SEQ: the target applied record SEQ.
+wait_applied() {
+	check "target applied record $1" replctl wait --state-dir $W/target --volume tv --applied "$1" --timeout 180
+}
+
+# point_dev SEQ: the thin device id of point SEQ, from the pool's ledger.
+point_dev() {
+	grep "\"kind\":\"point\",\"point\":$1[,}]" "$LEDGER" | sed -n 's/^{"id":\([0-9]*\),.*/\1/p'
+}
+
+# thin_exists ID: thin device ID exists in the pool (activating it works).
+thin_exists() {
+	if dmsetup create probe --readonly --table "0 8 thin /dev/mapper/pool $1" 2>/dev/null; then
+		dmsetup remove probe
+		return 0
+	fi
+	! dm_exists probe || dmsetup remove probe
+	return 1
+}
+
+# vol_sum DEVICE: checksum of a device's whole content (O_DIRECT).
+vol_sum() {
+	dd if="$1" iflag=direct bs=1M 2>/dev/null | md5sum | cut -d' ' -f1
+}
+
+# start_target [ENV=VALUE]: starts replicad target (with that environment)
+# and waits until it serves.
+start_target() {
+	_n=$(grep -c 'target ready' $W/target.log 2>/dev/null)
+	env "$@" replicad target --config $W/target.toml 2>>$W/target.log &
+	tpid=$!
+	wait_for "target ready" 60 sh -c "[ \$(grep -c 'target ready' $W/target.log) -gt ${_n:-0} ]"
+}
+
+check "loopback up" ifconfig lo 127.0.0.1 up
+check "insmod dm_replica" insmod "$(module_path dm_replica)"
+check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $SRC tv ring_mib=8 overflow_wait_ms=10000"
+
+step "thin pool (first without error_if_no_space)"
+check "pool data device" dmsetup create pooldata --table "0 $DATA_SECTORS linear $DATA 0"
+check "pool without error_if_no_space" dmsetup create pool \
+	--table "0 $DATA_SECTORS thin-pool $META /dev/mapper/pooldata $POOL_BLOCK 0 0"
+
+mkdir -p $W
+check "certificates" replctl certs generate --out $W/pki --host source-host --host target-host
+check "data key" replctl keys generate --out $W/keys.toml
+cat >$W/target.toml <<CFG
+listen = "127.0.0.1:7710"
+keys = "$W/keys.toml"
+state_dir = "$W/target"
+[tls]
+ca = "$W/pki/ca.pem"
+cert = "$W/pki/target-host.pem"
+key = "$W/pki/target-host.key"
+[[volume]]
+id = "tv"
+size = $size
+allowed_sources = ["source-host"]
+keep_points = 2
+replica = { backend = "thin", pool = "pool", name = "rep", low_water_percent = 50 }
+CFG
+check "configuration valid" replicad check target --config $W/target.toml
+check_not "target refuses a pool that queues when full" replicad target --config $W/target.toml 2>$W/refused.log
+cat $W/refused.log
+check "refusal names error_if_no_space" grep -q "error_if_no_space" $W/refused.log
+check_not "no replica device created" dm_exists rep
+
+check "reload the pool with error_if_no_space" dmsetup reload pool \
+	--table "0 $DATA_SECTORS thin-pool $META /dev/mapper/pooldata $POOL_BLOCK 0 1 error_if_no_space"
+check "resume the pool" dmsetup resume pool
+dmsetup table pool
+
+step "start replication"
+start_target
+check "replica device created" dm_exists rep
+dmsetup table rep
+rep_id=$(sed -n 's/^{"id":\([0-9]*\),"volume":"tv","kind":"replica".*/\1/p' "$LEDGER")
+check "replica's id in the ledger ($rep_id)" test -n "$rep_id"
+check "replica is thin device $rep_id of the pool, $sectors sectors" \
+	sh -c "dmsetup table rep | grep -qE '^0 $sectors thin [0-9]+:[0-9]+ $rep_id\$'"
+cat >$W/source.toml <<CFG
+volume = "tv"
+volume_size = $size
+ring = { group = "tv" }
+target = "127.0.0.1:7710"
+target_name = "target-host"
+keys = "$W/keys.toml"
+state_dir = "$W/source"
+[tls]
+ca = "$W/pki/ca.pem"
+cert = "$W/pki/source-host.pem"
+key = "$W/pki/source-host.key"
+[retry]
+schedule_secs = [1]
+[spool]
+limit_percent = 1000
+CFG
+replicad source --config $W/source.toml 2>$W/source.log &
+spid=$!
+wait_for "source attached to the kernel ring" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+
+step "write A, marker; write B, marker"
+random_file /tmp/a 1
+check "write A" write_at /tmp/a 0
+seq1=$(marker 1)
+check "marker 1 (seq $seq1)" test -n "$seq1"
+sum1=$(vol_sum /dev/mapper/r0)
+random_file /tmp/b 1
+check "write B" write_at /tmp/b 2
+seq2=$(marker 2)
+check "marker 2 (seq $seq2)" test -n "$seq2"
+sum2=$(vol_sum /dev/mapper/r0)
+check "A and B changed the volume" test "$sum1" != "$sum2"
+wait_applied "$seq2"
+check "replica equals the source" same_content /dev/mapper/r0 /dev/mapper/rep
+
+step "recovery points are thin snapshots with the source as of their marker"
+PT="--config $W/target.toml --volume tv"
+points=$(replctl point list $PT | tr '\n' ' ')
+echo "points: $points"
+check "point $seq1 listed" sh -c "echo ' $points' | grep -q ' $seq1 '"
+check "point $seq2 listed" sh -c "echo ' $points' | grep -q ' $seq2 '"
+dev1=$(point_dev "$seq1")
+dev2=$(point_dev "$seq2")
+check "points have thin device ids ($dev1, $dev2)" test -n "$dev1" -a -n "$dev2" -a "$dev1" != "$dev2"
+p1=$(replctl point open $PT --point "$seq1")
+check "point $seq1 opened ($p1)" test -b "$p1"
+check "point $seq1 is read-only thin device $dev1" \
+	sh -c "dmsetup table rep-point-$seq1 | grep -qE ' thin [0-9]+:[0-9]+ $dev1\$' && dmsetup info rep-point-$seq1 | grep -q READ-ONLY"
+check_eq "point $seq1 holds A only" "$sum1" "$(vol_sum "$p1")"
+p2=$(replctl point open $PT --point "$seq2")
+check_eq "point $seq2 holds A and B" "$sum2" "$(vol_sum "$p2")"
+
+step "test failover: a writable copy of a point"
+c1=$(replctl point open $PT --point "$seq1" --writable)
+check "copy of point $seq1 opened ($c1)" test -b "$c1"
+check "write to the copy" sh -c "dd if=/dev/urandom of=$c1 bs=1M count=1 seek=5 oflag=direct conv=notrunc 2>/dev/null"
+check "the copy differs" test "$(vol_sum "$c1")" != "$sum1"
+check_eq "point $seq1 unchanged" "$sum1" "$(vol_sum "$p1")"
+check "replica unchanged" same_content /dev/mapper/r0 /dev/mapper/rep
+check "copy closed" replctl point close $PT --point "$seq1" --writable
+check_not "copy device gone" dm_exists "rep-test-$seq1"
+check_not "copy's id gone from the ledger" grep -q '"kind":"clone"' "$LEDGER"
+check "point $seq1 closed" replctl point close $PT --point "$seq1"
+check "point $seq2 closed" replctl point close $PT --point "$seq2"
+check_not "point device gone" dm_exists "rep-point-$seq1"
+
+step "keep_points = 2: the oldest snapshot is deleted from the pool"
+check "snapshot $dev1 exists before pruning" thin_exists "$dev1"
+random_file /tmp/c 1
+check "write C" write_at /tmp/c 4
+seq3=$(marker 3)
+check "marker 3 (seq $seq3)" test -n "$seq3"
+wait_applied "$seq3"
+points=$(replctl point list $PT | tr '\n' ' ')
+echo "points: $points"
+check_not "point $seq1 pruned" sh -c "echo ' $points' | grep -q ' $seq1 '"
+check "point $seq3 listed" sh -c "echo ' $points' | grep -q ' $seq3 '"
+check_eq "point $seq1 gone from the ledger" "" "$(point_dev "$seq1")"
+check_not "snapshot $dev1 deleted from the pool" thin_exists "$dev1"
+check "snapshot $dev2 still there" thin_exists "$dev2"
+
+step "crash between create_snap and the record: the snapshot is deleted at start-up"
+kill $tpid
+wait $tpid
+start_target REPLICAD_TEST_CRASH=after-create-snap
+random_file /tmp/d 1
+check "write D" write_at /tmp/d 6
+seq4=$(marker 4)
+check "marker 4 (seq $seq4)" test -n "$seq4"
+wait_for "target aborted by the test hook" 120 sh -c "! kill -0 $tpid 2>/dev/null"
+wait $tpid
+echo "target exit status $?"
+check "the hook fired after create_snap" grep -q "aborting after create_snap" $W/target.log
+dev4=$(point_dev "$seq4")
+check "the intent for point $seq4 is in the ledger (device $dev4)" test -n "$dev4"
+check "snapshot $dev4 exists" thin_exists "$dev4"
+check "the crash left the replica suspended" sh -c "dmsetup info rep | grep -q SUSPENDED"
+start_target
+check "start-up deleted the unrecorded snapshot" grep -q "deleting unrecorded snapshot" $W/target.log
+check_not "snapshot $dev4 deleted from the pool" thin_exists "$dev4"
+check_eq "point $seq4 gone from the ledger" "" "$(point_dev "$seq4")"
+check_not "replica resumed" sh -c "dmsetup info rep | grep -q SUSPENDED"
+random_file /tmp/e 1
+check "write E" write_at /tmp/e 8
+seq5=$(marker 5)
+check "marker 5 (seq $seq5)" test -n "$seq5"
+wait_applied "$seq5"
+check "replica equals the source" same_content /dev/mapper/r0 /dev/mapper/rep
+
+step "low-water mark (50%)"
+check "health OK before the low-water test" sh -c "replctl status --state-dir $W/target --json | grep -q '\"health\": \"OK\"'"
+dmsetup status pool
+random_file /tmp/f 4
+check "write F (4 MiB)" write_at /tmp/f 10
+seq6=$(marker 6)
+wait_applied "$seq6"
+dmsetup status pool
+wait_for "Warning: pool above its low-water mark, with figures" 60 \
+	sh -c "replctl status --state-dir $W/target --json | grep -q 'thin pool pool is above its low-water mark of 50%: data [0-9]*/256 blocks'"
+replctl status --state-dir $W/target
+
+step "pool exhaustion: Warning, no hang, nothing applied that was not written"
+random_file /tmp/g 16
+check "overwrite the whole volume (16 MiB, more than the pool has left)" write_at /tmp/g 0
+seq7=$(marker 7)
+check "marker 7 (seq $seq7)" test -n "$seq7"
+sum7=$(vol_sum /dev/mapper/r0)
+wait_for "pool out of data space" 120 sh -c "dmsetup status pool | grep -q out_of_data_space"
+wait_for "Warning: replica apply retried on a full pool" 120 \
+	sh -c "replctl status --state-dir $W/target --json | grep -q 'No space left on device'"
+wait_for "Warning: the pool's state, with figures" 60 \
+	sh -c "replctl status --state-dir $W/target --json | grep -q 'thin pool pool is out of data space (data [0-9]*/256 blocks'"
+replctl status --state-dir $W/target
+check "target still running" kill -0 $tpid
+applied=$(status_field applied_seq)
+check "marker 7 not applied while the pool is full (applied $applied < $seq7)" test "$applied" -lt "$seq7"
+check_not "no Critical" sh -c "replctl status --state-dir $W/target --json | grep -q Critical"
+
+step "extend the pool: replication resumes by itself"
+check "grow the data device" dmsetup reload pooldata --table "0 $BIG_SECTORS linear $DATA 0"
+check "resume the data device" dmsetup resume pooldata
+check "reload the pool, larger" dmsetup reload pool \
+	--table "0 $BIG_SECTORS thin-pool $META /dev/mapper/pooldata $POOL_BLOCK 0 1 error_if_no_space"
+check "resume the pool" dmsetup resume pool
+dmsetup status pool
+wait_applied "$seq7"
+wait_for "health back to OK" 60 sh -c "replctl status --state-dir $W/target --json | grep -q '\"health\": \"OK\"'"
+replctl status --state-dir $W/target
+check "replica equals the source" same_content /dev/mapper/r0 /dev/mapper/rep
+p7=$(replctl point open $PT --point "$seq7")
+check_eq "point $seq7 holds the source as of marker 7" "$sum7" "$(vol_sum "$p7")"
+check "point $seq7 closed" replctl point close $PT --point "$seq7"
+
+step "shutdown"
+kill $spid $tpid
+wait $spid
+wait $tpid
+check "dmsetup remove r0" dmsetup remove r0
+check "rmmod dm_replica" rmmod dm_replica
