@@ -13,7 +13,10 @@ use crate::config::{ReplicaConfig, TargetVolume};
 /// the target's state directory: the file backend keeps its points under
 /// `volumes/<id>/points/`, the thin backend its pools' ledgers under
 /// `thin/`.
-pub fn open_replica(state_dir: &Path, vc: &TargetVolume) -> Result<Box<dyn ReplicaStore>, StoreError> {
+pub fn open_replica(
+    state_dir: &Path,
+    vc: &TargetVolume,
+) -> Result<Box<dyn ReplicaStore>, StoreError> {
     Ok(match &vc.replica {
         ReplicaConfig::File { path } => Box::new(FileReplica::open(
             path,

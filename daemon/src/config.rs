@@ -480,7 +480,8 @@ impl TargetConfig {
                                 o.id, v.id
                             ));
                         }
-                        if ot.pool == t.pool && t.device_id.is_some() && ot.device_id == t.device_id {
+                        if ot.pool == t.pool && t.device_id.is_some() && ot.device_id == t.device_id
+                        {
                             return bad(format!(
                                 "volumes {} and {} use the same replica.device_id in pool {}",
                                 o.id, v.id, t.pool
@@ -588,14 +589,35 @@ replica = REPLICA
     #[test]
     fn bad_thin_replica_configs_are_refused() {
         for (replica, want) in [
-            (r#"{ backend = "thin", pool = "pool0", devid = 1 }"#, "devid"),
+            (
+                r#"{ backend = "thin", pool = "pool0", devid = 1 }"#,
+                "devid",
+            ),
             (r#"{ backend = "thin" }"#, "pool"),
-            (r#"{ backend = "thin", pool = "a/b" }"#, "not a device-mapper name"),
-            (r#"{ backend = "thin", pool = "p", name = "p" }"#, "pool's name"),
-            (r#"{ backend = "thin", pool = "p", name = "x y" }"#, "replica.name"),
-            (r#"{ backend = "thin", pool = "p", device_id = 16777216 }"#, "24 bits"),
-            (r#"{ backend = "thin", pool = "p", low_water_percent = 0 }"#, "low_water_percent"),
-            (r#"{ backend = "thin", pool = "p", low_water_percent = 100 }"#, "low_water_percent"),
+            (
+                r#"{ backend = "thin", pool = "a/b" }"#,
+                "not a device-mapper name",
+            ),
+            (
+                r#"{ backend = "thin", pool = "p", name = "p" }"#,
+                "pool's name",
+            ),
+            (
+                r#"{ backend = "thin", pool = "p", name = "x y" }"#,
+                "replica.name",
+            ),
+            (
+                r#"{ backend = "thin", pool = "p", device_id = 16777216 }"#,
+                "24 bits",
+            ),
+            (
+                r#"{ backend = "thin", pool = "p", low_water_percent = 0 }"#,
+                "low_water_percent",
+            ),
+            (
+                r#"{ backend = "thin", pool = "p", low_water_percent = 100 }"#,
+                "low_water_percent",
+            ),
             (r#"{ backend = "lvm", pool = "p" }"#, "lvm"),
         ] {
             let e = target(replica).expect_err(replica);

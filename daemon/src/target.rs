@@ -977,7 +977,10 @@ impl Applier {
         // Other paths replace the reasons at times: put these back too.
         let in_place = self.board.get(&self.vol.cfg.id).is_some_and(|s| {
             new.iter().all(|w| s.reasons.contains(w))
-                && !s.reasons.iter().any(|r| old.contains(r) && !new.contains(r))
+                && !s
+                    .reasons
+                    .iter()
+                    .any(|r| old.contains(r) && !new.contains(r))
                 && (new.is_empty() || s.health != Health::OK)
                 && !(s.health == Health::Warning && s.reasons.is_empty())
         });

@@ -253,8 +253,7 @@ impl ReplicaStore for FileReplica {
             PointAccess::Writable => {
                 let c = self.clone_path(id);
                 if !c.exists() {
-                    let src =
-                        File::open(&p).map_err(|e| StoreError::io("open point", &p, e))?;
+                    let src = File::open(&p).map_err(|e| StoreError::io("open point", &p, e))?;
                     self.copy_or_clean(&src, &c)?;
                 }
                 Ok(c)
@@ -324,7 +323,10 @@ mod tests {
         assert_eq!(r.list_points().expect("list"), vec![7]);
         r.close_point(7, PointAccess::Writable).expect("close");
         assert!(!c.exists());
-        assert!(r.open_point(8, PointAccess::ReadOnly).is_err(), "no such point");
+        assert!(
+            r.open_point(8, PointAccess::ReadOnly).is_err(),
+            "no such point"
+        );
         assert!(
             r.apply(&[ApplyOp::Write {
                 offset: (1 << 20) - 512,

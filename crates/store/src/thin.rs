@@ -103,7 +103,7 @@ impl ThinReplica {
         size: u64,
         ledger_dir: &Path,
     ) -> Result<Self, StoreError> {
-        if size == 0 || size % 512 != 0 {
+        if size == 0 || !size.is_multiple_of(512) {
             return Err(StoreError::Invalid(format!(
                 "volume size {size} is not a non-zero multiple of 512"
             )));
@@ -128,7 +128,11 @@ impl ThinReplica {
             PoolMode::Fail | PoolMode::ReadOnly => {
                 return Err(StoreError::Invalid(format!(
                     "thin pool {pool} is {}: it needs repair (thin_check/thin_repair) before use",
-                    if status.mode == PoolMode::Fail { "failed" } else { "read-only" }
+                    if status.mode == PoolMode::Fail {
+                        "failed"
+                    } else {
+                        "read-only"
+                    }
                 )))
             }
             PoolMode::ReadWrite | PoolMode::OutOfDataSpace => {}
@@ -467,7 +471,11 @@ impl ReplicaStore for ThinReplica {
     }
 
     fn open_point(&mut self, id: u64, access: PointAccess) -> Result<PathBuf, StoreError> {
-        let Some(point) = self.entries(Kind::Point, id)?.into_iter().find(|e| !e.doomed) else {
+        let Some(point) = self
+            .entries(Kind::Point, id)?
+            .into_iter()
+            .find(|e| !e.doomed)
+        else {
             return Err(StoreError::Invalid(format!(
                 "volume {}: no recovery point {id}",
                 self.volume
@@ -486,7 +494,11 @@ impl ReplicaStore for ThinReplica {
             }
             PointAccess::Writable => {
                 let name = self.copy_name(id);
-                if let Some(c) = self.entries(Kind::Clone, id)?.into_iter().find(|e| !e.doomed) {
+                if let Some(c) = self
+                    .entries(Kind::Clone, id)?
+                    .into_iter()
+                    .find(|e| !e.doomed)
+                {
                     if self.activate(&name, c.id, false)? {
                         return Ok(mapper_path(&name));
                     }
@@ -544,11 +556,7 @@ impl ReplicaStore for ThinReplica {
 }
 
 fn percent(used: u64, total: u64) -> u64 {
-    if total == 0 {
-        100
-    } else {
-        used.saturating_mul(100) / total
-    }
+    used.saturating_mul(100).checked_div(total).unwrap_or(100)
 }
 
 /// What an operator should know about a pool in this state.
@@ -604,19 +612,30 @@ mod tests {
 
     #[test]
     fn low_water_mark_warns_with_figures() {
-        assert!(pool_warnings("p", &status((79, 100), (10, 100), PoolMode::ReadWrite), 80).is_empty());
+        assert!(
+            pool_warnings("p", &status((79, 100), (10, 100), PoolMode::ReadWrite), 80).is_empty()
+        );
         let w = pool_warnings("p", &status((80, 100), (10, 100), PoolMode::ReadWrite), 80);
         assert_eq!(
             w,
-            vec!["thin pool p is above its low-water mark of 80%: data 80/100 blocks (80%), \
+            vec![
+                "thin pool p is above its low-water mark of 80%: data 80/100 blocks (80%), \
                   metadata 10/100 blocks (10%)"
-                .to_owned()]
+                    .to_owned()
+            ]
         );
         let w = pool_warnings("p", &status((1, 100), (95, 100), PoolMode::ReadWrite), 80);
         assert_eq!(w.len(), 1, "metadata counts too: {w:?}");
-        let w = pool_warnings("p", &status((100, 100), (10, 100), PoolMode::OutOfDataSpace), 80);
+        let w = pool_warnings(
+            "p",
+            &status((100, 100), (10, 100), PoolMode::OutOfDataSpace),
+            80,
+        );
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("out of data space") && w[0].contains("100/100"), "{w:?}");
+        assert!(
+            w[0].contains("out of data space") && w[0].contains("100/100"),
+            "{w:?}"
+        );
     }
 
     /// A fake dmsetup (a shell script) for what does not need a kernel:
@@ -648,7 +667,8 @@ mod tests {
         }
     }
 
-    const RW: &str = "0 8192 thin-pool 0 10/1024 0/64 - rw discard_passdown error_if_no_space - 768";
+    const RW: &str =
+        "0 8192 thin-pool 0 10/1024 0/64 - rw discard_passdown error_if_no_space - 768";
 
     #[test]
     fn a_pool_that_queues_when_full_is_refused() {
@@ -690,5 +710,268 @@ mod tests {
             .expect("must refuse")
             .to_string();
         assert!(e.contains("thin pool nopool does not exist"), "{e}");
+    }
+    /// A fake dmsetup that keeps a pool's device ids as files, for the
+    /// point logic (intents, foreign ids, deletion, crash leftovers). It
+    /// records every call, and records a violation when a snapshot is
+    /// created without its id in the ledger first.
+    fn fake_pool(dir: &Path) -> Dmsetup {
+        for d in ["devs", "active"] {
+            std::fs::create_dir_all(dir.join(d)).expect("mkdir");
+        }
+        let p = dir.join("dmsetup");
+        let s = dir.display();
+        std::fs::write(
+            &p,
+            format!(
+                r#"#!/bin/sh
+S={s}
+echo "$*" >>$S/log
+case "$1" in
+info)
+	if [ -e "$S/active/$2" ]; then printf 'State: ACTIVE\nOpen count: 0\nMajor, minor: 253, 9\n'; exit 0; fi
+	echo "Device does not exist." >&2; exit 1 ;;
+suspend | resume) exit 0 ;;
+remove)
+	[ -e "$S/busy-$2" ] && {{ echo "device-mapper: remove ioctl on $2  failed: Device or resource busy" >&2; exit 1; }}
+	rm -f "$S/active/$2" ;;
+create)
+	for t; do :; done
+	[ -e "$S/devs/${{t##* }}" ] || {{ echo "device-mapper: reload ioctl on $2  failed: No data available" >&2; exit 1; }}
+	echo "${{t##* }}" >"$S/active/$2" ;;
+table) echo "0 2048 thin 253:1 $(cat "$S/active/$2")" ;;
+message)
+	set -- $4
+	case "$1" in
+	create_snap)
+		[ -e "$S/devs/$2" ] && {{ echo "device-mapper: message ioctl on pool  failed: File exists" >&2; exit 1; }}
+		[ -e "$S/fail-snap" ] && {{ echo "device-mapper: message ioctl on pool  failed: Invalid argument" >&2; exit 1; }}
+		grep -q "^{{\"id\":$2," "$S/ledger/pool.ledger" || echo "create_snap $2 before its intent" >>$S/violations
+		touch "$S/devs/$2" ;;
+	delete)
+		[ -e "$S/devs/$2" ] || {{ echo "device-mapper: message ioctl on pool  failed: No data available" >&2; exit 1; }}
+		rm "$S/devs/$2" ;;
+	*) echo "unexpected message $*" >&2; exit 1 ;;
+	esac ;;
+*) echo "unexpected: $*" >&2; exit 1 ;;
+esac
+"#
+            ),
+        )
+        .expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Dmsetup::with_program(&p)
+    }
+
+    /// A replica over the fake pool (its data in a plain file).
+    fn fake_replica(dir: &Path) -> ThinReplica {
+        let dm = fake_pool(dir);
+        let ledger = Ledger::new(&dir.join("ledger"), "pool").expect("ledger");
+        ledger.claim(1, "v", Kind::Replica, None).expect("claim");
+        std::fs::write(dir.join("devs/1"), b"").expect("replica device");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("data"))
+            .expect("data");
+        f.set_len(1 << 20).expect("size");
+        ThinReplica {
+            dm,
+            opts: ThinOptions {
+                pool: "pool".into(),
+                device_id: None,
+                name: "rep".into(),
+                low_water_percent: 80,
+            },
+            volume: "v".into(),
+            size: 1 << 20,
+            replica_id: 1,
+            io: UringFile::new(
+                f,
+                &dir.join("data"),
+                1 << 20,
+                Target::Thin { block_bytes: 65536 },
+            )
+            .expect("io"),
+            ledger,
+        }
+    }
+
+    fn log(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join("log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn a_point_is_a_snapshot_entered_in_the_ledger_before_it_is_taken() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dir = d.path();
+        let mut r = fake_replica(dir);
+        r.create_point(10).expect("point");
+        assert!(
+            !dir.join("violations").exists(),
+            "snapshot before its intent"
+        );
+        assert_eq!(r.list_points().expect("list"), vec![10]);
+        let e = r.entries(Kind::Point, 10).expect("entries");
+        assert_eq!(e.len(), 1);
+        assert!(dir.join("devs").join(e[0].id.to_string()).exists());
+        let calls = log(dir);
+        let pos = |c: &str| calls.iter().position(|x| x == c).unwrap_or(usize::MAX);
+        let snap = format!("message pool 0 create_snap {} 1", e[0].id);
+        assert!(
+            pos("suspend rep") < pos(&snap)
+                && pos(&snap) < pos("resume rep")
+                && pos("resume rep") != usize::MAX,
+            "suspend, create_snap, resume: {calls:?}"
+        );
+        // Deleting removes the snapshot from the pool, then the entry.
+        r.delete_point(10).expect("delete");
+        assert!(!dir.join("devs").join(e[0].id.to_string()).exists());
+        assert!(r.list_points().expect("list").is_empty());
+        r.delete_point(10)
+            .expect("deleting a missing point is fine");
+    }
+
+    #[test]
+    fn a_failed_snapshot_resumes_the_replica_and_leaves_no_entry() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dir = d.path();
+        let mut r = fake_replica(dir);
+        std::fs::write(dir.join("fail-snap"), b"").expect("flag");
+        let e = r.create_point(10).expect_err("must fail").to_string();
+        assert!(
+            e.contains("create_snap") && e.contains("Invalid argument"),
+            "{e}"
+        );
+        assert!(log(dir)
+            .last()
+            .is_some_and(|l| l == "resume rep" || l.starts_with("message pool 0 delete")));
+        assert!(
+            log(dir).iter().any(|l| l == "resume rep"),
+            "resumed after the failure"
+        );
+        assert!(r.list_points().expect("list").is_empty());
+    }
+
+    #[test]
+    fn ids_taken_by_others_are_marked_foreign_and_skipped() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dir = d.path();
+        let mut r = fake_replica(dir);
+        // Devices 2 and 3 exist in the pool, unknown to the ledger.
+        std::fs::write(dir.join("devs/2"), b"").expect("foreign");
+        std::fs::write(dir.join("devs/3"), b"").expect("foreign");
+        r.create_point(10).expect("point");
+        let e = r.entries(Kind::Point, 10).expect("entries");
+        assert_eq!(e.iter().map(|x| x.id).collect::<Vec<_>>(), vec![4]);
+        let all = r.ledger.entries().expect("entries");
+        assert_eq!(
+            all.iter()
+                .filter(|x| x.kind == Kind::Foreign)
+                .map(|x| x.id)
+                .collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        // Never deleted: they are not ours.
+        r.delete_point(10).expect("delete");
+        assert!(dir.join("devs/2").exists() && dir.join("devs/3").exists());
+    }
+
+    #[test]
+    fn leftovers_of_a_crash_are_listed_and_deleted() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dir = d.path();
+        let mut r = fake_replica(dir);
+        // A crash after the intent, before create_snap: no device.
+        let a = r
+            .ledger
+            .allocate("v", Kind::Point, Some(20))
+            .expect("intent");
+        // A crash after create_snap, before the caller's record.
+        let b = r
+            .ledger
+            .allocate("v", Kind::Point, Some(21))
+            .expect("intent");
+        std::fs::write(dir.join("devs").join(b.to_string()), b"").expect("snapshot");
+        assert_eq!(r.list_points().expect("list"), vec![20, 21]);
+        r.delete_point(20).expect("never created: fine");
+        r.delete_point(21).expect("delete");
+        assert!(!dir.join("devs").join(b.to_string()).exists());
+        assert!(r.list_points().expect("list").is_empty());
+        assert!(r
+            .ledger
+            .entries()
+            .expect("entries")
+            .iter()
+            .all(|e| e.id != a && e.id != b));
+    }
+
+    #[test]
+    fn a_replaced_point_does_not_leak_its_old_snapshot() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dir = d.path();
+        let mut r = fake_replica(dir);
+        r.create_point(10).expect("point");
+        r.create_point(10).expect("again");
+        assert_eq!(r.entries(Kind::Point, 10).expect("entries").len(), 1);
+        let devs = std::fs::read_dir(dir.join("devs")).expect("devs").count();
+        assert_eq!(devs, 2, "the replica and one snapshot");
+    }
+
+    #[test]
+    fn points_open_read_only_or_as_writable_copies() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dir = d.path();
+        let mut r = fake_replica(dir);
+        r.create_point(10).expect("point");
+        let point_dev = r.entries(Kind::Point, 10).expect("entries")[0].id;
+        let p = r.open_point(10, PointAccess::ReadOnly).expect("open");
+        assert_eq!(p, Path::new("/dev/mapper/rep-point-10"));
+        assert!(log(dir)
+            .iter()
+            .any(|l| l.starts_with("create rep-point-10 --readonly --table")));
+        assert_eq!(r.open_point(10, PointAccess::ReadOnly).expect("again"), p);
+        let c = r.open_point(10, PointAccess::Writable).expect("copy");
+        assert_eq!(c, Path::new("/dev/mapper/rep-test-10"));
+        let copy = r.entries(Kind::Clone, 10).expect("entries");
+        assert_eq!(copy.len(), 1);
+        assert!(log(dir).contains(&format!(
+            "message pool 0 create_snap {} {point_dev}",
+            copy[0].id
+        )));
+        assert!(
+            log(dir).iter().any(|l| l == "suspend rep-point-10"),
+            "the active point is suspended for its copy"
+        );
+        assert_eq!(
+            r.list_points().expect("list"),
+            vec![10],
+            "copies are not points"
+        );
+        r.close_point(10, PointAccess::Writable)
+            .expect("close copy");
+        assert!(r.entries(Kind::Clone, 10).expect("entries").is_empty());
+        assert!(!dir.join("devs").join(copy[0].id.to_string()).exists());
+        assert!(!dir.join("active/rep-test-10").exists());
+        // Pruned while open (busy): kept, then deleted when closed.
+        std::fs::write(dir.join("busy-rep-point-10"), b"").expect("busy");
+        r.delete_point(10).expect("delete while open");
+        assert!(dir.join("devs").join(point_dev.to_string()).exists());
+        assert!(r.entries(Kind::Point, 10).expect("entries")[0].doomed);
+        std::fs::remove_file(dir.join("busy-rep-point-10")).expect("not busy");
+        r.close_point(10, PointAccess::ReadOnly).expect("close");
+        assert!(!dir.join("devs").join(point_dev.to_string()).exists());
+        assert!(r.list_points().expect("list").is_empty());
+        assert!(
+            r.open_point(11, PointAccess::ReadOnly).is_err(),
+            "no such point"
+        );
     }
 }

@@ -160,7 +160,7 @@ impl UringFile {
         target: Target,
     ) -> Result<Self, StoreError> {
         if let Target::Thin { block_bytes } = target {
-            if block_bytes == 0 || block_bytes % 512 != 0 {
+            if block_bytes == 0 || !block_bytes.is_multiple_of(512) {
                 return Err(StoreError::Invalid(format!(
                     "pool block size {block_bytes} is not a multiple of 512 bytes"
                 )));
@@ -432,8 +432,8 @@ mod tests {
             .open(&p)
             .expect("create");
         f.set_len(1 << 20).expect("size");
-        let mut u = UringFile::new(f, &p, 1 << 20, Target::Thin { block_bytes: 65536 })
-            .expect("uring");
+        let mut u =
+            UringFile::new(f, &p, 1 << 20, Target::Thin { block_bytes: 65536 }).expect("uring");
         let backing = vec![0u8; 300 * 512 + 1];
         let mut data = backing[1..].to_vec();
         for (i, b) in data.iter_mut().enumerate() {

@@ -196,7 +196,10 @@ pub struct PoolTable {
 pub fn parse_pool_table(table: &str) -> Result<PoolTable, String> {
     let lines: Vec<&str> = table.lines().filter(|l| !l.trim().is_empty()).collect();
     let [line] = lines.as_slice() else {
-        return Err(format!("expected one thin-pool target, got {} lines", lines.len()));
+        return Err(format!(
+            "expected one thin-pool target, got {} lines",
+            lines.len()
+        ));
     };
     let f: Vec<&str> = line.split_whitespace().collect();
     if f.get(2) != Some(&"thin-pool") {
@@ -211,7 +214,10 @@ pub fn parse_pool_table(table: &str) -> Result<PoolTable, String> {
     let n = num(7)? as usize;
     let features: Vec<String> = f.iter().skip(8).map(|s| (*s).to_owned()).collect();
     if features.len() != n {
-        return Err(format!("{line:?}: {n} features announced, {} present", features.len()));
+        return Err(format!(
+            "{line:?}: {n} features announced, {} present",
+            features.len()
+        ));
     }
     Ok(PoolTable {
         block_sectors,
@@ -273,8 +279,12 @@ pub fn parse_pool_status(status: &str) -> Result<PoolStatus, String> {
         });
     }
     let frac = |i: usize| -> Result<(u64, u64), String> {
-        let s = f.get(i).ok_or_else(|| format!("field {i} missing in {status:?}"))?;
-        let (a, b) = s.split_once('/').ok_or_else(|| format!("field {i} of {status:?}"))?;
+        let s = f
+            .get(i)
+            .ok_or_else(|| format!("field {i} missing in {status:?}"))?;
+        let (a, b) = s
+            .split_once('/')
+            .ok_or_else(|| format!("field {i} of {status:?}"))?;
         Ok((
             a.parse().map_err(|_| format!("field {i} of {status:?}"))?,
             b.parse().map_err(|_| format!("field {i} of {status:?}"))?,
@@ -315,7 +325,10 @@ pub struct ThinTable {
 pub fn parse_thin_table(table: &str) -> Result<ThinTable, String> {
     let lines: Vec<&str> = table.lines().filter(|l| !l.trim().is_empty()).collect();
     let [line] = lines.as_slice() else {
-        return Err(format!("expected one thin target, got {} lines", lines.len()));
+        return Err(format!(
+            "expected one thin target, got {} lines",
+            lines.len()
+        ));
     };
     match line.split_whitespace().collect::<Vec<_>>().as_slice() {
         ["0", len, "thin", pool, id] => Ok(ThinTable {
@@ -357,7 +370,9 @@ mod tests {
         assert!(!s.error_if_no_space);
         assert!(s.needs_check);
         assert_eq!(
-            parse_pool_status("0 8192 thin-pool Fail").expect("fail").mode,
+            parse_pool_status("0 8192 thin-pool Fail")
+                .expect("fail")
+                .mode,
             PoolMode::Fail
         );
         assert_eq!(
@@ -379,9 +394,14 @@ mod tests {
         assert_eq!(t.features, vec!["error_if_no_space".to_owned()]);
         let t = parse_pool_table("0 262144 thin-pool 254:1 254:2 128 0 0").expect("parse");
         assert!(t.features.is_empty());
-        assert!(parse_pool_table("0 262144 thin-pool 254:1 254:2 128 0 2 skip_block_zeroing").is_err());
+        assert!(
+            parse_pool_table("0 262144 thin-pool 254:1 254:2 128 0 2 skip_block_zeroing").is_err()
+        );
         assert!(parse_pool_table("0 10 linear 8:0 0").is_err());
-        assert!(parse_pool_table("0 10 thin-pool 1:1 1:2 128 0 0\n10 10 thin-pool 1:1 1:2 128 0 0").is_err());
+        assert!(parse_pool_table(
+            "0 10 thin-pool 1:1 1:2 128 0 0\n10 10 thin-pool 1:1 1:2 128 0 0"
+        )
+        .is_err());
     }
 
     #[test]
@@ -394,7 +414,10 @@ mod tests {
                 device_id: 7
             }
         );
-        assert!(parse_thin_table("0 65536 thin 254:3 7 8:16").is_err(), "external origin");
+        assert!(
+            parse_thin_table("0 65536 thin 254:3 7 8:16").is_err(),
+            "external origin"
+        );
         assert!(parse_thin_table("0 65536 linear 8:0 0").is_err());
     }
 
@@ -413,8 +436,10 @@ mod tests {
                 minor: 3
             })
         );
-        let ro = parse_info("State:             ACTIVE (READ-ONLY)\nOpen count: 0\nMajor, minor: 254, 9\n")
-            .expect("parse");
+        let ro = parse_info(
+            "State:             ACTIVE (READ-ONLY)\nOpen count: 0\nMajor, minor: 254, 9\n",
+        )
+        .expect("parse");
         assert!(ro.read_only && !ro.suspended);
         assert_eq!(parse_info("Device does not exist.\n"), None);
         assert_eq!(
@@ -434,6 +459,9 @@ mod tests {
             program: "/nonexistent/dmsetup".into(),
         };
         let e = d.status("x").expect_err("must fail").to_string();
-        assert!(e.contains("dmsetup status x") && e.contains("cannot run dmsetup"), "{e}");
+        assert!(
+            e.contains("dmsetup status x") && e.contains("cannot run dmsetup"),
+            "{e}"
+        );
     }
 }

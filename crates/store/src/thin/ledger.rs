@@ -96,7 +96,8 @@ impl Drop for Locked {
 impl Ledger {
     /// The ledger of `pool` in `dir` (created if missing).
     pub fn new(dir: &Path, pool: &str) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create ledger directory", dir, e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::io("create ledger directory", dir, e))?;
         Ok(Self {
             pool: pool.to_owned(),
             path: dir.join(format!("{pool}.ledger")),
@@ -164,7 +165,10 @@ impl Ledger {
 
     /// Runs `f` on the contents under the lock and writes them back if `f`
     /// changed them.
-    fn update<T>(&self, f: impl FnOnce(&mut Vec<Entry>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn update<T>(
+        &self,
+        f: impl FnOnce(&mut Vec<Entry>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let _l = self.lock()?;
         let mut c = self.read()?;
         let before = c.devices.clone();
@@ -193,7 +197,12 @@ impl Ledger {
 
     /// Enters the lowest free id for `volume`'s `kind` (durably) and
     /// returns it.
-    pub fn allocate(&self, volume: &str, kind: Kind, point: Option<u64>) -> Result<u32, StoreError> {
+    pub fn allocate(
+        &self,
+        volume: &str,
+        kind: Kind,
+        point: Option<u64>,
+    ) -> Result<u32, StoreError> {
         self.update(|devs| {
             let mut ids: Vec<u32> = devs.iter().map(|d| d.id).collect();
             ids.sort_unstable();
@@ -224,7 +233,13 @@ impl Ledger {
 
     /// Enters `id` for `volume`'s `kind`. Already entered for the same use
     /// is fine; entered for anything else is an error.
-    pub fn claim(&self, id: u32, volume: &str, kind: Kind, point: Option<u64>) -> Result<(), StoreError> {
+    pub fn claim(
+        &self,
+        id: u32,
+        volume: &str,
+        kind: Kind,
+        point: Option<u64>,
+    ) -> Result<(), StoreError> {
         if id > MAX_DEVICE_ID {
             return Err(StoreError::Invalid(format!(
                 "thin device id {id} is above the largest, {MAX_DEVICE_ID}"
@@ -308,14 +323,17 @@ mod tests {
         assert_eq!(l2.allocate("a", Kind::Point, Some(11)).expect("p"), 4);
         let a = l2.volume_entries("a").expect("entries");
         assert_eq!(
-            a.iter().map(|e| (e.id, e.kind, e.point)).collect::<Vec<_>>(),
+            a.iter()
+                .map(|e| (e.id, e.kind, e.point))
+                .collect::<Vec<_>>(),
             vec![(1, Kind::Replica, None), (4, Kind::Point, Some(11))]
         );
         // One device per line, parseable by shell tools.
         let text = std::fs::read_to_string(l.path()).expect("read");
         assert!(
-            text.lines()
-                .any(|x| x.starts_with("{\"id\":4,") && x.contains("\"kind\":\"point\"") && x.contains("\"point\":11")),
+            text.lines().any(|x| x.starts_with("{\"id\":4,")
+                && x.contains("\"kind\":\"point\"")
+                && x.contains("\"point\":11")),
             "{text}"
         );
         serde_json::from_str::<serde_json::Value>(&text).expect("valid JSON");
@@ -326,9 +344,12 @@ mod tests {
         let d = tempfile::tempdir().expect("tmp");
         let l = Ledger::new(d.path(), "p").expect("ledger");
         l.claim(1, "a", Kind::Replica, None).expect("claim");
-        l.claim(1, "a", Kind::Replica, None).expect("same claim again");
+        l.claim(1, "a", Kind::Replica, None)
+            .expect("same claim again");
         assert!(l.claim(1, "b", Kind::Replica, None).is_err(), "taken by a");
-        assert!(l.claim(MAX_DEVICE_ID + 1, "b", Kind::Replica, None).is_err());
+        assert!(l
+            .claim(MAX_DEVICE_ID + 1, "b", Kind::Replica, None)
+            .is_err());
         let id = l.allocate("a", Kind::Point, Some(1)).expect("alloc");
         assert_eq!(id, 2);
         l.modify(id, |e| {
@@ -337,7 +358,10 @@ mod tests {
         })
         .expect("foreign");
         assert_eq!(l.allocate("a", Kind::Point, Some(1)).expect("alloc"), 3);
-        assert!(l.volume_entries("").expect("entries").is_empty(), "foreign ids belong to nobody");
+        assert!(
+            l.volume_entries("").expect("entries").is_empty(),
+            "foreign ids belong to nobody"
+        );
     }
 
     #[test]
@@ -350,12 +374,18 @@ mod tests {
                 std::thread::spawn(move || {
                     let l = Ledger::new(&dir, "p").expect("ledger");
                     (0..25)
-                        .map(|i| l.allocate(&format!("v{t}"), Kind::Point, Some(i)).expect("alloc"))
+                        .map(|i| {
+                            l.allocate(&format!("v{t}"), Kind::Point, Some(i))
+                                .expect("alloc")
+                        })
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
-        let mut all: Vec<u32> = hs.into_iter().flat_map(|h| h.join().expect("join")).collect();
+        let mut all: Vec<u32> = hs
+            .into_iter()
+            .flat_map(|h| h.join().expect("join"))
+            .collect();
         all.sort_unstable();
         assert_eq!(all, (1..=100).collect::<Vec<_>>());
     }
