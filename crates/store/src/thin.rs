@@ -148,12 +148,12 @@ impl ThinReplica {
             .into_iter()
             .filter(|e| e.kind == Kind::Replica)
             .collect();
-        let (mut replica_id, mut fresh) = match (mine.as_slice(), opts.device_id) {
+        let (mut replica_id, mut fresh, created) = match (mine.as_slice(), opts.device_id) {
             ([], Some(id)) => {
                 ledger.claim(id, volume, Kind::Replica, None)?;
-                (id, false)
+                (id, false, false)
             }
-            ([], None) => (ledger.allocate(volume, Kind::Replica, None)?, true),
+            ([], None) => (ledger.allocate(volume, Kind::Replica, None)?, true, false),
             ([e], Some(id)) if e.id != id => {
                 return Err(StoreError::Invalid(format!(
                     "volume {volume}: its replica is thin device {} in pool {pool} (ledger {}), \
@@ -162,7 +162,7 @@ impl ThinReplica {
                     ledger.path().display()
                 )))
             }
-            ([e], _) => (e.id, false),
+            ([e], _) => (e.id, false, e.created),
             _ => {
                 return Err(StoreError::Invalid(format!(
                     "{}: volume {volume} has several replica devices",
@@ -202,7 +202,10 @@ impl ThinReplica {
             }
             None => {
                 let mut attempts = 0;
-                loop {
+                // A replica known to exist is never created anew: if it is
+                // gone, activating it fails below instead of replacing the
+                // replica with an empty device.
+                while !created {
                     match dm.message(pool, &format!("create_thin {replica_id}")) {
                         Ok(()) => break,
                         // Created before a crash, or an existing device the
@@ -217,9 +220,21 @@ impl ThinReplica {
                         Err(e) => return Err(e),
                     }
                 }
-                dm.create(name, &Self::thin_table(pool, sectors, replica_id), false)?;
+                match dm.create(name, &Self::thin_table(pool, sectors, replica_id), false) {
+                    Ok(()) => {}
+                    Err(e) if errno(&e) == Some(libc::ENODATA) => {
+                        return Err(StoreError::Invalid(format!(
+                            "the replica of volume {volume}, thin device {replica_id} of pool \
+                             {pool}, is missing from the pool (deleted outside replicad?): {e}"
+                        )))
+                    }
+                    Err(e) => return Err(e),
+                }
                 tracing::info!(device = %name, pool = %pool, id = replica_id, "replica activated");
             }
+        }
+        if !created {
+            ledger.modify(replica_id, |e| e.created = true)?;
         }
         let path = mapper_path(name);
         let file = OpenOptions::new()
@@ -739,7 +754,10 @@ create)
 	for t; do :; done
 	[ -e "$S/devs/${{t##* }}" ] || {{ echo "device-mapper: reload ioctl on $2  failed: No data available" >&2; exit 1; }}
 	echo "${{t##* }}" >"$S/active/$2" ;;
-table) echo "0 2048 thin 253:1 $(cat "$S/active/$2")" ;;
+table)
+	[ "$2" = pool ] && {{ echo "0 8192 thin-pool 254:2 254:3 128 0 1 error_if_no_space"; exit 0; }}
+	echo "0 2048 thin 253:1 $(cat "$S/active/$2")" ;;
+status) echo "0 8192 thin-pool 0 10/1024 0/64 - rw discard_passdown error_if_no_space - 768" ;;
 message)
 	set -- $4
 	case "$1" in
@@ -747,6 +765,9 @@ message)
 		[ -e "$S/devs/$2" ] && {{ echo "device-mapper: message ioctl on pool  failed: File exists" >&2; exit 1; }}
 		[ -e "$S/fail-snap" ] && {{ echo "device-mapper: message ioctl on pool  failed: Invalid argument" >&2; exit 1; }}
 		grep -q "^{{\"id\":$2," "$S/ledger/pool.ledger" || echo "create_snap $2 before its intent" >>$S/violations
+		touch "$S/devs/$2" ;;
+	create_thin)
+		[ -e "$S/devs/$2" ] && {{ echo "device-mapper: message ioctl on pool  failed: File exists" >&2; exit 1; }}
 		touch "$S/devs/$2" ;;
 	delete)
 		[ -e "$S/devs/$2" ] || {{ echo "device-mapper: message ioctl on pool  failed: No data available" >&2; exit 1; }}
@@ -973,5 +994,40 @@ esac
             r.open_point(11, PointAccess::ReadOnly).is_err(),
             "no such point"
         );
+    }
+
+    #[test]
+    fn a_replica_is_created_once_and_never_silently_recreated() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dir = d.path();
+        let dm = fake_pool(dir);
+        std::fs::write(dir.join("active/pool"), b"").expect("pool");
+        let ledger_dir = dir.join("ledger");
+        // First start: id allocated, created, marked created (opening the
+        // device node fails on the host, after that).
+        let e = ThinReplica::open_with(dm.clone(), &opts(), "v", 1 << 20, &ledger_dir)
+            .err()
+            .expect("no /dev/mapper/r on the host")
+            .to_string();
+        assert!(e.contains("open replica /dev/mapper/r"), "{e}");
+        assert!(log(dir).iter().any(|l| l == "message pool 0 create_thin 1"));
+        let l = Ledger::new(&ledger_dir, "pool").expect("ledger");
+        assert!(l.volume_entries("v").expect("entries")[0].created);
+        // The replica is deleted behind replicad's back: refused, not
+        // replaced by an empty device.
+        std::fs::remove_file(dir.join("devs/1")).expect("delete");
+        std::fs::remove_file(dir.join("active/r")).expect("deactivate");
+        std::fs::remove_file(dir.join("log")).expect("log");
+        let e = ThinReplica::open_with(dm, &opts(), "v", 1 << 20, &ledger_dir)
+            .err()
+            .expect("must refuse")
+            .to_string();
+        assert!(e.contains("missing from the pool"), "{e}");
+        assert!(
+            !log(dir).iter().any(|l| l.contains("create_thin")),
+            "{:?}",
+            log(dir)
+        );
+        assert!(!dir.join("devs/1").exists());
     }
 }

@@ -63,6 +63,11 @@ pub struct Entry {
     /// retried later.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub doomed: bool,
+    /// The device is known to exist in the pool (set once it was created
+    /// or adopted; a replica marked so that is missing was deleted behind
+    /// replicad's back, and is not silently created anew).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub created: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -226,6 +231,7 @@ impl Ledger {
                 kind,
                 point,
                 doomed: false,
+                created: false,
             });
             Ok(id)
         })
@@ -260,6 +266,7 @@ impl Ledger {
                     kind,
                     point,
                     doomed: false,
+                    created: false,
                 }),
             }
             Ok(())
