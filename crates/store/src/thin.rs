@@ -205,19 +205,21 @@ impl ThinReplica {
                 // A replica known to exist is never created anew: if it is
                 // gone, activating it fails below instead of replacing the
                 // replica with an empty device.
-                while !created {
-                    match dm.message(pool, &format!("create_thin {replica_id}")) {
-                        Ok(()) => break,
-                        // Created before a crash, or an existing device the
-                        // configuration names: use it.
-                        Err(e) if errno(&e) == Some(libc::EEXIST) && !fresh => break,
-                        Err(e) if errno(&e) == Some(libc::EEXIST) && attempts < ID_ATTEMPTS => {
-                            Self::mark_foreign(&ledger, pool, replica_id)?;
-                            replica_id = ledger.allocate(volume, Kind::Replica, None)?;
-                            fresh = true;
-                            attempts += 1;
+                if !created {
+                    loop {
+                        match dm.message(pool, &format!("create_thin {replica_id}")) {
+                            Ok(()) => break,
+                            // Created before a crash, or an existing device the
+                            // configuration names: use it.
+                            Err(e) if errno(&e) == Some(libc::EEXIST) && !fresh => break,
+                            Err(e) if errno(&e) == Some(libc::EEXIST) && attempts < ID_ATTEMPTS => {
+                                Self::mark_foreign(&ledger, pool, replica_id)?;
+                                replica_id = ledger.allocate(volume, Kind::Replica, None)?;
+                                fresh = true;
+                                attempts += 1;
+                            }
+                            Err(e) => return Err(e),
                         }
-                        Err(e) => return Err(e),
                     }
                 }
                 match dm.create(name, &Self::thin_table(pool, sectors, replica_id), false) {
