@@ -4,3 +4,4 @@
 pub mod certs;
 pub mod dev;
 pub mod keys;
+pub mod progress;

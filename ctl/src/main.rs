@@ -45,6 +45,59 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Resend every region of a protected volume (a full resync): the
+    /// source ships what it has spooled, then the current content of the
+    /// whole volume, with later writes winning. The replica is inconsistent
+    /// until it ends; its last recovery point stays.
+    Resync {
+        /// The source daemon's state directory (its control socket is there).
+        #[arg(long, required_unless_present = "socket")]
+        state_dir: Option<PathBuf>,
+        /// A control socket path (when it is not in the state directory).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Wait for the resync to finish, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 86400)]
+        timeout: u64,
+    },
+    /// Fail a volume over to the target host. `--planned` on the source
+    /// host: stop writes, ship everything, hand over (no data loss). Without
+    /// it, on the target host when the source is gone: promote the replica
+    /// at the latest consistent state or a chosen recovery point. Either way
+    /// the epoch moves on and the old source is refused from then on.
+    Failover {
+        /// The daemon's state directory (source with --planned, else target).
+        #[arg(long, required_unless_present = "socket")]
+        state_dir: Option<PathBuf>,
+        /// A control socket path (when it is not in the state directory).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Planned failover, run against the source.
+        #[arg(long)]
+        planned: bool,
+        /// Volume (on a target with several).
+        #[arg(long)]
+        volume: Option<String>,
+        /// Unplanned: `latest` (default) or a recovery point's record sequence
+        /// (`replctl points`).
+        #[arg(long, conflicts_with = "planned")]
+        point: Option<String>,
+    },
+    /// List a target volume's recovery points.
+    Points {
+        /// The target's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Volume id.
+        #[arg(long)]
+        volume: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the status a daemon publishes in its state directory.
     Status {
         /// The daemon's state directory: asks its control socket
@@ -233,6 +286,97 @@ fn run(cli: Cli) -> Result<(), String> {
                 p.next_seq() - 1
             );
         }
+        Cmd::Resync {
+            state_dir,
+            socket,
+            wait,
+            timeout,
+        } => {
+            let sock = socket
+                .or_else(|| {
+                    state_dir
+                        .as_ref()
+                        .map(|d| replicad::control::default_path(d))
+                })
+                .ok_or("give --state-dir or --socket")?;
+            let r = replicad::control::request(&sock, "resync")?;
+            println!("{}", r.message.unwrap_or_default());
+            if wait {
+                replctl::progress::wait_resync(&sock, std::time::Duration::from_secs(timeout))?;
+            }
+        }
+        Cmd::Failover {
+            state_dir,
+            socket,
+            planned,
+            volume,
+            point,
+        } => {
+            let sock = socket
+                .or_else(|| {
+                    state_dir
+                        .as_ref()
+                        .map(|d| replicad::control::default_path(d))
+                })
+                .ok_or("give --state-dir or --socket")?;
+            let req = replicad::control::Request {
+                version: replicad::control::CONTROL_VERSION,
+                command: if planned {
+                    "failover-planned"
+                } else {
+                    "failover"
+                }
+                .into(),
+                volume,
+                point,
+            };
+            let started = std::time::Instant::now();
+            let r = replicad::control::send(&sock, &req, std::time::Duration::from_secs(1200))?;
+            println!("{}", r.message.unwrap_or_default());
+            println!("failover took {:.1} s", started.elapsed().as_secs_f64());
+        }
+        Cmd::Points {
+            state_dir,
+            volume,
+            json,
+        } => {
+            let path = state_dir.join("volumes").join(&volume).join("state.json");
+            let st = replica_store::state::VolumeState::load(&path).map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&st.points).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "{:>12}  {:<9} {:>10}  {}",
+                    "RECORD", "KIND", "MARKER", "SOURCE TIME (UTC)"
+                );
+                for p in &st.points {
+                    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
+                        p.source_time_ns,
+                    ))
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                    println!(
+                        "{:>12}  {:<9} {:>10}  {}",
+                        p.seq,
+                        format!("{:?}", p.kind).to_lowercase(),
+                        p.marker.map(|m| m.to_string()).unwrap_or_default(),
+                        t
+                    );
+                }
+                if let Some(since) = st.resync_since {
+                    println!("a resync is running since record {since}: the replica is inconsistent; fail over to a point above");
+                }
+                if let Some(p) = &st.promoted {
+                    println!(
+                        "failed over at record {} (epoch {}): the volume is {}",
+                        p.point_seq, p.epoch, p.device
+                    );
+                }
+            }
+        }
         Cmd::Wait {
             state_dir,
             volume,
@@ -367,6 +511,13 @@ fn human_bytes(b: u64) -> String {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` or `grep -q`: a closed pipe ends replctl
+    // quietly, as it does any Unix tool, instead of a panic on EPIPE.
+    // SAFETY: called first thing, before any other thread exists; SIG_DFL
+    // is a valid disposition for SIGPIPE and no handler is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

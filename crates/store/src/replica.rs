@@ -66,6 +66,10 @@ pub trait ReplicaStore: Send {
     fn list_points(&self) -> Result<Vec<u64>, StoreError>;
     /// A path from which the contents of point `id` can be read.
     fn point_path(&self, id: u64) -> PathBuf;
+    /// Failover: makes the replica the primary volume, rolled back to
+    /// point `id` or as it is now (`None`), flushed; returns the path of the
+    /// volume to use on this host. Nothing is applied to it afterwards.
+    fn promote(&mut self, point: Option<u64>) -> Result<PathBuf, StoreError>;
 }
 
 const QUEUE_DEPTH: u32 = 64;
@@ -340,6 +344,31 @@ impl ReplicaStore for FileReplica {
     fn point_path(&self, id: u64) -> PathBuf {
         self.points_dir.join(format!("{id:020}.img"))
     }
+
+    fn promote(&mut self, point: Option<u64>) -> Result<PathBuf, StoreError> {
+        if let Some(id) = point {
+            let src_path = self.point_path(id);
+            let src = File::open(&src_path)
+                .map_err(|e| StoreError::io("open recovery point", &src_path, e))?;
+            // SAFETY: FICLONE takes the source fd as its argument and
+            // touches no user memory; both fds are open for the call.
+            let cloned =
+                unsafe { libc::ioctl(self.file.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
+            if !cloned {
+                use std::io::{Seek, SeekFrom};
+                let mut dst = &self.file;
+                dst.seek(SeekFrom::Start(0))
+                    .map_err(|e| StoreError::io("roll back replica", &self.path, e))?;
+                let mut s = &src;
+                std::io::copy(&mut s, &mut dst)
+                    .map_err(|e| StoreError::io("roll back replica", &self.path, e))?;
+            }
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| StoreError::io("flush replica", &self.path, e))?;
+        Ok(self.path.clone())
+    }
 }
 
 #[cfg(test)]
@@ -390,5 +419,35 @@ mod tests {
             .is_err(),
             "past the end"
         );
+    }
+
+    #[test]
+    fn promote_rolls_back_to_a_point_or_keeps_the_current_contents() {
+        let d = tempfile::tempdir().expect("tmp");
+        let path = d.path().join("r.img");
+        let mut r = FileReplica::open(&path, 1 << 20, &d.path().join("points")).expect("open");
+        let a = vec![1u8; 4096];
+        r.apply(&[ApplyOp::Write {
+            offset: 0,
+            data: &a,
+        }])
+        .expect("apply");
+        r.flush().expect("flush");
+        r.create_point(5).expect("point");
+        let at5 = std::fs::read(&path).expect("read");
+        let b = vec![2u8; 4096];
+        r.apply(&[ApplyOp::Write {
+            offset: 8192,
+            data: &b,
+        }])
+        .expect("apply");
+        let now = r.promote(None).expect("promote as is");
+        assert_eq!(now, path);
+        assert!(std::fs::read(&path).expect("read")[8192..12288]
+            .iter()
+            .all(|&x| x == 2));
+        assert_eq!(r.promote(Some(5)).expect("promote at 5"), path);
+        assert_eq!(std::fs::read(&path).expect("read"), at5);
+        assert!(r.promote(Some(6)).is_err(), "no such point");
     }
 }
