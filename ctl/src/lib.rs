@@ -5,3 +5,4 @@ pub mod certs;
 pub mod dev;
 pub mod keys;
 pub mod progress;
+pub mod protect;

@@ -1,6 +1,6 @@
 //! `replctl`: drive dm-replica.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +44,79 @@ enum Cmd {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+    },
+    /// Protect a block device: put the `replica` target over it (use
+    /// /dev/mapper/<volume> from now on), write the source's configuration
+    /// and the boot-time activation entry, start `replicad source`, and
+    /// copy the whole volume to the target (with a progress bar) until the
+    /// replica is consistent.
+    Protect {
+        /// The block device holding the data (a stable path).
+        device: PathBuf,
+        /// Volume id (also /dev/mapper/<volume>).
+        #[arg(long)]
+        volume: String,
+        /// The target, host:port.
+        #[arg(long)]
+        target: String,
+        /// The name in the target's certificate (default: the host part).
+        #[arg(long)]
+        target_name: Option<String>,
+        /// Consistency group (default: the volume id).
+        #[arg(long)]
+        group: Option<String>,
+        /// Ring size of the group, MiB.
+        #[arg(long, default_value_t = 64)]
+        ring_mib: u32,
+        /// Configuration directory.
+        #[arg(long, default_value = "/etc/dm-replica")]
+        config_dir: PathBuf,
+        /// The source's state directory (default /var/lib/replicad/<volume>).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Private CA (default <config-dir>/pki/ca.pem).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// This host's certificate (default <config-dir>/pki/<hostname>.pem).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// This host's key (default <config-dir>/pki/<hostname>.key).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Keyring (default <config-dir>/keys.toml).
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// Start `replicad source` as a background process (hosts without
+        /// systemd) instead of `systemctl enable --now replicad-source@<volume>`.
+        #[arg(long)]
+        spawn: bool,
+        /// Do not start the daemon (and do not copy).
+        #[arg(long)]
+        no_start: bool,
+        /// Skip the initial copy (the replica is known to hold the same data,
+        /// e.g. both are new and zeroed).
+        #[arg(long)]
+        no_initial_copy: bool,
+    },
+    /// Stop protecting a volume: stop its source daemon, remove
+    /// /dev/mapper/<volume> (unmount it first; the data device keeps the
+    /// data), its activation entry and configuration.
+    Unprotect {
+        /// Volume id.
+        volume: String,
+        /// Configuration directory.
+        #[arg(long, default_value = "/etc/dm-replica")]
+        config_dir: PathBuf,
+        /// Keep the source's state directory.
+        #[arg(long)]
+        keep_state: bool,
+    },
+    /// Re-create every protected volume's table (boot time, before
+    /// filesystems mount; dm-replica-activate.service runs it).
+    Activate {
+        /// Configuration directory.
+        #[arg(long, default_value = "/etc/dm-replica")]
+        config_dir: PathBuf,
     },
     /// Resend every region of a protected volume (a full resync): the
     /// source ships what it has spooled, then the current content of the
@@ -305,6 +378,109 @@ fn run(cli: Cli) -> Result<(), String> {
                 replctl::progress::wait_resync(&sock, std::time::Duration::from_secs(timeout))?;
             }
         }
+        Cmd::Protect {
+            device,
+            volume,
+            target,
+            target_name,
+            group,
+            ring_mib,
+            config_dir,
+            state_dir,
+            ca,
+            cert,
+            key,
+            keys,
+            spawn,
+            no_start,
+            no_initial_copy,
+        } => {
+            let host = hostname();
+            let pki = config_dir.join("pki");
+            let o = replctl::protect::ProtectOpts {
+                device,
+                volume: volume.clone(),
+                group,
+                ring_mib,
+                target_name: target_name.unwrap_or_else(|| {
+                    target
+                        .rsplit_once(':')
+                        .map_or(target.clone(), |(h, _)| h.to_owned())
+                }),
+                target,
+                ca: ca.unwrap_or_else(|| pki.join("ca.pem")),
+                cert: cert.unwrap_or_else(|| pki.join(format!("{host}.pem"))),
+                key: key.unwrap_or_else(|| pki.join(format!("{host}.key"))),
+                keys: keys.unwrap_or_else(|| config_dir.join("keys.toml")),
+                state_dir: state_dir
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/replicad").join(&volume)),
+                config_dir,
+            };
+            let cfg = replctl::protect::protect(&o)?;
+            println!(
+                "/dev/mapper/{volume} now protects {} (use it instead of the device); configuration {}",
+                o.device.display(),
+                cfg.display()
+            );
+            if no_start {
+                println!("start it with: replicad source --config {}", cfg.display());
+                return Ok(());
+            }
+            if spawn {
+                std::fs::create_dir_all(&o.state_dir)
+                    .map_err(|e| format!("{}: {e}", o.state_dir.display()))?;
+                let log = o.state_dir.join("replicad.log");
+                let err =
+                    std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+                std::process::Command::new(replicad_exe())
+                    .args(["source", "--config"])
+                    .arg(&cfg)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(err)
+                    .spawn()
+                    .map_err(|e| format!("start replicad: {e}"))?;
+                println!("replicad source started (log {})", log.display());
+            } else if Path::new("/run/systemd/system").exists() {
+                let unit = format!("replicad-source@{volume}.service");
+                let ok = std::process::Command::new("systemctl")
+                    .args(["enable", "--now", &unit])
+                    .status()
+                    .map_err(|e| format!("systemctl: {e}"))?
+                    .success();
+                if !ok {
+                    return Err(format!("systemctl enable --now {unit} failed"));
+                }
+                println!("{unit} enabled and started");
+            } else {
+                return Err(format!(
+                    "no systemd here: start `replicad source --config {}` (or use --spawn)",
+                    cfg.display()
+                ));
+            }
+            let sock = replicad::control::default_path(&o.state_dir);
+            replctl::protect::wait_daemon(&sock, std::time::Duration::from_secs(60))?;
+            if !no_initial_copy {
+                let r = replicad::control::request(&sock, "resync")?;
+                println!("initial copy: {}", r.message.unwrap_or_default());
+                replctl::progress::wait_resync(&sock, std::time::Duration::from_secs(7 * 86400))?;
+                println!("initial copy done: the replica is consistent");
+            }
+        }
+        Cmd::Unprotect {
+            volume,
+            config_dir,
+            keep_state,
+        } => {
+            for line in replctl::protect::unprotect(&config_dir, &volume, keep_state)? {
+                println!("{line}");
+            }
+        }
+        Cmd::Activate { config_dir } => {
+            for line in replctl::protect::activate(&config_dir)? {
+                println!("{line}");
+            }
+        }
         Cmd::Failover {
             state_dir,
             socket,
@@ -492,6 +668,24 @@ fn run(cli: Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// This host's name (for default certificate paths).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `replicad` next to this executable, else on PATH.
+fn replicad_exe() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("replicad")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("replicad"))
 }
 
 /// Bytes for a human: B, KiB, MiB, GiB, TiB with one decimal.

@@ -95,8 +95,6 @@ pub struct Shared {
     pub damaged: Mutex<Option<String>>,
     /// Set while a resync is needed: the first record the stream lacks.
     pub resync_since: Mutex<Option<u64>>,
-    /// The ring's producer index at the drain's last look.
-    pub produced: AtomicU64,
     /// A planned failover waiting for the session to hand over.
     pub planned: Mutex<Option<crate::failover::PlannedFailover>>,
 }
@@ -364,7 +362,6 @@ impl Drainer {
             fatal: Mutex::new(None),
             damaged: Mutex::new(None),
             resync_since: Mutex::new(since),
-            produced: AtomicU64::new(0),
             planned: Mutex::new(None),
         });
         let d = Self {
@@ -1074,7 +1071,6 @@ impl Drainer {
         let spool = &self.shared.spool;
         let durable = self.shared.durable.load(Ordering::Acquire);
         let produced = c.producer_seq();
-        self.shared.produced.store(produced, Ordering::Release);
         let spooled = spool.next_seq();
         let (map, running) = match &self.mode {
             Mode::Bitmap { st, .. } => (Some(st), None),

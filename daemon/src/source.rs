@@ -169,6 +169,8 @@ struct Commands {
     device: Option<std::path::PathBuf>,
     volume_size: u64,
     kernel_ring: bool,
+    /// The ring file (development mode).
+    ring_file: Option<std::path::PathBuf>,
     /// The epoch this source is at.
     epoch: AtomicU64,
     resync_request: Arc<std::sync::Mutex<Option<String>>>,
@@ -180,7 +182,7 @@ struct Commands {
 
 impl Commands {
     fn handle(&self, r: &crate::control::Request) -> Option<Result<String, String>> {
-        if !matches!(r.command.as_str(), "resync" | "failover-planned") {
+        if !matches!(r.command.as_str(), "resync" | "failover-planned" | "stop") {
             return None;
         }
         if r.volume.as_ref().is_some_and(|v| v != &self.volume) {
@@ -191,6 +193,11 @@ impl Commands {
             )));
         }
         Some(match r.command.as_str() {
+            "stop" => {
+                tracing::info!(volume = %self.volume, "stop requested on the control socket");
+                self.stop.store(true, Ordering::Release);
+                Ok(format!("replicad source for {} is stopping", self.volume))
+            }
             "resync" => {
                 *self
                     .resync_request
@@ -260,7 +267,12 @@ impl Commands {
         } else {
             // A ring file: the writers must have stopped; the last record
             // produced is the last one.
-            shared.produced.load(Ordering::Acquire).wrapping_sub(1)
+            let path = self.ring_file.as_ref().ok_or("no ring file configured")?;
+            let map = replica_ring::Mapping::open_file(path, false).map_err(|e| e.to_string())?;
+            map.header()
+                .prod_seq
+                .load(Ordering::Acquire)
+                .wrapping_sub(1)
         };
         // Everything up to `upto` spooled, then durable on the target and
         // applied there (the target checks), then the target takes over.
@@ -342,6 +354,10 @@ impl Source {
             device: cfg.device.clone(),
             volume_size: cfg.volume_size,
             kernel_ring: matches!(cfg.ring, RingSource::Group(_)),
+            ring_file: match &cfg.ring {
+                RingSource::File(p) => Some(p.clone()),
+                RingSource::Group(_) => None,
+            },
             epoch: AtomicU64::new(cfg.epoch.max(role.epoch)),
             resync_request: Arc::default(),
             shared: std::sync::OnceLock::new(),
@@ -778,6 +794,7 @@ impl Source {
             source_random: hex::encode(src_rand),
             oldest_seq: oldest,
             key_id: self.keys.get().active(),
+            resync: shared.needs_resync().is_some(),
         }));
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         let w = loop {

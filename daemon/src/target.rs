@@ -691,6 +691,26 @@ impl ConnCtx {
                 st.generation = gen_hex;
                 st.applied_seq = hello.oldest_seq.saturating_sub(1);
                 vol.applied.store(st.applied_seq, Ordering::Release);
+            } else if st.generation != gen_hex && hello.resync {
+                // A new capture ring (the source host restarted) whose
+                // stream starts with a resync: everything of the old one is
+                // applied first, then the journal starts over in the new
+                // sequence space and the replica is inconsistent (no new
+                // points; the last one stays) until the resync ends.
+                if vol.applied.load(Ordering::Acquire) < journal_durable {
+                    return Err(caller(Refusal::recoverable(
+                        "busy",
+                        "still applying the previous ring generation's journal",
+                    )));
+                }
+                vol.lock_journal()
+                    .restart()
+                    .map_err(|e| caller(store_refusal(&e)))?;
+                tracing::warn!(volume = %vol.cfg.id, old = %st.generation, new = %gen_hex, "new ring generation with a resync: the replica is inconsistent until it ends");
+                st.generation = gen_hex;
+                st.applied_seq = hello.oldest_seq.saturating_sub(1);
+                st.resync_since = Some(hello.oldest_seq);
+                vol.applied.store(st.applied_seq, Ordering::Release);
             } else if st.generation != gen_hex {
                 return Err(replica_err(Refusal::fatal(
                     "generation",
@@ -700,7 +720,7 @@ impl ConnCtx {
             st.epoch = hello.epoch;
             st.save(&vol.state_path())
                 .map_err(|e| caller(store_refusal(&e)))?;
-            let durable = journal_durable.max(st.applied_seq);
+            let durable = vol.lock_journal().durable_seq().max(st.applied_seq);
             if hello.oldest_seq > durable.saturating_add(1) {
                 return Err(replica_err(Refusal::fatal(
                     "sequence-gap",

@@ -712,6 +712,20 @@ impl RawClient {
         generation: [u8; 16],
         oldest_seq: u64,
     ) -> Result<Self, String> {
+        Self::connect_with(env, addr, cert, volume, generation, oldest_seq, false)
+    }
+
+    /// [`RawClient::connect`], announcing (or not) that the stream starts
+    /// with a resync.
+    pub fn connect_with(
+        env: &Env,
+        addr: &str,
+        cert: (&str, &str),
+        volume: &str,
+        generation: [u8; 16],
+        oldest_seq: u64,
+        resync: bool,
+    ) -> Result<Self, String> {
         use replica_proto::msg::{Hello, Message};
         let tls = replicad::config::TlsConfig {
             ca: env.path("pki/ca.pem"),
@@ -737,6 +751,7 @@ impl RawClient {
             source_random: hex::encode(src_rand),
             oldest_seq,
             key_id: 1,
+            resync,
         }));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

@@ -143,3 +143,70 @@ fn gap_that_does_not_start_with_begin_applies_nothing_and_is_critical() {
     assert_eq!(s.applied_seq, 4);
     assert_eq!(std::fs::read(st.join("v.img")).expect("replica"), before);
 }
+
+#[test]
+fn a_new_ring_generation_is_taken_over_only_with_a_resync() {
+    let (env, t, addr, st, kr) = setup();
+    let mut c =
+        RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], 1).expect("connect");
+    let f = c.seal(&kr, 1, 1, 4, &[0x11; 4096]);
+    c.send_frame(f).expect("first frame");
+    wait_applied(&st, 4);
+    drop(c);
+    // The source host restarted: a new ring whose sequences start over.
+    let e = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [7; 16], 1)
+        .err()
+        .expect("another generation without a resync is refused");
+    assert!(e.starts_with("generation"), "{e}");
+    // Refused, not Critical: the same source can come back with a resync.
+    let _ = std::fs::remove_file(st.join("volumes/v/state.json.tmp"));
+    let mut st_now = target_state(&st, "v");
+    st_now.critical = None;
+    st_now
+        .save(&st.join("volumes/v/state.json"))
+        .expect("clear");
+    drop(t);
+    let cfg = env.path("target.toml");
+    pin_listen(&cfg, &addr);
+    let (_t, _) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
+    let mut c = RawClient::connect_with(&env, &addr, ("pki", SOURCE_CN), "v", [7; 16], 1, true)
+        .expect("a new generation starting with a resync is taken over");
+    assert_eq!(
+        c.welcome.durable_seq, 0,
+        "the new sequence space starts over"
+    );
+    let s = target_state(&st, "v");
+    assert_eq!(s.generation, hex::encode([7u8; 16]));
+    assert_eq!(s.resync_since, Some(1));
+    assert_eq!(points(&st), vec![1, 3], "the old generation's points stay");
+    let region = vec![0x55u8; 65536];
+    let f = c.seal_records(
+        &kr,
+        FEATURE_RESYNC_GAP,
+        &[
+            (
+                3,
+                ring_op::MARKER,
+                RECORD_FLAG_RESYNC,
+                0,
+                Marker::Begin.aux(),
+                &[],
+            ),
+            (4, ring_op::WRITE, RECORD_FLAG_RESYNC, 0, 0, &region),
+            (5, ring_op::FLUSH, 0, 0, 0, &[]),
+            (
+                6,
+                ring_op::MARKER,
+                RECORD_FLAG_RESYNC,
+                0,
+                Marker::End.aux(),
+                &[],
+            ),
+        ],
+    );
+    c.send_frame(f).expect("resync");
+    wait_for(Duration::from_secs(20), "the point at END", || {
+        points(&st) == vec![1, 3, 6]
+    });
+    assert_eq!(target_state(&st, "v").resync_since, None);
+}

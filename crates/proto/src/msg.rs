@@ -68,6 +68,11 @@ pub struct Hello {
     pub oldest_seq: u64,
     /// Key id the source will seal with.
     pub key_id: u32,
+    /// The stream starts with a resync (after a gap): a target that has
+    /// another ring generation (the source host restarted) may take this one
+    /// over, inconsistent until the resync ends.
+    #[serde(default)]
+    pub resync: bool,
 }
 
 /// Target's answer when it accepts the stream.
