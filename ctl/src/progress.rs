@@ -18,6 +18,10 @@ pub fn wait_resync(socket: &Path, timeout: Duration) -> Result<(), String> {
         .progress_chars("=> "),
     );
     bar.set_message("resync");
+    // Without a terminal (logs, a serial console captured by a script) the
+    // bar is hidden: say the progress in plain lines, every 10%.
+    let plain = bar.is_hidden();
+    let mut said = u64::MAX;
     loop {
         let r = replicad::control::request(socket, "status")?;
         let vols = r.status.unwrap_or_default();
@@ -37,6 +41,19 @@ pub fn wait_resync(socket: &Path, timeout: Duration) -> Result<(), String> {
         let total = v.resync_total_regions.max(v.dirty_regions);
         bar.set_length(total);
         bar.set_position(total - v.dirty_regions);
+        let tenth = if total == 0 {
+            0
+        } else {
+            (total - v.dirty_regions) * 10 / total
+        };
+        if plain && v.resync_running && tenth != said {
+            println!(
+                "resync: {} of {total} regions sent ({}%)",
+                total - v.dirty_regions,
+                tenth * 10
+            );
+            said = tenth;
+        }
         bar.set_message(if v.resync_running {
             "resync"
         } else {

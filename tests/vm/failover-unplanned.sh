@@ -126,7 +126,7 @@ CFG
 	step "round $n: the old source comes back"
 	replicad source --config $W/source$n.toml 2>$W/source$n-back.log
 	check_eq "refused and demoted (exit 3)" 3 $?
-	check "it says it was failed over" grep -q "promoted" $W/source$n-back.log
+	check "it says it was failed over" grep -q "failed over" $W/source$n-back.log
 	check "its volume is fenced (error table)" sh -c "dmsetup table u$n | grep -q ' error'"
 	check "dmsetup remove u$n" dmsetup remove u$n
 }

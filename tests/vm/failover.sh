@@ -134,7 +134,7 @@ check "the old primary's volume is back under a replica table" sh -c "dmsetup lo
 rm -f $W/source/role.json
 replicad source --config $W/source.toml 2>$W/source3.log
 check_eq "refused by the new primary (Critical, exit 3)" 3 $?
-check "the reason says it was failed over" grep -q "promoted" $W/source3.log
+check "the reason says it was failed over" grep -q "failed over" $W/source3.log
 check "and it fenced its volume again (error table)" sh -c 'dmsetup table r0 | grep -q " error"'
 check "the promoted replica did not change" sh -c "test \"\$(sha256sum <$T/fo.img | cut -d' ' -f1)\" = $b"
 kill $tpid
