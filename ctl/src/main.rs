@@ -365,13 +365,7 @@ fn run(cli: Cli) -> Result<(), String> {
             wait,
             timeout,
         } => {
-            let sock = socket
-                .or_else(|| {
-                    state_dir
-                        .as_ref()
-                        .map(|d| replicad::control::default_path(d))
-                })
-                .ok_or("give --state-dir or --socket")?;
+            let sock = control_socket(socket, state_dir.as_deref())?;
             let r = replicad::control::request(&sock, "resync")?;
             println!("{}", r.message.unwrap_or_default());
             if wait {
@@ -488,13 +482,7 @@ fn run(cli: Cli) -> Result<(), String> {
             volume,
             point,
         } => {
-            let sock = socket
-                .or_else(|| {
-                    state_dir
-                        .as_ref()
-                        .map(|d| replicad::control::default_path(d))
-                })
-                .ok_or("give --state-dir or --socket")?;
+            let sock = control_socket(socket, state_dir.as_deref())?;
             let req = replicad::control::Request {
                 version: replicad::control::CONTROL_VERSION,
                 command: if planned {
@@ -668,6 +656,13 @@ fn run(cli: Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The control socket named, or the one in a state directory.
+fn control_socket(socket: Option<PathBuf>, state_dir: Option<&Path>) -> Result<PathBuf, String> {
+    socket
+        .or_else(|| state_dir.map(replicad::control::default_path))
+        .ok_or_else(|| "give --state-dir or --socket".to_string())
 }
 
 /// This host's name (for default certificate paths).

@@ -147,6 +147,22 @@ struct Run {
     last_save: Instant,
 }
 
+impl Run {
+    /// A resync that begins (or resumes after a restart) with the regions
+    /// still in `st`'s map.
+    fn new(st: ResyncState) -> Self {
+        Self {
+            total: st.map.count(),
+            st,
+            cursor: 0,
+            outstanding: 0,
+            end: None,
+            unsaved: false,
+            last_save: Instant::now(),
+        }
+    }
+}
+
 enum Mode {
     /// Records go to the spool; with a resync running after a BEGIN.
     Spool(Option<Run>),
@@ -320,18 +336,7 @@ impl Drainer {
                     damaged = true;
                 }
                 match st.begin_seq {
-                    Some(_) if !damaged => {
-                        let total = st.map.count();
-                        Mode::Spool(Some(Run {
-                            st,
-                            total,
-                            cursor: 0,
-                            outstanding: 0,
-                            end: None,
-                            unsaved: false,
-                            last_save: Instant::now(),
-                        }))
-                    }
+                    Some(_) if !damaged => Mode::Spool(Some(Run::new(st))),
                     _ => {
                         st.begin_seq = None;
                         Mode::Bitmap { st, begin: None }
@@ -603,16 +608,7 @@ impl Drainer {
                 st.save(&self.set.state_path)
                     .map_err(|e| io_err("save the resync state", e))?;
                 tracing::info!(volume = %self.set.volume, seq = r.seq, regions = st.map.count(), "resync begins");
-                let total = st.map.count();
-                self.mode = Mode::Spool(Some(Run {
-                    st,
-                    total,
-                    cursor: 0,
-                    outstanding: 0,
-                    end: None,
-                    unsaved: false,
-                    last_save: Instant::now(),
-                }));
+                self.mode = Mode::Spool(Some(Run::new(st)));
                 self.pending.gap = true;
                 self.push(r.seq, d.op, d.flags, &d, 0, 0);
             }

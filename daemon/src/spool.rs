@@ -268,6 +268,21 @@ struct AckCursor {
     gap_from: Option<u64>,
 }
 
+impl AckCursor {
+    /// Everything is acknowledged: the next record, `seq`, is not in the
+    /// spool yet (logical offset `logical`).
+    fn at_end(seq: u64, logical: u64) -> Self {
+        Self {
+            seq,
+            file: seq,
+            offset: 0,
+            logical,
+            first_ns: None,
+            gap_from: None,
+        }
+    }
+}
+
 struct Inner {
     files: BTreeMap<u64, FileInfo>,
     /// The file being appended to.
@@ -430,14 +445,8 @@ impl Spool {
             .map(|(s, f)| (*s, f.base))
             .unwrap_or((next.unwrap_or(0), logical));
         let next_seq = next.unwrap_or(0);
-        let acked = AckCursor {
-            seq: first.0,
-            file: first.0,
-            offset: FILE_HEADER_LEN,
-            logical: first.1 + if files.is_empty() { 0 } else { FILE_HEADER_LEN },
-            first_ns: None,
-            gap_from: None,
-        };
+        // Placed properly just below, once the spool can be read.
+        let acked = AckCursor::at_end(first.0, first.1);
         let spool = Self {
             dir: dir.to_owned(),
             generation,
@@ -458,14 +467,7 @@ impl Spool {
             if !g.files.is_empty() {
                 spool.set_acked(&mut g, first.0)?;
             } else {
-                g.acked = AckCursor {
-                    seq: next_seq,
-                    file: next_seq,
-                    offset: 0,
-                    logical: g.logical_end,
-                    first_ns: None,
-                    gap_from: None,
-                };
+                g.acked = AckCursor::at_end(next_seq, g.logical_end);
             }
         }
         Ok((spool, rec))
@@ -514,14 +516,7 @@ impl Spool {
         let mut g = self.lock();
         if g.files.is_empty() {
             g.next_seq = seq;
-            g.acked = AckCursor {
-                seq,
-                file: seq,
-                offset: 0,
-                logical: g.logical_end,
-                first_ns: None,
-                gap_from: None,
-            };
+            g.acked = AckCursor::at_end(seq, g.logical_end);
         }
     }
 
@@ -693,14 +688,7 @@ impl Spool {
             .iter()
             .find(|(_, f)| (f.next_seq.wrapping_sub(seq) as i64) > 0)
         else {
-            g.acked = AckCursor {
-                seq,
-                file: seq,
-                offset: 0,
-                logical: g.logical_end,
-                first_ns: None,
-                gap_from: None,
-            };
+            g.acked = AckCursor::at_end(seq, g.logical_end);
             return Ok(());
         };
         let fi = fi.clone();
@@ -778,14 +766,7 @@ impl Spool {
         }
         g.drops += 1;
         g.next_seq = next_seq;
-        g.acked = AckCursor {
-            seq: next_seq,
-            file: next_seq,
-            offset: 0,
-            logical: g.logical_end,
-            first_ns: None,
-            gap_from: None,
-        };
+        g.acked = AckCursor::at_end(next_seq, g.logical_end);
         drop(g);
         let _ = replica_store::journal::sync_dir(&self.dir);
         self.cond.notify_all();

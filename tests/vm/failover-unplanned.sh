@@ -20,29 +20,12 @@ check "target disk" mkfs.ext4 -q -F /dev/vdd
 mkdir -p $T
 check "mount the target disk" mount -t ext4 /dev/vdd $T
 check "insmod dm_replica" insmod "$(module_path dm_replica)"
-mkdir -p $W
-check "certificates" replctl certs generate --out $W/pki --host source-host --host target-host
-check "data key" replctl keys generate --out $W/keys.toml
+repl_keys $W
 size=$(($(cat /sys/block/vda/size) * 512))
 {
-	cat <<CFG
-listen = "127.0.0.1:$PORT"
-keys = "$W/keys.toml"
-state_dir = "$T/state"
-[tls]
-ca = "$W/pki/ca.pem"
-cert = "$W/pki/target-host.pem"
-key = "$W/pki/target-host.key"
-CFG
+	target_toml $W 127.0.0.1:$PORT $T/state
 	for v in 1 2 3; do
-		cat <<CFG
-[[volume]]
-id = "u$v"
-size = $size
-allowed_sources = ["source-host"]
-keep_points = 2
-replica = { backend = "file", path = "$T/u$v.img" }
-CFG
+		target_volume u$v $size $T/u$v.img 2
 	done
 } >$W/target.toml
 replicad target --config $W/target.toml 2>$W/target.log &
@@ -54,27 +37,10 @@ round() { # n disk seed
 	sectors=$(cat /sys/block/$disk/size)
 	step "round $n: protect /dev/$disk, write with fsync, kill the source"
 	check "dmsetup create u$n" dmsetup create u$n --table "0 $sectors replica /dev/$disk u$n ring_mib=4 overflow_wait_ms=5000"
-	cat >$W/source$n.toml <<CFG
-volume = "u$n"
-volume_size = $size
-ring = { group = "u$n" }
-device = "/dev/mapper/u$n"
-target = "127.0.0.1:$PORT"
-target_name = "target-host"
-keys = "$W/keys.toml"
-state_dir = "$W/source$n"
-[tls]
-ca = "$W/pki/ca.pem"
-cert = "$W/pki/source-host.pem"
-key = "$W/pki/source-host.key"
-[retry]
-schedule_secs = [0.2]
-[spool]
-limit_percent = 1000
-CFG
+	{ source_toml $W u$n $size 127.0.0.1:$PORT $W/source$n; printf '[spool]\nlimit_percent = 1000\n'; } >$W/source$n.toml
 	replicad source --config $W/source$n.toml 2>$W/source$n.log &
 	spid=$!
-	wait_for "source u$n connected" 60 sh -c "replctl status --state-dir $W/source$n --json | grep -q '\"connection\": \"Connected\"'"
+	wait_for "source u$n connected" 60 json_has $W/source$n '"connection": "Connected"'
 	check "mkfs.ext4" mkfs.ext4 -q -F -E nodiscard /dev/mapper/u$n
 	mkdir -p /mnt/u$n
 	check "mount" mount -t ext4 /dev/mapper/u$n /mnt/u$n

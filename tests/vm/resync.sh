@@ -23,58 +23,18 @@ check "data on the volume before it is protected" dd if=/dev/urandom of=$DATA bs
 check "insmod dm_replica" insmod "$(module_path dm_replica)"
 check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA rs ring_mib=2 region_kib=64 overflow_wait_ms=2000"
 
-mkdir -p $W
-check "certificates" replctl certs generate --out $W/pki --host source-host --host target-host
-check "data key" replctl keys generate --out $W/keys.toml
-cat >$W/target.toml <<CFG
-listen = "127.0.0.1:$PORT"
-keys = "$W/keys.toml"
-state_dir = "$W/target"
-[tls]
-ca = "$W/pki/ca.pem"
-cert = "$W/pki/target-host.pem"
-key = "$W/pki/target-host.key"
-[[volume]]
-id = "rs"
-size = $size
-allowed_sources = ["source-host"]
-keep_points = 8
-replica = { backend = "file", path = "$W/replica.img" }
-CFG
-cat >$W/source.toml <<CFG
-volume = "rs"
-volume_size = $size
-ring = { group = "rs" }
-device = "/dev/mapper/r0"
-target = "127.0.0.1:$PORT"
-target_name = "target-host"
-keys = "$W/keys.toml"
-state_dir = "$W/source"
-[tls]
-ca = "$W/pki/ca.pem"
-cert = "$W/pki/source-host.pem"
-key = "$W/pki/source-host.key"
-[retry]
-schedule_secs = [0.2]
-[resync]
-window_bytes = 4194304
-CFG
+repl_keys $W
+{ target_toml $W 127.0.0.1:$PORT $W/target; target_volume rs $size $W/replica.img 8; } >$W/target.toml
+{ SOURCE_DM=r0 source_toml $W rs $size 127.0.0.1:$PORT $W/source; printf '[resync]\nwindow_bytes = 4194304\n'; } >$W/source.toml
 replicad target --config $W/target.toml 2>$W/target.log &
 tpid=$!
 replicad source --config $W/source.toml 2>$W/source.log &
 spid=$!
 wait_for "source attached" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
 
-compare() { # what
-	out=$(dmsetup message r0 0 marker "$2")
-	seq=$(echo "$out" | sed -n "s/^marker $2 seq \([0-9]*\)\$/\1/p")
-	check "marker $2 inserted (seq $seq)" test -n "$seq"
-	check "target applied up to the marker" replctl wait --state-dir $W/target --volume rs --applied "$seq" --timeout 300
-	a=$(dd if=/dev/mapper/r0 iflag=direct bs=1M 2>/dev/null | sha256sum | cut -d' ' -f1)
-	b=$(sha256sum <$W/replica.img | cut -d' ' -f1)
-	echo "volume  $a"
-	echo "replica $b"
-	check_eq "$1: replica equals the volume" "$a" "$b"
+compare() { # what marker-id
+	marker_applied r0 "$2" $W/target rs
+	same_sha /dev/mapper/r0 $W/replica.img "$1: replica equals the volume"
 }
 
 step "initial copy (full resync) while fio writes through the volume"
@@ -87,7 +47,7 @@ wait $fpid
 check_eq "fio with verify during the resync" 0 $?
 replctl status --state-dir $W/source
 replctl status --state-dir $W/target
-check "no resync needed any more" sh -c "replctl status --state-dir $W/source --json | grep -qE '\"needs_resync\": ?false'"
+check "no resync needed any more" json_has $W/source '"needs_resync": false'
 check "the target is out of its resync" sh -c "! grep -q '\"resync_since\": [0-9]' $W/target/volumes/rs/state.json"
 compare "after the initial copy" 1
 
