@@ -4,3 +4,5 @@
 pub mod certs;
 pub mod dev;
 pub mod keys;
+pub mod progress;
+pub mod protect;

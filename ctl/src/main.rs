@@ -1,6 +1,6 @@
 //! `replctl`: drive dm-replica.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +51,132 @@ enum Cmd {
     Point {
         #[command(subcommand)]
         cmd: PointCmd,
+    },
+    /// Protect a block device: put the `replica` target over it (use
+    /// /dev/mapper/<volume> from now on), write the source's configuration
+    /// and the boot-time activation entry, start `replicad source`, and
+    /// copy the whole volume to the target (with a progress bar) until the
+    /// replica is consistent.
+    Protect {
+        /// The block device holding the data (a stable path).
+        device: PathBuf,
+        /// Volume id (also /dev/mapper/<volume>).
+        #[arg(long)]
+        volume: String,
+        /// The target, host:port.
+        #[arg(long)]
+        target: String,
+        /// The name in the target's certificate (default: the host part).
+        #[arg(long)]
+        target_name: Option<String>,
+        /// Consistency group (default: the volume id).
+        #[arg(long)]
+        group: Option<String>,
+        /// Ring size of the group, MiB.
+        #[arg(long, default_value_t = 64)]
+        ring_mib: u32,
+        /// Configuration directory.
+        #[arg(long, default_value = "/etc/dm-replica")]
+        config_dir: PathBuf,
+        /// The source's state directory (default /var/lib/replicad/<volume>).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Private CA (default <config-dir>/pki/ca.pem).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// This host's certificate (default <config-dir>/pki/<hostname>.pem).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// This host's key (default <config-dir>/pki/<hostname>.key).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Keyring (default <config-dir>/keys.toml).
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// Start `replicad source` as a background process (hosts without
+        /// systemd) instead of `systemctl enable --now replicad-source@<volume>`.
+        #[arg(long)]
+        spawn: bool,
+        /// Do not start the daemon (and do not copy).
+        #[arg(long)]
+        no_start: bool,
+        /// Skip the initial copy (the replica is known to hold the same data,
+        /// e.g. both are new and zeroed).
+        #[arg(long)]
+        no_initial_copy: bool,
+    },
+    /// Stop protecting a volume: stop its source daemon, remove
+    /// /dev/mapper/<volume> (unmount it first; the data device keeps the
+    /// data), its activation entry and configuration.
+    Unprotect {
+        /// Volume id.
+        volume: String,
+        /// Configuration directory.
+        #[arg(long, default_value = "/etc/dm-replica")]
+        config_dir: PathBuf,
+        /// Keep the source's state directory.
+        #[arg(long)]
+        keep_state: bool,
+    },
+    /// Re-create every protected volume's table (boot time, before
+    /// filesystems mount; dm-replica-activate.service runs it).
+    Activate {
+        /// Configuration directory.
+        #[arg(long, default_value = "/etc/dm-replica")]
+        config_dir: PathBuf,
+    },
+    /// Resend every region of a protected volume (a full resync): the
+    /// source ships what it has spooled, then the current content of the
+    /// whole volume, with later writes winning. The replica is inconsistent
+    /// until it ends; its last recovery point stays.
+    Resync {
+        /// The source daemon's state directory (its control socket is there).
+        #[arg(long, required_unless_present = "socket")]
+        state_dir: Option<PathBuf>,
+        /// A control socket path (when it is not in the state directory).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Wait for the resync to finish, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 86400)]
+        timeout: u64,
+    },
+    /// Fail a volume over to the target host. `--planned` on the source
+    /// host: stop writes, ship everything, hand over (no data loss). Without
+    /// it, on the target host when the source is gone: promote the replica
+    /// at the latest consistent state or a chosen recovery point. Either way
+    /// the epoch moves on and the old source is refused from then on.
+    Failover {
+        /// The daemon's state directory (source with --planned, else target).
+        #[arg(long, required_unless_present = "socket")]
+        state_dir: Option<PathBuf>,
+        /// A control socket path (when it is not in the state directory).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Planned failover, run against the source.
+        #[arg(long)]
+        planned: bool,
+        /// Volume (on a target with several).
+        #[arg(long)]
+        volume: Option<String>,
+        /// Unplanned: `latest` (default) or a recovery point's record sequence
+        /// (`replctl points`).
+        #[arg(long, conflicts_with = "planned")]
+        point: Option<String>,
+    },
+    /// List a target volume's recovery points.
+    Points {
+        /// The target's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Volume id.
+        #[arg(long)]
+        volume: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the status a daemon publishes in its state directory.
     Status {
@@ -109,7 +235,8 @@ struct PointVolume {
 
 #[derive(Debug, Subcommand)]
 enum PointCmd {
-    /// Print the ids of the volume's recovery points, oldest first.
+    /// Print the ids of the snapshots the replica backend holds, oldest
+    /// first (`replctl points` shows the recorded recovery points).
     List {
         #[command(flatten)]
         vol: PointVolume,
@@ -301,6 +428,188 @@ fn run(cli: Cli) -> Result<(), String> {
                 p.next_seq() - 1
             );
         }
+        Cmd::Resync {
+            state_dir,
+            socket,
+            wait,
+            timeout,
+        } => {
+            let sock = control_socket(socket, state_dir.as_deref())?;
+            let r = replicad::control::request(&sock, "resync")?;
+            println!("{}", r.message.unwrap_or_default());
+            if wait {
+                replctl::progress::wait_resync(&sock, std::time::Duration::from_secs(timeout))?;
+            }
+        }
+        Cmd::Protect {
+            device,
+            volume,
+            target,
+            target_name,
+            group,
+            ring_mib,
+            config_dir,
+            state_dir,
+            ca,
+            cert,
+            key,
+            keys,
+            spawn,
+            no_start,
+            no_initial_copy,
+        } => {
+            let host = hostname();
+            let pki = config_dir.join("pki");
+            let o = replctl::protect::ProtectOpts {
+                device,
+                volume: volume.clone(),
+                group,
+                ring_mib,
+                target_name: target_name.unwrap_or_else(|| {
+                    target
+                        .rsplit_once(':')
+                        .map_or(target.clone(), |(h, _)| h.to_owned())
+                }),
+                target,
+                ca: ca.unwrap_or_else(|| pki.join("ca.pem")),
+                cert: cert.unwrap_or_else(|| pki.join(format!("{host}.pem"))),
+                key: key.unwrap_or_else(|| pki.join(format!("{host}.key"))),
+                keys: keys.unwrap_or_else(|| config_dir.join("keys.toml")),
+                state_dir: state_dir
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/replicad").join(&volume)),
+                config_dir,
+            };
+            let cfg = replctl::protect::protect(&o)?;
+            println!(
+                "/dev/mapper/{volume} now protects {} (use it instead of the device); configuration {}",
+                o.device.display(),
+                cfg.display()
+            );
+            if no_start {
+                println!("start it with: replicad source --config {}", cfg.display());
+                return Ok(());
+            }
+            if spawn {
+                std::fs::create_dir_all(&o.state_dir)
+                    .map_err(|e| format!("{}: {e}", o.state_dir.display()))?;
+                let log = o.state_dir.join("replicad.log");
+                let err =
+                    std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+                std::process::Command::new(replicad_exe())
+                    .args(["source", "--config"])
+                    .arg(&cfg)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(err)
+                    .spawn()
+                    .map_err(|e| format!("start replicad: {e}"))?;
+                println!("replicad source started (log {})", log.display());
+            } else if Path::new("/run/systemd/system").exists() {
+                let unit = format!("replicad-source@{volume}.service");
+                let ok = std::process::Command::new("systemctl")
+                    .args(["enable", "--now", &unit])
+                    .status()
+                    .map_err(|e| format!("systemctl: {e}"))?
+                    .success();
+                if !ok {
+                    return Err(format!("systemctl enable --now {unit} failed"));
+                }
+                println!("{unit} enabled and started");
+            } else {
+                return Err(format!(
+                    "no systemd here: start `replicad source --config {}` (or use --spawn)",
+                    cfg.display()
+                ));
+            }
+            let sock = replicad::control::default_path(&o.state_dir);
+            replctl::protect::wait_daemon(&sock, std::time::Duration::from_secs(60))?;
+            if !no_initial_copy {
+                let r = replicad::control::request(&sock, "resync")?;
+                println!("initial copy: {}", r.message.unwrap_or_default());
+                replctl::progress::wait_resync(&sock, std::time::Duration::from_secs(7 * 86400))?;
+                println!("initial copy done: the replica is consistent");
+            }
+        }
+        Cmd::Unprotect {
+            volume,
+            config_dir,
+            keep_state,
+        } => {
+            for line in replctl::protect::unprotect(&config_dir, &volume, keep_state)? {
+                println!("{line}");
+            }
+        }
+        Cmd::Activate { config_dir } => {
+            for line in replctl::protect::activate(&config_dir)? {
+                println!("{line}");
+            }
+        }
+        Cmd::Failover {
+            state_dir,
+            socket,
+            planned,
+            volume,
+            point,
+        } => {
+            let sock = control_socket(socket, state_dir.as_deref())?;
+            let req = replicad::control::Request {
+                version: replicad::control::CONTROL_VERSION,
+                command: if planned {
+                    "failover-planned"
+                } else {
+                    "failover"
+                }
+                .into(),
+                volume,
+                point,
+            };
+            let started = std::time::Instant::now();
+            let r = replicad::control::send(&sock, &req, std::time::Duration::from_secs(1200))?;
+            println!("{}", r.message.unwrap_or_default());
+            println!("failover took {:.1} s", started.elapsed().as_secs_f64());
+        }
+        Cmd::Points {
+            state_dir,
+            volume,
+            json,
+        } => {
+            let path = state_dir.join("volumes").join(&volume).join("state.json");
+            let st = replica_store::state::VolumeState::load(&path).map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&st.points).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "{:>12}  {:<9} {:>10}  {}",
+                    "RECORD", "KIND", "MARKER", "SOURCE TIME (UTC)"
+                );
+                for p in &st.points {
+                    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
+                        p.source_time_ns,
+                    ))
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                    println!(
+                        "{:>12}  {:<9} {:>10}  {}",
+                        p.seq,
+                        format!("{:?}", p.kind).to_lowercase(),
+                        p.marker.map(|m| m.to_string()).unwrap_or_default(),
+                        t
+                    );
+                }
+                if let Some(since) = st.resync_since {
+                    println!("a resync is running since record {since}: the replica is inconsistent; fail over to a point above");
+                }
+                if let Some(p) = &st.promoted {
+                    println!(
+                        "failed over at record {} (epoch {}): the volume is {}",
+                        p.point_seq, p.epoch, p.device
+                    );
+                }
+            }
+        }
         Cmd::Wait {
             state_dir,
             volume,
@@ -453,6 +762,31 @@ fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
+/// The control socket named, or the one in a state directory.
+fn control_socket(socket: Option<PathBuf>, state_dir: Option<&Path>) -> Result<PathBuf, String> {
+    socket
+        .or_else(|| state_dir.map(replicad::control::default_path))
+        .ok_or_else(|| "give --state-dir or --socket".to_string())
+}
+
+/// This host's name (for default certificate paths).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `replicad` next to this executable, else on PATH.
+fn replicad_exe() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("replicad")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("replicad"))
+}
+
 /// Bytes for a human: B, KiB, MiB, GiB, TiB with one decimal.
 fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -470,6 +804,13 @@ fn human_bytes(b: u64) -> String {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` or `grep -q`: a closed pipe ends replctl
+    // quietly, as it does any Unix tool, instead of a panic on EPIPE.
+    // SAFETY: called first thing, before any other thread exists; SIG_DFL
+    // is a valid disposition for SIGPIPE and no handler is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -195,6 +195,34 @@ pub struct SourceConfig {
     /// Local spool.
     #[serde(default)]
     pub spool: SpoolConfig,
+    /// The protected volume's block device (e.g. `/dev/mapper/db1`), read
+    /// during a resync. Without it a needed resync cannot start.
+    #[serde(default)]
+    pub device: Option<PathBuf>,
+    /// Resync settings.
+    #[serde(default)]
+    pub resync: ResyncConfig,
+}
+
+/// Resync pacing.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResyncConfig {
+    /// No more regions are read while the spool holds this many bytes the
+    /// target has not acknowledged. Default 64 MiB.
+    pub window_bytes: u64,
+    /// Bytes of one resync write (a run of dirty regions), at most.
+    /// Default 1 MiB.
+    pub max_write_bytes: u64,
+}
+
+impl Default for ResyncConfig {
+    fn default() -> Self {
+        Self {
+            window_bytes: 64 << 20,
+            max_write_bytes: 1 << 20,
+        }
+    }
 }
 
 impl SourceConfig {
@@ -394,6 +422,12 @@ impl SourceConfig {
         }
         if self.spool.chunk_bytes < 4096 || self.spool.chunk_bytes > 16 << 20 {
             return bad("spool.chunk_bytes must be between 4 KiB and 16 MiB".into());
+        }
+        if self.resync.window_bytes < 1 << 20 {
+            return bad("resync.window_bytes must be at least 1 MiB".into());
+        }
+        if !(4096..=16 << 20).contains(&self.resync.max_write_bytes) {
+            return bad("resync.max_write_bytes must be between 4 KiB and 16 MiB".into());
         }
         if !self.spool.region_kib.is_power_of_two()
             || !(4..=1 << 20).contains(&self.spool.region_kib)

@@ -34,9 +34,19 @@ pub const CONTROL_VERSION: u32 = 1;
 pub struct Request {
     /// Protocol version.
     pub version: u32,
-    /// `status`.
+    /// `status`, or a command of the daemon's role (source: `resync`).
     pub command: String,
+    /// The volume a command is about (default: the daemon's only one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// For `failover`: `latest` or a recovery point's record sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<String>,
 }
+
+/// A role's commands beyond `status`: `Some(Ok(message))` done,
+/// `Some(Err(why))` refused, `None` not a command of this role.
+pub type Handler = Arc<dyn Fn(&Request) -> Option<Result<String, String>> + Send + Sync>;
 
 /// A response.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,6 +58,9 @@ pub struct Response {
     /// Per-volume status (for `status`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Vec<VolumeStatus>>,
+    /// What a command did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// Error text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -59,6 +72,7 @@ impl Response {
             version: CONTROL_VERSION,
             ok: false,
             status: None,
+            message: None,
             error: Some(m.into()),
         }
     }
@@ -74,6 +88,7 @@ pub fn serve(
     path: &Path,
     board: Arc<StatusBoard>,
     stop: Arc<AtomicBool>,
+    handler: Option<Handler>,
 ) -> Result<JoinHandle<()>, DaemonError> {
     let io = |e| DaemonError::io("control socket", path, e);
     match std::fs::remove_file(path) {
@@ -88,13 +103,23 @@ pub fn serve(
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             while !stop.load(Ordering::Acquire) {
                 match listener.accept() {
                     Ok((s, _)) => {
                         let b = board.clone();
-                        let _ = std::thread::Builder::new()
+                        let h = handler.clone();
+                        let a = active.clone();
+                        a.fetch_add(1, Ordering::AcqRel);
+                        let spawned = std::thread::Builder::new()
                             .name("control-conn".into())
-                            .spawn(move || handle(s, &b, own_uid));
+                            .spawn(move || {
+                                handle(s, &b, h.as_ref(), own_uid);
+                                a.fetch_sub(1, Ordering::AcqRel);
+                            });
+                        if spawned.is_err() {
+                            active.fetch_sub(1, Ordering::AcqRel);
+                        }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         let mut fds = [nix::poll::PollFd::new(
@@ -109,13 +134,21 @@ pub fn serve(
                     }
                 }
             }
+            // Let answers being written (a command that stopped the
+            // daemon) reach their callers.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         })
         .map_err(io)
 }
 
-fn handle(s: UnixStream, board: &StatusBoard, own_uid: u32) {
+fn handle(s: UnixStream, board: &StatusBoard, handler: Option<&Handler>, own_uid: u32) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+    // Commands may take long (a failover waits for the replica); the
+    // answer is written when they are done.
     let mut w = match s.try_clone() {
         Ok(w) => w,
         Err(_) => return,
@@ -133,7 +166,7 @@ fn handle(s: UnixStream, board: &StatusBoard, own_uid: u32) {
                 "permission denied: uid {uid} is not allowed (root or the daemon's user only)"
             ))
         }
-        (Ok(_), Ok(_)) => respond(&line, board),
+        (Ok(_), Ok(_)) => respond(&line, board, handler),
         (Ok(_), Err(e)) => Response::err(format!("reading request: {e}")),
         (Err(e), _) => Response::err(format!("cannot identify caller: {e}")),
     };
@@ -144,7 +177,7 @@ fn handle(s: UnixStream, board: &StatusBoard, own_uid: u32) {
 
 use std::io::Read as _;
 
-fn respond(line: &str, board: &StatusBoard) -> Response {
+fn respond(line: &str, board: &StatusBoard, handler: Option<&Handler>) -> Response {
     let req: Request = match serde_json::from_str(line.trim()) {
         Ok(r) => r,
         Err(e) => return Response::err(format!("malformed request: {e}")),
@@ -160,21 +193,48 @@ fn respond(line: &str, board: &StatusBoard) -> Response {
             version: CONTROL_VERSION,
             ok: true,
             status: Some(board.all()),
+            message: None,
             error: None,
         },
-        other => Response::err(format!("unknown command {other:?}")),
+        other => match handler.and_then(|h| h(&req)) {
+            Some(Ok(m)) => Response {
+                version: CONTROL_VERSION,
+                ok: true,
+                status: None,
+                message: Some(m),
+                error: None,
+            },
+            Some(Err(e)) => Response::err(e),
+            None => Response::err(format!("unknown command {other:?}")),
+        },
     }
 }
 
 /// Sends one request to a daemon's control socket.
 pub fn request(path: &Path, command: &str) -> Result<Response, String> {
+    request_for(path, command, None)
+}
+
+/// Sends one request about `volume` to a daemon's control socket.
+pub fn request_for(path: &Path, command: &str, volume: Option<&str>) -> Result<Response, String> {
+    send(
+        path,
+        &Request {
+            version: CONTROL_VERSION,
+            command: command.to_owned(),
+            volume: volume.map(str::to_owned),
+            point: None,
+        },
+        Duration::from_secs(10),
+    )
+}
+
+/// Sends a request and waits up to `timeout` for the answer (long
+/// operations such as a failover answer when they are done).
+pub fn send(path: &Path, req: &Request, timeout: Duration) -> Result<Response, String> {
     let mut s = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let req = Request {
-        version: CONTROL_VERSION,
-        command: command.to_owned(),
-    };
-    let mut b = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+    let _ = s.set_read_timeout(Some(timeout));
+    let mut b = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     b.push(b'\n');
     s.write_all(&b)
         .map_err(|e| format!("{}: {e}", path.display()))?;

@@ -13,7 +13,7 @@ use replica_store::state::write_atomic;
 
 const MAGIC: [u8; 8] = *b"DMRDIRT1";
 const VERSION: u32 = 1;
-const HEADER_LEN: usize = 8 + 4 + 4 + 16 + 8 + 8 + 8 + 4;
+const HEADER_LEN: usize = 8 + 4 + 4 + 16 + 8 + 8 + 8 + 8 + 4;
 
 /// A bitmap of fixed-size regions of a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +92,43 @@ impl DirtyMap {
         }
     }
 
+    /// Clears `count` regions from `first` (sent by a resync).
+    pub fn clear(&mut self, first: u64, count: u64) {
+        for r in first..first.saturating_add(count).min(self.regions()) {
+            if let Some(w) = self.words.get_mut((r / 64) as usize) {
+                let bit = 1u64 << (r % 64);
+                if *w & bit != 0 {
+                    *w &= !bit;
+                    self.set -= 1;
+                }
+            }
+        }
+    }
+
+    /// The first run of set regions at or after `from`, at most `max` long:
+    /// `(first, count)`.
+    pub fn next_run(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let n = self.regions();
+        let mut r = from;
+        while r < n {
+            let w = self.words.get((r / 64) as usize).copied().unwrap_or(0) >> (r % 64);
+            if w == 0 {
+                r = (r / 64 + 1) * 64;
+                continue;
+            }
+            r += u64::from(w.trailing_zeros());
+            break;
+        }
+        if r >= n {
+            return None;
+        }
+        let mut end = r + 1;
+        while end < n && end - r < max.max(1) && self.is_set(end) {
+            end += 1;
+        }
+        Some((r, end - r))
+    }
+
     /// Marks the whole volume.
     pub fn mark_all(&mut self) {
         for r in 0..self.regions() {
@@ -133,8 +170,11 @@ pub struct ResyncState {
     pub since_seq: u64,
     /// Why.
     pub reason: String,
-    /// Regions changed since `since_seq` (at least).
+    /// Regions changed since `since_seq` (at least) and not yet resent.
     pub map: DirtyMap,
+    /// The resync that sends them started at this record (its BEGIN
+    /// marker), if it has.
+    pub begin_seq: Option<u64>,
 }
 
 /// Errors reading the resync state.
@@ -174,6 +214,12 @@ impl ResyncState {
         b.extend_from_slice(&self.map.volume_size.to_le_bytes());
         b.extend_from_slice(&self.map.region_bytes.to_le_bytes());
         b.extend_from_slice(&self.since_seq.to_le_bytes());
+        b.extend_from_slice(
+            &self
+                .begin_seq
+                .map_or(0, |s| s.wrapping_add(1))
+                .to_le_bytes(),
+        );
         b.extend_from_slice(&(reason.len() as u32).to_le_bytes());
         b.extend_from_slice(reason);
         for w in &self.map.words {
@@ -207,7 +253,8 @@ impl ResyncState {
         let volume_size = u64_at(32);
         let region_bytes = u64_at(40);
         let since_seq = u64_at(48);
-        let rlen = u32_at(56) as usize;
+        let begin = u64_at(56);
+        let rlen = u32_at(64) as usize;
         if !region_bytes.is_power_of_two() || region_bytes < 4096 {
             return Err("bad region size");
         }
@@ -232,6 +279,7 @@ impl ResyncState {
             since_seq,
             reason,
             map,
+            begin_seq: begin.checked_sub(1),
         })
     }
 
@@ -301,6 +349,7 @@ mod tests {
             since_seq: 4242,
             reason: "spool limit reached".into(),
             map,
+            begin_seq: Some(5000),
         };
         let b = s.encode();
         assert_eq!(ResyncState::decode(&b), Ok(s.clone()));
@@ -314,6 +363,29 @@ mod tests {
         let p = dir.path().join("resync.state");
         assert_eq!(ResyncState::load(&p).expect("load"), None);
         s.save(&p).expect("save");
-        assert_eq!(ResyncState::load(&p).expect("load"), Some(s));
+        assert_eq!(ResyncState::load(&p).expect("load"), Some(s.clone()));
+        let none = ResyncState {
+            begin_seq: None,
+            ..s
+        };
+        assert_eq!(ResyncState::decode(&none.encode()), Ok(none));
+    }
+
+    #[test]
+    fn runs_and_clearing() {
+        let mut m = DirtyMap::new(200 * 65536, 65536);
+        m.mark(3 * 65536, 4 * 65536); // 3..=6
+        m.mark(64 * 65536, 1); // 64
+        m.mark(130 * 65536, 3 * 65536); // 130..=132
+        assert_eq!(m.next_run(0, 16), Some((3, 4)));
+        assert_eq!(m.next_run(0, 2), Some((3, 2)));
+        assert_eq!(m.next_run(5, 16), Some((5, 2)));
+        assert_eq!(m.next_run(7, 16), Some((64, 1)));
+        assert_eq!(m.next_run(65, 16), Some((130, 3)));
+        assert_eq!(m.next_run(133, 16), None);
+        m.clear(3, 4);
+        m.clear(131, 1);
+        assert_eq!(m.count(), 3);
+        assert_eq!(m.iter().collect::<Vec<_>>(), vec![64, 130, 132]);
     }
 }

@@ -5,16 +5,30 @@
 //! While the stream can carry every write, records go to the spool in ring
 //! order and ring space is released as soon as a chunk is written. When it
 //! cannot (the spool reaches its limit or cannot be written, the kernel ring
-//! overflowed, records were lost from a damaged spool), the drain switches to
-//! a dirty-region map: records only mark the regions they touch, the map is
-//! saved before their ring space is released, and the volume needs a resync.
+//! overflowed, records were lost from a damaged spool, or the volume was
+//! never copied), the drain switches to a dirty-region map: records only
+//! mark the regions they touch, the map is saved before their ring space is
+//! released, and the volume needs a resync.
+//!
+//! The resync (DESIGN section 3): once a session is connected, the drain
+//! asks the kernel for a BEGIN marker; from that point of the ring on,
+//! records are spooled again (the stream resumes after a gap the target
+//! accepts because it starts with BEGIN). Then, a few at a time and paced
+//! by the target's acknowledgements, it inserts DATA markers naming runs of
+//! dirty regions; when the drain reaches such a marker, every earlier record
+//! has completed on the source, so it reads those regions from the volume
+//! and spools them as a write *at the marker's position*: later writes come
+//! after it in the stream and win. When no region is left, an END marker
+//! closes the resync; the target is consistent again at END.
 
+use std::fs::File;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use replica_proto::frame::{self, OP_SKIPPED};
+use replica_proto::frame::{self, resync::Marker, OP_SKIPPED, RECORD_FLAG_RESYNC};
 use replica_ring::device::Device;
 use replica_ring::{Peek, Record};
 
@@ -27,7 +41,10 @@ use crate::DaemonError;
 /// Prefix of the status reason while a resync is needed.
 pub const RESYNC_REASON: &str = "needs resync";
 
-/// The kernel side of a ring, for its dirty bitmap.
+/// DATA markers in the ring, not yet drained, at most.
+const MAX_OUTSTANDING: u32 = 4;
+
+/// The kernel side of a ring, for its dirty bitmap and markers.
 pub struct KernelRing {
     /// The attached control device.
     pub device: Arc<Device>,
@@ -51,6 +68,13 @@ pub struct DrainSettings {
     pub region_bytes: u64,
     /// Where the resync state is saved.
     pub state_path: PathBuf,
+    /// The protected volume's device, read during a resync.
+    pub device: Option<PathBuf>,
+    /// A resync inserts no more DATA markers while the spool holds this
+    /// many bytes the target has not acknowledged.
+    pub resync_window: u64,
+    /// Bytes of one resync write (a run of regions), at most.
+    pub resync_max_bytes: u64,
 }
 
 /// What the drain shares with the shipping sessions and the main loop.
@@ -61,6 +85,8 @@ pub struct Shared {
     pub spool: Arc<Spool>,
     /// Last record the target has durably (the sessions raise it).
     pub durable: AtomicU64,
+    /// A session is connected to the target (a resync starts only then).
+    pub connected: AtomicBool,
     /// The ring is dead and everything it held is spooled.
     pub closed: AtomicBool,
     /// A non-recoverable drain error.
@@ -69,6 +95,8 @@ pub struct Shared {
     pub damaged: Mutex<Option<String>>,
     /// Set while a resync is needed: the first record the stream lacks.
     pub resync_since: Mutex<Option<u64>>,
+    /// A planned failover waiting for the session to hand over.
+    pub planned: Mutex<Option<crate::failover::PlannedFailover>>,
 }
 
 impl Shared {
@@ -91,15 +119,55 @@ impl Shared {
         *self.damaged.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 
-    /// Whether a resync is needed.
+    /// Whether a resync is needed (or running): the first record the stream
+    /// lacks.
     pub fn needs_resync(&self) -> Option<u64> {
         *self.resync_since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_resync(&self, since: Option<u64>) {
+        *self.resync_since.lock().unwrap_or_else(|p| p.into_inner()) = since;
+    }
+}
+
+/// A resync in progress: BEGIN is in the spool.
+struct Run {
+    /// Regions still to send (`begin_seq` set).
+    st: ResyncState,
+    /// Regions in the map when the resync began.
+    total: u64,
+    /// Next region to ask for.
+    cursor: u64,
+    /// DATA markers inserted and not yet drained.
+    outstanding: u32,
+    /// The END marker's sequence, once inserted.
+    end: Option<u64>,
+    /// Regions sent since the state was last saved.
+    unsaved: bool,
+    last_save: Instant,
+}
+
+impl Run {
+    /// A resync that begins (or resumes after a restart) with the regions
+    /// still in `st`'s map.
+    fn new(st: ResyncState) -> Self {
+        Self {
+            total: st.map.count(),
+            st,
+            cursor: 0,
+            outstanding: 0,
+            end: None,
+            unsaved: false,
+            last_save: Instant::now(),
+        }
     }
 }
 
 enum Mode {
-    Spool,
-    Bitmap(ResyncState),
+    /// Records go to the spool; with a resync running after a BEGIN.
+    Spool(Option<Run>),
+    /// Records only mark the map; `begin`: a BEGIN marker was inserted.
+    Bitmap { st: ResyncState, begin: Option<u64> },
 }
 
 /// Records drained but not yet committed to the spool (or map).
@@ -110,6 +178,12 @@ struct Pending {
     count: u32,
     first_ns: u64,
     last_ns: u64,
+    /// The chunk starts a resync after a gap.
+    gap: bool,
+    /// Region runs this chunk resends (cleared from the map once spooled).
+    clears: Vec<(u64, u64)>,
+    /// The chunk holds the resync's END.
+    end: bool,
 }
 
 impl Pending {
@@ -117,6 +191,9 @@ impl Pending {
         self.plain.clear();
         self.first = None;
         self.count = 0;
+        self.gap = false;
+        self.clears.clear();
+        self.end = false;
     }
 }
 
@@ -130,10 +207,18 @@ pub struct Drainer {
     stop: Arc<AtomicBool>,
     mode: Mode,
     generation: [u8; 16],
+    region_bytes: u64,
     pending: Pending,
     /// Bitmap mode: records marked since the map was last saved.
     unsaved: u64,
     last_save: Instant,
+    /// The volume, opened for resync reads.
+    volume: Option<File>,
+    /// Why a needed resync cannot start, once reported.
+    blocked: Option<String>,
+    last_step: Instant,
+    /// A full resync asked for by an operator.
+    resync_request: Arc<Mutex<Option<String>>>,
 }
 
 fn data_op(op: u8) -> bool {
@@ -158,6 +243,7 @@ impl Drainer {
         spool_file_bytes: u64,
         board: Arc<StatusBoard>,
         stop: Arc<AtomicBool>,
+        resync_request: Arc<Mutex<Option<String>>>,
     ) -> Result<(Self, Arc<Shared>), DaemonError> {
         let generation = consumer.mapping().generation();
         let tag = replica_proto::keys::volume_tag(&set.volume);
@@ -176,23 +262,7 @@ impl Drainer {
                 .map_or(set.region_bytes, |v| u64::from(v.region_kib) * 1024),
             None => set.region_bytes,
         };
-        let saved = match ResyncState::load(&set.state_path) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "resync state unreadable: the whole volume needs a resync");
-                let mut map = DirtyMap::new(set.volume_size, region_bytes);
-                map.mark_all();
-                Some(ResyncState {
-                    generation,
-                    since_seq: rec.next_seq.unwrap_or(consumer.released_seq()),
-                    reason: format!("resync state unreadable ({e})"),
-                    map,
-                })
-            }
-        };
         let released = consumer.released_seq();
-        let spool = Arc::new(spool);
-        let mut resync: Option<ResyncState> = None;
         let whole = |why: String, since: u64| {
             let mut map = DirtyMap::new(set.volume_size, region_bytes);
             map.mark_all();
@@ -202,8 +272,18 @@ impl Drainer {
                 since_seq: since,
                 reason: why,
                 map,
+                begin_seq: None,
             }
         };
+        let saved = match ResyncState::load(&set.state_path) {
+            Ok(s) => s,
+            Err(e) => Some(whole(
+                format!("resync state unreadable ({e})"),
+                rec.next_seq.unwrap_or(released),
+            )),
+        };
+        let spool = Arc::new(spool);
+        let mut lost: Option<ResyncState> = None;
         match rec.next_seq {
             None => spool.restart_at(released),
             Some(s) if s == released => {}
@@ -225,54 +305,69 @@ impl Drainer {
                 consumer.release(s)?;
             }
             Some(s) => {
-                // The spool lost records the ring no longer has.
-                resync = Some(whole(
+                // The spool lost records the ring no longer has; the ring
+                // continues at `released`, the spool cannot.
+                lost = Some(whole(
                     format!("spool lost records {s}..{}", released.wrapping_sub(1)),
                     s,
                 ));
-                // The ring continues at `released`; the spool cannot.
             }
         }
-        if rec.other_generation && resync.is_none() && saved.is_none() {
-            resync = Some(whole(
+        if rec.other_generation && lost.is_none() && saved.is_none() {
+            lost = Some(whole(
                 "the spool belonged to another capture ring (the host restarted)".into(),
                 released,
             ));
         }
-        let mode = match (saved, resync) {
+        let mode = match (saved, lost) {
             (Some(mut st), lost) => {
+                let mut damaged = false;
                 if st.generation != generation {
                     st.map.mark_all();
                     st.generation = generation;
-                    st.reason = format!("{}; the capture ring changed", st.reason);
+                    if st.begin_seq.is_some() || !st.reason.is_empty() {
+                        st.reason = format!("{}; the capture ring changed", st.reason);
+                    }
+                    damaged = true;
                 }
                 if let Some(l) = lost {
                     st.map.mark_all();
                     st.reason = format!("{}; {}", st.reason, l.reason);
+                    damaged = true;
                 }
-                Mode::Bitmap(st)
+                match st.begin_seq {
+                    Some(_) if !damaged => Mode::Spool(Some(Run::new(st))),
+                    _ => {
+                        st.begin_seq = None;
+                        Mode::Bitmap { st, begin: None }
+                    }
+                }
             }
-            (None, Some(st)) => Mode::Bitmap(st),
-            (None, None) => Mode::Spool,
+            (None, Some(st)) => Mode::Bitmap { st, begin: None },
+            (None, None) => Mode::Spool(None),
         };
-        if let Mode::Bitmap(st) = &mode {
+        if let Mode::Bitmap { st, .. } = &mode {
             st.save(&set.state_path)
                 .map_err(|e| io_err("save the resync state", e))?;
             // An empty spool ends where the stream stopped: the target may
             // still lack nothing before it, and must not be asked for more.
             spool.restart_at(st.since_seq);
         }
+        let since = match &mode {
+            Mode::Bitmap { st, .. } => Some(st.since_seq),
+            Mode::Spool(Some(run)) => Some(run.st.since_seq),
+            Mode::Spool(None) => None,
+        };
         let shared = Arc::new(Shared {
             generation,
             spool,
             durable: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             fatal: Mutex::new(None),
             damaged: Mutex::new(None),
-            resync_since: Mutex::new(match &mode {
-                Mode::Bitmap(st) => Some(st.since_seq),
-                Mode::Spool => None,
-            }),
+            resync_since: Mutex::new(since),
+            planned: Mutex::new(None),
         });
         let d = Self {
             set,
@@ -283,9 +378,14 @@ impl Drainer {
             stop,
             mode,
             generation,
+            region_bytes,
             pending: Pending::default(),
             unsaved: 0,
             last_save: Instant::now(),
+            volume: None,
+            blocked: None,
+            last_step: Instant::now(),
+            resync_request,
         };
         d.publish();
         Ok((d, shared))
@@ -318,13 +418,26 @@ impl Drainer {
                 .unwrap_or_else(|p| p.into_inner())
                 .take();
             if let Some(why) = damage {
-                if matches!(self.mode, Mode::Spool) {
+                if matches!(self.mode, Mode::Spool(_)) {
                     self.commit()?;
                     self.go_resync(format!("spool unreadable ({why})"), true)?;
                 }
             }
             if self.stop.load(Ordering::Acquire) {
-                return self.commit();
+                self.commit()?;
+                return self.save_run();
+            }
+            let asked = self
+                .resync_request
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(why) = asked {
+                self.full_resync(why)?;
+            }
+            if self.last_step.elapsed() >= Duration::from_millis(5) {
+                self.resync_step()?;
+                self.last_step = Instant::now();
             }
             let rec: Option<(Record, bool)> = match self.consumer.peek()? {
                 Peek::Committed(r) => Some((r, true)),
@@ -344,6 +457,7 @@ impl Drainer {
                     && self.consumer.producer_seq() == self.consumer.next_seq()
                 {
                     tracing::info!(volume = %self.set.volume, "capture ring closed; everything it held is spooled");
+                    self.save_run()?;
                     self.shared.closed.store(true, Ordering::Release);
                     self.shared.spool.wake();
                     return Ok(());
@@ -357,12 +471,18 @@ impl Drainer {
                 continue;
             };
             idle = 0;
-            self.take(&r, ok)?;
+            let resync_marker =
+                ok && r.desc.op == frame::ring_op::MARKER && r.desc.flags & RECORD_FLAG_RESYNC != 0;
+            if resync_marker {
+                self.resync_marker(&r)?;
+            } else {
+                self.take(&r, ok)?;
+            }
             self.consumer.advance(&r);
             let full = match self.mode {
-                Mode::Spool => self.pending.plain.len() >= self.set.chunk_bytes,
+                Mode::Spool(_) => self.pending.plain.len() >= self.set.chunk_bytes,
                 // Keep ring space flowing while saving the map rarely.
-                Mode::Bitmap(_) => {
+                Mode::Bitmap { .. } => {
                     self.unsaved >= 4096 || self.last_save.elapsed() >= Duration::from_millis(200)
                 }
             };
@@ -372,8 +492,8 @@ impl Drainer {
         }
     }
 
-    /// Adds one drained record to the pending chunk (or the map).
-    fn take(&mut self, r: &Record, ok: bool) -> Result<(), DaemonError> {
+    /// Checks a record's bounds.
+    fn check(&self, r: &Record) -> Result<(), DaemonError> {
         let d = &r.desc;
         if d.volume > u32::from(u16::MAX) {
             return Err(DaemonError::Critical(format!(
@@ -391,6 +511,45 @@ impl Drainer {
                 r.seq
             )));
         }
+        Ok(())
+    }
+
+    /// Adds a record to the pending chunk.
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        seq: u64,
+        op: u8,
+        flags: u8,
+        d: &replica_ring::DescFields,
+        sector: u64,
+        len: u32,
+    ) {
+        let p = &mut self.pending;
+        frame::encode_record_parts(
+            &mut p.plain,
+            seq,
+            op,
+            flags,
+            d.volume,
+            sector,
+            len,
+            d.submit_ns,
+            d.aux,
+            &[],
+        );
+        if p.first.is_none() {
+            p.first = Some(seq);
+            p.first_ns = d.submit_ns;
+        }
+        p.count += 1;
+        p.last_ns = d.submit_ns;
+    }
+
+    /// Adds one drained record to the pending chunk (or the map).
+    fn take(&mut self, r: &Record, ok: bool) -> Result<(), DaemonError> {
+        self.check(r)?;
+        let d = &r.desc;
         let op = if ok { d.op } else { OP_SKIPPED };
         if !ok {
             tracing::warn!(
@@ -411,35 +570,236 @@ impl Drainer {
             });
         }
         match &mut self.mode {
-            Mode::Bitmap(st) => {
+            Mode::Bitmap { st, .. } => {
                 if data_op(op) {
                     st.map.mark(d.sector * 512, u64::from(d.len));
                 }
                 self.unsaved += 1;
             }
-            Mode::Spool => {
-                let p = &mut self.pending;
-                frame::encode_record_parts(
-                    &mut p.plain,
-                    r.seq,
-                    op,
-                    d.flags,
-                    d.volume,
-                    d.sector,
-                    d.len,
-                    d.submit_ns,
-                    d.aux,
-                    &[],
-                );
+            Mode::Spool(_) => {
+                self.push(r.seq, op, d.flags & !RECORD_FLAG_RESYNC, d, d.sector, d.len);
                 if ok {
-                    self.consumer.append_payload(r, &mut p.plain)?;
+                    self.consumer.append_payload(r, &mut self.pending.plain)?;
                 }
-                if p.first.is_none() {
-                    p.first = Some(r.seq);
-                    p.first_ns = d.submit_ns;
+            }
+        }
+        Ok(())
+    }
+
+    /// A resync marker reached the drain: every record before it has
+    /// completed on the source.
+    fn resync_marker(&mut self, r: &Record) -> Result<(), DaemonError> {
+        self.check(r)?;
+        let d = r.desc;
+        let marker = Marker::from_aux(d.aux);
+        let spool_next = self.shared.spool.next_seq();
+        match (&mut self.mode, marker) {
+            // The resync begins here: spool from this record on.
+            (Mode::Bitmap { .. }, Some(Marker::Begin)) => {
+                self.commit()?;
+                let Mode::Bitmap { mut st, .. } =
+                    std::mem::replace(&mut self.mode, Mode::Spool(None))
+                else {
+                    return Ok(());
+                };
+                st.begin_seq = Some(r.seq);
+                // Saved first: a restart then knows the resync began here
+                // (and re-drains BEGIN if it was not spooled).
+                st.save(&self.set.state_path)
+                    .map_err(|e| io_err("save the resync state", e))?;
+                tracing::info!(volume = %self.set.volume, seq = r.seq, regions = st.map.count(), "resync begins");
+                self.mode = Mode::Spool(Some(Run::new(st)));
+                self.pending.gap = true;
+                self.push(r.seq, d.op, d.flags, &d, 0, 0);
+            }
+            // BEGIN saved but not spooled when the daemon stopped.
+            (Mode::Spool(Some(run)), Some(Marker::Begin))
+                if run.st.begin_seq == Some(r.seq)
+                    && (r.seq.wrapping_sub(spool_next) as i64) > 0 =>
+            {
+                self.commit()?;
+                self.pending.gap = true;
+                self.push(r.seq, d.op, d.flags, &d, 0, 0);
+            }
+            (Mode::Spool(Some(run)), Some(Marker::Data { region, count })) => {
+                run.outstanding = run.outstanding.saturating_sub(1);
+                let rb = self.region_bytes;
+                let start = region.saturating_mul(rb);
+                let end = region
+                    .saturating_add(u64::from(count))
+                    .saturating_mul(rb)
+                    .min(self.set.volume_size);
+                if start >= end {
+                    self.push(r.seq, OP_SKIPPED, 0, &d, 0, 0);
+                    return Ok(());
                 }
-                p.count += 1;
-                p.last_ns = d.submit_ns;
+                let len = end - start;
+                let data = self.read_volume(start, len)?;
+                self.push(
+                    r.seq,
+                    frame::ring_op::WRITE,
+                    RECORD_FLAG_RESYNC,
+                    &d,
+                    start / 512,
+                    len as u32,
+                );
+                self.pending.plain.extend_from_slice(&data);
+                self.pending.clears.push((region, u64::from(count)));
+            }
+            (Mode::Spool(Some(run)), Some(Marker::End)) if run.end == Some(r.seq) => {
+                self.push(r.seq, d.op, d.flags, &d, 0, 0);
+                self.pending.end = true;
+            }
+            // In the map: nothing to do with markers (their regions stay
+            // set).
+            (Mode::Bitmap { .. }, _) => {}
+            // A marker of an abandoned resync: keep the sequence dense,
+            // carry nothing.
+            (Mode::Spool(_), _) => self.push(r.seq, OP_SKIPPED, 0, &d, 0, 0),
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` of the protected volume, bypassing the
+    /// page cache (writes through the filesystem do not update the block
+    /// device's cache).
+    fn read_volume(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, DaemonError> {
+        if self.volume.is_none() {
+            let path = self.set.device.clone().ok_or_else(|| {
+                DaemonError::Critical("resync needs `device` (the protected volume)".into())
+            })?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .map_err(|e| DaemonError::io("open the protected volume", &path, e))?;
+            self.volume = Some(f);
+        }
+        let f = self
+            .volume
+            .as_ref()
+            .ok_or_else(|| DaemonError::Critical("protected volume not open".into()))?;
+        // O_DIRECT wants an aligned buffer: over-allocate, use the aligned
+        // part.
+        let mut buf = vec![0u8; len as usize + 4096];
+        let at = buf.as_ptr().align_offset(4096);
+        let dst = &mut buf[at..at + len as usize];
+        f.read_exact_at(dst, offset).map_err(|e| {
+            DaemonError::Critical(format!(
+                "resync: cannot read the protected volume at byte {offset} (+{len}): {e}"
+            ))
+        })?;
+        Ok(dst.to_vec())
+    }
+
+    /// Starts a needed resync, or keeps a running one supplied with DATA
+    /// markers (paced by the spool's unacknowledged bytes), and ends it.
+    fn resync_step(&mut self) -> Result<(), DaemonError> {
+        if let Some(why) = self.resync_step_inner() {
+            self.block(why);
+        }
+        Ok(())
+    }
+
+    /// [`Self::resync_step`]; returns why a needed resync cannot start.
+    fn resync_step_inner(&mut self) -> Option<&'static str> {
+        let Some(k) = &self.kernel else {
+            return matches!(self.mode, Mode::Bitmap { .. })
+                .then_some("the capture ring is a ring file (development mode)");
+        };
+        if self.consumer.overflowing() {
+            return None;
+        }
+        let spool = &self.shared.spool;
+        match &mut self.mode {
+            Mode::Bitmap { begin, .. } => {
+                if begin.is_some() {
+                    return None;
+                }
+                if self.set.device.is_none() {
+                    return Some("`device` (the protected volume) is not configured");
+                }
+                if !self.shared.connected.load(Ordering::Acquire) {
+                    return None;
+                }
+                match k
+                    .device
+                    .insert_marker(k.index, RECORD_FLAG_RESYNC, Marker::Begin.aux())
+                {
+                    Ok(seq) => {
+                        tracing::info!(volume = %self.set.volume, seq, "resync requested");
+                        *begin = Some(seq);
+                        self.blocked = None;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "resync BEGIN not inserted yet"),
+                }
+            }
+            Mode::Spool(Some(run)) => {
+                if run.end.is_some() {
+                    return None;
+                }
+                let max_regions = (self.set.resync_max_bytes / self.region_bytes).clamp(1, 65535);
+                while run.outstanding < MAX_OUTSTANDING
+                    && spool.unacked_bytes() < self.set.resync_window
+                {
+                    let next = run.st.map.next_run(run.cursor, max_regions);
+                    let aux = match next {
+                        Some((region, count)) => Marker::Data {
+                            region,
+                            count: count as u32,
+                        }
+                        .aux(),
+                        None if run.outstanding == 0 && self.pending.clears.is_empty() => {
+                            if run.st.map.count() > 0 && run.cursor != 0 {
+                                // Regions behind the cursor (a resync
+                                // resumed after a restart): another lap.
+                                run.cursor = 0;
+                                continue;
+                            }
+                            Marker::End.aux()
+                        }
+                        None => break,
+                    };
+                    match k.device.insert_marker(k.index, RECORD_FLAG_RESYNC, aux) {
+                        Ok(seq) => match next {
+                            Some((region, count)) => {
+                                run.outstanding += 1;
+                                run.cursor = region + count;
+                            }
+                            None => {
+                                run.end = Some(seq);
+                                break;
+                            }
+                        },
+                        Err(e) => {
+                            tracing::debug!(error = %e, "resync marker not inserted yet");
+                            break;
+                        }
+                    }
+                }
+            }
+            Mode::Spool(None) => {}
+        }
+        None
+    }
+
+    /// Says (once) why a needed resync cannot start.
+    fn block(&mut self, why: &str) {
+        if self.blocked.as_deref() != Some(why) {
+            tracing::warn!(volume = %self.set.volume, "a resync is needed but cannot start: {why}");
+            self.blocked = Some(why.to_owned());
+        }
+    }
+
+    /// Saves a running resync's remaining regions if they changed.
+    fn save_run(&mut self) -> Result<(), DaemonError> {
+        if let Mode::Spool(Some(run)) = &mut self.mode {
+            if run.unsaved {
+                run.st
+                    .save(&self.set.state_path)
+                    .map_err(|e| io_err("save the resync state", e))?;
+                run.unsaved = false;
+                run.last_save = Instant::now();
             }
         }
         Ok(())
@@ -449,7 +809,7 @@ impl Drainer {
     /// its ring space.
     fn commit(&mut self) -> Result<(), DaemonError> {
         match &mut self.mode {
-            Mode::Bitmap(st) => {
+            Mode::Bitmap { st, .. } => {
                 if self.unsaved > 0 {
                     st.save(&self.set.state_path)
                         .map_err(|e| io_err("save the resync state", e))?;
@@ -460,7 +820,7 @@ impl Drainer {
                 self.consumer.release(next)?;
                 Ok(())
             }
-            Mode::Spool => {
+            Mode::Spool(_) => {
                 let Some(first) = self.pending.first else {
                     return Ok(());
                 };
@@ -468,10 +828,11 @@ impl Drainer {
                 match self
                     .shared
                     .spool
-                    .append(first, p.count, p.first_ns, p.last_ns, &p.plain)
+                    .append(first, p.count, p.first_ns, p.last_ns, &p.plain, p.gap)
                 {
                     Ok(()) => {
                         let upto = first.wrapping_add(u64::from(p.count));
+                        self.after_spooled()?;
                         self.pending.clear();
                         self.consumer.release(upto)?;
                         let held = self.shared.spool.unacked_bytes();
@@ -499,9 +860,44 @@ impl Drainer {
         }
     }
 
+    /// A chunk reached the spool: the regions it resends are no longer
+    /// dirty; with the END in it, the resync is over.
+    fn after_spooled(&mut self) -> Result<(), DaemonError> {
+        let Mode::Spool(Some(run)) = &mut self.mode else {
+            return Ok(());
+        };
+        for (region, count) in self.pending.clears.drain(..) {
+            run.st.map.clear(region, count);
+            run.unsaved = true;
+        }
+        if self.pending.end {
+            tracing::info!(volume = %self.set.volume, "resync complete: every dirty region was resent");
+            match std::fs::remove_file(&self.set.state_path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove the resync state", e)),
+            }
+            self.mode = Mode::Spool(None);
+            self.shared.set_resync(None);
+            self.board.update(&self.set.volume, |s| {
+                s.reasons.retain(|r| !r.starts_with(RESYNC_REASON));
+                if s.reasons.is_empty() && s.health == Health::Warning {
+                    s.health = Health::OK;
+                }
+            });
+            self.publish();
+            return Ok(());
+        }
+        if run.unsaved && run.last_save.elapsed() >= Duration::from_millis(500) {
+            self.save_run()?;
+        }
+        Ok(())
+    }
+
     /// Switches to the dirty map: the regions of every record the target
-    /// does not have (from the spool, when it is dropped, and pending) are
-    /// marked, the state is saved, then the spool is dropped.
+    /// does not have (from the spool, when it is dropped, and pending) and
+    /// those a running resync has not sent yet are marked, the state is
+    /// saved, then the spool is dropped.
     fn go_resync(&mut self, why: String, drop_spool: bool) -> Result<(), DaemonError> {
         let spool = self.shared.spool.clone();
         let durable = self.shared.durable.load(Ordering::Acquire);
@@ -516,7 +912,10 @@ impl Drainer {
         } else {
             spool.next_seq()
         };
-        let mut map = DirtyMap::new(self.set.volume_size, self.map_region_bytes());
+        let mut map = match std::mem::replace(&mut self.mode, Mode::Spool(None)) {
+            Mode::Spool(Some(run)) => run.st.map,
+            _ => DirtyMap::new(self.set.volume_size, self.region_bytes),
+        };
         if drop_spool {
             let r = spool.for_each_record(since, |rv| {
                 if data_op(rv.op) {
@@ -543,6 +942,7 @@ impl Drainer {
             since_seq: since,
             reason: why.clone(),
             map,
+            begin_seq: None,
         };
         st.save(&self.set.state_path)
             .map_err(|e| io_err("save the resync state", e))?;
@@ -560,47 +960,67 @@ impl Drainer {
             regions = st.map.count(),
             "{why}: replication continues as a dirty-region map; the volume needs a resync"
         );
-        *self
-            .shared
-            .resync_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(since);
-        self.mode = Mode::Bitmap(st);
+        self.shared.set_resync(Some(since));
+        self.mode = Mode::Bitmap { st, begin: None };
         self.last_save = Instant::now();
         self.publish();
         Ok(())
     }
 
-    fn map_region_bytes(&self) -> u64 {
-        match &self.kernel {
-            Some(k) => k
-                .device
-                .volume(k.index)
-                .ok()
-                .flatten()
-                .map_or(self.set.region_bytes, |v| u64::from(v.region_kib) * 1024),
-            None => self.set.region_bytes,
-        }
+    /// Every region of the volume is to be resent (an initial copy, or an
+    /// operator's request): what the spool holds still ships, then the
+    /// stream stops and a resync of the whole volume follows.
+    fn full_resync(&mut self, why: String) -> Result<(), DaemonError> {
+        self.commit()?;
+        let since = self.shared.spool.next_seq();
+        let mut st = match std::mem::replace(&mut self.mode, Mode::Spool(None)) {
+            Mode::Bitmap { mut st, .. } => {
+                st.reason = format!("{}; {why}", st.reason);
+                st
+            }
+            Mode::Spool(run) => ResyncState {
+                generation: self.generation,
+                since_seq: since,
+                reason: why.clone(),
+                map: match run {
+                    Some(run) => run.st.map,
+                    None => DirtyMap::new(self.set.volume_size, self.region_bytes),
+                },
+                begin_seq: None,
+            },
+        };
+        st.begin_seq = None;
+        st.map.mark_all();
+        st.save(&self.set.state_path)
+            .map_err(|e| io_err("save the resync state", e))?;
+        tracing::warn!(volume = %self.set.volume, since_seq = st.since_seq, "{why}: every region will be resent");
+        self.shared.set_resync(Some(st.since_seq));
+        self.mode = Mode::Bitmap { st, begin: None };
+        self.last_save = Instant::now();
+        self.publish();
+        Ok(())
     }
 
     /// The kernel ring overflowed: writes after the last record are only in
     /// its dirty bitmap. The spool keeps the consistent prefix; the bitmap
-    /// is taken (which ends the overflow) into the saved map.
+    /// is taken (which ends the overflow) into the saved map, with whatever
+    /// a running resync had not sent yet.
     fn overflowed(&mut self) -> Result<(), DaemonError> {
         let next = self.consumer.next_seq();
-        let since = match &self.mode {
-            Mode::Spool => self.shared.spool.next_seq(),
-            Mode::Bitmap(st) => st.since_seq,
-        };
-        let mut st = match std::mem::replace(&mut self.mode, Mode::Spool) {
-            Mode::Bitmap(st) => st,
-            Mode::Spool => ResyncState {
+        let mut st = match std::mem::replace(&mut self.mode, Mode::Spool(None)) {
+            Mode::Bitmap { st, .. } => st,
+            Mode::Spool(run) => ResyncState {
                 generation: self.generation,
-                since_seq: since,
+                since_seq: self.shared.spool.next_seq(),
                 reason: "capture ring overflowed".into(),
-                map: DirtyMap::new(self.set.volume_size, self.map_region_bytes()),
+                map: match run {
+                    Some(run) => run.st.map,
+                    None => DirtyMap::new(self.set.volume_size, self.region_bytes),
+                },
+                begin_seq: None,
             },
         };
+        st.begin_seq = None;
         // Saved as "whole volume" first: the kernel clears its bitmap when
         // it hands it over, so dying between the two must not forget it.
         let mut whole = st.clone();
@@ -635,12 +1055,8 @@ impl Drainer {
             regions = st.map.count(),
             "capture ring overflowed: the volume needs a resync"
         );
-        *self
-            .shared
-            .resync_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(st.since_seq);
-        self.mode = Mode::Bitmap(st);
+        self.shared.set_resync(Some(st.since_seq));
+        self.mode = Mode::Bitmap { st, begin: None };
         self.publish();
         Ok(())
     }
@@ -652,13 +1068,15 @@ impl Drainer {
         let durable = self.shared.durable.load(Ordering::Acquire);
         let produced = c.producer_seq();
         let spooled = spool.next_seq();
-        let resync = match &self.mode {
-            Mode::Bitmap(st) => Some(st),
-            Mode::Spool => None,
+        let (map, running) = match &self.mode {
+            Mode::Bitmap { st, .. } => (Some(st), None),
+            Mode::Spool(Some(run)) => (Some(&run.st), Some(run)),
+            Mode::Spool(None) => (None, None),
         };
+        let stopped = matches!(self.mode, Mode::Bitmap { .. });
         // Records the target lacks: in the spool and still in the ring (or,
-        // needing a resync, only those the spool can still ship).
-        let end = if resync.is_some() { spooled } else { produced };
+        // while the stream is stopped, only those the spool can still ship).
+        let end = if stopped { spooled } else { produced };
         let records = end.wrapping_sub(durable.wrapping_add(1));
         let records = if (records as i64) < 0 { 0 } else { records };
         let now = replica_ring::now_ns();
@@ -669,13 +1087,9 @@ impl Drainer {
             (0, _) | (_, None) => 0.0,
             (_, Some(t)) => now.saturating_sub(t) as f64 / 1e9,
         };
-        let bytes = spool.unacked_bytes()
-            + if resync.is_some() {
-                0
-            } else {
-                c.data_bytes_in_use()
-            };
+        let bytes = spool.unacked_bytes() + if stopped { 0 } else { c.data_bytes_in_use() };
         let spool_bytes = spool.unacked_bytes();
+        let blocked = self.blocked.clone();
         self.board.update(&self.set.volume, |s| {
             s.captured_seq = c.next_seq();
             s.spooled_seq = spooled;
@@ -683,27 +1097,43 @@ impl Drainer {
             s.lag_records = records;
             s.lag_bytes = if records == 0 { 0 } else { bytes };
             s.lag_seconds = seconds;
-            match resync {
+            s.reasons.retain(|r| !r.starts_with(RESYNC_REASON));
+            match map {
                 Some(st) => {
                     s.needs_resync = true;
                     s.resync_since_seq = st.since_seq;
                     s.dirty_regions = st.map.count();
                     s.dirty_bytes = st.map.count() * st.map.region_bytes();
-                    s.replica = "Outdated".into();
-                    let why = format!(
-                        "{RESYNC_REASON}: {} ({} regions dirty since record {})",
+                    s.resync_running = running.is_some();
+                    s.resync_total_regions = running.map_or(st.map.count(), |r| r.total);
+                    s.replica = if running.is_some() {
+                        "Inconsistent"
+                    } else {
+                        "Outdated"
+                    }
+                    .into();
+                    let state = match (running, &blocked) {
+                        (Some(r), _) => format!(
+                            "resync running: {} of {} regions left",
+                            st.map.count(),
+                            r.total
+                        ),
+                        (None, Some(b)) => format!("resync cannot start: {b}"),
+                        (None, None) => "resync starts when the target is connected".into(),
+                    };
+                    s.reasons.push(format!(
+                        "{RESYNC_REASON}: {} ({} regions dirty since record {}; {state})",
                         st.reason,
                         st.map.count(),
                         st.since_seq
-                    );
-                    s.reasons.retain(|r| !r.starts_with(RESYNC_REASON));
-                    s.reasons.push(why);
+                    ));
                     if s.health == Health::OK {
                         s.health = Health::Warning;
                     }
                 }
                 None => {
                     s.needs_resync = false;
+                    s.resync_running = false;
                     s.dirty_regions = 0;
                     s.dirty_bytes = 0;
                     s.replica = if durable == 0 && records > 0 {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod dirty;
 pub mod drain;
+pub mod failover;
 pub mod keystore;
 pub mod link;
 pub mod protected;

@@ -156,7 +156,169 @@ pub struct Source {
     stop: Arc<AtomicBool>,
     notifier: std::sync::Mutex<crate::control::Notifier>,
     control: Option<JoinHandle<()>>,
+    /// What control commands act on.
+    commands: Arc<Commands>,
     hup_seen: AtomicU64,
+}
+
+/// What the source's control commands (`resync`, `failover-planned`) act
+/// on; the drain's shared state once it runs.
+struct Commands {
+    volume: String,
+    state_dir: std::path::PathBuf,
+    device: Option<std::path::PathBuf>,
+    volume_size: u64,
+    kernel_ring: bool,
+    /// The ring file (development mode).
+    ring_file: Option<std::path::PathBuf>,
+    /// The epoch this source is at.
+    epoch: AtomicU64,
+    resync_request: Arc<std::sync::Mutex<Option<String>>>,
+    shared: std::sync::OnceLock<Arc<Shared>>,
+    stop: Arc<AtomicBool>,
+    /// One planned failover at a time.
+    failing_over: std::sync::Mutex<()>,
+}
+
+impl Commands {
+    fn handle(&self, r: &crate::control::Request) -> Option<Result<String, String>> {
+        if !matches!(r.command.as_str(), "resync" | "failover-planned" | "stop") {
+            return None;
+        }
+        if r.volume.as_ref().is_some_and(|v| v != &self.volume) {
+            return Some(Err(format!(
+                "this source replicates {}, not {}",
+                self.volume,
+                r.volume.as_deref().unwrap_or_default()
+            )));
+        }
+        Some(match r.command.as_str() {
+            "stop" => {
+                tracing::info!(volume = %self.volume, "stop requested on the control socket");
+                self.stop.store(true, Ordering::Release);
+                Ok(format!("replicad source for {} is stopping", self.volume))
+            }
+            "resync" => {
+                *self
+                    .resync_request
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) =
+                    Some("full resync requested by an operator".into());
+                Ok(format!(
+                    "full resync of {} scheduled: every region will be resent; the replica is inconsistent until it ends (its last recovery point stays)",
+                    self.volume
+                ))
+            }
+            _ => self.planned_failover(),
+        })
+    }
+
+    /// Planned failover: stop writes (suspend, final marker, error table),
+    /// wait until the target has every record, hand over, demote this side.
+    fn planned_failover(&self) -> Result<String, String> {
+        let _one = self
+            .failing_over
+            .try_lock()
+            .map_err(|_| "a planned failover is already under way".to_string())?;
+        let shared = self
+            .shared
+            .get()
+            .ok_or("the source is not replicating yet")?
+            .clone();
+        if let Some(since) = shared.needs_resync() {
+            return Err(format!(
+                "the replica needs a resync (the stream stopped at record {since}): a planned failover would lose writes; let the resync finish, or fail over (unplanned) on the target"
+            ));
+        }
+        if !shared.connected.load(Ordering::Acquire) {
+            return Err("not connected to the target".into());
+        }
+        let mut role = crate::failover::SourceRole::load(&self.state_dir)?;
+        let upto = if self.kernel_ring {
+            let dev = self
+                .device
+                .as_ref()
+                .ok_or("`device` (the protected volume) is not configured")?;
+            let name = crate::failover::dm_name(dev)?;
+            match role.failing_over {
+                Some(upto) if crate::failover::is_fenced(&name) => upto,
+                _ => {
+                    crate::failover::suspend(&name)?;
+                    let fenced = crate::failover::marker(
+                        &name,
+                        0xFA11_0000_0000_0000 | self.epoch.load(Ordering::Acquire),
+                    )
+                    .and_then(|seq| {
+                        crate::failover::fence(&name, self.volume_size / 512).map(|()| seq)
+                    });
+                    let upto = match fenced {
+                        Ok(seq) => seq,
+                        Err(e) => {
+                            let _ = crate::failover::resume(&name);
+                            return Err(format!("cannot stop writes on {name}: {e}"));
+                        }
+                    };
+                    tracing::warn!(volume = %self.volume, device = %name, upto, "planned failover: writes stopped (error table), last record {upto}");
+                    role.failing_over = Some(upto);
+                    role.save(&self.state_dir)?;
+                    upto
+                }
+            }
+        } else {
+            // A ring file: the writers must have stopped; the last record
+            // produced is the last one.
+            let path = self.ring_file.as_ref().ok_or("no ring file configured")?;
+            let map = replica_ring::Mapping::open_file(path, false).map_err(|e| e.to_string())?;
+            map.header()
+                .prod_seq
+                .load(Ordering::Acquire)
+                .wrapping_sub(1)
+        };
+        // Everything up to `upto` spooled, then durable on the target and
+        // applied there (the target checks), then the target takes over.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while (shared.spool.next_seq().wrapping_sub(upto) as i64) <= 0 {
+            if Instant::now() > deadline {
+                return Err(format!("record {upto} was never drained from the ring"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let epoch = self.epoch.load(Ordering::Acquire) + 1;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        *shared.planned.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(crate::failover::PlannedFailover {
+                upto,
+                epoch,
+                sent: false,
+                reply: tx,
+            });
+        let answer = rx
+            .recv_timeout(Duration::from_secs(900))
+            .map_err(|_| "the target did not take over within 15 minutes".to_string())
+            .and_then(|r| r);
+        shared
+            .planned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let p = answer.map_err(|e| {
+            format!("planned failover not completed: {e}; the source volume stays fenced; `replctl failover --planned` again to retry")
+        })?;
+        role.epoch = p.epoch;
+        role.failing_over = None;
+        role.demoted = Some(format!(
+            "planned failover: the target became the primary at epoch {} (record {})",
+            p.epoch, p.point_seq
+        ));
+        role.save(&self.state_dir)?;
+        self.epoch.store(p.epoch, Ordering::Release);
+        tracing::warn!(volume = %self.volume, epoch = p.epoch, point = p.point_seq, "planned failover complete; this source is demoted and stops");
+        self.stop.store(true, Ordering::Release);
+        Ok(format!(
+            "planned failover of {} complete: no write lost (every record up to {upto} is on the target); the target is the primary at epoch {}, volume {} on the target host; this source is fenced and stopped",
+            self.volume, p.epoch, p.device
+        ))
+    }
 }
 
 impl Source {
@@ -177,7 +339,41 @@ impl Source {
             .control_socket
             .clone()
             .unwrap_or_else(|| crate::control::default_path(&cfg.state_dir));
-        let control = Some(crate::control::serve(&sock, board.clone(), stop.clone())?);
+        let role = crate::failover::SourceRole::load(&cfg.state_dir).map_err(|e| {
+            DaemonError::Unsupported(format!("cannot read this source's role: {e}"))
+        })?;
+        if let Some(why) = &role.demoted {
+            return Err(DaemonError::Unsupported(format!(
+                "volume {} was failed over ({why}): this source is demoted and will not replicate it; protect it anew from the current primary",
+                cfg.volume
+            )));
+        }
+        let commands = Arc::new(Commands {
+            volume: cfg.volume.clone(),
+            state_dir: cfg.state_dir.clone(),
+            device: cfg.device.clone(),
+            volume_size: cfg.volume_size,
+            kernel_ring: matches!(cfg.ring, RingSource::Group(_)),
+            ring_file: match &cfg.ring {
+                RingSource::File(p) => Some(p.clone()),
+                RingSource::Group(_) => None,
+            },
+            epoch: AtomicU64::new(cfg.epoch.max(role.epoch)),
+            resync_request: Arc::default(),
+            shared: std::sync::OnceLock::new(),
+            stop: stop.clone(),
+            failing_over: std::sync::Mutex::new(()),
+        });
+        let handler: crate::control::Handler = {
+            let c = commands.clone();
+            Arc::new(move |r: &crate::control::Request| c.handle(r))
+        };
+        let control = Some(crate::control::serve(
+            &sock,
+            board.clone(),
+            stop.clone(),
+            Some(handler),
+        )?);
         Ok(Self {
             cfg: std::sync::RwLock::new(Arc::new(cfg)),
             config_path: None,
@@ -187,12 +383,45 @@ impl Source {
             stop,
             notifier: std::sync::Mutex::new(crate::control::Notifier::new()),
             control,
+            commands,
             hup: sig.hup,
             hup_seen: AtomicU64::new(0),
         })
     }
 
-    /// Called from the main loops: watchdog, and key reload after SIGHUP.
+    /// The target says the volume was failed over without this source (its
+    /// epoch is older): never write to it again. The role is recorded, the
+    /// protected volume is fenced (error table) so its writers get errors,
+    /// and replication stops (Critical). Returns the reason.
+    fn demote(&self, why: &str) -> String {
+        let cfg = self.cfg();
+        let mut role = crate::failover::SourceRole::load(&cfg.state_dir).unwrap_or_default();
+        role.epoch = role.epoch.max(self.epoch());
+        role.demoted = Some(format!("the target refused this source: {why}"));
+        if let Err(e) = role.save(&cfg.state_dir) {
+            tracing::error!(error = %e, "cannot record the demotion");
+        }
+        let fenced = match (&cfg.ring, &cfg.device) {
+            (RingSource::Group(_), Some(dev)) => crate::failover::dm_name(dev)
+                .and_then(|name| crate::failover::fence(&name, cfg.volume_size / 512))
+                .map(|()| "; the protected volume now fails every write (error table)"),
+            (RingSource::Group(_), None) => Err("`device` is not configured".to_string()),
+            _ => Ok(""),
+        };
+        let fenced = fenced.unwrap_or_else(|e| {
+            tracing::error!("cannot fence the protected volume: {e}");
+            "; the protected volume could NOT be fenced: stop its writers"
+        });
+        format!(
+            "demoted: the volume was failed over to the target ({why}); this source must not write to it{fenced}; protect it anew from the new primary"
+        )
+    }
+
+    /// The epoch this source is at.
+    fn epoch(&self) -> u64 {
+        self.commands.epoch.load(Ordering::Acquire)
+    }
+
     /// The configuration in force.
     fn cfg(&self) -> Arc<SourceConfig> {
         self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -230,6 +459,7 @@ impl Source {
             ("control_device", new.control_device != old.control_device),
             ("epoch", new.epoch != old.epoch),
             ("spool", new.spool != old.spool),
+            ("device", new.device != old.device),
         ]
         .into_iter()
         .filter_map(|(k, changed)| changed.then_some(k))
@@ -250,6 +480,7 @@ impl Source {
         merged.control_device = old.control_device.clone();
         merged.epoch = old.epoch;
         merged.spool = old.spool.clone();
+        merged.device = old.device.clone();
         *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
         tracing::info!("configuration reloaded");
     }
@@ -305,7 +536,7 @@ impl Source {
         let vol = cfg.volume.clone();
         self.board.update(&vol, |s| {
             s.generation = hex::encode(generation);
-            s.epoch = cfg.epoch;
+            s.epoch = self.epoch();
             s.captured_seq = consumer.next_seq();
         });
         let (drainer, shared) = Drainer::new(
@@ -316,6 +547,9 @@ impl Source {
                 limit_bytes: cfg.spool.limit(cfg.volume_size),
                 region_bytes: cfg.spool.region_kib * 1024,
                 state_path: cfg.state_dir.join("resync.state"),
+                device: cfg.device.clone(),
+                resync_window: cfg.resync.window_bytes,
+                resync_max_bytes: cfg.resync.max_write_bytes,
             },
             consumer,
             kernel,
@@ -323,7 +557,9 @@ impl Source {
             cfg.spool.file_bytes,
             self.board.clone(),
             self.stop.clone(),
+            self.commands.resync_request.clone(),
         )?;
+        let _ = self.commands.shared.set(shared.clone());
         let drain = std::thread::Builder::new()
             .name("drain".into())
             .spawn(move || drainer.run())
@@ -456,7 +692,7 @@ impl Source {
             store: self.keys.clone(),
             stream_id: welcome.stream_id,
             volume: cfg.volume.clone(),
-            epoch: cfg.epoch,
+            epoch: self.epoch(),
             cache: std::sync::Mutex::new(None),
         });
         key.current().map_err(SessionError::fatal)?;
@@ -496,7 +732,7 @@ impl Source {
                     stream_id: welcome.stream_id,
                     generation: shared.generation,
                     volume_tag: keys::volume_tag(&cfg.volume),
-                    epoch: cfg.epoch,
+                    epoch: self.epoch(),
                     counter: 0,
                     first_seq: 0,
                     last_seq: 0,
@@ -508,6 +744,7 @@ impl Source {
                 },
                 max_bytes: cfg.segment.max_bytes,
                 resume: welcome.durable.wrapping_add(1),
+                gap: false,
                 shared: shared.clone(),
                 stop: session_stop.clone(),
                 global_stop: self.stop.clone(),
@@ -518,7 +755,9 @@ impl Source {
                 .map_err(|e| SessionError::recoverable(format!("cannot start a thread: {e}")))?
         };
 
+        shared.connected.store(true, Ordering::Release);
         let io_result = self.pump(&mut link, &out_rx, &wake_rx, shared);
+        shared.connected.store(false, Ordering::Release);
         session_stop.store(true, Ordering::Release);
         shared.spool.wake();
         drop(out_rx);
@@ -551,16 +790,22 @@ impl Source {
             features: msg::PROTOCOL_FEATURES,
             volume: cfg.volume.clone(),
             generation: hex::encode(shared.generation),
-            epoch: cfg.epoch,
+            epoch: self.epoch(),
             source_random: hex::encode(src_rand),
             oldest_seq: oldest,
             key_id: self.keys.get().active(),
+            resync: shared.needs_resync().is_some(),
         }));
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         let w = loop {
             match link.recv().map_err(SessionError::link)? {
                 Some(Message::Welcome(w)) => break w,
                 Some(Message::Error(e)) => {
+                    if e.class == WireClass::Fatal
+                        && matches!(e.code.as_str(), "stale-epoch" | "promoted")
+                    {
+                        return Err(SessionError::fatal(self.demote(&e.message)));
+                    }
                     return Err(match e.class {
                         WireClass::Fatal => SessionError::fatal(format!(
                             "target refused: {} ({})",
@@ -570,7 +815,7 @@ impl Source {
                             "target busy: {} ({})",
                             e.message, e.code
                         )),
-                    })
+                    });
                 }
                 Some(other) => {
                     return Err(SessionError::fatal(format!(
@@ -632,7 +877,27 @@ impl Source {
             if let Some(f) = shared.fatal() {
                 return Err(SessionError::fatal(f));
             }
-            if shared.closed.load(Ordering::Acquire)
+            let handing_over = {
+                let mut pf = shared.planned.lock().unwrap_or_else(|p| p.into_inner());
+                match pf.as_mut() {
+                    Some(f) => {
+                        // The target has every record: ask it to take over.
+                        let durable = shared.durable.load(Ordering::Acquire);
+                        if !f.sent && (durable.wrapping_sub(f.upto) as i64) >= 0 {
+                            link.send(&Message::Promote(msg::Promote {
+                                upto: f.upto,
+                                epoch: f.epoch,
+                            }));
+                            f.sent = true;
+                            tracing::info!(volume = %cfg.volume, upto = f.upto, epoch = f.epoch, "asking the target to take over");
+                        }
+                        true
+                    }
+                    None => false,
+                }
+            };
+            if !handing_over
+                && shared.closed.load(Ordering::Acquire)
                 && shared.durable.load(Ordering::Acquire).wrapping_add(1) == shared.spool.next_seq()
             {
                 return Err(SessionError::fatal(
@@ -686,7 +951,43 @@ impl Source {
                             });
                         }
                     }
+                    Message::Promoted(p) => {
+                        let pf = shared
+                            .planned
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .take();
+                        match pf {
+                            Some(f) => {
+                                let _ = f.reply.send(Ok(p));
+                                // The failover command records the demotion
+                                // and stops the daemon.
+                                let deadline = Instant::now() + Duration::from_secs(30);
+                                while !self.stop.load(Ordering::Acquire)
+                                    && Instant::now() < deadline
+                                {
+                                    std::thread::sleep(Duration::from_millis(10));
+                                }
+                                return Ok(());
+                            }
+                            None => {
+                                return Err(SessionError::fatal(format!(
+                                    "the target says it took over (epoch {}) but no failover was asked for",
+                                    p.epoch
+                                )))
+                            }
+                        }
+                    }
                     Message::Error(e) => {
+                        if let Some(f) = shared
+                            .planned
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .filter(|f| f.sent)
+                        {
+                            let _ = f.reply.send(Err(format!("target: {}", e.message)));
+                        }
                         return Err(match e.class {
                             WireClass::Fatal => {
                                 SessionError::fatal(format!("target: {} ({})", e.message, e.code))
@@ -695,7 +996,7 @@ impl Source {
                                 "target: {} ({})",
                                 e.message, e.code
                             )),
-                        })
+                        });
                     }
                     other => {
                         return Err(SessionError::fatal(format!(
@@ -779,6 +1080,8 @@ struct BatchCtx {
     max_bytes: usize,
     /// First record to send.
     resume: u64,
+    /// The segment being packed starts a resync after a gap.
+    gap: bool,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     global_stop: Arc<AtomicBool>,
@@ -814,10 +1117,16 @@ impl BatchCtx {
             }
             match reader.next_chunk() {
                 Ok(Some(c)) => {
+                    // A resync after a gap starts a segment of its own, which
+                    // tells the target the gap is intended.
                     if first.is_some()
-                        && plain.len() + c.plain.len() > frame::MAX_PLAIN_LEN as usize
+                        && (c.gap_from.is_some()
+                            || plain.len() + c.plain.len() > frame::MAX_PLAIN_LEN as usize)
                     {
                         self.emit(tx, &mut plain, &mut first, last, last_time)?;
+                    }
+                    if first.is_none() {
+                        self.gap = c.gap_from.is_some();
                     }
                     first.get_or_insert(c.first_seq);
                     last = c.last_seq;
@@ -858,6 +1167,9 @@ impl BatchCtx {
         h.last_seq = last;
         h.record_count = last.wrapping_sub(f).wrapping_add(1) as u32;
         h.source_time_ns = last_time;
+        if std::mem::take(&mut self.gap) {
+            h.features |= frame::FEATURE_RESYNC_GAP;
+        }
         self.header.counter += 1;
         let job = Job {
             header: h,

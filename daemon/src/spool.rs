@@ -9,10 +9,12 @@
 //!
 //! Layout: `<dir>/<first seq, 20 digits>.spool`, each a 64-byte file header
 //! (magic, version, ring generation, volume tag, first sequence, CRC32C)
-//! followed by chunks: a 48-byte header (magic, record count, first and last
-//! sequence, first and last submission time, plaintext length, CRC32C over
-//! header and plaintext) and the plaintext. Sequences are consecutive across
-//! chunks and files.
+//! followed by chunks: a 64-byte header (magic, record count, first and last
+//! sequence, first and last submission time, plaintext length, flags, the
+//! start of a gap before it, CRC32C over header and plaintext) and the
+//! plaintext. Sequences are consecutive across chunks and files, except
+//! before a chunk flagged as starting a resync, which records where the gap
+//! begins.
 //!
 //! Durability: chunks are written, not synced. A spool outlives the daemon
 //! (a killed daemon's writes are in the page cache), not the host: after a
@@ -38,7 +40,10 @@ const FILE_VERSION: u32 = 1;
 pub const FILE_HEADER_LEN: u64 = 64;
 const CHUNK_MAGIC: [u8; 4] = *b"SPCK";
 /// Bytes of a chunk header.
-pub const CHUNK_HEADER_LEN: u64 = 48;
+pub const CHUNK_HEADER_LEN: u64 = 64;
+/// Chunk flag: the records before this chunk, from `gap_from`, are not in
+/// the spool (they were tracked as dirty regions; a resync starts here).
+const CHUNK_FLAG_GAP: u32 = 1;
 /// Largest chunk plaintext accepted when reading (a bound for damaged
 /// lengths; writers stay far below it).
 const MAX_CHUNK_PLAIN: u32 = 64 << 20;
@@ -101,6 +106,9 @@ pub struct ChunkHeader {
     pub last_ns: u64,
     /// Plaintext bytes that follow.
     pub plain_len: u32,
+    /// Records from here up to `first_seq` are not in the spool: a resync
+    /// starts with this chunk.
+    pub gap_from: Option<u64>,
 }
 
 impl ChunkHeader {
@@ -113,8 +121,15 @@ impl ChunkHeader {
         b[24..32].copy_from_slice(&self.first_ns.to_le_bytes());
         b[32..40].copy_from_slice(&self.last_ns.to_le_bytes());
         b[40..44].copy_from_slice(&self.plain_len.to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..44]), plain);
-        b[44..48].copy_from_slice(&crc.to_le_bytes());
+        let flags = if self.gap_from.is_some() {
+            CHUNK_FLAG_GAP
+        } else {
+            0
+        };
+        b[44..48].copy_from_slice(&flags.to_le_bytes());
+        b[48..56].copy_from_slice(&self.gap_from.unwrap_or(0).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..60]), plain);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -129,6 +144,8 @@ impl ChunkHeader {
             a.copy_from_slice(&b[o..o + 8]);
             u64::from_le_bytes(a)
         };
+        let flags = u32_at(44);
+        let gap = u64_at(48);
         let h = Self {
             count: u32_at(4),
             first_seq: u64_at(8),
@@ -136,16 +153,25 @@ impl ChunkHeader {
             first_ns: u64_at(24),
             last_ns: u64_at(32),
             plain_len: u32_at(40),
+            gap_from: (flags & CHUNK_FLAG_GAP != 0).then_some(gap),
         };
         let sane = h.count > 0
+            && flags & !CHUNK_FLAG_GAP == 0
             && h.plain_len <= MAX_CHUNK_PLAIN
-            && h.last_seq.wrapping_sub(h.first_seq) == u64::from(h.count - 1);
-        sane.then_some((h, u32_at(44)))
+            && h.last_seq.wrapping_sub(h.first_seq) == u64::from(h.count - 1)
+            && h.gap_from
+                .is_none_or(|g| (h.first_seq.wrapping_sub(g) as i64) >= 0);
+        sane.then_some((h, u32_at(60)))
     }
 
     fn crc_ok(&self, raw: &[u8; CHUNK_HEADER_LEN as usize], crc: u32, plain: &[u8]) -> bool {
         plain.len() == self.plain_len as usize
-            && crc32c::crc32c_append(crc32c::crc32c(&raw[..44]), plain) == crc
+            && crc32c::crc32c_append(crc32c::crc32c(&raw[..60]), plain) == crc
+    }
+
+    /// Whether it may follow a chunk (or file) ending before `next`.
+    fn follows(&self, next: u64) -> bool {
+        self.first_seq == next || self.gap_from == Some(next)
     }
 
     /// Bytes the chunk takes in its file.
@@ -236,6 +262,25 @@ struct AckCursor {
     logical: u64,
     /// Submission time of that chunk's first record, if there is one.
     first_ns: Option<u64>,
+    /// That chunk starts a resync after a gap beginning here, and `seq`
+    /// lies in the gap or at the chunk's start: the target may be anywhere
+    /// from here on.
+    gap_from: Option<u64>,
+}
+
+impl AckCursor {
+    /// Everything is acknowledged: the next record, `seq`, is not in the
+    /// spool yet (logical offset `logical`).
+    fn at_end(seq: u64, logical: u64) -> Self {
+        Self {
+            seq,
+            file: seq,
+            offset: 0,
+            logical,
+            first_ns: None,
+            gap_from: None,
+        }
+    }
 }
 
 struct Inner {
@@ -280,6 +325,8 @@ pub struct Chunk {
     pub count: u32,
     /// Last record's submission time.
     pub last_ns: u64,
+    /// The chunk starts a resync after a gap from this sequence.
+    pub gap_from: Option<u64>,
     /// Plaintext records.
     pub plain: Vec<u8>,
 }
@@ -398,13 +445,8 @@ impl Spool {
             .map(|(s, f)| (*s, f.base))
             .unwrap_or((next.unwrap_or(0), logical));
         let next_seq = next.unwrap_or(0);
-        let acked = AckCursor {
-            seq: first.0,
-            file: first.0,
-            offset: FILE_HEADER_LEN,
-            logical: first.1 + if files.is_empty() { 0 } else { FILE_HEADER_LEN },
-            first_ns: None,
-        };
+        // Placed properly just below, once the spool can be read.
+        let acked = AckCursor::at_end(first.0, first.1);
         let spool = Self {
             dir: dir.to_owned(),
             generation,
@@ -425,13 +467,7 @@ impl Spool {
             if !g.files.is_empty() {
                 spool.set_acked(&mut g, first.0)?;
             } else {
-                g.acked = AckCursor {
-                    seq: next_seq,
-                    file: next_seq,
-                    offset: 0,
-                    logical: g.logical_end,
-                    first_ns: None,
-                };
+                g.acked = AckCursor::at_end(next_seq, g.logical_end);
             }
         }
         Ok((spool, rec))
@@ -454,7 +490,8 @@ impl Spool {
     /// Oldest sequence the spool still holds (the first not acknowledged);
     /// equal to [`Self::next_seq`] when it holds nothing.
     pub fn oldest_seq(&self) -> u64 {
-        self.lock().acked.seq
+        let g = self.lock();
+        g.acked.gap_from.unwrap_or(g.acked.seq)
     }
 
     /// Bytes holding records not acknowledged yet.
@@ -479,18 +516,13 @@ impl Spool {
         let mut g = self.lock();
         if g.files.is_empty() {
             g.next_seq = seq;
-            g.acked = AckCursor {
-                seq,
-                file: seq,
-                offset: 0,
-                logical: g.logical_end,
-                first_ns: None,
-            };
+            g.acked = AckCursor::at_end(seq, g.logical_end);
         }
     }
 
     /// Appends a chunk of `count` consecutive records starting at
-    /// `first_seq` (which must be [`Self::next_seq`]).
+    /// `first_seq`, which must be [`Self::next_seq`] or, for the chunk that
+    /// starts a resync (`gap`), any later sequence.
     pub fn append(
         &self,
         first_seq: u64,
@@ -498,9 +530,15 @@ impl Spool {
         first_ns: u64,
         last_ns: u64,
         plain: &[u8],
+        gap: bool,
     ) -> Result<(), SpoolError> {
         let mut g = self.lock();
-        if first_seq != g.next_seq || count == 0 || plain.len() > MAX_CHUNK_PLAIN as usize {
+        let placed = if gap {
+            (first_seq.wrapping_sub(g.next_seq) as i64) >= 0
+        } else {
+            first_seq == g.next_seq
+        };
+        if !placed || count == 0 || plain.len() > MAX_CHUNK_PLAIN as usize {
             return Err(SpoolError::Corrupt {
                 path: self.dir.clone(),
                 message: format!(
@@ -516,6 +554,7 @@ impl Spool {
             first_ns,
             last_ns,
             plain_len: plain.len() as u32,
+            gap_from: gap.then_some(g.next_seq),
         };
         let rotate = match &g.writer {
             None => true,
@@ -584,11 +623,14 @@ impl Spool {
         }
         g.logical_end += stored;
         g.next_seq = h.last_seq.wrapping_add(1);
-        if g.acked.first_ns.is_none() && g.acked.seq == first_seq {
+        // The first chunk after everything was acknowledged is where the
+        // target's next record is.
+        if g.acked.first_ns.is_none() && (first_seq.wrapping_sub(g.acked.seq) as i64) >= 0 {
             g.acked.first_ns = Some(first_ns);
             g.acked.file = key;
             g.acked.offset = len;
             g.acked.logical = g.files.get(&key).map_or(0, |f| f.base) + len;
+            g.acked.gap_from = h.gap_from;
         }
         drop(g);
         self.cond.notify_all();
@@ -639,20 +681,14 @@ impl Spool {
                 remove(&f.path)?;
             }
         }
-        // The chunk holding `seq`, searched from the last position.
+        // The chunk holding `seq` (or the first after it, past a gap),
+        // searched from the last position.
         let Some((&key, fi)) = g
             .files
-            .range(..=seq)
-            .next_back()
-            .filter(|(_, f)| (seq.wrapping_sub(f.next_seq) as i64) < 0)
+            .iter()
+            .find(|(_, f)| (f.next_seq.wrapping_sub(seq) as i64) > 0)
         else {
-            g.acked = AckCursor {
-                seq,
-                file: seq,
-                offset: 0,
-                logical: g.logical_end,
-                first_ns: None,
-            };
+            g.acked = AckCursor::at_end(seq, g.logical_end);
             return Ok(());
         };
         let fi = fi.clone();
@@ -671,6 +707,9 @@ impl Spool {
                     offset: off,
                     logical: fi.base + off,
                     first_ns: Some(h.first_ns),
+                    gap_from: h
+                        .gap_from
+                        .filter(|_| (h.first_seq.wrapping_sub(seq) as i64) >= 0),
                 };
                 return Ok(());
             }
@@ -727,13 +766,7 @@ impl Spool {
         }
         g.drops += 1;
         g.next_seq = next_seq;
-        g.acked = AckCursor {
-            seq: next_seq,
-            file: next_seq,
-            offset: 0,
-            logical: g.logical_end,
-            first_ns: None,
-        };
+        g.acked = AckCursor::at_end(next_seq, g.logical_end);
         drop(g);
         let _ = replica_store::journal::sync_dir(&self.dir);
         self.cond.notify_all();
@@ -814,14 +847,8 @@ fn scan_file(
     if fh.volume_tag != volume_tag {
         return Ok(Scanned::Foreign("written for another volume".into()));
     }
-    if fh.first_seq != expect_first {
-        return Ok(Scanned::Bad(format!(
-            "starts at record {} where {expect_first} was expected",
-            fh.first_seq
-        )));
-    }
     let mut off = FILE_HEADER_LEN;
-    let mut next = fh.first_seq;
+    let mut next = expect_first;
     let mut chunks = 0u64;
     let mut plain = Vec::new();
     let damage = loop {
@@ -837,7 +864,7 @@ fn scan_file(
         let Some((h, crc)) = ChunkHeader::decode(&raw) else {
             break Some("bad chunk header".to_owned());
         };
-        if h.first_seq != next {
+        if !h.follows(next) || (chunks == 0 && h.first_seq != fh.first_seq) {
             break Some(format!(
                 "chunk starts at record {} where {next} was expected",
                 h.first_seq
@@ -905,7 +932,11 @@ impl SpoolReader<'_> {
                 let (key, off) = match self.pos {
                     Some(p) => p,
                     None => {
-                        let Some((&k, _)) = g.files.range(..=self.seq).next_back() else {
+                        let Some((&k, _)) = g
+                            .files
+                            .iter()
+                            .find(|(_, f)| (f.next_seq.wrapping_sub(self.seq) as i64) > 0)
+                        else {
                             return Err(SpoolError::Corrupt {
                                 path: self.spool.dir.clone(),
                                 message: format!("record {} is no longer in the spool", self.seq),
@@ -927,9 +958,8 @@ impl SpoolReader<'_> {
                     });
                 };
                 if off >= fi.len {
-                    // End of this file: the next one starts where it ends.
-                    let next_key = fi.next_seq;
-                    if g.files.contains_key(&next_key) && next_key != key {
+                    // End of this file: on to the next one.
+                    if let Some((&next_key, _)) = g.files.range(key.wrapping_add(1)..).next() {
                         self.pos = Some((next_key, FILE_HEADER_LEN));
                         continue;
                     }
@@ -954,7 +984,7 @@ impl SpoolReader<'_> {
             let mut plain = vec![0u8; h.plain_len as usize];
             f.read_exact_at(&mut plain, off + CHUNK_HEADER_LEN)
                 .map_err(|e| SpoolError::io("read", &fi.path, e))?;
-            let crc = u32::from_le_bytes([raw[44], raw[45], raw[46], raw[47]]);
+            let crc = u32::from_le_bytes([raw[60], raw[61], raw[62], raw[63]]);
             if !h.crc_ok(&raw, crc, &plain) {
                 return Err(SpoolError::Corrupt {
                     path: fi.path.clone(),
@@ -966,9 +996,10 @@ impl SpoolReader<'_> {
                 last_seq: h.last_seq,
                 count: h.count,
                 last_ns: h.last_ns,
+                gap_from: h.gap_from,
                 plain,
             };
-            if h.first_seq != self.seq {
+            if (self.seq.wrapping_sub(h.first_seq) as i64) > 0 {
                 chunk = skip_to(chunk, self.seq).map_err(|m| SpoolError::Corrupt {
                     path: fi.path.clone(),
                     message: m,
@@ -1001,6 +1032,7 @@ fn skip_to(c: Chunk, seq: u64) -> Result<Chunk, String> {
         last_seq: c.last_seq,
         count,
         last_ns: c.last_ns,
+        gap_from: None,
         plain,
     })
 }
@@ -1045,6 +1077,7 @@ mod tests {
                 1000 + seq,
                 1000 + seq + u64::from(per),
                 &records(seq, per, c as u8),
+                false,
             )
             .expect("append");
             seq += u64::from(per);
@@ -1198,9 +1231,44 @@ mod tests {
         let (s, _) = open(d.path());
         s.restart_at(1);
         fill(&s, 1, 1, 10);
-        assert!(s.append(12, 1, 0, 0, &records(12, 1, 0)).is_err());
+        assert!(s.append(12, 1, 0, 0, &records(12, 1, 0), false).is_err());
         assert_eq!(s.next_seq(), 11);
         assert_eq!(read_all(&s, 1), (1..11).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_resync_gap_is_kept_across_reopen_and_the_target_may_be_anywhere_in_it() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (s, _) = open(d.path());
+        s.restart_at(1);
+        let g = fill(&s, 1, 3, 10); // 1..=30
+                                    // Records 31..=99 were tracked as regions; the resync starts at 100.
+        s.append(100, 5, 5000, 5005, &records(100, 5, 1), true)
+            .expect("gap chunk");
+        assert!(s.append(200, 1, 0, 0, &records(200, 1, 0), false).is_err());
+        let end = fill(&s, 105, 2, 10);
+        let mut want: Vec<u64> = (1..g).collect();
+        want.extend(100..end);
+        assert_eq!(read_all(&s, 1), want);
+        // A target that has everything before the gap resumes anywhere in it.
+        s.acknowledge(g - 1).expect("ack");
+        assert_eq!(s.oldest_seq(), g);
+        s.acknowledge(60).expect("ack inside the gap");
+        assert_eq!(s.oldest_seq(), g, "the gap still starts at {g}");
+        let mut r = s.reader(61);
+        let c = r.next_chunk().expect("read").expect("gap chunk");
+        assert_eq!((c.first_seq, c.gap_from), (100, Some(g)));
+        drop(s);
+        let (s, rec) = open(d.path());
+        assert!(rec.damage.is_empty(), "{:?}", rec.damage);
+        assert_eq!(rec.next_seq, Some(end));
+        // Acknowledgements are not persisted: the file still holds 1..
+        assert_eq!(s.oldest_seq(), 1);
+        s.acknowledge(60).expect("ack inside the gap");
+        assert_eq!(s.oldest_seq(), g);
+        assert_eq!(read_all(&s, g), (100..end).collect::<Vec<_>>());
+        s.acknowledge(102).expect("ack past the gap");
+        assert_eq!(s.oldest_seq(), 103);
     }
 
     #[test]

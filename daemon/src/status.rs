@@ -109,6 +109,12 @@ pub struct VolumeStatus {
     /// Source: bytes those regions cover.
     #[serde(default)]
     pub dirty_bytes: u64,
+    /// Source: a resync is sending the dirty regions.
+    #[serde(default)]
+    pub resync_running: bool,
+    /// Source: regions the running (or next) resync sends in all.
+    #[serde(default)]
+    pub resync_total_regions: u64,
 }
 
 impl VolumeStatus {
@@ -143,6 +149,8 @@ impl VolumeStatus {
             resync_since_seq: 0,
             dirty_regions: 0,
             dirty_bytes: 0,
+            resync_running: false,
+            resync_total_regions: 0,
         }
     }
 }

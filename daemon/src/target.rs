@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
-use replica_proto::frame::{self, FrameError, RecordView, SegmentHeader};
+use replica_proto::frame::{self, resync, FrameError, RecordView, SegmentHeader};
 use replica_proto::keys::{self, Direction, StreamContext, StreamKey};
 
 use crate::keystore::KeyStore;
@@ -43,14 +43,39 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// A journaled segment for the applier: where it is, and its authenticated
-/// (still compressed) payload when the receiver still has it; after a
-/// restart the applier reads and authenticates the frame from the journal
-/// itself.
-struct ApplyMsg {
-    pos: FramePos,
-    body: Option<Vec<u8>>,
+/// What the applier is asked to do, in order.
+enum ApplyMsg {
+    /// A journaled segment: where it is, and its authenticated (still
+    /// compressed) payload when the receiver still has it; after a restart
+    /// the applier reads and authenticates the frame from the journal
+    /// itself.
+    Segment {
+        pos: FramePos,
+        body: Option<Vec<u8>>,
+    },
+    /// Failover: promote the replica once everything queued before is
+    /// applied.
+    Promote {
+        req: PromoteReq,
+        reply: Sender<Result<msg::Promoted, String>>,
+    },
 }
+
+/// A failover request.
+#[derive(Debug, Clone, Copy)]
+struct PromoteReq {
+    /// Planned: the old primary's last record, which must be applied; the
+    /// replica is promoted as it is then.
+    planned_upto: Option<u64>,
+    /// Unplanned: a recovery point's sequence, or the latest consistent
+    /// state (`None`).
+    point: Option<u64>,
+    /// The epoch to move to (planned: the source's; else the current + 1).
+    epoch: Option<u64>,
+}
+
+/// How long a failover may wait for the replica to catch up.
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Shared state of one volume.
 struct Volume {
@@ -69,6 +94,8 @@ struct Volume {
     /// connection bumps `session` and waits for the older one to finish,
     /// so journal order, apply order and `received` always agree.
     streaming: AtomicBool,
+    /// A failover is under way or done: no stream is accepted.
+    promoting: AtomicBool,
     apply_tx: Sender<ApplyMsg>,
 }
 
@@ -196,7 +223,13 @@ impl Target {
             .control_socket
             .clone()
             .unwrap_or_else(|| crate::control::default_path(&cfg.state_dir));
-        let control = crate::control::serve(&sock, board.clone(), stop.clone())?;
+        let handler: crate::control::Handler = {
+            let vols = volumes.clone();
+            Arc::new(move |r: &crate::control::Request| {
+                (r.command == "failover").then(|| failover_command(&vols, r))
+            })
+        };
+        let control = crate::control::serve(&sock, board.clone(), stop.clone(), Some(handler))?;
         let notifier = crate::control::Notifier::new();
         // Journals scanned, replicas open, listening, control socket up:
         // only now can the target serve.
@@ -403,17 +436,22 @@ fn open_volume(
         s.applied_seq = state.applied_seq;
         s.points = state.points.len() as u64;
         s.last_point_seq = state.points.last().map_or(0, |p| p.seq);
-        s.replica = if state.points.is_empty() {
+        s.replica = if state.points.is_empty() || state.resync_since.is_some() {
             "Inconsistent".into()
         } else {
             "Consistent".into()
         };
+        if let Some(since) = state.resync_since {
+            s.health = Health::Warning;
+            s.reasons = vec![format!("{RESYNC_RUNNING} since record {since}")];
+        }
         if let Some(c) = &state.critical {
             s.health = Health::Critical;
             s.reasons = vec![c.clone()];
         }
     });
     let applied = state.applied_seq;
+    let promoted = state.promoted.is_some();
     let vol = Arc::new(Volume {
         cfg: vc.clone(),
         dir: dir.clone(),
@@ -423,6 +461,7 @@ fn open_volume(
         applied: AtomicU64::new(applied),
         session: AtomicU64::new(0),
         streaming: AtomicBool::new(false),
+        promoting: AtomicBool::new(promoted),
         allowed_sources: std::sync::RwLock::new(vc.allowed_sources.clone()),
         keep_points: std::sync::atomic::AtomicUsize::new(vc.keep_points),
         apply_tx,
@@ -432,9 +471,12 @@ fn open_volume(
         .name(format!("apply-{}", vc.id))
         .spawn(move || Applier::new(v2, replica, keys, board, stop).run(apply_rx))
         .map_err(|e| DaemonError::io("spawn applier", &dir, e))?;
-    // Segments journaled but not applied before the last stop.
-    for pos in replay {
-        let _ = vol.apply_tx.send(ApplyMsg { pos, body: None });
+    // Segments journaled but not applied before the last stop (none once
+    // the replica was promoted: it is the primary volume now).
+    if !promoted {
+        for pos in replay {
+            let _ = vol.apply_tx.send(ApplyMsg::Segment { pos, body: None });
+        }
     }
     Ok((vol, h))
 }
@@ -620,6 +662,18 @@ impl ConnCtx {
                     format!("volume {} is Critical: {c}", vol.cfg.id),
                 )));
             }
+            if let Some(p) = &st.promoted {
+                return Err(caller(Refusal::fatal(
+                    "promoted",
+                    format!("volume {} was failed over to this host at epoch {} and is the primary now: the old source must reprotect", vol.cfg.id, p.epoch),
+                )));
+            }
+            if vol.promoting.load(Ordering::Acquire) {
+                return Err(caller(Refusal::recoverable(
+                    "failover",
+                    format!("volume {} is being failed over", vol.cfg.id),
+                )));
+            }
             if hello.epoch < st.epoch {
                 return Err(caller(Refusal::fatal(
                     "stale-epoch",
@@ -633,6 +687,26 @@ impl ConnCtx {
                 st.generation = gen_hex;
                 st.applied_seq = hello.oldest_seq.saturating_sub(1);
                 vol.applied.store(st.applied_seq, Ordering::Release);
+            } else if st.generation != gen_hex && hello.resync {
+                // A new capture ring (the source host restarted) whose
+                // stream starts with a resync: everything of the old one is
+                // applied first, then the journal starts over in the new
+                // sequence space and the replica is inconsistent (no new
+                // points; the last one stays) until the resync ends.
+                if vol.applied.load(Ordering::Acquire) < journal_durable {
+                    return Err(caller(Refusal::recoverable(
+                        "busy",
+                        "still applying the previous ring generation's journal",
+                    )));
+                }
+                vol.lock_journal()
+                    .restart()
+                    .map_err(|e| caller(store_refusal(&e)))?;
+                tracing::warn!(volume = %vol.cfg.id, old = %st.generation, new = %gen_hex, "new ring generation with a resync: the replica is inconsistent until it ends");
+                st.generation = gen_hex;
+                st.applied_seq = hello.oldest_seq.saturating_sub(1);
+                st.resync_since = Some(hello.oldest_seq);
+                vol.applied.store(st.applied_seq, Ordering::Release);
             } else if st.generation != gen_hex {
                 return Err(replica_err(Refusal::fatal(
                     "generation",
@@ -642,7 +716,7 @@ impl ConnCtx {
             st.epoch = hello.epoch;
             st.save(&vol.state_path())
                 .map_err(|e| caller(store_refusal(&e)))?;
-            let durable = journal_durable.max(st.applied_seq);
+            let durable = vol.lock_journal().durable_seq().max(st.applied_seq);
             if hello.oldest_seq > durable.saturating_add(1) {
                 return Err(replica_err(Refusal::fatal(
                     "sequence-gap",
@@ -729,6 +803,29 @@ impl ConnCtx {
                             format!("source reported: {}", e.message),
                         ))
                     }
+                    Message::Promote(p) => {
+                        // Everything before it in the stream is journaled
+                        // and queued: the applier promotes after it.
+                        let r = request_promotion(
+                            &s.vol,
+                            PromoteReq {
+                                planned_upto: Some(p.upto),
+                                point: None,
+                                epoch: Some(p.epoch),
+                            },
+                        );
+                        match r {
+                            Ok(done) => {
+                                link.send(&Message::Promoted(done));
+                                link.close(Duration::from_secs(5));
+                                return Ok(());
+                            }
+                            Err(e) => {
+                                failure = Some(Refusal::fatal("promote-failed", e));
+                                break;
+                            }
+                        }
+                    }
                     other => {
                         failure = Some(Refusal::fatal(
                             "protocol",
@@ -743,7 +840,7 @@ impl ConnCtx {
                 let durable = s.vol.lock_journal().sync().map_err(|e| store_refusal(&e))?;
                 s.durable = durable;
                 for (pos, body) in appended {
-                    let _ = s.vol.apply_tx.send(ApplyMsg {
+                    let _ = s.vol.apply_tx.send(ApplyMsg::Segment {
                         pos,
                         body: Some(body),
                     });
@@ -838,7 +935,7 @@ impl ConnCtx {
             // Everything in it is already journaled: acknowledge, keep once.
             return Ok(None);
         }
-        if h.first_seq > s.received + 1 {
+        if h.first_seq > s.received + 1 && h.features & frame::FEATURE_RESYNC_GAP == 0 {
             return Err(Refusal::fatal(
                 "sequence-gap",
                 format!(
@@ -855,6 +952,85 @@ impl ConnCtx {
         s.received = h.last_seq;
         Ok(Some((pos, body)))
     }
+}
+
+/// The `failover` control command (unplanned: the source is gone).
+fn failover_command(
+    vols: &HashMap<String, Arc<Volume>>,
+    r: &crate::control::Request,
+) -> Result<String, String> {
+    let vol = match &r.volume {
+        Some(v) => vols.get(v).ok_or_else(|| format!("no volume {v:?} here"))?,
+        None if vols.len() == 1 => vols.values().next().ok_or("no volume")?,
+        None => return Err("several volumes: name one (--volume)".into()),
+    };
+    let point = match r.point.as_deref() {
+        None | Some("latest") => None,
+        Some(p) => Some(p.parse::<u64>().map_err(|_| {
+            format!("point {p:?}: give `latest` or a recovery point's record sequence")
+        })?),
+    };
+    let p = unplanned_failover(vol, point)?;
+    Ok(format!(
+        "volume {} failed over: primary at epoch {}, recovery point at record {}, volume {}",
+        vol.cfg.id, p.epoch, p.point_seq, p.device
+    ))
+}
+
+/// Stops streams into `vol` and asks its applier to promote the replica;
+/// waits for the answer.
+fn request_promotion(vol: &Volume, req: PromoteReq) -> Result<msg::Promoted, String> {
+    vol.promoting.store(true, Ordering::Release);
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let sent = vol
+        .apply_tx
+        .send_timeout(ApplyMsg::Promote { req, reply: tx }, PROMOTE_TIMEOUT)
+        .map_err(|_| "the applier is not running".to_string());
+    let r = sent.and_then(|()| {
+        rx.recv_timeout(PROMOTE_TIMEOUT)
+            .map_err(|_| format!("the replica did not catch up within {PROMOTE_TIMEOUT:?}"))
+            .and_then(|r| r)
+    });
+    if r.is_err() && vol.lock_state().promoted.is_none() {
+        // Not failed over after all: streams may come back.
+        vol.promoting.store(false, Ordering::Release);
+    }
+    r
+}
+
+/// An operator's failover of `vol` (the source is gone): the current
+/// stream is stopped, everything journaled is applied, and the replica is
+/// promoted at `point` (a recovery point's sequence) or at the latest
+/// consistent state.
+fn unplanned_failover(vol: &Volume, point: Option<u64>) -> Result<msg::Promoted, String> {
+    vol.promoting.store(true, Ordering::Release);
+    // End the stream that may be running and wait until it has.
+    vol.session.fetch_add(1, Ordering::AcqRel);
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    while vol.streaming.load(Ordering::Acquire) {
+        if Instant::now() > deadline {
+            vol.promoting.store(false, Ordering::Release);
+            return Err("the current stream did not stop".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    request_promotion(
+        vol,
+        PromoteReq {
+            planned_upto: None,
+            point,
+            epoch: None,
+        },
+    )
+}
+
+/// Status reason while a resync runs.
+const RESYNC_RUNNING: &str = "resync in progress";
+
+fn is_resync_begin(r: &RecordView<'_>) -> bool {
+    r.op == frame::ring_op::MARKER
+        && r.flags & frame::RECORD_FLAG_RESYNC != 0
+        && resync::Marker::from_aux(r.aux) == Some(resync::Marker::Begin)
 }
 
 fn store_refusal(e: &StoreError) -> Refusal {
@@ -1014,14 +1190,28 @@ impl Applier {
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             };
-            if self.vol.lock_state().critical.is_some() {
-                continue;
+            let (pos, body) = match msg {
+                ApplyMsg::Segment { pos, body } => (pos, body),
+                ApplyMsg::Promote { req, reply } => {
+                    let r = self.promote(req);
+                    if let Err(e) = &r {
+                        tracing::error!(volume = %self.vol.cfg.id, "failover refused: {e}");
+                    }
+                    let _ = reply.send(r);
+                    continue;
+                }
+            };
+            {
+                let st = self.vol.lock_state();
+                if st.critical.is_some() || st.promoted.is_some() {
+                    continue;
+                }
             }
-            let ApplyMsg { pos, body } = msg;
             if pos.header.last_seq <= self.applied {
                 continue;
             }
-            if pos.header.first_seq > self.applied.saturating_add(1) {
+            let gap = pos.header.features & frame::FEATURE_RESYNC_GAP != 0;
+            if pos.header.first_seq > self.applied.saturating_add(1) && !gap {
                 // Cannot happen while segments arrive in journal order; if
                 // it does, applying would silently skip records.
                 self.vol.go_critical(
@@ -1050,6 +1240,9 @@ impl Applier {
             let records = match plain.as_deref().map_err(Clone::clone).and_then(|p| {
                 let r = frame::decode_records(&pos.header, p).map_err(|e| e.to_string())?;
                 check_bounds(&r, size)?;
+                if gap && !r.first().is_some_and(is_resync_begin) {
+                    return Err("a segment after a sequence gap does not start a resync".into());
+                }
                 Ok(r)
             }) {
                 Ok(r) => r,
@@ -1179,15 +1372,34 @@ impl Applier {
                     offset: off,
                     len: u64::from(r.len),
                 }),
+                frame::ring_op::MARKER if r.flags & frame::RECORD_FLAG_RESYNC != 0 => {
+                    self.replica.apply(&ops)?;
+                    ops.clear();
+                    match resync::Marker::from_aux(r.aux) {
+                        Some(resync::Marker::Begin) => self.resync_begin(r)?,
+                        Some(resync::Marker::End) => {
+                            self.resync_end(r)?;
+                            self.point(r, PointKind::Marker)?;
+                        }
+                        // Data markers become writes on the source; a
+                        // stray one carries nothing to apply.
+                        Some(resync::Marker::Data { .. }) | None => {}
+                    }
+                    applied = r.seq;
+                    self.applied = applied;
+                    continue;
+                }
                 frame::ring_op::FLUSH | frame::ring_op::MARKER => {
                     self.replica.apply(&ops)?;
                     ops.clear();
-                    let kind = if r.op == frame::ring_op::MARKER {
-                        PointKind::Marker
-                    } else {
-                        PointKind::Crash
-                    };
-                    self.point(r, kind)?;
+                    if self.vol.lock_state().resync_since.is_none() {
+                        let kind = if r.op == frame::ring_op::MARKER {
+                            PointKind::Marker
+                        } else {
+                            PointKind::Crash
+                        };
+                        self.point(r, kind)?;
+                    }
                     applied = r.seq;
                     self.applied = applied;
                     continue;
@@ -1205,6 +1417,204 @@ impl Applier {
         self.applied = applied;
         self.board
             .update(&self.vol.cfg.id, |s| s.applied_records += n);
+        Ok(())
+    }
+
+    /// Promotes the replica (failover). Planned: every record up to the old
+    /// primary's last one must be applied, and no resync may be running.
+    /// Unplanned: the chosen recovery point, or the latest consistent state
+    /// (the applied records, or the last point while a resync runs).
+    fn promote(&mut self, req: PromoteReq) -> Result<msg::Promoted, String> {
+        let (epoch_now, resyncing, last_point, existing) = {
+            let st = self.vol.lock_state();
+            (
+                st.epoch,
+                st.resync_since.is_some(),
+                st.points.last().map(|p| p.seq),
+                st.promoted.clone(),
+            )
+        };
+        if let Some(p) = existing {
+            if req.epoch == Some(p.epoch) {
+                // The source asked again (its first answer was lost).
+                return Ok(msg::Promoted {
+                    epoch: p.epoch,
+                    point_seq: p.point_seq,
+                    device: p.device,
+                });
+            }
+            return Err(format!(
+                "already failed over (epoch {}, at record {})",
+                p.epoch, p.point_seq
+            ));
+        }
+        let epoch = req.epoch.unwrap_or(epoch_now + 1);
+        if epoch <= epoch_now {
+            return Err(format!(
+                "failover to epoch {epoch} but the replica is at epoch {epoch_now} already"
+            ));
+        }
+        // Which state becomes the primary: `None` = as applied now.
+        let rollback: Option<u64> = match (req.planned_upto, req.point) {
+            (Some(upto), _) => {
+                if resyncing {
+                    return Err("a resync is running: the replica is not consistent".into());
+                }
+                if self.applied < upto {
+                    return Err(format!(
+                        "the replica has applied up to record {} but the primary ended at {upto}",
+                        self.applied
+                    ));
+                }
+                None
+            }
+            (None, Some(seq)) => {
+                let st = self.vol.lock_state();
+                if !st.points.iter().any(|p| p.seq == seq) {
+                    return Err(format!(
+                        "no recovery point at record {seq} (points: {})",
+                        st.points
+                            .iter()
+                            .map(|p| p.seq.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                (Some(seq) != last_point || resyncing || self.applied != seq).then_some(seq)
+            }
+            (None, None) if resyncing => match last_point {
+                Some(seq) => Some(seq),
+                None => {
+                    return Err(
+                        "a resync is running and no recovery point exists: nothing consistent to fail over to"
+                            .into(),
+                    )
+                }
+            },
+            (None, None) => None,
+        };
+        let point_seq = match rollback {
+            Some(seq) => seq,
+            None => {
+                // Mark the promoted state as a recovery point of its own.
+                self.persist_applied().map_err(|e| e.to_string())?;
+                if last_point != Some(self.applied) && self.applied > 0 {
+                    let id = self.applied;
+                    self.replica.create_point(id).map_err(|e| e.to_string())?;
+                    let mut st = self.vol.lock_state();
+                    let gen = st.generation.clone();
+                    st.points.push(RecoveryPoint {
+                        id,
+                        seq: id,
+                        generation: gen,
+                        source_time_ns: 0,
+                        created_ns: now_ns(),
+                        kind: PointKind::Failover,
+                        marker: None,
+                    });
+                    st.save(&self.vol.state_path()).map_err(|e| e.to_string())?;
+                }
+                self.applied
+            }
+        };
+        let point_id = match rollback {
+            Some(seq) => Some(
+                self.vol
+                    .lock_state()
+                    .points
+                    .iter()
+                    .find(|p| p.seq == seq)
+                    .map(|p| p.id)
+                    .ok_or_else(|| format!("no recovery point at record {seq}"))?,
+            ),
+            None => None,
+        };
+        let device = self
+            .replica
+            .promote(point_id)
+            .map_err(|e| format!("promote the replica: {e}"))?;
+        let promotion = replica_store::state::Promotion {
+            epoch,
+            point_seq,
+            planned: req.planned_upto.is_some(),
+            device: device.display().to_string(),
+            at_ns: now_ns(),
+        };
+        {
+            let mut st = self.vol.lock_state();
+            st.epoch = epoch;
+            st.applied_seq = point_seq;
+            st.resync_since = None;
+            st.promoted = Some(promotion.clone());
+            st.save(&self.vol.state_path()).map_err(|e| e.to_string())?;
+        }
+        self.applied = point_seq;
+        self.vol.applied.store(point_seq, Ordering::Release);
+        tracing::warn!(
+            volume = %self.vol.cfg.id,
+            epoch,
+            point = point_seq,
+            device = %promotion.device,
+            planned = promotion.planned,
+            "failed over: the replica is the primary volume now"
+        );
+        self.board.update(&self.vol.cfg.id, |s| {
+            s.role = Role::Primary;
+            s.connection = Connection::StandAlone;
+            s.replica = "UpToDate".into();
+            s.health = Health::OK;
+            s.reasons = vec![format!(
+                "failed over at record {point_seq} (epoch {epoch}); the volume is {}",
+                promotion.device
+            )];
+            s.epoch = epoch;
+            s.applied_seq = point_seq;
+        });
+        Ok(msg::Promoted {
+            epoch,
+            point_seq,
+            device: promotion.device,
+        })
+    }
+
+    /// A resync starts at `r`: until it ends the replica is a mix of old and
+    /// new regions, so no recovery point is taken (the last one stays the
+    /// one to fail over to).
+    fn resync_begin(&mut self, r: &RecordView<'_>) -> Result<(), StoreError> {
+        self.applied = r.seq;
+        self.replica.flush()?;
+        {
+            let mut st = self.vol.lock_state();
+            st.applied_seq = r.seq;
+            st.resync_since = Some(r.seq);
+            st.save(&self.vol.state_path())?;
+        }
+        tracing::warn!(volume = %self.vol.cfg.id, seq = r.seq, "resync started: the replica is inconsistent until it ends");
+        self.board.update(&self.vol.cfg.id, |s| {
+            s.replica = "Inconsistent".into();
+            s.reasons.retain(|x| !x.starts_with(RESYNC_RUNNING));
+            s.reasons
+                .push(format!("{RESYNC_RUNNING} since record {}", r.seq));
+            if s.health == Health::OK {
+                s.health = Health::Warning;
+            }
+        });
+        Ok(())
+    }
+
+    /// The resync that started earlier has sent every region.
+    fn resync_end(&mut self, r: &RecordView<'_>) -> Result<(), StoreError> {
+        {
+            let mut st = self.vol.lock_state();
+            st.resync_since = None;
+        }
+        tracing::info!(volume = %self.vol.cfg.id, seq = r.seq, "resync complete");
+        self.board.update(&self.vol.cfg.id, |s| {
+            s.reasons.retain(|x| !x.starts_with(RESYNC_RUNNING));
+            if s.reasons.is_empty() && s.health == Health::Warning {
+                s.health = Health::OK;
+            }
+        });
         Ok(())
     }
 

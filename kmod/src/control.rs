@@ -104,6 +104,26 @@ impl ControlFile {
         Ok(0)
     }
 
+    fn marker(&self, arg: usize) -> Result<i32> {
+        let (mut r, mut w) = user_arg::<abi::MarkerArg>(arg).reader_writer();
+        let mut buf = [0u8; size_of::<abi::MarkerArg>()];
+        r.read_slice(&mut buf)?;
+        let volume = get_u32(&buf, offset_of!(abi::MarkerArg, volume)).ok_or(EINVAL)?;
+        let flags = get_u32(&buf, offset_of!(abi::MarkerArg, flags)).ok_or(EINVAL)?;
+        let aux = get_u64(&buf, offset_of!(abi::MarkerArg, aux)).ok_or(EINVAL)?;
+        // Only the flags a consumer may ask for.
+        let flags = match u8::try_from(flags) {
+            Ok(f) if f & !abi::FLAG_RESYNC == 0 => f,
+            _ => return Err(EINVAL),
+        };
+        let group = self.group()?;
+        group.volume_info(volume).ok_or(ENOENT)?;
+        let seq = group.marker(volume, flags, aux)?;
+        put_u64(&mut buf, offset_of!(abi::MarkerArg, seq), seq);
+        w.write_slice(&buf)?;
+        Ok(0)
+    }
+
     fn bitmap(&self, arg: usize) -> Result<i32> {
         let (mut r, mut w) = user_arg::<abi::BitmapArg>(arg).reader_writer();
         let mut buf = [0u8; size_of::<abi::BitmapArg>()];
@@ -222,6 +242,7 @@ impl FileOps for ControlFile {
             abi::IOC_RELEASE => self.release(arg),
             abi::IOC_VOLUME => self.volume(arg),
             abi::IOC_BITMAP => self.bitmap(arg),
+            abi::IOC_MARKER => self.marker(arg),
             _ => Err(ENOTTY),
         }
     }

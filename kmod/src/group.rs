@@ -706,8 +706,9 @@ impl Group {
         Ok(())
     }
 
-    /// Inserts a MARKER record with id `id`.
-    pub(crate) fn marker(&self, id: u64) -> Result<u64> {
+    /// Inserts a MARKER record with id `id` about volume `volume` (0 for a
+    /// marker of the whole group) with record flags `flags`.
+    pub(crate) fn marker(&self, volume: u32, flags: u8, id: u64) -> Result<u64> {
         let mut st = self.state.lock();
         if st.cap.overflowing() {
             return Err(EIO);
@@ -717,7 +718,7 @@ impl Group {
         }
         let req = Request {
             op: RecOp::Marker,
-            volume: 0,
+            volume,
             sector: 0,
             len: 0,
         };
@@ -729,6 +730,8 @@ impl Group {
         let pb = PerBio {
             kind: BioKind::Captured,
             op: abi::OP_MARKER,
+            flags,
+            volume,
             submit_ns: now,
             seq: r.seq,
             ..PerBio::default()

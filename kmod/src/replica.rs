@@ -40,6 +40,7 @@ const _: () = {
     assert!(abi::IOC_RELEASE == _IOW::<abi::ReleaseArg>(abi::IOC_TYPE, 2));
     assert!(abi::IOC_BITMAP == _IOWR::<abi::BitmapArg>(abi::IOC_TYPE, 3));
     assert!(abi::IOC_VOLUME == _IOWR::<abi::VolumeArg>(abi::IOC_TYPE, 4));
+    assert!(abi::IOC_MARKER == _IOWR::<abi::MarkerArg>(abi::IOC_TYPE, 5));
 };
 
 #[cfg(not(dm_replica_fault))]

@@ -399,6 +399,19 @@ impl Drop for Daemon {
     }
 }
 
+/// What the target has published as applied for `volume`: only once any
+/// recovery point at that sequence is recorded (unlike `state.json`, which
+/// records the applied sequence before the point it belongs to).
+pub fn applied_published(state_dir: &Path, volume: &str) -> u64 {
+    // The daemon's live answer (its status file may sit on a full disk).
+    let live = replicad::control::request(&replicad::control::default_path(state_dir), "status")
+        .ok()
+        .and_then(|r| r.status);
+    live.or_else(|| replicad::status::read(state_dir).ok())
+        .and_then(|v| v.into_iter().find(|s| s.volume == volume))
+        .map_or(0, |s| s.applied_seq)
+}
+
 /// The target's persisted state of a volume.
 pub fn target_state(state_dir: &Path, volume: &str) -> replica_store::state::VolumeState {
     replica_store::state::VolumeState::load(
@@ -699,6 +712,20 @@ impl RawClient {
         generation: [u8; 16],
         oldest_seq: u64,
     ) -> Result<Self, String> {
+        Self::connect_with(env, addr, cert, volume, generation, oldest_seq, false)
+    }
+
+    /// [`RawClient::connect`], announcing (or not) that the stream starts
+    /// with a resync.
+    pub fn connect_with(
+        env: &Env,
+        addr: &str,
+        cert: (&str, &str),
+        volume: &str,
+        generation: [u8; 16],
+        oldest_seq: u64,
+        resync: bool,
+    ) -> Result<Self, String> {
         use replica_proto::msg::{Hello, Message};
         let tls = replicad::config::TlsConfig {
             ca: env.path("pki/ca.pem"),
@@ -724,6 +751,7 @@ impl RawClient {
             source_random: hex::encode(src_rand),
             oldest_seq,
             key_id: 1,
+            resync,
         }));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -794,6 +822,50 @@ impl RawClient {
                 );
             }
         }
+        self.seal_plain(keys, key_id, first, n, 0, &plain)
+    }
+
+    /// Seals records given as (seq, op, flags, sector, aux, data) into the
+    /// next frame of this stream, with segment `features`.
+    #[allow(clippy::type_complexity)]
+    pub fn seal_records(
+        &mut self,
+        keys: &replica_proto::keys::KeyRing,
+        features: u32,
+        records: &[(u64, u8, u8, u64, u64, &[u8])],
+    ) -> Vec<u8> {
+        let mut plain = Vec::new();
+        for &(seq, op, flags, sector, aux, data) in records {
+            let len = if op == replica_proto::frame::ring_op::WRITE {
+                data.len() as u32
+            } else {
+                0
+            };
+            replica_proto::frame::encode_record_parts(
+                &mut plain, seq, op, flags, 0, sector, len, 0, aux, data,
+            );
+        }
+        let first = records.first().map_or(0, |r| r.0);
+        self.seal_plain(
+            keys,
+            keys.active(),
+            first,
+            records.len() as u64,
+            features,
+            &plain,
+        )
+    }
+
+    fn seal_plain(
+        &mut self,
+        keys: &replica_proto::keys::KeyRing,
+        key_id: u32,
+        first: u64,
+        n: u64,
+        features: u32,
+        plain: &[u8],
+    ) -> Vec<u8> {
+        use replica_proto::frame;
         let ctx = replica_proto::keys::StreamContext {
             stream_id: self.stream_id,
             volume: &self.volume,
@@ -802,7 +874,7 @@ impl RawClient {
         };
         let key = replica_proto::keys::StreamKey::derive(keys, key_id, &ctx).expect("derive");
         let h = frame::SegmentHeader {
-            features: 0,
+            features,
             key_id,
             stream_id: self.stream_id,
             generation: self.generation,
@@ -818,7 +890,7 @@ impl RawClient {
             source_time_ns: 0,
         };
         self.counter += 1;
-        frame::seal(h, &plain, 1, &key).expect("seal")
+        frame::seal(h, plain, 1, &key).expect("seal")
     }
 
     /// Sends a frame and returns the target's answer to it: the first ack
@@ -1042,7 +1114,7 @@ impl Rig {
                 st.critical,
                 self.logs()
             );
-            st.applied_seq >= seq
+            applied_published(&self.tstate, &self.vol) >= seq
         });
     }
 

@@ -167,13 +167,22 @@ fn systemd_units_verify() {
     let dir = tempfile::tempdir().expect("dir");
     let units = concat!(env!("CARGO_MANIFEST_DIR"), "/../daemon/systemd");
     let mut files = Vec::new();
-    for name in ["replicad-target.service", "replicad-source@.service"] {
+    for name in [
+        "replicad-target.service",
+        "replicad-source@.service",
+        "dm-replica-activate.service",
+    ] {
         let text = std::fs::read_to_string(format!("{units}/{name}")).expect("unit");
-        // Point ExecStart at a binary that exists here (verify checks it).
-        let text = text.replace(
-            "/usr/local/bin/replicad",
-            &replicad_bin().display().to_string(),
-        );
+        // Point ExecStart at binaries that exist here (verify checks them).
+        let text = text
+            .replace(
+                "/usr/local/bin/replicad",
+                &replicad_bin().display().to_string(),
+            )
+            .replace(
+                "/usr/local/bin/replctl",
+                &replicad_bin().display().to_string(),
+            );
         let p = dir.path().join(name.replace("@.service", "@demo.service"));
         std::fs::write(&p, text).expect("write");
         files.push(p);
@@ -186,7 +195,10 @@ fn systemd_units_verify() {
         .expect("run systemd-analyze");
     let err = String::from_utf8_lossy(&out.stderr);
     // Only complaints about our own units count (the host's may have others).
-    let ours: Vec<&str> = err.lines().filter(|l| l.contains("replicad")).collect();
+    let ours: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("replicad") || l.contains("dm-replica"))
+        .collect();
     assert!(
         out.status.success() && ours.is_empty(),
         "systemd-analyze verify: {err}"

@@ -59,7 +59,7 @@ impl Pair {
                     st.critical,
                     self.target.log_text()
                 );
-                st.applied_seq >= seq
+                applied_published(&self.tstate, VOL) >= seq
             },
         );
     }

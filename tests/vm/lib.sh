@@ -106,3 +106,89 @@ same_content() {
 	rm -f /tmp/same_a /tmp/same_b
 	return 1
 }
+
+# --- Replication set-up shared by the scenarios -----------------------------
+
+# repl_keys DIR: a private CA with certificates for source-host and
+# target-host (DIR/pki) and a data key (DIR/keys.toml).
+repl_keys() {
+	mkdir -p "$1"
+	check "certificates" replctl certs generate --out "$1/pki" --host source-host --host target-host
+	check "data key" replctl keys generate --out "$1/keys.toml"
+}
+
+# target_toml DIR LISTEN STATE_DIR: prints the head of a target
+# configuration using DIR's keys; add volumes with target_volume.
+target_toml() {
+	cat <<CFG
+listen = "$2"
+keys = "$1/keys.toml"
+state_dir = "$3"
+[tls]
+ca = "$1/pki/ca.pem"
+cert = "$1/pki/target-host.pem"
+key = "$1/pki/target-host.key"
+CFG
+}
+
+# target_volume ID SIZE REPLICA_FILE KEEP_POINTS: prints a [[volume]] block
+# with a file replica.
+target_volume() {
+	cat <<CFG
+[[volume]]
+id = "$1"
+size = $2
+allowed_sources = ["source-host"]
+keep_points = $4
+replica = { backend = "file", path = "$3" }
+CFG
+}
+
+# source_toml DIR VOLUME SIZE TARGET STATE_DIR: prints a source configuration
+# for the kernel ring of group VOLUME (/dev/mapper/VOLUME's device-mapper
+# name given by $SOURCE_DM, default VOLUME), fast retries; append more
+# settings after it (tables: [spool], [resync]).
+source_toml() {
+	cat <<CFG
+volume = "$2"
+volume_size = $3
+ring = { group = "$2" }
+device = "/dev/mapper/${SOURCE_DM:-$2}"
+target = "$4"
+target_name = "target-host"
+keys = "$1/keys.toml"
+state_dir = "$5"
+[tls]
+ca = "$1/pki/ca.pem"
+cert = "$1/pki/source-host.pem"
+key = "$1/pki/source-host.key"
+[retry]
+schedule_secs = [0.2]
+CFG
+}
+
+# json_has DIR PATTERN: the daemon with state directory DIR reports status
+# JSON matching the extended regular expression PATTERN.
+json_has() {
+	replctl status --state-dir "$1" --json 2>/dev/null | grep -qE "$2"
+}
+
+# marker_applied DEV ID TARGET_STATE VOLUME: inserts marker ID on DEV and
+# waits until the target applied it; sets $marker_seq.
+marker_applied() {
+	_out=$(dmsetup message "$1" 0 marker "$2")
+	marker_seq=$(echo "$_out" | sed -n "s/^marker $2 seq \([0-9]*\)\$/\1/p")
+	[ -n "$marker_seq" ] || fail "marker $2 on $1: $_out"
+	check "target applied marker $2 (record $marker_seq)" replctl wait --state-dir "$3" --volume "$4" \
+		--applied "$marker_seq" --timeout 600
+}
+
+# same_sha A B WHAT: the SHA-256 of A (read O_DIRECT) and of file B are
+# equal.
+same_sha() {
+	_a=$(dd if="$1" iflag=direct bs=1M 2>/dev/null | sha256sum | cut -d' ' -f1)
+	_b=$(sha256sum <"$2" | cut -d' ' -f1)
+	echo "$1 $_a"
+	echo "$2 $_b"
+	check_eq "$3" "$_a" "$_b"
+}

@@ -23,40 +23,10 @@ check "insmod dm_replica" insmod "$(module_path dm_replica)"
 check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA sp ring_mib=1 overflow_wait_ms=10000"
 
 step "keys, certificates and configuration"
-mkdir -p $W
-check "certificates" replctl certs generate --out $W/pki --host source-host --host target-host
-check "data key" replctl keys generate --out $W/keys.toml
-cat >$W/target.toml <<CFG
-listen = "127.0.0.1:$PORT"
-keys = "$W/keys.toml"
-state_dir = "$W/target"
-[tls]
-ca = "$W/pki/ca.pem"
-cert = "$W/pki/target-host.pem"
-key = "$W/pki/target-host.key"
-[[volume]]
-id = "sp"
-size = $size
-allowed_sources = ["source-host"]
-keep_points = 4
-replica = { backend = "file", path = "$W/replica.img" }
-CFG
+repl_keys $W
+{ target_toml $W 127.0.0.1:$PORT $W/target; target_volume sp $size $W/replica.img 4; } >$W/target.toml
 source_config() { # state_dir
-	cat <<CFG
-volume = "sp"
-volume_size = $size
-ring = { group = "sp" }
-target = "127.0.0.1:$PORT"
-target_name = "target-host"
-keys = "$W/keys.toml"
-state_dir = "$1"
-[tls]
-ca = "$W/pki/ca.pem"
-cert = "$W/pki/source-host.pem"
-key = "$W/pki/source-host.key"
-[retry]
-schedule_secs = [0.2]
-CFG
+	SOURCE_DM=r0 source_toml $W sp $size 127.0.0.1:$PORT "$1"
 }
 
 step "a state directory on a protected volume is refused"

@@ -17,6 +17,8 @@
 #  * an exhausted pool gives a recoverable Warning, the applier does not
 #    hang or mark unwritten records applied, and after the pool is extended
 #    replication resumes by itself and the replica is correct.
+#  * an unplanned failover to an older point swaps a copy of that point in
+#    as the replica (same name), and the old replica leaves the pool.
 #
 # vm-disks: 16M 8M 64M
 # shellcheck source=tests/vm/lib.sh
@@ -272,6 +274,8 @@ dmsetup status pool
 random_file /tmp/f 5
 check "write F (5 MiB)" write_at /tmp/f 10
 seq6=$(marker 6)
+check "marker 6 (seq $seq6)" test -n "$seq6"
+sum6=$(vol_sum /dev/mapper/r0)
 wait_applied "$seq6"
 dmsetup status pool
 wait_for "Warning: pool above its low-water mark, with figures" 60 \
@@ -310,9 +314,20 @@ p7=$(replctl point open $PT --point "$seq7")
 check_eq "point $seq7 holds the source as of marker 7" "$sum7" "$(vol_sum "$p7")"
 check "point $seq7 closed" replctl point close $PT --point "$seq7"
 
-step "shutdown"
-kill $spid $tpid
+step "unplanned failover to an older point: a copy of it becomes the replica"
+kill $spid
 wait $spid
+out=$(replctl failover --state-dir $W/target --volume tv --point "$seq6") || fail "failover: $out"
+echo "$out"
+check_eq "the promoted replica holds the source as of marker 6" "$sum6" "$(vol_sum /dev/mapper/rep)"
+new_id=$(sed -n 's/^{"id":\([0-9]*\),"volume":"tv","kind":"replica".*/\1/p' "$LEDGER")
+check "the replica is another thin device now ($new_id, was $rep_id)" test -n "$new_id" -a "$new_id" != "$rep_id"
+check "rep maps thin device $new_id" sh -c "dmsetup table rep | grep -qE ' thin [0-9]+:[0-9]+ $new_id\$'"
+check_not "the old replica (thin device $rep_id) is deleted from the pool" thin_exists "$rep_id"
+check "point $seq6 is still a snapshot in the pool" thin_exists "$(point_dev "$seq6")"
+
+step "shutdown"
+kill $tpid
 wait $tpid
 check "dmsetup remove r0" dmsetup remove r0
 check "rmmod dm_replica" rmmod dm_replica

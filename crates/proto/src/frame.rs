@@ -35,8 +35,13 @@ pub const SEGMENT_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 136;
 /// Feature bit: payload compressed with zstd.
 pub const FEATURE_ZSTD: u32 = 1;
+/// Feature bit: the segment starts a resync. Records between the target's
+/// last one and this segment's first were not shipped (the source tracked
+/// their regions instead); the first record must be a resync BEGIN marker,
+/// and the regions follow as resync writes.
+pub const FEATURE_RESYNC_GAP: u32 = 2;
 /// Features this build understands.
-pub const FEATURES_KNOWN: u32 = FEATURE_ZSTD;
+pub const FEATURES_KNOWN: u32 = FEATURE_ZSTD | FEATURE_RESYNC_GAP;
 /// Record header size inside the plaintext.
 pub const RECORD_HEADER_LEN: usize = 40;
 /// Largest segment plaintext accepted (bounds memory on both sides).
@@ -47,6 +52,69 @@ pub const TAG_LEN: usize = 16;
 /// Record op used in segments for a record that failed on the source: it
 /// keeps the sequence dense but carries nothing to apply.
 pub const OP_SKIPPED: u8 = 0x80;
+
+/// Record flag (the ring's `FLAG_RESYNC`): a resync marker, or a write that
+/// carries a region's content read at this point of the stream.
+pub const RECORD_FLAG_RESYNC: u8 = 4;
+
+/// The `aux` of resync markers: what happens at this point of the stream.
+///
+/// A resync of a volume is BEGIN, then DATA markers (each replaced, on the
+/// source, by a write of the current content of the regions it names), then
+/// END. The replica is inconsistent from BEGIN to END (no recovery points);
+/// END is a recovery point.
+pub mod resync {
+    const KIND_SHIFT: u32 = 56;
+    const COUNT_SHIFT: u32 = 40;
+    const REGION_MASK: u64 = (1 << COUNT_SHIFT) - 1;
+
+    /// What a resync marker says.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Marker {
+        /// A resync starts: the replica is inconsistent until END.
+        Begin,
+        /// Send `count` regions from `region` (in the volume's region size).
+        Data {
+            /// First region.
+            region: u64,
+            /// Regions (1..=65535).
+            count: u32,
+        },
+        /// Every region was sent: the replica is consistent again.
+        End,
+    }
+
+    impl Marker {
+        /// The marker's `aux`.
+        pub fn aux(self) -> u64 {
+            match self {
+                Marker::Begin => 1 << KIND_SHIFT,
+                Marker::Data { region, count } => {
+                    (2 << KIND_SHIFT)
+                        | (u64::from(count & 0xffff) << COUNT_SHIFT)
+                        | (region & REGION_MASK)
+                }
+                Marker::End => 3 << KIND_SHIFT,
+            }
+        }
+
+        /// Parses an `aux`.
+        pub fn from_aux(aux: u64) -> Option<Self> {
+            match aux >> KIND_SHIFT {
+                1 if aux & ((1 << KIND_SHIFT) - 1) == 0 => Some(Marker::Begin),
+                2 => {
+                    let count = ((aux >> COUNT_SHIFT) & 0xffff) as u32;
+                    (count > 0).then_some(Marker::Data {
+                        region: aux & REGION_MASK,
+                        count,
+                    })
+                }
+                3 if aux & ((1 << KIND_SHIFT) - 1) == 0 => Some(Marker::End),
+                _ => None,
+            }
+        }
+    }
+}
 
 /// Frame errors.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -386,7 +454,7 @@ pub fn seal_with(
         .compress(plain)
         .map_err(|e| FrameError::Decompress(e.to_string()))?;
     body.reserve(TAG_LEN);
-    h.features = FEATURE_ZSTD;
+    h.features = FEATURE_ZSTD | (h.features & FEATURE_RESYNC_GAP);
     h.key_id = key.key_id();
     h.plain_len = plain.len() as u32;
     h.cipher_len = (body.len() + TAG_LEN) as u32;
@@ -465,6 +533,28 @@ pub fn decompress_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resync_markers_round_trip_and_junk_is_refused() {
+        use resync::Marker;
+        for m in [
+            Marker::Begin,
+            Marker::End,
+            Marker::Data {
+                region: 0,
+                count: 1,
+            },
+            Marker::Data {
+                region: (1 << 40) - 1,
+                count: 65535,
+            },
+        ] {
+            assert_eq!(Marker::from_aux(m.aux()), Some(m));
+        }
+        for junk in [0u64, 42, (1 << 56) | 1, 2 << 56, 4 << 56, (3 << 56) | 7] {
+            assert_eq!(Marker::from_aux(junk), None, "{junk:#x}");
+        }
+    }
     use crate::keys::{Direction, KeyRing, StreamContext};
 
     fn key(kr: &KeyRing, stream: u8, vol: &str) -> StreamKey {

@@ -21,6 +21,32 @@ const T_WELCOME: u8 = 2;
 const T_SEGMENT: u8 = 3;
 const T_ACK: u8 = 4;
 const T_ERROR: u8 = 5;
+const T_PROMOTE: u8 = 6;
+const T_PROMOTED: u8 = 7;
+
+/// Source → target, planned failover: every record up to `upto` has been
+/// sent and the source's volume takes no more writes; once the replica has
+/// applied `upto`, the target becomes the primary at `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Promote {
+    /// Last record of the old primary.
+    pub upto: u64,
+    /// The new epoch (the old one + 1).
+    pub epoch: u64,
+}
+
+/// Target → source: the replica is the primary now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Promoted {
+    /// Its epoch.
+    pub epoch: u64,
+    /// The recovery point it was promoted at (record sequence).
+    pub point_seq: u64,
+    /// Where the new primary volume is on the target host.
+    pub device: String,
+}
 
 /// Source's opening message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +68,11 @@ pub struct Hello {
     pub oldest_seq: u64,
     /// Key id the source will seal with.
     pub key_id: u32,
+    /// The stream starts with a resync (after a gap): a target that has
+    /// another ring generation (the source host restarted) may take this one
+    /// over, inconsistent until the resync ends.
+    #[serde(default)]
+    pub resync: bool,
 }
 
 /// Target's answer when it accepts the stream.
@@ -107,6 +138,10 @@ pub enum Message {
     Ack(Ack),
     /// An error.
     Error(ErrorMsg),
+    /// Planned failover request.
+    Promote(Promote),
+    /// Planned failover done.
+    Promoted(Promoted),
 }
 
 /// Message decoding errors.
@@ -154,6 +189,10 @@ impl Message {
                 put(out, T_ACK, &b)
             }
             Message::Error(e) => put(out, T_ERROR, &serde_json::to_vec(e).unwrap_or_default()),
+            Message::Promote(p) => put(out, T_PROMOTE, &serde_json::to_vec(p).unwrap_or_default()),
+            Message::Promoted(p) => {
+                put(out, T_PROMOTED, &serde_json::to_vec(p).unwrap_or_default())
+            }
         }
     }
 
@@ -175,7 +214,7 @@ impl Message {
         if len > MAX_MESSAGE {
             return Err(MsgError::TooLarge(len));
         }
-        if !(T_HELLO..=T_ERROR).contains(&t) {
+        if !(T_HELLO..=T_PROMOTED).contains(&t) {
             return Err(MsgError::UnknownType(t));
         }
         if buf.len() < 5 + len {
@@ -186,6 +225,8 @@ impl Message {
             T_HELLO => Message::Hello(serde_json::from_slice(body)?),
             T_WELCOME => Message::Welcome(serde_json::from_slice(body)?),
             T_SEGMENT => Message::Segment(body.to_vec()),
+            T_PROMOTE => Message::Promote(serde_json::from_slice(body)?),
+            T_PROMOTED => Message::Promoted(serde_json::from_slice(body)?),
             T_ACK => {
                 if body.len() != 16 {
                     return Err(MsgError::BadAck);
@@ -222,6 +263,12 @@ mod tests {
                 message: "x".into(),
             }),
             Message::Segment(vec![1, 2, 3]),
+            Message::Promote(Promote { upto: 99, epoch: 2 }),
+            Message::Promoted(Promoted {
+                epoch: 2,
+                point_seq: 99,
+                device: "/dev/mapper/db1-replica".into(),
+            }),
         ];
         let mut buf = Vec::new();
         for m in &msgs {

@@ -104,6 +104,9 @@ pub const OP_MARKER: u8 = 5;
 pub const FLAG_FUA: u8 = 1;
 /// The write was preceded by a flush (REQ_PREFLUSH) that dm split off.
 pub const FLAG_PREFLUSH: u8 = 2;
+/// A resync marker inserted by the consumer ([`IOC_MARKER`]): its `aux`
+/// names what the consumer does at this point of the stream.
+pub const FLAG_RESYNC: u8 = 4;
 
 // Record states, the low two bits of the stamp.
 /// Reserved and published; the write to the data device is in flight.
@@ -435,6 +438,20 @@ pub struct VolumeArg {
     pub id: [u8; GROUP_NAME_LEN],
 }
 
+/// Argument of [`IOC_MARKER`]: insert a MARKER record into the attached
+/// group's ring, after every record reserved so far.
+#[repr(C)]
+pub struct MarkerArg {
+    /// Volume index within the group the marker is about.
+    pub volume: u32,
+    /// Record flags: 0 or [`FLAG_RESYNC`].
+    pub flags: u32,
+    /// The marker's `aux` (its id).
+    pub aux: u64,
+    /// Out: the marker's sequence.
+    pub seq: u64,
+}
+
 /// Attach to a group's ring.
 pub const IOC_ATTACH: u32 = ioc(
     IOC_READ | IOC_WRITE,
@@ -462,4 +479,12 @@ pub const IOC_VOLUME: u32 = ioc(
     IOC_TYPE,
     4,
     core::mem::size_of::<VolumeArg>() as u32,
+);
+/// Insert a marker record (`EIO` while the ring overflows, `EAGAIN` while
+/// writers wait for space, `ENOSPC` when the ring is full).
+pub const IOC_MARKER: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    IOC_TYPE,
+    5,
+    core::mem::size_of::<MarkerArg>() as u32,
 );

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ring_abi::{AttachArg, BitmapArg, ReleaseArg, VolumeArg, GROUP_NAME_LEN};
+use ring_abi::{AttachArg, BitmapArg, MarkerArg, ReleaseArg, VolumeArg, GROUP_NAME_LEN};
 
 use crate::{Consumer, Mapping, Release, RingError};
 
@@ -205,6 +205,21 @@ impl Device {
             resume_seq: arg.resume_seq,
             words,
         })
+    }
+
+    /// Inserts a MARKER record about volume `volume` with record `flags`
+    /// (0 or `FLAG_RESYNC`) and id `aux` after every record reserved so far;
+    /// returns its sequence. Refused while the ring overflows (`EIO`) or
+    /// writers wait for space (`EAGAIN`).
+    pub fn insert_marker(&self, volume: u32, flags: u8, aux: u64) -> Result<u64, RingError> {
+        let mut arg = MarkerArg {
+            volume,
+            flags: u32::from(flags),
+            aux,
+            seq: 0,
+        };
+        self.ioctl("insert a marker", ring_abi::IOC_MARKER, &mut arg)?;
+        Ok(arg.seq)
     }
 
     fn release(&self, new_cons: u64) -> Result<(), RingError> {

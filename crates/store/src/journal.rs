@@ -291,6 +291,37 @@ impl Journal {
         Ok(())
     }
 
+    /// Empties the journal (every frame must be applied): the next frames
+    /// may start a new sequence space (a new ring generation).
+    pub fn restart(&mut self) -> Result<(), StoreError> {
+        let no = self.current_no + 1;
+        let path = self.dir.join(file_name(no));
+        let fresh = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("create journal file", &path, e))?;
+        for old in list_files(&self.dir)? {
+            if old == no {
+                continue;
+            }
+            let p = self.dir.join(file_name(old));
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove journal file", &p, e)),
+            }
+        }
+        sync_dir(&self.dir)?;
+        self.current = fresh;
+        self.current_no = no;
+        self.current_len = 0;
+        self.durable_seq = 0;
+        self.pending_seq = 0;
+        self.file_max = [(no, 0)].into_iter().collect();
+        Ok(())
+    }
+
     /// Deletes journal files all of whose frames end at or before
     /// `applied_seq` (the current file is kept).
     pub fn trim(&mut self, applied_seq: u64) -> Result<usize, StoreError> {

@@ -95,6 +95,10 @@ pub trait ReplicaStore: Send {
     fn warnings(&mut self) -> Result<Vec<String>, StoreError> {
         Ok(Vec::new())
     }
+    /// Failover: makes the replica the primary volume, rolled back to
+    /// point `id` or as it is now (`None`), flushed; returns the path of the
+    /// volume to use on this host. Nothing is applied to it afterwards.
+    fn promote(&mut self, point: Option<u64>) -> Result<PathBuf, StoreError>;
 }
 
 /// A replica in a plain file, with recovery points as file copies (reflinks
@@ -272,6 +276,33 @@ impl ReplicaStore for FileReplica {
             Err(e) => Err(StoreError::io("discard point copy", &c, e)),
         }
     }
+
+    fn promote(&mut self, point: Option<u64>) -> Result<PathBuf, StoreError> {
+        if let Some(id) = point {
+            let src_path = self.point_path(id);
+            let src = File::open(&src_path)
+                .map_err(|e| StoreError::io("open recovery point", &src_path, e))?;
+            // SAFETY: FICLONE takes the source fd as its argument and
+            // touches no user memory; both fds are open for the call.
+            let cloned =
+                unsafe { libc::ioctl(self.io.file().as_raw_fd(), libc::FICLONE, src.as_raw_fd()) }
+                    == 0;
+            if !cloned {
+                use std::io::{Seek, SeekFrom};
+                let mut dst = self.io.file();
+                dst.seek(SeekFrom::Start(0))
+                    .map_err(|e| StoreError::io("roll back replica", self.io.path(), e))?;
+                let mut s = &src;
+                std::io::copy(&mut s, &mut dst)
+                    .map_err(|e| StoreError::io("roll back replica", self.io.path(), e))?;
+            }
+        }
+        self.io
+            .file()
+            .sync_all()
+            .map_err(|e| StoreError::io("flush replica", self.io.path(), e))?;
+        Ok(self.io.path().to_owned())
+    }
 }
 
 #[cfg(test)]
@@ -335,5 +366,35 @@ mod tests {
             .is_err(),
             "past the end"
         );
+    }
+
+    #[test]
+    fn promote_rolls_back_to_a_point_or_keeps_the_current_contents() {
+        let d = tempfile::tempdir().expect("tmp");
+        let path = d.path().join("r.img");
+        let mut r = FileReplica::open(&path, 1 << 20, &d.path().join("points")).expect("open");
+        let a = vec![1u8; 4096];
+        r.apply(&[ApplyOp::Write {
+            offset: 0,
+            data: &a,
+        }])
+        .expect("apply");
+        r.flush().expect("flush");
+        r.create_point(5).expect("point");
+        let at5 = std::fs::read(&path).expect("read");
+        let b = vec![2u8; 4096];
+        r.apply(&[ApplyOp::Write {
+            offset: 8192,
+            data: &b,
+        }])
+        .expect("apply");
+        let now = r.promote(None).expect("promote as is");
+        assert_eq!(now, path);
+        assert!(std::fs::read(&path).expect("read")[8192..12288]
+            .iter()
+            .all(|&x| x == 2));
+        assert_eq!(r.promote(Some(5)).expect("promote at 5"), path);
+        assert_eq!(std::fs::read(&path).expect("read"), at5);
+        assert!(r.promote(Some(6)).is_err(), "no such point");
     }
 }

@@ -16,6 +16,24 @@ pub enum PointKind {
     Crash,
     /// At a marker inserted by an application-consistency hook.
     Marker,
+    /// Where the replica was promoted at a failover.
+    Failover,
+}
+
+/// The replica was failed over to: it is the primary volume now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Promotion {
+    /// The epoch it became the primary in.
+    pub epoch: u64,
+    /// The record sequence (recovery point) it was promoted at.
+    pub point_seq: u64,
+    /// Planned (zero loss) or not.
+    pub planned: bool,
+    /// Where the volume is on this host.
+    pub device: String,
+    /// When, ns since the epoch.
+    pub at_ns: u64,
 }
 
 /// A recovery point.
@@ -55,6 +73,14 @@ pub struct VolumeState {
     pub points: Vec<RecoveryPoint>,
     /// Set when the volume hit a non-recoverable error.
     pub critical: Option<String>,
+    /// A resync started at this record and has not ended: the replica is
+    /// inconsistent (the last recovery point is the one to fail over to).
+    #[serde(default)]
+    pub resync_since: Option<u64>,
+    /// Set once the replica was promoted (failover): no stream is accepted
+    /// for it any more.
+    #[serde(default)]
+    pub promoted: Option<Promotion>,
 }
 
 /// Current state format version.

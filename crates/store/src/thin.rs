@@ -30,6 +30,7 @@ pub mod dmsetup;
 pub mod ledger;
 
 use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -41,6 +42,9 @@ use crate::StoreError;
 
 /// Environment variable of the crash test hook.
 pub const TEST_CRASH_ENV: &str = "REPLICAD_TEST_CRASH";
+
+/// `_IO(0x12, 97)`: drop a block device's buffer cache.
+const BLKFLSBUF: libc::c_ulong = 0x1261;
 
 /// Attempts at a fresh id when the pool reports ids taken by others.
 const ID_ATTEMPTS: usize = 16;
@@ -178,7 +182,23 @@ impl ThinReplica {
                     StoreError::Invalid(format!("device {name} exists but is not the replica: {e}"))
                 })?;
                 let pool_dev = format!("{}:{}", pool_info.major, pool_info.minor);
-                if t.pool != pool_dev || t.device_id != replica_id || t.sectors != sectors {
+                let replaced = ledger
+                    .volume_entries(volume)?
+                    .iter()
+                    .any(|e| e.id == t.device_id && e.doomed && e.kind == Kind::Clone);
+                if t.pool == pool_dev
+                    && t.sectors == sectors
+                    && t.device_id != replica_id
+                    && replaced
+                {
+                    // A crash during a failover to a point, after the
+                    // ledger named the point's copy the replica: finish it.
+                    tracing::warn!(device = %name, id = replica_id, "finishing an interrupted switch to another thin device");
+                    let _ops = ledger.hold_device_ops()?;
+                    dm.reload(name, &Self::thin_table(pool, sectors, replica_id))?;
+                    dm.suspend(name)?;
+                    dm.resume(name)?;
+                } else if t.pool != pool_dev || t.device_id != replica_id || t.sectors != sectors {
                     return Err(StoreError::Invalid(format!(
                         "device {name} is thin device {} of {} with {} sectors, but the replica \
                          is thin device {replica_id} of pool {pool} ({pool_dev}) with {sectors}",
@@ -253,7 +273,7 @@ impl ThinReplica {
                 block_bytes: table.block_sectors * 512,
             },
         )?;
-        Ok(Self {
+        let r = Self {
             dm,
             opts: opts.clone(),
             volume: volume.to_owned(),
@@ -261,7 +281,11 @@ impl ThinReplica {
             replica_id,
             ledger,
             io,
-        })
+        };
+        if let Err(e) = r.sweep() {
+            tracing::warn!(volume = %volume, error = %e, "deleting leftover thin devices failed");
+        }
+        Ok(r)
     }
 
     fn pool_status(dm: &Dmsetup, pool: &str) -> Result<PoolStatus, StoreError> {
@@ -563,6 +587,50 @@ impl ReplicaStore for ThinReplica {
         }
     }
 
+    fn promote(&mut self, point: Option<u64>) -> Result<PathBuf, StoreError> {
+        if let Some(id) = point {
+            let Some(p) = self
+                .entries(Kind::Point, id)?
+                .into_iter()
+                .find(|e| !e.doomed)
+            else {
+                return Err(StoreError::Invalid(format!(
+                    "volume {}: no recovery point {id}",
+                    self.volume
+                )));
+            };
+            // A writable snapshot of the point becomes the replica, under
+            // the replica's name; the old replica is deleted after.
+            let ro = self.point_name(id);
+            let active = self.dm.info(&ro)?.is_some().then_some(ro.as_str());
+            let new = self.snapshot(p.id, active, Kind::Clone, id)?;
+            let old = self.replica_id;
+            self.ledger.swap_replica(&self.volume, old, new)?;
+            {
+                let name = &self.opts.name;
+                let _ops = self.ledger.hold_device_ops()?;
+                self.dm.reload(
+                    name,
+                    &Self::thin_table(&self.opts.pool, self.size / 512, new),
+                )?;
+                self.dm.suspend(name)?;
+                let resumed = self.dm.resume(name);
+                resumed?;
+            }
+            self.replica_id = new;
+            // Nothing cached from the old device may be read as the new one.
+            // SAFETY: BLKFLSBUF takes no argument memory; the fd is open.
+            if unsafe { libc::ioctl(self.io.file().as_raw_fd(), BLKFLSBUF as _, 0) } != 0 {
+                tracing::warn!(volume = %self.volume, error = %std::io::Error::last_os_error(), "could not drop the replica's page cache");
+            }
+            if let Err(e) = self.destroy(old, None) {
+                tracing::warn!(volume = %self.volume, id = old, error = %e, "the replaced replica is deleted later");
+            }
+        }
+        self.flush()?;
+        Ok(self.path())
+    }
+
     fn warnings(&mut self) -> Result<Vec<String>, StoreError> {
         Ok(pool_warnings(
             &self.opts.pool,
@@ -755,6 +823,9 @@ remove)
 create)
 	for t; do :; done
 	[ -e "$S/devs/${{t##* }}" ] || {{ echo "device-mapper: reload ioctl on $2  failed: No data available" >&2; exit 1; }}
+	echo "${{t##* }}" >"$S/active/$2" ;;
+reload)
+	for t; do :; done
 	echo "${{t##* }}" >"$S/active/$2" ;;
 table)
 	[ "$2" = pool ] && {{ echo "0 8192 thin-pool 254:2 254:3 128 0 1 error_if_no_space"; exit 0; }}
@@ -1031,5 +1102,50 @@ esac
             log(dir)
         );
         assert!(!dir.join("devs/1").exists());
+    }
+
+    #[test]
+    fn failover_to_a_point_swaps_a_copy_of_it_in_as_the_replica() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dir = d.path();
+        let mut r = fake_replica(dir);
+        std::fs::write(dir.join("active/rep"), b"1").expect("replica active");
+        r.create_point(10).expect("point");
+        r.create_point(20).expect("point");
+        let p10 = r.entries(Kind::Point, 10).expect("entries")[0].id;
+        std::fs::remove_file(dir.join("log")).expect("log");
+        assert_eq!(
+            r.promote(None).expect("as it is"),
+            Path::new("/dev/mapper/rep")
+        );
+        assert!(
+            !log(dir).iter().any(|l| l.contains("create_snap")),
+            "{:?}",
+            log(dir)
+        );
+        assert!(r.promote(Some(11)).is_err(), "no such point");
+        assert_eq!(
+            r.promote(Some(10)).expect("at 10"),
+            Path::new("/dev/mapper/rep")
+        );
+        let new = r.device_id();
+        assert_ne!(new, 1);
+        assert!(log(dir).contains(&format!("message pool 0 create_snap {new} {p10}")));
+        // The replica's name now maps the copy; the old replica is deleted;
+        // the ledger says so; the points are untouched.
+        assert_eq!(
+            std::fs::read_to_string(dir.join("active/rep"))
+                .expect("active")
+                .trim(),
+            new.to_string()
+        );
+        assert!(!dir.join("devs/1").exists());
+        let mine = r.ledger.volume_entries("v").expect("entries");
+        let replicas: Vec<_> = mine.iter().filter(|e| e.kind == Kind::Replica).collect();
+        assert_eq!(replicas.len(), 1);
+        assert_eq!(replicas[0].id, new);
+        assert!(replicas[0].created);
+        assert!(mine.iter().all(|e| e.id != 1));
+        assert_eq!(r.list_points().expect("list"), vec![10, 20]);
     }
 }

@@ -128,6 +128,12 @@ impl Dmsetup {
         self.run(&args).map(drop)
     }
 
+    /// Loads `table` as the inactive table of device `name` (the next
+    /// resume swaps it in).
+    pub fn reload(&self, name: &str, table: &str) -> Result<(), StoreError> {
+        self.run(&["reload", name, "--table", table]).map(drop)
+    }
+
     /// Removes device `name`.
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
         self.run(&["remove", name]).map(drop)

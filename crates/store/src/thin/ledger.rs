@@ -283,6 +283,28 @@ impl Ledger {
         })
     }
 
+    /// Failover to a point: thin device `new` (a copy of the point) becomes
+    /// `volume`'s replica and the old replica `old` is doomed, in one
+    /// durable step.
+    pub fn swap_replica(&self, volume: &str, old: u32, new: u32) -> Result<(), StoreError> {
+        self.update(|devs| {
+            for d in devs.iter_mut() {
+                if d.id == new {
+                    d.volume = volume.to_owned();
+                    d.kind = Kind::Replica;
+                    d.point = None;
+                    d.created = true;
+                    d.doomed = false;
+                } else if d.id == old {
+                    d.kind = Kind::Clone;
+                    d.point = None;
+                    d.doomed = true;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Removes `id` (missing is fine): its device no longer exists.
     pub fn release(&self, id: u32) -> Result<(), StoreError> {
         self.update(|devs| {

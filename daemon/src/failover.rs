@@ -1,0 +1,174 @@
+//! The source's side of failover: its persisted role and epoch, and
+//! fencing the protected volume with device-mapper.
+//!
+//! A planned failover freezes the volume (suspend: in-flight writes
+//! complete, new ones wait), inserts a final marker, replaces the table by
+//! an `error` target and resumes, so writers get errors instead of hanging,
+//! then hands over to the target once the marker is applied there. A source
+//! that learns from the target that the volume was failed over without it
+//! fences the volume the same way and stops: it is demoted and must be
+//! protected anew.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+/// The source's persisted role (`<state_dir>/role.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceRole {
+    /// The epoch this source is at (a failover moves the target to a later
+    /// one).
+    pub epoch: u64,
+    /// Set when the volume was failed over: this source must not replicate
+    /// it any more.
+    #[serde(default)]
+    pub demoted: Option<String>,
+    /// A planned failover fenced the volume with its last record here and
+    /// has not completed yet (a retry continues from it).
+    #[serde(default)]
+    pub failing_over: Option<u64>,
+}
+
+/// A planned failover handed to the session: once the target has every
+/// record up to `upto` durably, ask it to take over at `epoch`.
+pub struct PlannedFailover {
+    /// The old primary's last record.
+    pub upto: u64,
+    /// The new epoch.
+    pub epoch: u64,
+    /// Whether PROMOTE was sent on the current connection.
+    pub sent: bool,
+    /// The answer.
+    pub reply: crossbeam_channel::Sender<Result<replica_proto::msg::Promoted, String>>,
+}
+
+impl SourceRole {
+    fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("role.json")
+    }
+
+    /// Loads it (a missing file is a fresh source at epoch 0).
+    pub fn load(state_dir: &Path) -> Result<Self, String> {
+        let p = Self::path(state_dir);
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(format!("{}: {e}", p.display())),
+        }
+    }
+
+    /// Saves it atomically and durably.
+    pub fn save(&self, state_dir: &Path) -> Result<(), String> {
+        let b = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+        replica_store::state::write_atomic(&Self::path(state_dir), &b).map_err(|e| e.to_string())
+    }
+}
+
+/// The device-mapper name of the block device at `device` (a
+/// `/dev/mapper/...` path or any node of a dm device).
+pub fn dm_name(device: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(device).map_err(|e| format!("{}: {e}", device.display()))?;
+    if !meta.file_type().is_block_device() {
+        return Err(format!("{} is not a block device", device.display()));
+    }
+    let rdev = meta.rdev();
+    let sys = format!(
+        "/sys/dev/block/{}:{}/dm/name",
+        libc::major(rdev),
+        libc::minor(rdev)
+    );
+    std::fs::read_to_string(&sys)
+        .map(|s| s.trim().to_owned())
+        .map_err(|_| format!("{} is not a device-mapper device", device.display()))
+}
+
+fn dmsetup(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("dmsetup")
+        .args(args)
+        .env("DM_DISABLE_UDEV", "1")
+        .output()
+        .map_err(|e| format!("dmsetup {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "dmsetup {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Whether the live table of `name` is a single `error` target already.
+pub fn is_fenced(name: &str) -> bool {
+    dmsetup(&["table", name]).is_ok_and(|t| {
+        let lines: Vec<&str> = t.lines().collect();
+        lines.len() == 1 && lines[0].split_whitespace().nth(2) == Some("error")
+    })
+}
+
+/// Suspends `name`: in-flight writes complete, new ones wait.
+pub fn suspend(name: &str) -> Result<(), String> {
+    dmsetup(&["suspend", name]).map(|_| ())
+}
+
+/// Inserts a marker record through the `replica` target's message
+/// interface; returns its sequence.
+pub fn marker(name: &str, id: u64) -> Result<u64, String> {
+    let out = dmsetup(&["message", name, "0", "marker", &id.to_string()])?;
+    let want = format!("marker {id} seq ");
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(&want))
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| format!("unexpected answer to the marker message: {out:?}"))
+}
+
+/// Replaces the table of `name` (of `sectors` sectors) with an `error`
+/// target and resumes it: every write (and read) fails from now on instead
+/// of reaching the disk or hanging.
+pub fn fence(name: &str, sectors: u64) -> Result<(), String> {
+    let table = format!("0 {sectors} error");
+    dmsetup(&["load", name, "--table", &table])?;
+    dmsetup(&["resume", name]).map(|_| ())
+}
+
+/// Resumes `name` with its current table (undoing [`suspend`]).
+pub fn resume(name: &str) -> Result<(), String> {
+    dmsetup(&["resume", name]).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_round_trips_and_a_missing_file_is_a_fresh_source() {
+        let d = tempfile::tempdir().expect("tmp");
+        assert_eq!(SourceRole::load(d.path()), Ok(SourceRole::default()));
+        let r = SourceRole {
+            epoch: 3,
+            demoted: Some("failed over".into()),
+            failing_over: Some(77),
+        };
+        r.save(d.path()).expect("save");
+        assert_eq!(SourceRole::load(d.path()), Ok(r));
+        std::fs::write(d.path().join("role.json"), "{\"epoch\":1,\"x\":2}").expect("w");
+        assert!(
+            SourceRole::load(d.path()).is_err(),
+            "unknown keys are refused"
+        );
+    }
+
+    #[test]
+    fn a_regular_file_is_not_a_dm_device() {
+        let d = tempfile::tempdir().expect("tmp");
+        let f = d.path().join("f");
+        std::fs::write(&f, b"x").expect("w");
+        assert!(dm_name(&f)
+            .expect_err("not a block device")
+            .contains("not a block device"));
+    }
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Benchmark of replication lag (RPO) and planned failover time, in a qemu
+# guest with both roles over loopback: the pipeline's throughput is measured
+# first, then fio writes at half of it for --runtime seconds while the
+# source's lag (age of the oldest record not yet durable on the target) is
+# sampled twice a second; then a planned failover is timed. Prints a table;
+# asserts nothing. Software emulation (tcg) makes every CPU cost larger, so
+# the throughput is the emulated guest's, and lag figures are relative to it.
+#
+#   scripts/bench-rpo.sh [--runtime SECONDS] [--accel tcg|kvm]
+set -euo pipefail
+
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+runtime=60 accel=tcg
+while (($# > 0)); do
+	case "$1" in
+	--runtime) runtime=${2:?}; shift 2 ;;
+	--accel) accel=${2:?}; shift 2 ;;
+	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+	*) die "unknown argument: $1" ;;
+	esac
+done
+
+tree=$("$REPO_ROOT/scripts/kernel.sh")
+ko=$("$REPO_ROOT/scripts/kmod.sh")
+say "building static userspace tools"
+(cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release --locked \
+	--target x86_64-unknown-linux-gnu -p replicad -p replctl --bin replicad --bin replctl)
+rel="$REPO_ROOT/target/x86_64-unknown-linux-gnu/release"
+out="$REPO_ROOT/out/bench/rpo"
+mkdir -p "$out"
+"$REPO_ROOT/scripts/vm.sh" --kernel "$tree/arch/x86/boot/bzImage" \
+	--scenario "$REPO_ROOT/tests/vm/bench/rpo.sh" --name bench-rpo --workdir "$out" \
+	--module "$ko" --bin "$rel/replicad" --bin "$rel/replctl" --bin "$FIO" --bin "$(command -v mkfs.ext4)" \
+	--disk 256M --disk 640M --mem 2048 --accel "$accel" --timeout $((runtime + 1800)) \
+	--env "BENCH_RUNTIME=$runtime" >"$out/run.log" 2>&1 ||
+	{ tail -n 40 "$out/run.log"; die "benchmark guest failed (log: $out/console.log)"; }
+
+get() { grep -a "^BENCH-RPO $1 " "$out/console.log" | tr -d '\r' | awk '{ print $3 }' | tail -n 1; }
+printf 'replication lag in a qemu guest (%s), both roles over loopback, file replica\n' "$accel"
+printf '%-44s %12s\n' "measure" "value"
+printf '%-44s %12s\n' "pipeline throughput (MiB/s, 1 MiB writes)" "$(get link_mib_s)"
+printf '%-44s %12s\n' "steady load (half of it), lag samples" "$(get samples)"
+printf '%-44s %12s\n' "lag p50 (s)" "$(get lag_p50_s)"
+printf '%-44s %12s\n' "lag p99 (s)" "$(get lag_p99_s)"
+printf '%-44s %12s\n' "lag max (s)" "$(get lag_max_s)"
+printf '%-44s %12s\n' "planned failover, idle writers (s)" "$(get failover_s)"

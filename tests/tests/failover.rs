@@ -1,0 +1,146 @@
+//! Failover with the file backend and a ring file: planned (no loss, the
+//! source hands over and is demoted), unplanned (latest or a chosen point),
+//! and the old source refused afterwards (no split brain).
+
+use std::time::Duration;
+
+use replica_tests::*;
+use replicad::control::{send, Request, CONTROL_VERSION};
+
+const VOL: &str = "fo";
+const SIZE: usize = 2 << 20;
+
+fn rig(seed: u64) -> Rig {
+    let mut r = Rig::new(VOL, SIZE, seed, None, 100, "", 1024, 1024);
+    r.start_source(64 << 10, "");
+    r
+}
+
+fn command(dir: &std::path::Path, command: &str, point: Option<&str>) -> Result<String, String> {
+    send(
+        &replicad::control::default_path(dir),
+        &Request {
+            version: CONTROL_VERSION,
+            command: command.into(),
+            volume: None,
+            point: point.map(str::to_owned),
+        },
+        Duration::from_secs(120),
+    )
+    .map(|r| r.message.unwrap_or_default())
+}
+
+fn replica(r: &Rig) -> Vec<u8> {
+    std::fs::read(r.tstate.join(format!("{VOL}.img"))).expect("replica")
+}
+
+fn wait_socket(dir: &std::path::Path) {
+    wait_for(Duration::from_secs(20), "control socket", || {
+        replicad::control::request(&replicad::control::default_path(dir), "status").is_ok()
+    });
+}
+
+#[test]
+fn planned_failover_loses_nothing_demotes_the_source_and_refuses_it_afterwards() {
+    let mut r = rig(71);
+    r.write(200);
+    r.src.apply(&Op::Flush);
+    r.write(50); // no flush after these: they must arrive all the same
+    wait_socket(&r.sstate);
+    wait_for(Duration::from_secs(30), "connected", || {
+        r.source
+            .as_ref()
+            .and_then(|s| s.status(VOL))
+            .is_some_and(|s| s.connection == replicad::status::Connection::Connected)
+    });
+    let msg = command(&r.sstate, "failover-planned", None).expect("planned failover");
+    assert!(msg.contains("complete"), "{msg}");
+    // Zero loss: the replica is the source volume, byte for byte.
+    let st = r.target_state();
+    let p = st.promoted.as_ref().expect("promoted");
+    assert!(p.planned);
+    assert_eq!(p.epoch, 2);
+    assert_eq!(p.point_seq, r.src.last_seq);
+    assert_eq!(st.epoch, 2);
+    assert!(
+        st.points.iter().any(|x| x.seq == r.src.last_seq),
+        "a point at the handover"
+    );
+    assert!(first_difference(&replica(&r), &r.src.image, &r.src.masked).is_none());
+    let ts = r.target.status(VOL).expect("target status");
+    assert_eq!(ts.role, replicad::status::Role::Primary);
+    // The source stopped by itself, demoted.
+    assert_eq!(r.source().wait_exit(Duration::from_secs(30)), Some(0));
+    let role = replicad::failover::SourceRole::load(&r.sstate).expect("role");
+    assert_eq!(role.epoch, 2);
+    assert!(role.demoted.is_some());
+    // It will not start again as a source of this volume.
+    r.start_source(64 << 10, "");
+    assert_eq!(r.source().wait_exit(Duration::from_secs(30)), Some(2));
+    assert!(r.source().log_text().contains("demoted"));
+    // A restarted target is still the primary and refuses any stream.
+    r.target.kill9();
+    r.restart_target();
+    let e = RawClient::connect(&r.env, &r.addr, ("pki", SOURCE_CN), VOL, [1; 16], 2)
+        .err()
+        .expect("a stream into a promoted volume is refused");
+    assert!(e.contains("promoted"), "{e}");
+    assert!(first_difference(&replica(&r), &r.src.image, &r.src.masked).is_none());
+}
+
+#[test]
+fn unplanned_failover_to_the_latest_state_and_the_old_source_is_demoted_on_return() {
+    let mut r = rig(72);
+    r.write(150);
+    r.src.apply(&Op::Flush);
+    r.write(30);
+    r.drain_and_check();
+    let last = r.src.last_seq;
+    // The source host is gone.
+    r.source().kill9();
+    wait_socket(&r.tstate);
+    let msg = command(&r.tstate, "failover", Some("latest")).expect("failover");
+    assert!(msg.contains("failed over"), "{msg}");
+    let st = r.target_state();
+    let p = st.promoted.as_ref().expect("promoted");
+    assert!(!p.planned);
+    assert_eq!(p.point_seq, last, "latest = every record journaled");
+    assert_eq!(st.epoch, 2);
+    assert!(first_difference(&replica(&r), &r.src.image, &r.src.masked).is_none());
+    // A second failover is refused.
+    assert!(command(&r.tstate, "failover", None).is_err());
+    // The old source comes back (epoch 1): refused, demoted, stopped.
+    r.start_source(64 << 10, "");
+    assert_eq!(r.source().wait_exit(Duration::from_secs(60)), Some(3));
+    let log = r.source().log_text();
+    assert!(log.contains("demoted"), "{log}");
+    let role = replicad::failover::SourceRole::load(&r.sstate).expect("role");
+    assert!(role.demoted.is_some());
+    // Nothing it had was applied after the failover.
+    assert!(first_difference(&replica(&r), &r.src.image, &r.src.masked).is_none());
+}
+
+#[test]
+fn unplanned_failover_to_an_older_point_rolls_the_replica_back() {
+    let mut r = rig(73);
+    r.write(100);
+    r.src.apply(&Op::Flush);
+    let first_point = r.src.last_seq;
+    r.write(100);
+    r.src.apply(&Op::Flush);
+    r.drain_and_check();
+    r.source().kill9();
+    wait_socket(&r.tstate);
+    assert!(
+        command(&r.tstate, "failover", Some("12345678")).is_err(),
+        "not a recovery point"
+    );
+    let msg = command(&r.tstate, "failover", Some(&first_point.to_string())).expect("failover");
+    assert!(msg.contains(&format!("record {first_point}")), "{msg}");
+    let (want, mask) = &r.src.points[&first_point];
+    assert!(first_difference(&replica(&r), want, mask).is_none());
+    assert_eq!(
+        r.target_state().promoted.expect("promoted").point_seq,
+        first_point
+    );
+}

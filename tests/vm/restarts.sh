@@ -1,0 +1,70 @@
+#!/bin/sh
+# Daemon restarts on either side during replication: while fio writes with
+# verification through the protected volume, `replicad source` and
+# `replicad target` are killed (-9) and restarted, alternately, at random
+# moments. Replication resumes by itself; nothing is lost or applied twice:
+# after a final marker the replica equals the volume.
+#
+# vm-disks: 48M 256M
+# shellcheck source=tests/vm/lib.sh
+. /lib/vmtest/lib.sh
+set -u
+
+DATA=/dev/vda
+sectors=$(cat /sys/block/vda/size)
+size=$((sectors * 512))
+W=/tmp/rs
+T=/target
+ADDR=127.0.0.1:7716
+
+check "loopback up" ifconfig lo 127.0.0.1 up
+check "target disk" mkfs.ext4 -q -F /dev/vdb
+mkdir -p $T
+check "mount it" mount -t ext4 /dev/vdb $T
+check "insmod dm_replica" insmod "$(module_path dm_replica)"
+check "dmsetup create rr" dmsetup create rr --table "0 $sectors replica $DATA rr ring_mib=4 overflow_wait_ms=10000"
+repl_keys $W
+{ target_toml $W $ADDR $T/state; target_volume rr $size $T/rr.img 4; } >$W/target.toml
+{ source_toml $W rr $size $ADDR $W/source; printf '[spool]\nlimit_percent = 1000\n'; } >$W/source.toml
+replicad target --config $W/target.toml 2>$W/target.log &
+tpid=$!
+replicad source --config $W/source.toml 2>$W/source.log &
+spid=$!
+wait_for "source connected" 60 json_has $W/source '"connection": "Connected"'
+
+fio --eta=never --name=w --filename=/dev/mapper/rr --rw=randwrite --bsrange=4k-64k --blockalign=4k \
+	--ioengine=libaio --iodepth=4 --direct=1 --size=48M --io_size=40M --verify=crc32c --do_verify=1 \
+	--verify_fatal=1 --output=/tmp/fio.out &
+fpid=$!
+round=0
+while kill -0 $fpid 2>/dev/null && [ $round -lt 6 ]; do
+	round=$((round + 1))
+	# A random moment: after some more records were captured.
+	now=$(dmsetup status rr | sed -n 's/.* prod_seq=\([0-9]*\) .*/\1/p')
+	more=$(shuf -i 20-200 -n 1)
+	wait_for "round $round: $more more records" 300 sh -c "! kill -0 $fpid 2>/dev/null || [ \$(dmsetup status rr | sed -n 's/.* prod_seq=\([0-9]*\) .*/\1/p') -ge $((now + more)) ]"
+	if [ $((round % 2)) = 1 ]; then
+		kill -9 $spid
+		wait $spid
+		replicad source --config $W/source.toml 2>>$W/source.log &
+		spid=$!
+		echo "round $round: source killed and restarted"
+	else
+		kill -9 $tpid
+		wait $tpid
+		replicad target --config $W/target.toml 2>>$W/target.log &
+		tpid=$!
+		echo "round $round: target killed and restarted"
+	fi
+done
+wait $fpid
+check_eq "fio with verify, through every restart" 0 $?
+check "at least 4 restarts happened during the writes" test $round -ge 4
+marker_applied rr 9 $T/state rr
+same_sha /dev/mapper/rr $T/rr.img "the replica equals the volume"
+check "no resync was needed" json_has $W/source '"needs_resync": false'
+kill $spid $tpid
+wait $spid
+wait $tpid
+check "dmsetup remove rr" dmsetup remove rr
+check "rmmod dm_replica" rmmod dm_replica
