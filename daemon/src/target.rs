@@ -1464,7 +1464,12 @@ impl Applier {
                 self.persist_applied().map_err(|e| e.to_string())?;
                 if last_point != Some(self.applied) && self.applied > 0 {
                     let id = self.applied;
-                    self.replica.create_point(id).map_err(|e| e.to_string())?;
+                    if let Err(e) = self.replica.create_point(id) {
+                        // The promoted volume is what matters: a missing
+                        // snapshot of it (no space) does not stop the failover.
+                        tracing::warn!(volume = %self.vol.cfg.id, error = %e, "no recovery point at the failover; promoting anyway");
+                        return self.finish_promotion(req, epoch, id, None);
+                    }
                     let mut st = self.vol.lock_state();
                     let gen = st.generation.clone();
                     st.points.push(RecoveryPoint {
@@ -1481,6 +1486,18 @@ impl Applier {
                 self.applied
             }
         };
+        self.finish_promotion(req, epoch, point_seq, rollback)
+    }
+
+    /// Promotes the replica at `point_seq`, rolled back to the point of
+    /// sequence `rollback` if given, and records it.
+    fn finish_promotion(
+        &mut self,
+        req: PromoteReq,
+        epoch: u64,
+        point_seq: u64,
+        rollback: Option<u64>,
+    ) -> Result<msg::Promoted, String> {
         let point_id = match rollback {
             Some(seq) => Some(
                 self.vol

@@ -6,7 +6,7 @@
 # returned before the recovery point's record. The old source, back, is
 # refused and demoted.
 #
-# vm-disks: 32M 32M 32M 320M
+# vm-disks: 32M 32M 32M 640M
 # shellcheck source=tests/vm/lib.sh
 . /lib/vmtest/lib.sh
 set -u
