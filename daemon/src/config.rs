@@ -250,6 +250,11 @@ pub struct TargetVolume {
     /// Recovery points to keep (oldest pruned first). Default 16.
     #[serde(default = "sixteen")]
     pub keep_points: usize,
+    /// A committed flush becomes a crash-consistent recovery point only if
+    /// the last point is at least this old, seconds (markers always make
+    /// one). 0: every flush. Default 30.
+    #[serde(default = "thirty")]
+    pub crash_point_interval_secs: u64,
 }
 
 /// Replica storage backend.
@@ -337,6 +342,9 @@ fn eighty() -> u8 {
 }
 fn sixteen() -> usize {
     16
+}
+fn thirty() -> u64 {
+    30
 }
 fn journal_file_bytes() -> u64 {
     64 << 20

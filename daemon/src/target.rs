@@ -90,6 +90,8 @@ struct Volume {
     allowed_sources: std::sync::RwLock<Vec<String>>,
     /// Recovery points kept (reloadable).
     keep_points: std::sync::atomic::AtomicUsize,
+    /// Least time between crash-consistent points, s (reloadable).
+    crash_point_interval: AtomicU64,
     /// Held by the one connection that streams into this volume. A newer
     /// connection bumps `session` and waits for the older one to finish,
     /// so journal order, apply order and `received` always agree.
@@ -316,6 +318,8 @@ impl Target {
                 *v.allowed_sources.write().unwrap_or_else(|p| p.into_inner()) =
                     nv.allowed_sources.clone();
                 v.keep_points.store(nv.keep_points, Ordering::Release);
+                v.crash_point_interval
+                    .store(nv.crash_point_interval_secs, Ordering::Release);
             }
         }
         self.tls_cfg = new.tls.clone();
@@ -464,6 +468,7 @@ fn open_volume(
         promoting: AtomicBool::new(promoted),
         allowed_sources: std::sync::RwLock::new(vc.allowed_sources.clone()),
         keep_points: std::sync::atomic::AtomicUsize::new(vc.keep_points),
+        crash_point_interval: AtomicU64::new(vc.crash_point_interval_secs),
         apply_tx,
     });
     let v2 = vol.clone();
@@ -839,23 +844,26 @@ impl ConnCtx {
             if !appended.is_empty() {
                 let durable = s.vol.lock_journal().sync().map_err(|e| store_refusal(&e))?;
                 s.durable = durable;
-                for (pos, body) in appended {
-                    let _ = s.vol.apply_tx.send(ApplyMsg::Segment {
-                        pos,
-                        body: Some(body),
-                    });
-                }
                 self.board
                     .update(&s.vol.cfg.id, |st| st.durable_seq = durable);
             }
+            // Acknowledged as soon as it is durable, before the (bounded)
+            // hand-over to the applier, which may wait for a slow replica.
             let applied = s.vol.applied.load(Ordering::Acquire);
             if dup_ack || applied != last_applied_sent || s.durable != last_durable_sent {
                 link.send(&Message::Ack(Ack {
                     durable_seq: s.durable,
                     applied_seq: applied,
                 }));
+                let _ = link.pump(Duration::ZERO, None);
                 last_applied_sent = applied;
                 last_durable_sent = s.durable;
+            }
+            for (pos, body) in appended {
+                let _ = s.vol.apply_tx.send(ApplyMsg::Segment {
+                    pos,
+                    body: Some(body),
+                });
             }
             if let Some(r) = failure {
                 return Err(r);
@@ -1004,9 +1012,10 @@ fn request_promotion(vol: &Volume, req: PromoteReq) -> Result<msg::Promoted, Str
 /// consistent state.
 fn unplanned_failover(vol: &Volume, point: Option<u64>) -> Result<msg::Promoted, String> {
     vol.promoting.store(true, Ordering::Release);
-    // End the stream that may be running and wait until it has.
+    // End the stream that may be running and wait until it has (it may be
+    // handing its last segments to a busy applier).
     vol.session.fetch_add(1, Ordering::AcqRel);
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline = Instant::now() + PROMOTE_TIMEOUT;
     while vol.streaming.load(Ordering::Acquire) {
         if Instant::now() > deadline {
             vol.promoting.store(false, Ordering::Release);
@@ -1096,6 +1105,8 @@ struct Applier {
     key_cache: HashMap<([u8; 16], u32, u64), StreamKey>,
     applied: u64,
     unflushed_segments: u32,
+    /// When the last recovery point was taken (since this start).
+    last_point: Option<Instant>,
     /// Reused decompression context (None if it could not be allocated:
     /// then each segment gets a fresh one).
     dctx: Option<zstd::bulk::Decompressor<'static>>,
@@ -1123,6 +1134,7 @@ impl Applier {
             key_cache: HashMap::new(),
             applied,
             unflushed_segments: 0,
+            last_point: None,
             dctx: zstd::bulk::Decompressor::new().ok(),
             store_warnings: Vec::new(),
             warnings_checked: None,
@@ -1392,12 +1404,16 @@ impl Applier {
                 frame::ring_op::FLUSH | frame::ring_op::MARKER => {
                     self.replica.apply(&ops)?;
                     ops.clear();
-                    if self.vol.lock_state().resync_since.is_none() {
-                        let kind = if r.op == frame::ring_op::MARKER {
-                            PointKind::Marker
-                        } else {
-                            PointKind::Crash
-                        };
+                    let kind = if r.op == frame::ring_op::MARKER {
+                        PointKind::Marker
+                    } else {
+                        PointKind::Crash
+                    };
+                    let interval =
+                        Duration::from_secs(self.vol.crash_point_interval.load(Ordering::Acquire));
+                    let due = kind == PointKind::Marker
+                        || self.last_point.is_none_or(|t| t.elapsed() >= interval);
+                    if due && self.vol.lock_state().resync_since.is_none() {
                         self.point(r, kind)?;
                     }
                     applied = r.seq;
@@ -1500,7 +1516,12 @@ impl Applier {
                 self.persist_applied().map_err(|e| e.to_string())?;
                 if last_point != Some(self.applied) && self.applied > 0 {
                     let id = self.applied;
-                    self.replica.create_point(id).map_err(|e| e.to_string())?;
+                    if let Err(e) = self.replica.create_point(id) {
+                        // The promoted volume is what matters: a missing
+                        // snapshot of it (no space) does not stop the failover.
+                        tracing::warn!(volume = %self.vol.cfg.id, error = %e, "no recovery point at the failover; promoting anyway");
+                        return self.finish_promotion(req, epoch, id, None);
+                    }
                     let mut st = self.vol.lock_state();
                     let gen = st.generation.clone();
                     st.points.push(RecoveryPoint {
@@ -1517,6 +1538,18 @@ impl Applier {
                 self.applied
             }
         };
+        self.finish_promotion(req, epoch, point_seq, rollback)
+    }
+
+    /// Promotes the replica at `point_seq`, rolled back to the point of
+    /// sequence `rollback` if given, and records it.
+    fn finish_promotion(
+        &mut self,
+        req: PromoteReq,
+        epoch: u64,
+        point_seq: u64,
+        rollback: Option<u64>,
+    ) -> Result<msg::Promoted, String> {
         let point_id = match rollback {
             Some(seq) => Some(
                 self.vol
@@ -1666,6 +1699,7 @@ impl Applier {
         for id in pruned {
             self.replica.delete_point(id)?;
         }
+        self.last_point = Some(Instant::now());
         self.vol.applied.store(r.seq, Ordering::Release);
         self.board.update(&self.vol.cfg.id, |s| {
             s.applied_seq = r.seq;

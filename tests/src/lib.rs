@@ -141,7 +141,7 @@ impl Env {
         );
         for (id, size) in volumes {
             s.push_str(&format!(
-                "\n[[volume]]\nid = \"{id}\"\nsize = {size}\nallowed_sources = [\"{SOURCE_CN}\"]\nkeep_points = {keep_points}\nreplica = {{ backend = \"file\", path = \"{}\" }}\n",
+                "\n[[volume]]\nid = \"{id}\"\nsize = {size}\nallowed_sources = [\"{SOURCE_CN}\"]\nkeep_points = {keep_points}\ncrash_point_interval_secs = 0\nreplica = {{ backend = \"file\", path = \"{}\" }}\n",
                 state_dir.join(format!("{id}.img")).display()
             ));
         }

@@ -6,7 +6,7 @@
 # returned before the recovery point's record. The old source, back, is
 # refused and demoted.
 #
-# vm-disks: 32M 32M 32M 320M
+# vm-disks: 32M 32M 32M 640M
 # shellcheck source=tests/vm/lib.sh
 . /lib/vmtest/lib.sh
 set -u
@@ -67,7 +67,7 @@ round() { # n disk seed
 	echo "source killed after $(wc -l </tmp/fsynced$n) fsynced files"
 
 	step "round $n: unplanned failover to the latest state"
-	out=$(replctl failover --state-dir $T/state --volume u$n --point latest) || fail "failover of u$n: $out"
+	out=$(replctl failover --state-dir $T/state --volume u$n --point latest 2>&1) || fail "failover of u$n: $out"
 	echo "$out"
 	point=$(echo "$out" | sed -n 's/.*recovery point at record \([0-9]*\).*/\1/p')
 	check "the failover names its point ($point)" test -n "$point"

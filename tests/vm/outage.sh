@@ -79,7 +79,7 @@ tpid=$!
 wait_for "the target is in the middle of the resync" 300 grep -qE '"resync_since": [0-9]' $T/state/volumes/ov/state.json
 kill -9 $spid
 wait $spid
-out=$(replctl failover --state-dir $T/state --volume ov --point latest) || fail "failover: $out"
+out=$(replctl failover --state-dir $T/state --volume ov --point latest 2>&1) || fail "failover: $out"
 echo "$out"
 check "the failover used the last recovery point ($point_seq), not the half-resent replica" \
 	sh -c "echo '$out' | grep -q 'recovery point at record $point_seq'"
