@@ -582,8 +582,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
             } else {
                 println!(
-                    "{:>12}  {:<9} {:>10}  {}",
-                    "RECORD", "KIND", "MARKER", "SOURCE TIME (UTC)"
+                    "{:>12}  {:<9} {:>10}  SOURCE TIME (UTC)",
+                    "RECORD", "KIND", "MARKER"
                 );
                 for p in &st.points {
                     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(

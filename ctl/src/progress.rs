@@ -41,11 +41,9 @@ pub fn wait_resync(socket: &Path, timeout: Duration) -> Result<(), String> {
         let total = v.resync_total_regions.max(v.dirty_regions);
         bar.set_length(total);
         bar.set_position(total - v.dirty_regions);
-        let tenth = if total == 0 {
-            0
-        } else {
-            (total - v.dirty_regions) * 10 / total
-        };
+        let tenth = ((total - v.dirty_regions) * 10)
+            .checked_div(total)
+            .unwrap_or(0);
         if plain && v.resync_running && tenth != said {
             println!(
                 "resync: {} of {total} regions sent ({}%)",

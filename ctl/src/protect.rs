@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use replica_store::thin::dmsetup::Dmsetup;
 use serde::{Deserialize, Serialize};
 
 /// How a protected volume's table is built (one file per volume).
@@ -101,21 +102,8 @@ pub struct ProtectOpts {
     pub state_dir: PathBuf,
 }
 
-fn dmsetup(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("dmsetup")
-        .args(args)
-        .env("DM_DISABLE_UDEV", "1")
-        .output()
-        .map_err(|e| format!("dmsetup: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "dmsetup {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+fn dm() -> Dmsetup {
+    Dmsetup::default()
 }
 
 /// Size of block device `dev` in 512-byte sectors (from sysfs).
@@ -138,7 +126,7 @@ pub fn sectors(dev: &Path) -> Result<u64, String> {
 }
 
 fn exists(name: &str) -> bool {
-    dmsetup(&["info", name]).is_ok()
+    dm().info(name).is_ok_and(|i| i.is_some())
 }
 
 /// Creates the table of one entry unless it exists (loading the module
@@ -151,7 +139,8 @@ pub fn activate_one(a: &Activation) -> Result<bool, String> {
         let _ = Command::new("modprobe").arg("dm_replica").status();
     }
     let n = sectors(&a.data_device)?;
-    dmsetup(&["create", &a.volume, "--table", &a.table(n)])?;
+    dm().create(&a.volume, &a.table(n), false)
+        .map_err(|e| e.to_string())?;
     Ok(true)
 }
 
@@ -280,7 +269,7 @@ pub fn unprotect(config_dir: &Path, volume: &str, keep_state: bool) -> Result<Ve
         }
     }
     if exists(volume) {
-        dmsetup(&["remove", volume])
+        dm().remove(volume)
             .map_err(|e| format!("{e} (unmount the filesystem on /dev/mapper/{volume} first)"))?;
         done.push(format!(
             "/dev/mapper/{volume} removed (the data device keeps the data)"

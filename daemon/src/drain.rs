@@ -75,6 +75,10 @@ pub struct DrainSettings {
     pub resync_window: u64,
     /// Bytes of one resync write (a run of regions), at most.
     pub resync_max_bytes: u64,
+    /// The spool directory.
+    pub spool_dir: PathBuf,
+    /// Spool file size before the next file, bytes.
+    pub spool_file_bytes: u64,
 }
 
 /// What the drain shares with the shipping sessions and the main loop.
@@ -239,15 +243,13 @@ impl Drainer {
         set: DrainSettings,
         mut consumer: RingConsumer,
         kernel: Option<KernelRing>,
-        spool_dir: &std::path::Path,
-        spool_file_bytes: u64,
         board: Arc<StatusBoard>,
         stop: Arc<AtomicBool>,
         resync_request: Arc<Mutex<Option<String>>>,
     ) -> Result<(Self, Arc<Shared>), DaemonError> {
         let generation = consumer.mapping().generation();
         let tag = replica_proto::keys::volume_tag(&set.volume);
-        let (spool, rec) = Spool::open(spool_dir, generation, tag, spool_file_bytes)
+        let (spool, rec) = Spool::open(&set.spool_dir, generation, tag, set.spool_file_bytes)
             .map_err(|e| io_err("open the spool", e))?;
         for d in &rec.damage {
             tracing::warn!(volume = %set.volume, "spool: {d}");

@@ -11,8 +11,8 @@
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use replica_store::thin::dmsetup::Dmsetup;
 use serde::{Deserialize, Serialize};
 
 /// The source's persisted role (`<state_dir>/role.json`).
@@ -85,26 +85,13 @@ pub fn dm_name(device: &Path) -> Result<String, String> {
         .map_err(|_| format!("{} is not a device-mapper device", device.display()))
 }
 
-fn dmsetup(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("dmsetup")
-        .args(args)
-        .env("DM_DISABLE_UDEV", "1")
-        .output()
-        .map_err(|e| format!("dmsetup {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "dmsetup {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+fn dm() -> Dmsetup {
+    Dmsetup::default()
 }
 
 /// Whether the live table of `name` is a single `error` target already.
 pub fn is_fenced(name: &str) -> bool {
-    dmsetup(&["table", name]).is_ok_and(|t| {
+    dm().table(name).is_ok_and(|t| {
         let lines: Vec<&str> = t.lines().collect();
         lines.len() == 1 && lines[0].split_whitespace().nth(2) == Some("error")
     })
@@ -112,13 +99,15 @@ pub fn is_fenced(name: &str) -> bool {
 
 /// Suspends `name`: in-flight writes complete, new ones wait.
 pub fn suspend(name: &str) -> Result<(), String> {
-    dmsetup(&["suspend", name]).map(|_| ())
+    dm().suspend(name).map_err(|e| e.to_string())
 }
 
 /// Inserts a marker record through the `replica` target's message
 /// interface; returns its sequence.
 pub fn marker(name: &str, id: u64) -> Result<u64, String> {
-    let out = dmsetup(&["message", name, "0", "marker", &id.to_string()])?;
+    let out = dm()
+        .message_reply(name, &format!("marker {id}"))
+        .map_err(|e| e.to_string())?;
     let want = format!("marker {id} seq ");
     out.lines()
         .find_map(|l| l.trim().strip_prefix(&want))
@@ -130,14 +119,15 @@ pub fn marker(name: &str, id: u64) -> Result<u64, String> {
 /// target and resumes it: every write (and read) fails from now on instead
 /// of reaching the disk or hanging.
 pub fn fence(name: &str, sectors: u64) -> Result<(), String> {
-    let table = format!("0 {sectors} error");
-    dmsetup(&["load", name, "--table", &table])?;
-    dmsetup(&["resume", name]).map(|_| ())
+    let d = dm();
+    d.reload(name, &format!("0 {sectors} error"))
+        .and_then(|()| d.resume(name))
+        .map_err(|e| e.to_string())
 }
 
 /// Resumes `name` with its current table (undoing [`suspend`]).
 pub fn resume(name: &str) -> Result<(), String> {
-    dmsetup(&["resume", name]).map(|_| ())
+    dm().resume(name).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

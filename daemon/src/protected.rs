@@ -36,24 +36,13 @@ pub fn check_not_protected(path: &Path, what: &str) -> Result<(), DaemonError> {
 
 /// The table of device-mapper device `name`, from `dmsetup table`.
 fn dm_table(name: &str) -> Result<String, DaemonError> {
-    let out = std::process::Command::new("dmsetup")
-        .args(["table", name])
-        .env("DM_DISABLE_UDEV", "1")
-        .output()
+    replica_store::thin::dmsetup::Dmsetup::default()
+        .table(name)
         .map_err(|e| {
-            DaemonError::io(
-                "run dmsetup to check for protected volumes",
-                Path::new("dmsetup"),
-                e,
-            )
-        })?;
-    if !out.status.success() {
-        return Err(DaemonError::Unsupported(format!(
-            "cannot read the table of device-mapper device {name} (to check it is not protected): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            DaemonError::Unsupported(format!(
+                "cannot read the table of device-mapper device {name} (to check it is not protected): {e}"
+            ))
+        })
 }
 
 /// Whether a table has a `replica` target line.

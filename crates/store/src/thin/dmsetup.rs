@@ -1,6 +1,7 @@
 //! `dmsetup` as a subprocess: the few device-mapper commands the thin
-//! backend needs, typed, with errors that carry the command, dmsetup's
-//! message and the errno it reported.
+//! backend, the source's failover and `replctl protect` need, typed, with
+//! errors that carry the command, dmsetup's message and the errno it
+//! reported.
 //!
 //! dmsetup runs with `LC_ALL=C` (its messages end with the C library's
 //! `strerror` text, which is how the errno is recovered) and no standard
@@ -152,6 +153,13 @@ impl Dmsetup {
     /// Sends `message` to sector 0 of device `name`.
     pub fn message(&self, name: &str, message: &str) -> Result<(), StoreError> {
         self.run(&["message", name, "0", message]).map(drop)
+    }
+
+    /// Sends `message` to sector 0 of device `name` and returns the
+    /// target's reply.
+    pub fn message_reply(&self, name: &str, message: &str) -> Result<String, StoreError> {
+        self.run(&["message", name, "0", message])
+            .map(|s| s.trim().to_owned())
     }
 }
 
