@@ -67,7 +67,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 
 bold "[3/4] the recovery host and the protected host (qemu guests linked over 127.0.0.1:$port)"
 "$REPO_ROOT/scripts/vm.sh" "${common[@]}" --name demo-target --workdir "$W/target" \
-	--scenario "$REPO_ROOT/scripts/demo/target-host.sh" --disk 512M \
+	--scenario "$REPO_ROOT/scripts/demo/target-host.sh" --disk 512M --disk 16M \
 	--file "$W/pki/target-host.pem:/etc/dm-replica/pki/target-host.pem" \
 	--file "$W/pki/target-host.key:/etc/dm-replica/pki/target-host.key" \
 	--qemu-arg -netdev --qemu-arg "socket,id=n0,listen=127.0.0.1:$port" \

@@ -1,8 +1,9 @@
 #!/bin/sh
 # The demo's recovery host (a qemu guest): runs `replicad target` with the
-# replica on its own disk, shows what it receives, and once the volume has
-# been failed over to it, mounts the new primary and lists the files with
-# their checksums (DEMO-SUM lines, compared by scripts/demo.sh).
+# replica as a thin volume in a dm-thin pool on its own disks (recovery
+# points are thin snapshots), shows what it receives, and once the volume
+# has been failed over to it, mounts the new primary and lists the files
+# with their checksums (DEMO-SUM lines, compared by scripts/demo.sh).
 #
 # vm-disks: (given by scripts/demo.sh)
 # shellcheck source=tests/vm/lib.sh
@@ -13,10 +14,11 @@ say() { echo "DEMO: $*"; }
 
 check "network 10.0.0.2" ifconfig eth0 10.0.0.2 netmask 255.255.255.0 up
 check "loopback up" ifconfig lo 127.0.0.1 up
-check "replica disk (ext4)" mkfs.ext4 -q -F /dev/vda
-mkdir -p /srv
-check "mount it on /srv" mount -t ext4 /dev/vda /srv
-mkdir -p /etc/dm-replica
+# The pool: data on /dev/vda, metadata on /dev/vdb (new, zeroed disks);
+# error_if_no_space so a full pool fails writes instead of hanging them.
+check "thin pool (error_if_no_space)" dmsetup create pool --table \
+	"0 $(cat /sys/block/vda/size) thin-pool /dev/vdb /dev/vda 128 0 1 error_if_no_space"
+mkdir -p /srv /etc/dm-replica
 cat >/etc/dm-replica/target.toml <<CFG
 listen = "10.0.0.2:7700"
 keys = "/etc/dm-replica/keys.toml"
@@ -30,7 +32,7 @@ id = "db1"
 size = $VOLUME_SIZE
 allowed_sources = ["source-host"]
 keep_points = 2
-replica = { backend = "file", path = "/srv/db1.img" }
+replica = { backend = "thin", pool = "pool", name = "db1-replica" }
 CFG
 chmod 600 /etc/dm-replica/keys.toml
 replicad target --config /etc/dm-replica/target.toml 2>/srv/target.log &
@@ -56,15 +58,15 @@ replctl status --state-dir /srv/state | sed 's/^/DEMO: status: /'
 replctl points --state-dir /srv/state --volume db1 | sed 's/^/DEMO: points: /'
 kill $tpid
 wait $tpid
-check "attach the new primary volume" losetup /dev/loop0 /srv/db1.img
+dmsetup ls | sed 's/^/DEMO: dmsetup ls: /'
 mkdir -p /mnt/db1
-check "mount it (the filesystem replays its journal)" mount -t ext4 /dev/loop0 /mnt/db1
+check "mount the new primary, /dev/mapper/db1-replica (the filesystem replays its journal)" \
+	mount -t ext4 /dev/mapper/db1-replica /mnt/db1
 say "files on the new primary:"
 ls -l /mnt/db1 /mnt/db1/app 2>/dev/null | sed 's/^/DEMO: ls: /' | head -n 40
 (cd /mnt/db1 && find . -type f | sort | while read -r f; do
 	echo "DEMO-SUM $f $(sha256sum <"$f" | cut -d' ' -f1)"
 done)
 check "umount" umount /mnt/db1
-check "e2fsck -fn: the filesystem is clean" e2fsck -fn /dev/loop0
-losetup -d /dev/loop0
+check "e2fsck -fn: the filesystem is clean" e2fsck -fn /dev/mapper/db1-replica
 say "recovery host done"
