@@ -741,9 +741,9 @@ impl Drainer {
                     return None;
                 }
                 let max_regions = (self.set.resync_max_bytes / self.region_bytes).clamp(1, 65535);
-                while run.outstanding < MAX_OUTSTANDING
-                    && spool.unacked_bytes() < self.set.resync_window
-                {
+                // Never let a resync itself fill the spool to its limit.
+                let window = self.set.resync_window.min(self.set.limit_bytes / 4);
+                while run.outstanding < MAX_OUTSTANDING && spool.unacked_bytes() < window {
                     let next = run.st.map.next_run(run.cursor, max_regions);
                     let aux = match next {
                         Some((region, count)) => Marker::Data {

@@ -1144,9 +1144,13 @@ impl BatchCtx {
                     spool.wait_for(reader.seq(), reader.drops(), Duration::from_millis(100));
                 }
                 Err(SpoolError::Dropped) => {
-                    return Err(SessionError::recoverable(
-                        "spool dropped for a resync; the stream stops here",
-                    ))
+                    // The drain switched to a dirty map: what was read and
+                    // not sent is covered by it. The stream goes on from
+                    // where the spool starts again (after the gap, a resync).
+                    plain.clear();
+                    first = None;
+                    self.gap = false;
+                    reader = spool.reader(spool.oldest_seq());
                 }
                 Err(e) => return Err(SessionError::recoverable(format!("spool: {e}"))),
             }
