@@ -34,7 +34,9 @@ pub fn wait_resync(socket: &Path, timeout: Duration) -> Result<(), String> {
                 v.reasons.join("; ")
             ));
         }
-        if !v.needs_resync {
+        // Done once the target applied the resync's END: the replica is
+        // consistent there.
+        if !v.needs_resync && v.applied_seq >= v.resync_end_seq {
             bar.finish_with_message("done");
             return Ok(());
         }

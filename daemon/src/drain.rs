@@ -873,7 +873,8 @@ impl Drainer {
             run.unsaved = true;
         }
         if self.pending.end {
-            tracing::info!(volume = %self.set.volume, "resync complete: every dirty region was resent");
+            let end = run.end.unwrap_or(0);
+            tracing::info!(volume = %self.set.volume, end, "resync complete: every dirty region was resent");
             match std::fs::remove_file(&self.set.state_path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -882,6 +883,7 @@ impl Drainer {
             self.mode = Mode::Spool(None);
             self.shared.set_resync(None);
             self.board.update(&self.set.volume, |s| {
+                s.resync_end_seq = end;
                 s.reasons.retain(|r| !r.starts_with(RESYNC_REASON));
                 if s.reasons.is_empty() && s.health == Health::Warning {
                     s.health = Health::OK;

@@ -115,6 +115,10 @@ pub struct VolumeStatus {
     /// Source: regions the running (or next) resync sends in all.
     #[serde(default)]
     pub resync_total_regions: u64,
+    /// Source: the END record of the last resync (the replica is consistent
+    /// once the target applied it).
+    #[serde(default)]
+    pub resync_end_seq: u64,
 }
 
 impl VolumeStatus {
@@ -151,6 +155,7 @@ impl VolumeStatus {
             dirty_bytes: 0,
             resync_running: false,
             resync_total_regions: 0,
+            resync_end_seq: 0,
         }
     }
 }
