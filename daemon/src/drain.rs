@@ -101,6 +101,9 @@ pub struct Shared {
     pub resync_since: Mutex<Option<u64>>,
     /// A planned failover waiting for the session to hand over.
     pub planned: Mutex<Option<crate::failover::PlannedFailover>>,
+    /// A planned failover is under way (from before the volume is fenced):
+    /// the ring closing is expected, not a reason to stop.
+    pub failing_over: AtomicBool,
 }
 
 impl Shared {
@@ -370,6 +373,7 @@ impl Drainer {
             damaged: Mutex::new(None),
             resync_since: Mutex::new(since),
             planned: Mutex::new(None),
+            failing_over: AtomicBool::new(false),
         });
         let d = Self {
             set,

@@ -233,6 +233,16 @@ impl Commands {
         if !shared.connected.load(Ordering::Acquire) {
             return Err("not connected to the target".into());
         }
+        shared.failing_over.store(true, Ordering::Release);
+        let r = self.hand_over(&shared);
+        if r.is_err() {
+            shared.failing_over.store(false, Ordering::Release);
+        }
+        r
+    }
+
+    /// The planned failover once it may start (see [`Self::planned_failover`]).
+    fn hand_over(&self, shared: &Arc<Shared>) -> Result<String, String> {
         let mut role = crate::failover::SourceRole::load(&self.state_dir)?;
         let upto = if self.kernel_ring {
             let dev = self
@@ -897,6 +907,7 @@ impl Source {
                 }
             };
             if !handing_over
+                && !shared.failing_over.load(Ordering::Acquire)
                 && shared.closed.load(Ordering::Acquire)
                 && shared.durable.load(Ordering::Acquire).wrapping_add(1) == shared.spool.next_seq()
             {
