@@ -79,6 +79,8 @@ pub struct DrainSettings {
     pub spool_dir: PathBuf,
     /// Spool file size before the next file, bytes.
     pub spool_file_bytes: u64,
+    /// The ring generation this source replicated last, if any.
+    pub last_generation: Option<[u8; 16]>,
 }
 
 /// What the drain shares with the shipping sessions and the main loop.
@@ -318,9 +320,11 @@ impl Drainer {
                 ));
             }
         }
-        if rec.other_generation && lost.is_none() && saved.is_none() {
+        let ring_changed =
+            rec.other_generation || set.last_generation.is_some_and(|g| g != generation);
+        if ring_changed && lost.is_none() && saved.is_none() {
             lost = Some(whole(
-                "the spool belonged to another capture ring (the host restarted)".into(),
+                "the capture ring was re-created (the host restarted or the table was loaded anew): writes may have gone uncaptured".into(),
                 released,
             ));
         }

@@ -30,6 +30,11 @@ pub struct SourceRole {
     /// has not completed yet (a retry continues from it).
     #[serde(default)]
     pub failing_over: Option<u64>,
+    /// The capture ring generation last replicated, hex: another one at
+    /// start means the ring was re-created (host restart, table re-created)
+    /// and writes may have gone uncaptured in between.
+    #[serde(default)]
+    pub generation: Option<String>,
 }
 
 /// A planned failover handed to the session: once the target has every
@@ -142,6 +147,7 @@ mod tests {
             epoch: 3,
             demoted: Some("failed over".into()),
             failing_over: Some(77),
+            generation: Some("00ff".into()),
         };
         r.save(d.path()).expect("save");
         assert_eq!(SourceRole::load(d.path()), Ok(r));

@@ -562,6 +562,13 @@ impl Source {
                 resync_max_bytes: cfg.resync.max_write_bytes,
                 spool_dir: spool_dir.clone(),
                 spool_file_bytes: cfg.spool.file_bytes,
+                last_generation: crate::failover::SourceRole::load(&cfg.state_dir)
+                    .ok()
+                    .and_then(|r| r.generation)
+                    .and_then(|g| {
+                        let mut b = [0u8; 16];
+                        hex::decode_to_slice(g, &mut b).ok().map(|()| b)
+                    }),
             },
             consumer,
             kernel,
@@ -570,6 +577,14 @@ impl Source {
             self.commands.resync_request.clone(),
         )?;
         let _ = self.commands.shared.set(shared.clone());
+        // From now on a different ring means writes may have been missed.
+        let mut role = crate::failover::SourceRole::load(&cfg.state_dir).unwrap_or_default();
+        if role.generation.as_deref() != Some(hex::encode(generation).as_str()) {
+            role.generation = Some(hex::encode(generation));
+            role.save(&cfg.state_dir).map_err(|e| {
+                DaemonError::Unsupported(format!("cannot record the ring generation: {e}"))
+            })?;
+        }
         let drain = std::thread::Builder::new()
             .name("drain".into())
             .spawn(move || drainer.run())

@@ -192,3 +192,14 @@ same_sha() {
 	echo "$2 $_b"
 	check_eq "$3" "$_a" "$_b"
 }
+
+# daemon_up PID SOCKET LOG: the daemon PID answers on SOCKET; if it has
+# died, its LOG is shown and the scenario fails (for use with wait_for).
+daemon_up() {
+	if ! kill -0 "$1" 2>/dev/null; then
+		echo "the daemon (pid $1) exited; its log:"
+		cat "$3"
+		fail "daemon $1 exited"
+	fi
+	replctl status --socket "$2" >/dev/null 2>&1
+}
