@@ -9,7 +9,7 @@
 # from the disk must equal the disk. Every fifth round reloads the table
 # under load. The harness fails the run on any kernel report.
 #
-# Run with: scripts/vm-stress.sh (debug flavour; about 15 minutes)
+# Run with: scripts/vm-stress.sh (debug flavour; about 40 minutes)
 #
 # vm-disks: 32M 32M
 # shellcheck source=tests/vm/lib.sh
