@@ -3,7 +3,7 @@
 # kmemleak, atomic-sleep checks): 100 cycles of load / create / fio with
 # verify / remove / unload (tests/vm/stress/cycles.sh), with and without a
 # ring consumer, reloads under load. Not part of scripts/test.sh: the debug
-# kernel takes about 25 minutes to build cold and the run about 15 more.
+# kernel takes about 25 minutes to build cold and the run about 40 more.
 #
 #   scripts/vm-stress.sh [--cycles N] [--flavour debug|normal]
 #

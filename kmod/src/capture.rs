@@ -100,6 +100,75 @@ impl Request {
     }
 }
 
+/// Every field of a record descriptor after its stamp, as the producer
+/// writes them before publishing the stamp.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct DescBody {
+    /// First sector on the volume.
+    pub(crate) sector: u64,
+    /// First data granule (free-running).
+    pub(crate) data_pos: u64,
+    /// Submission time, ns since the Unix epoch.
+    pub(crate) submit_ns: u64,
+    /// Bytes affected.
+    pub(crate) len: u32,
+    /// Payload granules.
+    pub(crate) granules: u32,
+    /// Volume index.
+    pub(crate) volume: u32,
+    /// `OP_*`.
+    pub(crate) op: u8,
+    /// `FLAG_*`.
+    pub(crate) flags: u8,
+    /// Marker id for a marker, else 0.
+    pub(crate) aux: u64,
+    /// Completion time (0 until completed).
+    pub(crate) complete_ns: u64,
+}
+
+/// Number of 64-bit words of a descriptor after the stamp.
+pub(crate) const DESC_BODY_WORDS: usize = (abi::DESC_SIZE as usize - 8) / 8;
+
+// The layout `DescBody::words` writes (the ABI's `RecordDesc`).
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(abi::RecordDesc, stamp) == 0);
+    assert!(offset_of!(abi::RecordDesc, sector) == 8);
+    assert!(offset_of!(abi::RecordDesc, data_pos) == 16);
+    assert!(offset_of!(abi::RecordDesc, submit_ns) == 24);
+    assert!(offset_of!(abi::RecordDesc, len) == 32);
+    assert!(offset_of!(abi::RecordDesc, granules) == 36);
+    assert!(offset_of!(abi::RecordDesc, volume) == 40);
+    assert!(offset_of!(abi::RecordDesc, op) == 44);
+    assert!(offset_of!(abi::RecordDesc, flags) == 45);
+    assert!(offset_of!(abi::RecordDesc, _reserved0) == 46);
+    assert!(offset_of!(abi::RecordDesc, aux) == 48);
+    assert!(offset_of!(abi::RecordDesc, complete_ns) == 56);
+    assert!(DESC_BODY_WORDS == 7);
+};
+
+/// Two 4-byte native-endian fields as the word they share in memory.
+const fn pack(lo: [u8; 4], hi: [u8; 4]) -> u64 {
+    u64::from_ne_bytes([lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]])
+}
+
+impl DescBody {
+    /// The descriptor bytes `[8, DESC_SIZE)` as native-endian words, to be
+    /// stored at byte offset 8 of the descriptor: seven aligned word stores
+    /// instead of one store per field.
+    pub(crate) const fn words(&self) -> [u64; DESC_BODY_WORDS] {
+        [
+            self.sector,
+            self.data_pos,
+            self.submit_ns,
+            pack(self.len.to_ne_bytes(), self.granules.to_ne_bytes()),
+            pack(self.volume.to_ne_bytes(), [self.op, self.flags, 0, 0]),
+            self.aux,
+            self.complete_ns,
+        ]
+    }
+}
+
 /// State of a descriptor slot in the kernel's copy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum SlotState {

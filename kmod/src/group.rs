@@ -25,7 +25,7 @@ use kernel::prelude::*;
 use kernel::sync::{new_mutex, Arc, Mutex};
 use kernel::workqueue::{impl_has_work, new_work, Work, WorkItem};
 
-use crate::capture::{self, Capture, CaptureError, Dirty, RecOp, Request, Reserved, Slot};
+use crate::capture::{self, Capture, CaptureError, DescBody, Dirty, RecOp, Request, Reserved, Slot};
 use crate::dm::sys::{self, header_offset, desc_field_offset, new_irq_spinlock, IrqSpinLock, RingMem, WaitQueue};
 use crate::dm::{Bio, BioData, BioQueue, CtrError, HeldBio, Mapped};
 use crate::ring_abi as abi;
@@ -404,17 +404,19 @@ impl Group {
     ) -> bool {
         let d = self.desc_offset(r.seq);
         let m = &self.mem;
-        let mut ok = m.write(d + desc_field_offset!(sector), &pb.sector.to_ne_bytes())
-            && m.write(d + desc_field_offset!(data_pos), &r.data_pos.to_ne_bytes())
-            && m.write(d + desc_field_offset!(submit_ns), &pb.submit_ns.to_ne_bytes())
-            && m.write(d + desc_field_offset!(len), &pb.len.to_ne_bytes())
-            && m.write(d + desc_field_offset!(granules), &r.granules.to_ne_bytes())
-            && m.write(d + desc_field_offset!(volume), &pb.volume.to_ne_bytes())
-            && m.write(d + desc_field_offset!(op), &[pb.op])
-            && m.write(d + desc_field_offset!(flags), &[pb.flags])
-            && m.write(d + desc_field_offset!(_reserved0), &[0, 0])
-            && m.write(d + desc_field_offset!(aux), &aux.to_ne_bytes())
-            && m.write(d + desc_field_offset!(complete_ns), &0u64.to_ne_bytes());
+        let body = DescBody {
+            sector: pb.sector,
+            data_pos: r.data_pos,
+            submit_ns: pb.submit_ns,
+            len: pb.len,
+            granules: r.granules,
+            volume: pb.volume,
+            op: pb.op,
+            flags: pb.flags,
+            aux,
+            complete_ns: 0,
+        };
+        let mut ok = m.write_words(d + desc_field_offset!(sector), &body.words());
         if r.granules > 0 {
             let off = abi::data_byte_offset(
                 self.geometry.data_offset,
@@ -538,12 +540,15 @@ impl Group {
                 let now = sys::now_ns();
                 let shipped_ok = ok && !pb.copy_failed;
                 let mut st = this.state.lock();
+                // Only a region marked dirty changes the shared header here
+                // (the indices move in map and release).
+                let mut dirtied = true;
                 let kick = match st.cap.complete(pb.seq, shipped_ok) {
                     Ok(c) => {
                         let d = this.desc_offset(pb.seq);
-                        this.mem
-                            .write(d + desc_field_offset!(complete_ns), &now.to_ne_bytes());
+                        this.mem.write_words(d + desc_field_offset!(complete_ns), &[now]);
                         let state = if shipped_ok {
+                            dirtied = false;
                             abi::STATE_COMMITTED
                         } else {
                             st.mark_dirty(c.volume, c.start, c.end);
@@ -562,7 +567,9 @@ impl Group {
                         false
                     }
                 };
-                this.publish_header(&st);
+                if dirtied {
+                    this.publish_header(&st);
+                }
                 drop(st);
                 this.notify();
                 if kick {
@@ -737,10 +744,8 @@ impl Group {
             ..PerBio::default()
         };
         self.fill_record(&r, &pb, id, None::<&HeldBio<PerBio>>);
-        self.mem.write(
-            self.desc_offset(r.seq) + desc_field_offset!(complete_ns),
-            &now.to_ne_bytes(),
-        );
+        self.mem
+            .write_words(self.desc_offset(r.seq) + desc_field_offset!(complete_ns), &[now]);
         st.cap.complete(r.seq, true).map_err(|_| EIO)?;
         self.publish_stamp(r.seq, abi::STATE_COMMITTED);
         self.publish_header(&st);

@@ -495,3 +495,36 @@ fn invalid_requests_are_refused_not_panicking() {
     assert_eq!(s.cap.complete(12345, true), Err(CaptureError::Internal));
     assert_eq!(s.cap.set_held(77), Err(CaptureError::Internal));
 }
+
+#[test]
+fn descriptor_body_words_follow_the_abi_layout() {
+    let body = DescBody {
+        sector: 0x1111_2222_3333_4444,
+        data_pos: 0x55,
+        submit_ns: 0x66_0000_0077,
+        len: 0x0001_0000,
+        granules: 16,
+        volume: 3,
+        op: abi::OP_WRITE,
+        flags: abi::FLAG_FUA,
+        aux: 0xdead_beef,
+        complete_ns: 0x99,
+    };
+    let w = body.words();
+    assert_eq!(w.len() * 8 + 8, abi::DESC_SIZE as usize);
+    // RecordDesc: stamp | sector | data_pos | submit_ns | len granules |
+    // volume op flags reserved | aux | complete_ns.
+    let pair = |lo: [u8; 4], hi: [u8; 4]| {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&lo);
+        b[4..].copy_from_slice(&hi);
+        u64::from_ne_bytes(b)
+    };
+    assert_eq!(w[0], body.sector);
+    assert_eq!(w[1], body.data_pos);
+    assert_eq!(w[2], body.submit_ns);
+    assert_eq!(w[3], pair(body.len.to_ne_bytes(), body.granules.to_ne_bytes()));
+    assert_eq!(w[4], pair(body.volume.to_ne_bytes(), [abi::OP_WRITE, abi::FLAG_FUA, 0, 0]));
+    assert_eq!(w[5], body.aux);
+    assert_eq!(w[6], body.complete_ns);
+}

@@ -94,6 +94,8 @@ pub(crate) struct PollTable<'a> {
 
 impl PollTable<'_> {
     /// Registers the caller on `wq`; a wake-up on it re-polls the file.
+    /// Ordered before every later read of the polled state (a full barrier
+    /// pairs with [`WaitQueue::wake_all`]), so read that state after this.
     /// `wq` must be owned (directly or through an `Arc`) by the file object,
     /// so it outlives the registration, which ends before the file is freed.
     pub(crate) fn wait_on(&mut self, wq: &WaitQueue) {

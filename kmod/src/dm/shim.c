@@ -104,9 +104,18 @@ int dmr_mmap_vmalloc_readonly(struct vm_area_struct *vma, void *addr, unsigned l
 	return remap_vmalloc_range(vma, addr, 0);
 }
 
+/*
+ * Register a poller on `wq`. The barrier orders the registration before
+ * the caller's read of the state it polls, pairing with the one in
+ * wq_has_sleeper() in dmr_wake_up_all(): either the waker sees the poller
+ * on the queue, or the poller sees the waker's new state.
+ */
 void dmr_poll_wait(struct file *file, struct wait_queue_head *wq, struct poll_table_struct *pt)
 {
-	poll_wait(file, wq, pt);
+	if (!poll_does_not_wait(pt)) {
+		poll_wait(file, wq, pt);
+		smp_mb();
+	}
 }
 
 void dmr_init_waitqueue_head(struct wait_queue_head *wq)
@@ -114,9 +123,15 @@ void dmr_init_waitqueue_head(struct wait_queue_head *wq)
 	init_waitqueue_head(wq);
 }
 
+/*
+ * Wake every waiter, after the caller updated the state they wait for. Most
+ * completions find nobody waiting (the consumer is busy draining), so the
+ * queue's lock is only taken when someone is there; see dmr_poll_wait().
+ */
 void dmr_wake_up_all(struct wait_queue_head *wq)
 {
-	wake_up_all(wq);
+	if (wq_has_sleeper(wq))
+		wake_up_all(wq);
 }
 
 /*

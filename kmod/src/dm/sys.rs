@@ -156,6 +156,28 @@ impl RingMem {
         true
     }
 
+    /// Stores `words` at byte offset `off` (8-byte aligned), one volatile
+    /// aligned word store each. Returns false if misaligned or out of range.
+    pub(crate) fn write_words(&self, off: usize, words: &[u64]) -> bool {
+        if off % 8 != 0 {
+            return false;
+        }
+        let Some(bytes) = words.len().checked_mul(8) else {
+            return false;
+        };
+        let Some(p) = self.range(off, bytes) else {
+            return false;
+        };
+        let p = p.cast::<u64>();
+        for (i, w) in words.iter().enumerate() {
+            // SAFETY: `[off, off + 8 * words.len())` is in range and 8-byte
+            // aligned (vmalloc memory is page aligned, `off % 8 == 0`);
+            // volatile because a process may have the memory mapped.
+            unsafe { p.add(i).write_volatile(*w) };
+        }
+        true
+    }
+
     /// Zeroes `len` bytes at byte offset `off`. Returns false if out of range.
     pub(crate) fn zero(&self, off: usize, len: usize) -> bool {
         let Some(p) = self.range(off, len) else {
@@ -238,7 +260,12 @@ impl WaitQueue {
         })
     }
 
-    /// Wakes every waiter. Safe in any context, including hard IRQ.
+    /// Wakes every waiter; call it after updating the state they wait for
+    /// (a poller registered by [`misc::PollTable::wait_on`] then either is
+    /// woken or sees the new state). Takes the queue's lock only when
+    /// someone waits. Safe in any context, including hard IRQ.
+    ///
+    /// [`misc::PollTable::wait_on`]: super::misc::PollTable::wait_on
     pub(crate) fn wake_all(&self) {
         // SAFETY: the wait queue was initialised by `new`.
         unsafe { dmr_wake_up_all(self.wq.get()) };

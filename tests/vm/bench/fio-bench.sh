@@ -1,8 +1,11 @@
 #!/bin/sh
 # Benchmark (not a test): fio on `linear` vs `replica` over the same disk,
 # in one guest, alternating. Prints one `BENCH-JSON <config> <workload>
-# <round> <fio json>` line per run; scripts/bench-vm.sh turns them into a
-# table of ratios. Configurations:
+# <round> <fio json>` line per run and, for the replica configurations, a
+# `BENCH-STATUS <config> <workload> <round> overflow=<0|1>` line (a ring
+# that overflowed stopped capturing part-way, so that run does not measure
+# the capture path to the end); scripts/bench-vm.sh turns them into a table
+# of ratios. Configurations:
 #   linear         dm-linear over the disk
 #   replica-drain  replica, a consumer releasing records as they commit
 #   replica-ship   replica, replicad source shipping to replicad target in
@@ -98,16 +101,26 @@ while [ $r -le $ROUNDS ]; do
 			replica-ship) start_ship ;;
 			esac
 			run_fio $cfg $wl $r
+			ovf=0
+			if [ $cfg != linear ]; then
+				# A ring that overflowed stopped capturing: the run did not
+				# measure the capture path to the end. Reported, not hidden.
+				ovf=$(dmsetup status b | sed -n 's/.* overflow=\([01]\) .*/\1/p')
+				echo "BENCH-STATUS $cfg $wl $r overflow=$ovf"
+			fi
 			case $cfg in
 			replica-drain)
-				check "marker" dmsetup message b 0 marker 1
-				wait_for "drain" 120 sh -c "! kill -0 $dpid 2>/dev/null"
-				grep -q "overflow=0" /tmp/drain.out || fail "ring overflowed during the benchmark"
+				if [ "$ovf" = 0 ]; then
+					check "marker" dmsetup message b 0 marker 1
+					wait_for "drain" 120 sh -c "! kill -0 $dpid 2>/dev/null"
+				else
+					kill $dpid
+				fi
+				wait $dpid
 				;;
 			replica-ship)
 				kill $spid $tpid
 				wait $spid $tpid
-				dmsetup status b | grep -q ' overflow=0 ' || fail "ring overflowed during the benchmark"
 				;;
 			esac
 			check "remove" dmsetup remove b
