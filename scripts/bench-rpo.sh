@@ -41,7 +41,7 @@ mkdir -p "$out"
 get() { grep -a "^BENCH-RPO $1 " "$out/console.log" | tr -d '\r' | awk '{ print $3 }' | tail -n 1; }
 printf 'replication lag in a qemu guest (%s), both roles over loopback, file replica\n' "$accel"
 printf '%-44s %12s\n' "measure" "value"
-printf '%-44s %12s\n' "pipeline throughput (MiB/s, 1 MiB writes)" "$(get link_mib_s)"
+printf '%-44s %12s\n' "pipeline throughput (MiB/s, 4-64 KiB writes)" "$(get link_mib_s)"
 printf '%-44s %12s\n' "steady load (half of it), lag samples" "$(get samples)"
 printf '%-44s %12s\n' "lag p50 (s)" "$(get lag_p50_s)"
 printf '%-44s %12s\n' "lag p99 (s)" "$(get lag_p99_s)"
