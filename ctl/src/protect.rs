@@ -169,13 +169,7 @@ pub fn activate(config_dir: &Path) -> Result<Vec<String>, String> {
 /// Writes the activation entry and the source configuration, and creates
 /// the table. Returns the path of the source configuration.
 pub fn protect(o: &ProtectOpts) -> Result<PathBuf, String> {
-    if !o
-        .volume
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        || o.volume.is_empty()
-        || o.volume.len() > 63
-    {
+    if !replicad::config::valid_id(&o.volume) {
         return Err(format!(
             "volume id {:?}: use 1-63 letters, digits, '-', '_' or '.'",
             o.volume

@@ -366,7 +366,8 @@ pub fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<
     })
 }
 
-fn valid_id(id: &str) -> bool {
+/// A volume (or group) id: 1-63 of `[A-Za-z0-9._-]`.
+pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 63
         && id

@@ -19,6 +19,17 @@ fn setup() -> (Env, Daemon, String, std::path::PathBuf, KeyRing) {
     (env, d, addr, st, kr)
 }
 
+/// Connects and sends records 1..=4 (flushes at 1 and 3: recovery points),
+/// waiting until they are applied.
+fn first_records(env: &Env, addr: &str, st: &std::path::Path, kr: &KeyRing) -> RawClient {
+    let mut c =
+        RawClient::connect(env, addr, ("pki", SOURCE_CN), "v", [6; 16], 1).expect("connect");
+    let f = c.seal(kr, 1, 1, 4, &[0x11; 4096]);
+    c.send_frame(f).expect("first frame");
+    wait_applied(st, 4);
+    c
+}
+
 fn points(st: &std::path::Path) -> Vec<u64> {
     target_state(st, "v").points.iter().map(|p| p.seq).collect()
 }
@@ -101,11 +112,7 @@ fn resync_after_a_gap_applies_keeps_the_last_point_and_ends_consistent() {
 #[test]
 fn gap_without_the_resync_feature_is_refused() {
     let (env, _t, addr, st, kr) = setup();
-    let mut c =
-        RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], 1).expect("connect");
-    let f = c.seal(&kr, 1, 1, 4, &[0x11; 4096]);
-    c.send_frame(f).expect("first frame");
-    wait_applied(&st, 4);
+    let mut c = first_records(&env, &addr, &st, &kr);
     let f = c.seal(&kr, 1, 10, 2, &[0x11; 4096]);
     let e = c.send_bad_frame(f).expect("a plain gap must be refused");
     assert!(e.starts_with("sequence-gap"), "{e}");
@@ -115,11 +122,7 @@ fn gap_without_the_resync_feature_is_refused() {
 #[test]
 fn gap_that_does_not_start_with_begin_applies_nothing_and_is_critical() {
     let (env, _t, addr, st, kr) = setup();
-    let mut c =
-        RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], 1).expect("connect");
-    let f = c.seal(&kr, 1, 1, 4, &[0x11; 4096]);
-    c.send_frame(f).expect("first frame");
-    wait_applied(&st, 4);
+    let mut c = first_records(&env, &addr, &st, &kr);
     let before = std::fs::read(st.join("v.img")).expect("replica");
     let junk = vec![0x44u8; 4096];
     let f = c.seal_records(
@@ -147,12 +150,7 @@ fn gap_that_does_not_start_with_begin_applies_nothing_and_is_critical() {
 #[test]
 fn a_new_ring_generation_is_taken_over_only_with_a_resync() {
     let (env, t, addr, st, kr) = setup();
-    let mut c =
-        RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], 1).expect("connect");
-    let f = c.seal(&kr, 1, 1, 4, &[0x11; 4096]);
-    c.send_frame(f).expect("first frame");
-    wait_applied(&st, 4);
-    drop(c);
+    drop(first_records(&env, &addr, &st, &kr));
     // The source host restarted: a new ring whose sequences start over.
     let e = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [7; 16], 1)
         .err()

@@ -298,6 +298,23 @@ fn apply_logged(r: &mut Rig, ops: &mut Vec<(u64, Op)>, n: usize, max_sectors: u6
     }
 }
 
+/// Writes a few operations (up to `max_sectors` each) and a flush, waits
+/// until the source knows them all durable (so a dirty map made later is
+/// exact rather than a superset), then stops the target. Returns the last
+/// durable record.
+fn in_sync_then_target_down(r: &mut Rig, ops: &mut Vec<(u64, Op)>, max_sectors: u64) -> u64 {
+    apply_logged(r, ops, 20, max_sectors);
+    r.src.apply(&Op::Flush);
+    r.wait_applied(r.src.last_seq, Duration::from_secs(60));
+    wait_for(
+        Duration::from_secs(30),
+        "source sees everything durable",
+        || status(r).lag_records == 0,
+    );
+    r.target.kill9();
+    r.src.last_seq
+}
+
 #[test]
 fn spool_limit_gives_needs_resync_with_exactly_the_regions_written() {
     // 16 MiB volume; the limit is 1% of it (about 168 KiB).
@@ -305,18 +322,7 @@ fn spool_limit_gives_needs_resync_with_exactly_the_regions_written() {
     let mut r = Rig::new(VOL, BIG, 51, None, 100, "", 1024, 1024);
     r.start_source(64 << 10, "[spool]\nlimit_percent = 1\n");
     let mut ops = Vec::new();
-    apply_logged(&mut r, &mut ops, 20, 8);
-    r.src.apply(&Op::Flush);
-    r.wait_applied(r.src.last_seq, Duration::from_secs(60));
-    // The source must know it all durable before the outage, so its map is
-    // exact rather than a superset.
-    wait_for(
-        Duration::from_secs(30),
-        "source sees everything durable",
-        || status(&r).lag_records == 0,
-    );
-    let durable = r.src.last_seq;
-    r.target.kill9();
+    let durable = in_sync_then_target_down(&mut r, &mut ops, 8);
     // Small writes until the limit trips, then more in bitmap mode.
     while !status(&r).needs_resync {
         apply_logged(&mut r, &mut ops, 20, 8);
@@ -395,16 +401,7 @@ fn full_spool_disk_turns_into_needs_resync_without_losing_a_write() {
         &format!("[spool]\ndir = \"{}\"\n", spool.display()),
     );
     let mut ops = Vec::new();
-    apply_logged(&mut r, &mut ops, 20, 16);
-    r.src.apply(&Op::Flush);
-    r.wait_applied(r.src.last_seq, Duration::from_secs(60));
-    wait_for(
-        Duration::from_secs(30),
-        "source sees everything durable",
-        || status(&r).lag_records == 0,
-    );
-    let durable = r.src.last_seq;
-    r.target.kill9();
+    let durable = in_sync_then_target_down(&mut r, &mut ops, 16);
     // About 5 MiB into a 3 MiB spool disk.
     while !status(&r).needs_resync {
         apply_logged(&mut r, &mut ops, 50, 128);
