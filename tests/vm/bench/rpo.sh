@@ -7,7 +7,7 @@
 # twice a second, then times a planned failover. Prints BENCH-RPO lines that
 # scripts/bench-rpo.sh turns into a table.
 #
-# vm-disks: 256M 640M
+# vm-disks: 256M 640M 16M
 # shellcheck source=tests/vm/lib.sh
 . /lib/vmtest/lib.sh
 set -u
@@ -20,13 +20,17 @@ T=/target
 RUNTIME=${BENCH_RUNTIME:-60}
 
 check "loopback up" ifconfig lo 127.0.0.1 up
-check "target disk" mkfs.ext4 -q -F /dev/vdb
+# The replica: a thin volume in a pool (data /dev/vdb, metadata /dev/vdc).
+check "thin pool" dmsetup create pool --table \
+	"0 $(cat /sys/block/vdb/size) thin-pool /dev/vdc /dev/vdb 128 0 1 error_if_no_space"
 mkdir -p $T
-check "mount it" mount -t ext4 /dev/vdb $T
 check "insmod dm_replica" insmod "$(module_path dm_replica)"
 check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA rpo ring_mib=64 overflow_wait_ms=10000"
 repl_keys $W
-{ target_toml $W 127.0.0.1:7720 $T/state; target_volume rpo $size $T/rpo.img 2; } >$W/target.toml
+{
+	target_toml $W 127.0.0.1:7720 $T/state
+	target_volume rpo $size $T/unused 2 | sed 's|^replica = .*|replica = { backend = "thin", pool = "pool", name = "rpo-replica" }|'
+} >$W/target.toml
 { SOURCE_DM=r0 source_toml $W rpo $size 127.0.0.1:7720 $W/source; printf '[spool]\nlimit_percent = 1000\n'; } >$W/source.toml
 replicad target --config $W/target.toml 2>$W/target.log &
 replicad source --config $W/source.toml 2>$W/source.log &
