@@ -74,6 +74,11 @@ struct PromoteReq {
     epoch: Option<u64>,
 }
 
+/// The applier flushes the replica and persists how far it is after this
+/// many segments or this long, whichever comes first.
+const CHECKPOINT_SEGMENTS: u32 = 64;
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How long a failover may wait for the replica to catch up.
 const PROMOTE_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -1105,6 +1110,8 @@ struct Applier {
     key_cache: HashMap<([u8; 16], u32, u64), StreamKey>,
     applied: u64,
     unflushed_segments: u32,
+    /// When the replica was last flushed and its applied record persisted.
+    last_checkpoint: Instant,
     /// When the last recovery point was taken (since this start).
     last_point: Option<Instant>,
     /// Reused decompression context (None if it could not be allocated:
@@ -1134,6 +1141,7 @@ impl Applier {
             key_cache: HashMap::new(),
             applied,
             unflushed_segments: 0,
+            last_checkpoint: Instant::now(),
             last_point: None,
             dctx: zstd::bulk::Decompressor::new().ok(),
             store_warnings: Vec::new(),
@@ -1271,7 +1279,12 @@ impl Applier {
             };
             if let Some(()) = self.retry("apply", |a| a.apply_records(&pos.header, &records)) {
                 self.unflushed_segments += 1;
-                if self.unflushed_segments >= 16 {
+                // A flush of the replica costs the same for one small
+                // segment as for many: bounded by time and count, not per
+                // segment, so a stream of small segments keeps up.
+                if self.unflushed_segments >= CHECKPOINT_SEGMENTS
+                    || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+                {
                     self.retry("checkpoint", |a| a.checkpoint());
                 }
             } else if self.stop.load(Ordering::Acquire) {
@@ -1734,6 +1747,7 @@ impl Applier {
             st.save(&self.vol.state_path())?;
         }
         self.unflushed_segments = 0;
+        self.last_checkpoint = Instant::now();
         self.vol.lock_journal().trim(self.applied)?;
         Ok(())
     }

@@ -47,23 +47,29 @@ mibps=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", 64 / (b - a) }')
 echo "BENCH-RPO link_mib_s $mibps"
 half=$(awk -v m="$mibps" 'BEGIN { r = int(m * 1024 / 2); if (r < 64) r = 64; print r }')
 
-step "steady load at half the link throughput (${half} KiB/s) for ${RUNTIME} s, lag sampled"
-fio --eta=never --name=steady --filename=/dev/mapper/r0 --rw=randwrite --bsrange=4k-64k --blockalign=4k \
-	--ioengine=libaio --iodepth=4 --direct=1 --rate="${half}k" --time_based --runtime="$RUNTIME" \
-	--output=/tmp/steady.out &
-fpid=$!
-: >/tmp/lag
-while kill -0 $fpid 2>/dev/null; do
-	replctl status --state-dir $W/source --json | sed -n 's/.*"lag_seconds": *\([0-9.e+-]*\).*/\1/p' >>/tmp/lag
-	sleep 0.5
-done
-wait $fpid
-check_eq "fio steady" 0 $?
-sort -g /tmp/lag | awk '{ v[NR] = $1 } END {
-	if (NR == 0) { print "BENCH-RPO samples 0"; exit }
-	p50 = v[int((NR - 1) * 0.50) + 1]; p99 = v[int((NR - 1) * 0.99) + 1]
-	printf "BENCH-RPO samples %d\nBENCH-RPO lag_p50_s %.3f\nBENCH-RPO lag_p99_s %.3f\nBENCH-RPO lag_max_s %.3f\n", NR, p50, p99, v[NR] }'
-marker_applied r0 2 $T/state rpo
+# steady FRACTION_NAME KIB_PER_S MARKER: fio at that rate for RUNTIME s,
+# the source's lag sampled twice a second, then a marker applied.
+steady() {
+	step "steady load at $1 of the link throughput (${2} KiB/s) for ${RUNTIME} s, lag sampled"
+	fio --eta=never --name=steady --filename=/dev/mapper/r0 --rw=randwrite --bsrange=4k-64k --blockalign=4k \
+		--ioengine=libaio --iodepth=4 --direct=1 --rate="${2}k" --time_based --runtime="$RUNTIME" \
+		--output=/tmp/steady.out &
+	fpid=$!
+	: >/tmp/lag
+	while kill -0 $fpid 2>/dev/null; do
+		replctl status --state-dir $W/source --json | sed -n 's/.*"lag_seconds": *\([0-9.e+-]*\).*/\1/p' >>/tmp/lag
+		sleep 0.5
+	done
+	wait $fpid
+	check_eq "fio steady" 0 $?
+	sort -g /tmp/lag | awk -v f="$1" '{ v[NR] = $1 } END {
+		if (NR == 0) { print "BENCH-RPO " f "_samples 0"; exit }
+		p50 = v[int((NR - 1) * 0.50) + 1]; p99 = v[int((NR - 1) * 0.99) + 1]
+		printf "BENCH-RPO %s_samples %d\nBENCH-RPO %s_lag_p50_s %.3f\nBENCH-RPO %s_lag_p99_s %.3f\nBENCH-RPO %s_lag_max_s %.3f\n", f, NR, f, p50, f, p99, f, v[NR] }'
+	marker_applied r0 "$3" $T/state rpo
+}
+steady half "$half" 2
+steady quarter "$((half / 2))" 3
 
 step "planned failover (idle writers)"
 t0=$(cut -d' ' -f1 /proc/uptime)
