@@ -7,7 +7,6 @@
 //! and a source configuration, `<config_dir>/source-<volume>.toml`, read by
 //! `replicad-source@<volume>.service`.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -108,16 +107,7 @@ fn dm() -> Dmsetup {
 
 /// Size of block device `dev` in 512-byte sectors (from sysfs).
 pub fn sectors(dev: &Path) -> Result<u64, String> {
-    let meta = std::fs::metadata(dev).map_err(|e| format!("{}: {e}", dev.display()))?;
-    if !meta.file_type().is_block_device() {
-        return Err(format!("{} is not a block device", dev.display()));
-    }
-    let rdev = meta.rdev();
-    let p = format!(
-        "/sys/dev/block/{}:{}/size",
-        libc::major(rdev),
-        libc::minor(rdev)
-    );
+    let p = format!("{}/size", replicad::failover::block_sysfs(dev)?);
     std::fs::read_to_string(&p)
         .map_err(|e| format!("{p}: {e}"))?
         .trim()

@@ -72,20 +72,25 @@ impl SourceRole {
     }
 }
 
-/// The device-mapper name of the block device at `device` (a
-/// `/dev/mapper/...` path or any node of a dm device).
-pub fn dm_name(device: &Path) -> Result<String, String> {
+/// The sysfs directory (`/sys/dev/block/<major>:<minor>`) of the block
+/// device at `device`.
+pub fn block_sysfs(device: &Path) -> Result<String, String> {
     let meta = std::fs::metadata(device).map_err(|e| format!("{}: {e}", device.display()))?;
     if !meta.file_type().is_block_device() {
         return Err(format!("{} is not a block device", device.display()));
     }
     let rdev = meta.rdev();
-    let sys = format!(
-        "/sys/dev/block/{}:{}/dm/name",
+    Ok(format!(
+        "/sys/dev/block/{}:{}",
         libc::major(rdev),
         libc::minor(rdev)
-    );
-    std::fs::read_to_string(&sys)
+    ))
+}
+
+/// The device-mapper name of the block device at `device` (a
+/// `/dev/mapper/...` path or any node of a dm device).
+pub fn dm_name(device: &Path) -> Result<String, String> {
+    std::fs::read_to_string(format!("{}/dm/name", block_sysfs(device)?))
         .map(|s| s.trim().to_owned())
         .map_err(|_| format!("{} is not a device-mapper device", device.display()))
 }

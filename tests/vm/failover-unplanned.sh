@@ -16,9 +16,7 @@ T=/target
 PORT=7714
 
 check "loopback up" ifconfig lo 127.0.0.1 up
-check "target disk" mkfs.ext4 -q -F /dev/vdd
-mkdir -p $T
-check "mount the target disk" mount -t ext4 /dev/vdd $T
+target_disk /dev/vdd $T
 check "insmod dm_replica" insmod "$(module_path dm_replica)"
 repl_keys $W
 size=$(($(cat /sys/block/vda/size) * 512))

@@ -22,9 +22,7 @@ T=/target
 PORT=7713
 
 check "loopback up" ifconfig lo 127.0.0.1 up
-check "target disk" mkfs.ext4 -q -F /dev/vdb
-mkdir -p $T
-check "mount the target disk" mount -t ext4 /dev/vdb $T
+target_disk /dev/vdb $T
 check "insmod dm_replica" insmod "$(module_path dm_replica)"
 check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA fo ring_mib=4 overflow_wait_ms=5000"
 

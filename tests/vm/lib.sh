@@ -117,6 +117,14 @@ repl_keys() {
 	check "data key" replctl keys generate --out "$1/keys.toml"
 }
 
+# target_disk DEV DIR: a fresh ext4 filesystem on DEV mounted on DIR (the
+# target host's own disk for its state and file replicas).
+target_disk() {
+	check "target disk $1" mkfs.ext4 -q -F "$1"
+	mkdir -p "$2"
+	check "mount it on $2" mount -t ext4 "$1" "$2"
+}
+
 # target_toml DIR LISTEN STATE_DIR: prints the head of a target
 # configuration using DIR's keys; add volumes with target_volume.
 target_toml() {

@@ -18,9 +18,7 @@ T=/target
 ADDR=127.0.0.1:7716
 
 check "loopback up" ifconfig lo 127.0.0.1 up
-check "target disk" mkfs.ext4 -q -F /dev/vdb
-mkdir -p $T
-check "mount it" mount -t ext4 /dev/vdb $T
+target_disk /dev/vdb $T
 check "insmod dm_replica" insmod "$(module_path dm_replica)"
 check "dmsetup create rr" dmsetup create rr --table "0 $sectors replica $DATA rr ring_mib=4 overflow_wait_ms=10000"
 repl_keys $W

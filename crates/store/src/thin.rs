@@ -338,6 +338,16 @@ impl ThinReplica {
             .collect())
     }
 
+    /// The ledger entry of recovery point `id` that is not being deleted.
+    fn live_point(&self, id: u64) -> Result<Entry, StoreError> {
+        self.entries(Kind::Point, id)?
+            .into_iter()
+            .find(|e| !e.doomed)
+            .ok_or_else(|| {
+                StoreError::Invalid(format!("volume {}: no recovery point {id}", self.volume))
+            })
+    }
+
     /// Takes a snapshot of `origin` (active as `active`, if it is) into a
     /// freshly allocated id, entered in the ledger first. Returns the id.
     fn snapshot(
@@ -512,16 +522,7 @@ impl ReplicaStore for ThinReplica {
     }
 
     fn open_point(&mut self, id: u64, access: PointAccess) -> Result<PathBuf, StoreError> {
-        let Some(point) = self
-            .entries(Kind::Point, id)?
-            .into_iter()
-            .find(|e| !e.doomed)
-        else {
-            return Err(StoreError::Invalid(format!(
-                "volume {}: no recovery point {id}",
-                self.volume
-            )));
-        };
+        let point = self.live_point(id)?;
         match access {
             PointAccess::ReadOnly => {
                 let name = self.point_name(id);
@@ -589,16 +590,7 @@ impl ReplicaStore for ThinReplica {
 
     fn promote(&mut self, point: Option<u64>) -> Result<PathBuf, StoreError> {
         if let Some(id) = point {
-            let Some(p) = self
-                .entries(Kind::Point, id)?
-                .into_iter()
-                .find(|e| !e.doomed)
-            else {
-                return Err(StoreError::Invalid(format!(
-                    "volume {}: no recovery point {id}",
-                    self.volume
-                )));
-            };
+            let p = self.live_point(id)?;
             // A writable snapshot of the point becomes the replica, under
             // the replica's name; the old replica is deleted after.
             let ro = self.point_name(id);
