@@ -83,6 +83,9 @@ target = "$addr"
 target_name = "target-host"
 keys = "$W/keys.toml"
 state_dir = "$W/source"
+# The ring file's first records write the whole image onto a zeroed
+# replica (development mode has no kernel resync).
+initial_copy = false
 [tls]
 ca = "$W/pki/ca.pem"
 cert = "$W/pki/source-host.pem"
@@ -94,10 +97,11 @@ EOF
 # it at table load; here the first feed does).
 out=$($bin/replctl dev feed --ring "$W/ring" --image "$W/source.img")
 echo "initial copy: $out"
-first=$(sed -n 's/.*up to sequence \([0-9]*\).*/\1/p' <<<"$out")
+first=$(sed -n 's/.*up to sequence \([0-9]*\) .*/\1/p' <<<"$out")
+gen=$(sed -n 's/.* of generation \([0-9a-f]*\)$/\1/p' <<<"$out")
 $bin/replicad source --config "$W/source.toml" 2>"$W/source.log" &
 pids+=($!)
-$bin/replctl wait --state-dir "$W/target" --volume demo --applied "$first" --timeout 120
+$bin/replctl wait --state-dir "$W/target" --volume demo --applied "$first" --generation "$gen" --timeout 120
 $bin/replctl status --state-dir "$W/target"
 
 step "changing files while replicating"
@@ -107,9 +111,9 @@ debugfs -w -R "write $W/late.txt /late.txt" "$W/source.img" >/dev/null 2>&1
 debugfs -w -R "rm /app/orders.log" "$W/source.img" >/dev/null 2>&1
 out=$($bin/replctl dev feed --ring "$W/ring" --base "$W/source.before" --image "$W/source.img")
 echo "$out"
-last=$(sed -n 's/.*up to sequence \([0-9]*\).*/\1/p' <<<"$out")
+last=$(sed -n 's/.*up to sequence \([0-9]*\) .*/\1/p' <<<"$out")
 [[ -n "$last" ]] || fail "could not read the last sequence"
-$bin/replctl wait --state-dir "$W/target" --volume demo --applied "$last" --timeout 120
+$bin/replctl wait --state-dir "$W/target" --volume demo --applied "$last" --generation "$gen" --timeout 120
 
 step "status (source, then target)"
 $bin/replctl status --state-dir "$W/source"

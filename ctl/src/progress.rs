@@ -5,9 +5,19 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Waits until the source behind `socket` no longer needs a resync, showing
-/// the regions sent so far (a bar on a terminal, nothing otherwise).
-pub fn wait_resync(socket: &Path, timeout: Duration) -> Result<(), String> {
+/// Waits until the target has applied the END of the resync named by
+/// `ticket` (the answer to the `resync` command that started it), showing
+/// the regions sent so far (a bar on a terminal, plain lines otherwise).
+///
+/// Done means: the source is still on the ticket's ring generation, needs
+/// no resync, its last resync END comes at or after the ticket's position
+/// (so it is this resync's or a later one's, never an earlier one's), and
+/// the target acknowledged it as applied.
+pub fn wait_resync(
+    socket: &Path,
+    ticket: &replicad::control::ResyncTicket,
+    timeout: Duration,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -34,9 +44,14 @@ pub fn wait_resync(socket: &Path, timeout: Duration) -> Result<(), String> {
                 v.reasons.join("; ")
             ));
         }
-        // Done once the target applied the resync's END: the replica is
-        // consistent there.
-        if !v.needs_resync && v.applied_seq >= v.resync_end_seq {
+        if v.generation != ticket.generation {
+            bar.abandon();
+            return Err(format!(
+                "{}: the capture ring changed (generation {} instead of {}) while waiting: this resync's end will never come; the source resyncs the new ring by itself, see `replctl status`",
+                v.volume, v.generation, ticket.generation
+            ));
+        }
+        if resync_done(v, ticket) {
             bar.finish_with_message("done");
             return Ok(());
         }
@@ -68,5 +83,58 @@ pub fn wait_resync(socket: &Path, timeout: Duration) -> Result<(), String> {
             ));
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Whether status `v` shows the resync of `ticket` applied on the target.
+pub fn resync_done(
+    v: &replicad::status::VolumeStatus,
+    ticket: &replicad::control::ResyncTicket,
+) -> bool {
+    v.generation == ticket.generation
+        && !v.needs_resync
+        && v.resync_end_seq >= ticket.from_seq
+        && v.applied_seq >= v.resync_end_seq
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replicad::status::{Role, VolumeStatus};
+
+    fn ticket() -> replicad::control::ResyncTicket {
+        replicad::control::ResyncTicket {
+            generation: "aa".into(),
+            from_seq: 100,
+        }
+    }
+
+    #[test]
+    fn a_resync_is_done_only_when_its_own_end_is_applied() {
+        let mut v = VolumeStatus::new("v", Role::Secondary);
+        v.generation = "aa".into();
+        // Before the drain took the request the status looks idle and
+        // "applied >= last END" (0): not done.
+        v.applied_seq = 50;
+        assert!(!resync_done(&v, &ticket()));
+        // An earlier resync's END, applied: not this one.
+        v.resync_end_seq = 90;
+        v.applied_seq = 95;
+        assert!(!resync_done(&v, &ticket()));
+        // Running.
+        v.needs_resync = true;
+        v.resync_end_seq = 90;
+        assert!(!resync_done(&v, &ticket()));
+        // Its END is spooled but the target has not applied it.
+        v.needs_resync = false;
+        v.resync_end_seq = 180;
+        v.applied_seq = 170;
+        assert!(!resync_done(&v, &ticket()));
+        // Applied.
+        v.applied_seq = 180;
+        assert!(resync_done(&v, &ticket()));
+        // Another ring generation with the same numbers: not done.
+        v.generation = "bb".into();
+        assert!(!resync_done(&v, &ticket()));
     }
 }

@@ -44,9 +44,39 @@ pub struct Request {
     pub point: Option<String>,
 }
 
-/// A role's commands beyond `status`: `Some(Ok(message))` done,
+/// A role's commands beyond `status`: `Some(Ok(reply))` done,
 /// `Some(Err(why))` refused, `None` not a command of this role.
-pub type Handler = Arc<dyn Fn(&Request) -> Option<Result<String, String>> + Send + Sync>;
+pub type Handler = Arc<dyn Fn(&Request) -> Option<Result<Reply, String>> + Send + Sync>;
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// For the operator.
+    pub message: String,
+    /// For `resync`: which resync to wait for.
+    pub resync: Option<ResyncTicket>,
+}
+
+impl From<String> for Reply {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            resync: None,
+        }
+    }
+}
+
+/// Names the resync a `resync` command started: it is done when the
+/// source, still on ring generation `generation`, reports a resync END at
+/// or after `from_seq` that the target has applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncTicket {
+    /// The capture ring generation, hex.
+    pub generation: String,
+    /// The ring position the request was taken at.
+    pub from_seq: u64,
+}
 
 /// A response.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +94,9 @@ pub struct Response {
     /// Error text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For `resync`: the resync it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<ResyncTicket>,
 }
 
 impl Response {
@@ -74,6 +107,7 @@ impl Response {
             status: None,
             message: None,
             error: Some(m.into()),
+            resync: None,
         }
     }
 }
@@ -195,14 +229,16 @@ fn respond(line: &str, board: &StatusBoard, handler: Option<&Handler>) -> Respon
             status: Some(board.all()),
             message: None,
             error: None,
+            resync: None,
         },
         other => match handler.and_then(|h| h(&req)) {
             Some(Ok(m)) => Response {
                 version: CONTROL_VERSION,
                 ok: true,
                 status: None,
-                message: Some(m),
+                message: Some(m.message),
                 error: None,
+                resync: m.resync,
             },
             Some(Err(e)) => Response::err(e),
             None => Response::err(format!("unknown command {other:?}")),

@@ -173,7 +173,7 @@ struct Commands {
     ring_file: Option<std::path::PathBuf>,
     /// The epoch this source is at.
     epoch: AtomicU64,
-    resync_request: Arc<std::sync::Mutex<Option<String>>>,
+    resync_request: crate::drain::ResyncRequests,
     shared: std::sync::OnceLock<Arc<Shared>>,
     stop: Arc<AtomicBool>,
     /// One planned failover at a time.
@@ -181,7 +181,7 @@ struct Commands {
 }
 
 impl Commands {
-    fn handle(&self, r: &crate::control::Request) -> Option<Result<String, String>> {
+    fn handle(&self, r: &crate::control::Request) -> Option<Result<crate::control::Reply, String>> {
         if !matches!(r.command.as_str(), "resync" | "failover-planned" | "stop") {
             return None;
         }
@@ -196,20 +196,42 @@ impl Commands {
             "stop" => {
                 tracing::info!(volume = %self.volume, "stop requested on the control socket");
                 self.stop.store(true, Ordering::Release);
-                Ok(format!("replicad source for {} is stopping", self.volume))
+                Ok(format!("replicad source for {} is stopping", self.volume).into())
             }
-            "resync" => {
-                *self
-                    .resync_request
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) =
-                    Some("full resync requested by an operator".into());
-                Ok(format!(
-                    "full resync of {} scheduled: every region will be resent; the replica is inconsistent until it ends (its last recovery point stays)",
-                    self.volume
-                ))
-            }
-            _ => self.planned_failover(),
+            "resync" => self.resync(),
+            _ => self.planned_failover().map(Into::into),
+        })
+    }
+
+    /// A full resync: handed to the drain, which answers with the ring
+    /// position it took the request at; the reply names it, so a wait sees
+    /// this resync through to its END on the target.
+    fn resync(&self) -> Result<crate::control::Reply, String> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.resync_request
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(crate::drain::ResyncRequest {
+                why: "full resync requested by an operator".into(),
+                reply: Some(tx),
+            });
+        let from_seq = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+            "the capture drain did not take the resync request within 30 s (is the ring attached?); it stays queued".to_string()
+        })?;
+        let generation = self
+            .shared
+            .get()
+            .map(|s| hex::encode(s.generation))
+            .ok_or("the source is not replicating yet")?;
+        Ok(crate::control::Reply {
+            message: format!(
+                "full resync of {} scheduled at record {from_seq}: every region will be resent; the replica is inconsistent until the target applies its end (its last recovery point stays)",
+                self.volume
+            ),
+            resync: Some(crate::control::ResyncTicket {
+                generation,
+                from_seq,
+            }),
         })
     }
 
@@ -820,6 +842,7 @@ impl Source {
             oldest_seq: oldest,
             key_id: self.keys.get().active(),
             resync: shared.needs_resync().is_some(),
+            replica_seeded: !cfg.initial_copy,
         }));
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         let w = loop {
@@ -875,6 +898,16 @@ impl Source {
             )));
         }
         shared.acknowledged(w.durable_seq);
+        // This target's figures, not the highest ever seen: a target that
+        // started over (a new replica) is behind.
+        self.board.update(&cfg.volume, |s| {
+            s.durable_seq = w.durable_seq;
+            s.applied_seq = w.applied_seq;
+        });
+        if w.resync_required {
+            tracing::warn!(volume = %cfg.volume, "the target holds no consistent copy of the volume: a full resync follows");
+            shared.copy_required.store(true, Ordering::Release);
+        }
         tracing::info!(volume = %cfg.volume, durable = w.durable_seq, "connected");
         Ok(Welcomed {
             stream_id: keys::stream_id(&src_rand, &tgt_rand),

@@ -59,6 +59,28 @@ enum ApplyMsg {
         req: PromoteReq,
         reply: Sender<Result<msg::Promoted, String>>,
     },
+    /// A stream of another ring generation takes the volume over (or the
+    /// first stream of a volume the target has no record of): once every
+    /// earlier segment is applied, the journal starts over in the new
+    /// sequence space at `base` (the last record before the stream's
+    /// first). The applier is the only writer of the applied sequence, so
+    /// the reset happens in its order, never behind its back.
+    Takeover {
+        takeover: Takeover,
+        reply: Sender<Result<(), StoreError>>,
+    },
+}
+
+/// What a [`ApplyMsg::Takeover`] sets.
+#[derive(Debug, Clone)]
+struct Takeover {
+    /// The new ring generation, hex.
+    generation: String,
+    /// The last record of the new generation taken as applied.
+    base: u64,
+    /// The replica holds no consistent copy from here on: a full resync
+    /// must end before it is consistent again.
+    needs_full_resync: bool,
 }
 
 /// A failover request.
@@ -233,7 +255,8 @@ impl Target {
         let handler: crate::control::Handler = {
             let vols = volumes.clone();
             Arc::new(move |r: &crate::control::Request| {
-                (r.command == "failover").then(|| failover_command(&vols, r))
+                (r.command == "failover")
+                    .then(|| failover_command(&vols, r).map(crate::control::Reply::from))
             })
         };
         let control = crate::control::serve(&sock, board.clone(), stop.clone(), Some(handler))?;
@@ -433,10 +456,15 @@ fn open_volume(
     // Bounded: a slow replica pushes back on the connection, and through it
     // on the source, instead of growing memory.
     let (apply_tx, apply_rx) = crossbeam_channel::bounded(APPLY_QUEUE);
+    // Only frames of the generation the state names: a takeover restarts
+    // the journal before it records the new generation.
     let replay: Vec<FramePos> = scan
         .frames
         .into_iter()
-        .filter(|f| f.header.last_seq > state.applied_seq)
+        .filter(|f| {
+            f.header.last_seq > state.applied_seq
+                && hex::encode(f.header.generation) == state.generation
+        })
         .collect();
     board.update(&vc.id, |s| {
         s.generation = state.generation.clone();
@@ -445,14 +473,17 @@ fn open_volume(
         s.applied_seq = state.applied_seq;
         s.points = state.points.len() as u64;
         s.last_point_seq = state.points.last().map_or(0, |p| p.seq);
-        s.replica = if state.points.is_empty() || state.resync_since.is_some() {
+        s.replica = if state.points.is_empty()
+            || state.resync_since.is_some()
+            || state.needs_full_resync
+        {
             "Inconsistent".into()
         } else {
             "Consistent".into()
         };
         if let Some(since) = state.resync_since {
             s.health = Health::Warning;
-            s.reasons = vec![format!("{RESYNC_RUNNING} since record {since}")];
+            s.reasons = vec![resync_reason(since, state.needs_full_resync)];
         }
         if let Some(c) = &state.critical {
             s.health = Health::Critical;
@@ -664,8 +695,9 @@ impl ConnCtx {
         let replica_err = |r: Refusal| (true, Some(vol.clone()), r);
         let stream_id = keys::stream_id(&src_rand, &target_rand);
 
-        let (durable, applied, epoch) = {
-            let mut st = vol.lock_state();
+        let gen_hex = hex::encode(generation);
+        let takeover = {
+            let st = vol.lock_state();
             if let Some(c) = &st.critical {
                 return Err(caller(Refusal::fatal(
                     "critical",
@@ -690,37 +722,46 @@ impl ConnCtx {
                     format!("source is at epoch {} but the target is at {}: the source was failed over and must reprotect", hello.epoch, st.epoch),
                 )));
             }
-            let gen_hex = hex::encode(generation);
-            let journal_durable = vol.lock_journal().durable_seq();
-            if st.generation.is_empty() {
-                // First stream of this volume: start at the source's oldest record.
-                st.generation = gen_hex;
-                st.applied_seq = hello.oldest_seq.saturating_sub(1);
-                vol.applied.store(st.applied_seq, Ordering::Release);
-            } else if st.generation != gen_hex && hello.resync {
-                // A new capture ring (the source host restarted) whose
-                // stream starts with a resync: everything of the old one is
-                // applied first, then the journal starts over in the new
-                // sequence space and the replica is inconsistent (no new
-                // points; the last one stays) until the resync ends.
-                if vol.applied.load(Ordering::Acquire) < journal_durable {
-                    return Err(caller(Refusal::recoverable(
-                        "busy",
-                        "still applying the previous ring generation's journal",
-                    )));
-                }
-                vol.lock_journal()
-                    .restart()
-                    .map_err(|e| caller(store_refusal(&e)))?;
-                tracing::warn!(volume = %vol.cfg.id, old = %st.generation, new = %gen_hex, "new ring generation with a resync: the replica is inconsistent until it ends");
-                st.generation = gen_hex;
-                st.applied_seq = hello.oldest_seq.saturating_sub(1);
-                st.resync_since = Some(hello.oldest_seq);
-                vol.applied.store(st.applied_seq, Ordering::Release);
-            } else if st.generation != gen_hex {
-                return Err(replica_err(Refusal::fatal(
-                    "generation",
-                    format!("source ring generation {gen_hex} differs from the replica's {}: a full resync is needed", st.generation),
+            takeover_for(&st, &gen_hex, &hello)
+        };
+        if let Some(t) = takeover {
+            if st_generation_empty(&vol) {
+                tracing::warn!(volume = %vol.cfg.id, generation = %gen_hex, full_resync = t.needs_full_resync, "first stream of a volume this target has no record of");
+            } else {
+                tracing::warn!(volume = %vol.cfg.id, new = %gen_hex, "a new capture ring generation takes the volume over: the replica is inconsistent until a full resync ends");
+            }
+            // Queued behind every segment of the old generation: the
+            // applier applies them, then starts the new sequence space.
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let busy = || {
+                caller(Refusal::recoverable(
+                    "busy",
+                    "still applying the previous ring generation's journal",
+                ))
+            };
+            vol.apply_tx
+                .send_timeout(
+                    ApplyMsg::Takeover {
+                        takeover: t,
+                        reply: tx,
+                    },
+                    TAKEOVER_WAIT,
+                )
+                .map_err(|_| busy())?;
+            match rx.recv_timeout(TAKEOVER_WAIT) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(replica_err(store_refusal(&e))),
+                Err(_) => return Err(busy()),
+            }
+        }
+        let (durable, applied, epoch, resync_required) = {
+            let mut st = vol.lock_state();
+            if st.generation != gen_hex || st.critical.is_some() || st.promoted.is_some() {
+                // The applier refused the takeover (Critical, promoted) or
+                // another one got in between.
+                return Err(caller(Refusal::recoverable(
+                    "busy",
+                    "the volume changed while the stream was accepted",
                 )));
             }
             st.epoch = hello.epoch;
@@ -733,7 +774,12 @@ impl ConnCtx {
                     format!("source starts at record {} but the target has only up to {durable}: records are missing", hello.oldest_seq),
                 )));
             }
-            (durable, vol.applied.load(Ordering::Acquire), st.epoch)
+            (
+                durable,
+                vol.applied.load(Ordering::Acquire),
+                st.epoch,
+                st.needs_full_resync,
+            )
         };
         if !self.keys.get().ids().contains(&hello.key_id) {
             return Err(replica_err(Refusal::fatal(
@@ -751,8 +797,9 @@ impl ConnCtx {
             durable_seq: durable,
             applied_seq: applied,
             epoch,
+            resync_required,
         }));
-        tracing::info!(volume = %vol.cfg.id, source = %cn, durable, "stream accepted");
+        tracing::info!(volume = %vol.cfg.id, source = %cn, durable, resync_required, "stream accepted");
         self.board.update(&vol.cfg.id, |s| {
             s.generation = hex::encode(generation);
             s.epoch = epoch;
@@ -1044,7 +1091,10 @@ const RESYNC_RUNNING: &str = "resync in progress";
 fn is_resync_begin(r: &RecordView<'_>) -> bool {
     r.op == frame::ring_op::MARKER
         && r.flags & frame::RECORD_FLAG_RESYNC != 0
-        && resync::Marker::from_aux(r.aux) == Some(resync::Marker::Begin)
+        && matches!(
+            resync::Marker::from_aux(r.aux),
+            Some(resync::Marker::Begin { .. })
+        )
 }
 
 fn store_refusal(e: &StoreError) -> Refusal {
@@ -1097,6 +1147,50 @@ fn recv_hello(link: &mut Link) -> Result<Hello, Refusal> {
             })?;
         link.pump(left.min(PUMP_INTERVAL), None)
             .map_err(|e| Refusal::recoverable("network", e.to_string()))?;
+    }
+}
+
+/// How long the accept path waits for the applier to take a new
+/// generation over (it applies the old one's queued segments first); the
+/// source retries after a refusal, and the queued takeover still happens.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(8);
+
+/// Whether a stream of generation `gen_hex` takes the volume over, and how.
+fn takeover_for(st: &VolumeState, gen_hex: &str, hello: &Hello) -> Option<Takeover> {
+    let base = hello.oldest_seq.saturating_sub(1);
+    if st.generation.is_empty() {
+        // No record of this volume: the replica is a copy of the source only
+        // if the operator said so and the stream has every record of the
+        // generation; otherwise the whole volume must be sent.
+        Some(Takeover {
+            generation: gen_hex.to_owned(),
+            base,
+            needs_full_resync: !(hello.replica_seeded && hello.oldest_seq <= 1),
+        })
+    } else if st.generation != gen_hex {
+        // Another capture ring (the source host restarted, the table was
+        // created anew): writes between the two may never have been
+        // captured, so only a full resync makes the replica consistent.
+        Some(Takeover {
+            generation: gen_hex.to_owned(),
+            base,
+            needs_full_resync: true,
+        })
+    } else {
+        None
+    }
+}
+
+fn st_generation_empty(vol: &Volume) -> bool {
+    vol.lock_state().generation.is_empty()
+}
+
+/// The status reason while the replica waits for or runs a resync.
+fn resync_reason(since: u64, full: bool) -> String {
+    if full {
+        format!("{RESYNC_RUNNING} since record {since}: the replica holds no consistent copy until a full resync ends")
+    } else {
+        format!("{RESYNC_RUNNING} since record {since}")
     }
 }
 
@@ -1216,6 +1310,14 @@ impl Applier {
                     let r = self.promote(req);
                     if let Err(e) = &r {
                         tracing::error!(volume = %self.vol.cfg.id, "failover refused: {e}");
+                    }
+                    let _ = reply.send(r);
+                    continue;
+                }
+                ApplyMsg::Takeover { takeover, reply } => {
+                    let r = self.take_over(&takeover);
+                    if let Err(e) = &r {
+                        tracing::error!(volume = %self.vol.cfg.id, error = %e, "takeover of a new ring generation failed");
                     }
                     let _ = reply.send(r);
                     continue;
@@ -1401,10 +1503,11 @@ impl Applier {
                     self.replica.apply(&ops)?;
                     ops.clear();
                     match resync::Marker::from_aux(r.aux) {
-                        Some(resync::Marker::Begin) => self.resync_begin(r)?,
+                        Some(resync::Marker::Begin { full }) => self.resync_begin(r, full)?,
                         Some(resync::Marker::End) => {
-                            self.resync_end(r)?;
-                            self.point(r, PointKind::Marker)?;
+                            if self.resync_end(r)? {
+                                self.point(r, PointKind::Marker)?;
+                            }
                         }
                         // Data markers become writes on the source; a
                         // stray one carries nothing to apply.
@@ -1625,22 +1728,26 @@ impl Applier {
 
     /// A resync starts at `r`: until it ends the replica is a mix of old and
     /// new regions, so no recovery point is taken (the last one stays the
-    /// one to fail over to).
-    fn resync_begin(&mut self, r: &RecordView<'_>) -> Result<(), StoreError> {
+    /// one to fail over to). A `full` one resends every region: its END
+    /// makes even a replica without a consistent copy consistent.
+    fn resync_begin(&mut self, r: &RecordView<'_>, full: bool) -> Result<(), StoreError> {
         self.applied = r.seq;
         self.replica.flush()?;
-        {
+        let needs_full = {
             let mut st = self.vol.lock_state();
             st.applied_seq = r.seq;
             st.resync_since = Some(r.seq);
+            if full {
+                st.needs_full_resync = false;
+            }
             st.save(&self.vol.state_path())?;
-        }
-        tracing::warn!(volume = %self.vol.cfg.id, seq = r.seq, "resync started: the replica is inconsistent until it ends");
+            st.needs_full_resync
+        };
+        tracing::warn!(volume = %self.vol.cfg.id, seq = r.seq, full, "resync started: the replica is inconsistent until it ends");
         self.board.update(&self.vol.cfg.id, |s| {
             s.replica = "Inconsistent".into();
             s.reasons.retain(|x| !x.starts_with(RESYNC_RUNNING));
-            s.reasons
-                .push(format!("{RESYNC_RUNNING} since record {}", r.seq));
+            s.reasons.push(resync_reason(r.seq, needs_full));
             if s.health == Health::OK {
                 s.health = Health::Warning;
             }
@@ -1648,10 +1755,16 @@ impl Applier {
         Ok(())
     }
 
-    /// The resync that started earlier has sent every region.
-    fn resync_end(&mut self, r: &RecordView<'_>) -> Result<(), StoreError> {
+    /// The resync that started earlier has sent every region. Returns
+    /// whether the replica is consistent now: not while it still waits for
+    /// a full resync (this one resent only some regions).
+    fn resync_end(&mut self, r: &RecordView<'_>) -> Result<bool, StoreError> {
         {
             let mut st = self.vol.lock_state();
+            if st.needs_full_resync {
+                tracing::warn!(volume = %self.vol.cfg.id, seq = r.seq, "a partial resync ended, but the replica still needs a full one: it stays inconsistent");
+                return Ok(false);
+            }
             st.resync_since = None;
         }
         tracing::info!(volume = %self.vol.cfg.id, seq = r.seq, "resync complete");
@@ -1659,6 +1772,57 @@ impl Applier {
             s.reasons.retain(|x| !x.starts_with(RESYNC_RUNNING));
             if s.reasons.is_empty() && s.health == Health::Warning {
                 s.health = Health::OK;
+            }
+        });
+        Ok(true)
+    }
+
+    /// Takes the volume over for a new ring generation (see
+    /// [`ApplyMsg::Takeover`]): everything queued before is applied and
+    /// flushed, the journal starts over, and the state names the new
+    /// generation, the base sequence and whether a full resync is needed,
+    /// all saved before the first segment of the new generation is
+    /// journaled.
+    fn take_over(&mut self, t: &Takeover) -> Result<(), StoreError> {
+        {
+            let st = self.vol.lock_state();
+            if let Some(c) = &st.critical {
+                return Err(StoreError::Invalid(format!("the volume is Critical: {c}")));
+            }
+            if st.promoted.is_some() {
+                return Err(StoreError::Invalid("the replica was promoted".into()));
+            }
+        }
+        // The old generation's applied records are flushed and recorded:
+        // its recovery points stay valid.
+        self.persist_applied()?;
+        // The journal first: a crash before the state is saved leaves the
+        // old generation in the state and an empty journal (the source
+        // takes over again); never new-generation state over old frames.
+        self.vol.lock_journal().restart()?;
+        let since = t.base.saturating_add(1);
+        {
+            let mut st = self.vol.lock_state();
+            st.generation = t.generation.clone();
+            st.applied_seq = t.base;
+            st.needs_full_resync = t.needs_full_resync;
+            st.resync_since = t.needs_full_resync.then_some(since);
+            st.save(&self.vol.state_path())?;
+        }
+        self.applied = t.base;
+        self.unflushed_segments = 0;
+        self.vol.applied.store(t.base, Ordering::Release);
+        self.board.update(&self.vol.cfg.id, |s| {
+            s.generation = t.generation.clone();
+            s.applied_seq = t.base;
+            s.durable_seq = t.base;
+            s.reasons.retain(|x| !x.starts_with(RESYNC_RUNNING));
+            s.replica = "Inconsistent".into();
+            if t.needs_full_resync {
+                s.reasons.push(resync_reason(since, true));
+                if s.health == Health::OK {
+                    s.health = Health::Warning;
+                }
             }
         });
         Ok(())

@@ -172,8 +172,15 @@ impl Env {
         } else {
             "[spool]\nlimit_percent = 10000\n"
         };
+        // Test volumes and replicas start zeroed: no initial copy unless a
+        // test asks for one.
+        let initial = if extra.contains("initial_copy") {
+            ""
+        } else {
+            "initial_copy = false\n"
+        };
         let s = format!(
-            "volume = \"{volume}\"\nvolume_size = {size}\nring = {{ file = \"{}\" }}\ntarget = \"{target}\"\ntarget_name = \"{TARGET_CN}\"\nkeys = \"{}\"\nstate_dir = \"{}\"\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{spool}",
+            "{initial}volume = \"{volume}\"\nvolume_size = {size}\nring = {{ file = \"{}\" }}\ntarget = \"{target}\"\ntarget_name = \"{TARGET_CN}\"\nkeys = \"{}\"\nstate_dir = \"{}\"\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{spool}",
             ring.display(),
             keys.display(),
             state_dir.display(),
@@ -702,8 +709,28 @@ pub struct RawClient {
     pub counter: u64,
 }
 
+/// Flags of a [`RawClient`]'s hello.
+#[derive(Debug, Clone, Copy)]
+pub struct HelloOpts {
+    /// The stream starts with a resync.
+    pub resync: bool,
+    /// The replica is declared a copy of the volume before record 1 (test
+    /// volumes and replicas start zeroed).
+    pub replica_seeded: bool,
+}
+
+impl Default for HelloOpts {
+    fn default() -> Self {
+        Self {
+            resync: false,
+            replica_seeded: true,
+        }
+    }
+}
+
 impl RawClient {
-    /// Connects as `cert` (dir, name) and says hello for `volume`.
+    /// Connects as `cert` (dir, name) and says hello for `volume` (the
+    /// replica declared seeded: test volumes start zeroed).
     pub fn connect(
         env: &Env,
         addr: &str,
@@ -712,11 +739,10 @@ impl RawClient {
         generation: [u8; 16],
         oldest_seq: u64,
     ) -> Result<Self, String> {
-        Self::connect_with(env, addr, cert, volume, generation, oldest_seq, false)
+        Self::connect_with(env, addr, cert, volume, generation, oldest_seq, HelloOpts::default())
     }
 
-    /// [`RawClient::connect`], announcing (or not) that the stream starts
-    /// with a resync.
+    /// [`RawClient::connect`] with the hello's flags.
     pub fn connect_with(
         env: &Env,
         addr: &str,
@@ -724,8 +750,12 @@ impl RawClient {
         volume: &str,
         generation: [u8; 16],
         oldest_seq: u64,
-        resync: bool,
+        opts: HelloOpts,
     ) -> Result<Self, String> {
+        let HelloOpts {
+            resync,
+            replica_seeded,
+        } = opts;
         use replica_proto::msg::{Hello, Message};
         let tls = replicad::config::TlsConfig {
             ca: env.path("pki/ca.pem"),
@@ -752,6 +782,7 @@ impl RawClient {
             oldest_seq,
             key_id: 1,
             resync,
+            replica_seeded,
         }));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

@@ -56,7 +56,7 @@ fn resync_after_a_gap_applies_keeps_the_last_point_and_ends_consistent() {
     // Records 5..=9 were never shipped (the source tracked their regions);
     // the resync starts at 10 and resends region 0 at 11.
     let region = vec![0x22u8; 65536];
-    let begin = Marker::Begin.aux();
+    let begin = Marker::Begin { full: false }.aux();
     let f = c.seal_records(
         &kr,
         FEATURE_RESYNC_GAP,
@@ -147,64 +147,143 @@ fn gap_that_does_not_start_with_begin_applies_nothing_and_is_critical() {
     assert_eq!(std::fs::read(st.join("v.img")).expect("replica"), before);
 }
 
+fn begin(seq: u64, full: bool) -> (u64, u8, u8, u64, u64, &'static [u8]) {
+    (
+        seq,
+        ring_op::MARKER,
+        RECORD_FLAG_RESYNC,
+        0,
+        Marker::Begin { full }.aux(),
+        &[],
+    )
+}
+
+fn end(seq: u64) -> (u64, u8, u8, u64, u64, &'static [u8]) {
+    (seq, ring_op::MARKER, RECORD_FLAG_RESYNC, 0, Marker::End.aux(), &[])
+}
+
+/// The source host restarted under a running target: a new ring whose
+/// sequences start over at 1, far below what the old generation applied.
+/// The takeover goes through the applier after every old segment, so the
+/// new generation's records are applied (not skipped as "already applied")
+/// and the applied sequence is never written back to the old value.
 #[test]
-fn a_new_ring_generation_is_taken_over_only_with_a_resync() {
+fn a_new_ring_generation_is_taken_over_by_the_applier_and_needs_a_full_resync() {
     let (env, t, addr, st, kr) = setup();
-    drop(first_records(&env, &addr, &st, &kr));
-    // The source host restarted: a new ring whose sequences start over.
-    let e = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [7; 16], 1)
-        .err()
-        .expect("another generation without a resync is refused");
-    assert!(e.starts_with("generation"), "{e}");
-    // Refused, not Critical: the same source can come back with a resync.
-    let _ = std::fs::remove_file(st.join("volumes/v/state.json.tmp"));
-    let mut st_now = target_state(&st, "v");
-    st_now.critical = None;
-    st_now
-        .save(&st.join("volumes/v/state.json"))
-        .expect("clear");
-    drop(t);
-    let cfg = env.path("target.toml");
-    pin_listen(&cfg, &addr);
-    let (_t, _) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
-    let mut c = RawClient::connect_with(&env, &addr, ("pki", SOURCE_CN), "v", [7; 16], 1, true)
-        .expect("a new generation starting with a resync is taken over");
-    assert_eq!(
-        c.welcome.durable_seq, 0,
-        "the new sequence space starts over"
+    let mut c =
+        RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], 1).expect("connect");
+    // Old generation: records 1..=40 (writes of 0x11 at sector 0, flushes),
+    // the last ones still queued for the applier when the new one arrives.
+    let f = c.seal(&kr, 1, 1, 40, &[0x11; 4096]);
+    c.send_frame(f).expect("old generation");
+    drop(c);
+    let mut c = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [7; 16], 1)
+        .expect("a new generation is taken over");
+    assert!(
+        c.welcome.resync_required,
+        "the target demands a full resync of the new generation"
     );
+    assert_eq!(c.welcome.durable_seq, 0, "the new sequence space starts over");
     let s = target_state(&st, "v");
     assert_eq!(s.generation, hex::encode([7u8; 16]));
-    assert_eq!(s.resync_since, Some(1));
-    assert_eq!(points(&st), vec![1, 3], "the old generation's points stay");
+    assert!(s.needs_full_resync);
+    assert_eq!(s.applied_seq, 0);
+    let old_points = points(&st);
+    assert_eq!(
+        old_points.last(),
+        Some(&39),
+        "every old segment was applied first (its last flush is a point)"
+    );
+    wait_for(Duration::from_secs(10), "status inconsistent", || {
+        t.status("v").is_some_and(|s| s.replica == "Inconsistent")
+    });
+
+    // A partial resync does not make a replica without a copy consistent.
+    let f = c.seal_records(&kr, 0, &[begin(1, false), (2, ring_op::FLUSH, 0, 0, 0, &[]), end(3)]);
+    c.send_frame(f).expect("partial resync");
+    wait_applied(&st, 3);
+    let s = target_state(&st, "v");
+    assert!(s.needs_full_resync, "a partial resync is not a copy");
+    assert!(s.resync_since.is_some());
+    assert_eq!(points(&st), old_points, "no point from a partial resync");
+
+    // The full one: region 0 resent, a later write to it wins, END.
     let region = vec![0x55u8; 65536];
+    let later = vec![0x66u8; 4096];
     let f = c.seal_records(
         &kr,
-        FEATURE_RESYNC_GAP,
+        0,
         &[
-            (
-                3,
-                ring_op::MARKER,
-                RECORD_FLAG_RESYNC,
-                0,
-                Marker::Begin.aux(),
-                &[],
-            ),
-            (4, ring_op::WRITE, RECORD_FLAG_RESYNC, 0, 0, &region),
-            (5, ring_op::FLUSH, 0, 0, 0, &[]),
-            (
-                6,
-                ring_op::MARKER,
-                RECORD_FLAG_RESYNC,
-                0,
-                Marker::End.aux(),
-                &[],
-            ),
+            begin(4, true),
+            (5, ring_op::WRITE, RECORD_FLAG_RESYNC, 0, 0, &region),
+            (6, ring_op::FLUSH, 0, 0, 0, &[]),
+            (7, ring_op::WRITE, 0, 8, 0, &later),
+            end(8),
         ],
     );
-    c.send_frame(f).expect("resync");
+    c.send_frame(f).expect("full resync");
     wait_for(Duration::from_secs(20), "the point at END", || {
-        points(&st) == vec![1, 3, 6]
+        points(&st).last() == Some(&8)
     });
-    assert_eq!(target_state(&st, "v").resync_since, None);
+    let s = target_state(&st, "v");
+    assert!(!s.needs_full_resync);
+    assert_eq!(s.resync_since, None);
+    assert_eq!(s.applied_seq, 8);
+    let img = std::fs::read(st.join("v.img")).expect("replica");
+    assert!(img[..4096].iter().all(|&b| b == 0x55), "resync data applied");
+    assert!(img[4096..8192].iter().all(|&b| b == 0x66), "the later write wins");
+    assert!(img[8192..65536].iter().all(|&b| b == 0x55));
+    wait_for(Duration::from_secs(10), "status consistent", || {
+        t.status("v").is_some_and(|s| s.replica == "Consistent")
+    });
+    // And it stays that way: no stale applied sequence written back.
+    drop(c);
+    let c = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [7; 16], 9).expect("again");
+    assert!(!c.welcome.resync_required);
+    assert_eq!(c.welcome.durable_seq, 8);
+    assert_eq!(target_state(&st, "v").applied_seq, 8);
+}
+
+/// A target with no record of a volume (new, or its state removed) takes a
+/// stream as a copy only when the source declares the replica seeded and
+/// the stream starts at record 1; otherwise it demands a full resync and
+/// takes no recovery point until that resync's END.
+#[test]
+fn a_target_without_a_copy_demands_a_full_resync() {
+    for (seeded, oldest, required) in [(false, 1, true), (true, 5, true), (true, 1, false)] {
+        let (env, t, addr, st, kr) = setup();
+        let mut c = RawClient::connect_with(
+            &env,
+            &addr,
+            ("pki", SOURCE_CN),
+            "v",
+            [6; 16],
+            oldest,
+            HelloOpts {
+                resync: false,
+                replica_seeded: seeded,
+            },
+        )
+        .expect("connect");
+        assert_eq!(
+            c.welcome.resync_required, required,
+            "seeded {seeded}, oldest {oldest}"
+        );
+        let f = c.seal(&kr, 1, oldest, 4, &[0x11; 4096]);
+        c.send_frame(f).expect("records");
+        wait_applied(&st, oldest + 3);
+        let s = target_state(&st, "v");
+        assert_eq!(s.needs_full_resync, required);
+        if required {
+            assert!(points(&st).is_empty(), "no point over a replica without a copy");
+            assert_eq!(t.status("v").expect("status").replica, "Inconsistent");
+            // A new connection is told again.
+            drop(c);
+            let c = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], oldest + 4)
+                .expect("again");
+            assert!(c.welcome.resync_required);
+        } else {
+            assert!(!points(&st).is_empty());
+        }
+    }
 }

@@ -166,6 +166,9 @@ target = "$4"
 target_name = "target-host"
 keys = "$1/keys.toml"
 state_dir = "$5"
+# Guest disks and replicas start zeroed (a scenario that wants the initial
+# copy sets SOURCE_INITIAL_COPY=true).
+initial_copy = ${SOURCE_INITIAL_COPY:-false}
 [tls]
 ca = "$1/pki/ca.pem"
 cert = "$1/pki/source-host.pem"
@@ -181,14 +184,22 @@ json_has() {
 	replctl status --state-dir "$1" --json 2>/dev/null | grep -qE "$2"
 }
 
+# ring_gen DEV: the capture ring generation of dm device DEV (hex).
+ring_gen() {
+	dmsetup status "$1" | sed -n 's/.* generation=\([0-9a-f]*\).*/\1/p'
+}
+
 # marker_applied DEV ID TARGET_STATE VOLUME: inserts marker ID on DEV and
-# waits until the target applied it; sets $marker_seq.
+# waits until the target applied it (in DEV's ring generation); sets
+# $marker_seq.
 marker_applied() {
 	_out=$(dmsetup message "$1" 0 marker "$2")
 	marker_seq=$(echo "$_out" | sed -n "s/^marker $2 seq \([0-9]*\)\$/\1/p")
 	[ -n "$marker_seq" ] || fail "marker $2 on $1: $_out"
+	_gen=$(ring_gen "$1")
+	[ -n "$_gen" ] || fail "no ring generation in dmsetup status $1"
 	check "target applied marker $2 (record $marker_seq)" replctl wait --state-dir "$3" --volume "$4" \
-		--applied "$marker_seq" --timeout 600
+		--applied "$marker_seq" --generation "$_gen" --timeout 600
 }
 
 # same_sha A B WHAT: the SHA-256 of A (read O_DIRECT) and of file B are

@@ -44,7 +44,7 @@ out=$(dmsetup message r0 0 marker 42)
 echo "$out"
 seq=$(echo "$out" | sed -n 's/^marker 42 seq \([0-9]*\)$/\1/p')
 check "marker inserted (seq $seq)" test -n "$seq"
-if ! replctl wait --state-dir $W/target --volume rv --applied "$seq" --timeout 240; then
+if ! replctl wait --state-dir $W/target --volume rv --applied "$seq" --generation "$(ring_gen r0)" --timeout 240; then
 	replctl status --state-dir $W/source
 	tail -n 20 $W/source.log $W/target.log
 	fail "target applied up to the marker"

@@ -66,7 +66,7 @@ check "no resync needed" json_has $W/source '"needs_resync": ?false'
 step "target back: the replica catches up"
 replicad target --config $W/target.toml 2>$W/target.log &
 tpid=$!
-check "target applied up to the marker" replctl wait --state-dir $W/target --volume sp --applied "$seq" --timeout 300
+check "target applied up to the marker" replctl wait --state-dir $W/target --volume sp --applied "$seq" --generation "$(ring_gen r0)" --timeout 300
 wait_for "source lag back to 0 and spool empty" 60 json_has $W/source '"spool_bytes": ?0,'
 replctl status --state-dir $W/source
 replctl status --state-dir $W/target

@@ -67,7 +67,7 @@ random_file() {
 
 # wait_applied SEQ: the target applied record SEQ.
 wait_applied() {
-	check "target applied record $1" replctl wait --state-dir $W/target --volume tv --applied "$1" --timeout 180
+	check "target applied record $1" replctl wait --state-dir $W/target --volume tv --applied "$1" --generation "$(ring_gen r0)" --timeout 180
 }
 
 # point_dev SEQ: the thin device id of point SEQ, from the pool's ledger.
@@ -153,6 +153,7 @@ target = "127.0.0.1:7710"
 target_name = "target-host"
 keys = "$W/keys.toml"
 state_dir = "$W/source"
+initial_copy = false
 [tls]
 ca = "$W/pki/ca.pem"
 cert = "$W/pki/source-host.pem"

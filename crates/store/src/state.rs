@@ -81,6 +81,13 @@ pub struct VolumeState {
     /// for it any more.
     #[serde(default)]
     pub promoted: Option<Promotion>,
+    /// The replica holds no consistent copy of the source (the target had
+    /// no record of the volume, or the source's capture ring changed): only
+    /// the END of a resync whose BEGIN says it resends every region makes
+    /// it consistent. Until then `resync_since` is set as well, so no
+    /// recovery point is taken and a planned failover is refused.
+    #[serde(default)]
+    pub needs_full_resync: bool,
 }
 
 /// Current state format version.

@@ -74,6 +74,7 @@ target = "$(cat $W/target/listen.addr)"
 target_name = "target-host"
 keys = "$W/keys.toml"
 state_dir = "$W/source"
+initial_copy = false
 [tls]
 ca = "$W/pki/ca.pem"
 cert = "$W/pki/source-host.pem"
