@@ -2,11 +2,14 @@
 //! sealed with AES-256-GCM under a stream key.
 //!
 //! A segment is a fixed 136-byte header followed by the ciphertext (with its
-//! 16-byte tag). The header is the AEAD's associated data, so every field in
-//! it is authenticated; it also carries two CRC32C checksums (header, then
-//! ciphertext) so that torn or corrupted frames are told apart from
-//! authentication failures without a key (the journal uses this to find its
-//! torn tail after a crash).
+//! 16-byte tag). The AEAD's associated data is the header's first 128 bytes
+//! exactly as sent and received (every field, the version and the reserved
+//! bytes included; only the two checksums, computed after sealing, are left
+//! out), so no header byte can change without failing authentication. The
+//! header also carries two CRC32C checksums (header, then ciphertext) so that
+//! torn or corrupted frames are told apart from authentication failures
+//! without a key (the journal uses this to find its torn tail after a
+//! crash).
 //!
 //! ```text
 //!   0 magic "DMRS"          4 version u16         6 header_len u16
@@ -15,24 +18,43 @@
 //!  64 epoch u64            72 counter u64 (nonce, +1 per segment of a stream)
 //!  80 first_seq u64        88 last_seq u64
 //!  96 record_count u32    100 plain_len u32      104 cipher_len u32
-//! 108 zstd_level i8 + pad [3]                    112 source_time_ns u64
-//! 120 reserved u64        128 payload_crc u32    132 header_crc u32
+//! 108 zstd_level i8      109 reserved [3]       112 source_time_ns u64
+//! 120 reserved [8]        128 payload_crc u32    132 header_crc u32
 //! ```
 //!
 //! All integers little endian. `header_crc` covers bytes 0..132,
-//! `payload_crc` covers the ciphertext. The plaintext (before compression) is
-//! the records back to back, each a 40-byte record header (seq, sector,
-//! submit_ns, aux as u64; len u32; volume u16; op u8; flags u8) and its
-//! payload.
+//! `payload_crc` covers the ciphertext, the AEAD authenticates bytes 0..128
+//! ([`AAD_LEN`]). Reserved bytes are zero; a header with any of them set is
+//! [`FrameError::Unsupported`] until a feature bit gives them a meaning.
+//! Sequences start at 1 (0 means "none"), a segment holds
+//! `last_seq - first_seq + 1 == record_count` records, and `last_seq` is
+//! below `u64::MAX` so that every segment has a successor.
+//!
+//! Versions: 1 built the associated data from the parsed fields, so the
+//! reserved bytes were not authenticated; 2 authenticates the header bytes
+//! as received. A version 1 frame is [`FrameError::Unsupported`].
+//!
+//! The plaintext (before compression) is the records back to back, each a
+//! 40-byte record header (seq, sector, submit_ns, aux as u64; len u32;
+//! volume u16; op u8; flags u8) and its payload.
 
 use crate::keys::StreamKey;
 
 /// Segment magic.
 pub const SEGMENT_MAGIC: [u8; 4] = *b"DMRS";
 /// Segment format version.
-pub const SEGMENT_VERSION: u16 = 1;
+pub const SEGMENT_VERSION: u16 = 2;
 /// Header size.
 pub const HEADER_LEN: usize = 136;
+/// The header bytes the AEAD authenticates, as sent: all of them but the
+/// two checksums (computed after sealing).
+pub const AAD_LEN: usize = 128;
+/// Where the payload checksum is in the header.
+const PAYLOAD_CRC_AT: usize = 128;
+/// Where the header checksum is (it covers every byte before it).
+const HEADER_CRC_AT: usize = 132;
+/// The reserved (zero) header bytes.
+const RESERVED: [std::ops::Range<usize>; 2] = [109..112, 120..128];
 /// Feature bit: payload compressed with zstd.
 pub const FEATURE_ZSTD: u32 = 1;
 /// Feature bit: the segment starts a resync. Records between the target's
@@ -48,6 +70,9 @@ pub const RECORD_HEADER_LEN: usize = 40;
 pub const MAX_PLAIN_LEN: u32 = 64 << 20;
 /// AEAD tag length.
 pub const TAG_LEN: usize = 16;
+/// Largest ciphertext accepted (tag included): the largest plaintext, its
+/// zstd framing overhead when it does not compress, and the tag.
+pub const MAX_CIPHER_LEN: u32 = MAX_PLAIN_LEN + 4096 + TAG_LEN as u32;
 
 /// Record op used in segments for a record that failed on the source: it
 /// keeps the sequence dense but carries nothing to apply.
@@ -135,6 +160,11 @@ pub enum FrameError {
     /// The records inside do not match the header.
     #[error("segment records malformed: {0}")]
     Records(&'static str),
+    /// The header passed its checksum but its fields contradict each other
+    /// (a sequence range that does not match the record count, or that
+    /// wraps): the sender built it wrong, it was not damaged on the way.
+    #[error("segment header malformed: {0}")]
+    Malformed(&'static str),
 }
 
 /// The parsed header of a segment.
@@ -171,7 +201,8 @@ pub struct SegmentHeader {
 }
 
 impl SegmentHeader {
-    fn encode_without_crc(&self, payload_crc: u32) -> [u8; HEADER_LEN] {
+    /// The header bytes with both checksums (and the reserved bytes) zero.
+    fn encode_fields(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&SEGMENT_MAGIC);
         h[4..6].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
@@ -190,18 +221,12 @@ impl SegmentHeader {
         h[104..108].copy_from_slice(&self.cipher_len.to_le_bytes());
         h[108] = self.zstd_level as u8;
         h[112..120].copy_from_slice(&self.source_time_ns.to_le_bytes());
-        h[128..132].copy_from_slice(&payload_crc.to_le_bytes());
         h
     }
 
-    /// The associated data the AEAD authenticates: the header with both
-    /// checksums zeroed (the checksums are computed after sealing).
-    fn aad(&self) -> [u8; HEADER_LEN] {
-        self.encode_without_crc(0)
-    }
-
-    /// Parses and checks a header (magic, version, length, checksum,
-    /// features, length bounds). Returns it with the payload checksum.
+    /// Parses and checks a header (magic, checksum, version, length,
+    /// reserved bytes, features, length bounds, sequence range). Returns it
+    /// with the payload checksum.
     pub fn decode(b: &[u8]) -> Result<(Self, u32), FrameError> {
         if b.len() < HEADER_LEN {
             return Err(FrameError::Corrupt("short header"));
@@ -222,7 +247,7 @@ impl SegmentHeader {
             a.copy_from_slice(&b[o..o + 16]);
             a
         };
-        if crc32c::crc32c(&b[..132]) != u32_at(132) {
+        if crc32c::crc32c(&b[..HEADER_CRC_AT]) != u32_at(HEADER_CRC_AT) {
             return Err(FrameError::Corrupt("header checksum mismatch"));
         }
         if u16_at(4) != SEGMENT_VERSION {
@@ -230,6 +255,14 @@ impl SegmentHeader {
         }
         if u16_at(6) as usize != HEADER_LEN {
             return Err(FrameError::Corrupt("header length"));
+        }
+        // No feature bit defines them yet: a sender that sets them speaks
+        // something this build does not.
+        if RESERVED
+            .iter()
+            .any(|r| b[r.clone()].iter().any(|&x| x != 0))
+        {
+            return Err(FrameError::Unsupported("reserved header bytes set"));
         }
         let h = Self {
             features: u32_at(8),
@@ -250,25 +283,46 @@ impl SegmentHeader {
         if h.features & !FEATURES_KNOWN != 0 {
             return Err(FrameError::Unsupported("unknown feature bits"));
         }
-        if h.plain_len > MAX_PLAIN_LEN
-            || h.cipher_len as usize > MAX_PLAIN_LEN as usize + 4096 + TAG_LEN
-        {
+        if h.plain_len > MAX_PLAIN_LEN || h.cipher_len > MAX_CIPHER_LEN {
             return Err(FrameError::Corrupt("length out of bounds"));
         }
         if (h.cipher_len as usize) < TAG_LEN {
             return Err(FrameError::Corrupt("ciphertext shorter than its tag"));
         }
-        if h.last_seq < h.first_seq || h.last_seq - h.first_seq + 1 != u64::from(h.record_count) {
-            return Err(FrameError::Corrupt(
+        h.check_range()?;
+        Ok((h, u32_at(PAYLOAD_CRC_AT)))
+    }
+
+    /// The sequence range against the record count, without wrapping: a
+    /// range that wrapped could claim every sequence there is and make the
+    /// target take every later segment for a duplicate.
+    fn check_range(&self) -> Result<(), FrameError> {
+        if self.first_seq == 0 {
+            return Err(FrameError::Malformed("sequence 0 is not a record's"));
+        }
+        if self.last_seq == u64::MAX {
+            return Err(FrameError::Malformed(
+                "last sequence leaves no room for the next segment",
+            ));
+        }
+        let span = self
+            .last_seq
+            .checked_sub(self.first_seq)
+            .and_then(|d| d.checked_add(1))
+            .ok_or(FrameError::Malformed("sequence range runs backwards"))?;
+        if span != u64::from(self.record_count) {
+            return Err(FrameError::Malformed(
                 "sequence range does not match the record count",
             ));
         }
-        Ok((h, u32_at(128)))
+        Ok(())
     }
 
     /// Total frame length (header + ciphertext).
     pub fn frame_len(&self) -> usize {
-        HEADER_LEN + self.cipher_len as usize
+        // Saturating: a header built by hand with an absurd length names a
+        // length no frame has, instead of wrapping to one some frame has.
+        HEADER_LEN.saturating_add(self.cipher_len as usize)
     }
 }
 
@@ -358,10 +412,15 @@ pub fn decode_record_run(
 ) -> Result<Vec<RecordView<'_>>, FrameError> {
     let mut out = Vec::with_capacity(count.min(1 << 16) as usize);
     let mut p = 0usize;
-    let mut expect = first_seq;
+    // `None` once the sequence after the last record would not fit.
+    let mut expect = Some(first_seq);
     while p < plain.len() {
-        let rh = plain
-            .get(p..p + RECORD_HEADER_LEN)
+        if out.len() >= count as usize {
+            return Err(FrameError::Records("more records than the header counts"));
+        }
+        let rh = p
+            .checked_add(RECORD_HEADER_LEN)
+            .and_then(|end| plain.get(p..end))
             .ok_or(FrameError::Records("truncated record header"))?;
         let u64_at = |o: usize| {
             let mut a = [0u8; 8];
@@ -376,18 +435,32 @@ pub fn decode_record_run(
         let volume = u32::from(u16::from_le_bytes([rh[36], rh[37]]));
         let op = rh[38];
         let flags = rh[39];
-        if seq != expect {
-            return Err(FrameError::Records("records not consecutive"));
+        match expect {
+            Some(e) if e == seq => {}
+            Some(_) => return Err(FrameError::Records("records not consecutive")),
+            None => return Err(FrameError::Records("record sequences wrap")),
+        }
+        // Every record's byte range (`sector * 512 + len`) is addressable,
+        // so that appliers can compute it without overflowing.
+        if sector
+            .checked_mul(512)
+            .and_then(|b| b.checked_add(u64::from(len)))
+            .is_none()
+        {
+            return Err(FrameError::Records("record byte range overflows 64 bits"));
         }
         p += RECORD_HEADER_LEN;
         let dlen = match op {
-            ring_op::WRITE => len as usize,
+            ring_op::WRITE => {
+                usize::try_from(len).map_err(|_| FrameError::Records("truncated payload"))?
+            }
             ring_op::FLUSH | ring_op::MARKER | OP_SKIPPED => 0,
             ring_op::DISCARD | ring_op::WRITE_ZEROES => 0,
             _ => return Err(FrameError::Records("unknown record op")),
         };
-        let data = plain
-            .get(p..p + dlen)
+        let data = p
+            .checked_add(dlen)
+            .and_then(|end| plain.get(p..end))
             .ok_or(FrameError::Records("truncated payload"))?;
         p += dlen;
         out.push(RecordView {
@@ -401,7 +474,7 @@ pub fn decode_record_run(
             aux,
             data,
         });
-        expect = expect.wrapping_add(1);
+        expect = seq.checked_add(1);
     }
     if out.len() != count as usize {
         return Err(FrameError::Records(
@@ -456,15 +529,25 @@ pub fn seal_with(
     body.reserve(TAG_LEN);
     h.features = FEATURE_ZSTD | (h.features & FEATURE_RESYNC_GAP);
     h.key_id = key.key_id();
-    h.plain_len = plain.len() as u32;
-    h.cipher_len = (body.len() + TAG_LEN) as u32;
+    h.plain_len =
+        u32::try_from(plain.len()).map_err(|_| FrameError::Records("segment too large"))?;
+    h.cipher_len = body
+        .len()
+        .checked_add(TAG_LEN)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|&n| n <= MAX_CIPHER_LEN)
+        .ok_or(FrameError::Records("segment too large"))?;
     h.zstd_level = zstd_level.clamp(i8::MIN as i32, i8::MAX as i32) as i8;
-    let aad = h.aad();
-    key.seal(h.counter, &aad, &mut body)
+    // The receiver refuses what this build would not accept.
+    h.check_range()?;
+    // The header bytes are built first and are the associated data, so the
+    // receiver authenticates exactly the bytes it receives.
+    let mut hdr = h.encode_fields();
+    key.seal(h.counter, &hdr[..AAD_LEN], &mut body)
         .map_err(|_| FrameError::Authentication)?;
-    let mut hdr = h.encode_without_crc(crc32c::crc32c(&body));
-    let hcrc = crc32c::crc32c(&hdr[..132]);
-    hdr[132..136].copy_from_slice(&hcrc.to_le_bytes());
+    hdr[PAYLOAD_CRC_AT..HEADER_CRC_AT].copy_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    let hcrc = crc32c::crc32c(&hdr[..HEADER_CRC_AT]);
+    hdr[HEADER_CRC_AT..HEADER_LEN].copy_from_slice(&hcrc.to_le_bytes());
     let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
     frame.extend_from_slice(&hdr);
     frame.extend_from_slice(&body);
@@ -492,16 +575,28 @@ pub fn open(h: &SegmentHeader, frame: &[u8], key: &StreamKey) -> Result<Vec<u8>,
 
 /// Authenticates and decrypts a frame checked by [`check`], returning the
 /// compressed payload (the receiver verifies with this; the applier
-/// decompresses later).
+/// decompresses later). The associated data is the frame's header bytes as
+/// received, and `h` must be what they say (else
+/// [`FrameError::Authentication`]: `h` is not the header authenticated).
 pub fn authenticate(
     h: &SegmentHeader,
     frame: &[u8],
     key: &StreamKey,
 ) -> Result<Vec<u8>, FrameError> {
-    let mut body = frame[HEADER_LEN..].to_vec();
+    let (hdr, body) = frame
+        .split_at_checked(HEADER_LEN)
+        .ok_or(FrameError::Corrupt("short header"))?;
+    if body.len() < TAG_LEN {
+        return Err(FrameError::Corrupt("ciphertext shorter than its tag"));
+    }
+    let aad = &hdr[..AAD_LEN];
+    let mut body = body.to_vec();
     let n = key
-        .open(h.counter, &h.aad(), &mut body)
+        .open(h.counter, aad, &mut body)
         .map_err(|_| FrameError::Authentication)?;
+    if h.encode_fields()[..AAD_LEN] != *aad {
+        return Err(FrameError::Authentication);
+    }
     body.truncate(n);
     Ok(body)
 }
@@ -674,5 +769,331 @@ mod tests {
             open(&hh, &frame, &key(&other, 1, "vol")),
             Err(FrameError::Authentication)
         );
+    }
+
+    /// Recomputes both checksums after a deliberate change, as a forger
+    /// (who has no key) could: only the AEAD stands in the way.
+    fn fix_crcs(f: &mut [u8]) {
+        let pcrc = crc32c::crc32c(&f[HEADER_LEN..]);
+        f[128..132].copy_from_slice(&pcrc.to_le_bytes());
+        let hcrc = crc32c::crc32c(&f[..132]);
+        f[132..136].copy_from_slice(&hcrc.to_le_bytes());
+    }
+
+    /// The reserved header bytes: the pad after `zstd_level` and the u64
+    /// at 120.
+    fn reserved() -> impl Iterator<Item = usize> {
+        (109..112).chain(120..128)
+    }
+
+    fn sealed() -> (StreamKey, Vec<u8>) {
+        let kr = KeyRing::generate().expect("kr");
+        let k = key(&kr, 1, "vol");
+        let (h, plain) = sample();
+        let frame = seal(h, &plain, 1, &k).expect("seal");
+        (k, frame)
+    }
+
+    #[test]
+    fn reserved_header_bytes_are_zero_and_authenticated() {
+        let (k, frame) = sealed();
+        let hh = check(&frame).expect("check");
+        assert!(reserved().all(|i| frame[i] == 0), "seal leaves them zero");
+        for i in reserved() {
+            for v in [1u8, 0x5a, 0xff] {
+                let mut f = frame.clone();
+                f[i] = v;
+                fix_crcs(&mut f);
+                let r = check(&f);
+                assert!(
+                    matches!(r, Err(FrameError::Unsupported(_))),
+                    "reserved byte {i} = {v:#x}: check gave {r:?}"
+                );
+                assert!(SegmentHeader::decode(&f).is_err(), "decode, byte {i}");
+                // A reader that skipped `check` and holds the genuine
+                // header still cannot be fooled: the bytes as received are
+                // the associated data.
+                assert_eq!(
+                    authenticate(&hh, &f, &k),
+                    Err(FrameError::Authentication),
+                    "reserved byte {i} = {v:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn associated_data_is_the_header_as_sent() {
+        let (k, frame) = sealed();
+        let hh = check(&frame).expect("check");
+        // Everything before the two checksums (computed after sealing),
+        // byte for byte as on the wire.
+        let mut body = frame[HEADER_LEN..].to_vec();
+        let n = k
+            .open(hh.counter, &frame[..128], &mut body)
+            .expect("the header bytes as sent are the AAD");
+        assert_eq!(
+            &body[..n],
+            &authenticate(&hh, &frame, &k).expect("auth")[..]
+        );
+        for i in 0..128 {
+            let mut aad = frame[..128].to_vec();
+            aad[i] ^= 1;
+            let mut body = frame[HEADER_LEN..].to_vec();
+            assert!(k.open(hh.counter, &aad, &mut body).is_err(), "AAD byte {i}");
+        }
+    }
+
+    #[test]
+    fn other_segment_versions_are_unsupported() {
+        assert_eq!(SEGMENT_VERSION, 2);
+        let (_, frame) = sealed();
+        assert_eq!(u16::from_le_bytes([frame[4], frame[5]]), SEGMENT_VERSION);
+        for v in [0u16, 1, 3, u16::MAX] {
+            let mut f = frame.clone();
+            f[4..6].copy_from_slice(&v.to_le_bytes());
+            fix_crcs(&mut f);
+            assert_eq!(
+                check(&f),
+                Err(FrameError::Unsupported("segment version")),
+                "version {v}"
+            );
+        }
+    }
+
+    /// `frame` with its sequence range and record count replaced (and the
+    /// checksums made to match).
+    fn with_range(frame: &[u8], first: u64, last: u64, count: u32) -> Vec<u8> {
+        let mut f = frame.to_vec();
+        f[80..88].copy_from_slice(&first.to_le_bytes());
+        f[88..96].copy_from_slice(&last.to_le_bytes());
+        f[96..100].copy_from_slice(&count.to_le_bytes());
+        fix_crcs(&mut f);
+        f
+    }
+
+    #[test]
+    fn sequence_ranges_are_checked_without_wrapping() {
+        let (_, frame) = sealed();
+        const M: u64 = u64::MAX;
+        let bad: &[(u64, u64, u32)] = &[
+            // last - first + 1 wraps to 0 (and panics in a debug build).
+            (0, M, 0),
+            (0, M, u32::MAX),
+            // Sequence 0 means "none": no record has it.
+            (0, 0, 1),
+            (0, 2, 3),
+            // Backwards.
+            (5, 4, 0),
+            (5, 4, u32::MAX),
+            (M, 0, 0),
+            (M, 1, 0),
+            // A last sequence with no successor would make every later
+            // segment look like a duplicate.
+            (M, M, 1),
+            (M - 2, M, 3),
+            (1, M, u32::MAX),
+            // The span truncated to 32 bits would match.
+            (1, 1 << 32, 0),
+            (2, (1 << 32) + 2, 1),
+            (1, 1, 0),
+            (1, 3, 2),
+            (1, 3, 4),
+        ];
+        for &(first, last, count) in bad {
+            let f = with_range(&frame, first, last, count);
+            let r = check(&f);
+            assert!(
+                matches!(r, Err(FrameError::Malformed(_))),
+                "{first}..={last} with {count} records: {r:?}"
+            );
+            assert!(SegmentHeader::decode(&f).is_err());
+        }
+        let good: &[(u64, u64, u32)] = &[
+            (1, 1, 1),
+            (1, u64::from(u32::MAX), u32::MAX),
+            (M - 1, M - 1, 1),
+            (M - u64::from(u32::MAX), M - 1, u32::MAX),
+        ];
+        for &(first, last, count) in good {
+            let h = check(&with_range(&frame, first, last, count))
+                .unwrap_or_else(|e| panic!("{first}..={last} with {count}: {e}"));
+            assert_eq!(
+                (h.first_seq, h.last_seq, h.record_count),
+                (first, last, count)
+            );
+        }
+    }
+
+    fn edge_u64() -> impl proptest::strategy::Strategy<Value = u64> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(0u64),
+            Just(1),
+            Just(u64::MAX),
+            Just(u64::MAX - 1),
+            Just(1 << 32),
+            0u64..8,
+            u64::MAX - 8..=u64::MAX,
+            any::<u64>(),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn sequence_range_check_is_exactly_the_rule(
+            first in edge_u64(),
+            last in edge_u64(),
+            count in proptest::prelude::any::<u32>(),
+            matching in proptest::prelude::any::<bool>(),
+        ) {
+            let (_, frame) = sealed();
+            // Half the cases take the count a wrapping computation
+            // would expect.
+            let count = if matching {
+                last.wrapping_sub(first).wrapping_add(1) as u32
+            } else {
+                count
+            };
+            let want = first >= 1
+                && last >= first
+                && last < u64::MAX
+                && u128::from(last) - u128::from(first) + 1 == u128::from(count);
+            let r = check(&with_range(&frame, first, last, count));
+            proptest::prop_assert_eq!(r.is_ok(), want, "{}..={} / {}: {:?}", first, last, count, r);
+            if !want {
+                proptest::prop_assert!(matches!(r, Err(FrameError::Malformed(_))));
+            }
+        }
+
+        #[test]
+        fn any_single_byte_change_is_caught(
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            x in 1u8..=255,
+            recompute in proptest::prelude::any::<bool>(),
+        ) {
+            let (k, frame) = sealed();
+            let i = at.index(frame.len());
+            let mut f = frame.clone();
+            f[i] ^= x;
+            // Recomputing the checksums would undo a change to them.
+            if recompute && !(128..136).contains(&i) {
+                fix_crcs(&mut f);
+            }
+            let r = check(&f).and_then(|h| authenticate(&h, &f, &k));
+            proptest::prop_assert!(r.is_err(), "byte {} ^ {:#x} went unnoticed", i, x);
+        }
+    }
+
+    #[test]
+    fn every_byte_change_is_caught_even_with_checksums_recomputed() {
+        let (k, frame) = sealed();
+        for i in 0..frame.len() {
+            for x in 1..=255u8 {
+                let mut f = frame.clone();
+                f[i] ^= x;
+                let r = check(&f).and_then(|h| authenticate(&h, &f, &k));
+                assert!(r.is_err(), "byte {i} ^ {x:#x} went unnoticed");
+                if (128..136).contains(&i) {
+                    continue;
+                }
+                fix_crcs(&mut f);
+                let r = check(&f).and_then(|h| authenticate(&h, &f, &k));
+                assert!(
+                    r.is_err(),
+                    "byte {i} ^ {x:#x}, checksums recomputed, went unnoticed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn authenticate_refuses_short_or_mismatched_frames_without_panicking() {
+        let (k, frame) = sealed();
+        let hh = check(&frame).expect("check");
+        for len in [0, 1, HEADER_LEN - 1, HEADER_LEN, HEADER_LEN + TAG_LEN - 1] {
+            assert!(authenticate(&hh, &frame[..len], &k).is_err(), "{len} bytes");
+        }
+        // A genuine frame with the header of another one.
+        let (h, plain) = sample();
+        let other = seal(
+            SegmentHeader {
+                first_seq: 20,
+                last_seq: 22,
+                ..h
+            },
+            &plain,
+            1,
+            &k,
+        )
+        .expect("seal");
+        assert_eq!(
+            authenticate(&hh, &other, &k),
+            Err(FrameError::Authentication)
+        );
+    }
+
+    fn one_record(seq: u64, op: u8, sector: u64, len: u32, data: &[u8]) -> Vec<u8> {
+        let mut p = Vec::new();
+        encode_record_parts(&mut p, seq, op, 0, 0, sector, len, 0, 0, data);
+        p
+    }
+
+    #[test]
+    fn record_sequences_do_not_wrap() {
+        let mut plain = one_record(u64::MAX, ring_op::FLUSH, 0, 0, &[]);
+        assert_eq!(
+            decode_record_run(u64::MAX, 1, &plain)
+                .expect("the last sequence")
+                .len(),
+            1
+        );
+        plain.extend(one_record(0, ring_op::FLUSH, 0, 0, &[]));
+        assert!(matches!(
+            decode_record_run(u64::MAX, 2, &plain),
+            Err(FrameError::Records(_))
+        ));
+    }
+
+    #[test]
+    fn record_byte_ranges_must_fit() {
+        const S: u64 = u64::MAX / 512;
+        for (op, sector, len) in [
+            (ring_op::DISCARD, S + 1, 0),
+            (ring_op::FLUSH, u64::MAX, 0),
+            (ring_op::WRITE_ZEROES, S, 512),
+            (ring_op::DISCARD, S, u32::MAX),
+        ] {
+            let p = one_record(1, op, sector, len, &[]);
+            let r = decode_record_run(1, 1, &p);
+            assert!(
+                matches!(r, Err(FrameError::Records(_))),
+                "op {op} at sector {sector} + {len}: {r:?}"
+            );
+        }
+        // The last byte of the address space is addressable.
+        let p = one_record(1, ring_op::DISCARD, S, 511, &[]);
+        assert_eq!(decode_record_run(1, 1, &p).expect("fits")[0].sector, S);
+        // A write longer than what follows it.
+        let p = one_record(1, ring_op::WRITE, 0, u32::MAX, &[1; 8]);
+        assert_eq!(
+            decode_record_run(1, 1, &p),
+            Err(FrameError::Records("truncated payload"))
+        );
+    }
+
+    #[test]
+    fn more_records_than_the_count_are_refused() {
+        let mut p = Vec::new();
+        for s in 1..=3 {
+            p.extend(one_record(s, ring_op::FLUSH, 0, 0, &[]));
+        }
+        assert_eq!(decode_record_run(1, 3, &p).expect("three").len(), 3);
+        for count in [0, 1, 2, 4, u32::MAX] {
+            assert!(
+                matches!(decode_record_run(1, count, &p), Err(FrameError::Records(_))),
+                "{count}"
+            );
+        }
     }
 }

@@ -7,8 +7,13 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol version spoken by this build; peers must speak the same one (the
+/// target refuses another in the hello, the source in the welcome).
+///
+/// 1: segment format 1. 2: segment format 2 (the AEAD authenticates the
+/// segment header bytes as sent, reserved bytes included; sequence ranges
+/// are checked without wrapping).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Feature bits this build offers in the handshake.
 pub const PROTOCOL_FEATURES: u64 = FEATURE_ZSTD_SEGMENTS;
 /// Feature: segments are zstd-compressed.
@@ -289,5 +294,22 @@ mod tests {
         }
         assert!(Message::decode(&[9, 0, 0, 0, 0]).is_err());
         assert!(Message::decode(&[3, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn an_old_peers_hello_parses_so_the_target_can_refuse_its_version() {
+        assert_eq!(PROTOCOL_VERSION, 2);
+        // A protocol 1 source's hello, as it sends it.
+        let body = br#"{"protocol":1,"features":1,"volume":"db1","generation":"00","epoch":1,"source_random":"00","oldest_seq":1,"key_id":1}"#;
+        let mut buf = vec![T_HELLO];
+        buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        buf.extend_from_slice(body);
+        let (m, used) = Message::decode(&buf).expect("decode").expect("whole");
+        assert_eq!(used, buf.len());
+        let Message::Hello(h) = m else {
+            panic!("not a hello: {m:?}")
+        };
+        assert_eq!(h.protocol, 1);
+        assert_ne!(h.protocol, PROTOCOL_VERSION);
     }
 }
