@@ -202,6 +202,19 @@ pub struct SourceConfig {
     /// Resync settings.
     #[serde(default)]
     pub resync: ResyncConfig,
+    /// A target that holds no copy of the volume gets one first: every
+    /// region is resent (a full resync) and the replica is inconsistent
+    /// until it ends. `false` declares that the replica already holds what
+    /// the volume held before the first captured record (both new and
+    /// zeroed, or seeded from the same image); a target with no record of
+    /// the volume then takes the stream from record 1 as it is, and still
+    /// demands a full copy when the stream starts later. Default true.
+    #[serde(default = "yes")]
+    pub initial_copy: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Resync pacing.

@@ -96,8 +96,13 @@ pub mod resync {
     /// What a resync marker says.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Marker {
-        /// A resync starts: the replica is inconsistent until END.
-        Begin,
+        /// A resync starts: the replica is inconsistent until END. `full`:
+        /// it resends every region of the volume (an initial copy), so a
+        /// target that holds no consistent copy is consistent at its END.
+        Begin {
+            /// Every region of the volume is resent.
+            full: bool,
+        },
         /// Send `count` regions from `region` (in the volume's region size).
         Data {
             /// First region.
@@ -113,7 +118,7 @@ pub mod resync {
         /// The marker's `aux`.
         pub fn aux(self) -> u64 {
             match self {
-                Marker::Begin => 1 << KIND_SHIFT,
+                Marker::Begin { full } => (1 << KIND_SHIFT) | u64::from(full),
                 Marker::Data { region, count } => {
                     (2 << KIND_SHIFT)
                         | (u64::from(count & 0xffff) << COUNT_SHIFT)
@@ -126,7 +131,7 @@ pub mod resync {
         /// Parses an `aux`.
         pub fn from_aux(aux: u64) -> Option<Self> {
             match aux >> KIND_SHIFT {
-                1 if aux & ((1 << KIND_SHIFT) - 1) == 0 => Some(Marker::Begin),
+                1 if aux & ((1 << KIND_SHIFT) - 2) == 0 => Some(Marker::Begin { full: aux & 1 != 0 }),
                 2 => {
                     let count = ((aux >> COUNT_SHIFT) & 0xffff) as u32;
                     (count > 0).then_some(Marker::Data {
@@ -633,7 +638,8 @@ mod tests {
     fn resync_markers_round_trip_and_junk_is_refused() {
         use resync::Marker;
         for m in [
-            Marker::Begin,
+            Marker::Begin { full: false },
+            Marker::Begin { full: true },
             Marker::End,
             Marker::Data {
                 region: 0,
@@ -646,7 +652,7 @@ mod tests {
         ] {
             assert_eq!(Marker::from_aux(m.aux()), Some(m));
         }
-        for junk in [0u64, 42, (1 << 56) | 1, 2 << 56, 4 << 56, (3 << 56) | 7] {
+        for junk in [0u64, 42, (1 << 56) | 2, (1 << 56) | 3, 2 << 56, 4 << 56, (3 << 56) | 7] {
             assert_eq!(Marker::from_aux(junk), None, "{junk:#x}");
         }
     }

@@ -78,6 +78,13 @@ pub struct Hello {
     /// over, inconsistent until the resync ends.
     #[serde(default)]
     pub resync: bool,
+    /// The operator declared that the replica already holds what the volume
+    /// held before record 1 of this ring generation (both new and zeroed,
+    /// or seeded): a target with no record of the volume then takes a
+    /// stream that starts at record 1 without a full resync. Otherwise such
+    /// a target demands one.
+    #[serde(default)]
+    pub replica_seeded: bool,
 }
 
 /// Target's answer when it accepts the stream.
@@ -96,6 +103,11 @@ pub struct Welcome {
     pub applied_seq: u64,
     /// Epoch the target is at.
     pub epoch: u64,
+    /// The replica holds no consistent copy of the volume: the source must
+    /// resend every region (a resync whose BEGIN says `full`). The replica
+    /// stays Inconsistent until that resync's END is applied.
+    #[serde(default)]
+    pub resync_required: bool,
 }
 
 /// Acknowledgement: everything up to `durable_seq` is durable in the
