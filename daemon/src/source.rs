@@ -1228,7 +1228,13 @@ impl BatchCtx {
         let mut h = self.header.clone();
         h.first_seq = f;
         h.last_seq = last;
-        h.record_count = last.wrapping_sub(f).wrapping_add(1) as u32;
+        h.record_count = last
+            .checked_sub(f)
+            .and_then(|d| d.checked_add(1))
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| {
+                SessionError::fatal(format!("records {f}..={last} do not make one segment"))
+            })?;
         h.source_time_ns = last_time;
         if std::mem::take(&mut self.gap) {
             h.features |= frame::FEATURE_RESYNC_GAP;

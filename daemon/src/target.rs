@@ -928,6 +928,9 @@ impl ConnCtx {
     fn segment(&self, s: &mut Session, f: Vec<u8>) -> Result<Option<Journaled>, Refusal> {
         let h = frame::check(&f).map_err(|e| match e {
             FrameError::Unsupported(_) => Refusal::fatal("unsupported", e.to_string()),
+            // Its checksums hold, so it was not damaged on the way: a
+            // sender that builds such headers is broken, resending helps not.
+            FrameError::Malformed(_) => Refusal::fatal("malformed-segment", e.to_string()),
             _ => Refusal::recoverable("corrupt-segment", format!("rejected segment: {e}")),
         })?;
         if h.volume_tag != s.vol.tag {

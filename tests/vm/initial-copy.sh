@@ -1,0 +1,59 @@
+#!/bin/sh
+# `replctl protect` and `replctl resync --wait` return only when the copy
+# they started has been applied on the target: a disk full of random data
+# (whose copy takes a while under emulation) is protected; the moment
+# protect returns, the source needs no resync, the target says Consistent
+# with a recovery point at the copy's END, and the replica equals the disk.
+# The same for an operator's full resync with --wait afterwards.
+#
+# vm-disks: 96M 256M
+# shellcheck source=tests/vm/lib.sh
+. /lib/vmtest/lib.sh
+set -u
+
+W=/tmp/ic
+C=/etc/dm-replica
+T=/target
+ADDR=127.0.0.1:7719
+size=$(($(cat /sys/block/vda/size) * 512))
+
+check "loopback up" ifconfig lo 127.0.0.1 up
+target_disk /dev/vdb $T
+check "random data on the disk before protection" dd if=/dev/urandom of=/dev/vda bs=1M count=96 oflag=direct
+check "insmod dm_replica" insmod "$(module_path dm_replica)"
+repl_keys $W
+{ target_toml $W $ADDR $T/state; target_volume ic $size $T/ic.img 4; } >$W/target.toml
+replicad target --config $W/target.toml 2>$W/target.log &
+tpid=$!
+mkdir -p $C
+
+# consistent_now: the source needs nothing, the target is Consistent at a
+# point, and the replica equals the volume.
+consistent_now() {
+	replctl status --state-dir $W/source
+	replctl status --state-dir $T/state
+	check "the source needs no resync" json_has $W/source '"needs_resync": false'
+	check "the target says Consistent" json_has $T/state '"replica": "Consistent"'
+	check "the target has a recovery point" test -n "$(replctl points --state-dir $T/state --volume ic | awk '$1 ~ /^[0-9]+$/')"
+	same_sha /dev/mapper/ic $T/ic.img "the replica equals the volume"
+}
+
+step "protect: returns when the initial copy is applied"
+out=$(replctl protect /dev/vda --volume ic --target $ADDR --target-name target-host --ring-mib 4 \
+	--config-dir $C --state-dir $W/source --keys $W/keys.toml --ca $W/pki/ca.pem \
+	--cert $W/pki/source-host.pem --key $W/pki/source-host.key --spawn 2>&1) || fail "replctl protect: $out"
+echo "$out"
+check "protect says the target applied the copy" sh -c 'echo "$1" | grep -q "initial copy done: the target applied its end"' _ "$out"
+consistent_now
+
+step "a full resync with --wait: returns when its END is applied"
+check "dd over the volume" dd if=/dev/urandom of=/dev/mapper/ic bs=1M count=8 seek=40 oflag=direct
+out=$(replctl resync --state-dir $W/source --wait --timeout 900 2>&1) || fail "replctl resync --wait: $out"
+echo "$out"
+check "resync says its end was applied" sh -c 'echo "$1" | grep -q "resync done: the target applied its end"' _ "$out"
+consistent_now
+
+out=$(replctl unprotect ic --config-dir $C 2>&1) || fail "replctl unprotect: $out"
+kill $tpid
+wait $tpid
+check "rmmod dm_replica" rmmod dm_replica
