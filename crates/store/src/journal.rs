@@ -2,12 +2,50 @@
 //! arrival order to numbered files, fsynced before they are acknowledged.
 //!
 //! Frames are stored exactly as they arrived; each carries its own magic,
-//! lengths and checksums, so a scan at start-up finds every whole frame and
-//! truncates a torn tail left by a crash. Corruption anywhere but the tail of
-//! the newest file is reported, never skipped.
+//! lengths and checksums, so a scan at start-up finds every whole frame.
+//!
+//! # What may be cut, what is an error
+//!
+//! Writes issued after the last fsync reach the disk in no fixed order: a
+//! crash can leave a hole with whole frames after it, so a valid frame
+//! following damage proves nothing about whether the damaged frame was
+//! acknowledged. The journal therefore records, at every group commit
+//! ([`Journal::sync`]) and after the data fsync, a durable **watermark**:
+//! the journal file and byte offset up to which everything is durable (and
+//! so may have been acknowledged), and the last record sequence there. At
+//! [`Journal::open`]:
+//!
+//! * damage (a bad frame, or a file shorter than the watermark) **below**
+//!   the watermark (before its offset in the file it names, or anywhere in
+//!   an older file) is an error, [`StoreError::Corrupt`] naming the file,
+//!   the offset and the acknowledged sequence: acknowledged records would
+//!   be lost, nothing is cut;
+//! * damage **above** it (appended, never acknowledged) is a torn tail: the
+//!   newest file is cut at the first bad frame, whatever follows;
+//! * every file but the newest was fsynced whole before the next one was
+//!   started, so damage in one is an error wherever it is.
+//!
+//! The watermark lives in the [`WATERMARK_FILE`] of the journal directory:
+//! two fixed 60-byte slots at offsets 0 and 4096, each versioned and
+//! checksummed (CRC-32C) with a write counter; a commit overwrites the
+//! older slot in place and `fdatasync`s it, so a write torn by a crash only
+//! ever spoils the slot being written and the other one still holds the
+//! previous (lower, still true) watermark. A group commit costs two
+//! fsyncs: the journal data, then the watermark slot (the file never
+//! changes size, so the second one flushes one block and no metadata).
+//! A sync with nothing new appended writes no watermark.
+//!
+//! A journal written by an older version has no watermark file: nothing
+//! says what it acknowledged, so it is opened with the older rule (as if
+//! the watermark stood at the start of the newest file: a damaged tail of
+//! the newest file is cut), with a warning, and a watermark is written at
+//! once; from then on the rule above holds. A watermark file with neither
+//! slot readable is an error (it is never silently ignored); an operator
+//! who removes it gets that older rule for one open.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use replica_proto::frame::{self, SegmentHeader, HEADER_LEN};
@@ -25,6 +63,23 @@ pub struct FramePos {
     pub header: SegmentHeader,
 }
 
+/// The durable watermark of a journal: everything before byte `offset` of
+/// journal file `file` (and every older file) is durable; `seq` is the
+/// last record sequence there. See the [module documentation](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermark {
+    /// First journal file of the current sequence space (set by
+    /// [`Journal::restart`]); older files are leftovers of an interrupted
+    /// restart.
+    pub base: u64,
+    /// Journal file number.
+    pub file: u64,
+    /// Byte offset in that file (a frame boundary).
+    pub offset: u64,
+    /// Last durable record sequence.
+    pub seq: u64,
+}
+
 /// The journal of one volume.
 pub struct Journal {
     dir: PathBuf,
@@ -36,6 +91,7 @@ pub struct Journal {
     pending_seq: u64,
     /// Highest record sequence in each journal file.
     file_max: std::collections::BTreeMap<u64, u64>,
+    mark: MarkFile,
 }
 
 /// What a start-up scan found.
@@ -45,6 +101,220 @@ pub struct Scan {
     pub frames: Vec<FramePos>,
     /// Bytes cut off a torn tail, if any.
     pub truncated_bytes: u64,
+}
+
+/// Name of the durable watermark file in a journal directory.
+pub const WATERMARK_FILE: &str = "watermark";
+const WATERMARK_TMP: &str = "watermark.tmp";
+const WM_MAGIC: [u8; 8] = *b"DMRJWMK\0";
+const WM_VERSION: u32 = 1;
+/// Slot `i` starts at `i * WM_STRIDE`: the two never share a block.
+const WM_STRIDE: u64 = 4096;
+const WM_FILE_LEN: u64 = 2 * WM_STRIDE;
+/// magic 8, version 4, reserved 4, counter 8, base 8, file 8, offset 8,
+/// seq 8, crc32c (of the 56 bytes before it) 4; little endian.
+const WM_SLOT_LEN: usize = 60;
+
+/// CRC-32C (Castagnoli, reflected), bitwise: the slots are 56 bytes.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn encode_slot(counter: u64, m: &Watermark) -> [u8; WM_SLOT_LEN] {
+    let mut b = [0u8; WM_SLOT_LEN];
+    b[0..8].copy_from_slice(&WM_MAGIC);
+    b[8..12].copy_from_slice(&WM_VERSION.to_le_bytes());
+    for (i, v) in [counter, m.base, m.file, m.offset, m.seq]
+        .into_iter()
+        .enumerate()
+    {
+        b[16 + i * 8..24 + i * 8].copy_from_slice(&v.to_le_bytes());
+    }
+    let crc = crc32c(&b[..56]);
+    b[56..60].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+enum SlotError {
+    Damaged(String),
+    Newer(u32),
+}
+
+fn decode_slot(b: &[u8], slot: u64) -> Result<(u64, Watermark), SlotError> {
+    let u64_at = |o: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(a)
+    };
+    let u32_at = |o: usize| {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&b[o..o + 4]);
+        u32::from_le_bytes(a)
+    };
+    if b[0..8] != WM_MAGIC {
+        return Err(SlotError::Damaged("bad magic".into()));
+    }
+    if crc32c(&b[..56]) != u32_at(56) {
+        return Err(SlotError::Damaged("checksum mismatch".into()));
+    }
+    let version = u32_at(8);
+    if version != WM_VERSION {
+        return Err(SlotError::Newer(version));
+    }
+    let counter = u64_at(16);
+    let m = Watermark {
+        base: u64_at(24),
+        file: u64_at(32),
+        offset: u64_at(40),
+        seq: u64_at(48),
+    };
+    if counter % 2 != slot {
+        return Err(SlotError::Damaged(format!(
+            "write counter {counter} does not belong in slot {slot}"
+        )));
+    }
+    if m.base > m.file || m.base == 0 {
+        return Err(SlotError::Damaged(format!(
+            "base file {} after watermark file {}",
+            m.base, m.file
+        )));
+    }
+    Ok((counter, m))
+}
+
+/// The open watermark file: the slot to write next is `(counter + 1) % 2`,
+/// never the one holding the watermark in force.
+struct MarkFile {
+    file: File,
+    path: PathBuf,
+    counter: u64,
+    mark: Watermark,
+}
+
+impl MarkFile {
+    /// The watermark in force and its write counter; `None` without a file.
+    fn load(dir: &Path) -> Result<Option<(Watermark, u64)>, StoreError> {
+        let path = dir.join(WATERMARK_FILE);
+        let b = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("read journal watermark", &path, e)),
+        };
+        let unusable = "the journal cannot tell acknowledged frames from a torn tail \
+                        (removing the file opens it with the older rule: a damaged \
+                        tail of the newest file is cut)";
+        if b.len() as u64 != WM_FILE_LEN {
+            return Err(StoreError::Corrupt {
+                path,
+                offset: 0,
+                why: format!(
+                    "durable watermark file has {} bytes, not {WM_FILE_LEN}: {unusable}",
+                    b.len()
+                ),
+            });
+        }
+        let mut best: Option<(u64, Watermark)> = None;
+        let mut bad = Vec::new();
+        for slot in 0..2u64 {
+            let at = (slot * WM_STRIDE) as usize;
+            match decode_slot(&b[at..at + WM_SLOT_LEN], slot) {
+                Ok((c, m)) => {
+                    if best.is_none_or(|(bc, _)| c > bc) {
+                        best = Some((c, m));
+                    }
+                }
+                Err(SlotError::Newer(v)) => {
+                    return Err(StoreError::Invalid(format!(
+                        "{}: journal watermark format {v} is newer than this version \
+                         understands ({WM_VERSION})",
+                        path.display()
+                    )))
+                }
+                Err(SlotError::Damaged(why)) => bad.push(format!("slot {slot}: {why}")),
+            }
+        }
+        match best {
+            None => Err(StoreError::Corrupt {
+                path,
+                offset: 0,
+                why: format!(
+                    "durable watermark unreadable ({}): {unusable}",
+                    bad.join(", ")
+                ),
+            }),
+            Some((c, m)) => {
+                if !bad.is_empty() {
+                    // A write torn by a crash spoils the slot being written:
+                    // the other holds the previous watermark, still true.
+                    tracing::warn!(file = %path.display(), problem = %bad.join(", "), "journal: one watermark slot unreadable (torn by a crash, or damaged); using the other");
+                }
+                Ok(Some((m, c)))
+            }
+        }
+    }
+
+    fn open(dir: &Path, mark: Watermark, counter: u64) -> Result<Self, StoreError> {
+        let path = dir.join(WATERMARK_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("open journal watermark", &path, e))?;
+        Ok(Self {
+            file,
+            path,
+            counter,
+            mark,
+        })
+    }
+
+    /// Creates the file atomically (temporary file, fsync, rename, fsync of
+    /// the directory) with `mark` in both slots.
+    fn create(dir: &Path, mark: Watermark) -> Result<Self, StoreError> {
+        let tmp = dir.join(WATERMARK_TMP);
+        let mut b = vec![0u8; WM_FILE_LEN as usize];
+        b[..WM_SLOT_LEN].copy_from_slice(&encode_slot(0, &mark));
+        let s1 = WM_STRIDE as usize;
+        b[s1..s1 + WM_SLOT_LEN].copy_from_slice(&encode_slot(1, &mark));
+        let mut f =
+            File::create(&tmp).map_err(|e| StoreError::io("create journal watermark", &tmp, e))?;
+        f.write_all(&b)
+            .map_err(|e| StoreError::io("write journal watermark", &tmp, e))?;
+        f.sync_all()
+            .map_err(|e| StoreError::io("sync journal watermark", &tmp, e))?;
+        drop(f);
+        let path = dir.join(WATERMARK_FILE);
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| StoreError::io("publish journal watermark", &path, e))?;
+        sync_dir(dir)?;
+        Self::open(dir, mark, 1)
+    }
+
+    /// Persists `mark` (one slot write and one `fdatasync`).
+    fn write(&mut self, mark: Watermark) -> Result<(), StoreError> {
+        let counter = self.counter + 1;
+        let at = (counter % 2) * WM_STRIDE;
+        self.file
+            .write_all_at(&encode_slot(counter, &mark), at)
+            .map_err(|e| StoreError::io("write journal watermark", &self.path, e))?;
+        self.file
+            .sync_data()
+            .map_err(|e| StoreError::io("sync journal watermark", &self.path, e))?;
+        self.counter = counter;
+        self.mark = mark;
+        Ok(())
+    }
 }
 
 fn file_name(no: u64) -> String {
@@ -99,7 +369,8 @@ pub fn read_frame(dir: &Path, pos: &FramePos) -> Result<Vec<u8>, StoreError> {
 }
 
 /// Every whole frame of the journal in `dir`, in order, read-only (a torn
-/// tail is left alone): for tools that inspect a live daemon's journal.
+/// tail is left alone, the watermark is not consulted): for tools that
+/// inspect a live daemon's journal.
 pub fn frames(dir: &Path) -> Result<Vec<FramePos>, StoreError> {
     let mut out = Vec::new();
     for no in list_files(dir)? {
@@ -149,39 +420,163 @@ fn scan_file(path: &Path, no: u64, frames: &mut Vec<FramePos>) -> Result<(u64, u
     Ok((off, len))
 }
 
+/// Checks the watermark's own file: whole frames up to `m.offset` (`good`
+/// is where the scan stopped, `len` the file's length), the last of them
+/// ending exactly there with record `m.seq`.
+fn check_below_mark(
+    path: &Path,
+    m: &Watermark,
+    frames: &[FramePos],
+    good: u64,
+    len: u64,
+) -> Result<(), StoreError> {
+    let lost = format!(
+        "durable up to byte {} of this file (record {}): acknowledged records would be lost",
+        m.offset, m.seq
+    );
+    if good < m.offset {
+        let what = if len < m.offset {
+            format!("the file ends at byte {len}, inside the durable area")
+        } else {
+            "damaged frame below the durable watermark".to_owned()
+        };
+        return Err(StoreError::Corrupt {
+            path: path.to_owned(),
+            offset: good,
+            why: format!("{what}; {lost}"),
+        });
+    }
+    if m.offset == 0 {
+        return Ok(());
+    }
+    match frames
+        .iter()
+        .find(|f| f.offset + f.header.frame_len() as u64 == m.offset)
+    {
+        None => Err(StoreError::Corrupt {
+            path: path.to_owned(),
+            offset: m.offset,
+            why: format!("the durable watermark does not fall on a frame boundary; {lost}"),
+        }),
+        Some(f) if f.header.last_seq != m.seq => Err(StoreError::Corrupt {
+            path: path.to_owned(),
+            offset: f.offset,
+            why: format!(
+                "the frame ending at the durable watermark holds records up to {}, \
+                 the watermark says {}; {lost}",
+                f.header.last_seq, m.seq
+            ),
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
 impl Journal {
-    /// Opens (creating if needed) the journal in `dir`, scanning every file
-    /// and truncating a torn tail of the newest one.
+    /// Opens (creating if needed) the journal in `dir`: scans every file,
+    /// checks what lies below the durable watermark and truncates a torn
+    /// tail above it (see the [module documentation](self)).
+    ///
+    /// [`StoreError::Corrupt`] means durable (possibly acknowledged) frames
+    /// are damaged or missing, or the watermark is unreadable; nothing is
+    /// modified on disk then. [`StoreError::Invalid`]: a watermark of a
+    /// newer format. Costs, besides the scan as before: reading the
+    /// watermark; when whole frames lie above it (appended but not synced
+    /// before a stop or crash), one fsync of the newest file and one
+    /// watermark write to make them durable.
     pub fn open(dir: &Path, max_file_bytes: u64) -> Result<(Self, Scan), StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::io("create journal directory", dir, e))?;
-        let files = list_files(dir)?;
+        let loaded = MarkFile::load(dir)?;
+        let mark = loaded.map(|(m, _)| m);
+        let mut files = list_files(dir)?;
+        // Files older than the sequence space: an interrupted restart's.
+        let stale: Vec<u64> = match mark {
+            Some(m) => files.iter().copied().filter(|&no| no < m.base).collect(),
+            None => Vec::new(),
+        };
+        files.retain(|no| !stale.contains(no));
         let mut scan = Scan::default();
-        let last = files.last().copied();
+        let newest = files.last().copied();
+        let mut torn = None;
         for &no in &files {
             let path = dir.join(file_name(no));
+            let first = scan.frames.len();
             let (good, len) = scan_file(&path, no, &mut scan.frames)?;
+            if let Some(m) = mark.filter(|m| m.file == no) {
+                check_below_mark(&path, &m, &scan.frames[first..], good, len)?;
+            }
             if good < len {
-                if Some(no) != last {
+                if Some(no) != newest {
                     return Err(StoreError::Corrupt {
                         path,
                         offset: good,
-                        why: "damaged frame in the middle of the journal".into(),
+                        why: "damaged frame in the middle of the journal (a file that was \
+                              fsynced whole before the next one was started)"
+                            .into(),
                     });
                 }
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| StoreError::io("open journal file", &path, e))?;
-                f.set_len(good)
-                    .map_err(|e| StoreError::io("truncate torn journal tail", &path, e))?;
-                f.sync_all()
-                    .map_err(|e| StoreError::io("sync journal", &path, e))?;
-                scan.truncated_bytes = len - good;
-                tracing::warn!(file = %path.display(), offset = good, bytes = len - good, "journal: truncated a torn tail");
+                if let Some(m) = mark.filter(|m| no < m.file) {
+                    return Err(StoreError::Corrupt {
+                        path,
+                        offset: good,
+                        why: format!(
+                            "damaged frame below the durable watermark (which names the \
+                             later file {}, record {}): acknowledged records would be lost",
+                            m.file, m.seq
+                        ),
+                    });
+                }
+                torn = Some((path, good, len));
             }
         }
-        let current_no = last.unwrap_or(1);
+        if let Some(m) = mark {
+            if m.offset > 0 && !files.contains(&m.file) {
+                return Err(StoreError::Corrupt {
+                    path: dir.join(file_name(m.file)),
+                    offset: m.offset,
+                    why: format!(
+                        "the journal file named by the durable watermark is missing \
+                         (durable up to byte {} of it, record {}): acknowledged records \
+                         are lost",
+                        m.offset, m.seq
+                    ),
+                });
+            }
+        }
+        // Checked: from here on, only repairs.
+        for &no in &stale {
+            let p = dir.join(file_name(no));
+            tracing::warn!(file = %p.display(), "journal: removing a file left over from an interrupted restart");
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove journal file", &p, e)),
+            }
+        }
+        match std::fs::remove_file(dir.join(WATERMARK_TMP)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(StoreError::io(
+                    "remove journal file",
+                    &dir.join(WATERMARK_TMP),
+                    e,
+                ))
+            }
+        }
+        if let Some((path, good, len)) = torn {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| StoreError::io("open journal file", &path, e))?;
+            f.set_len(good)
+                .map_err(|e| StoreError::io("truncate torn journal tail", &path, e))?;
+            f.sync_all()
+                .map_err(|e| StoreError::io("sync journal", &path, e))?;
+            scan.truncated_bytes = len - good;
+            tracing::warn!(file = %path.display(), offset = good, bytes = len - good, "journal: truncated a torn tail");
+        }
+        let current_no = newest.unwrap_or(1).max(mark.map_or(1, |m| m.file));
         let path = dir.join(file_name(current_no));
         let current = OpenOptions::new()
             .create(true)
@@ -192,18 +587,50 @@ impl Journal {
             .metadata()
             .map_err(|e| StoreError::io("stat journal", &path, e))?
             .len();
-        if last.is_none() {
-            sync_dir(dir)?;
-        }
+        let created = !files.contains(&current_no);
         let durable_seq = scan
             .frames
             .iter()
             .map(|f| f.header.last_seq)
             .max()
             .unwrap_or(0);
+        let now = |base| Watermark {
+            base,
+            file: current_no,
+            offset: current_len,
+            seq: durable_seq,
+        };
+        let mark = match loaded {
+            Some((m, counter)) => {
+                if created || !stale.is_empty() {
+                    sync_dir(dir)?;
+                }
+                let mut mf = MarkFile::open(dir, m, counter)?;
+                if (m.file, m.offset) != (current_no, current_len) {
+                    // Whole frames above the watermark survived a stop or a
+                    // crash: make them durable, then move the watermark.
+                    current
+                        .sync_data()
+                        .map_err(|e| StoreError::io("sync journal", &path, e))?;
+                    mf.write(now(m.base))?;
+                }
+                mf
+            }
+            None => {
+                if !files.is_empty() {
+                    tracing::warn!(dir = %dir.display(), "journal: no durable watermark (written by an older version): a damaged tail of the newest file was cut as torn; writing one now");
+                    current
+                        .sync_data()
+                        .map_err(|e| StoreError::io("sync journal", &path, e))?;
+                }
+                // Renamed into place and the directory fsynced: also makes
+                // a newly created journal file durable.
+                MarkFile::create(dir, now(files.first().copied().unwrap_or(current_no)))?
+            }
+        };
         let mut file_max = std::collections::BTreeMap::new();
-        for no in &files {
-            file_max.insert(*no, 0);
+        for no in files.iter().copied().chain([current_no]) {
+            file_max.insert(no, 0);
         }
         for f in &scan.frames {
             let m = file_max.entry(f.file).or_insert(0);
@@ -218,6 +645,7 @@ impl Journal {
             durable_seq,
             pending_seq: durable_seq,
             file_max,
+            mark,
         };
         Ok((j, scan))
     }
@@ -232,9 +660,15 @@ impl Journal {
         self.durable_seq
     }
 
+    /// The durable watermark in force.
+    pub fn watermark(&self) -> Watermark {
+        self.mark.mark
+    }
+
     /// Appends a checked frame (not yet durable: call [`Self::sync`]). On
     /// failure (e.g. a full disk) the file is cut back so no partial frame
-    /// remains.
+    /// remains. Record sequences must increase from frame to frame (within
+    /// a sequence space, see [`Self::restart`]).
     pub fn append(
         &mut self,
         frame_bytes: &[u8],
@@ -262,16 +696,34 @@ impl Journal {
         Ok(pos)
     }
 
-    /// Makes every appended frame durable.
+    /// The group commit: makes every appended frame durable (`fdatasync`
+    /// of the journal file), then moves the durable watermark over them
+    /// (one slot write and `fdatasync` of the watermark file; skipped when
+    /// nothing was appended). Returns the last durable record sequence:
+    /// only what it covers may be acknowledged. On error nothing new may be
+    /// acknowledged.
     pub fn sync(&mut self) -> Result<u64, StoreError> {
         let path = self.dir.join(file_name(self.current_no));
         if let Err(e) = self.current.sync_data() {
             return Err(StoreError::io("sync journal", &path, e));
         }
-        self.durable_seq = self.durable_seq.max(self.pending_seq);
+        let seq = self.durable_seq.max(self.pending_seq);
+        let m = self.mark.mark;
+        if (m.file, m.offset) != (self.current_no, self.current_len) {
+            self.mark.write(Watermark {
+                base: m.base,
+                file: self.current_no,
+                offset: self.current_len,
+                seq,
+            })?;
+        }
+        self.durable_seq = seq;
         Ok(self.durable_seq)
     }
 
+    /// Starts the next file; the old one is fsynced whole first (so damage
+    /// in any file but the newest is an error wherever it is). The
+    /// watermark keeps naming the old file until the next [`Self::sync`].
     fn rotate(&mut self) -> Result<(), StoreError> {
         let old = self.dir.join(file_name(self.current_no));
         self.current
@@ -292,7 +744,11 @@ impl Journal {
     }
 
     /// Empties the journal (every frame must be applied): the next frames
-    /// may start a new sequence space (a new ring generation).
+    /// may start a new sequence space (a new ring generation). The new
+    /// file is created and made durable, the watermark moved to its start
+    /// (it becomes the base of the sequence space: a crash before the old
+    /// files are gone leaves them to be removed at the next open), then the
+    /// old files are removed.
     pub fn restart(&mut self) -> Result<(), StoreError> {
         let no = self.current_no + 1;
         let path = self.dir.join(file_name(no));
@@ -301,8 +757,27 @@ impl Journal {
             .append(true)
             .open(&path)
             .map_err(|e| StoreError::io("create journal file", &path, e))?;
+        let moved = sync_dir(&self.dir).and_then(|()| {
+            self.mark.write(Watermark {
+                base: no,
+                file: no,
+                offset: 0,
+                seq: 0,
+            })
+        });
+        if let Err(e) = moved {
+            // Still the old sequence space: leave no newer empty file.
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        self.current = fresh;
+        self.current_no = no;
+        self.current_len = 0;
+        self.durable_seq = 0;
+        self.pending_seq = 0;
+        self.file_max = [(no, 0)].into_iter().collect();
         for old in list_files(&self.dir)? {
-            if old == no {
+            if old >= no {
                 continue;
             }
             let p = self.dir.join(file_name(old));
@@ -313,23 +788,19 @@ impl Journal {
             }
         }
         sync_dir(&self.dir)?;
-        self.current = fresh;
-        self.current_no = no;
-        self.current_len = 0;
-        self.durable_seq = 0;
-        self.pending_seq = 0;
-        self.file_max = [(no, 0)].into_iter().collect();
         Ok(())
     }
 
     /// Deletes journal files all of whose frames end at or before
-    /// `applied_seq` (the current file is kept).
+    /// `applied_seq` (the current file, and the file the watermark names,
+    /// are kept).
     pub fn trim(&mut self, applied_seq: u64) -> Result<usize, StoreError> {
         let mut removed = 0;
+        let keep = self.current_no.min(self.mark.mark.file);
         let done: Vec<u64> = self
             .file_max
             .iter()
-            .filter(|(no, max)| **no < self.current_no && **max <= applied_seq)
+            .filter(|(no, max)| **no < keep && **max <= applied_seq)
             .map(|(no, _)| *no)
             .collect();
         for no in done {
@@ -442,5 +913,510 @@ mod tests {
             Journal::open(d.path(), 300),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    /// Appends and syncs `n` one-record frames starting at record `first`;
+    /// returns their positions.
+    fn append_synced(j: &mut Journal, first: u64, n: u64) -> Vec<FramePos> {
+        let v = append_only(j, first, n);
+        assert_eq!(j.sync().expect("sync"), first + n - 1);
+        v
+    }
+
+    /// Appends `n` one-record frames (not synced).
+    fn append_only(j: &mut Journal, first: u64, n: u64) -> Vec<FramePos> {
+        (first..first + n)
+            .map(|s| {
+                let (f, h) = frame(s, 1, s);
+                j.append(&f, &h).expect("append")
+            })
+            .collect()
+    }
+
+    fn flip(path: &Path, at: u64) {
+        let mut b = std::fs::read(path).expect("read");
+        b[at as usize] ^= 0x40;
+        std::fs::write(path, b).expect("write");
+    }
+
+    #[test]
+    fn acknowledged_damage_in_the_newest_file_is_an_error() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        let pos = append_synced(&mut j, 1, 4);
+        drop(j);
+        // Frame 2 of 4, all acknowledged: frames 3 and 4 follow it.
+        let newest = d.path().join(file_name(1));
+        flip(&newest, pos[1].offset + HEADER_LEN as u64 + 2);
+        match Journal::open(d.path(), 1 << 20) {
+            Err(StoreError::Corrupt { path, offset, why }) => {
+                assert_eq!(path, newest);
+                assert_eq!(offset, pos[1].offset);
+                assert!(
+                    why.contains("record 4"),
+                    "names the durable sequence: {why}"
+                );
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok((_, scan)) => panic!(
+                "acknowledged frames were cut as a torn tail: {} frame(s) kept, {} bytes cut",
+                scan.frames.len(),
+                scan.truncated_bytes
+            ),
+        }
+        // Nothing was cut: the evidence stays for the operator.
+        let len = std::fs::metadata(&newest).expect("stat").len();
+        assert_eq!(len, pos[3].offset + pos[3].header.frame_len() as u64);
+    }
+
+    #[test]
+    fn unsynced_damage_above_the_watermark_is_a_torn_tail() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        append_synced(&mut j, 1, 2);
+        let pos = append_only(&mut j, 3, 2);
+        drop(j);
+        // The first unsynced frame is damaged, the one after it is whole:
+        // neither was acknowledged, both go.
+        let newest = d.path().join(file_name(1));
+        flip(&newest, pos[0].offset + HEADER_LEN as u64 + 2);
+        let (j, scan) = Journal::open(d.path(), 1 << 20).expect("reopen");
+        assert_eq!(scan.frames.len(), 2);
+        assert_eq!(
+            scan.truncated_bytes,
+            (pos[0].header.frame_len() + pos[1].header.frame_len()) as u64
+        );
+        assert_eq!(j.durable_seq(), 2);
+    }
+
+    fn wm_path(d: &Path) -> PathBuf {
+        d.join(WATERMARK_FILE)
+    }
+
+    fn end(p: &FramePos) -> u64 {
+        p.offset + p.header.frame_len() as u64
+    }
+
+    #[test]
+    fn crc32c_matches_the_standard_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(b""), 0);
+    }
+
+    #[test]
+    fn truncation_inside_the_synced_area_is_an_error() {
+        for cut_inside_a_frame in [true, false] {
+            let d = tempfile::tempdir().expect("tmp");
+            let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+            let pos = append_synced(&mut j, 1, 3);
+            drop(j);
+            let newest = d.path().join(file_name(1));
+            let at = if cut_inside_a_frame {
+                pos[1].offset + 10
+            } else {
+                end(&pos[1])
+            };
+            let f = OpenOptions::new().write(true).open(&newest).expect("open");
+            f.set_len(at).expect("truncate");
+            drop(f);
+            match Journal::open(d.path(), 1 << 20) {
+                Err(StoreError::Corrupt { path, offset, why }) => {
+                    assert_eq!(path, newest);
+                    let good = if cut_inside_a_frame {
+                        pos[1].offset
+                    } else {
+                        at
+                    };
+                    assert_eq!(offset, good);
+                    assert!(why.contains(&format!("ends at byte {at}")), "{why}");
+                    assert!(why.contains("record 3"), "{why}");
+                }
+                Err(e) => panic!("wrong error: {e}"),
+                Ok((_, scan)) => panic!("opened with {} frame(s)", scan.frames.len()),
+            }
+            assert_eq!(std::fs::metadata(&newest).expect("stat").len(), at);
+        }
+    }
+
+    #[test]
+    fn whole_frames_above_the_watermark_become_durable_at_open() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        append_synced(&mut j, 1, 1);
+        let pos = append_only(&mut j, 2, 2);
+        assert_eq!(j.watermark().seq, 1);
+        drop(j);
+        let (j, scan) = Journal::open(d.path(), 1 << 20).expect("reopen");
+        assert_eq!((scan.frames.len(), scan.truncated_bytes), (3, 0));
+        assert_eq!(j.durable_seq(), 3);
+        let m = j.watermark();
+        assert_eq!((m.file, m.offset, m.seq), (1, end(&pos[1]), 3));
+        drop(j);
+        // Reported durable at that open, so now they are protected.
+        flip(&d.path().join(file_name(1)), pos[0].offset + 5);
+        assert!(matches!(
+            Journal::open(d.path(), 1 << 20),
+            Err(StoreError::Corrupt { offset, .. }) if offset == pos[0].offset
+        ));
+    }
+
+    #[test]
+    fn a_group_commit_writes_one_watermark_slot() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        append_synced(&mut j, 1, 1);
+        let before = std::fs::read(wm_path(d.path())).expect("read");
+        assert_eq!(before.len() as u64, WM_FILE_LEN);
+        let counter = j.mark.counter;
+        append_synced(&mut j, 2, 3);
+        assert_eq!(
+            j.mark.counter,
+            counter + 1,
+            "one watermark write per group commit"
+        );
+        let after = std::fs::read(wm_path(d.path())).expect("read");
+        let written = ((counter + 1) % 2 * WM_STRIDE) as usize;
+        let kept = ((counter % 2) * WM_STRIDE) as usize;
+        assert_ne!(
+            before[written..written + WM_SLOT_LEN],
+            after[written..written + WM_SLOT_LEN]
+        );
+        assert_eq!(
+            before[kept..kept + WM_SLOT_LEN],
+            after[kept..kept + WM_SLOT_LEN]
+        );
+        // Nothing new: no watermark write.
+        assert_eq!(j.sync().expect("sync"), 4);
+        assert_eq!(j.mark.counter, counter + 1);
+        assert_eq!(std::fs::read(wm_path(d.path())).expect("read"), after);
+    }
+
+    #[test]
+    fn rotation_moves_the_watermark_to_the_newest_file() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 400).expect("open");
+        let synced = append_synced(&mut j, 1, 3);
+        assert!(synced[2].file > synced[0].file, "must rotate: {synced:?}");
+        let m = j.watermark();
+        assert_eq!(
+            (m.file, m.offset, m.seq),
+            (synced[2].file, end(&synced[2]), 3)
+        );
+        // Appended after the sync, into the next file too.
+        let more = append_only(&mut j, 4, 3);
+        let newest = more[2].file;
+        assert!(newest > m.file, "must rotate again: {more:?}");
+        drop(j);
+        // All of the newest file is above the watermark (which names an
+        // older file): damage anywhere in it is a torn tail.
+        let first_in_newest = more.iter().find(|p| p.file == newest).expect("frame");
+        flip(
+            &d.path().join(file_name(newest)),
+            first_in_newest.offset + 1,
+        );
+        let (mut j, scan) = Journal::open(d.path(), 400).expect("reopen");
+        let kept = more.iter().filter(|p| p.file < newest).count();
+        assert_eq!(scan.frames.len(), 3 + kept);
+        assert!(scan.truncated_bytes > 0);
+        let m = j.watermark();
+        assert_eq!((m.file, m.offset), (newest, 0));
+        // Synced in the newest file: damage there is an error now.
+        let again = append_synced(&mut j, 4 + kept as u64, 2);
+        drop(j);
+        let p = again.last().expect("frame");
+        flip(&d.path().join(file_name(p.file)), p.offset + 1);
+        assert!(matches!(
+            Journal::open(d.path(), 400),
+            Err(StoreError::Corrupt { offset, .. }) if offset == p.offset
+        ));
+    }
+
+    #[test]
+    fn trim_keeps_the_file_the_watermark_names() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 400).expect("open");
+        let a = append_synced(&mut j, 1, 2);
+        let b = append_only(&mut j, 3, 1);
+        assert!(b[0].file > a[1].file, "must rotate");
+        assert_eq!(j.watermark().file, a[1].file);
+        // Applied, but the watermark still names it: kept until the sync.
+        assert_eq!(j.trim(2).expect("trim"), 0);
+        assert!(d.path().join(file_name(a[1].file)).exists());
+        assert_eq!(j.sync().expect("sync"), 3);
+        assert_eq!(j.trim(2).expect("trim"), 1);
+        assert!(!d.path().join(file_name(a[1].file)).exists());
+        drop(j);
+        let (j, scan) = Journal::open(d.path(), 400).expect("reopen");
+        assert_eq!(scan.frames, b);
+        assert_eq!(j.durable_seq(), 3);
+    }
+
+    #[test]
+    fn restart_starts_a_new_sequence_space() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        append_synced(&mut j, 100, 3);
+        let old = std::fs::read(d.path().join(file_name(1))).expect("read");
+        j.restart().expect("restart");
+        assert_eq!(j.durable_seq(), 0);
+        assert_eq!(
+            j.watermark(),
+            Watermark {
+                base: 2,
+                file: 2,
+                offset: 0,
+                seq: 0
+            }
+        );
+        assert_eq!(list_files(d.path()).expect("list"), vec![2]);
+        let pos = append_synced(&mut j, 1, 2);
+        drop(j);
+        // A crash after the watermark moved but before the old files were
+        // removed: they are left-overs, not frames of this sequence space.
+        std::fs::write(d.path().join(file_name(1)), &old).expect("write");
+        let (j, scan) = Journal::open(d.path(), 1 << 20).expect("reopen");
+        assert_eq!(scan.frames, pos);
+        assert_eq!(j.durable_seq(), 2);
+        assert_eq!(list_files(d.path()).expect("list"), vec![2]);
+        drop(j);
+        flip(&d.path().join(file_name(2)), pos[0].offset + 1);
+        assert!(matches!(
+            Journal::open(d.path(), 1 << 20),
+            Err(StoreError::Corrupt { offset: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn a_journal_without_a_watermark_gets_the_older_rule_once() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        let pos = append_synced(&mut j, 1, 4);
+        drop(j);
+        // As an older version left it: no watermark.
+        std::fs::remove_file(wm_path(d.path())).expect("rm");
+        let newest = d.path().join(file_name(1));
+        flip(&newest, pos[1].offset + 1);
+        let (j, scan) = Journal::open(d.path(), 1 << 20).expect("open without a watermark");
+        assert_eq!(scan.frames, pos[..1]);
+        assert_eq!(scan.truncated_bytes, end(&pos[3]) - pos[1].offset);
+        let m = j.watermark();
+        assert_eq!((m.base, m.file, m.offset, m.seq), (1, 1, end(&pos[0]), 1));
+        assert!(wm_path(d.path()).exists());
+        drop(j);
+        // From now on the watermark holds.
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("reopen");
+        let more = append_synced(&mut j, 2, 2);
+        drop(j);
+        flip(&newest, more[0].offset + 1);
+        assert!(matches!(
+            Journal::open(d.path(), 1 << 20),
+            Err(StoreError::Corrupt { offset, .. }) if offset == more[0].offset
+        ));
+    }
+
+    #[test]
+    fn a_damaged_watermark_is_an_error() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        let pos = append_synced(&mut j, 1, 2);
+        drop(j);
+        let wm = wm_path(d.path());
+        let good = std::fs::read(&wm).expect("read");
+        flip(&wm, 20);
+        flip(&wm, WM_STRIDE + 20);
+        match Journal::open(d.path(), 1 << 20) {
+            Err(StoreError::Corrupt { path, why, .. }) => {
+                assert_eq!(path, wm);
+                assert!(
+                    why.contains("slot 0: checksum") && why.contains("slot 1: checksum"),
+                    "{why}"
+                );
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("opened with an unreadable watermark"),
+        }
+        std::fs::write(&wm, &good[..100]).expect("write");
+        assert!(matches!(
+            Journal::open(d.path(), 1 << 20),
+            Err(StoreError::Corrupt { path, .. }) if path == wm
+        ));
+        // Nothing was touched meanwhile.
+        std::fs::write(&wm, &good).expect("write");
+        let (_, scan) = Journal::open(d.path(), 1 << 20).expect("open");
+        assert_eq!(scan.frames, pos);
+    }
+
+    #[test]
+    fn a_torn_watermark_slot_falls_back_to_the_previous_watermark() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        append_synced(&mut j, 1, 2);
+        let pos = append_synced(&mut j, 3, 2);
+        let slot = (j.mark.counter % 2) * WM_STRIDE;
+        drop(j);
+        // The latest slot write torn by a crash: the previous watermark
+        // (after record 2) is in force, the frames after it are above it.
+        flip(&wm_path(d.path()), slot + 40);
+        flip(&d.path().join(file_name(1)), pos[1].offset + 1);
+        let (j, scan) = Journal::open(d.path(), 1 << 20).expect("open");
+        assert_eq!(scan.frames.len(), 3);
+        assert_eq!(j.durable_seq(), 3);
+        assert_eq!(j.watermark().offset, end(&pos[0]));
+    }
+
+    #[test]
+    fn a_newer_watermark_format_is_refused() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        drop(j);
+        let wm = wm_path(d.path());
+        let mut b = std::fs::read(&wm).expect("read");
+        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32c(&b[..56]);
+        b[56..60].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&wm, &b).expect("write");
+        assert!(matches!(
+            Journal::open(d.path(), 1 << 20),
+            Err(StoreError::Invalid(why)) if why.contains("format 2")
+        ));
+    }
+
+    #[test]
+    fn a_watermark_that_does_not_match_the_frames_is_an_error() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        let pos = append_synced(&mut j, 1, 2);
+        let m = j.watermark();
+        // Not on a frame boundary.
+        j.mark
+            .write(Watermark {
+                offset: m.offset - 1,
+                ..m
+            })
+            .expect("write");
+        drop(j);
+        assert!(matches!(
+            Journal::open(d.path(), 1 << 20),
+            Err(StoreError::Corrupt { why, .. }) if why.contains("frame boundary")
+        ));
+        // Another sequence than the frame ending there.
+        let (_, counter) = MarkFile::load(d.path()).expect("load").expect("some");
+        let mut mf = MarkFile::open(d.path(), m, counter).expect("open");
+        mf.write(Watermark { seq: 7, ..m }).expect("write");
+        assert!(matches!(
+            Journal::open(d.path(), 1 << 20),
+            Err(StoreError::Corrupt { offset, why, .. })
+                if offset == pos[1].offset && why.contains("the watermark says 7")
+        ));
+        // The journal file it names is gone.
+        mf.write(m).expect("write");
+        std::fs::remove_file(d.path().join(file_name(1))).expect("rm");
+        assert!(matches!(
+            Journal::open(d.path(), 1 << 20),
+            Err(StoreError::Corrupt { why, .. }) if why.contains("missing")
+        ));
+    }
+
+    #[test]
+    fn the_newest_file_is_below_a_watermark_naming_a_later_one() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        let pos = append_synced(&mut j, 1, 3);
+        // Everything in file 1 is durable; the watermark names file 2 (as
+        // after a sync there), which is then lost.
+        j.mark
+            .write(Watermark {
+                base: 1,
+                file: 2,
+                offset: 0,
+                seq: 3,
+            })
+            .expect("write");
+        drop(j);
+        let first = d.path().join(file_name(1));
+        flip(&first, pos[1].offset + 1);
+        match Journal::open(d.path(), 1 << 20) {
+            Err(StoreError::Corrupt { path, offset, why }) => {
+                assert_eq!((path, offset), (first.clone(), pos[1].offset));
+                assert!(why.contains("later file 2"), "{why}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("durable frames were cut"),
+        }
+        assert_eq!(std::fs::metadata(&first).expect("stat").len(), end(&pos[2]));
+        // Undamaged, it opens; the missing file is created (it held nothing).
+        flip(&first, pos[1].offset + 1);
+        let (j, scan) = Journal::open(d.path(), 1 << 20).expect("open");
+        assert_eq!((scan.frames, j.durable_seq()), (pos, 3));
+        assert!(d.path().join(file_name(2)).exists());
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+
+            /// Groups of frames appended and (but for maybe the last group)
+            /// synced, then one byte flipped or the newest file cut short
+            /// somewhere: reopening fails exactly when durable bytes are
+            /// hit, and otherwise keeps every synced frame.
+            #[test]
+            fn damage_is_an_error_exactly_below_the_watermark(
+                groups in proptest::collection::vec(1u64..4, 1..5),
+                last_synced in any::<bool>(),
+                pick in any::<proptest::sample::Index>(),
+                truncate in any::<bool>(),
+            ) {
+                let d = tempfile::tempdir().expect("tmp");
+                let (mut j, _) = Journal::open(d.path(), 600).expect("open");
+                let mut next = 1;
+                let mut all = Vec::new();
+                let mut synced_seq = 0;
+                for (i, &n) in groups.iter().enumerate() {
+                    all.extend(append_only(&mut j, next, n));
+                    next += n;
+                    if i + 1 < groups.len() || last_synced {
+                        synced_seq = j.sync().expect("sync");
+                    }
+                }
+                let mark = j.watermark();
+                drop(j);
+                let files = list_files(d.path()).expect("list");
+                let newest = *files.last().expect("a file");
+                let (file, at) = if truncate {
+                    let len = std::fs::metadata(d.path().join(file_name(newest))).expect("stat").len();
+                    (newest, pick.index(len as usize + 1) as u64)
+                } else {
+                    let total: u64 = all.iter().map(|p| p.header.frame_len() as u64).sum();
+                    let mut k = pick.index(total as usize) as u64;
+                    let p = all.iter().find(|p| {
+                        let n = p.header.frame_len() as u64;
+                        if k < n { true } else { k -= n; false }
+                    }).expect("frame");
+                    (p.file, p.offset + k)
+                };
+                let path = d.path().join(file_name(file));
+                if truncate {
+                    OpenOptions::new().write(true).open(&path).expect("open").set_len(at).expect("cut");
+                } else {
+                    flip(&path, at);
+                }
+                let below = (file, at) < (mark.file, mark.offset);
+                let expect_err = below || (!truncate && file < newest);
+                match Journal::open(d.path(), 600) {
+                    Err(StoreError::Corrupt { .. }) => prop_assert!(expect_err, "error above the watermark"),
+                    Err(e) => prop_assert!(false, "unexpected error {e}"),
+                    Ok((j, scan)) => {
+                        prop_assert!(!expect_err, "damage at {file}:{at} below {mark:?} was cut");
+                        prop_assert!(j.durable_seq() >= synced_seq);
+                        for p in all.iter().filter(|p| p.header.last_seq <= synced_seq) {
+                            prop_assert!(scan.frames.contains(p), "synced frame {p:?} lost");
+                        }
+                    }
+                }
+            }
+        }
     }
 }
