@@ -436,7 +436,27 @@ fn open_volume(
     std::fs::create_dir_all(&dir)
         .map_err(|e| DaemonError::io("create volume directory", &dir, e))?;
     let mut state = VolumeState::load(&dir.join("state.json"))?;
-    let (journal, scan) = Journal::open(&dir.join("journal"), cfg.journal_file_bytes)?;
+    let jdir = dir.join("journal");
+    let (journal, scan) = match Journal::open(&jdir, cfg.journal_file_bytes) {
+        Ok(x) => x,
+        // Acknowledged records are damaged or missing: this volume is
+        // Critical (the others go on). The damaged journal is kept aside
+        // for inspection; the volume starts with an empty one.
+        Err(e @ StoreError::Corrupt { .. }) => {
+            let reason = format!("journal damaged, acknowledged records lost: {e}");
+            tracing::error!(volume = %vc.id, "{reason}");
+            let aside = dir.join(format!("journal.damaged-{}", now_ns() / 1_000_000_000));
+            std::fs::rename(&jdir, &aside)
+                .map_err(|e| DaemonError::io("move the damaged journal aside", &jdir, e))?;
+            journal::sync_dir(&dir)?;
+            if state.critical.is_none() {
+                state.critical = Some(format!("{reason} (kept in {})", aside.display()));
+                state.save(&dir.join("state.json"))?;
+            }
+            Journal::open(&jdir, cfg.journal_file_bytes)?
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut replica = crate::backend::open_replica(&cfg.state_dir, vc)?;
     // Snapshots without a record (a crash between taking one and recording
     // it) are deleted; records without a snapshot are dropped.

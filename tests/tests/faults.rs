@@ -297,3 +297,61 @@ fn malformed_config_names_the_bad_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
 }
+
+/// Acknowledged frames damaged in the newest journal file (bit rot, a lost
+/// write after the fsync) are not cut as a torn tail: the volume becomes
+/// Critical with the reason at start, the damaged journal is kept aside,
+/// and the target's other volumes go on.
+#[test]
+fn damaged_acknowledged_journal_frames_make_the_volume_critical_not_a_torn_tail() {
+    let env = Env::new();
+    let st = env.path("tstate");
+    let cfg = env.target_config("target.toml", &st, &[("v", SIZE), ("w", SIZE)], 64, "");
+    let (t, addr) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
+    let kr = keys(&env);
+    let mut c =
+        RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [5; 16], 1).expect("connect");
+    for first in [1u64, 5, 9] {
+        let f = c.seal(&kr, 1, first, 4, &[0xAB; 4096]);
+        let ack = c.send_frame(f).expect("frame");
+        assert_eq!(ack.durable_seq, first + 3, "acknowledged");
+    }
+    drop(c);
+    drop(t);
+    // Damage the first frame of the newest journal file; whole frames
+    // follow it, all acknowledged.
+    let jdir = st.join("volumes/v/journal");
+    let mut files: Vec<_> = std::fs::read_dir(&jdir)
+        .expect("journal dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
+        .collect();
+    files.sort();
+    let newest = files.last().expect("a journal file").clone();
+    let mut bytes = std::fs::read(&newest).expect("read");
+    let mid = replica_proto::frame::HEADER_LEN + 100;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&newest, &bytes).expect("write");
+
+    pin_listen(&cfg, &addr);
+    let (t2, _) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
+    let s = target_state(&st, "v");
+    let why = s.critical.expect("Critical, not cut silently");
+    assert!(why.contains("journal damaged"), "{why}");
+    wait_for(Duration::from_secs(10), "status Critical", || {
+        t2.status("v")
+            .is_some_and(|s| s.health == replicad::status::Health::Critical)
+    });
+    let aside: Vec<_> = std::fs::read_dir(st.join("volumes/v"))
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("journal.damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged journal is kept: {aside:?}");
+    let e = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [5; 16], 13)
+        .err()
+        .expect("a Critical volume takes no stream");
+    assert!(e.starts_with("critical"), "{e}");
+    // The other volume is fine.
+    RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "w", [6; 16], 1).expect("w streams");
+}

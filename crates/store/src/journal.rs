@@ -115,21 +115,7 @@ const WM_FILE_LEN: u64 = 2 * WM_STRIDE;
 /// seq 8, crc32c (of the 56 bytes before it) 4; little endian.
 const WM_SLOT_LEN: usize = 60;
 
-/// CRC-32C (Castagnoli, reflected), bitwise: the slots are 56 bytes.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82F6_3B78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
+use crc32c::crc32c;
 
 fn encode_slot(counter: u64, m: &Watermark) -> [u8; WM_SLOT_LEN] {
     let mut b = [0u8; WM_SLOT_LEN];
@@ -389,13 +375,24 @@ fn scan_file(path: &Path, no: u64, frames: &mut Vec<FramePos>) -> Result<(u64, u
     let mut hdr = [0u8; HEADER_LEN];
     let mut buf = Vec::new();
     while off < len {
+        let mut unsupported = None;
         let ok = (|| {
             if len - off < HEADER_LEN as u64 {
                 return None;
             }
             f.seek(SeekFrom::Start(off)).ok()?;
             f.read_exact(&mut hdr).ok()?;
-            let (h, _) = SegmentHeader::decode(&hdr).ok()?;
+            let (h, _) = match SegmentHeader::decode(&hdr) {
+                Ok(x) => x,
+                Err(e @ frame::FrameError::Unsupported(_)) => {
+                    // Its checksum holds: a whole frame of another format
+                    // version, not a torn one. Cutting it would drop
+                    // acknowledged records.
+                    unsupported = Some(e);
+                    return None;
+                }
+                Err(_) => return None,
+            };
             if (h.frame_len() as u64) > len - off {
                 return None;
             }
@@ -414,7 +411,15 @@ fn scan_file(path: &Path, no: u64, frames: &mut Vec<FramePos>) -> Result<(u64, u
                 });
                 off += n;
             }
-            None => return Ok((off, len)),
+            None => {
+                if let Some(e) = unsupported {
+                    return Err(StoreError::Invalid(format!(
+                        "{}: the frame at byte {off} is one this version cannot read ({e}): a journal written by another version; apply it with that version (let the target catch up) before changing versions",
+                        path.display()
+                    )));
+                }
+                return Ok((off, len));
+            }
         }
     }
     Ok((off, len))
@@ -864,6 +869,34 @@ mod tests {
         (f, h)
     }
 
+    /// A whole frame of another format version (its checksums hold) is not
+    /// a torn tail: cutting it would drop acknowledged records.
+    #[test]
+    fn a_frame_of_another_format_version_is_an_error_not_a_torn_tail() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        for i in 0..2u64 {
+            let (f, h) = frame(1 + i * 3, 3, i);
+            j.append(&f, &h).expect("append");
+        }
+        j.sync().expect("sync");
+        drop(j);
+        let files = list_files(d.path()).expect("list");
+        let path = d.path().join(file_name(*files.last().expect("last")));
+        let mut bytes = std::fs::read(&path).expect("read");
+        // The second frame as an older version wrote it: version 1, header
+        // checksum recomputed.
+        let (first, _) = frame(1, 3, 0);
+        let at = first.len();
+        bytes[at + 4..at + 6].copy_from_slice(&1u16.to_le_bytes());
+        let crc = crc32c(&bytes[at..at + 132]);
+        bytes[at + 132..at + 136].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &bytes).expect("write");
+        let e = Journal::open(d.path(), 1 << 20).err().expect("refused");
+        assert!(matches!(e, StoreError::Invalid(ref m) if m.contains("another version")), "{e}");
+        assert_eq!(std::fs::read(&path).expect("read"), bytes, "nothing cut");
+    }
+
     #[test]
     fn torn_tail_is_truncated_and_rotation_and_trim_work() {
         let d = tempfile::tempdir().expect("tmp");
@@ -995,12 +1028,6 @@ mod tests {
 
     fn end(p: &FramePos) -> u64 {
         p.offset + p.header.frame_len() as u64
-    }
-
-    #[test]
-    fn crc32c_matches_the_standard_check_value() {
-        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
-        assert_eq!(crc32c(b""), 0);
     }
 
     #[test]
