@@ -2,9 +2,11 @@
 # The full test suite, as CI runs it:
 #   1. installs what is missing (Debian packages, bindgen) via scripts/setup.sh;
 #   2. builds the workspace and runs every host test (unit, property,
-#      end-to-end over TLS on 127.0.0.1, fault injection);
+#      end-to-end over TLS on 127.0.0.1, fault injection), then a smoke run
+#      of the host benchmarks (scripts/bench-smoke.sh --host, a few seconds);
 #   3. builds (or reuses the cached) Rust-enabled kernel and dm_replica.ko and
-#      runs the VM tests in qemu.
+#      runs the VM tests in qemu, then a smoke run of the VM benchmarks and
+#      the stress run (scripts/bench-smoke.sh --vm, about 2.5 minutes).
 # Exits non-zero if anything fails or cannot run. Needs root (package
 # installs, a size-limited tmpfs for the disk-full test).
 #
@@ -31,8 +33,12 @@ if ((host)); then
 	echo "==> host tests"
 	cargo build --workspace --all-targets --locked
 	cargo test --workspace --locked
+	echo "==> benchmark smoke runs (host)"
+	bash scripts/bench-smoke.sh --host
 fi
 if ((vm)); then
 	echo "==> VM tests"
 	bash scripts/vm-test.sh
+	echo "==> benchmark smoke runs (VM)"
+	bash scripts/bench-smoke.sh --vm
 fi

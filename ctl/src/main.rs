@@ -489,40 +489,29 @@ fn run(cli: Cli) -> Result<(), String> {
                 println!("start it with: replicad source --config {}", cfg.display());
                 return Ok(());
             }
-            if spawn {
-                std::fs::create_dir_all(&o.state_dir)
-                    .map_err(|e| format!("{}: {e}", o.state_dir.display()))?;
-                let log = o.state_dir.join("replicad.log");
-                let err =
-                    std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-                std::process::Command::new(replicad_exe())
-                    .args(["source", "--config"])
-                    .arg(&cfg)
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(err)
-                    .spawn()
-                    .map_err(|e| format!("start replicad: {e}"))?;
-                println!("replicad source started (log {})", log.display());
+            let mut started = if spawn {
+                let d = replctl::protect::spawn_source(&replicad_exe(), &cfg, &o.state_dir)?;
+                if let replctl::protect::Started::Spawned { log, .. } = &d {
+                    println!("replicad source started (log {})", log.display());
+                }
+                d
             } else if Path::new("/run/systemd/system").exists() {
                 let unit = format!("replicad-source@{volume}.service");
-                let ok = std::process::Command::new("systemctl")
-                    .args(["enable", "--now", &unit])
-                    .status()
-                    .map_err(|e| format!("systemctl: {e}"))?
-                    .success();
-                if !ok {
-                    return Err(format!("systemctl enable --now {unit} failed"));
-                }
+                let d = replctl::protect::start_unit(&unit)?;
                 println!("{unit} enabled and started");
+                d
             } else {
                 return Err(format!(
                     "no systemd here: start `replicad source --config {}` (or use --spawn)",
                     cfg.display()
                 ));
-            }
+            };
             let sock = replicad::control::default_path(&o.state_dir);
-            replctl::protect::wait_daemon(&sock, std::time::Duration::from_secs(60))?;
+            replctl::protect::wait_started(
+                &sock,
+                &mut started,
+                std::time::Duration::from_secs(60),
+            )?;
             if !no_initial_copy {
                 let r = replicad::control::request(&sock, "resync")?;
                 println!("initial copy: {}", r.message.unwrap_or_default());

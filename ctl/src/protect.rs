@@ -156,6 +156,36 @@ pub fn activate(config_dir: &Path) -> Result<Vec<String>, String> {
     }
 }
 
+/// The source configuration `protect` writes for `o` (consistency group
+/// `group`, a volume of `volume_size` bytes).
+pub fn source_config(o: &ProtectOpts, group: &str, volume_size: u64) -> String {
+    format!(
+        "# Written by replctl protect.\nvolume = \"{v}\"\nvolume_size = {size}\nring = {{ group = \"{g}\" }}\ndevice = \"/dev/mapper/{v}\"\ntarget = \"{t}\"\ntarget_name = \"{tn}\"\nkeys = \"{k}\"\nstate_dir = \"{sd}\"\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+        v = o.volume,
+        size = volume_size,
+        g = group,
+        t = o.target,
+        tn = o.target_name,
+        k = o.keys.display(),
+        sd = o.state_dir.display(),
+        ca = o.ca.display(),
+        cert = o.cert.display(),
+        key = o.key.display(),
+    )
+}
+
+/// Checks source configuration `text` (to be written to `path`) as
+/// `replicad source` will load it, and what the daemon needs to start with
+/// it (keyring, certificates, state directory), with the daemon's own
+/// loaders: a daemon that cannot start is refused here, with its reason,
+/// instead of after it was started.
+pub fn check_source(path: &Path, text: &str) -> Result<(), String> {
+    let c: replicad::config::SourceConfig =
+        replicad::config::parse(path, text).map_err(|e| e.to_string())?;
+    c.check(path).map_err(|e| e.to_string())?;
+    replicad::cli::check_source_start(&c).map_err(|e| format!("replicad source cannot start: {e}"))
+}
+
 /// Writes the activation entry and the source configuration, and creates
 /// the table. Returns the path of the source configuration.
 pub fn protect(o: &ProtectOpts) -> Result<PathBuf, String> {
@@ -180,26 +210,10 @@ pub fn protect(o: &ProtectOpts) -> Result<PathBuf, String> {
         region_kib: 64,
         overflow_wait_ms: 100,
     };
-    let cfg = format!(
-        "# Written by replctl protect.\nvolume = \"{v}\"\nvolume_size = {size}\nring = {{ group = \"{g}\" }}\ndevice = \"/dev/mapper/{v}\"\ntarget = \"{t}\"\ntarget_name = \"{tn}\"\nkeys = \"{k}\"\nstate_dir = \"{sd}\"\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
-        v = o.volume,
-        size = n * 512,
-        g = entry.group,
-        t = o.target,
-        tn = o.target_name,
-        k = o.keys.display(),
-        sd = o.state_dir.display(),
-        ca = o.ca.display(),
-        cert = o.cert.display(),
-        key = o.key.display(),
-    );
+    let cfg = source_config(o, &entry.group, n * 512);
     let cfg_path = o.config_dir.join(format!("source-{}.toml", o.volume));
     // Checked before anything is created.
-    replicad::config::SourceConfig::check(
-        &replicad::config::parse(&cfg_path, &cfg).map_err(|e| e.to_string())?,
-        &cfg_path,
-    )
-    .map_err(|e| e.to_string())?;
+    check_source(&cfg_path, &cfg)?;
     let act_path = Activation::path(&o.config_dir, &o.volume);
     std::fs::create_dir_all(act_path.parent().unwrap_or(&o.config_dir))
         .map_err(|e| format!("{}: {e}", o.config_dir.display()))?;
@@ -226,6 +240,167 @@ pub fn wait_daemon(socket: &Path, timeout: Duration) -> Result<(), String> {
             Err(e) if Instant::now() > deadline => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
+    }
+}
+
+/// A source daemon `replctl protect` started, watched until it answers.
+#[derive(Debug)]
+pub enum Started {
+    /// A background process (`--spawn`), its stderr in `log`.
+    Spawned {
+        /// The daemon.
+        child: std::process::Child,
+        /// Its log.
+        log: PathBuf,
+    },
+    /// A systemd unit.
+    Unit(String),
+}
+
+/// Starts `<exe> source --config <cfg>` in the background, its stderr in
+/// `<state_dir>/replicad.log`.
+pub fn spawn_source(exe: &Path, cfg: &Path, state_dir: &Path) -> Result<Started, String> {
+    std::fs::create_dir_all(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+    let log = state_dir.join("replicad.log");
+    let err = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let child = Command::new(exe)
+        .args(["source", "--config"])
+        .arg(cfg)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", exe.display()))?;
+    Ok(Started::Spawned { child, log })
+}
+
+/// `systemctl enable --now <unit>`; if the unit does not start, its state
+/// and journal say why.
+pub fn start_unit(unit: &str) -> Result<Started, String> {
+    let ok = Command::new("systemctl")
+        .args(["enable", "--now", unit])
+        .status()
+        .map_err(|e| format!("systemctl: {e}"))?
+        .success();
+    if !ok {
+        return Err(format!(
+            "systemctl enable --now {unit} failed{}",
+            unit_report(unit)
+        ));
+    }
+    Ok(Started::Unit(unit.to_owned()))
+}
+
+/// The last `n` lines of `path` (or why it cannot be read).
+pub fn log_tail(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let text = String::from_utf8_lossy(&b);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}
+
+/// Whether a unit's `systemctl show` properties say it is not running
+/// (failed, stopped, or waiting to be restarted after a failure); the state
+/// as text if so.
+pub fn unit_stopped(show: &str) -> Option<String> {
+    let get = |k: &str| {
+        show.lines()
+            .find_map(|l| l.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+            .unwrap_or("")
+    };
+    let (active, sub) = (get("ActiveState"), get("SubState"));
+    (active == "failed" || active == "inactive" || sub == "auto-restart").then(|| {
+        format!(
+            "{active} ({sub}), result {}, exit status {}",
+            get("Result"),
+            get("ExecMainStatus")
+        )
+    })
+}
+
+fn unit_show(unit: &str) -> String {
+    Command::new("systemctl")
+        .args([
+            "show",
+            unit,
+            "--property=ActiveState,SubState,Result,ExecMainStatus",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The unit's state and the tail of its journal, for an error message.
+fn unit_report(unit: &str) -> String {
+    let state = unit_stopped(&unit_show(unit)).unwrap_or_else(|| "running".into());
+    let journal = Command::new("journalctl")
+        .args(["-u", unit, "-n", "20", "--no-pager", "-o", "cat"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|e| format!("(journalctl: {e})"));
+    format!(
+        ": {unit} is {state}; the end of its journal (journalctl -u {unit}):\n{}",
+        journal.trim_end()
+    )
+}
+
+/// Waits up to `timeout` until the daemon `started` answers on `socket`;
+/// fails at once, with its exit status and the end of its log (or its
+/// unit's state and journal), if it stops before.
+pub fn wait_started(socket: &Path, started: &mut Started, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answer = replicad::control::request(socket, "status");
+        if answer.is_ok() {
+            return Ok(());
+        }
+        match started {
+            Started::Spawned { child, log } => {
+                if let Some(st) = child
+                    .try_wait()
+                    .map_err(|e| format!("replicad source: {e}"))?
+                {
+                    return Err(format!(
+                        "replicad source exited ({st}) before it answered on {}; the end of its log {}:\n{}",
+                        socket.display(),
+                        log.display(),
+                        log_tail(log, 20)
+                    ));
+                }
+            }
+            Started::Unit(unit) => {
+                if unit_stopped(&unit_show(unit)).is_some() {
+                    return Err(format!(
+                        "replicad source stopped before it answered on {}{}",
+                        socket.display(),
+                        unit_report(unit)
+                    ));
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            let detail = match started {
+                Started::Spawned { log, .. } => {
+                    format!(
+                        "; the end of its log {}:\n{}",
+                        log.display(),
+                        log_tail(log, 20)
+                    )
+                }
+                Started::Unit(unit) => unit_report(unit),
+            };
+            return Err(format!(
+                "replicad source did not answer on {} within {} s ({}){detail}",
+                socket.display(),
+                timeout.as_secs(),
+                answer.err().unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -304,6 +479,21 @@ mod tests {
         );
         std::fs::write(Activation::path(d.path(), "bad"), "volume = 1").expect("w");
         assert!(Activation::all(d.path()).is_err());
+    }
+
+    #[test]
+    fn a_unit_that_failed_or_waits_for_a_restart_is_stopped() {
+        let show = |a: &str, s: &str| {
+            format!("ActiveState={a}\nSubState={s}\nResult=exit-code\nExecMainStatus=2\n")
+        };
+        assert_eq!(unit_stopped(&show("active", "running")), None);
+        assert_eq!(unit_stopped(&show("activating", "start")), None);
+        assert_eq!(
+            unit_stopped(&show("failed", "failed")).as_deref(),
+            Some("failed (failed), result exit-code, exit status 2")
+        );
+        assert!(unit_stopped(&show("activating", "auto-restart")).is_some());
+        assert!(unit_stopped(&show("inactive", "dead")).is_some());
     }
 
     #[test]

@@ -118,6 +118,53 @@ fn init_logging() {
         .try_init();
 }
 
+/// What `replicad source` needs to start, checked without starting it (for
+/// `replctl protect`, before it starts the daemon): the directories for its
+/// state and spool are not on a protected volume, the keyring loads (present,
+/// mode 0600, parseable), the TLS material loads, and the state and spool
+/// directories are usable (an existing one is a writable directory, a missing
+/// one can be created). The keyring, TLS and protected-volume checks are the
+/// daemon's own loaders, so the errors are the ones it would stop with.
+pub fn check_source_start(c: &SourceConfig) -> Result<(), crate::DaemonError> {
+    crate::protected::check_not_protected(&c.state_dir, "state_dir")?;
+    crate::protected::check_not_protected(&c.spool_dir(), "spool.dir")?;
+    crate::keystore::KeyStore::load(&c.keys)?;
+    crate::tls::client_config(&c.tls)?;
+    usable_dir(&c.state_dir, "create state directory")?;
+    usable_dir(&c.spool_dir(), "create spool directory")
+}
+
+/// `dir` is a writable directory, or the nearest existing ancestor is (so
+/// the daemon can create it).
+fn usable_dir(dir: &std::path::Path, what: &'static str) -> Result<(), crate::DaemonError> {
+    use nix::unistd::{access, AccessFlags};
+    let mut p = dir;
+    loop {
+        match std::fs::metadata(p) {
+            Ok(m) if !m.is_dir() => {
+                return Err(crate::DaemonError::io(
+                    what,
+                    dir,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotADirectory,
+                        format!("{} is not a directory", p.display()),
+                    ),
+                ))
+            }
+            Ok(_) => {
+                return access(p, AccessFlags::W_OK | AccessFlags::X_OK)
+                    .map_err(|e| crate::DaemonError::io(what, dir, std::io::Error::from(e)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match p.parent() {
+                Some(parent) if parent.as_os_str().is_empty() => p = std::path::Path::new("."),
+                Some(parent) => p = parent,
+                None => return Err(crate::DaemonError::io(what, dir, e)),
+            },
+            Err(e) => return Err(crate::DaemonError::io(what, dir, e)),
+        }
+    }
+}
+
 /// Entry point shared by the `replicad` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();

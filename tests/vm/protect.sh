@@ -33,6 +33,32 @@ mkdir -p $C
 step "protect"
 check_not "a file is not a block device" replctl protect $W/keys.toml --volume x --target $ADDR \
 	--config-dir $C --keys $W/keys.toml --ca $W/pki/ca.pem --cert $W/pki/source-host.pem --key $W/pki/source-host.key
+# elapsed_since T0: whole seconds since uptime T0.
+elapsed_since() { echo $(($(cut -d. -f1 /proc/uptime) - $1)); }
+# protect_with STATE_DIR KEYS: replctl protect /dev/vda as pv, spawned.
+protect_with() {
+	replctl protect /dev/vda --volume pv --target $ADDR --target-name target-host --ring-mib 4 \
+		--config-dir $C --state-dir "$1" --keys "$2" --ca $W/pki/ca.pem \
+		--cert $W/pki/source-host.pem --key $W/pki/source-host.key --spawn 2>&1
+}
+t0=$(cut -d. -f1 /proc/uptime)
+out=$(protect_with $W/source $W/missing-keys.toml) && fail "protect with a missing key file succeeded: $out"
+echo "$out"
+check "a missing key file is refused, naming it" sh -c 'echo "$1" | grep -qF "cannot start: key file $2: No such file"' _ "$out" $W/missing-keys.toml
+check "at once (not after waiting for the daemon)" test "$(elapsed_since "$t0")" -lt 20
+check_not "nothing was created: no table" dm_exists pv
+check_not "no activation entry" test -e $C/protected/pv.toml
+check_not "no configuration" test -e $C/source-pv.toml
+# What only the daemon itself refuses (a demoted source's state): protect
+# starts it, sees it exit and shows its reason at once.
+mkdir -p $W/demoted
+echo '{"epoch": 1, "demoted": "a test"}' >$W/demoted/role.json
+t0=$(cut -d. -f1 /proc/uptime)
+out=$(protect_with $W/demoted $W/keys.toml) && fail "protect over a demoted source's state succeeded: $out"
+echo "$out"
+check "the daemon's exit and its reason are shown" sh -c 'echo "$1" | grep -q "replicad source exited (exit status: 2)" && echo "$1" | grep -q "demoted"' _ "$out"
+check "at once (not after the 60 s wait for its socket)" test "$(elapsed_since "$t0")" -lt 20
+out=$(replctl unprotect pv --config-dir $C 2>&1) || fail "replctl unprotect: $out"
 out=$(replctl protect /dev/vda --volume pv --target $ADDR --target-name target-host --ring-mib 4 \
 	--config-dir $C --state-dir $W/source --keys $W/keys.toml --ca $W/pki/ca.pem \
 	--cert $W/pki/source-host.pem --key $W/pki/source-host.key --spawn 2>&1) || fail "replctl protect: $out"
