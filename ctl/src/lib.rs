@@ -6,3 +6,4 @@ pub mod dev;
 pub mod keys;
 pub mod progress;
 pub mod protect;
+pub mod wait;

@@ -30,7 +30,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DevCmd,
     },
-    /// Wait until a volume's replica has applied a record sequence.
+    /// Wait until a volume's replica has applied a record sequence of a
+    /// capture ring generation (sequences start over with each ring).
     Wait {
         /// The daemon's state directory.
         #[arg(long)]
@@ -41,6 +42,11 @@ enum Cmd {
         /// Record sequence that must be applied.
         #[arg(long)]
         applied: u64,
+        /// The capture ring generation (hex) the sequence belongs to: the
+        /// `generation=` of `dmsetup status <volume>` or of `replctl status`
+        /// on the source.
+        #[arg(long)]
+        generation: String,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
@@ -424,8 +430,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 std::time::Duration::from_secs(300),
             )?;
             println!(
-                "captured {records} records ({bytes} bytes of writes) up to sequence {}",
-                p.next_seq() - 1
+                "captured {records} records ({bytes} bytes of writes) up to sequence {} of generation {}",
+                p.next_seq() - 1,
+                hex::encode(p.generation())
             );
         }
         Cmd::Resync {
@@ -438,7 +445,15 @@ fn run(cli: Cli) -> Result<(), String> {
             let r = replicad::control::request(&sock, "resync")?;
             println!("{}", r.message.unwrap_or_default());
             if wait {
-                replctl::progress::wait_resync(&sock, std::time::Duration::from_secs(timeout))?;
+                let ticket = r
+                    .resync
+                    .ok_or("the daemon did not say which resync it started (an older replicad?)")?;
+                replctl::progress::wait_resync(
+                    &sock,
+                    &ticket,
+                    std::time::Duration::from_secs(timeout),
+                )?;
+                println!("resync done: the target applied its end; the replica is consistent");
             }
         }
         Cmd::Protect {
@@ -478,6 +493,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 state_dir: state_dir
                     .unwrap_or_else(|| PathBuf::from("/var/lib/replicad").join(&volume)),
                 config_dir,
+                initial_copy: !no_initial_copy,
             };
             let cfg = replctl::protect::protect(&o)?;
             println!(
@@ -515,8 +531,15 @@ fn run(cli: Cli) -> Result<(), String> {
             if !no_initial_copy {
                 let r = replicad::control::request(&sock, "resync")?;
                 println!("initial copy: {}", r.message.unwrap_or_default());
-                replctl::progress::wait_resync(&sock, std::time::Duration::from_secs(7 * 86400))?;
-                println!("initial copy done: the replica is consistent");
+                let ticket = r
+                    .resync
+                    .ok_or("the daemon did not say which resync it started (an older replicad?)")?;
+                replctl::progress::wait_resync(
+                    &sock,
+                    &ticket,
+                    std::time::Duration::from_secs(7 * 86400),
+                )?;
+                println!("initial copy done: the target applied its end; the replica is consistent");
             }
         }
         Cmd::Unprotect {
@@ -603,30 +626,21 @@ fn run(cli: Cli) -> Result<(), String> {
             state_dir,
             volume,
             applied,
+            generation,
             timeout,
         } => {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
-            loop {
-                let vols = replicad::status::read(&state_dir).unwrap_or_default();
-                if let Some(v) = vols.iter().find(|v| v.volume == volume) {
-                    if v.health == replicad::status::Health::Critical {
-                        return Err(format!(
-                            "volume {volume} is Critical: {}",
-                            v.reasons.join("; ")
-                        ));
-                    }
-                    if v.applied_seq >= applied {
-                        println!("volume {volume}: applied up to {}", v.applied_seq);
-                        break;
-                    }
-                }
-                if std::time::Instant::now() > deadline {
-                    return Err(format!(
-                        "volume {volume} did not reach record {applied} within {timeout} s"
-                    ));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
+            let v = replctl::wait::wait_applied(
+                &state_dir,
+                &volume,
+                applied,
+                &generation,
+                std::time::Duration::from_secs(timeout),
+            )
+            .map_err(|e| e.to_string())?;
+            println!(
+                "volume {volume}: applied up to {} of generation {}",
+                v.applied_seq, v.generation
+            );
         }
         Cmd::Point {
             cmd: PointCmd::List { vol },

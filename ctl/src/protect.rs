@@ -99,6 +99,9 @@ pub struct ProtectOpts {
     pub config_dir: PathBuf,
     /// The source's state directory.
     pub state_dir: PathBuf,
+    /// A target without a copy gets a full copy first (`--no-initial-copy`
+    /// declares the replica identical already).
+    pub initial_copy: bool,
 }
 
 fn dm() -> Dmsetup {
@@ -160,7 +163,7 @@ pub fn activate(config_dir: &Path) -> Result<Vec<String>, String> {
 /// `group`, a volume of `volume_size` bytes).
 pub fn source_config(o: &ProtectOpts, group: &str, volume_size: u64) -> String {
     format!(
-        "# Written by replctl protect.\nvolume = \"{v}\"\nvolume_size = {size}\nring = {{ group = \"{g}\" }}\ndevice = \"/dev/mapper/{v}\"\ntarget = \"{t}\"\ntarget_name = \"{tn}\"\nkeys = \"{k}\"\nstate_dir = \"{sd}\"\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+        "# Written by replctl protect.\nvolume = \"{v}\"\nvolume_size = {size}\nring = {{ group = \"{g}\" }}\ndevice = \"/dev/mapper/{v}\"\ntarget = \"{t}\"\ntarget_name = \"{tn}\"\nkeys = \"{k}\"\nstate_dir = \"{sd}\"\ninitial_copy = {ic}\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
         v = o.volume,
         size = volume_size,
         g = group,
@@ -168,6 +171,7 @@ pub fn source_config(o: &ProtectOpts, group: &str, volume_size: u64) -> String {
         tn = o.target_name,
         k = o.keys.display(),
         sd = o.state_dir.display(),
+        ic = o.initial_copy,
         ca = o.ca.display(),
         cert = o.cert.display(),
         key = o.key.display(),

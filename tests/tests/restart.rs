@@ -38,13 +38,27 @@ fn journal_nonces(tstate: &Path) -> Vec<([u8; 16], u32, u64)> {
 #[test]
 fn source_restart_rebatches_without_loss_duplicates_or_nonce_reuse() {
     let mut r = rig(11, None, 100_000, "");
+    let streams_seen = |r: &Rig| {
+        journal_nonces(&r.tstate)
+            .iter()
+            .map(|n| n.0)
+            .collect::<HashSet<_>>()
+            .len()
+    };
     r.write(300);
-    // Kill mid-stream, restart with a different segment size: unacked
-    // records are batched differently the second time.
+    // Kill mid-stream (once this start has streamed), restart with a
+    // different segment size: unacked records are batched differently the
+    // second time.
+    wait_for(Duration::from_secs(30), "the first start streams", || {
+        streams_seen(&r) >= 1
+    });
     r.source.as_mut().expect("source").kill9();
     r.write_while_down(200);
     r.start_source(1 << 20, "");
     r.write(300);
+    wait_for(Duration::from_secs(30), "the second start streams", || {
+        streams_seen(&r) >= 2
+    });
     r.source.as_mut().expect("source").stop();
     r.start_source(256 << 10, "");
     r.write(100);

@@ -197,6 +197,14 @@ fn a_new_ring_generation_is_taken_over_by_the_applier_and_needs_a_full_resync() 
     wait_for(Duration::from_secs(10), "status inconsistent", || {
         t.status("v").is_some_and(|s| s.replica == "Inconsistent")
     });
+    // The old generation's records say nothing about the new one's.
+    let (g6, g7) = (hex::encode([6u8; 16]), hex::encode([7u8; 16]));
+    let e = replctl::wait::wait_applied(&st, "v", 3, &g6, Duration::from_millis(500))
+        .expect_err("the old generation is not the one applied now");
+    assert!(matches!(e, replctl::wait::WaitError::Timeout { .. }), "{e}");
+    let e = replctl::wait::wait_applied(&st, "v", 3, &g7, Duration::from_millis(500))
+        .expect_err("record 3 of the new generation is not applied yet");
+    assert!(matches!(e, replctl::wait::WaitError::Timeout { .. }), "{e}");
 
     // A partial resync does not make a replica without a copy consistent.
     let f = c.seal_records(&kr, 0, &[begin(1, false), (2, ring_op::FLUSH, 0, 0, 0, &[]), end(3)]);
@@ -236,6 +244,8 @@ fn a_new_ring_generation_is_taken_over_by_the_applier_and_needs_a_full_resync() 
     wait_for(Duration::from_secs(10), "status consistent", || {
         t.status("v").is_some_and(|s| s.replica == "Consistent")
     });
+    replctl::wait::wait_applied(&st, "v", 8, &g7, Duration::from_secs(10))
+        .expect("record 8 of the new generation is applied");
     // And it stays that way: no stale applied sequence written back.
     drop(c);
     let c = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [7; 16], 9).expect("again");

@@ -6,7 +6,7 @@
 # with a recovery point at the copy's END, and the replica equals the disk.
 # The same for an operator's full resync with --wait afterwards.
 #
-# vm-disks: 96M 256M
+# vm-disks: 96M 640M
 # shellcheck source=tests/vm/lib.sh
 . /lib/vmtest/lib.sh
 set -u

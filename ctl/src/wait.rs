@@ -1,0 +1,87 @@
+//! `replctl wait`: until a target has applied a record sequence of a given
+//! capture ring generation. Sequences start over with each ring, so the
+//! generation is part of the question: a higher sequence of another
+//! generation says nothing about this one.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use replicad::status::{Health, VolumeStatus};
+
+/// Why a wait ended without the record applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WaitError {
+    /// The volume went Critical.
+    #[error("volume {volume} is Critical: {reasons}")]
+    Critical {
+        /// Volume id.
+        volume: String,
+        /// Its reasons.
+        reasons: String,
+    },
+    /// The deadline passed.
+    #[error("volume {volume} did not reach record {seq} of generation {generation} within {timeout:?}{seen}")]
+    Timeout {
+        /// Volume id.
+        volume: String,
+        /// The record waited for.
+        seq: u64,
+        /// Its generation.
+        generation: String,
+        /// How long it waited.
+        timeout: Duration,
+        /// Where the volume was last seen.
+        seen: String,
+    },
+}
+
+/// Whether `v` shows record `seq` of `generation` applied.
+pub fn applied(v: &VolumeStatus, seq: u64, generation: &str) -> bool {
+    !v.generation.is_empty() && v.generation.eq_ignore_ascii_case(generation) && v.applied_seq >= seq
+}
+
+/// Waits until the daemon with state directory `state_dir` reports record
+/// `seq` of ring `generation` applied for `volume`; returns its status then.
+pub fn wait_applied(
+    state_dir: &Path,
+    volume: &str,
+    seq: u64,
+    generation: &str,
+    timeout: Duration,
+) -> Result<VolumeStatus, WaitError> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = String::new();
+    loop {
+        let vols = replicad::status::read(state_dir).unwrap_or_default();
+        if let Some(v) = vols.into_iter().find(|v| v.volume == volume) {
+            if v.health == Health::Critical {
+                return Err(WaitError::Critical {
+                    volume: volume.to_owned(),
+                    reasons: v.reasons.join("; "),
+                });
+            }
+            if applied(&v, seq, generation) {
+                return Ok(v);
+            }
+            seen = format!(
+                "; it is at record {} of generation {}",
+                v.applied_seq,
+                if v.generation.is_empty() {
+                    "(none)"
+                } else {
+                    &v.generation
+                }
+            );
+        }
+        if Instant::now() > deadline {
+            return Err(WaitError::Timeout {
+                volume: volume.to_owned(),
+                seq,
+                generation: generation.to_owned(),
+                timeout,
+                seen,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
