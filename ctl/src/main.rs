@@ -539,7 +539,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     &ticket,
                     std::time::Duration::from_secs(7 * 86400),
                 )?;
-                println!("initial copy done: the target applied its end; the replica is consistent");
+                println!(
+                    "initial copy done: the target applied its end; the replica is consistent"
+                );
             }
         }
         Cmd::Unprotect {

@@ -37,7 +37,9 @@ pub enum WaitError {
 
 /// Whether `v` shows record `seq` of `generation` applied.
 pub fn applied(v: &VolumeStatus, seq: u64, generation: &str) -> bool {
-    !v.generation.is_empty() && v.generation.eq_ignore_ascii_case(generation) && v.applied_seq >= seq
+    !v.generation.is_empty()
+        && v.generation.eq_ignore_ascii_case(generation)
+        && v.applied_seq >= seq
 }
 
 /// Waits until the daemon with state directory `state_dir` reports record

@@ -493,14 +493,12 @@ fn open_volume(
         s.applied_seq = state.applied_seq;
         s.points = state.points.len() as u64;
         s.last_point_seq = state.points.last().map_or(0, |p| p.seq);
-        s.replica = if state.points.is_empty()
-            || state.resync_since.is_some()
-            || state.needs_full_resync
-        {
-            "Inconsistent".into()
-        } else {
-            "Consistent".into()
-        };
+        s.replica =
+            if state.points.is_empty() || state.resync_since.is_some() || state.needs_full_resync {
+                "Inconsistent".into()
+            } else {
+                "Consistent".into()
+            };
         if let Some(since) = state.resync_since {
             s.health = Health::Warning;
             s.reasons = vec![resync_reason(since, state.needs_full_resync)];

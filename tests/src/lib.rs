@@ -739,7 +739,15 @@ impl RawClient {
         generation: [u8; 16],
         oldest_seq: u64,
     ) -> Result<Self, String> {
-        Self::connect_with(env, addr, cert, volume, generation, oldest_seq, HelloOpts::default())
+        Self::connect_with(
+            env,
+            addr,
+            cert,
+            volume,
+            generation,
+            oldest_seq,
+            HelloOpts::default(),
+        )
     }
 
     /// [`RawClient::connect`] with the hello's flags.

@@ -159,7 +159,14 @@ fn begin(seq: u64, full: bool) -> (u64, u8, u8, u64, u64, &'static [u8]) {
 }
 
 fn end(seq: u64) -> (u64, u8, u8, u64, u64, &'static [u8]) {
-    (seq, ring_op::MARKER, RECORD_FLAG_RESYNC, 0, Marker::End.aux(), &[])
+    (
+        seq,
+        ring_op::MARKER,
+        RECORD_FLAG_RESYNC,
+        0,
+        Marker::End.aux(),
+        &[],
+    )
 }
 
 /// The source host restarted under a running target: a new ring whose
@@ -183,7 +190,10 @@ fn a_new_ring_generation_is_taken_over_by_the_applier_and_needs_a_full_resync() 
         c.welcome.resync_required,
         "the target demands a full resync of the new generation"
     );
-    assert_eq!(c.welcome.durable_seq, 0, "the new sequence space starts over");
+    assert_eq!(
+        c.welcome.durable_seq, 0,
+        "the new sequence space starts over"
+    );
     let s = target_state(&st, "v");
     assert_eq!(s.generation, hex::encode([7u8; 16]));
     assert!(s.needs_full_resync);
@@ -207,7 +217,11 @@ fn a_new_ring_generation_is_taken_over_by_the_applier_and_needs_a_full_resync() 
     assert!(matches!(e, replctl::wait::WaitError::Timeout { .. }), "{e}");
 
     // A partial resync does not make a replica without a copy consistent.
-    let f = c.seal_records(&kr, 0, &[begin(1, false), (2, ring_op::FLUSH, 0, 0, 0, &[]), end(3)]);
+    let f = c.seal_records(
+        &kr,
+        0,
+        &[begin(1, false), (2, ring_op::FLUSH, 0, 0, 0, &[]), end(3)],
+    );
     c.send_frame(f).expect("partial resync");
     wait_applied(&st, 3);
     let s = target_state(&st, "v");
@@ -238,8 +252,14 @@ fn a_new_ring_generation_is_taken_over_by_the_applier_and_needs_a_full_resync() 
     assert_eq!(s.resync_since, None);
     assert_eq!(s.applied_seq, 8);
     let img = std::fs::read(st.join("v.img")).expect("replica");
-    assert!(img[..4096].iter().all(|&b| b == 0x55), "resync data applied");
-    assert!(img[4096..8192].iter().all(|&b| b == 0x66), "the later write wins");
+    assert!(
+        img[..4096].iter().all(|&b| b == 0x55),
+        "resync data applied"
+    );
+    assert!(
+        img[4096..8192].iter().all(|&b| b == 0x66),
+        "the later write wins"
+    );
     assert!(img[8192..65536].iter().all(|&b| b == 0x55));
     wait_for(Duration::from_secs(10), "status consistent", || {
         t.status("v").is_some_and(|s| s.replica == "Consistent")
@@ -285,7 +305,10 @@ fn a_target_without_a_copy_demands_a_full_resync() {
         let s = target_state(&st, "v");
         assert_eq!(s.needs_full_resync, required);
         if required {
-            assert!(points(&st).is_empty(), "no point over a replica without a copy");
+            assert!(
+                points(&st).is_empty(),
+                "no point over a replica without a copy"
+            );
             assert_eq!(t.status("v").expect("status").replica, "Inconsistent");
             // A new connection is told again.
             drop(c);

@@ -893,7 +893,10 @@ mod tests {
         bytes[at + 132..at + 136].copy_from_slice(&crc.to_le_bytes());
         std::fs::write(&path, &bytes).expect("write");
         let e = Journal::open(d.path(), 1 << 20).err().expect("refused");
-        assert!(matches!(e, StoreError::Invalid(ref m) if m.contains("another version")), "{e}");
+        assert!(
+            matches!(e, StoreError::Invalid(ref m) if m.contains("another version")),
+            "{e}"
+        );
         assert_eq!(std::fs::read(&path).expect("read"), bytes, "nothing cut");
     }
 
