@@ -20,6 +20,12 @@
 //! and spools them as a write *at the marker's position*: later writes come
 //! after it in the stream and win. When no region is left, an END marker
 //! closes the resync; the target is consistent again at END.
+//!
+//! One source replicates one volume, and the records of a group's ring
+//! carry their volume's index: a record of any other index (a volume that
+//! joined the group) stops the drain before it, with
+//! [`RingError::OtherVolume`]; nothing of it is spooled, and the source is
+//! Critical.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -30,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use replica_proto::frame::{self, resync::Marker, OP_SKIPPED, RECORD_FLAG_RESYNC};
 use replica_ring::device::Device;
-use replica_ring::{Peek, Record};
+use replica_ring::{Peek, Record, RingError};
 
 use crate::dirty::{DirtyMap, ResyncState};
 use crate::source::RingConsumer;
@@ -211,6 +217,9 @@ pub struct Drainer {
     set: DrainSettings,
     consumer: RingConsumer,
     kernel: Option<KernelRing>,
+    /// The replicated volume's index in its group (0 for a ring file, whose
+    /// ring holds one volume): the only one the stream takes.
+    index: u32,
     shared: Arc<Shared>,
     board: Arc<StatusBoard>,
     stop: Arc<AtomicBool>,
@@ -379,10 +388,12 @@ impl Drainer {
             planned: Mutex::new(None),
             failing_over: AtomicBool::new(false),
         });
+        let index = kernel.as_ref().map_or(0, |k| k.index);
         let d = Self {
             set,
             consumer,
             kernel,
+            index,
             shared: shared.clone(),
             board,
             stop,
@@ -406,7 +417,23 @@ impl Drainer {
     pub fn run(mut self) {
         if let Err(e) = self.run_inner() {
             let msg = e.to_string();
+            if let DaemonError::Ring(RingError::OtherVolume { seq, volume, .. }) = &e {
+                tracing::error!(
+                    volume = %self.set.volume,
+                    seq,
+                    index = volume,
+                    "a record of another volume of the group reached the drain: the stream stops before it, nothing of it is spooled or shipped"
+                );
+            }
             tracing::error!(volume = %self.set.volume, "capture drain stopped: {msg}");
+            // Replication cannot go on: Critical now, whether or not a
+            // session is there to notice.
+            self.board.update(&self.set.volume, |s| {
+                s.health = Health::Critical;
+                if !s.reasons.contains(&msg) {
+                    s.reasons.push(msg.clone());
+                }
+            });
             *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
         }
         self.publish();
@@ -502,14 +529,16 @@ impl Drainer {
         }
     }
 
-    /// Checks a record's bounds.
+    /// Checks a record's volume and bounds.
     fn check(&self, r: &Record) -> Result<(), DaemonError> {
         let d = &r.desc;
-        if d.volume > u32::from(u16::MAX) {
-            return Err(DaemonError::Critical(format!(
-                "record {} names volume index {}",
-                r.seq, d.volume
-            )));
+        if d.volume != self.index {
+            return Err(RingError::OtherVolume {
+                seq: r.seq,
+                volume: d.volume,
+                expected: self.index,
+            }
+            .into());
         }
         let end = d
             .sector
@@ -1159,5 +1188,136 @@ impl Drainer {
                 }
             }
         });
+    }
+}
+
+/// The stream takes only the replicated volume's records.
+#[cfg(test)]
+mod volume_index_tests {
+    use super::*;
+    use crate::status::{Role, VolumeStatus};
+    use replica_ring::{Consumer, DescFields, FileRelease, Producer, RingParams};
+
+    const SIZE: u64 = 1 << 20;
+
+    fn write(p: &mut Producer, volume: u32, sector: u64, byte: u8) -> u64 {
+        let data = vec![byte; 4096];
+        let seq = p
+            .reserve(
+                DescFields {
+                    op: ring_abi::OP_WRITE,
+                    volume,
+                    sector,
+                    len: 4096,
+                    submit_ns: replica_ring::now_ns(),
+                    ..Default::default()
+                },
+                &data,
+            )
+            .expect("reserve");
+        p.complete(seq, true);
+        seq
+    }
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// A record of another volume index of the group stops the drain with
+    /// a typed error before it: what came before it is spooled, nothing of
+    /// it or after it, its ring space is not released, and the volume is
+    /// Critical with a reason naming the index.
+    #[test]
+    fn a_record_of_another_volume_stops_the_drain_before_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ring = dir.path().join("ring");
+        let mut prod = Producer::create(
+            &ring,
+            RingParams {
+                desc_count: 64,
+                data_granules: 256,
+                generation: [3; 16],
+                first_seq: 1,
+                first_granule: 0,
+            },
+        )
+        .expect("ring");
+        let consumer = Consumer::new(
+            replica_ring::Mapping::open_file(&ring, true).expect("map"),
+            Box::new(FileRelease) as Box<dyn replica_ring::Release>,
+        )
+        .expect("consumer");
+        let board = Arc::new(StatusBoard::new(
+            dir.path(),
+            vec![VolumeStatus::new("v", Role::Primary)],
+        ));
+        let set = DrainSettings {
+            volume: "v".into(),
+            volume_size: SIZE,
+            chunk_bytes: 1 << 20,
+            limit_bytes: 64 << 20,
+            region_bytes: 64 << 10,
+            state_path: dir.path().join("resync.state"),
+            device: None,
+            resync_window: 1 << 20,
+            resync_max_bytes: 1 << 20,
+            spool_dir: dir.path().join("spool"),
+            spool_file_bytes: 16 << 20,
+            last_generation: None,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (mut drainer, shared) =
+            Drainer::new(set, consumer, None, board.clone(), stop, Default::default())
+                .expect("drainer");
+        assert_eq!(drainer.index, 0, "a ring file holds volume index 0");
+
+        // Volume 0's record goes to the spool...
+        write(&mut prod, 0, 0, 0xAA);
+        let t = std::thread::spawn(move || {
+            let r = drainer.run_inner();
+            (drainer, r)
+        });
+        wait_until("record 1 spooled", || shared.spool.next_seq() == 2);
+        // ...then another member's record, and one of volume 0 after it.
+        let foreign = write(&mut prod, 1, 8, 0xBB);
+        write(&mut prod, 0, 16, 0xCC);
+        wait_until("the drain to stop", || t.is_finished());
+        let (drainer, r) = t.join().expect("drain thread");
+        match r {
+            Err(DaemonError::Ring(RingError::OtherVolume {
+                seq,
+                volume,
+                expected,
+            })) => {
+                assert_eq!((seq, volume, expected), (foreign, 1, 0));
+            }
+            other => panic!("expected OtherVolume, got {other:?}"),
+        }
+        let mut spooled = Vec::new();
+        shared
+            .spool
+            .for_each_record(1, |rv| spooled.push((rv.seq, rv.volume)))
+            .expect("spool");
+        assert_eq!(spooled, vec![(1, 0)], "nothing of the other volume spooled");
+        assert_eq!(shared.spool.next_seq(), 2);
+        assert_eq!(prod.live(), 2, "the other volume's record is not released");
+
+        // The drain thread's run: stopped, Critical, the reason names the
+        // volume index.
+        drainer.run();
+        let f = shared.fatal().expect("fatal error");
+        assert!(f.contains("volume index 1"), "{f}");
+        let s = board.get("v").expect("status");
+        assert_eq!(s.health, Health::Critical);
+        assert!(
+            s.reasons.iter().any(|r| r.contains("volume index 1")),
+            "{:?}",
+            s.reasons
+        );
+        assert_eq!(shared.spool.next_seq(), 2, "still nothing more spooled");
     }
 }

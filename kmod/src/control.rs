@@ -8,7 +8,9 @@
 //! ([`abi::IOC_VOLUME`]), gives space back with [`abi::IOC_RELEASE`]
 //! (validated against the kernel's own copy of the ring) and reads and
 //! clears a volume's dirty bitmap with [`abi::IOC_BITMAP`], which also ends
-//! overflow and says from which sequence the ring is complete again.
+//! overflow and says from which sequence the ring is complete again. While
+//! it is attached, tables for new volumes of the group are refused unless it
+//! allows them with [`abi::IOC_ALLOW_JOINS`].
 //! Closing the file detaches the consumer; the ring and its memory stay as
 //! long as the group's targets (or the file's mappings) need them.
 
@@ -121,6 +123,24 @@ impl ControlFile {
         let seq = group.marker(volume, flags, aux)?;
         put_u64(&mut buf, offset_of!(abi::MarkerArg, seq), seq);
         w.write_slice(&buf)?;
+        Ok(0)
+    }
+
+    fn allow_joins(&self, arg: usize) -> Result<i32> {
+        // Only the attached consumer: the allowance is its own and ends
+        // when it detaches.
+        let group = self.group()?;
+        let mut buf = [0u8; size_of::<abi::AllowJoinsArg>()];
+        user_arg::<abi::AllowJoinsArg>(arg).reader().read_slice(&mut buf)?;
+        let allow = match get_u32(&buf, offset_of!(abi::AllowJoinsArg, allow)) {
+            Some(0) => false,
+            Some(1) => true,
+            _ => return Err(EINVAL),
+        };
+        if get_u32(&buf, offset_of!(abi::AllowJoinsArg, _reserved)) != Some(0) {
+            return Err(EINVAL);
+        }
+        group.allow_joins(allow);
         Ok(0)
     }
 
@@ -243,6 +263,7 @@ impl FileOps for ControlFile {
             abi::IOC_VOLUME => self.volume(arg),
             abi::IOC_BITMAP => self.bitmap(arg),
             abi::IOC_MARKER => self.marker(arg),
+            abi::IOC_ALLOW_JOINS => self.allow_joins(arg),
             _ => Err(ENOTTY),
         }
     }

@@ -16,6 +16,16 @@
 //! last target goes, the group leaves the registry and its ring is marked
 //! dead (the consumer sees POLLHUP); the memory is freed when the consumer
 //! closes it.
+//!
+//! While a consumer is attached, a table for a volume the group does not
+//! hold yet is refused with `EBUSY`, unless the consumer allowed joins
+//! ([`abi::IOC_ALLOW_JOINS`]): the new volume's records would appear in a
+//! stream the consumer replicates for other volumes. A table of a volume the
+//! group holds (a reload, which dm builds before the old table goes) is
+//! always accepted. The consumer slot and the allowance live under the
+//! group's lock, so a table and an attach racing each other are ordered:
+//! either the table sees the consumer and is refused, or the consumer finds
+//! the new volume when it lists the group's volumes after attaching.
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -150,6 +160,11 @@ struct GroupState {
     /// Records that could not be captured or completed consistently (bugs
     /// reported instead of panicking); their regions are dirty.
     internal_errors: u64,
+    /// A consumer is attached (the single consumer slot is taken).
+    consumer: bool,
+    /// The attached consumer lets new volumes join the group
+    /// ([`abi::IOC_ALLOW_JOINS`]); cleared when it detaches.
+    joins_allowed: bool,
 }
 
 impl GroupState {
@@ -186,7 +201,6 @@ pub(crate) struct Group {
     /// Bumped on every completion, marker and state change; `poll` reports
     /// readable when it moved since the consumer's last look.
     events: AtomicU64,
-    consumer: AtomicBool,
     dead: AtomicBool,
 }
 
@@ -216,6 +230,7 @@ pub(crate) struct GroupStatus {
     held: usize,
     waiting: usize,
     internal_errors: u64,
+    consumer: bool,
 }
 
 /// A volume's description, for the control device.
@@ -267,6 +282,8 @@ impl Group {
             dirty_total: 0,
             targets: 0,
             internal_errors: 0,
+            consumer: false,
+            joins_allowed: false,
         };
         Arc::pin_init(
             pin_init!(Group {
@@ -279,7 +296,6 @@ impl Group {
                 wait <- WaitQueue::new(),
                 work <- new_work!("dm_replica_group_work"),
                 events: AtomicU64::new(0),
-                consumer: AtomicBool::new(false),
                 dead: AtomicBool::new(false),
             }),
             GFP_KERNEL,
@@ -333,16 +349,36 @@ impl Group {
         self.dead.load(Ordering::Acquire)
     }
 
-    /// Claims the single consumer slot.
+    /// Claims the single consumer slot; new volumes are refused until the
+    /// consumer allows joins.
     pub(crate) fn attach_consumer(&self) -> bool {
-        self.consumer
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        let mut st = self.state.lock();
+        if st.consumer {
+            return false;
+        }
+        st.consumer = true;
+        st.joins_allowed = false;
+        true
     }
 
-    /// Gives the consumer slot back.
+    /// Gives the consumer slot back (and ends its allowance of joins).
     pub(crate) fn detach_consumer(&self) {
-        self.consumer.store(false, Ordering::Release);
+        let mut st = self.state.lock();
+        st.consumer = false;
+        st.joins_allowed = false;
+    }
+
+    /// The attached consumer allows (or refuses again) tables of new
+    /// volumes in the group.
+    pub(crate) fn allow_joins(&self, allow: bool) {
+        let mut st = self.state.lock();
+        st.joins_allowed = allow;
+        drop(st);
+        pr_info!(
+            "group {}: the consumer {} new volumes\n",
+            self.name,
+            if allow { "allows" } else { "refuses" }
+        );
     }
 
     fn notify(&self) {
@@ -713,8 +749,8 @@ impl Group {
         Ok(())
     }
 
-    /// Inserts a MARKER record with id `id` about volume `volume` (0 for a
-    /// marker of the whole group) with record flags `flags`.
+    /// Inserts a MARKER record with id `id` about volume `volume` with
+    /// record flags `flags`.
     pub(crate) fn marker(&self, volume: u32, flags: u8, id: u64) -> Result<u64> {
         let mut st = self.state.lock();
         if st.cap.overflowing() {
@@ -813,6 +849,7 @@ impl Group {
             held: st.cap.held(),
             waiting: st.waiting.len(),
             internal_errors: st.internal_errors,
+            consumer: st.consumer,
         }
     }
 
@@ -845,7 +882,7 @@ impl Group {
             s.in_flight,
             s.held,
             s.waiting,
-            u8::from(self.consumer.load(Ordering::Acquire)),
+            u8::from(s.consumer),
             s.internal_errors,
         )
     }
@@ -1013,6 +1050,16 @@ impl Registry {
     }
 }
 
+/// Why a volume cannot be added to a group.
+enum Refusal {
+    /// The volume id is registered with other parameters (or the group is
+    /// full): `EINVAL`.
+    Conflict(&'static str),
+    /// A new volume while a consumer that refuses joins is attached:
+    /// `EBUSY`.
+    Busy,
+}
+
 /// Removes `group` from the registry's slots.
 fn forget_group(groups: &mut [Option<Arc<Group>>], group: &Arc<Group>) {
     for slot in groups.iter_mut() {
@@ -1062,32 +1109,44 @@ impl Group {
             .volumes
             .iter()
             .position(|v| v.as_ref().is_some_and(|v| v.id == a.volume));
-        let result = match existing {
-            Some(i) => {
+        let result = match (existing, st.targets.checked_add(1)) {
+            // Cannot happen (a u32 of tables).
+            (_, None) => Err(Refusal::Conflict("too many tables")),
+            // A volume of the group (a reload, or another table of it): its
+            // records are already in the stream.
+            (Some(i), Some(_)) => {
                 let v = st.volumes.get_mut(i).and_then(Option::as_mut);
                 match v {
-                    Some(v) if v.devt != a.devt => Err("another data device"),
-                    Some(v) if v.sectors != a.sectors => Err("another size"),
-                    Some(v) if v.region_kib != a.region_kib => Err("another region size"),
-                    Some(v) => {
-                        v.targets += 1;
-                        Ok(i)
+                    Some(v) if v.devt != a.devt => Err(Refusal::Conflict("another data device")),
+                    Some(v) if v.sectors != a.sectors => Err(Refusal::Conflict("another size")),
+                    Some(v) if v.region_kib != a.region_kib => {
+                        Err(Refusal::Conflict("another region size"))
                     }
-                    None => Err("a vanished entry"),
+                    Some(v) => match v.targets.checked_add(1) {
+                        Some(n) => {
+                            v.targets = n;
+                            Ok(i)
+                        }
+                        None => Err(Refusal::Conflict("too many tables")),
+                    },
+                    None => Err(Refusal::Conflict("a vanished entry")),
                 }
             }
-            None => match st.volumes.iter().position(Option::is_none) {
+            // A new member: not while a consumer that did not allow joins
+            // is attached.
+            (None, Some(_)) if st.consumer && !st.joins_allowed => Err(Refusal::Busy),
+            (None, Some(_)) => match st.volumes.iter().position(Option::is_none) {
                 Some(i) => {
                     if let Some(slot) = st.volumes.get_mut(i) {
                         *slot = fresh.take();
                     }
                     Ok(i)
                 }
-                None => Err("no free volume slot"),
+                None => Err(Refusal::Conflict("no free volume slot")),
             },
         };
         if result.is_ok() {
-            st.targets += 1;
+            st.targets = st.targets.saturating_add(1);
             st.overflow_wait_ns = u64::from(a.overflow_wait_ms) * 1_000_000;
         }
         drop(st);
@@ -1095,7 +1154,18 @@ impl Group {
         drop(fresh);
         match result {
             Ok(i) => u32::try_from(i).map_err(|_| CtrError::invalid(c_str!("Bad volume index"))),
-            Err(why) => {
+            Err(Refusal::Busy) => {
+                pr_err!(
+                    "table rejected: group {} has an attached consumer that does not accept new members: volume {} cannot join it while it is replicated (EBUSY; reloading a member's table still works)\n",
+                    self.name,
+                    a.volume
+                );
+                Err(CtrError {
+                    errno: EBUSY,
+                    msg: c_str!("Group has an attached consumer that does not accept new members"),
+                })
+            }
+            Err(Refusal::Conflict(why)) => {
                 pr_err!(
                     "table rejected: volume {} in group {} is already registered with {} (or the group is full: {} volumes)\n",
                     a.volume,

@@ -41,6 +41,7 @@ const _: () = {
     assert!(abi::IOC_BITMAP == _IOWR::<abi::BitmapArg>(abi::IOC_TYPE, 3));
     assert!(abi::IOC_VOLUME == _IOWR::<abi::VolumeArg>(abi::IOC_TYPE, 4));
     assert!(abi::IOC_MARKER == _IOWR::<abi::MarkerArg>(abi::IOC_TYPE, 5));
+    assert!(abi::IOC_ALLOW_JOINS == _IOW::<abi::AllowJoinsArg>(abi::IOC_TYPE, 6));
 };
 
 #[cfg(not(dm_replica_fault))]

@@ -227,7 +227,9 @@ impl dm::Target for Replica {
                     pr_err!("message: marker id '{id}' is not a number\n");
                     EINVAL
                 })?;
-                let seq = self.group.marker(0, 0, id).map_err(|e| {
+                // About this volume: a consumer replicating it takes only
+                // records of its own volume index.
+                let seq = self.group.marker(self.volume, 0, id).map_err(|e| {
                     pr_warn!(
                         "group {}: marker {id} refused (error {}): {}\n",
                         self.group.name(),

@@ -71,7 +71,10 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// `"DMRRING1"` read as a little-endian u64.
 pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"DMRRING1");
-/// ABI version; bumped on any incompatible layout or rule change.
+/// ABI version; bumped on any incompatible layout or rule change. A new
+/// ioctl that a consumer of this version never needs to issue (an old
+/// consumer keeps working with it, a new one gets `ENOTTY` from an old
+/// module) is not one: [`IOC_ALLOW_JOINS`] came without a bump.
 pub const RING_ABI_VERSION: u32 = 2;
 /// Size of the header page.
 pub const HEADER_SIZE: u64 = 4096;
@@ -95,8 +98,9 @@ pub const OP_FLUSH: u8 = 2;
 pub const OP_DISCARD: u8 = 3;
 /// Zeroes written to `[sector, sector + len)`; no payload.
 pub const OP_WRITE_ZEROES: u8 = 4;
-/// Marker inserted on request (`dmsetup message ... marker <id>`); `aux` is
-/// the marker id; no payload.
+/// Marker inserted on request (`dmsetup message ... marker <id>`, whose
+/// `volume` is the index of the volume the message was sent to, or
+/// [`IOC_MARKER`]); `aux` is the marker id; no payload.
 pub const OP_MARKER: u8 = 5;
 
 // Record flags (`RecordDesc::flags`).
@@ -452,6 +456,17 @@ pub struct MarkerArg {
     pub seq: u64,
 }
 
+/// Argument of [`IOC_ALLOW_JOINS`].
+#[repr(C)]
+pub struct AllowJoinsArg {
+    /// 1: tables for new volumes of the group are accepted while this
+    /// consumer is attached; 0: they are refused with `EBUSY` (the state
+    /// at attach). Any other value is `EINVAL`.
+    pub allow: u32,
+    /// Reserved, zero.
+    pub _reserved: u32,
+}
+
 /// Attach to a group's ring.
 pub const IOC_ATTACH: u32 = ioc(
     IOC_READ | IOC_WRITE,
@@ -487,4 +502,17 @@ pub const IOC_MARKER: u32 = ioc(
     IOC_TYPE,
     5,
     core::mem::size_of::<MarkerArg>() as u32,
+);
+/// Let new volumes join the attached group, or refuse them again. While a
+/// consumer is attached, a table for a volume id the group does not hold
+/// yet is refused with `EBUSY` unless the consumer allowed joins (a new
+/// volume's records would appear in a stream the consumer may not be able
+/// to carry); reloading the table of a volume the group holds always works.
+/// The allowance ends when the consumer detaches. `ENOTCONN` if the file
+/// is not attached.
+pub const IOC_ALLOW_JOINS: u32 = ioc(
+    IOC_WRITE,
+    IOC_TYPE,
+    6,
+    core::mem::size_of::<AllowJoinsArg>() as u32,
 );

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ring_abi::{AttachArg, BitmapArg, MarkerArg, ReleaseArg, VolumeArg, GROUP_NAME_LEN};
+use ring_abi::{
+    AllowJoinsArg, AttachArg, BitmapArg, MarkerArg, ReleaseArg, VolumeArg, GROUP_NAME_LEN,
+};
 
 use crate::{Consumer, Mapping, Release, RingError};
 
@@ -220,6 +222,21 @@ impl Device {
         };
         self.ioctl("insert a marker", ring_abi::IOC_MARKER, &mut arg)?;
         Ok(arg.seq)
+    }
+
+    /// Lets tables of new volumes join the attached group while this file
+    /// is attached (`true`), or refuses them again (`false`, the state at
+    /// attach). Without it the kernel refuses them with `EBUSY`.
+    pub fn allow_joins(&self, allow: bool) -> Result<(), RingError> {
+        let mut arg = AllowJoinsArg {
+            allow: u32::from(allow),
+            _reserved: 0,
+        };
+        self.ioctl(
+            "allow new volumes in the group",
+            ring_abi::IOC_ALLOW_JOINS,
+            &mut arg,
+        )
     }
 
     fn release(&self, new_cons: u64) -> Result<(), RingError> {

@@ -47,6 +47,19 @@ pub enum RingError {
     /// A release that is not allowed.
     #[error("invalid release to sequence {0}")]
     InvalidRelease(u64),
+    /// A record of a volume other than the one the consumer takes records
+    /// of (a consumer of one volume of a group met another member's).
+    #[error(
+        "record {seq} belongs to volume index {volume} of the group, not to the replicated volume (index {expected}): groups of more than one volume are not replicated yet"
+    )]
+    OtherVolume {
+        /// The record's sequence.
+        seq: u64,
+        /// Its volume index.
+        volume: u32,
+        /// The volume index the consumer takes.
+        expected: u32,
+    },
 }
 
 /// What the consumer sees at its next sequence.
