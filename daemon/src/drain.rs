@@ -21,6 +21,17 @@
 //! after it in the stream and win. When no region is left, an END marker
 //! closes the resync; the target is consistent again at END.
 //!
+//! Before it inserts END the drain takes the kernel's dirty bitmap again and
+//! merges it into the run's map ([`Drainer::kernel_settled`]): regions the
+//! kernel marked after the bitmap was first taken (a write that failed, a
+//! write made in overflow mode that completed only after the take) must be
+//! resent too. Overflow-mode writes are not ordered against ring markers, so
+//! while the kernel reports any still in flight a DATA read may have missed
+//! them: END waits until a take returns no new region with none in flight;
+//! new regions are sent first (the run's cursor laps). The map is saved as
+//! "whole volume" before each take, so a daemon killed between the take and
+//! the save resends everything rather than forget what it took.
+//!
 //! One source replicates one volume, and the records of a group's ring
 //! carry their volume's index: a record of any other index (a volume that
 //! joined the group) stops the drain before it, with
@@ -49,6 +60,19 @@ pub const RESYNC_REASON: &str = "needs resync";
 
 /// DATA markers in the ring, not yet drained, at most.
 const MAX_OUTSTANDING: u32 = 4;
+
+/// A full resync asked for on the control socket. The drain answers on
+/// `reply` with the ring position it was taken at: the resync's END comes
+/// after it, so a wait can tell this resync's END from an earlier one's.
+pub struct ResyncRequest {
+    /// Why (shown in the status and the log).
+    pub why: String,
+    /// Where to send the ring position, if anyone waits for it.
+    pub reply: Option<crossbeam_channel::Sender<u64>>,
+}
+
+/// Full resyncs asked for and not yet taken by the drain.
+pub type ResyncRequests = Arc<Mutex<Vec<ResyncRequest>>>;
 
 /// The kernel side of a ring, for its dirty bitmap and markers.
 pub struct KernelRing {
@@ -107,11 +131,17 @@ pub struct Shared {
     pub damaged: Mutex<Option<String>>,
     /// Set while a resync is needed: the first record the stream lacks.
     pub resync_since: Mutex<Option<u64>>,
+    /// The kernel ring's control device and the volume's index, for the
+    /// kernel's dirty count (none for a ring file).
+    kernel_volume: Option<(Arc<Device>, u32)>,
     /// A planned failover waiting for the session to hand over.
     pub planned: Mutex<Option<crate::failover::PlannedFailover>>,
     /// A planned failover is under way (from before the volume is fenced):
     /// the ring closing is expected, not a reason to stop.
     pub failing_over: AtomicBool,
+    /// The target said it holds no consistent copy: the drain makes sure a
+    /// full resync is pending or running.
+    pub copy_required: AtomicBool,
 }
 
 impl Shared {
@@ -143,6 +173,43 @@ impl Shared {
     fn set_resync(&self, since: Option<u64>) {
         *self.resync_since.lock().unwrap_or_else(|p| p.into_inner()) = since;
     }
+
+    /// Regions the kernel holds dirty for the volume (writes that failed or
+    /// were made in overflow mode, not yet taken by a resync); `None` for a
+    /// ring file.
+    pub fn kernel_dirty_regions(&self) -> Result<Option<u64>, String> {
+        let Some((dev, index)) = &self.kernel_volume else {
+            return Ok(None);
+        };
+        match dev.volume(*index) {
+            Ok(Some(v)) => Ok(Some(v.dirty_regions)),
+            Ok(None) => Err(format!("volume index {index} is no longer in its group")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Why a planned failover must not go on, if it must not: the stream lacks
+/// records (a resync is needed or running since `needs_resync`), or the
+/// kernel holds regions no resync has covered yet (or cannot say).
+pub fn planned_failover_refusal(
+    needs_resync: Option<u64>,
+    kernel_dirty: Result<Option<u64>, String>,
+) -> Option<String> {
+    if let Some(since) = needs_resync {
+        return Some(format!(
+            "the replica needs a resync (the stream stopped at record {since}): a planned failover would lose writes; let the resync finish, or fail over (unplanned) on the target"
+        ));
+    }
+    match kernel_dirty {
+        Ok(None | Some(0)) => None,
+        Ok(Some(n)) => Some(format!(
+            "the kernel holds {n} dirty regions of the volume that no resync has resent yet (writes that failed or were not captured): a planned failover would lose them; let the resync they start finish, or fail over (unplanned) on the target"
+        )),
+        Err(e) => Some(format!(
+            "cannot read the kernel's dirty regions of the volume ({e}): a planned failover cannot tell whether it would lose writes"
+        )),
+    }
 }
 
 /// A resync in progress: BEGIN is in the spool.
@@ -157,24 +224,74 @@ struct Run {
     outstanding: u32,
     /// The END marker's sequence, once inserted.
     end: Option<u64>,
+    /// Its BEGIN said it resends every region.
+    full: bool,
     /// Regions sent since the state was last saved.
     unsaved: bool,
     last_save: Instant,
+    /// When the kernel's bitmap was last taken before END (END waits while
+    /// overflow-mode writes are in flight; takes are spaced out).
+    last_kernel_take: Option<Instant>,
+    /// Overflow-mode writes in flight at that take.
+    kernel_in_flight: u64,
+    /// Why that take failed, once logged.
+    kernel_take_error: Option<String>,
 }
 
 impl Run {
     /// A resync that begins (or resumes after a restart) with the regions
     /// still in `st`'s map.
-    fn new(st: ResyncState) -> Self {
+    fn new(st: ResyncState, full: bool) -> Self {
         Self {
             total: st.map.count(),
             st,
             cursor: 0,
             outstanding: 0,
             end: None,
+            full,
             unsaved: false,
             last_save: Instant::now(),
+            last_kernel_take: None,
+            kernel_in_flight: 0,
+            kernel_take_error: None,
         }
+    }
+}
+
+/// How long END waits between two takes of the kernel's bitmap while
+/// overflow-mode writes are in flight.
+const KERNEL_RETAKE: Duration = Duration::from_millis(20);
+
+/// What a take of the kernel's bitmap before END says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// No new region, nothing in flight: END may go in.
+    Yes,
+    /// Regions added to the run's map: send them first.
+    Added(u64),
+    /// Overflow-mode writes still in flight: take again later.
+    InFlight(u64),
+    /// The bitmap could not be taken: try again later.
+    Unknown,
+}
+
+/// Merges a bitmap taken from the kernel (`region_bytes` per bit) into a
+/// run's map and says whether the resync may end.
+fn merge_before_end(
+    map: &mut DirtyMap,
+    region_bytes: u64,
+    regions: impl Iterator<Item = u64>,
+    in_flight_overflow: u64,
+) -> Settled {
+    let before = map.count();
+    map.merge_regions(region_bytes, regions);
+    let added = map.count().saturating_sub(before);
+    if added > 0 {
+        Settled::Added(added)
+    } else if in_flight_overflow > 0 {
+        Settled::InFlight(in_flight_overflow)
+    } else {
+        Settled::Yes
     }
 }
 
@@ -235,8 +352,8 @@ pub struct Drainer {
     /// Why a needed resync cannot start, once reported.
     blocked: Option<String>,
     last_step: Instant,
-    /// A full resync asked for by an operator.
-    resync_request: Arc<Mutex<Option<String>>>,
+    /// Full resyncs asked for by an operator.
+    resync_request: ResyncRequests,
 }
 
 fn data_op(op: u8) -> bool {
@@ -259,7 +376,7 @@ impl Drainer {
         kernel: Option<KernelRing>,
         board: Arc<StatusBoard>,
         stop: Arc<AtomicBool>,
-        resync_request: Arc<Mutex<Option<String>>>,
+        resync_request: ResyncRequests,
     ) -> Result<(Self, Arc<Shared>), DaemonError> {
         let generation = consumer.mapping().generation();
         let tag = replica_proto::keys::volume_tag(&set.volume);
@@ -354,7 +471,9 @@ impl Drainer {
                     damaged = true;
                 }
                 match st.begin_seq {
-                    Some(_) if !damaged => Mode::Spool(Some(Run::new(st))),
+                    // Resumed: whether its BEGIN was full is not known here;
+                    // a target that still lacks a copy says so again.
+                    Some(_) if !damaged => Mode::Spool(Some(Run::new(st, false))),
                     _ => {
                         st.begin_seq = None;
                         Mode::Bitmap { st, begin: None }
@@ -385,8 +504,10 @@ impl Drainer {
             fatal: Mutex::new(None),
             damaged: Mutex::new(None),
             resync_since: Mutex::new(since),
+            kernel_volume: kernel.as_ref().map(|k| (k.device.clone(), k.index)),
             planned: Mutex::new(None),
             failing_over: AtomicBool::new(false),
+            copy_required: AtomicBool::new(false),
         });
         let index = kernel.as_ref().map_or(0, |k| k.index);
         let d = Self {
@@ -464,13 +585,25 @@ impl Drainer {
                 self.commit()?;
                 return self.save_run();
             }
-            let asked = self
-                .resync_request
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            if let Some(why) = asked {
+            let asked = std::mem::take(
+                &mut *self
+                    .resync_request
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            if !asked.is_empty() {
+                let why = asked[0].why.clone();
                 self.full_resync(why)?;
+                // Every marker from here on, END included, comes after it.
+                let from = self.consumer.producer_seq();
+                for r in asked {
+                    if let Some(tx) = r.reply {
+                        let _ = tx.send(from);
+                    }
+                }
+            }
+            if self.shared.copy_required.swap(false, Ordering::AcqRel) {
+                self.ensure_full_resync()?;
             }
             if self.last_step.elapsed() >= Duration::from_millis(5) {
                 self.resync_step()?;
@@ -619,6 +752,18 @@ impl Drainer {
                 self.push(r.seq, op, d.flags & !RECORD_FLAG_RESYNC, d, d.sector, d.len);
                 if ok {
                     self.consumer.append_payload(r, &mut self.pending.plain)?;
+                } else {
+                    // What the disk holds there now is unknown (a failed
+                    // write may have reached part of it): the stream stops
+                    // before it, its regions join the map, and only a
+                    // resync that begins after it makes the replica
+                    // consistent again. No point is taken and no planned
+                    // failover completes until then.
+                    let (sector, len) = (d.sector, d.len);
+                    self.go_resync(
+                        format!("a write failed on the source at sector {sector} (+{len} bytes)"),
+                        false,
+                    )?;
                 }
             }
         }
@@ -634,7 +779,7 @@ impl Drainer {
         let spool_next = self.shared.spool.next_seq();
         match (&mut self.mode, marker) {
             // The resync begins here: spool from this record on.
-            (Mode::Bitmap { .. }, Some(Marker::Begin)) => {
+            (Mode::Bitmap { .. }, Some(Marker::Begin { full })) => {
                 self.commit()?;
                 let Mode::Bitmap { mut st, .. } =
                     std::mem::replace(&mut self.mode, Mode::Spool(None))
@@ -646,13 +791,13 @@ impl Drainer {
                 // (and re-drains BEGIN if it was not spooled).
                 st.save(&self.set.state_path)
                     .map_err(|e| io_err("save the resync state", e))?;
-                tracing::info!(volume = %self.set.volume, seq = r.seq, regions = st.map.count(), "resync begins");
-                self.mode = Mode::Spool(Some(Run::new(st)));
+                tracing::info!(volume = %self.set.volume, seq = r.seq, regions = st.map.count(), full, "resync begins");
+                self.mode = Mode::Spool(Some(Run::new(st, full)));
                 self.pending.gap = true;
                 self.push(r.seq, d.op, d.flags, &d, 0, 0);
             }
             // BEGIN saved but not spooled when the daemon stopped.
-            (Mode::Spool(Some(run)), Some(Marker::Begin))
+            (Mode::Spool(Some(run)), Some(Marker::Begin { .. }))
                 if run.st.begin_seq == Some(r.seq)
                     && (r.seq.wrapping_sub(spool_next) as i64) > 0 =>
             {
@@ -734,36 +879,39 @@ impl Drainer {
     /// Starts a needed resync, or keeps a running one supplied with DATA
     /// markers (paced by the spool's unacknowledged bytes), and ends it.
     fn resync_step(&mut self) -> Result<(), DaemonError> {
-        if let Some(why) = self.resync_step_inner() {
+        if let Some(why) = self.resync_step_inner()? {
             self.block(why);
         }
         Ok(())
     }
 
     /// [`Self::resync_step`]; returns why a needed resync cannot start.
-    fn resync_step_inner(&mut self) -> Option<&'static str> {
+    fn resync_step_inner(&mut self) -> Result<Option<&'static str>, DaemonError> {
         let Some(k) = &self.kernel else {
-            return matches!(self.mode, Mode::Bitmap { .. })
-                .then_some("the capture ring is a ring file (development mode)");
+            return Ok(matches!(self.mode, Mode::Bitmap { .. })
+                .then_some("the capture ring is a ring file (development mode)"));
         };
         if self.consumer.overflowing() {
-            return None;
+            return Ok(None);
         }
         let spool = &self.shared.spool;
         match &mut self.mode {
-            Mode::Bitmap { begin, .. } => {
+            Mode::Bitmap { begin, st } => {
                 if begin.is_some() {
-                    return None;
+                    return Ok(None);
                 }
+                // Full when the map holds every region: the target may then
+                // count on every region being resent.
+                let full = st.map.count() == st.map.regions();
                 if self.set.device.is_none() {
-                    return Some("`device` (the protected volume) is not configured");
+                    return Ok(Some("`device` (the protected volume) is not configured"));
                 }
                 if !self.shared.connected.load(Ordering::Acquire) {
-                    return None;
+                    return Ok(None);
                 }
                 match k
                     .device
-                    .insert_marker(k.index, RECORD_FLAG_RESYNC, Marker::Begin.aux())
+                    .insert_marker(k.index, RECORD_FLAG_RESYNC, Marker::Begin { full }.aux())
                 {
                     Ok(seq) => {
                         tracing::info!(volume = %self.set.volume, seq, "resync requested");
@@ -775,7 +923,7 @@ impl Drainer {
             }
             Mode::Spool(Some(run)) => {
                 if run.end.is_some() {
-                    return None;
+                    return Ok(None);
                 }
                 let max_regions = (self.set.resync_max_bytes / self.region_bytes).clamp(1, 65535);
                 // Never let a resync itself fill the spool to its limit.
@@ -791,9 +939,18 @@ impl Drainer {
                         None if run.outstanding == 0 && self.pending.clears.is_empty() => {
                             if run.st.map.count() > 0 && run.cursor != 0 {
                                 // Regions behind the cursor (a resync
-                                // resumed after a restart): another lap.
+                                // resumed after a restart, or added by the
+                                // kernel's bitmap): another lap.
                                 run.cursor = 0;
                                 continue;
+                            }
+                            // Every region of the map was sent and no DATA
+                            // marker is in flight: what the kernel marked
+                            // since is sent before END.
+                            match Self::kernel_settled(k, run, &self.set)? {
+                                Settled::Yes => {}
+                                Settled::Added(_) => continue,
+                                Settled::InFlight(_) | Settled::Unknown => break,
                             }
                             Marker::End.aux()
                         }
@@ -819,7 +976,83 @@ impl Drainer {
             }
             Mode::Spool(None) => {}
         }
-        None
+        Ok(None)
+    }
+
+    /// Before a resync's END (every region of the run's map sent, no DATA
+    /// marker in flight): takes the kernel's bitmap again into the run's
+    /// map. The map is saved as "whole volume" first, since the kernel
+    /// clears what it hands over; then the merged map is saved.
+    fn kernel_settled(
+        k: &KernelRing,
+        run: &mut Run,
+        set: &DrainSettings,
+    ) -> Result<Settled, DaemonError> {
+        if run
+            .last_kernel_take
+            .is_some_and(|t| run.kernel_in_flight > 0 && t.elapsed() < KERNEL_RETAKE)
+        {
+            return Ok(Settled::InFlight(run.kernel_in_flight));
+        }
+        let mut whole = run.st.clone();
+        whole.map.mark_all();
+        whole
+            .save(&set.state_path)
+            .map_err(|e| io_err("save the resync state", e))?;
+        let b = match k.device.take_bitmap(k.index) {
+            Ok(b) => b,
+            Err(e) => {
+                // Nothing was taken (the kernel keeps the bits of a failed
+                // hand-over): the map as it was.
+                run.st
+                    .save(&set.state_path)
+                    .map_err(|e| io_err("save the resync state", e))?;
+                let why = e.to_string();
+                if run.kernel_take_error.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(volume = %set.volume, error = %why, "cannot take the kernel's dirty bitmap before the resync's END; the resync does not end until it can");
+                    run.kernel_take_error = Some(why);
+                }
+                run.last_kernel_take = Some(Instant::now());
+                run.kernel_in_flight = 1;
+                return Ok(Settled::Unknown);
+            }
+        };
+        let settled = merge_before_end(
+            &mut run.st.map,
+            u64::from(b.region_kib) * 1024,
+            b.regions_set(),
+            b.in_flight_overflow,
+        );
+        run.st
+            .save(&set.state_path)
+            .map_err(|e| io_err("save the resync state", e))?;
+        run.unsaved = false;
+        run.last_save = Instant::now();
+        let was_in_flight = run.kernel_in_flight;
+        run.kernel_take_error = None;
+        run.last_kernel_take = Some(Instant::now());
+        run.kernel_in_flight = b.in_flight_overflow;
+        match settled {
+            Settled::Added(n) => {
+                run.total = run.total.saturating_add(n);
+                run.cursor = 0;
+                tracing::warn!(
+                    volume = %set.volume,
+                    regions = n,
+                    in_flight_overflow = b.in_flight_overflow,
+                    "the kernel marked regions dirty after the resync took its bitmap (failed writes, or writes made in overflow mode that completed later): they are resent before the resync ends"
+                );
+            }
+            Settled::InFlight(n) if was_in_flight == 0 => {
+                tracing::info!(
+                    volume = %set.volume,
+                    in_flight_overflow = n,
+                    "writes made in overflow mode are still in flight: the resync ends once they completed and their regions were resent"
+                );
+            }
+            Settled::InFlight(_) | Settled::Yes | Settled::Unknown => {}
+        }
+        Ok(settled)
     }
 
     /// Says (once) why a needed resync cannot start.
@@ -1042,6 +1275,21 @@ impl Drainer {
         Ok(())
     }
 
+    /// The target holds no consistent copy: a full resync must come, unless
+    /// one is pending (the map holds every region) or running (its BEGIN
+    /// said full).
+    fn ensure_full_resync(&mut self) -> Result<(), DaemonError> {
+        let pending_or_running = match &self.mode {
+            Mode::Bitmap { st, .. } => st.map.count() == st.map.regions(),
+            Mode::Spool(Some(run)) => run.full,
+            Mode::Spool(None) => false,
+        };
+        if pending_or_running {
+            return Ok(());
+        }
+        self.full_resync("the target holds no consistent copy of the volume".into())
+    }
+
     /// The kernel ring overflowed: writes after the last record are only in
     /// its dirty bitmap. The spool keeps the consistent prefix; the bitmap
     /// is taken (which ends the overflow) into the saved map, with whatever
@@ -1188,6 +1436,79 @@ impl Drainer {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB64: u64 = 64 * 1024;
+
+    #[test]
+    fn a_resync_ends_only_after_a_take_with_nothing_new_and_nothing_in_flight() {
+        // The run's map is empty at END time (every region was sent).
+        let mut map = DirtyMap::new(16 << 20, KIB64);
+        // An overflow-mode write in flight: its bit was cleared by the first
+        // take and is not set again yet.
+        assert_eq!(
+            merge_before_end(&mut map, KIB64, std::iter::empty(), 1),
+            Settled::InFlight(1)
+        );
+        assert_eq!(map.count(), 0);
+        // It completed and set its two regions again; another write of a
+        // region still in flight.
+        assert_eq!(
+            merge_before_end(&mut map, KIB64, [3, 4].into_iter(), 1),
+            Settled::Added(2)
+        );
+        assert!(map.is_set(3) && map.is_set(4));
+        // Sent (the lap), then taken again: nothing new, but still in flight.
+        map.clear(3, 2);
+        assert_eq!(
+            merge_before_end(&mut map, KIB64, std::iter::empty(), 1),
+            Settled::InFlight(1)
+        );
+        // The last one completed: its region comes back once more.
+        assert_eq!(
+            merge_before_end(&mut map, KIB64, [9].into_iter(), 0),
+            Settled::Added(1)
+        );
+        map.clear(9, 1);
+        assert_eq!(
+            merge_before_end(&mut map, KIB64, std::iter::empty(), 0),
+            Settled::Yes
+        );
+    }
+
+    #[test]
+    fn kernel_regions_of_another_size_are_merged_as_bytes() {
+        // The kernel's 16 KiB regions into a map of 64 KiB regions: two
+        // kernel bits in one map region add one.
+        let mut map = DirtyMap::new(16 << 20, KIB64);
+        assert_eq!(
+            merge_before_end(&mut map, 16 * 1024, [4, 5, 8].into_iter(), 0),
+            Settled::Added(2)
+        );
+        assert!(map.is_set(1) && map.is_set(2));
+        // Bits the map already holds add nothing (but the run must not end
+        // while writes are in flight).
+        assert_eq!(
+            merge_before_end(&mut map, 16 * 1024, [4].into_iter(), 2),
+            Settled::InFlight(2)
+        );
+    }
+
+    #[test]
+    fn a_planned_failover_is_refused_while_any_region_is_unresent() {
+        assert_eq!(planned_failover_refusal(None, Ok(None)), None);
+        assert_eq!(planned_failover_refusal(None, Ok(Some(0))), None);
+        let r = planned_failover_refusal(Some(17), Ok(Some(0))).expect("needs resync");
+        assert!(r.contains("needs a resync") && r.contains("17"), "{r}");
+        let r = planned_failover_refusal(None, Ok(Some(4))).expect("kernel dirty");
+        assert!(r.contains("4 dirty regions"), "{r}");
+        let r = planned_failover_refusal(None, Err("ENOENT".into())).expect("unknown");
+        assert!(r.contains("cannot read") && r.contains("ENOENT"), "{r}");
     }
 }
 

@@ -247,10 +247,10 @@ impl Commands {
             .get()
             .ok_or("the source is not replicating yet")?
             .clone();
-        if let Some(since) = shared.needs_resync() {
-            return Err(format!(
-                "the replica needs a resync (the stream stopped at record {since}): a planned failover would lose writes; let the resync finish, or fail over (unplanned) on the target"
-            ));
+        // The kernel's dirty regions are checked once writes are suspended
+        // (a retry after the fence finds the volume gone from the kernel).
+        if let Some(why) = crate::drain::planned_failover_refusal(shared.needs_resync(), Ok(None)) {
+            return Err(why);
         }
         if !shared.connected.load(Ordering::Acquire) {
             return Err("not connected to the target".into());
@@ -276,6 +276,20 @@ impl Commands {
                 Some(upto) if crate::failover::is_fenced(&name) => upto,
                 _ => {
                     crate::failover::suspend(&name)?;
+                    // Writes are stopped and every one in flight completed:
+                    // no region can become dirty any more. Every region the
+                    // kernel marked must have reached a resync (the fence
+                    // removes the volume, and its bitmap, from the kernel).
+                    if let Some(why) = crate::drain::planned_failover_refusal(
+                        shared.needs_resync(),
+                        shared.kernel_dirty_regions(),
+                    ) {
+                        let resumed = crate::failover::resume(&name)
+                            .map(|()| format!("{name} resumed"))
+                            .unwrap_or_else(|e| format!("{name} stays suspended: {e}"));
+                        tracing::warn!(volume = %self.volume, device = %name, "planned failover refused after suspending writes: {why}");
+                        return Err(format!("planned failover refused ({resumed}): {why}"));
+                    }
                     let fenced = crate::failover::marker(
                         &name,
                         0xFA11_0000_0000_0000 | self.epoch.load(Ordering::Acquire),
@@ -310,6 +324,11 @@ impl Commands {
         // applied there (the target checks), then the target takes over.
         let deadline = Instant::now() + Duration::from_secs(600);
         while (shared.spool.next_seq().wrapping_sub(upto) as i64) <= 0 {
+            if let Some(since) = shared.needs_resync() {
+                return Err(format!(
+                    "planned failover not completed: the replica needs a resync (the stream stopped at record {since}, before the last record {upto}); the source volume stays fenced; fail over (unplanned) on the target"
+                ));
+            }
             if Instant::now() > deadline {
                 return Err(format!("record {upto} was never drained from the ring"));
             }

@@ -168,6 +168,11 @@ impl ControlFile {
             put_u32(&mut buf, offset_of!(abi::BitmapArg, region_kib), taken.region_kib);
             put_u64(&mut buf, offset_of!(abi::BitmapArg, regions), taken.regions);
             put_u64(&mut buf, offset_of!(abi::BitmapArg, resume_seq), taken.resume_seq);
+            put_u64(
+                &mut buf,
+                offset_of!(abi::BitmapArg, in_flight_overflow),
+                taken.in_flight_overflow,
+            );
             w.write_slice(&buf)
         });
         if let Err(e) = copied {

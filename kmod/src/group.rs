@@ -142,6 +142,9 @@ struct Volume {
     region_kib: u32,
     dirty: Dirty<KVVec<u64>>,
     targets: u32,
+    /// Data-changing bios of this volume submitted in overflow mode and not
+    /// completed yet (each sets its regions dirty again when it completes).
+    overflow_in_flight: u64,
 }
 
 /// Everything under the group's lock.
@@ -181,6 +184,26 @@ impl GroupState {
     fn mark_request_dirty(&mut self, req: &Request) {
         let end = req.sector.saturating_add(u64::from(req.len) >> 9);
         self.mark_dirty(req.volume, req.sector, end);
+    }
+
+    /// Counts a data-changing bio of `volume` submitted in overflow mode
+    /// (`done`: one that completed). A count that would wrap is a bug,
+    /// reported instead of panicking.
+    fn count_overflow(&mut self, volume: u32, done: bool) {
+        let ok = self.volume_mut(volume).is_some_and(|v| {
+            let n = if done {
+                v.overflow_in_flight.checked_sub(1)
+            } else {
+                v.overflow_in_flight.checked_add(1)
+            };
+            if let Some(n) = n {
+                v.overflow_in_flight = n;
+            }
+            n.is_some()
+        });
+        if !ok {
+            self.internal_errors = self.internal_errors.wrapping_add(1);
+        }
     }
 }
 
@@ -227,6 +250,7 @@ pub(crate) struct GroupStatus {
     overflow_seq: u64,
     dirty: u64,
     in_flight: usize,
+    in_flight_overflow: u64,
     held: usize,
     waiting: usize,
     internal_errors: u64,
@@ -247,6 +271,8 @@ pub(crate) struct BitmapTaken {
     pub(crate) region_kib: u32,
     pub(crate) regions: u64,
     pub(crate) resume_seq: u64,
+    /// Overflow-mode writes of the volume still in flight.
+    pub(crate) in_flight_overflow: u64,
 }
 
 impl Group {
@@ -562,6 +588,7 @@ impl Group {
         pb.kind = BioKind::Overflow;
         if req.op.changes_data() {
             st.mark_request_dirty(req);
+            st.count_overflow(req.volume, false);
             st.cap.stats.overflowed = st.cap.stats.overflowed.wrapping_add(1);
         }
     }
@@ -615,7 +642,11 @@ impl Group {
             BioKind::Overflow => {
                 if let Some(req) = pb.request().filter(|r| r.op.changes_data()) {
                     let mut st = this.state.lock();
+                    // Dirty again (a bitmap taken since map cleared it),
+                    // and no longer in flight, in one step: a consumer sees
+                    // either the write in flight or its regions set.
                     st.mark_request_dirty(&req);
+                    st.count_overflow(req.volume, true);
                     this.publish_header(&st);
                 }
             }
@@ -809,6 +840,7 @@ impl Group {
         let mut st = self.state.lock();
         let v = st.volume_mut(index).ok_or(ENOENT)?;
         let (region_kib, regions, before) = (v.region_kib, v.dirty.regions(), v.dirty.dirty());
+        let in_flight_overflow = v.overflow_in_flight;
         if !v.dirty.take_into(out) {
             return Err(EAGAIN);
         }
@@ -821,6 +853,7 @@ impl Group {
             region_kib,
             regions,
             resume_seq,
+            in_flight_overflow,
         })
     }
 
@@ -835,7 +868,9 @@ impl Group {
     /// Status snapshot.
     pub(crate) fn status(&self, volume: u32) -> GroupStatus {
         let mut st = self.state.lock();
-        let dirty = st.volume_mut(volume).map_or(0, |v| v.dirty.dirty());
+        let (dirty, in_flight_overflow) = st
+            .volume_mut(volume)
+            .map_or((0, 0), |v| (v.dirty.dirty(), v.overflow_in_flight));
         GroupStatus {
             stats: st.cap.stats,
             prod_seq: st.cap.prod_seq(),
@@ -846,6 +881,7 @@ impl Group {
             overflow_seq: st.cap.overflow_seq(),
             dirty,
             in_flight: st.cap.in_flight(),
+            in_flight_overflow,
             held: st.cap.held(),
             waiting: st.waiting.len(),
             internal_errors: st.internal_errors,
@@ -864,7 +900,7 @@ impl Group {
             out,
             " ring_bytes={} ring_used={} records={} bytes={} live={} prod_seq={} cons_seq={} \
              overflow={} overflow_seq={} overflows={} dirty_regions={} overflowed_writes={} \
-             failed={} held_total={} in_flight={} held={} waiting={} consumer={} internal_errors={}",
+             in_flight_overflow={} failed={} held_total={} in_flight={} held={} waiting={} consumer={} internal_errors={}",
             self.geometry.data_granules << abi::GRANULE_SHIFT,
             s.used_bytes,
             s.stats.records,
@@ -877,6 +913,7 @@ impl Group {
             s.stats.overflows,
             s.dirty,
             s.stats.overflowed,
+            s.in_flight_overflow,
             s.stats.failed,
             s.stats.held,
             s.in_flight,
@@ -1103,6 +1140,7 @@ impl Group {
             region_kib: a.region_kib,
             dirty,
             targets: 1,
+            overflow_in_flight: 0,
         });
         let mut st = self.state.lock();
         let existing = st

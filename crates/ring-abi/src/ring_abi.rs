@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
-//! dm-replica capture ring ABI, version 2.
+//! dm-replica capture ring ABI, version 3.
 //!
 //! This one file is the single source of truth for the memory layout and the
 //! index rules of the ring that the `replica` device-mapper target fills and
@@ -74,8 +74,12 @@ pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"DMRRING1");
 /// ABI version; bumped on any incompatible layout or rule change. A new
 /// ioctl that a consumer of this version never needs to issue (an old
 /// consumer keeps working with it, a new one gets `ENOTTY` from an old
-/// module) is not one: [`IOC_ALLOW_JOINS`] came without a bump.
-pub const RING_ABI_VERSION: u32 = 2;
+/// module) is not one: [`IOC_ALLOW_JOINS`] came without a bump. Version 3:
+/// [`BitmapArg`] reports [`BitmapArg::in_flight_overflow`] (a larger
+/// argument, so another [`IOC_BITMAP`] number), and a consumer that resyncs
+/// takes the bitmap again until it returns no region and no overflow-mode
+/// write is in flight before it calls the resync done.
+pub const RING_ABI_VERSION: u32 = 3;
 /// Size of the header page.
 pub const HEADER_SIZE: u64 = 4096;
 /// Size of one descriptor.
@@ -423,6 +427,12 @@ pub struct BitmapArg {
     pub regions: u64,
     /// Out: the sequence from which the ring is complete again.
     pub resume_seq: u64,
+    /// Out: writes of this volume made in overflow mode (not captured) that
+    /// had not completed when the bitmap was taken. Each sets its regions
+    /// again when it completes, after this read cleared them, and may reach
+    /// the disk after anything the consumer reads now: until a later read
+    /// reports 0 here, the bitmap must be read again and its regions resent.
+    pub in_flight_overflow: u64,
 }
 
 /// Argument of [`IOC_VOLUME`]: describe one volume of the attached group.

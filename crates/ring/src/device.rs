@@ -54,6 +54,12 @@ pub struct Bitmap {
     /// is not a record is in this bitmap (or will be set again when it
     /// completes, for one still in flight).
     pub resume_seq: u64,
+    /// Writes made in overflow mode (not captured) that were still in
+    /// flight when the bitmap was taken: each sets its regions again when it
+    /// completes, and may reach the disk after anything read now. A resync
+    /// is complete only after a take that returns no new region with this
+    /// at 0.
+    pub in_flight_overflow: u64,
     /// The bits, 64 regions per word.
     pub words: Vec<u64>,
 }
@@ -199,12 +205,14 @@ impl Device {
             region_kib: 0,
             regions: 0,
             resume_seq: 0,
+            in_flight_overflow: 0,
         };
         self.ioctl("read the dirty bitmap", ring_abi::IOC_BITMAP, &mut arg)?;
         Ok(Bitmap {
             region_kib: arg.region_kib,
             regions: arg.regions,
             resume_seq: arg.resume_seq,
+            in_flight_overflow: arg.in_flight_overflow,
             words,
         })
     }

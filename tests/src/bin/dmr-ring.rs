@@ -379,9 +379,9 @@ fn misuse(device: &Path, group: &str) -> Result<(), String> {
     let mut vol = ring_abi::VolumeArg { index: 99, region_kib: 0, sectors: 0, regions: 0, dirty_regions: 0, id: [0; ring_abi::GROUP_NAME_LEN] };
     expect("describe a missing volume", raw_ioctl(fd, ring_abi::IOC_VOLUME, &mut vol), libc::ENOENT);
     let mut small = [0u64; 1];
-    let mut bm = ring_abi::BitmapArg { buf: small.as_mut_ptr() as u64, buf_len: 0, volume: 0, region_kib: 0, regions: 0, resume_seq: 0 };
+    let mut bm = ring_abi::BitmapArg { buf: small.as_mut_ptr() as u64, buf_len: 0, volume: 0, region_kib: 0, regions: 0, resume_seq: 0, in_flight_overflow: 0 };
     expect("bitmap into a too small buffer", raw_ioctl(fd, ring_abi::IOC_BITMAP, &mut bm), libc::EMSGSIZE);
-    let mut bm = ring_abi::BitmapArg { buf: 8, buf_len: 1 << 20, volume: 0, region_kib: 0, regions: 0, resume_seq: 0 };
+    let mut bm = ring_abi::BitmapArg { buf: 8, buf_len: 1 << 20, volume: 0, region_kib: 0, regions: 0, resume_seq: 0, in_flight_overflow: 0 };
     expect("bitmap into an unmapped address", raw_ioctl(fd, ring_abi::IOC_BITMAP, &mut bm), libc::EFAULT);
     let size = c.mapping().geometry().total_size as usize;
     for (what, prot, off, len, want) in [
@@ -452,11 +452,12 @@ fn main() -> ExitCode {
                 .take_bitmap(*volume)
                 .map_err(|e| format!("bitmap: {e}"))?;
             println!(
-                "bitmap volume={} region_kib={} regions={} resume_seq={} dirty={} set={}",
+                "bitmap volume={} region_kib={} regions={} resume_seq={} in_flight_overflow={} dirty={} set={}",
                 volume,
                 b.region_kib,
                 b.regions,
                 b.resume_seq,
+                b.in_flight_overflow,
                 b.regions_set().count(),
                 ranges(b.regions_set())
             );
