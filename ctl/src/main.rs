@@ -529,7 +529,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 std::time::Duration::from_secs(60),
             )?;
             if !no_initial_copy {
-                let r = replicad::control::request(&sock, "resync")?;
+                // A full copy, unless the daemon started one already (its
+                // target asked for it): that one is waited for.
+                let r = replicad::control::request(&sock, "initial-copy")?;
                 println!("initial copy: {}", r.message.unwrap_or_default());
                 let ticket = r
                     .resync

@@ -95,6 +95,7 @@ pub fn resync_done(
         && !v.needs_resync
         && v.resync_end_seq >= ticket.from_seq
         && v.applied_seq >= v.resync_end_seq
+        && !v.target_inconsistent
 }
 
 #[cfg(test)]
@@ -130,8 +131,13 @@ mod tests {
         v.resync_end_seq = 180;
         v.applied_seq = 170;
         assert!(!resync_done(&v, &ticket()));
-        // Applied.
+        // Applied, but the target says its replica is still inconsistent
+        // (it needs a full resync this one was not): not done.
         v.applied_seq = 180;
+        v.target_inconsistent = true;
+        assert!(!resync_done(&v, &ticket()));
+        // Applied, and the target says consistent.
+        v.target_inconsistent = false;
         assert!(resync_done(&v, &ticket()));
         // Another ring generation with the same numbers: not done.
         v.generation = "bb".into();

@@ -69,6 +69,9 @@ pub struct ResyncRequest {
     pub why: String,
     /// Where to send the ring position, if anyone waits for it.
     pub reply: Option<crossbeam_channel::Sender<u64>>,
+    /// Only make sure a full resync is pending or running (an initial
+    /// copy): one already under way that reaches the target is kept.
+    pub ensure: bool,
 }
 
 /// Full resyncs asked for and not yet taken by the drain.
@@ -142,6 +145,8 @@ pub struct Shared {
     /// The target said it holds no consistent copy: the drain makes sure a
     /// full resync is pending or running.
     pub copy_required: AtomicBool,
+    /// Last record the target said it applied (its welcome or last ack).
+    pub target_applied: AtomicU64,
 }
 
 impl Shared {
@@ -508,6 +513,7 @@ impl Drainer {
             planned: Mutex::new(None),
             failing_over: AtomicBool::new(false),
             copy_required: AtomicBool::new(false),
+            target_applied: AtomicU64::new(0),
         });
         let index = kernel.as_ref().map_or(0, |k| k.index);
         let d = Self {
@@ -592,10 +598,14 @@ impl Drainer {
                     .unwrap_or_else(|p| p.into_inner()),
             );
             if !asked.is_empty() {
-                let why = asked[0].why.clone();
-                self.full_resync(why)?;
-                // Every marker from here on, END included, comes after it.
-                let from = self.consumer.producer_seq();
+                let from = if asked.iter().all(|r| r.ensure) {
+                    self.ensure_full_resync()?
+                } else {
+                    let why = asked[0].why.clone();
+                    self.full_resync(why)?;
+                    // Every marker from here on, END included, comes after it.
+                    self.consumer.producer_seq()
+                };
                 for r in asked {
                     if let Some(tx) = r.reply {
                         let _ = tx.send(from);
@@ -779,7 +789,13 @@ impl Drainer {
         let spool_next = self.shared.spool.next_seq();
         match (&mut self.mode, marker) {
             // The resync begins here: spool from this record on.
-            (Mode::Bitmap { .. }, Some(Marker::Begin { full })) => {
+            // The resync begins here: spool from this record on. Only the
+            // BEGIN inserted for the map as it is now: one inserted before
+            // the map was replaced (a full resync asked for meanwhile) says
+            // less than this resync does.
+            (Mode::Bitmap { begin, .. }, Some(Marker::Begin { full }))
+                if *begin == Some(r.seq) =>
+            {
                 self.commit()?;
                 let Mode::Bitmap { mut st, .. } =
                     std::mem::replace(&mut self.mode, Mode::Spool(None))
@@ -1276,18 +1292,27 @@ impl Drainer {
     }
 
     /// The target holds no consistent copy: a full resync must come, unless
-    /// one is pending (the map holds every region) or running (its BEGIN
-    /// said full).
-    fn ensure_full_resync(&mut self) -> Result<(), DaemonError> {
-        let pending_or_running = match &self.mode {
-            Mode::Bitmap { st, .. } => st.map.count() == st.map.regions(),
-            Mode::Spool(Some(run)) => run.full,
-            Mode::Spool(None) => false,
+    /// one is pending (the map holds every region) or running with a BEGIN
+    /// that still reaches this target (not yet durable there, or durable
+    /// and not yet applied: a target that had applied it would not ask).
+    /// Returns a ring position the resync's END comes after.
+    fn ensure_full_resync(&mut self) -> Result<u64, DaemonError> {
+        let durable = self.shared.durable.load(Ordering::Acquire);
+        let applied = self.shared.target_applied.load(Ordering::Acquire);
+        let keep = match &self.mode {
+            Mode::Bitmap { st, .. } if st.map.count() == st.map.regions() => {
+                Some(self.consumer.producer_seq())
+            }
+            Mode::Spool(Some(run)) if run.full => run.st.begin_seq.filter(|&b| {
+                (b.wrapping_sub(durable) as i64) > 0 || (applied.wrapping_sub(b) as i64) < 0
+            }),
+            _ => None,
         };
-        if pending_or_running {
-            return Ok(());
+        if let Some(from) = keep {
+            return Ok(from);
         }
-        self.full_resync("the target holds no consistent copy of the volume".into())
+        self.full_resync("the target holds no consistent copy of the volume".into())?;
+        Ok(self.consumer.producer_seq())
     }
 
     /// The kernel ring overflowed: writes after the last record are only in

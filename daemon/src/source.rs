@@ -182,7 +182,10 @@ struct Commands {
 
 impl Commands {
     fn handle(&self, r: &crate::control::Request) -> Option<Result<crate::control::Reply, String>> {
-        if !matches!(r.command.as_str(), "resync" | "failover-planned" | "stop") {
+        if !matches!(
+            r.command.as_str(),
+            "resync" | "initial-copy" | "failover-planned" | "stop"
+        ) {
             return None;
         }
         if r.volume.as_ref().is_some_and(|v| v != &self.volume) {
@@ -198,22 +201,30 @@ impl Commands {
                 self.stop.store(true, Ordering::Release);
                 Ok(format!("replicad source for {} is stopping", self.volume).into())
             }
-            "resync" => self.resync(),
+            "resync" => self.resync(false),
+            "initial-copy" => self.resync(true),
             _ => self.planned_failover().map(Into::into),
         })
     }
 
-    /// A full resync: handed to the drain, which answers with the ring
-    /// position it took the request at; the reply names it, so a wait sees
-    /// this resync through to its END on the target.
-    fn resync(&self) -> Result<crate::control::Reply, String> {
+    /// A full resync (`ensure`: unless one that reaches the target is
+    /// pending or running already, as for an initial copy): handed to the
+    /// drain, which answers with a ring position the resync's END comes
+    /// after; the reply names it, so a wait sees this resync through to its
+    /// END on the target.
+    fn resync(&self, ensure: bool) -> Result<crate::control::Reply, String> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.resync_request
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(crate::drain::ResyncRequest {
-                why: "full resync requested by an operator".into(),
+                why: if ensure {
+                    "initial copy".into()
+                } else {
+                    "full resync requested by an operator".into()
+                },
                 reply: Some(tx),
+                ensure,
             });
         let from_seq = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
             "the capture drain did not take the resync request within 30 s (is the ring attached?); it stays queued".to_string()
@@ -919,9 +930,11 @@ impl Source {
         shared.acknowledged(w.durable_seq);
         // This target's figures, not the highest ever seen: a target that
         // started over (a new replica) is behind.
+        shared.target_applied.store(w.applied_seq, Ordering::Release);
         self.board.update(&cfg.volume, |s| {
             s.durable_seq = w.durable_seq;
             s.applied_seq = w.applied_seq;
+            s.target_inconsistent = w.inconsistent || w.resync_required;
         });
         if w.resync_required {
             tracing::warn!(volume = %cfg.volume, "the target holds no consistent copy of the volume: a full resync follows");
@@ -1020,13 +1033,18 @@ impl Source {
             while let Some(m) = link.recv().map_err(SessionError::link)? {
                 match m {
                     Message::Ack(a) => {
-                        let prev = shared.durable.load(Ordering::Acquire);
                         shared.acknowledged(a.durable_seq);
-                        if a.durable_seq > prev || a.applied_seq > 0 {
-                            self.board.update(&cfg.volume, |s| {
-                                s.durable_seq = s.durable_seq.max(a.durable_seq);
-                                s.applied_seq = s.applied_seq.max(a.applied_seq);
-                            });
+                        shared.target_applied.store(a.applied_seq, Ordering::Release);
+                        // Acks of one session only move forward.
+                        self.board.update(&cfg.volume, |s| {
+                            s.durable_seq = s.durable_seq.max(a.durable_seq);
+                            s.applied_seq = s.applied_seq.max(a.applied_seq);
+                            s.target_inconsistent = a.flags & msg::ACK_INCONSISTENT != 0;
+                        });
+                        if a.flags & msg::ACK_NEEDS_FULL_RESYNC != 0 {
+                            // The drain makes sure a full resync that
+                            // reaches this target is pending or running.
+                            shared.copy_required.store(true, Ordering::Release);
                         }
                     }
                     Message::Promoted(p) => {

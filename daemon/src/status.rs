@@ -119,6 +119,15 @@ pub struct VolumeStatus {
     /// once the target applied it).
     #[serde(default)]
     pub resync_end_seq: u64,
+    /// Source: the target said, with its last acknowledgement, that its
+    /// replica is inconsistent (a resync runs there or is needed).
+    #[serde(default)]
+    pub target_inconsistent: bool,
+    /// Target: records of this generation up to here were never received
+    /// (the generation was taken over, or the volume first streamed, from
+    /// a later record): they were not applied, whatever `applied_seq` says.
+    #[serde(default)]
+    pub generation_base: u64,
 }
 
 impl VolumeStatus {
@@ -156,6 +165,8 @@ impl VolumeStatus {
             resync_running: false,
             resync_total_regions: 0,
             resync_end_seq: 0,
+            target_inconsistent: false,
+            generation_base: 0,
         }
     }
 }

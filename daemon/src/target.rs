@@ -772,7 +772,7 @@ impl ConnCtx {
                 Err(_) => return Err(busy()),
             }
         }
-        let (durable, applied, epoch, resync_required) = {
+        let (durable, applied, epoch, resync_required, inconsistent) = {
             let mut st = vol.lock_state();
             if st.generation != gen_hex || st.critical.is_some() || st.promoted.is_some() {
                 // The applier refused the takeover (Critical, promoted) or
@@ -797,6 +797,7 @@ impl ConnCtx {
                 vol.applied.load(Ordering::Acquire),
                 st.epoch,
                 st.needs_full_resync,
+                st.resync_since.is_some() || st.needs_full_resync,
             )
         };
         if !self.keys.get().ids().contains(&hello.key_id) {
@@ -816,6 +817,7 @@ impl ConnCtx {
             applied_seq: applied,
             epoch,
             resync_required,
+            inconsistent,
         }));
         tracing::info!(volume = %vol.cfg.id, source = %cn, durable, resync_required, "stream accepted");
         self.board.update(&vol.cfg.id, |s| {
@@ -840,6 +842,7 @@ impl ConnCtx {
         let net = |e: LinkError| Refusal::recoverable("network", e.to_string());
         let mut last_applied_sent = s.vol.applied.load(Ordering::Acquire);
         let mut last_durable_sent = s.durable;
+        let mut last_flags_sent = ack_flags(&s.vol.lock_state());
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
@@ -919,15 +922,26 @@ impl ConnCtx {
             }
             // Acknowledged as soon as it is durable, before the (bounded)
             // hand-over to the applier, which may wait for a slow replica.
+            // The applied record first, then what the replica is good for:
+            // the applier clears the resync before it publishes the END as
+            // applied, so "consistent" never comes with an applied record
+            // the replica was not consistent at.
             let applied = s.vol.applied.load(Ordering::Acquire);
-            if dup_ack || applied != last_applied_sent || s.durable != last_durable_sent {
+            let flags = ack_flags(&s.vol.lock_state());
+            if dup_ack
+                || applied != last_applied_sent
+                || s.durable != last_durable_sent
+                || flags != last_flags_sent
+            {
                 link.send(&Message::Ack(Ack {
                     durable_seq: s.durable,
                     applied_seq: applied,
+                    flags,
                 }));
                 let _ = link.pump(Duration::ZERO, None);
                 last_applied_sent = applied;
                 last_durable_sent = s.durable;
+                last_flags_sent = flags;
             }
             for (pos, body) in appended {
                 let _ = s.vol.apply_tx.send(ApplyMsg::Segment {
@@ -1204,6 +1218,18 @@ fn takeover_for(st: &VolumeState, gen_hex: &str, hello: &Hello) -> Option<Takeov
 
 fn st_generation_empty(vol: &Volume) -> bool {
     vol.lock_state().generation.is_empty()
+}
+
+/// What an ack says about the replica's state.
+fn ack_flags(st: &VolumeState) -> u64 {
+    let mut f = 0;
+    if st.resync_since.is_some() || st.needs_full_resync {
+        f |= msg::ACK_INCONSISTENT;
+    }
+    if st.needs_full_resync {
+        f |= msg::ACK_NEEDS_FULL_RESYNC;
+    }
+    f
 }
 
 /// The status reason while the replica waits for or runs a resync.

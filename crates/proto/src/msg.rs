@@ -108,17 +108,31 @@ pub struct Welcome {
     /// stays Inconsistent until that resync's END is applied.
     #[serde(default)]
     pub resync_required: bool,
+    /// The replica is not consistent now (a resync runs or is needed).
+    #[serde(default)]
+    pub inconsistent: bool,
 }
 
 /// Acknowledgement: everything up to `durable_seq` is durable in the
-/// target's journal; `applied_seq` is applied to the replica.
+/// target's journal; `applied_seq` is applied to the replica; what the
+/// replica is good for as of that applied record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {
     /// Last durable record.
     pub durable_seq: u64,
     /// Last applied record.
     pub applied_seq: u64,
+    /// [`ACK_INCONSISTENT`], [`ACK_NEEDS_FULL_RESYNC`].
+    pub flags: u64,
 }
+
+/// Ack flag: the replica is inconsistent (a resync runs or is needed); a
+/// source must not call a resync done while its target says this.
+pub const ACK_INCONSISTENT: u64 = 1;
+/// Ack flag: the replica holds no consistent copy; only a full resync
+/// (BEGIN says full) that reaches this target makes it consistent.
+pub const ACK_NEEDS_FULL_RESYNC: u64 = 2;
+const ACK_LEN: usize = 24;
 
 /// Whether the sender should retry later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,9 +214,10 @@ impl Message {
             Message::Welcome(w) => put(out, T_WELCOME, &serde_json::to_vec(w).unwrap_or_default()),
             Message::Segment(f) => put(out, T_SEGMENT, f),
             Message::Ack(a) => {
-                let mut b = [0u8; 16];
+                let mut b = [0u8; ACK_LEN];
                 b[..8].copy_from_slice(&a.durable_seq.to_le_bytes());
-                b[8..].copy_from_slice(&a.applied_seq.to_le_bytes());
+                b[8..16].copy_from_slice(&a.applied_seq.to_le_bytes());
+                b[16..].copy_from_slice(&a.flags.to_le_bytes());
                 put(out, T_ACK, &b)
             }
             Message::Error(e) => put(out, T_ERROR, &serde_json::to_vec(e).unwrap_or_default()),
@@ -245,16 +260,22 @@ impl Message {
             T_PROMOTE => Message::Promote(serde_json::from_slice(body)?),
             T_PROMOTED => Message::Promoted(serde_json::from_slice(body)?),
             T_ACK => {
-                if body.len() != 16 {
+                if body.len() != ACK_LEN {
                     return Err(MsgError::BadAck);
                 }
-                let mut a = [0u8; 8];
-                a.copy_from_slice(&body[..8]);
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&body[8..]);
+                let word = |i: usize| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(&body[i * 8..i * 8 + 8]);
+                    u64::from_le_bytes(a)
+                };
+                let flags = word(2);
+                if flags & !(ACK_INCONSISTENT | ACK_NEEDS_FULL_RESYNC) != 0 {
+                    return Err(MsgError::BadAck);
+                }
                 Message::Ack(Ack {
-                    durable_seq: u64::from_le_bytes(a),
-                    applied_seq: u64::from_le_bytes(b),
+                    durable_seq: word(0),
+                    applied_seq: word(1),
+                    flags,
                 })
             }
             _ => Message::Error(serde_json::from_slice(body)?),
@@ -273,6 +294,7 @@ mod tests {
             Message::Ack(Ack {
                 durable_seq: 7,
                 applied_seq: 5,
+                flags: ACK_INCONSISTENT,
             }),
             Message::Error(ErrorMsg {
                 class: ErrorClass::Fatal,
