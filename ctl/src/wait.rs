@@ -19,6 +19,19 @@ pub enum WaitError {
         /// Its reasons.
         reasons: String,
     },
+    /// The target took this generation over after the record: it never
+    /// received it, so it will never have applied it.
+    #[error("volume {volume}: record {seq} of generation {generation} was never received by the target (it took the generation over after record {base}); wait for a later record")]
+    NeverReceived {
+        /// Volume id.
+        volume: String,
+        /// The record waited for.
+        seq: u64,
+        /// Its generation.
+        generation: String,
+        /// The target's base of the generation.
+        base: u64,
+    },
     /// The deadline passed.
     #[error("volume {volume} did not reach record {seq} of generation {generation} within {timeout:?}{seen}")]
     Timeout {
@@ -35,11 +48,15 @@ pub enum WaitError {
     },
 }
 
-/// Whether `v` shows record `seq` of `generation` applied.
+/// Whether `v` is about ring `generation`.
+fn same_generation(v: &VolumeStatus, generation: &str) -> bool {
+    !v.generation.is_empty() && v.generation.eq_ignore_ascii_case(generation)
+}
+
+/// Whether `v` shows record `seq` of `generation` applied (a record at or
+/// below the generation's base was never received, so never applied).
 pub fn applied(v: &VolumeStatus, seq: u64, generation: &str) -> bool {
-    !v.generation.is_empty()
-        && v.generation.eq_ignore_ascii_case(generation)
-        && v.applied_seq >= seq
+    same_generation(v, generation) && seq > v.generation_base && v.applied_seq >= seq
 }
 
 /// Waits until the daemon with state directory `state_dir` reports record
@@ -64,6 +81,14 @@ pub fn wait_applied(
             }
             if applied(&v, seq, generation) {
                 return Ok(v);
+            }
+            if same_generation(&v, generation) && seq <= v.generation_base {
+                return Err(WaitError::NeverReceived {
+                    volume: volume.to_owned(),
+                    seq,
+                    generation: generation.to_owned(),
+                    base: v.generation_base,
+                });
             }
             seen = format!(
                 "; it is at record {} of generation {}",

@@ -793,9 +793,7 @@ impl Drainer {
             // BEGIN inserted for the map as it is now: one inserted before
             // the map was replaced (a full resync asked for meanwhile) says
             // less than this resync does.
-            (Mode::Bitmap { begin, .. }, Some(Marker::Begin { full }))
-                if *begin == Some(r.seq) =>
-            {
+            (Mode::Bitmap { begin, .. }, Some(Marker::Begin { full })) if *begin == Some(r.seq) => {
                 self.commit()?;
                 let Mode::Bitmap { mut st, .. } =
                     std::mem::replace(&mut self.mode, Mode::Spool(None))
@@ -925,10 +923,11 @@ impl Drainer {
                 if !self.shared.connected.load(Ordering::Acquire) {
                     return Ok(None);
                 }
-                match k
-                    .device
-                    .insert_marker(k.index, RECORD_FLAG_RESYNC, Marker::Begin { full }.aux())
-                {
+                match k.device.insert_marker(
+                    k.index,
+                    RECORD_FLAG_RESYNC,
+                    Marker::Begin { full }.aux(),
+                ) {
                     Ok(seq) => {
                         tracing::info!(volume = %self.set.volume, seq, "resync requested");
                         *begin = Some(seq);

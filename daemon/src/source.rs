@@ -930,7 +930,9 @@ impl Source {
         shared.acknowledged(w.durable_seq);
         // This target's figures, not the highest ever seen: a target that
         // started over (a new replica) is behind.
-        shared.target_applied.store(w.applied_seq, Ordering::Release);
+        shared
+            .target_applied
+            .store(w.applied_seq, Ordering::Release);
         self.board.update(&cfg.volume, |s| {
             s.durable_seq = w.durable_seq;
             s.applied_seq = w.applied_seq;
@@ -1034,7 +1036,9 @@ impl Source {
                 match m {
                     Message::Ack(a) => {
                         shared.acknowledged(a.durable_seq);
-                        shared.target_applied.store(a.applied_seq, Ordering::Release);
+                        shared
+                            .target_applied
+                            .store(a.applied_seq, Ordering::Release);
                         // Acks of one session only move forward.
                         self.board.update(&cfg.volume, |s| {
                             s.durable_seq = s.durable_seq.max(a.durable_seq);

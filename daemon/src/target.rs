@@ -125,6 +125,9 @@ struct Volume {
     streaming: AtomicBool,
     /// A failover is under way or done: no stream is accepted.
     promoting: AtomicBool,
+    /// A takeover is queued to the applier and not yet done: no stream is
+    /// accepted (it could be journaled under the old generation's state).
+    takeover_pending: AtomicBool,
     apply_tx: Sender<ApplyMsg>,
 }
 
@@ -442,10 +445,17 @@ fn open_volume(
         // Acknowledged records are damaged or missing: this volume is
         // Critical (the others go on). The damaged journal is kept aside
         // for inspection; the volume starts with an empty one.
-        Err(e @ StoreError::Corrupt { .. }) => {
-            let reason = format!("journal damaged, acknowledged records lost: {e}");
+        // A journal of another format version is kept aside the same way
+        // (its records are not lost: the version that wrote it reads them).
+        Err(e @ (StoreError::Corrupt { .. } | StoreError::Invalid(_))) => {
+            let reason = match &e {
+                StoreError::Corrupt { .. } => {
+                    format!("journal damaged, acknowledged records lost: {e}")
+                }
+                _ => format!("journal unreadable: {e}"),
+            };
             tracing::error!(volume = %vc.id, "{reason}");
-            let aside = dir.join(format!("journal.damaged-{}", now_ns() / 1_000_000_000));
+            let aside = dir.join(format!("journal.damaged-{}", now_ns()));
             std::fs::rename(&jdir, &aside)
                 .map_err(|e| DaemonError::io("move the damaged journal aside", &jdir, e))?;
             journal::sync_dir(&dir)?;
@@ -476,8 +486,27 @@ fn open_volume(
     // Bounded: a slow replica pushes back on the connection, and through it
     // on the source, instead of growing memory.
     let (apply_tx, apply_rx) = crossbeam_channel::bounded(APPLY_QUEUE);
-    // Only frames of the generation the state names: a takeover restarts
-    // the journal before it records the new generation.
+    // A takeover restarts the journal before it records the new generation,
+    // so every frame belongs to the generation the state names; one that
+    // does not would be applied in the wrong sequence space.
+    if let Some(f) = scan
+        .frames
+        .iter()
+        .find(|f| hex::encode(f.header.generation) != state.generation)
+    {
+        if state.critical.is_none() && state.promoted.is_none() {
+            let why = format!(
+                "the journal holds segment {}..={} of ring generation {}, not of the replica's ({})",
+                f.header.first_seq,
+                f.header.last_seq,
+                hex::encode(f.header.generation),
+                if state.generation.is_empty() { "none" } else { &state.generation }
+            );
+            tracing::error!(volume = %vc.id, "{why}");
+            state.critical = Some(why);
+            state.save(&dir.join("state.json"))?;
+        }
+    }
     let replay: Vec<FramePos> = scan
         .frames
         .into_iter()
@@ -488,6 +517,7 @@ fn open_volume(
         .collect();
     board.update(&vc.id, |s| {
         s.generation = state.generation.clone();
+        s.generation_base = state.generation_base;
         s.epoch = state.epoch;
         s.durable_seq = durable;
         s.applied_seq = state.applied_seq;
@@ -520,6 +550,7 @@ fn open_volume(
         session: AtomicU64::new(0),
         streaming: AtomicBool::new(false),
         promoting: AtomicBool::new(promoted),
+        takeover_pending: AtomicBool::new(false),
         allowed_sources: std::sync::RwLock::new(vc.allowed_sources.clone()),
         keep_points: std::sync::atomic::AtomicUsize::new(vc.keep_points),
         crash_point_interval: AtomicU64::new(vc.crash_point_interval_secs),
@@ -734,6 +765,12 @@ impl ConnCtx {
                     format!("volume {} is being failed over", vol.cfg.id),
                 )));
             }
+            if vol.takeover_pending.load(Ordering::Acquire) {
+                return Err(caller(Refusal::recoverable(
+                    "busy",
+                    "a takeover of a new ring generation is still being applied",
+                )));
+            }
             if hello.epoch < st.epoch {
                 return Err(caller(Refusal::fatal(
                     "stale-epoch",
@@ -757,7 +794,12 @@ impl ConnCtx {
                     "still applying the previous ring generation's journal",
                 ))
             };
-            vol.apply_tx
+            // Set before it is queued, cleared by the applier once done:
+            // no other stream gets in between (this one holds the
+            // streaming slot; a later one is refused while it is set).
+            vol.takeover_pending.store(true, Ordering::Release);
+            if vol
+                .apply_tx
                 .send_timeout(
                     ApplyMsg::Takeover {
                         takeover: t,
@@ -765,7 +807,11 @@ impl ConnCtx {
                     },
                     TAKEOVER_WAIT,
                 )
-                .map_err(|_| busy())?;
+                .is_err()
+            {
+                vol.takeover_pending.store(false, Ordering::Release);
+                return Err(busy());
+            }
             match rx.recv_timeout(TAKEOVER_WAIT) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(replica_err(store_refusal(&e))),
@@ -1363,6 +1409,7 @@ impl Applier {
                 }
                 ApplyMsg::Takeover { takeover, reply } => {
                     let r = self.take_over(&takeover);
+                    self.vol.takeover_pending.store(false, Ordering::Release);
                     if let Err(e) = &r {
                         tracing::error!(volume = %self.vol.cfg.id, error = %e, "takeover of a new ring generation failed");
                     }
@@ -1370,11 +1417,28 @@ impl Applier {
                     continue;
                 }
             };
-            {
+            let other_generation = {
                 let st = self.vol.lock_state();
                 if st.critical.is_some() || st.promoted.is_some() {
                     continue;
                 }
+                hex::encode(pos.header.generation) != st.generation
+            };
+            if other_generation {
+                // Takeovers are ordered behind every segment of the old
+                // generation and no stream is accepted while one is
+                // pending: a segment of another generation here would be
+                // applied in the wrong sequence space.
+                self.vol.go_critical(
+                    &self.board,
+                    &format!(
+                        "segment {}..={} belongs to ring generation {}, not to the replica's",
+                        pos.header.first_seq,
+                        pos.header.last_seq,
+                        hex::encode(pos.header.generation)
+                    ),
+                );
+                continue;
             }
             if pos.header.last_seq <= self.applied {
                 continue;
@@ -1839,6 +1903,10 @@ impl Applier {
             if st.promoted.is_some() {
                 return Err(StoreError::Invalid("the replica was promoted".into()));
             }
+            if st.generation == t.generation {
+                // Asked twice (the first answer timed out): done already.
+                return Ok(());
+            }
         }
         // The old generation's applied records are flushed and recorded:
         // its recovery points stay valid.
@@ -1852,6 +1920,7 @@ impl Applier {
             let mut st = self.vol.lock_state();
             st.generation = t.generation.clone();
             st.applied_seq = t.base;
+            st.generation_base = t.base;
             st.needs_full_resync = t.needs_full_resync;
             st.resync_since = t.needs_full_resync.then_some(since);
             st.save(&self.vol.state_path())?;
@@ -1861,6 +1930,7 @@ impl Applier {
         self.vol.applied.store(t.base, Ordering::Release);
         self.board.update(&self.vol.cfg.id, |s| {
             s.generation = t.generation.clone();
+            s.generation_base = t.base;
             s.applied_seq = t.base;
             s.durable_seq = t.base;
             s.reasons.retain(|x| !x.starts_with(RESYNC_RUNNING));

@@ -174,11 +174,11 @@ impl Env {
         };
         // Test volumes and replicas start zeroed: no initial copy unless a
         // test asks for one.
-        let initial = if extra.contains("initial_copy") {
-            ""
-        } else {
-            "initial_copy = false\n"
-        };
+        // (`initial_copy = true` anywhere in `extra` is moved to the top
+        // level, where it belongs).
+        let wants_copy = extra.contains("initial_copy = true");
+        let extra = extra.replace("initial_copy = true", "");
+        let initial = format!("initial_copy = {wants_copy}\n");
         let s = format!(
             "{initial}volume = \"{volume}\"\nvolume_size = {size}\nring = {{ file = \"{}\" }}\ntarget = \"{target}\"\ntarget_name = \"{TARGET_CN}\"\nkeys = \"{}\"\nstate_dir = \"{}\"\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{spool}",
             ring.display(),

@@ -310,13 +310,80 @@ fn a_target_without_a_copy_demands_a_full_resync() {
                 "no point over a replica without a copy"
             );
             assert_eq!(t.status("v").expect("status").replica, "Inconsistent");
+            let g = hex::encode([6u8; 16]);
+            if oldest > 1 {
+                // Records before the stream's first were never received: a
+                // wait for one is told so rather than "applied".
+                let e =
+                    replctl::wait::wait_applied(&st, "v", oldest - 1, &g, Duration::from_secs(5))
+                        .expect_err("never received");
+                assert!(
+                    matches!(e, replctl::wait::WaitError::NeverReceived { base, .. } if base == oldest - 1),
+                    "{e}"
+                );
+            }
             // A new connection is told again.
             drop(c);
-            let c = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], oldest + 4)
-                .expect("again");
+            let mut c =
+                RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], oldest + 4)
+                    .expect("again");
             assert!(c.welcome.resync_required);
+            assert!(c.welcome.inconsistent);
+            // The END of a full resync makes it consistent.
+            let n = oldest + 4;
+            let f = c.seal_records(
+                &kr,
+                0,
+                &[
+                    begin(n, true),
+                    (n + 1, ring_op::FLUSH, 0, 0, 0, &[]),
+                    end(n + 2),
+                ],
+            );
+            c.send_frame(f).expect("full resync");
+            wait_for(Duration::from_secs(20), "the point at END", || {
+                points(&st) == vec![n + 2]
+            });
+            let s = target_state(&st, "v");
+            assert!(!s.needs_full_resync);
+            assert_eq!(s.resync_since, None);
+            drop(c);
+            let c = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], n + 3)
+                .expect("after the copy");
+            assert!(!c.welcome.resync_required && !c.welcome.inconsistent);
         } else {
             assert!(!points(&st).is_empty());
         }
     }
+}
+
+/// A source whose target has no copy of the volume is told so and switches
+/// to a full resync by itself (here in development mode, where a resync
+/// cannot run: it says so instead of replicating as if the replica were a
+/// copy); the target takes no recovery point meanwhile.
+#[test]
+fn a_source_told_its_target_has_no_copy_needs_a_full_resync() {
+    let mut r = Rig::new("v", 1 << 20, 3, None, 100_000, "", 256, 256);
+    r.start_source(1 << 20, "initial_copy = true");
+    r.write(50);
+    wait_for(
+        Duration::from_secs(30),
+        "the source needs a full resync",
+        || {
+            r.source().status("v").is_some_and(|s| {
+                s.needs_resync
+                    && s.dirty_regions == 16
+                    && s.reasons
+                        .iter()
+                        .any(|x| x.contains("the target holds no consistent copy"))
+            })
+        },
+    );
+    let st = r.target_state();
+    assert!(st.needs_full_resync);
+    assert!(st.points.is_empty(), "{:?}", st.points);
+    assert_eq!(
+        r.target.status("v").expect("status").replica,
+        "Inconsistent"
+    );
 }

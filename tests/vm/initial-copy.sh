@@ -47,7 +47,9 @@ check "protect says the target applied the copy" sh -c 'echo "$1" | grep -q "ini
 consistent_now
 
 step "a full resync with --wait: returns when its END is applied"
-check "dd over the volume" dd if=/dev/urandom of=/dev/mapper/ic bs=1M count=8 seek=40 oflag=direct
+# Under the replica target, so only a resync can bring it to the replica.
+check "8 MiB changed on the disk behind the target's back" dd if=/dev/urandom of=/dev/vda bs=1M count=8 seek=40 oflag=direct
+check_not "the replica differs from the volume now" sh -c "test \"\$(dd if=/dev/mapper/ic iflag=direct bs=1M 2>/dev/null | sha256sum)\" = \"\$(sha256sum <$T/ic.img)\""
 out=$(replctl resync --state-dir $W/source --wait --timeout 900 2>&1) || fail "replctl resync --wait: $out"
 echo "$out"
 check "resync says its end was applied" sh -c 'echo "$1" | grep -q "resync done: the target applied its end"' _ "$out"

@@ -72,8 +72,10 @@ check_eq "fio during the resync" 0 $?
 out=$(dmsetup message tk 0 marker 2)
 early=$(echo "$out" | sed -n 's/^marker 2 seq \([0-9]*\)$/\1/p')
 check "a marker of the new generation below the old one's (record $early < $old_seq)" test "$early" -lt "$old_seq"
-check_not "a wait for it in the old generation times out" replctl wait --state-dir $T/state --volume tk \
-	--applied "$early" --generation "$gen1" --timeout 2
+out=$(replctl wait --state-dir $T/state --volume tk --applied "$early" --generation "$gen1" --timeout 2 2>&1) &&
+	fail "a wait for record $early of the old generation returned: $out"
+echo "$out"
+check "a wait for it in the old generation's terms does not return" sh -c 'echo "$1" | grep -q "did not reach record"' _ "$out"
 wait_for "the resync ended on the source" 900 json_has $W/source '"needs_resync": false'
 marker_applied tk 3 $T/state tk
 last=$marker_seq

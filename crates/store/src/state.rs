@@ -88,6 +88,10 @@ pub struct VolumeState {
     /// recovery point is taken and a planned failover is refused.
     #[serde(default)]
     pub needs_full_resync: bool,
+    /// Records of `generation` up to here were never received: the
+    /// generation was taken over (or first streamed) from the next one.
+    #[serde(default)]
+    pub generation_base: u64,
 }
 
 /// Current state format version.
