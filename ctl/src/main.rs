@@ -443,14 +443,11 @@ fn run(cli: Cli) -> Result<(), String> {
         } => {
             let sock = control_socket(socket, state_dir.as_deref())?;
             let r = replicad::control::request(&sock, "resync")?;
-            println!("{}", r.message.unwrap_or_default());
+            println!("{}", r.message.as_deref().unwrap_or_default());
             if wait {
-                let ticket = r
-                    .resync
-                    .ok_or("the daemon did not say which resync it started (an older replicad?)")?;
-                replctl::progress::wait_resync(
+                replctl::progress::wait_answered_resync(
                     &sock,
-                    &ticket,
+                    &r,
                     std::time::Duration::from_secs(timeout),
                 )?;
                 println!("resync done: the target applied its end; the replica is consistent");
@@ -532,13 +529,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 // A full copy, unless the daemon started one already (its
                 // target asked for it): that one is waited for.
                 let r = replicad::control::request(&sock, "initial-copy")?;
-                println!("initial copy: {}", r.message.unwrap_or_default());
-                let ticket = r
-                    .resync
-                    .ok_or("the daemon did not say which resync it started (an older replicad?)")?;
-                replctl::progress::wait_resync(
+                println!("initial copy: {}", r.message.as_deref().unwrap_or_default());
+                replctl::progress::wait_answered_resync(
                     &sock,
-                    &ticket,
+                    &r,
                     std::time::Duration::from_secs(7 * 86400),
                 )?;
                 println!(
@@ -581,7 +575,7 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             let started = std::time::Instant::now();
             let r = replicad::control::send(&sock, &req, std::time::Duration::from_secs(1200))?;
-            println!("{}", r.message.unwrap_or_default());
+            println!("{}", r.message.as_deref().unwrap_or_default());
             println!("failover took {:.1} s", started.elapsed().as_secs_f64());
         }
         Cmd::Points {

@@ -86,6 +86,20 @@ pub fn wait_resync(
     }
 }
 
+/// Waits for the resync a `resync` or `initial-copy` command's answer `r`
+/// names (see [`wait_resync`]).
+pub fn wait_answered_resync(
+    socket: &Path,
+    r: &replicad::control::Response,
+    timeout: Duration,
+) -> Result<(), String> {
+    let ticket = r
+        .resync
+        .as_ref()
+        .ok_or("the daemon did not say which resync it started (an older replicad?)")?;
+    wait_resync(socket, ticket, timeout)
+}
+
 /// Whether status `v` shows the resync of `ticket` applied on the target.
 pub fn resync_done(
     v: &replicad::status::VolumeStatus,
