@@ -1266,6 +1266,29 @@ fn st_generation_empty(vol: &Volume) -> bool {
     vol.lock_state().generation.is_empty()
 }
 
+/// The id of a new recovery point at record `seq`: the sequence itself
+/// (a point taken again at the same record of this generation replaces
+/// the old one), unless another point has that id — one of an earlier ring
+/// generation, whose sequences started over — then the next id above
+/// every point's, so a new point never replaces another record's.
+fn point_id(st: &VolumeState, seq: u64) -> u64 {
+    if st
+        .points
+        .iter()
+        .any(|p| p.id == seq && !(p.seq == seq && p.generation == st.generation))
+    {
+        st.points
+            .iter()
+            .map(|p| p.id)
+            .max()
+            .unwrap_or(seq)
+            .saturating_add(1)
+            .max(seq)
+    } else {
+        seq
+    }
+}
+
 /// What an ack says about the replica's state.
 fn ack_flags(st: &VolumeState) -> u64 {
     let mut f = 0;
@@ -1742,18 +1765,19 @@ impl Applier {
                 // Mark the promoted state as a recovery point of its own.
                 self.persist_applied().map_err(|e| e.to_string())?;
                 if last_point != Some(self.applied) && self.applied > 0 {
-                    let id = self.applied;
+                    let id = point_id(&self.vol.lock_state(), self.applied);
                     if let Err(e) = self.replica.create_point(id) {
                         // The promoted volume is what matters: a missing
                         // snapshot of it (no space) does not stop the failover.
                         tracing::warn!(volume = %self.vol.cfg.id, error = %e, "no recovery point at the failover; promoting anyway");
-                        return self.finish_promotion(req, epoch, id, None);
+                        return self.finish_promotion(req, epoch, self.applied, None);
                     }
                     let mut st = self.vol.lock_state();
                     let gen = st.generation.clone();
+                    st.points.retain(|p| p.id != id);
                     st.points.push(RecoveryPoint {
                         id,
-                        seq: id,
+                        seq: self.applied,
                         generation: gen,
                         source_time_ns: 0,
                         created_ns: now_ns(),
@@ -1783,7 +1807,7 @@ impl Applier {
                     .lock_state()
                     .points
                     .iter()
-                    .find(|p| p.seq == seq)
+                    .rfind(|p| p.seq == seq)
                     .map(|p| p.id)
                     .ok_or_else(|| format!("no recovery point at record {seq}"))?,
             ),
@@ -1955,7 +1979,8 @@ impl Applier {
         self.applied = r.seq;
         self.persist_applied()?;
         let keep = self.vol.keep_points.load(Ordering::Acquire);
-        if let Err(e) = self.replica.create_point(r.seq) {
+        let id = point_id(&self.vol.lock_state(), r.seq);
+        if let Err(e) = self.replica.create_point(id) {
             if !e.is_recoverable() {
                 return Err(e);
             }
@@ -1973,9 +1998,9 @@ impl Applier {
         let (count, pruned) = {
             let mut st = self.vol.lock_state();
             let gen = st.generation.clone();
-            st.points.retain(|p| p.id != r.seq);
+            st.points.retain(|p| p.id != id);
             st.points.push(RecoveryPoint {
-                id: r.seq,
+                id,
                 seq: r.seq,
                 generation: gen,
                 source_time_ns: r.submit_ns,

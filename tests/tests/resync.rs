@@ -387,3 +387,43 @@ fn a_source_told_its_target_has_no_copy_needs_a_full_resync() {
         "Inconsistent"
     );
 }
+
+/// After a takeover, sequences start over: a point of the new generation at
+/// a sequence an old generation's point has gets an id of its own, and the
+/// old point (a valid state of the volume) stays as it was.
+#[test]
+fn a_new_generations_point_never_replaces_an_old_one() {
+    let (env, _t, addr, st, kr) = setup();
+    // Old generation: points at 1 and 3, the replica holds 0x11.
+    drop(first_records(&env, &addr, &st, &kr));
+    let old3 = std::fs::read(point_image(&st, "v", 3)).expect("old point 3");
+    let mut c =
+        RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [7; 16], 1).expect("takeover");
+    let region = vec![0x77u8; 65536];
+    let f = c.seal_records(
+        &kr,
+        0,
+        &[
+            begin(1, true),
+            (2, ring_op::WRITE, RECORD_FLAG_RESYNC, 0, 0, &region),
+            end(3),
+        ],
+    );
+    c.send_frame(f).expect("full resync");
+    wait_for(Duration::from_secs(20), "the new point at record 3", || {
+        target_state(&st, "v")
+            .points
+            .iter()
+            .any(|p| p.seq == 3 && p.generation == hex::encode([7u8; 16]))
+    });
+    let s = target_state(&st, "v");
+    let ids: Vec<(u64, u64)> = s.points.iter().map(|p| (p.id, p.seq)).collect();
+    assert_eq!(ids, vec![(1, 1), (3, 3), (4, 3)], "{:?}", s.points);
+    assert_eq!(
+        std::fs::read(point_image(&st, "v", 3)).expect("old point 3"),
+        old3,
+        "the old generation's point is untouched"
+    );
+    let new = std::fs::read(point_image(&st, "v", 4)).expect("new point");
+    assert!(new[..65536].iter().all(|&b| b == 0x77));
+}
