@@ -869,34 +869,48 @@ mod tests {
         file[2 * OP * i..2 * OP * i + OP].iter().all(|&x| x == b)
     }
 
+    /// Applies eight writes of `A` (the kernel takes 3 of them, then the
+    /// submit reports `errno`), then, the buffer being the caller's again,
+    /// fills it with `Z` and applies a write of `R` at `OP`. Checks that
+    /// nothing was left with the kernel when the first apply returned and
+    /// that the kernel never read the reused buffer; returns both results
+    /// and the file.
+    fn partial_submit_then_reuse(
+        u: &mut UringFile,
+        p: &Path,
+        errno: i32,
+        what: &str,
+    ) -> (Result<(), StoreError>, Result<(), StoreError>, Vec<u8>) {
+        let mut buf = vec![b'A'; 8 * OP];
+        u.faults.script.push_back(Step::Partial(3, errno));
+        let r = u.apply(&spaced_writes(&buf, 8));
+        let left = with_kernel(u);
+        buf.fill(b'Z');
+        let other = [b'R'; OP];
+        let r2 = u.apply(&[ApplyOp::Write {
+            offset: OP as u64,
+            data: &other,
+        }]);
+        let file = std::fs::read(p).expect("read");
+        assert!(
+            !file.contains(&b'Z'),
+            "{what}: the kernel read the caller's buffer after apply returned {r:?}"
+        );
+        assert_eq!(
+            left,
+            WithKernel::default(),
+            "{what}: left with the kernel when apply returned {r:?}"
+        );
+        (r, r2, file)
+    }
+
     #[test]
     fn interrupted_partial_submit_is_finished_before_returning() {
         for target in [Target::File, Target::Thin { block_bytes: 65536 }] {
             let (_d, p, mut u) = rig(target, 1 << 20);
-            let mut buf = vec![b'A'; 8 * OP];
-            // The kernel takes 3 of the 8 writes, then the submit reports
-            // EINTR (a signal).
-            u.faults.script.push_back(Step::Partial(3, libc::EINTR));
-            let r = u.apply(&spaced_writes(&buf, 8));
-            let left = with_kernel(&u);
-            // The buffer is the caller's again: it reuses it, and applies
-            // something else.
-            buf.fill(b'Z');
-            let other = [b'R'; OP];
-            let r2 = u.apply(&[ApplyOp::Write {
-                offset: OP as u64,
-                data: &other,
-            }]);
-            let file = std::fs::read(&p).expect("read");
-            assert!(
-                !file.contains(&b'Z'),
-                "{target:?}: the kernel read the caller's buffer after apply returned {r:?}"
-            );
-            assert_eq!(
-                left,
-                WithKernel::default(),
-                "{target:?}: left with the kernel when apply returned {r:?}"
-            );
+            // EINTR: a signal.
+            let (r, r2, file) =
+                partial_submit_then_reuse(&mut u, &p, libc::EINTR, &format!("{target:?}"));
             r.expect("an interrupted submit is retried");
             r2.expect("the next apply");
             assert!(u.faults.script.is_empty(), "the fault was injected");
@@ -911,22 +925,7 @@ mod tests {
     #[test]
     fn failed_partial_submit_waits_for_what_the_kernel_took() {
         let (_d, p, mut u) = rig(Target::File, 1 << 20);
-        let mut buf = vec![b'A'; 8 * OP];
-        u.faults.script.push_back(Step::Partial(3, libc::EIO));
-        let r = u.apply(&spaced_writes(&buf, 8));
-        let left = with_kernel(&u);
-        buf.fill(b'Z');
-        let other = [b'R'; OP];
-        let r2 = u.apply(&[ApplyOp::Write {
-            offset: OP as u64,
-            data: &other,
-        }]);
-        let file = std::fs::read(&p).expect("read");
-        assert!(
-            !file.contains(&b'Z'),
-            "the kernel read the caller's buffer after apply returned {r:?}"
-        );
-        assert_eq!(left, WithKernel::default(), "after {r:?}");
+        let (r, r2, file) = partial_submit_then_reuse(&mut u, &p, libc::EIO, "EIO");
         match r {
             Err(StoreError::Io { source, .. }) => {
                 assert_eq!(source.raw_os_error(), Some(libc::EIO))
@@ -939,7 +938,7 @@ mod tests {
         assert!((0..3).all(|i| spaced_is(&file, i, b'A')), "taken");
         assert!((3..8).all(|i| spaced_is(&file, i, 0)), "not taken");
         // The caller's retry applies everything.
-        buf.fill(b'B');
+        let buf = vec![b'B'; 8 * OP];
         u.apply(&spaced_writes(&buf, 8)).expect("retry");
         let file = std::fs::read(&p).expect("read");
         assert!((0..8).all(|i| spaced_is(&file, i, b'B')), "retried");
