@@ -67,8 +67,8 @@ const MAX_OUTSTANDING: u32 = 4;
 pub struct ResyncRequest {
     /// Why (shown in the status and the log).
     pub why: String,
-    /// Where to send the ring position, if anyone waits for it.
-    pub reply: Option<crossbeam_channel::Sender<u64>>,
+    /// Where to send the ring position.
+    pub reply: crossbeam_channel::Sender<u64>,
     /// Only make sure a full resync is pending or running (an initial
     /// copy): one already under way that reaches the target is kept.
     pub ensure: bool,
@@ -607,9 +607,8 @@ impl Drainer {
                     self.consumer.producer_seq()
                 };
                 for r in asked {
-                    if let Some(tx) = r.reply {
-                        let _ = tx.send(from);
-                    }
+                    // The asker may have stopped waiting.
+                    let _ = r.reply.send(from);
                 }
             }
             if self.shared.copy_required.swap(false, Ordering::AcqRel) {

@@ -223,7 +223,7 @@ impl Commands {
                 } else {
                     "full resync requested by an operator".into()
                 },
-                reply: Some(tx),
+                reply: tx,
                 ensure,
             });
         let from_seq = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {

@@ -507,13 +507,11 @@ fn open_volume(
             state.save(&dir.join("state.json"))?;
         }
     }
+    // (A Critical volume's applier applies none of them.)
     let replay: Vec<FramePos> = scan
         .frames
         .into_iter()
-        .filter(|f| {
-            f.header.last_seq > state.applied_seq
-                && hex::encode(f.header.generation) == state.generation
-        })
+        .filter(|f| f.header.last_seq > state.applied_seq)
         .collect();
     board.update(&vc.id, |s| {
         s.generation = state.generation.clone();
@@ -780,11 +778,6 @@ impl ConnCtx {
             takeover_for(&st, &gen_hex, &hello)
         };
         if let Some(t) = takeover {
-            if st_generation_empty(&vol) {
-                tracing::warn!(volume = %vol.cfg.id, generation = %gen_hex, full_resync = t.needs_full_resync, "first stream of a volume this target has no record of");
-            } else {
-                tracing::warn!(volume = %vol.cfg.id, new = %gen_hex, "a new capture ring generation takes the volume over: the replica is inconsistent until a full resync ends");
-            }
             // Queued behind every segment of the old generation: the
             // applier applies them, then starts the new sequence space.
             let (tx, rx) = crossbeam_channel::bounded(1);
@@ -1238,32 +1231,24 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(8);
 
 /// Whether a stream of generation `gen_hex` takes the volume over, and how.
 fn takeover_for(st: &VolumeState, gen_hex: &str, hello: &Hello) -> Option<Takeover> {
-    let base = hello.oldest_seq.saturating_sub(1);
-    if st.generation.is_empty() {
+    let needs_full_resync = if st.generation.is_empty() {
         // No record of this volume: the replica is a copy of the source only
         // if the operator said so and the stream has every record of the
         // generation; otherwise the whole volume must be sent.
-        Some(Takeover {
-            generation: gen_hex.to_owned(),
-            base,
-            needs_full_resync: !(hello.replica_seeded && hello.oldest_seq <= 1),
-        })
+        !(hello.replica_seeded && hello.oldest_seq <= 1)
     } else if st.generation != gen_hex {
         // Another capture ring (the source host restarted, the table was
         // created anew): writes between the two may never have been
         // captured, so only a full resync makes the replica consistent.
-        Some(Takeover {
-            generation: gen_hex.to_owned(),
-            base,
-            needs_full_resync: true,
-        })
+        true
     } else {
-        None
-    }
-}
-
-fn st_generation_empty(vol: &Volume) -> bool {
-    vol.lock_state().generation.is_empty()
+        return None;
+    };
+    Some(Takeover {
+        generation: gen_hex.to_owned(),
+        base: hello.oldest_seq.saturating_sub(1),
+        needs_full_resync,
+    })
 }
 
 /// The id of a new recovery point at record `seq`: the sequence itself
@@ -1277,13 +1262,12 @@ fn point_id(st: &VolumeState, seq: u64) -> u64 {
         .iter()
         .any(|p| p.id == seq && !(p.seq == seq && p.generation == st.generation))
     {
+        // A point has the id `seq`, so the largest id is at least `seq`.
         st.points
             .iter()
             .map(|p| p.id)
             .max()
-            .unwrap_or(seq)
-            .saturating_add(1)
-            .max(seq)
+            .map_or(seq, |m| m.saturating_add(1))
     } else {
         seq
     }
@@ -1930,6 +1914,11 @@ impl Applier {
             if st.generation == t.generation {
                 // Asked twice (the first answer timed out): done already.
                 return Ok(());
+            }
+            if st.generation.is_empty() {
+                tracing::warn!(volume = %self.vol.cfg.id, generation = %t.generation, full_resync = t.needs_full_resync, "first stream of a volume this target has no record of");
+            } else {
+                tracing::warn!(volume = %self.vol.cfg.id, old = %st.generation, new = %t.generation, "a new capture ring generation takes the volume over: the replica is inconsistent until a full resync ends");
             }
         }
         // The old generation's applied records are flushed and recorded:
