@@ -178,6 +178,18 @@ schedule_secs = [0.2]
 CFG
 }
 
+# start_daemons DIR SOURCE_STATE: starts `replicad target` and `replicad
+# source` with DIR/target.toml and DIR/source.toml (logs DIR/target.log,
+# DIR/source.log), sets $tpid and $spid, and waits until the source (state
+# directory SOURCE_STATE) is connected.
+start_daemons() {
+	replicad target --config "$1/target.toml" 2>"$1/target.log" &
+	tpid=$!
+	replicad source --config "$1/source.toml" 2>"$1/source.log" &
+	spid=$!
+	wait_for "source connected" 60 json_has "$2" '"connection": "Connected"'
+}
+
 # json_has DIR PATTERN: the daemon with state directory DIR reports status
 # JSON matching the extended regular expression PATTERN.
 json_has() {

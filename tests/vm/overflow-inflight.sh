@@ -38,12 +38,8 @@ check "dmsetup create r0 over dly (1 MiB ring, 20 ms wait)" dmsetup create r0 \
 repl_keys $W
 { target_toml $W 127.0.0.1:$PORT $W/target; target_volume ofi $size $W/replica.img 8; } >$W/target.toml
 SOURCE_DM=r0 source_toml $W ofi $size 127.0.0.1:$PORT $W/source >$W/source.toml
-replicad target --config $W/target.toml 2>$W/target.log &
-tpid=$!
-replicad source --config $W/source.toml 2>$W/source.log &
-spid=$!
-wait_for "source attached" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
-wait_for "source connected" 60 json_has $W/source '"connection": "Connected"'
+start_daemons $W $W/source
+check "source attached" sh -c 'dmsetup status r0 | grep -q "consumer=1"'
 marker_applied r0 1 $W/target ofi
 
 step "16 records in flight fill the ring; 32 writes overflow behind them"

@@ -24,11 +24,7 @@ check "dmsetup create rr" dmsetup create rr --table "0 $sectors replica $DATA rr
 repl_keys $W
 { target_toml $W $ADDR $T/state; target_volume rr $size $T/rr.img 4; } >$W/target.toml
 { source_toml $W rr $size $ADDR $W/source; printf '[spool]\nlimit_percent = 1000\n'; } >$W/source.toml
-replicad target --config $W/target.toml 2>$W/target.log &
-tpid=$!
-replicad source --config $W/source.toml 2>$W/source.log &
-spid=$!
-wait_for "source connected" 60 json_has $W/source '"connection": "Connected"'
+start_daemons $W $W/source
 
 fio --eta=never --name=w --filename=/dev/mapper/rr --rw=randwrite --bsrange=4k-64k --blockalign=4k \
 	--ioengine=libaio --iodepth=4 --direct=1 --size=48M --io_size=40M --verify=crc32c --do_verify=1 \

@@ -31,11 +31,7 @@ repl_keys $W
 { target_toml $W $ADDR $T/state; target_volume tk $size $T/tk.img 8; } >$W/target.toml
 # A small resync window: the resync takes a while, the writes below overlap it.
 { source_toml $W tk $size $ADDR $W/source; printf '[spool]\nlimit_percent = 1000\n[resync]\nwindow_bytes = 2097152\n'; } >$W/source.toml
-replicad target --config $W/target.toml 2>$W/target.log &
-tpid=$!
-replicad source --config $W/source.toml 2>$W/source.log &
-spid=$!
-wait_for "source connected" 60 json_has $W/source '"connection": "Connected"'
+start_daemons $W $W/source
 
 step "first generation: many records"
 fio --eta=never --name=w --filename=/dev/mapper/tk --rw=randwrite --bsrange=4k-16k --blockalign=4k \
