@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use replica_store::thin::dmsetup::Dmsetup;
+use replica_dm::{Control, DeviceMapper};
 use serde::{Deserialize, Serialize};
 
 /// How a protected volume's table is built (one file per volume).
@@ -104,8 +104,8 @@ pub struct ProtectOpts {
     pub initial_copy: bool,
 }
 
-fn dm() -> Dmsetup {
-    Dmsetup::default()
+fn dm() -> Control {
+    Control::default()
 }
 
 /// Size of block device `dev` in 512-byte sectors (from sysfs).
@@ -132,7 +132,8 @@ pub fn activate_one(a: &Activation) -> Result<bool, String> {
         let _ = Command::new("modprobe").arg("dm_replica").status();
     }
     let n = sectors(&a.data_device)?;
-    dm().create(&a.volume, &a.table(n), false)
+    let table: replica_dm::Table = a.table(n).parse().map_err(|e| e.to_string())?;
+    dm().create(&a.volume, &table, false)
         .map_err(|e| e.to_string())?;
     Ok(true)
 }

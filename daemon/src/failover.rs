@@ -12,7 +12,7 @@
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use replica_store::thin::dmsetup::Dmsetup;
+use replica_dm::{Control, DeviceMapper, Target};
 use serde::{Deserialize, Serialize};
 
 /// The source's persisted role (`<state_dir>/role.json`).
@@ -95,16 +95,14 @@ pub fn dm_name(device: &Path) -> Result<String, String> {
         .map_err(|_| format!("{} is not a device-mapper device", device.display()))
 }
 
-fn dm() -> Dmsetup {
-    Dmsetup::default()
+fn dm() -> Control {
+    Control::default()
 }
 
 /// Whether the live table of `name` is a single `error` target already.
 pub fn is_fenced(name: &str) -> bool {
-    dm().table(name).is_ok_and(|t| {
-        let lines: Vec<&str> = t.lines().collect();
-        lines.len() == 1 && lines[0].split_whitespace().nth(2) == Some("error")
-    })
+    dm().table(name)
+        .is_ok_and(|t| t.single().is_some_and(|t| t.target_type == "error"))
 }
 
 /// Suspends `name`: in-flight writes complete, new ones wait.
@@ -116,7 +114,7 @@ pub fn suspend(name: &str) -> Result<(), String> {
 /// interface; returns its sequence.
 pub fn marker(name: &str, id: u64) -> Result<u64, String> {
     let out = dm()
-        .message_reply(name, &format!("marker {id}"))
+        .message(name, &format!("marker {id}"))
         .map_err(|e| e.to_string())?;
     let want = format!("marker {id} seq ");
     out.lines()
@@ -130,7 +128,7 @@ pub fn marker(name: &str, id: u64) -> Result<u64, String> {
 /// of reaching the disk or hanging.
 pub fn fence(name: &str, sectors: u64) -> Result<(), String> {
     let d = dm();
-    d.reload(name, &format!("0 {sectors} error"))
+    d.reload(name, &Target::new(0, sectors, "error", "").into())
         .and_then(|()| d.resume(name))
         .map_err(|e| e.to_string())
 }
