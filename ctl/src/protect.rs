@@ -132,7 +132,10 @@ pub fn activate_one(a: &Activation) -> Result<bool, String> {
         let _ = Command::new("modprobe").arg("dm_replica").status();
     }
     let n = sectors(&a.data_device)?;
-    let table: replica_dm::Table = a.table(n).parse().map_err(|e| e.to_string())?;
+    let table = a
+        .table(n)
+        .parse::<replica_dm::Table>()
+        .map_err(|e| e.to_string())?;
     dm().create(&a.volume, &table, false)
         .map_err(|e| e.to_string())?;
     Ok(true)
