@@ -125,19 +125,8 @@ impl FakeDm {
     /// Activates `name` as thin device `id` without a log line (a test's
     /// starting point).
     pub fn activate(&self, name: &str, id: u32) {
-        let mut s = self.state();
-        let minor = s.next_minor;
-        s.next_minor += 1;
-        s.active.insert(
-            name.to_owned(),
-            Device {
-                minor,
-                live: super::tables::thin_table("253:1", 2048, id),
-                inactive: None,
-                suspended: false,
-                read_only: false,
-            },
-        );
+        self.state()
+            .insert(name, super::tables::thin_table("253:1", 2048, id), false);
     }
 
     /// Deactivates `name` without a log line (behind replicad's back).
@@ -196,6 +185,22 @@ fn id_of(table: &Table) -> u32 {
 }
 
 impl State {
+    /// Activates `name` with `table`.
+    fn insert(&mut self, name: &str, table: Table, read_only: bool) {
+        let minor = self.next_minor;
+        self.next_minor += 1;
+        self.active.insert(
+            name.to_owned(),
+            Device {
+                minor,
+                live: table,
+                inactive: None,
+                suspended: false,
+                read_only,
+            },
+        );
+    }
+
     fn pool_message(&mut self, name: &str, message: &str) -> Result<String, DmError> {
         let op = Op::Message(message.to_owned());
         let e = |errno| Err(err(op.clone(), name, errno));
@@ -296,18 +301,7 @@ impl DeviceMapper for FakeDm {
         if !s.ids.contains(&id_of(table)) {
             return Err(err(Op::Load, name, Errno::ENODATA));
         }
-        let minor = s.next_minor;
-        s.next_minor += 1;
-        s.active.insert(
-            name.to_owned(),
-            Device {
-                minor,
-                live: table.clone(),
-                inactive: None,
-                suspended: false,
-                read_only,
-            },
-        );
+        s.insert(name, table.clone(), read_only);
         Ok(())
     }
 
