@@ -739,7 +739,7 @@ mod tests {
 
     /// A device-mapper with only a pool, for what does not need a kernel:
     /// the pool checks at open.
-    fn fake_dmsetup(pool_table: &str, pool_status: &str) -> Box<FakeDm> {
+    fn pool_only(pool_table: &str, pool_status: &str) -> Box<FakeDm> {
         Box::new(FakeDm::with_pool(pool_table, pool_status))
     }
 
@@ -758,7 +758,7 @@ mod tests {
     #[test]
     fn a_pool_that_queues_when_full_is_refused() {
         let d = tempfile::tempdir().expect("tmp");
-        let dm = fake_dmsetup("0 8192 thin-pool 254:2 254:3 128 0 0", RW);
+        let dm = pool_only("0 8192 thin-pool 254:2 254:3 128 0 0", RW);
         let e = ThinReplica::open_with(dm, &opts(), "v", 1 << 20, d.path())
             .err()
             .expect("must refuse")
@@ -775,7 +775,7 @@ mod tests {
             ("0 8192 thin-pool Fail", "failed"),
             ("0 8192 thin-pool 0 10/1024 0/64 - rw discard_passdown error_if_no_space needs_check 768", "needs_check"),
         ] {
-            let dm = fake_dmsetup(table, st);
+            let dm = pool_only(table, st);
             let e = ThinReplica::open_with(dm, &opts(), "v", 1 << 20, d.path())
                 .err()
                 .expect("must refuse")
@@ -787,7 +787,7 @@ mod tests {
     #[test]
     fn a_missing_pool_is_refused_by_name() {
         let d = tempfile::tempdir().expect("tmp");
-        let dm = fake_dmsetup("", RW);
+        let dm = pool_only("", RW);
         let mut o = opts();
         o.pool = "nopool".into();
         let e = ThinReplica::open_with(dm, &o, "v", 1 << 20, d.path())
