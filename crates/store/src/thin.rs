@@ -20,7 +20,6 @@
 //!   point: test failover) through `open_point`.
 //! * `warnings` reports the pool above its low-water mark or out of space.
 //!
-//!
 //! Device-mapper is reached through [`replica_dm::DeviceMapper`] (the
 //! kernel's ioctls in a running system, an in-memory pool in the tests).
 //!
