@@ -14,7 +14,7 @@
 //! free (the pool's id space is 24 bits; a volume with a recovery point per
 //! second would exhaust a counter in months).
 //!
-//! The file is [`Contents`] in JSON through serde, laid out with one device
+//! The file is `Contents` in JSON through serde, laid out with one device
 //! per line so shell tools can read it: `{"pool":"pool0","version":1,
 //! "devices":[` / `{"id":1,"volume":"db1","kind":"replica"},` / ... /
 //! `]}`. Any JSON layout of the same contents reads back.
