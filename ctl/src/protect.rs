@@ -110,7 +110,7 @@ fn dm() -> Dmsetup {
 
 /// Size of block device `dev` in 512-byte sectors (from sysfs).
 pub fn sectors(dev: &Path) -> Result<u64, String> {
-    let p = format!("{}/size", replicad::failover::block_sysfs(dev)?);
+    let p = format!("{}/size", replicad::source::failover::block_sysfs(dev)?);
     std::fs::read_to_string(&p)
         .map_err(|e| format!("{p}: {e}"))?
         .trim()

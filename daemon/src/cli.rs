@@ -126,8 +126,8 @@ fn init_logging() {
 /// one can be created). The keyring, TLS and protected-volume checks are the
 /// daemon's own loaders, so the errors are the ones it would stop with.
 pub fn check_source_start(c: &SourceConfig) -> Result<(), crate::DaemonError> {
-    crate::protected::check_not_protected(&c.state_dir, "state_dir")?;
-    crate::protected::check_not_protected(&c.spool_dir(), "spool.dir")?;
+    crate::source::protected::check_not_protected(&c.state_dir, "state_dir")?;
+    crate::source::protected::check_not_protected(&c.spool_dir(), "spool.dir")?;
     crate::keystore::KeyStore::load(&c.keys)?;
     crate::tls::client_config(&c.tls)?;
     usable_dir(&c.state_dir, "create state directory")?;

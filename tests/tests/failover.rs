@@ -71,7 +71,7 @@ fn planned_failover_loses_nothing_demotes_the_source_and_refuses_it_afterwards()
     assert_eq!(ts.role, replicad::status::Role::Primary);
     // The source stopped by itself, demoted.
     assert_eq!(r.source().wait_exit(Duration::from_secs(30)), Some(0));
-    let role = replicad::failover::SourceRole::load(&r.sstate).expect("role");
+    let role = replicad::source::failover::SourceRole::load(&r.sstate).expect("role");
     assert_eq!(role.epoch, 2);
     assert!(role.demoted.is_some());
     // It will not start again as a source of this volume.
@@ -114,7 +114,7 @@ fn unplanned_failover_to_the_latest_state_and_the_old_source_is_demoted_on_retur
     assert_eq!(r.source().wait_exit(Duration::from_secs(60)), Some(3));
     let log = r.source().log_text();
     assert!(log.contains("demoted"), "{log}");
-    let role = replicad::failover::SourceRole::load(&r.sstate).expect("role");
+    let role = replicad::source::failover::SourceRole::load(&r.sstate).expect("role");
     assert!(role.demoted.is_some());
     // Nothing it had was applied after the failover.
     assert!(first_difference(&replica(&r), &r.src.image, &r.src.masked).is_none());

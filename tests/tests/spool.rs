@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use replica_tests::*;
-use replicad::dirty::ResyncState;
+use replicad::source::dirty::ResyncState;
 use replicad::status::VolumeStatus;
 
 const VOL: &str = "sv";
@@ -149,8 +149,8 @@ fn unrelease(ring: &Path, seq: u64) {
 /// The chunks of a spool file: (offset, first seq, last seq).
 fn chunks(path: &Path) -> Vec<(u64, u64, u64)> {
     let b = std::fs::read(path).expect("spool file");
-    let hdr = replicad::spool::CHUNK_HEADER_LEN as usize;
-    let mut off = replicad::spool::FILE_HEADER_LEN as usize;
+    let hdr = replicad::source::spool::CHUNK_HEADER_LEN as usize;
+    let mut off = replicad::source::spool::FILE_HEADER_LEN as usize;
     let mut out = Vec::new();
     while off + hdr <= b.len() {
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
@@ -232,7 +232,7 @@ fn damaged_spool_is_cut_never_applied_wrong_and_the_lost_range_needs_a_resync() 
     let last_file = spool_files(&r.sstate).pop().expect("a spool file");
     let (off, first, _) = *chunks(&last_file).last().expect("a chunk");
     let mut b = std::fs::read(&last_file).expect("read");
-    let i = off as usize + replicad::spool::CHUNK_HEADER_LEN as usize + 20;
+    let i = off as usize + replicad::source::spool::CHUNK_HEADER_LEN as usize + 20;
     b[i] ^= 0x10;
     std::fs::write(&last_file, &b).expect("write");
     r.start_source(64 << 10, "");
