@@ -391,10 +391,17 @@ impl Daemon {
         }
     }
 
-    /// The published status of `volume`.
+    /// The status of `volume`: the daemon's live answer on its control
+    /// socket, or (once it stopped) its last published `status.json`,
+    /// whose counters may be up to a second old while it runs.
     pub fn status(&self, volume: &str) -> Option<replicad::status::VolumeStatus> {
-        replicad::status::read(&self.state_dir)
-            .ok()?
+        let live = replicad::control::request(
+            &replicad::control::default_path(&self.state_dir),
+            "status",
+        )
+        .ok()
+        .and_then(|r| r.status);
+        live.or_else(|| replicad::status::read(&self.state_dir).ok())?
             .into_iter()
             .find(|v| v.volume == volume)
     }

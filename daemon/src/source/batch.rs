@@ -10,9 +10,9 @@ use replica_proto::frame::{self, SegmentHeader};
 
 use super::drain::Shared;
 use super::seal::Job;
+use super::seal::SealError;
 use super::session::SessionError;
 use super::spool::SpoolError;
-use crate::retry::ErrorClass;
 
 pub(super) struct BatchCtx {
     pub(super) header: SegmentHeader,
@@ -34,8 +34,8 @@ impl BatchCtx {
     pub(super) fn run(mut self, tx: Sender<Job>) -> Result<(), SessionError> {
         let r = self.batch_loop(&tx);
         if let Err(e) = &r {
-            if e.class == ErrorClass::Recoverable && e.message.starts_with("spool") {
-                self.shared.report_damage(e.message.clone());
+            if let SessionError::Spool(s) = e {
+                self.shared.report_damage(format!("spool: {s}"));
             }
         }
         r
@@ -91,7 +91,7 @@ impl BatchCtx {
                     self.gap = false;
                     reader = spool.reader(spool.oldest_seq());
                 }
-                Err(e) => return Err(SessionError::recoverable(format!("spool: {e}"))),
+                Err(e) => return Err(SessionError::Spool(e)),
             }
         }
     }
@@ -112,9 +112,7 @@ impl BatchCtx {
             .checked_sub(f)
             .and_then(|d| d.checked_add(1))
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| {
-                SessionError::fatal(format!("records {f}..={last} do not make one segment"))
-            })?;
+            .ok_or(SessionError::Seal(SealError::TooMany { first: f, last }))?;
         h.source_time_ns = last_time;
         if std::mem::take(&mut self.gap) {
             h.features |= frame::FEATURE_RESYNC_GAP;

@@ -361,22 +361,23 @@ impl Source {
                 Err(e) => e,
             };
             backoff.set_schedule_secs(&self.cfg().retry.schedule_secs);
-            match backoff.on_failure(err.class, Instant::now()) {
+            let message = err.to_string();
+            match backoff.on_failure(err.class(), Instant::now()) {
                 Decision::Critical => {
-                    tracing::error!(volume = %vol, "replication stopped: {}", err.message);
+                    tracing::error!(volume = %vol, "replication stopped: {message}");
                     self.board.update(&vol, |s| {
                         s.connection = Connection::StandAlone;
                         s.health = Health::Critical;
-                        set_session_reason(s, Some(&err.message));
+                        set_session_reason(s, Some(&message));
                     });
-                    return Err(DaemonError::Critical(err.message));
+                    return Err(DaemonError::Critical(message));
                 }
                 Decision::RetryAt(at) => {
-                    tracing::warn!(volume = %vol, attempt = backoff.attempts(), "replication interrupted, retrying: {}", err.message);
+                    tracing::warn!(volume = %vol, attempt = backoff.attempts(), "replication interrupted, retrying: {message}");
                     self.board.update(&vol, |s| {
                         s.connection = Connection::Retrying;
                         s.health = Health::Warning;
-                        set_session_reason(s, Some(&err.message));
+                        set_session_reason(s, Some(&message));
                         s.retries = backoff.attempts() as u64;
                     });
                     while Instant::now() < at && !self.stop.load(Ordering::Acquire) {

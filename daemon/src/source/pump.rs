@@ -9,9 +9,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use replica_proto::msg::{self, ErrorClass as WireClass, Message};
+use replica_proto::msg::{self, Message};
 
 use super::drain::Shared;
+use super::seal::SealError;
 use super::session::{SessionError, MAX_QUEUED_BYTES};
 use super::Source;
 use crate::link::Link;
@@ -21,7 +22,7 @@ impl Source {
     pub(super) fn pump(
         &self,
         link: &mut Link,
-        out_rx: &Receiver<(u64, Result<Vec<u8>, String>)>,
+        out_rx: &Receiver<(u64, Result<Vec<u8>, SealError>)>,
         wake: &UnixStream,
         shared: &Shared,
     ) -> Result<(), SessionError> {
@@ -35,7 +36,7 @@ impl Source {
             }
             self.tick();
             if let Some(f) = shared.fatal() {
-                return Err(SessionError::fatal(f));
+                return Err(SessionError::Drain(f));
             }
             let handing_over = {
                 let mut pf = shared.planned.lock().unwrap_or_else(|p| p.into_inner());
@@ -61,9 +62,7 @@ impl Source {
                 && shared.closed.load(Ordering::Acquire)
                 && shared.durable.load(Ordering::Acquire).wrapping_add(1) == shared.spool.next_seq()
             {
-                return Err(SessionError::fatal(
-                    "capture ring closed: the protected volume's table was removed; everything captured is durable on the target; protect it again to resume",
-                ));
+                return Err(SessionError::RingClosed);
             }
             // Collect what the workers finished, in counter order.
             while link.queued() < MAX_QUEUED_BYTES && !workers_done {
@@ -71,9 +70,7 @@ impl Source {
                     Ok((c, Ok(f))) => {
                         pending.insert(c, f);
                     }
-                    Ok((_, Err(e))) => {
-                        return Err(SessionError::fatal(format!("sealing failed: {e}")))
-                    }
+                    Ok((_, Err(e))) => return Err(SessionError::Seal(e)),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => workers_done = true,
                 }
@@ -139,7 +136,7 @@ impl Source {
                                 return Ok(());
                             }
                             None => {
-                                return Err(SessionError::fatal(format!(
+                                return Err(SessionError::Protocol(format!(
                                     "the target says it took over (epoch {}) but no failover was asked for",
                                     p.epoch
                                 )))
@@ -156,18 +153,14 @@ impl Source {
                         {
                             let _ = f.reply.send(Err(format!("target: {}", e.message)));
                         }
-                        return Err(match e.class {
-                            WireClass::Fatal => {
-                                SessionError::fatal(format!("target: {} ({})", e.message, e.code))
-                            }
-                            WireClass::Recoverable => SessionError::recoverable(format!(
-                                "target: {} ({})",
-                                e.message, e.code
-                            )),
+                        return Err(SessionError::Ended {
+                            class: e.class,
+                            code: e.code,
+                            message: e.message,
                         });
                     }
                     other => {
-                        return Err(SessionError::fatal(format!(
+                        return Err(SessionError::Protocol(format!(
                             "unexpected message from target: {other:?}"
                         )))
                     }

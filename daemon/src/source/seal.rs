@@ -17,6 +17,28 @@ pub(super) struct Job {
     pub(super) plain: Vec<u8>,
 }
 
+/// Why a batch could not be sealed.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    /// The compressor could not be created.
+    #[error("zstd: {0}")]
+    Zstd(#[source] std::io::Error),
+    /// The stream key could not be derived.
+    #[error(transparent)]
+    Key(#[from] replica_proto::keys::KeyError),
+    /// Sealing the frame failed.
+    #[error(transparent)]
+    Frame(#[from] replica_proto::frame::FrameError),
+    /// The records do not make one segment.
+    #[error("records {first}..={last} do not make one segment")]
+    TooMany {
+        /// First record.
+        first: u64,
+        /// Last record.
+        last: u64,
+    },
+}
+
 /// The stream key of a session, following the active key of the keyring:
 /// after a reload the next segment is sealed with the new key (same stream,
 /// counter going on), so rotation does not interrupt replication.
@@ -29,7 +51,7 @@ pub(super) struct SessionKeys {
 }
 
 impl SessionKeys {
-    pub(super) fn current(&self) -> Result<Arc<StreamKey>, String> {
+    pub(super) fn current(&self) -> Result<Arc<StreamKey>, replica_proto::keys::KeyError> {
         let v = self.store.version();
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((cv, k)) = c.as_ref() {
@@ -44,7 +66,7 @@ impl SessionKeys {
             direction: Direction::Forward,
             epoch: self.epoch,
         };
-        let k = Arc::new(StreamKey::derive(&kr, kr.active(), &ctx).map_err(|e| e.to_string())?);
+        let k = Arc::new(StreamKey::derive(&kr, kr.active(), &ctx)?);
         *c = Some((v, k.clone()));
         Ok(k)
     }
@@ -52,7 +74,7 @@ impl SessionKeys {
 
 pub(super) fn seal_worker(
     rx: Receiver<Job>,
-    tx: Sender<(u64, Result<Vec<u8>, String>)>,
+    tx: Sender<(u64, Result<Vec<u8>, SealError>)>,
     key: &SessionKeys,
     level: i32,
     wake: &UnixStream,
@@ -60,15 +82,20 @@ pub(super) fn seal_worker(
     let mut compressor = match zstd::bulk::Compressor::new(level) {
         Ok(c) => c,
         Err(e) => {
-            let _ = tx.send((0, Err(format!("zstd: {e}"))));
+            let _ = tx.send((0, Err(SealError::Zstd(e))));
             return;
         }
     };
     for job in rx {
         let c = job.header.counter;
-        let r = key.current().and_then(|k| {
-            frame::seal_with(&mut compressor, job.header, &job.plain, level, &k)
-                .map_err(|e| e.to_string())
+        let r = key.current().map_err(SealError::Key).and_then(|k| {
+            Ok(frame::seal_with(
+                &mut compressor,
+                job.header,
+                &job.plain,
+                level,
+                &k,
+            )?)
         });
         drop(job.plain);
         if tx.send((c, r)).is_err() {

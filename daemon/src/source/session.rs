@@ -15,7 +15,7 @@ use replica_proto::msg::{self, ErrorClass as WireClass, Hello, Message};
 
 use super::batch::BatchCtx;
 use super::drain::Shared;
-use super::seal::{seal_worker, Job, SessionKeys};
+use super::seal::{seal_worker, Job, SealError, SessionKeys};
 use super::{set_session_reason, Source};
 use crate::link::{Link, LinkError};
 use crate::retry::{Backoff, ErrorClass};
@@ -26,33 +26,147 @@ pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stop pulling sealed segments while this much is queued for the socket.
 pub(super) const MAX_QUEUED_BYTES: usize = 16 << 20;
 
-/// A session failure, classified.
-#[derive(Debug)]
-pub struct SessionError {
-    /// Retry or Critical.
-    pub class: ErrorClass,
-    /// Explanation.
-    pub message: String,
+/// Why a session ended. Its [`class`](SessionError::class) decides between
+/// a retry on the schedule and Critical.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The target's address does not resolve.
+    #[error("resolve {target}: {source}")]
+    Resolve {
+        /// The configured address.
+        target: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No address of the target accepted the connection.
+    #[error("connect {target}: {}", .source.as_ref().map_or_else(|| "no address".to_owned(), ToString::to_string))]
+    Connect {
+        /// The configured address.
+        target: String,
+        /// The last address's error.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// `target_name` is not a valid TLS server name.
+    #[error("target_name {name:?}: {source}")]
+    TargetName {
+        /// The configured name.
+        name: String,
+        /// Why.
+        #[source]
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
+    /// The TLS client could not be set up.
+    #[error("TLS setup: {0}")]
+    TlsSetup(#[source] rustls::Error),
+    /// A certificate was refused (ours by the target, or the target's).
+    #[error("certificate refused: {0}")]
+    Certificate(#[source] LinkError),
+    /// The connection failed.
+    #[error(transparent)]
+    Link(LinkError),
+    /// The operating system refused a resource (a thread, a pipe, random
+    /// bytes).
+    #[error("{what}: {source}")]
+    Resource {
+        /// What was being set up.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Random bytes for the handshake could not be drawn.
+    #[error("{0}")]
+    Random(#[source] replica_proto::keys::KeyError),
+    /// The target did not answer the hello in time.
+    #[error("no welcome from target")]
+    NoWelcome,
+    /// The target refused the stream before the welcome.
+    #[error("target {}: {message} ({code})", if *.class == WireClass::Fatal { "refused" } else { "busy" })]
+    Refused {
+        /// Whether the target says to retry.
+        class: WireClass,
+        /// Its code.
+        code: String,
+        /// Its explanation.
+        message: String,
+    },
+    /// The target ended the stream with an error.
+    #[error("target: {message} ({code})")]
+    Ended {
+        /// Whether the target says to retry.
+        class: WireClass,
+        /// Its code.
+        code: String,
+        /// Its explanation.
+        message: String,
+    },
+    /// The volume was failed over without this source: it is demoted.
+    #[error("{0}")]
+    Demoted(String),
+    /// The target said something this source does not expect.
+    #[error("{0}")]
+    Protocol(String),
+    /// The target has records this source's spool no longer holds.
+    #[error("sequence gap: the target has records up to {durable} but this source's spool starts at {oldest}: not the same source, or the target lost data")]
+    SequenceGap {
+        /// The target's durable record.
+        durable: u64,
+        /// The spool's oldest record.
+        oldest: u64,
+    },
+    /// The spool could not be read.
+    #[error("spool: {0}")]
+    Spool(#[source] super::spool::SpoolError),
+    /// The stream key could not be derived.
+    #[error("{0}")]
+    Key(#[source] replica_proto::keys::KeyError),
+    /// A segment could not be sealed.
+    #[error("sealing failed: {0}")]
+    Seal(#[source] super::seal::SealError),
+    /// The drain stopped for a non-recoverable error.
+    #[error("{0}")]
+    Drain(String),
+    /// The capture ring closed and everything it held is on the target.
+    #[error("capture ring closed: the protected volume's table was removed; everything captured is durable on the target; protect it again to resume")]
+    RingClosed,
 }
 
 impl SessionError {
-    pub(super) fn recoverable(m: impl Into<String>) -> Self {
-        Self {
-            class: ErrorClass::Recoverable,
-            message: m.into(),
+    /// Retry on the schedule, or Critical.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Resolve { .. }
+            | Self::Connect { .. }
+            | Self::Link(_)
+            | Self::Resource { .. }
+            | Self::Random(_)
+            | Self::NoWelcome
+            | Self::Spool(_) => ErrorClass::Recoverable,
+            Self::Refused { class, .. } | Self::Ended { class, .. } => match class {
+                WireClass::Fatal => ErrorClass::Fatal,
+                WireClass::Recoverable => ErrorClass::Recoverable,
+            },
+            Self::TargetName { .. }
+            | Self::TlsSetup(_)
+            | Self::Certificate(_)
+            | Self::Demoted(_)
+            | Self::Protocol(_)
+            | Self::SequenceGap { .. }
+            | Self::Key(_)
+            | Self::Seal(_)
+            | Self::Drain(_)
+            | Self::RingClosed => ErrorClass::Fatal,
         }
     }
-    pub(super) fn fatal(m: impl Into<String>) -> Self {
-        Self {
-            class: ErrorClass::Fatal,
-            message: m.into(),
-        }
-    }
+
+    /// A link error: a refused certificate is a configuration problem.
     pub(super) fn link(e: LinkError) -> Self {
         if e.is_certificate() {
-            Self::fatal(format!("certificate refused: {e}"))
+            Self::Certificate(e)
         } else {
-            Self::recoverable(e.to_string())
+            Self::Link(e)
         }
     }
 }
@@ -63,7 +177,10 @@ impl Source {
         let addrs: Vec<_> = cfg
             .target
             .to_socket_addrs()
-            .map_err(|e| SessionError::recoverable(format!("resolve {}: {e}", cfg.target)))?
+            .map_err(|source| SessionError::Resolve {
+                target: cfg.target.clone(),
+                source,
+            })?
             .collect();
         let mut last = None;
         let mut sock = None;
@@ -76,17 +193,19 @@ impl Source {
                 Err(e) => last = Some(e),
             }
         }
-        let sock = sock.ok_or_else(|| {
-            SessionError::recoverable(format!(
-                "connect {}: {}",
-                cfg.target,
-                last.map_or_else(|| "no address".to_owned(), |e| e.to_string())
-            ))
+        let sock = sock.ok_or_else(|| SessionError::Connect {
+            target: cfg.target.clone(),
+            source: last,
         })?;
-        let name = rustls_pki_types::ServerName::try_from(cfg.target_name.clone())
-            .map_err(|e| SessionError::fatal(format!("target_name {:?}: {e}", cfg.target_name)))?;
-        let conn = rustls::ClientConnection::new(self.tls.get(), name)
-            .map_err(|e| SessionError::fatal(format!("TLS setup: {e}")))?;
+        let name =
+            rustls_pki_types::ServerName::try_from(cfg.target_name.clone()).map_err(|source| {
+                SessionError::TargetName {
+                    name: cfg.target_name.clone(),
+                    source,
+                }
+            })?;
+        let conn =
+            rustls::ClientConnection::new(self.tls.get(), name).map_err(SessionError::TlsSetup)?;
         let mut link =
             Link::new(sock, rustls::Connection::Client(conn)).map_err(SessionError::link)?;
         link.handshake(HANDSHAKE_TIMEOUT)
@@ -118,14 +237,16 @@ impl Source {
             epoch: self.epoch(),
             cache: std::sync::Mutex::new(None),
         });
-        key.current().map_err(SessionError::fatal)?;
+        key.current().map_err(SessionError::Key)?;
 
         let session_stop = Arc::new(AtomicBool::new(false));
         let (job_tx, job_rx) = bounded::<Job>(cfg.segment.queue);
         let (out_tx, out_rx) =
-            bounded::<(u64, Result<Vec<u8>, String>)>(cfg.segment.queue + cfg.segment.workers);
-        let (wake_rx, wake_tx) =
-            UnixStream::pair().map_err(|e| SessionError::recoverable(format!("wake pipe: {e}")))?;
+            bounded::<(u64, Result<Vec<u8>, SealError>)>(cfg.segment.queue + cfg.segment.workers);
+        let (wake_rx, wake_tx) = UnixStream::pair().map_err(|source| SessionError::Resource {
+            what: "wake pipe",
+            source,
+        })?;
         let _ = wake_rx.set_nonblocking(true);
         let _ = wake_tx.set_nonblocking(true);
         let wake_tx = Arc::new(wake_tx);
@@ -175,7 +296,10 @@ impl Source {
             std::thread::Builder::new()
                 .name("batch".into())
                 .spawn(move || ctx.run(job_tx))
-                .map_err(|e| SessionError::recoverable(format!("cannot start a thread: {e}")))?
+                .map_err(|source| SessionError::Resource {
+                    what: "cannot start a thread",
+                    source,
+                })?
         };
 
         shared.connected.store(true, Ordering::Release);
@@ -210,7 +334,7 @@ impl Source {
         shared: &Shared,
     ) -> Result<Welcomed, SessionError> {
         let cfg = self.cfg();
-        let src_rand = keys::random16().map_err(|e| SessionError::recoverable(e.to_string()))?;
+        let src_rand = keys::random16().map_err(SessionError::Random)?;
         let oldest = shared.spool.oldest_seq();
         link.send(&Message::Hello(Hello {
             protocol: msg::PROTOCOL_VERSION,
@@ -232,21 +356,16 @@ impl Source {
                     if e.class == WireClass::Fatal
                         && matches!(e.code.as_str(), "stale-epoch" | "promoted")
                     {
-                        return Err(SessionError::fatal(self.demote(&e.message)));
+                        return Err(SessionError::Demoted(self.demote(&e.message)));
                     }
-                    return Err(match e.class {
-                        WireClass::Fatal => SessionError::fatal(format!(
-                            "target refused: {} ({})",
-                            e.message, e.code
-                        )),
-                        WireClass::Recoverable => SessionError::recoverable(format!(
-                            "target busy: {} ({})",
-                            e.message, e.code
-                        )),
+                    return Err(SessionError::Refused {
+                        class: e.class,
+                        code: e.code,
+                        message: e.message,
                     });
                 }
                 Some(other) => {
-                    return Err(SessionError::fatal(format!(
+                    return Err(SessionError::Protocol(format!(
                         "expected welcome, got {other:?}"
                     )))
                 }
@@ -254,28 +373,28 @@ impl Source {
             }
             let left = deadline
                 .checked_duration_since(Instant::now())
-                .ok_or_else(|| SessionError::recoverable("no welcome from target"))?;
+                .ok_or(SessionError::NoWelcome)?;
             link.pump(left.min(Duration::from_millis(100)), None)
                 .map_err(SessionError::link)?;
         };
         if w.protocol != msg::PROTOCOL_VERSION {
-            return Err(SessionError::fatal(format!(
+            return Err(SessionError::Protocol(format!(
                 "target speaks protocol {}",
                 w.protocol
             )));
         }
         let mut tgt_rand = [0u8; 16];
         hex::decode_to_slice(&w.target_random, &mut tgt_rand)
-            .map_err(|_| SessionError::fatal("malformed welcome"))?;
+            .map_err(|_| SessionError::Protocol("malformed welcome".into()))?;
         // Resume right after what the target has durably, which the spool
         // must still hold (or not have reached yet).
         let resume = w.durable_seq.wrapping_add(1);
         let oldest = shared.spool.oldest_seq();
         if (resume.wrapping_sub(oldest) as i64) < 0 {
-            return Err(SessionError::fatal(format!(
-                "sequence gap: the target has records up to {} but this source's spool starts at {oldest}: not the same source, or the target lost data",
-                w.durable_seq
-            )));
+            return Err(SessionError::SequenceGap {
+                durable: w.durable_seq,
+                oldest,
+            });
         }
         shared.acknowledged(w.durable_seq);
         // This target's figures, not the highest ever seen: a target that
