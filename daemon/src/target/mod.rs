@@ -31,6 +31,8 @@ use crate::link::{Link, LinkError};
 use crate::status::{Connection, Health, Role, StatusBoard, VolumeStatus};
 use crate::DaemonError;
 
+pub mod backend;
+
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PUMP_INTERVAL: Duration = Duration::from_millis(100);
 /// Segments queued between receiver and applier.
@@ -467,7 +469,7 @@ fn open_volume(
         }
         Err(e) => return Err(e.into()),
     };
-    let mut replica = crate::backend::open_replica(&cfg.state_dir, vc)?;
+    let mut replica = backend::open_replica(&cfg.state_dir, vc)?;
     // Snapshots without a record (a crash between taking one and recording
     // it) are deleted; records without a snapshot are dropped.
     let on_disk = replica.list_points()?;
