@@ -127,9 +127,12 @@ enum BoundsError {
 
 /// Applies journaled segments to the replica in order.
 pub(super) struct Applier {
+    /// The stream it applies (its state and replica).
     pub(super) stream: Arc<Stream>,
     keys: KeyCache,
+    /// Status.
     pub(super) board: Arc<StatusBoard>,
+    /// Set when the daemon stops.
     stop: Arc<AtomicBool>,
     /// Segments applied since the last checkpoint.
     pub(super) unflushed_segments: u32,
@@ -156,6 +159,7 @@ fn store_class(e: &StoreError) -> ErrorClass {
     }
 }
 
+/// Whether `r` is a resync BEGIN marker.
 fn is_resync_begin(r: &RecordView<'_>) -> bool {
     r.op == frame::ring_op::MARKER
         && r.flags & frame::RECORD_FLAG_RESYNC != 0
