@@ -6,7 +6,7 @@
 //! thread that writes the replica; each connection runs on its own thread
 //! and talks to the applier through a channel. The newest connection for a
 //! stream wins: an older one (a source that restarted) notices and ends.
-//! The replication state of a stream has one owner, [`stream::Stream`],
+//! The replication state of a stream has one owner, `stream::Stream`,
 //! which every path goes through.
 //!
 //! | module | what it holds |
