@@ -6,7 +6,6 @@
 //! * `replicad target` verifies, journals and acknowledges segments, and
 //!   applies them in order to the replica, keeping recovery points.
 
-pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -17,6 +16,10 @@ pub mod source;
 pub mod status;
 pub mod target;
 pub mod tls;
+
+/// Opening a volume's replica backend (the target's; `replctl point` uses it
+/// too): kept at `replicad::backend` while it lives in the target's tree.
+pub use target::backend;
 
 use std::path::{Path, PathBuf};
 
