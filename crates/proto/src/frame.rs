@@ -131,7 +131,9 @@ pub mod resync {
         /// Parses an `aux`.
         pub fn from_aux(aux: u64) -> Option<Self> {
             match aux >> KIND_SHIFT {
-                1 if aux & ((1 << KIND_SHIFT) - 2) == 0 => Some(Marker::Begin { full: aux & 1 != 0 }),
+                1 if aux & ((1 << KIND_SHIFT) - 2) == 0 => {
+                    Some(Marker::Begin { full: aux & 1 != 0 })
+                }
                 2 => {
                     let count = ((aux >> COUNT_SHIFT) & 0xffff) as u32;
                     (count > 0).then_some(Marker::Data {
@@ -652,7 +654,15 @@ mod tests {
         ] {
             assert_eq!(Marker::from_aux(m.aux()), Some(m));
         }
-        for junk in [0u64, 42, (1 << 56) | 2, (1 << 56) | 3, 2 << 56, 4 << 56, (3 << 56) | 7] {
+        for junk in [
+            0u64,
+            42,
+            (1 << 56) | 2,
+            (1 << 56) | 3,
+            2 << 56,
+            4 << 56,
+            (3 << 56) | 7,
+        ] {
             assert_eq!(Marker::from_aux(junk), None, "{junk:#x}");
         }
     }

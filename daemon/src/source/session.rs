@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 use replica_proto::frame::SegmentHeader;
 use replica_proto::keys::{self};
-use replica_proto::msg::{self, ErrorClass as WireClass, Hello, Message};
+use replica_proto::msg::{self, ErrorClass as WireClass, ErrorCode, Hello, Message};
 
 use super::batch::BatchCtx;
 use super::drain::Shared;
@@ -88,7 +88,7 @@ pub enum SessionError {
         /// Whether the target says to retry.
         class: WireClass,
         /// Its code.
-        code: String,
+        code: ErrorCode,
         /// Its explanation.
         message: String,
     },
@@ -98,7 +98,7 @@ pub enum SessionError {
         /// Whether the target says to retry.
         class: WireClass,
         /// Its code.
-        code: String,
+        code: ErrorCode,
         /// Its explanation.
         message: String,
     },
@@ -354,7 +354,7 @@ impl Source {
                 Some(Message::Welcome(w)) => break w,
                 Some(Message::Error(e)) => {
                     if e.class == WireClass::Fatal
-                        && matches!(e.code.as_str(), "stale-epoch" | "promoted")
+                        && matches!(e.code, ErrorCode::StaleEpoch | ErrorCode::Promoted)
                     {
                         return Err(SessionError::Demoted(self.demote(&e.message)));
                     }

@@ -131,7 +131,7 @@ impl ConnCtx {
         }
         link.send(&Message::Error(ErrorMsg {
             class: r.class(),
-            code: r.code().as_str().into(),
+            code: r.code(),
             message,
         }));
         link.close(Duration::from_secs(2));

@@ -5,101 +5,13 @@
 
 use replica_proto::frame::FrameError;
 use replica_proto::keys::KeyError;
-use replica_proto::msg::Message;
+use replica_proto::msg::{ErrorCode, Message};
 use replica_store::StoreError;
 
 use super::promote::PromoteError;
 use super::takeover::TakeoverError;
 use crate::link::LinkError;
 use crate::retry::ErrorClass;
-
-/// The code of a refusal on the wire (`ERROR` message).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum RefusalCode {
-    /// The client certificate names nobody.
-    NoIdentity,
-    /// The peer does not speak the protocol.
-    Protocol,
-    /// No such volume here.
-    VolumeNotFound,
-    /// The certificate may not replicate the volume.
-    NotAuthorized,
-    /// Another connection or a takeover is in the way: retry.
-    Busy,
-    /// No randomness for the handshake.
-    Random,
-    /// The volume is Critical.
-    Critical,
-    /// The volume was failed over to this host.
-    Promoted,
-    /// A failover is under way.
-    Failover,
-    /// The source is at an older epoch.
-    StaleEpoch,
-    /// Records are missing between what the target has and what comes.
-    SequenceGap,
-    /// A key id the target does not have.
-    UnknownKey,
-    /// The connection failed.
-    Network,
-    /// The peer said nothing in time.
-    Timeout,
-    /// The source reported an error.
-    Peer,
-    /// A planned failover failed.
-    PromoteFailed,
-    /// A segment of an unsupported format or feature.
-    Unsupported,
-    /// A segment whose checksums hold but whose content is invalid.
-    MalformedSegment,
-    /// A segment damaged on the way.
-    CorruptSegment,
-    /// A segment of another volume.
-    WrongVolume,
-    /// A segment of another connection's stream.
-    WrongStream,
-    /// A segment of another ring generation or epoch.
-    WrongGeneration,
-    /// A segment counter out of order.
-    Replay,
-    /// A segment that fails authentication.
-    Authentication,
-    /// The target's storage failed.
-    TargetStorage,
-}
-
-impl RefusalCode {
-    /// The code as sent.
-    pub(super) fn as_str(self) -> &'static str {
-        match self {
-            Self::NoIdentity => "no-identity",
-            Self::Protocol => "protocol",
-            Self::VolumeNotFound => "volume-not-found",
-            Self::NotAuthorized => "not-authorized",
-            Self::Busy => "busy",
-            Self::Random => "random",
-            Self::Critical => "critical",
-            Self::Promoted => "promoted",
-            Self::Failover => "failover",
-            Self::StaleEpoch => "stale-epoch",
-            Self::SequenceGap => "sequence-gap",
-            Self::UnknownKey => "unknown-key",
-            Self::Network => "network",
-            Self::Timeout => "timeout",
-            Self::Peer => "peer",
-            Self::PromoteFailed => "promote-failed",
-            Self::Unsupported => "unsupported",
-            Self::MalformedSegment => "malformed-segment",
-            Self::CorruptSegment => "corrupt-segment",
-            Self::WrongVolume => "wrong-volume",
-            Self::WrongStream => "wrong-stream",
-            Self::WrongGeneration => "wrong-generation",
-            Self::Replay => "replay",
-            Self::Authentication => "authentication",
-            Self::TargetStorage => "target-storage",
-        }
-    }
-}
 
 /// Why a connection is refused or its stream ended.
 #[derive(Debug, thiserror::Error)]
@@ -257,8 +169,8 @@ pub(super) enum Refusal {
 
 impl Refusal {
     /// Its wire code.
-    pub(super) fn code(&self) -> RefusalCode {
-        use RefusalCode as C;
+    pub(super) fn code(&self) -> ErrorCode {
+        use ErrorCode as C;
         match self {
             Self::NoIdentity => C::NoIdentity,
             Self::ExpectedHello(_)
