@@ -37,14 +37,25 @@ pub enum RoleCmd {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Check a configuration file and exit.
+    /// Check a configuration file and exit (0: it is fine, 2: it is not,
+    /// with the reason). For `source`, also what the daemon needs to start
+    /// with it: keyring, certificates, state and spool directories.
     Check {
-        /// `source` or `target`.
-        role: String,
+        /// The role the configuration is for.
+        role: CheckRole,
         /// Configuration file.
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+/// The roles `replicad check` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckRole {
+    /// A source configuration, and what `replicad source` needs to start.
+    Source,
+    /// A target configuration.
+    Target,
 }
 
 /// Process exit codes.
@@ -118,8 +129,9 @@ fn init_logging() {
         .try_init();
 }
 
-/// What `replicad source` needs to start, checked without starting it (for
-/// `replctl protect`, before it starts the daemon): the directories for its
+/// What `replicad source` needs to start, checked without starting it
+/// (`replicad check source`, which `replctl protect` runs before it starts
+/// the daemon): the directories for its
 /// state and spool are not on a protected volume, the keyring loads (present,
 /// mode 0600, parseable), the TLS material loads, and the state and spool
 /// directories are usable (an existing one is a writable directory, a missing
@@ -171,13 +183,13 @@ pub fn main() -> ExitCode {
     init_logging();
     let result = match cli.role {
         RoleCmd::Check { role, config } => {
-            let r = match role.as_str() {
-                "source" => SourceConfig::load(&config).map(|_| ()),
-                "target" => TargetConfig::load(&config).map(|_| ()),
-                other => {
-                    eprintln!("replicad: unknown role {other:?} (source or target)");
-                    return Exit::Startup.into();
-                }
+            let r = match role {
+                CheckRole::Source => SourceConfig::load(&config)
+                    .map_err(crate::DaemonError::from)
+                    .and_then(|c| check_source_start(&c)),
+                CheckRole::Target => TargetConfig::load(&config)
+                    .map(|_| ())
+                    .map_err(crate::DaemonError::from),
             };
             return match r {
                 Ok(()) => {
