@@ -1,6 +1,6 @@
 //! Command line of `replicad`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -43,7 +43,7 @@ pub enum RoleCmd {
     Check {
         /// The role the configuration is for.
         role: CheckRole,
-        /// Configuration file.
+        /// Configuration file (`-`: read it from standard input).
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -177,21 +177,41 @@ fn usable_dir(dir: &std::path::Path, what: &'static str) -> Result<(), crate::Da
     }
 }
 
+/// `replicad check`: the configuration in file `config` (`-`: on standard
+/// input) and, for a source, what the daemon needs to start with it.
+fn check(role: CheckRole, config: &Path) -> Result<(), crate::DaemonError> {
+    let stdin = || {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| crate::DaemonError::io("read configuration", config, e))
+    };
+    let from_stdin = config == Path::new("-");
+    match role {
+        CheckRole::Source => {
+            let c = if from_stdin {
+                SourceConfig::from_text(config, &stdin()?)?
+            } else {
+                SourceConfig::load(config)?
+            };
+            check_source_start(&c)
+        }
+        CheckRole::Target => {
+            if from_stdin {
+                TargetConfig::from_text(config, &stdin()?)?;
+            } else {
+                TargetConfig::load(config)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Entry point shared by the `replicad` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.role {
         RoleCmd::Check { role, config } => {
-            let r = match role {
-                CheckRole::Source => SourceConfig::load(&config)
-                    .map_err(crate::DaemonError::from)
-                    .and_then(|c| check_source_start(&c)),
-                CheckRole::Target => TargetConfig::load(&config)
-                    .map(|_| ())
-                    .map_err(crate::DaemonError::from),
-            };
-            return match r {
+            return match check(role, &config) {
                 Ok(()) => {
                     println!("{}: ok", config.display());
                     Exit::Ok.into()

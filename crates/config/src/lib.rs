@@ -389,12 +389,11 @@ fn journal_file_bytes() -> u64 {
     64 << 20
 }
 
-fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
         path: path.to_owned(),
         source,
-    })?;
-    parse(path, &text)
+    })
 }
 
 /// Parses configuration text (the path is only for messages).
@@ -422,7 +421,13 @@ pub fn valid_id(id: &str) -> bool {
 impl SourceConfig {
     /// Loads and checks a source configuration.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let c: Self = load(path)?;
+        Self::from_text(path, &read(path)?)
+    }
+
+    /// Parses and checks source configuration text (`path` is named in
+    /// the messages).
+    pub fn from_text(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let c: Self = parse(path, text)?;
         c.check(path)?;
         Ok(c)
     }
@@ -494,7 +499,13 @@ impl SourceConfig {
 impl TargetConfig {
     /// Loads and checks a target configuration.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let c: Self = load(path)?;
+        Self::from_text(path, &read(path)?)
+    }
+
+    /// Parses and checks target configuration text (`path` is named in
+    /// the messages).
+    pub fn from_text(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let c: Self = parse(path, text)?;
         let bad = |m: String| {
             Err(ConfigError::Invalid {
                 path: path.to_owned(),
