@@ -415,19 +415,9 @@ impl Daemon {
         }
     }
 
-    /// The status of `volume`: the daemon's live answer on its control
-    /// socket, or (once it stopped) its last published `status.json`,
-    /// whose counters may be up to a second old while it runs.
+    /// The status of `volume` ([`volume_status`]).
     pub fn status(&self, volume: &str) -> Option<replicad::status::VolumeStatus> {
-        let live = replicad::control::request(
-            &replicad::control::default_path(&self.state_dir),
-            "status",
-        )
-        .ok()
-        .and_then(|r| r.status);
-        live.or_else(|| replicad::status::read(&self.state_dir).ok())?
-            .into_iter()
-            .find(|v| v.volume == volume)
+        volume_status(&self.state_dir, volume)
     }
 }
 
@@ -442,15 +432,23 @@ impl Drop for Daemon {
 /// records the applied sequence before the point it belongs to).
 pub fn applied_published(state_dir: &Path, volume: &str) -> u64 {
     // The daemon's live answer (its status file may sit on a full disk).
+    volume_status(state_dir, volume).map_or(0, |s| s.applied_seq)
+}
+
+/// The status of `volume` of the daemon with state directory `state_dir`:
+/// its live answer on its control socket, or (once it stopped) its last
+/// published `status.json`, whose counters may be up to a second old
+/// while it runs.
+pub fn volume_status(state_dir: &Path, volume: &str) -> Option<replicad::status::VolumeStatus> {
     let live = replica_control::request(
         &replica_control::default_path(state_dir),
         replica_control::Command::Status,
     )
-        .ok()
-        .and_then(|r| r.status);
-    live.or_else(|| replicad::status::read(state_dir).ok())
-        .and_then(|v| v.into_iter().find(|s| s.volume == volume))
-        .map_or(0, |s| s.applied_seq)
+    .ok()
+    .and_then(|r| r.status);
+    live.or_else(|| replicad::status::read(state_dir).ok())?
+        .into_iter()
+        .find(|v| v.volume == volume)
 }
 
 /// The target's persisted state of a volume.
