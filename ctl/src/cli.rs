@@ -291,29 +291,23 @@ pub enum PointCmd {
         vol: PointVolume,
     },
     /// Make a point readable and print the path of its device (or file).
-    Open {
-        /// The volume.
-        #[command(flatten)]
-        vol: PointVolume,
-        /// Point id (`replctl point list`).
-        #[arg(long)]
-        point: u64,
-        /// A writable copy of the point instead of the point itself.
-        #[arg(long)]
-        writable: bool,
-    },
+    Open(PointRef),
     /// Undo `open` (a writable copy is discarded).
-    Close {
-        /// The volume.
-        #[command(flatten)]
-        vol: PointVolume,
-        /// Point id.
-        #[arg(long)]
-        point: u64,
-        /// Close the writable copy.
-        #[arg(long)]
-        writable: bool,
-    },
+    Close(PointRef),
+}
+
+/// One point of a volume, or its writable copy.
+#[derive(Debug, Args)]
+pub struct PointRef {
+    /// The volume.
+    #[command(flatten)]
+    pub vol: PointVolume,
+    /// Point id (`replctl point list`).
+    #[arg(long)]
+    pub point: u64,
+    /// The point's writable copy instead of the point itself.
+    #[arg(long)]
+    pub writable: bool,
 }
 
 /// `replctl dev`.

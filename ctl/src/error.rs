@@ -246,7 +246,10 @@ mod tests {
         assert_eq!(Exit::of_daemon(ErrorCode::NotFound), Exit::NotFound);
         assert_eq!(Exit::of_daemon(ErrorCode::UnknownCommand), Exit::Refused);
         assert_eq!(Exit::of_daemon(ErrorCode::PermissionDenied), Exit::Refused);
-        assert_eq!(Exit::of_daemon(ErrorCode::UnsupportedVersion), Exit::Refused);
+        assert_eq!(
+            Exit::of_daemon(ErrorCode::UnsupportedVersion),
+            Exit::Refused
+        );
         assert_eq!(Exit::of_daemon(ErrorCode::Refused), Exit::Refused);
         assert_eq!(Exit::of_daemon(ErrorCode::Failed), Exit::Failed);
         let e = CtlError::from(ControlError::Daemon {

@@ -126,10 +126,11 @@ impl ProtectError {
             Self::BadVolumeId(_) => Exit::Usage,
             Self::Exists(_) | Self::Config(_) | Self::CannotStart(_) => Exit::Refused,
             Self::Remove {
-                source: StoreError::Dm {
-                    errno: Some(libc::EBUSY),
-                    ..
-                },
+                source:
+                    StoreError::Dm {
+                        errno: Some(libc::EBUSY),
+                        ..
+                    },
                 ..
             } => Exit::Refused,
             Self::Check { source, .. } | Self::Io { source, .. } => Exit::of_io(source),

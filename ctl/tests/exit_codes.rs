@@ -5,8 +5,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
 
-use replica_control::status::{Health, Role, VolumeStatus};
 use replctl::error::Exit;
+use replica_control::status::{Health, Role, VolumeStatus};
 
 fn replctl(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_replctl"))
@@ -20,7 +20,11 @@ fn replctl(args: &[&str]) -> Output {
 fn exits(args: &[&str], code: Exit, says: &str) {
     let out = replctl(args);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(i32::from(code.code())), "{args:?}: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(code.code())),
+        "{args:?}: {err}"
+    );
     assert!(err.contains(says), "{args:?}: {err}");
 }
 

@@ -189,7 +189,10 @@ fn respond(line: &str, board: &StatusBoard, handler: Option<&Handler>) -> Respon
     let env: Envelope = match serde_json::from_str(line.trim()) {
         Ok(e) => e,
         Err(e) => {
-            return Response::error(ErrorCode::MalformedRequest, format!("malformed request: {e}"))
+            return Response::error(
+                ErrorCode::MalformedRequest,
+                format!("malformed request: {e}"),
+            )
         }
     };
     if env.version != CONTROL_VERSION {
@@ -208,7 +211,10 @@ fn respond(line: &str, board: &StatusBoard, handler: Option<&Handler>) -> Respon
                 Some(c) if !Command::is_name(&c) => {
                     Response::error(ErrorCode::UnknownCommand, format!("unknown command {c:?}"))
                 }
-                _ => Response::error(ErrorCode::MalformedRequest, format!("malformed request: {e}")),
+                _ => Response::error(
+                    ErrorCode::MalformedRequest,
+                    format!("malformed request: {e}"),
+                ),
             }
         }
     };

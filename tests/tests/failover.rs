@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use replica_tests::*;
 use replica_control::{send, Command, PointChoice, Request};
+use replica_tests::*;
 
 const VOL: &str = "fo";
 const SIZE: usize = 2 << 20;

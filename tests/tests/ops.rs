@@ -37,7 +37,8 @@ fn control_socket_serves_json_status_to_root_only() {
     let st_mode = std::fs::metadata(&st).expect("stat").permissions().mode() & 0o777;
     assert_eq!(st_mode, 0o700, "state directory must be private");
 
-    let r = replica_control::request(&sock, replica_control::Command::Status).expect("root may ask");
+    let r =
+        replica_control::request(&sock, replica_control::Command::Status).expect("root may ask");
     let vols = r.status.expect("status");
     assert_eq!(vols.len(), 1);
     assert_eq!(vols[0].volume, "v");
@@ -120,7 +121,10 @@ fn control_errors_carry_a_code_and_replctl_exits_with_its_code() {
     );
     let r = control_line(&sock, "status please");
     assert_eq!(r.code, Some(ErrorCode::MalformedRequest), "{r:?}");
-    let r = control_line(&sock, r#"{"version":1,"command":"failover","point":"soon"}"#);
+    let r = control_line(
+        &sock,
+        r#"{"version":1,"command":"failover","point":"soon"}"#,
+    );
     assert_eq!(r.code, Some(ErrorCode::MalformedRequest), "{r:?}");
     // A volume that is not there.
     let r = control_line(&sock, r#"{"version":1,"command":"status","volume":"nope"}"#);
@@ -140,7 +144,10 @@ fn control_errors_carry_a_code_and_replctl_exits_with_its_code() {
             .args(args)
             .output()
             .expect("run replctl");
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let dir = st.to_str().expect("utf-8 path");
     let (code, err) = replctl(&["status", "--state-dir", dir]);
@@ -164,7 +171,10 @@ fn control_client_helper() {
     let Some(sock) = std::env::var_os("CONTROL_CLIENT_SOCKET") else {
         return;
     };
-    match replica_control::request(std::path::Path::new(&sock), replica_control::Command::Status) {
+    match replica_control::request(
+        std::path::Path::new(&sock),
+        replica_control::Command::Status,
+    ) {
         Ok(_) => println!("CLIENT-OK"),
         Err(e) => println!("CLIENT-ERR {:?} {e}", e.daemon_code()),
     }

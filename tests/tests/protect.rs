@@ -59,8 +59,12 @@ fn protect_opts(env: &Env, o: &Opts) -> ProtectOpts {
 
 /// The configuration text protect writes for `o`.
 fn config_text(env: &Env, o: &Opts) -> String {
-    protect::source_config_text(&protect::source_config(&protect_opts(env, o), "pv", 1 << 20))
-        .expect("serialise")
+    protect::source_config_text(&protect::source_config(
+        &protect_opts(env, o),
+        "pv",
+        1 << 20,
+    ))
+    .expect("serialise")
 }
 
 /// protect's pre-check of the configuration it would write for `o`.

@@ -800,8 +800,14 @@ replica = REPLICA
             ..c
         };
         let text = to_text(&c).expect("toml");
-        assert!(text.contains("epoch = 3") && text.contains("zstd_level = 5"), "{text}");
-        assert_eq!(parse::<SourceConfig>(Path::new("s.toml"), &text).expect("parse"), c);
+        assert!(
+            text.contains("epoch = 3") && text.contains("zstd_level = 5"),
+            "{text}"
+        );
+        assert_eq!(
+            parse::<SourceConfig>(Path::new("s.toml"), &text).expect("parse"),
+            c
+        );
     }
 
     #[test]

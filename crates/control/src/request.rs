@@ -224,8 +224,20 @@ mod tests {
     fn points_are_latest_or_a_sequence() {
         assert_eq!("latest".parse(), Ok(PointChoice::Latest));
         assert_eq!("42".parse(), Ok(PointChoice::Seq(42)));
-        for bad in ["", "-1", "+1", " 1", "Latest", "1e3", "99999999999999999999999"] {
-            assert_eq!(bad.parse::<PointChoice>(), Err(BadPoint(bad.into())), "{bad:?}");
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            " 1",
+            "Latest",
+            "1e3",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(
+                bad.parse::<PointChoice>(),
+                Err(BadPoint(bad.into())),
+                "{bad:?}"
+            );
         }
         assert_eq!(PointChoice::Seq(7).to_string(), "7");
     }

@@ -53,19 +53,13 @@ pub fn point(cmd: PointCmd) -> Result<(), CtlError> {
                 println!("{id}");
             }
         }
-        PointCmd::Open {
-            vol,
-            point,
-            writable,
-        } => {
-            let path = open_volume_replica(&vol)?.open_point(point, access(writable))?;
+        PointCmd::Open(p) => {
+            let path = open_volume_replica(&p.vol)?.open_point(p.point, access(p.writable))?;
             println!("{}", path.display());
         }
-        PointCmd::Close {
-            vol,
-            point,
-            writable,
-        } => open_volume_replica(&vol)?.close_point(point, access(writable))?,
+        PointCmd::Close(p) => {
+            open_volume_replica(&p.vol)?.close_point(p.point, access(p.writable))?
+        }
     }
     Ok(())
 }

@@ -40,9 +40,7 @@ pub fn wait(a: WaitArgs) -> Result<(), CtlError> {
 fn not_answering(e: &ControlError) -> bool {
     match e {
         ControlError::NotRunning { .. } => true,
-        ControlError::Io { source, .. } => {
-            source.kind() != std::io::ErrorKind::PermissionDenied
-        }
+        ControlError::Io { source, .. } => source.kind() != std::io::ErrorKind::PermissionDenied,
         ControlError::Malformed { .. } | ControlError::Daemon { .. } => false,
     }
 }
@@ -51,7 +49,10 @@ fn not_answering(e: &ControlError) -> bool {
 /// does not answer, the status it last published there.
 fn volumes(d: &DaemonArgs) -> Result<Vec<VolumeStatus>, CtlError> {
     let sock = super::control_socket(d)?;
-    match (replica_control::request(&sock, Command::Status), &d.state_dir) {
+    match (
+        replica_control::request(&sock, Command::Status),
+        &d.state_dir,
+    ) {
         (Ok(r), _) => Ok(r.status.unwrap_or_default()),
         (Err(e), Some(dir)) if d.socket.is_none() && not_answering(&e) => {
             eprintln!(
