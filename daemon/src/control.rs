@@ -1,12 +1,7 @@
-//! The control socket: a Unix stream socket, mode 0600, whose callers are
-//! checked with SO_PEERCRED (root or the daemon's own user only). One JSON
-//! request per line, one JSON response per line:
-//!
-//! ```text
-//! -> {"version":1,"command":"status"}
-//! <- {"version":1,"ok":true,"status":[{...per volume...}]}
-//! <- {"version":1,"ok":false,"error":"..."}
-//! ```
+//! The control socket's server: a Unix stream socket, mode 0600, whose
+//! callers are checked with SO_PEERCRED (root or the daemon's own user
+//! only), one JSON request per line and one JSON response per line (the
+//! protocol's types are [`replica_control`]'s).
 //!
 //! Also here: the systemd notification protocol (READY, STATUS, WATCHDOG).
 
@@ -20,32 +15,41 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+pub use replica_control::{default_path, ResyncTicket, CONTROL_VERSION};
+use replica_control::{Command, Envelope, ErrorCode, Response};
 
-use crate::status::{StatusBoard, VolumeStatus};
+use crate::status::StatusBoard;
 use crate::DaemonError;
 
-/// Version of the control protocol.
-pub const CONTROL_VERSION: u32 = 1;
-
-/// A request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A command as the role handlers read it: its wire name and arguments as
+/// text. (Built from the typed [`replica_control::Request`]; the handlers
+/// take the typed command once they move into their role modules.)
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
-    /// Protocol version.
-    pub version: u32,
-    /// `status`, or a command of the daemon's role (source: `resync`).
+    /// The command's wire name (`resync`, `failover`, ...).
     pub command: String,
-    /// The volume a command is about (default: the daemon's only one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The volume it is about (default: the daemon's only one).
     pub volume: Option<String>,
     /// For `failover`: `latest` or a recovery point's record sequence.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub point: Option<String>,
 }
 
+impl From<&replica_control::Request> for Request {
+    fn from(r: &replica_control::Request) -> Self {
+        let point = match &r.command {
+            Command::Failover { point } => point.map(|p| p.to_string()),
+            _ => None,
+        };
+        Self {
+            command: r.command.name().to_owned(),
+            volume: r.volume.clone(),
+            point,
+        }
+    }
+}
+
 /// A role's commands beyond `status`: `Some(Ok(reply))` done,
-/// `Some(Err(why))` refused, `None` not a command of this role.
+/// `Some(Err(why))` failed, `None` not a command of this role.
 pub type Handler = Arc<dyn Fn(&Request) -> Option<Result<Reply, String>> + Send + Sync>;
 
 /// What a command did.
@@ -64,57 +68,6 @@ impl From<String> for Reply {
             resync: None,
         }
     }
-}
-
-/// Names the resync a `resync` command started: it is done when the
-/// source, still on ring generation `generation`, reports a resync END at
-/// or after `from_seq` that the target has applied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResyncTicket {
-    /// The capture ring generation, hex.
-    pub generation: String,
-    /// The ring position the request was taken at.
-    pub from_seq: u64,
-}
-
-/// A response.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
-    /// Protocol version.
-    pub version: u32,
-    /// Success.
-    pub ok: bool,
-    /// Per-volume status (for `status`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<Vec<VolumeStatus>>,
-    /// What a command did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    /// Error text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// For `resync`: the resync it started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resync: Option<ResyncTicket>,
-}
-
-impl Response {
-    fn err(m: impl Into<String>) -> Self {
-        Self {
-            version: CONTROL_VERSION,
-            ok: false,
-            status: None,
-            message: None,
-            error: Some(m.into()),
-            resync: None,
-        }
-    }
-}
-
-/// The default socket path for a state directory.
-pub fn default_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("replicad.sock")
 }
 
 /// Serves the control socket until `stop`.
@@ -207,13 +160,21 @@ fn handle(s: UnixStream, board: &StatusBoard, handler: Option<&Handler>, own_uid
     let resp = match (uid, read) {
         (Ok(uid), _) if uid != 0 && uid != own_uid => {
             tracing::warn!(uid, "control socket: refused caller");
-            Response::err(format!(
-                "permission denied: uid {uid} is not allowed (root or the daemon's user only)"
-            ))
+            Response::error(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "permission denied: uid {uid} is not allowed (root or the daemon's user only)"
+                ),
+            )
         }
         (Ok(_), Ok(_)) => respond(&line, board, handler),
-        (Ok(_), Err(e)) => Response::err(format!("reading request: {e}")),
-        (Err(e), _) => Response::err(format!("cannot identify caller: {e}")),
+        (Ok(_), Err(e)) => {
+            Response::error(ErrorCode::MalformedRequest, format!("reading request: {e}"))
+        }
+        (Err(e), _) => Response::error(
+            ErrorCode::PermissionDenied,
+            format!("cannot identify caller: {e}"),
+        ),
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
@@ -223,78 +184,67 @@ fn handle(s: UnixStream, board: &StatusBoard, handler: Option<&Handler>, own_uid
 use std::io::Read as _;
 
 fn respond(line: &str, board: &StatusBoard, handler: Option<&Handler>) -> Response {
-    let req: Request = match serde_json::from_str(line.trim()) {
-        Ok(r) => r,
-        Err(e) => return Response::err(format!("malformed request: {e}")),
+    // The version first: a peer of another version is told so, whatever
+    // else its request holds.
+    let env: Envelope = match serde_json::from_str(line.trim()) {
+        Ok(e) => e,
+        Err(e) => {
+            return Response::error(
+                ErrorCode::MalformedRequest,
+                format!("malformed request: {e}"),
+            )
+        }
     };
-    if req.version != CONTROL_VERSION {
-        return Response::err(format!(
-            "control protocol version {} not supported (this daemon speaks {CONTROL_VERSION})",
-            req.version
-        ));
+    if env.version != CONTROL_VERSION {
+        return Response::error(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "control protocol version {} not supported (this daemon speaks {CONTROL_VERSION})",
+                env.version
+            ),
+        );
     }
-    match req.command.as_str() {
-        "status" => Response {
-            version: CONTROL_VERSION,
-            ok: true,
-            status: Some(board.all()),
-            message: None,
-            error: None,
-            resync: None,
+    let req: replica_control::Request = match serde_json::from_str(line.trim()) {
+        Ok(r) => r,
+        Err(e) => {
+            return match env.command {
+                Some(c) if !Command::is_name(&c) => {
+                    Response::error(ErrorCode::UnknownCommand, format!("unknown command {c:?}"))
+                }
+                _ => Response::error(
+                    ErrorCode::MalformedRequest,
+                    format!("malformed request: {e}"),
+                ),
+            }
+        }
+    };
+    let one = match &req.volume {
+        Some(v) => match board.get(v) {
+            Some(s) => Some(s),
+            None => return Response::error(ErrorCode::NotFound, format!("no volume {v:?} here")),
         },
-        other => match handler.and_then(|h| h(&req)) {
-            Some(Ok(m)) => Response {
-                version: CONTROL_VERSION,
-                ok: true,
-                status: None,
-                message: Some(m.message),
-                error: None,
-                resync: m.resync,
-            },
-            Some(Err(e)) => Response::err(e),
-            None => Response::err(format!("unknown command {other:?}")),
-        },
+        None => None,
+    };
+    if req.command == Command::Status {
+        return Response {
+            status: Some(one.map_or_else(|| board.all(), |s| vec![s])),
+            ..Response::ok()
+        };
     }
-}
-
-/// Sends one request to a daemon's control socket.
-pub fn request(path: &Path, command: &str) -> Result<Response, String> {
-    request_for(path, command, None)
-}
-
-/// Sends one request about `volume` to a daemon's control socket.
-pub fn request_for(path: &Path, command: &str, volume: Option<&str>) -> Result<Response, String> {
-    send(
-        path,
-        &Request {
-            version: CONTROL_VERSION,
-            command: command.to_owned(),
-            volume: volume.map(str::to_owned),
-            point: None,
+    match handler.and_then(|h| h(&Request::from(&req))) {
+        Some(Ok(m)) => Response {
+            message: Some(m.message),
+            resync: m.resync,
+            ..Response::ok()
         },
-        Duration::from_secs(10),
-    )
-}
-
-/// Sends a request and waits up to `timeout` for the answer (long
-/// operations such as a failover answer when they are done).
-pub fn send(path: &Path, req: &Request, timeout: Duration) -> Result<Response, String> {
-    let mut s = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let _ = s.set_read_timeout(Some(timeout));
-    let mut b = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    b.push(b'\n');
-    s.write_all(&b)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut line = String::new();
-    BufReader::new(&s)
-        .read_line(&mut line)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let r: Response =
-        serde_json::from_str(&line).map_err(|e| format!("malformed response: {e}"))?;
-    if r.ok {
-        Ok(r)
-    } else {
-        Err(r.error.unwrap_or_else(|| "request failed".into()))
+        Some(Err(e)) => Response::error(ErrorCode::Failed, e),
+        None => Response::error(
+            ErrorCode::UnknownCommand,
+            format!(
+                "unknown command {:?}: not a command of this daemon's role",
+                req.command.name()
+            ),
+        ),
     }
 }
 

@@ -7,7 +7,6 @@
 //!   applies them in order to the replica, keeping recovery points.
 
 pub mod cli;
-pub mod config;
 pub mod control;
 pub mod keystore;
 pub mod link;
@@ -20,6 +19,9 @@ pub mod tls;
 /// Opening a volume's replica backend (the target's; `replctl point` uses it
 /// too): kept at `replicad::backend` while it lives in the target's tree.
 pub use target::backend;
+
+/// The configuration of both roles (the `replica-config` crate).
+pub use replica_config as config;
 
 use std::path::{Path, PathBuf};
 

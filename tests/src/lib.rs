@@ -11,21 +11,45 @@ use std::time::{Duration, Instant};
 use replica_ring::{DescFields, Producer, RingError, RingParams};
 use ring_abi::{OP_DISCARD, OP_FLUSH, OP_MARKER, OP_WRITE, OP_WRITE_ZEROES};
 
-/// Path of the daemon binary built for these tests (cargo builds the
-/// package's binaries next to the integration test executables' `deps`).
+/// Path of the daemon binary built for these tests.
 pub fn replicad_bin() -> PathBuf {
+    test_bin("replicad-test")
+}
+
+/// Path of the `replctl` binary built for these tests.
+pub fn replctl_bin() -> PathBuf {
+    test_bin("replctl-test")
+}
+
+/// A binary of this package (cargo builds them next to the integration
+/// test executables' `deps`).
+fn test_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target directory");
-    let bin = dir.join("replicad-test");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: run the tests with `cargo test -p replica-tests`",
         bin.display()
     );
     bin
+}
+
+/// Sends one line to a daemon's control socket as it is, and returns the
+/// answer (for requests the typed client cannot make: another version, an
+/// unknown command, malformed JSON).
+pub fn control_line(sock: &Path, line: &str) -> replica_control::Response {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    s.write_all(format!("{line}\n").as_bytes()).expect("write");
+    let mut answer = String::new();
+    std::io::BufReader::new(&s)
+        .read_line(&mut answer)
+        .expect("read");
+    serde_json::from_str(&answer).expect("a response")
 }
 
 /// Waits until `f` returns true, polling, or panics after `timeout` with
@@ -391,19 +415,9 @@ impl Daemon {
         }
     }
 
-    /// The status of `volume`: the daemon's live answer on its control
-    /// socket, or (once it stopped) its last published `status.json`,
-    /// whose counters may be up to a second old while it runs.
+    /// The status of `volume` ([`volume_status`]).
     pub fn status(&self, volume: &str) -> Option<replicad::status::VolumeStatus> {
-        let live = replicad::control::request(
-            &replicad::control::default_path(&self.state_dir),
-            "status",
-        )
-        .ok()
-        .and_then(|r| r.status);
-        live.or_else(|| replicad::status::read(&self.state_dir).ok())?
-            .into_iter()
-            .find(|v| v.volume == volume)
+        volume_status(&self.state_dir, volume)
     }
 }
 
@@ -418,12 +432,23 @@ impl Drop for Daemon {
 /// records the applied sequence before the point it belongs to).
 pub fn applied_published(state_dir: &Path, volume: &str) -> u64 {
     // The daemon's live answer (its status file may sit on a full disk).
-    let live = replicad::control::request(&replicad::control::default_path(state_dir), "status")
-        .ok()
-        .and_then(|r| r.status);
-    live.or_else(|| replicad::status::read(state_dir).ok())
-        .and_then(|v| v.into_iter().find(|s| s.volume == volume))
-        .map_or(0, |s| s.applied_seq)
+    volume_status(state_dir, volume).map_or(0, |s| s.applied_seq)
+}
+
+/// The status of `volume` of the daemon with state directory `state_dir`:
+/// its live answer on its control socket, or (once it stopped) its last
+/// published `status.json`, whose counters may be up to a second old
+/// while it runs.
+pub fn volume_status(state_dir: &Path, volume: &str) -> Option<replicad::status::VolumeStatus> {
+    let live = replica_control::request(
+        &replica_control::default_path(state_dir),
+        replica_control::Command::Status,
+    )
+    .ok()
+    .and_then(|r| r.status);
+    live.or_else(|| replicad::status::read(state_dir).ok())?
+        .into_iter()
+        .find(|v| v.volume == volume)
 }
 
 /// The target's persisted state of a volume.

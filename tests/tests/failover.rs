@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use replica_control::{send, Command, PointChoice, Request};
 use replica_tests::*;
-use replicad::control::{send, Request, CONTROL_VERSION};
 
 const VOL: &str = "fo";
 const SIZE: usize = 2 << 20;
@@ -16,18 +16,21 @@ fn rig(seed: u64) -> Rig {
     r
 }
 
-fn command(dir: &std::path::Path, command: &str, point: Option<&str>) -> Result<String, String> {
+fn command(
+    dir: &std::path::Path,
+    command: Command,
+) -> Result<String, replica_control::ControlError> {
     send(
-        &replicad::control::default_path(dir),
-        &Request {
-            version: CONTROL_VERSION,
-            command: command.into(),
-            volume: None,
-            point: point.map(str::to_owned),
-        },
+        &replica_control::default_path(dir),
+        &Request::new(command),
         Duration::from_secs(120),
     )
     .map(|r| r.message.unwrap_or_default())
+}
+
+/// An unplanned failover to `point`.
+fn failover(point: Option<PointChoice>) -> Command {
+    Command::Failover { point }
 }
 
 fn replica(r: &Rig) -> Vec<u8> {
@@ -36,7 +39,7 @@ fn replica(r: &Rig) -> Vec<u8> {
 
 fn wait_socket(dir: &std::path::Path) {
     wait_for(Duration::from_secs(20), "control socket", || {
-        replicad::control::request(&replicad::control::default_path(dir), "status").is_ok()
+        replica_control::request(&replica_control::default_path(dir), Command::Status).is_ok()
     });
 }
 
@@ -53,7 +56,7 @@ fn planned_failover_loses_nothing_demotes_the_source_and_refuses_it_afterwards()
             .and_then(|s| s.status(VOL))
             .is_some_and(|s| s.connection == replicad::status::Connection::Connected)
     });
-    let msg = command(&r.sstate, "failover-planned", None).expect("planned failover");
+    let msg = command(&r.sstate, Command::FailoverPlanned).expect("planned failover");
     assert!(msg.contains("complete"), "{msg}");
     // Zero loss: the replica is the source volume, byte for byte.
     let st = r.target_state();
@@ -99,7 +102,7 @@ fn unplanned_failover_to_the_latest_state_and_the_old_source_is_demoted_on_retur
     // The source host is gone.
     r.source().kill9();
     wait_socket(&r.tstate);
-    let msg = command(&r.tstate, "failover", Some("latest")).expect("failover");
+    let msg = command(&r.tstate, failover(Some(PointChoice::Latest))).expect("failover");
     assert!(msg.contains("failed over"), "{msg}");
     let st = r.target_state();
     let p = st.promoted.as_ref().expect("promoted");
@@ -108,7 +111,7 @@ fn unplanned_failover_to_the_latest_state_and_the_old_source_is_demoted_on_retur
     assert_eq!(st.epoch, 2);
     assert!(first_difference(&replica(&r), &r.src.image, &r.src.masked).is_none());
     // A second failover is refused.
-    assert!(command(&r.tstate, "failover", None).is_err());
+    assert!(command(&r.tstate, failover(None)).is_err());
     // The old source comes back (epoch 1): refused, demoted, stopped.
     r.start_source(64 << 10, "");
     assert_eq!(r.source().wait_exit(Duration::from_secs(60)), Some(3));
@@ -132,10 +135,10 @@ fn unplanned_failover_to_an_older_point_rolls_the_replica_back() {
     r.source().kill9();
     wait_socket(&r.tstate);
     assert!(
-        command(&r.tstate, "failover", Some("12345678")).is_err(),
+        command(&r.tstate, failover(Some(PointChoice::Seq(12345678)))).is_err(),
         "not a recovery point"
     );
-    let msg = command(&r.tstate, "failover", Some(&first_point.to_string())).expect("failover");
+    let msg = command(&r.tstate, failover(Some(PointChoice::Seq(first_point)))).expect("failover");
     assert!(msg.contains(&format!("record {first_point}")), "{msg}");
     let (want, mask) = &r.src.points[&first_point];
     assert!(first_difference(&replica(&r), want, mask).is_none());

@@ -508,6 +508,7 @@ pub mod ring_op {
 
 /// Compresses and seals a plaintext into a frame. `h.plain_len`,
 /// `cipher_len` and `features` are filled in here.
+#[cfg(feature = "codec")]
 pub fn seal(
     h: SegmentHeader,
     plain: &[u8],
@@ -520,6 +521,7 @@ pub fn seal(
 }
 
 /// [`seal`] with a reusable compression context (one per worker thread).
+#[cfg(feature = "codec")]
 pub fn seal_with(
     compressor: &mut zstd::bulk::Compressor<'_>,
     mut h: SegmentHeader,
@@ -576,6 +578,7 @@ pub fn check(frame: &[u8]) -> Result<SegmentHeader, FrameError> {
 }
 
 /// Authenticates, decrypts and decompresses a frame checked by [`check`].
+#[cfg(feature = "codec")]
 pub fn open(h: &SegmentHeader, frame: &[u8], key: &StreamKey) -> Result<Vec<u8>, FrameError> {
     decompress(h, &authenticate(h, frame, key)?)
 }
@@ -609,6 +612,7 @@ pub fn authenticate(
 }
 
 /// Decompresses an authenticated payload and checks its length.
+#[cfg(feature = "codec")]
 pub fn decompress(h: &SegmentHeader, body: &[u8]) -> Result<Vec<u8>, FrameError> {
     let mut d =
         zstd::bulk::Decompressor::new().map_err(|e| FrameError::Decompress(e.to_string()))?;
@@ -616,6 +620,7 @@ pub fn decompress(h: &SegmentHeader, body: &[u8]) -> Result<Vec<u8>, FrameError>
 }
 
 /// [`decompress`] with a reusable decompression context.
+#[cfg(feature = "codec")]
 pub fn decompress_with(
     d: &mut zstd::bulk::Decompressor<'_>,
     h: &SegmentHeader,
