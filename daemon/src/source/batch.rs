@@ -33,10 +33,8 @@ impl BatchCtx {
 
     pub(super) fn run(mut self, tx: Sender<Job>) -> Result<(), SessionError> {
         let r = self.batch_loop(&tx);
-        if let Err(e) = &r {
-            if let SessionError::Spool(s) = e {
-                self.shared.report_damage(format!("spool: {s}"));
-            }
+        if let Err(SessionError::Spool(s)) = &r {
+            self.shared.report_damage(format!("spool: {s}"));
         }
         r
     }
