@@ -1,7 +1,5 @@
-//! A running resync
-//!
-//! once a session is connected, the drain
-//! asks the kernel for a BEGIN marker; from that point of the ring on,
+//! A running resync, ordered by ring markers: once a session is connected,
+//! the drain asks the kernel for a BEGIN marker; from that point of the ring on,
 //! records are spooled again (the stream resumes after a gap the target
 //! accepts because it starts with BEGIN). Then, a few at a time and paced
 //! by the target's acknowledgements, it inserts DATA markers naming runs of
