@@ -431,8 +431,12 @@ fn main() {
     let _ = std::fs::remove_file(&data_path);
 
     // Certificates, keys, configuration.
-    replctl::certs::generate(&w("pki"), &["source-a".into(), "target.example".into()], 365)
-        .unwrap_or_else(|e| die(&e.to_string()));
+    replctl::certs::generate(
+        &w("pki"),
+        &["source-a".into(), "target.example".into()],
+        365,
+    )
+    .unwrap_or_else(|e| die(&e.to_string()));
     replica_proto::keys::KeyRing::generate()
         .and_then(|k| k.save(&w("keys.toml"), false))
         .unwrap_or_else(|e| die(&e.to_string()));
