@@ -553,10 +553,7 @@ where
 
     fn remove_inflight(&mut self, pos: u32) -> Result<(), CaptureError> {
         let pos = pos as usize;
-        let last = self
-            .n_inflight
-            .checked_sub(1)
-            .ok_or(CaptureError::Internal)?;
+        let last = self.n_inflight.checked_sub(1).ok_or(CaptureError::Internal)?;
         if pos > last {
             return Err(CaptureError::Internal);
         }
@@ -565,9 +562,7 @@ where
         self.n_inflight = last;
         if pos != last {
             let p32 = u32::try_from(pos).map_err(|_| CaptureError::Internal)?;
-            self.slot_mut(moved)
-                .ok_or(CaptureError::Internal)?
-                .inflight_pos = p32;
+            self.slot_mut(moved).ok_or(CaptureError::Internal)?.inflight_pos = p32;
         }
         Ok(())
     }
@@ -589,10 +584,7 @@ where
             }
             s = s.wrapping_add(1);
         }
-        let last = self
-            .slot(new_cons.wrapping_sub(1))
-            .copied()
-            .unwrap_or_default();
+        let last = self.slot(new_cons.wrapping_sub(1)).copied().unwrap_or_default();
         let tail = last.data_pos.wrapping_add(u64::from(last.granules));
         let mut s = self.cons_seq;
         while s != new_cons {

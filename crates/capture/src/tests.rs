@@ -103,19 +103,12 @@ impl Sim {
     fn new(desc_count: u64, data_granules: u64, first_seq: u64, first_granule: u64) -> Self {
         let g = abi::geometry(desc_count, data_granules).expect("geometry");
         let n = desc_count as usize;
-        let cap = Capture::new(
-            g,
-            vec![Slot::default(); n],
-            vec![0; n],
-            first_seq,
-            first_granule,
-        )
-        .expect("capture");
+        let cap = Capture::new(g, vec![Slot::default(); n], vec![0; n], first_seq, first_granule)
+            .expect("capture");
         let regions = regions_for(SECTORS, REGION_SHIFT);
         let dirty = (0..VOLUMES)
             .map(|_| {
-                Dirty::new(REGION_SHIFT, regions, vec![0; words_for(regions) as usize])
-                    .expect("dirty")
+                Dirty::new(REGION_SHIFT, regions, vec![0; words_for(regions) as usize]).expect("dirty")
             })
             .collect();
         Self {
@@ -153,9 +146,7 @@ impl Sim {
                         && other.start < io.end
                         && io.start < other.end
                     {
-                        panic!(
-                            "record {seq} submitted while earlier overlapping {os} is in flight"
-                        );
+                        panic!("record {seq} submitted while earlier overlapping {os} is in flight");
                     }
                 }
             }
@@ -265,9 +256,7 @@ impl Sim {
     }
 
     fn complete(&mut self, pick: usize, ok: bool, lands: bool) {
-        let submitted: Vec<usize> = (0..self.ios.len())
-            .filter(|&i| self.ios[i].submitted)
-            .collect();
+        let submitted: Vec<usize> = (0..self.ios.len()).filter(|&i| self.ios[i].submitted).collect();
         if submitted.is_empty() {
             return;
         }
@@ -281,16 +270,9 @@ impl Sim {
         match io.seq {
             Some(seq) => {
                 let c = self.cap.complete(seq, ok).expect("complete");
-                assert_eq!(
-                    (c.volume as usize, c.start, c.end),
-                    (io.vol, io.start, io.end)
-                );
+                assert_eq!((c.volume as usize, c.start, c.end), (io.vol, io.start, io.end));
                 let rec = self.ring.get_mut(&seq).expect("record");
-                rec.state = if ok {
-                    RecState::Committed
-                } else {
-                    RecState::Failed
-                };
+                rec.state = if ok { RecState::Committed } else { RecState::Failed };
                 if !ok && io.op.changes_data() {
                     self.mark(io.vol, io.start, io.end);
                 }
@@ -320,9 +302,7 @@ impl Sim {
         let mut seq = self.consumed;
         let mut n = 0;
         while n < max {
-            let Some(rec) = self.ring.get(&seq).copied() else {
-                break;
-            };
+            let Some(rec) = self.ring.get(&seq).copied() else { break };
             if rec.state == RecState::Pending {
                 // Releasing a pending record must be refused.
                 assert_eq!(
@@ -365,21 +345,14 @@ impl Sim {
         while !self.ios.is_empty() {
             self.complete(0, true, true);
             guard += 1;
-            assert!(
-                guard < 100_000,
-                "in-flight writes never drain: held forever?"
-            );
+            assert!(guard < 100_000, "in-flight writes never drain: held forever?");
         }
         assert_eq!(self.cap.held(), 0);
         assert_eq!(self.cap.in_flight(), 0);
         self.consume(usize::MAX);
         assert!(self.ring.is_empty(), "records left unconsumed");
         assert_eq!(self.cap.live(), 0);
-        assert_eq!(
-            self.cap.granules_used(),
-            0,
-            "data ring not empty after full release"
-        );
+        assert_eq!(self.cap.granules_used(), 0, "data ring not empty after full release");
         for vol in 0..VOLUMES {
             self.take_bitmap(vol);
         }
@@ -408,16 +381,12 @@ impl Sim {
     fn run(&mut self, actions: &[Action]) {
         for a in actions {
             match *a {
-                Action::Write {
-                    vol,
-                    sector,
-                    sectors,
-                } => self.capture_io(RecOp::Write, vol as usize, sector, sectors),
-                Action::Discard {
-                    vol,
-                    sector,
-                    sectors,
-                } => self.capture_io(RecOp::Discard, vol as usize, sector, sectors),
+                Action::Write { vol, sector, sectors } => {
+                    self.capture_io(RecOp::Write, vol as usize, sector, sectors)
+                }
+                Action::Discard { vol, sector, sectors } => {
+                    self.capture_io(RecOp::Discard, vol as usize, sector, sectors)
+                }
                 Action::Flush => self.non_data(RecOp::Flush),
                 Action::Marker => self.non_data(RecOp::Marker),
                 Action::Complete { pick, ok, lands } => self.complete(pick, ok, lands),
@@ -522,10 +491,7 @@ fn invalid_requests_are_refused_not_panicking() {
         sector: u64::MAX,
         len: 4096,
     };
-    assert_eq!(
-        s.cap.reserve(&overflowing_range),
-        Err(CaptureError::Invalid)
-    );
+    assert_eq!(s.cap.reserve(&overflowing_range), Err(CaptureError::Invalid));
     assert_eq!(s.cap.complete(12345, true), Err(CaptureError::Internal));
     assert_eq!(s.cap.set_held(77), Err(CaptureError::Internal));
 }
@@ -557,17 +523,8 @@ fn descriptor_body_words_follow_the_abi_layout() {
     assert_eq!(w[0], body.sector);
     assert_eq!(w[1], body.data_pos);
     assert_eq!(w[2], body.submit_ns);
-    assert_eq!(
-        w[3],
-        pair(body.len.to_ne_bytes(), body.granules.to_ne_bytes())
-    );
-    assert_eq!(
-        w[4],
-        pair(
-            body.volume.to_ne_bytes(),
-            [abi::OP_WRITE, abi::FLAG_FUA, 0, 0]
-        )
-    );
+    assert_eq!(w[3], pair(body.len.to_ne_bytes(), body.granules.to_ne_bytes()));
+    assert_eq!(w[4], pair(body.volume.to_ne_bytes(), [abi::OP_WRITE, abi::FLAG_FUA, 0, 0]));
     assert_eq!(w[5], body.aux);
     assert_eq!(w[6], body.complete_ns);
 }

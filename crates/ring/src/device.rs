@@ -109,7 +109,13 @@ impl Device {
         // (the callers pair them), and `arg` is a valid, exclusively borrowed
         // `T` for the duration of the call; the kernel reads and writes at
         // most `size_of::<T>()` bytes of it (the size encoded in `cmd`).
-        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), cmd as libc::c_ulong, arg as *mut T) };
+        let r = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                cmd as libc::c_ulong,
+                arg as *mut T,
+            )
+        };
         if r < 0 {
             return Err(RingError::Io {
                 what,
@@ -135,9 +141,7 @@ impl Device {
         self.ioctl("attach to the group's ring", ring_abi::IOC_ATTACH, &mut arg)?;
         let map = Mapping::from_fd(self.file.as_raw_fd(), arg.map_size, false)?;
         if map.generation() != arg.generation {
-            return Err(RingError::BadHeader(
-                "generation differs from the attach reply",
-            ));
+            return Err(RingError::BadHeader("generation differs from the attach reply"));
         }
         Consumer::new(
             map,
@@ -164,11 +168,7 @@ impl Device {
             }
             Err(e) => return Err(e),
         }
-        let len = arg
-            .id
-            .iter()
-            .position(|&c| c == 0)
-            .unwrap_or(GROUP_NAME_LEN);
+        let len = arg.id.iter().position(|&c| c == 0).unwrap_or(GROUP_NAME_LEN);
         Ok(Some(VolumeInfo {
             index,
             id: String::from_utf8_lossy(&arg.id[..len]).into_owned(),
@@ -277,9 +277,7 @@ impl Device {
         if pfd.revents & libc::POLLHUP != 0 {
             Ok(Wake::Hangup)
         } else if pfd.revents & libc::POLLERR != 0 {
-            Err(RingError::Corrupt(
-                "control device reports an error (not attached)",
-            ))
+            Err(RingError::Corrupt("control device reports an error (not attached)"))
         } else if r > 0 {
             Ok(Wake::Ready)
         } else {

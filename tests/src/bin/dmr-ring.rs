@@ -94,10 +94,7 @@ enum Cmd {
 
 fn parse_image(s: &str) -> Result<(u32, PathBuf), String> {
     let (i, p) = s.split_once(':').ok_or("expected INDEX:PATH")?;
-    Ok((
-        i.parse().map_err(|e| format!("index: {e}"))?,
-        PathBuf::from(p),
-    ))
+    Ok((i.parse().map_err(|e| format!("index: {e}"))?, PathBuf::from(p)))
 }
 
 fn attach(device: &Path, group: &str) -> Result<Consumer<DeviceRelease>, String> {
@@ -192,8 +189,7 @@ fn drain(
             Peek::Failed(r) => (r, false),
             Peek::Pending | Peek::Empty => {
                 if unreleased > 0 {
-                    c.release(c.next_seq())
-                        .map_err(|e| format!("release: {e}"))?;
+                    c.release(c.next_seq()).map_err(|e| format!("release: {e}"))?;
                     unreleased = 0;
                 }
                 let idle = peek == Peek::Empty && c.producer_seq() == c.next_seq();
@@ -245,10 +241,7 @@ fn drain(
                 max_submit_seq = rec.seq;
             }
             if d.complete_ns < d.submit_ns {
-                return Err(format!(
-                    "record {} completed before it was submitted",
-                    rec.seq
-                ));
+                return Err(format!("record {} completed before it was submitted", rec.seq));
             }
         }
         let offset = d.sector * 512;
@@ -295,16 +288,14 @@ fn drain(
         c.advance(&rec);
         unreleased += 1;
         if unreleased >= 64 {
-            c.release(c.next_seq())
-                .map_err(|e| format!("release: {e}"))?;
+            c.release(c.next_seq()).map_err(|e| format!("release: {e}"))?;
             unreleased = 0;
         }
         if ok && d.op == ring_abi::OP_MARKER && Some(d.aux) == until_marker {
             break;
         }
     }
-    c.release(c.next_seq())
-        .map_err(|e| format!("release: {e}"))?;
+    c.release(c.next_seq()).map_err(|e| format!("release: {e}"))?;
     for f in files.values() {
         f.sync_all().map_err(|e| format!("sync image: {e}"))?;
     }
@@ -356,157 +347,47 @@ fn misuse(device: &Path, group: &str) -> Result<(), String> {
     let dev = Device::open(device).map_err(|e| e.to_string())?;
     let fd = dev.as_raw_fd();
     let mut rel = ring_abi::ReleaseArg { new_cons_seq: 1 };
-    expect(
-        "release before attach",
-        raw_ioctl(fd, ring_abi::IOC_RELEASE, &mut rel),
-        libc::ENOTCONN,
-    );
+    expect("release before attach", raw_ioctl(fd, ring_abi::IOC_RELEASE, &mut rel), libc::ENOTCONN);
     // SAFETY: mapping a file descriptor read-only at a kernel-chosen address.
-    let m = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
+    let m = unsafe { libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
     expect(
         "mmap before attach",
-        if m == libc::MAP_FAILED {
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
-        } else {
-            0
-        },
+        if m == libc::MAP_FAILED { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) } else { 0 },
         libc::ENOTCONN,
     );
-    let mut bad = ring_abi::AttachArg {
-        group: [0; ring_abi::GROUP_NAME_LEN],
-        map_size: 0,
-        generation: [0; 16],
-    };
+    let mut bad = ring_abi::AttachArg { group: [0; ring_abi::GROUP_NAME_LEN], map_size: 0, generation: [0; 16] };
     bad.group[..5].copy_from_slice(b"no/pe");
-    expect(
-        "attach with an invalid name",
-        raw_ioctl(fd, ring_abi::IOC_ATTACH, &mut bad),
-        libc::EINVAL,
-    );
+    expect("attach with an invalid name", raw_ioctl(fd, ring_abi::IOC_ATTACH, &mut bad), libc::EINVAL);
     bad.group = [0; ring_abi::GROUP_NAME_LEN];
     bad.group[..7].copy_from_slice(b"nothere");
-    expect(
-        "attach to a missing group",
-        raw_ioctl(fd, ring_abi::IOC_ATTACH, &mut bad),
-        libc::ENOENT,
-    );
+    expect("attach to a missing group", raw_ioctl(fd, ring_abi::IOC_ATTACH, &mut bad), libc::ENOENT);
     let mut unknown = [0u8; 8];
-    expect(
-        "unknown ioctl",
-        raw_ioctl(
-            fd,
-            ring_abi::ioc(1, ring_abi::IOC_TYPE, 99, 8),
-            &mut unknown,
-        ),
-        libc::ENOTTY,
-    );
+    expect("unknown ioctl", raw_ioctl(fd, ring_abi::ioc(1, ring_abi::IOC_TYPE, 99, 8), &mut unknown), libc::ENOTTY);
 
     let c = dev.attach(group).map_err(|e| format!("attach: {e}"))?;
     let dev = c.releaser().device().clone();
     let fd = dev.as_raw_fd();
     let prod = c.producer_seq();
     let cons = c.released_seq();
-    let mut again = ring_abi::AttachArg {
-        group: [0; ring_abi::GROUP_NAME_LEN],
-        map_size: 0,
-        generation: [0; 16],
-    };
+    let mut again = ring_abi::AttachArg { group: [0; ring_abi::GROUP_NAME_LEN], map_size: 0, generation: [0; 16] };
     again.group[..group.len()].copy_from_slice(group.as_bytes());
-    expect(
-        "second attach on the same file",
-        raw_ioctl(fd, ring_abi::IOC_ATTACH, &mut again),
-        libc::EISCONN,
-    );
-    let mut rel = ring_abi::ReleaseArg {
-        new_cons_seq: prod.wrapping_add(1),
-    };
-    expect(
-        "release past the producer",
-        raw_ioctl(fd, ring_abi::IOC_RELEASE, &mut rel),
-        libc::EINVAL,
-    );
-    let mut rel = ring_abi::ReleaseArg {
-        new_cons_seq: cons.wrapping_sub(1),
-    };
-    expect(
-        "release backwards",
-        raw_ioctl(fd, ring_abi::IOC_RELEASE, &mut rel),
-        libc::EINVAL,
-    );
-    let mut vol = ring_abi::VolumeArg {
-        index: 99,
-        region_kib: 0,
-        sectors: 0,
-        regions: 0,
-        dirty_regions: 0,
-        id: [0; ring_abi::GROUP_NAME_LEN],
-    };
-    expect(
-        "describe a missing volume",
-        raw_ioctl(fd, ring_abi::IOC_VOLUME, &mut vol),
-        libc::ENOENT,
-    );
+    expect("second attach on the same file", raw_ioctl(fd, ring_abi::IOC_ATTACH, &mut again), libc::EISCONN);
+    let mut rel = ring_abi::ReleaseArg { new_cons_seq: prod.wrapping_add(1) };
+    expect("release past the producer", raw_ioctl(fd, ring_abi::IOC_RELEASE, &mut rel), libc::EINVAL);
+    let mut rel = ring_abi::ReleaseArg { new_cons_seq: cons.wrapping_sub(1) };
+    expect("release backwards", raw_ioctl(fd, ring_abi::IOC_RELEASE, &mut rel), libc::EINVAL);
+    let mut vol = ring_abi::VolumeArg { index: 99, region_kib: 0, sectors: 0, regions: 0, dirty_regions: 0, id: [0; ring_abi::GROUP_NAME_LEN] };
+    expect("describe a missing volume", raw_ioctl(fd, ring_abi::IOC_VOLUME, &mut vol), libc::ENOENT);
     let mut small = [0u64; 1];
-    let mut bm = ring_abi::BitmapArg {
-        buf: small.as_mut_ptr() as u64,
-        buf_len: 0,
-        volume: 0,
-        region_kib: 0,
-        regions: 0,
-        resume_seq: 0,
-        in_flight_overflow: 0,
-    };
-    expect(
-        "bitmap into a too small buffer",
-        raw_ioctl(fd, ring_abi::IOC_BITMAP, &mut bm),
-        libc::EMSGSIZE,
-    );
-    let mut bm = ring_abi::BitmapArg {
-        buf: 8,
-        buf_len: 1 << 20,
-        volume: 0,
-        region_kib: 0,
-        regions: 0,
-        resume_seq: 0,
-        in_flight_overflow: 0,
-    };
-    expect(
-        "bitmap into an unmapped address",
-        raw_ioctl(fd, ring_abi::IOC_BITMAP, &mut bm),
-        libc::EFAULT,
-    );
+    let mut bm = ring_abi::BitmapArg { buf: small.as_mut_ptr() as u64, buf_len: 0, volume: 0, region_kib: 0, regions: 0, resume_seq: 0, in_flight_overflow: 0 };
+    expect("bitmap into a too small buffer", raw_ioctl(fd, ring_abi::IOC_BITMAP, &mut bm), libc::EMSGSIZE);
+    let mut bm = ring_abi::BitmapArg { buf: 8, buf_len: 1 << 20, volume: 0, region_kib: 0, regions: 0, resume_seq: 0, in_flight_overflow: 0 };
+    expect("bitmap into an unmapped address", raw_ioctl(fd, ring_abi::IOC_BITMAP, &mut bm), libc::EFAULT);
     let size = c.mapping().geometry().total_size as usize;
     for (what, prot, off, len, want) in [
-        (
-            "writable mmap",
-            libc::PROT_READ | libc::PROT_WRITE,
-            0,
-            4096,
-            libc::EPERM,
-        ),
-        (
-            "mmap at an offset",
-            libc::PROT_READ,
-            4096,
-            4096,
-            libc::EINVAL,
-        ),
-        (
-            "mmap larger than the ring",
-            libc::PROT_READ,
-            0,
-            size + 4096,
-            libc::EINVAL,
-        ),
+        ("writable mmap", libc::PROT_READ | libc::PROT_WRITE, 0, 4096, libc::EPERM),
+        ("mmap at an offset", libc::PROT_READ, 4096, 4096, libc::EINVAL),
+        ("mmap larger than the ring", libc::PROT_READ, 0, size + 4096, libc::EINVAL),
     ] {
         // SAFETY: a new shared mapping at a kernel-chosen address.
         let m = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, off) };
@@ -521,37 +402,18 @@ fn misuse(device: &Path, group: &str) -> Result<(), String> {
     }
     // A read-only mapping cannot be made writable afterwards.
     // SAFETY: a new read-only shared mapping at a kernel-chosen address.
-    let m = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
+    let m = unsafe { libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
     if m == libc::MAP_FAILED {
         failures.push("read-only mmap failed".into());
     } else {
         // SAFETY: changing the protection of our own mapping.
         let r = unsafe { libc::mprotect(m, 4096, libc::PROT_READ | libc::PROT_WRITE) };
-        let errno = if r < 0 {
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
-        } else {
-            0
-        };
+        let errno = if r < 0 { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) } else { 0 };
         expect("mprotect to writable", errno, libc::EACCES);
         // SAFETY: unmapping what was just mapped.
         unsafe { libc::munmap(m, 4096) };
     }
-    if c.producer_seq() != prod
-        || c.releaser()
-            .device()
-            .volume(0)
-            .map_err(|e| e.to_string())?
-            .is_none()
-    {
+    if c.producer_seq() != prod || c.releaser().device().volume(0).map_err(|e| e.to_string())?.is_none() {
         failures.push("the ring changed under misuse".into());
     }
     if failures.is_empty() {
