@@ -100,7 +100,7 @@ pub fn wait_resync(
             bar.abandon();
             return Err(ResyncWaitError::Critical {
                 volume: v.volume.clone(),
-                reasons: v.reasons.join("; "),
+                reasons: v.reasons_text(),
             });
         }
         if v.generation != ticket.generation {
@@ -139,7 +139,7 @@ pub fn wait_resync(
             return Err(ResyncWaitError::Timeout {
                 volume: v.volume.clone(),
                 timeout,
-                reasons: v.reasons.join("; "),
+                reasons: v.reasons_text(),
             });
         }
         std::thread::sleep(Duration::from_millis(250));

@@ -88,7 +88,7 @@ pub fn wait_applied(
             if v.health == Health::Critical {
                 return Err(WaitError::Critical {
                     volume: volume.to_owned(),
-                    reasons: v.reasons.join("; "),
+                    reasons: v.reasons_text(),
                 });
             }
             if applied(&v, seq, generation) {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Output;
 
 use replctl::error::Exit;
-use replica_control::status::{Health, Role, VolumeStatus};
+use replica_control::status::{ReasonKind, Role, VolumeStatus};
 
 fn replctl(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_replctl"))
@@ -107,8 +107,7 @@ fn a_keyring_that_does_not_parse_fails() {
 fn waiting_on_a_critical_volume_ends_critical() {
     let d = tempfile::tempdir().expect("tmp");
     let mut v = VolumeStatus::new("v", Role::Secondary);
-    v.health = Health::Critical;
-    v.reasons = vec!["sequence gap".into()];
+    v.set_reason(ReasonKind::Stopped, "sequence gap");
     v.generation = "aa".into();
     std::fs::write(
         d.path().join(replica_control::status::STATUS_FILE),

@@ -10,7 +10,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use replica_control::status::{read, Connection, Health, Role, VolumeStatus, STATUS_FILE};
+pub use replica_control::status::{
+    read, Connection, Health, Reason, ReasonKind, ReplicaState, Role, VolumeStatus, STATUS_FILE,
+};
 
 /// How often counters (sequences, lag, bytes) reach `status.json` at most;
 /// a change of state (connection, replica, health, reasons, resync) is
@@ -48,10 +50,12 @@ struct BoardState {
     stop: bool,
 }
 
-/// The parts of a status whose change is written at once.
+/// The parts of a status whose change is written at once (a reason's kind
+/// coming or going, not its text: a running resync's progress is a counter).
 fn state_of(s: &VolumeStatus) -> impl PartialEq + '_ {
     (
-        (s.role, s.connection, &s.replica, s.health, &s.reasons),
+        (s.role, s.connection, s.replica, s.health),
+        s.reasons.iter().map(|r| r.kind).collect::<Vec<_>>(),
         (s.needs_resync, s.resync_running, s.target_inconsistent),
         (&s.generation, s.epoch, s.generation_base),
     )

@@ -407,7 +407,7 @@ fn expiring_certificate_warns_and_sighup_reloads_certificates() {
     let warned = |t: &Daemon| {
         t.status("v").is_some_and(|s| {
             s.health == replicad::status::Health::Warning
-                && s.reasons.iter().any(|r| r.contains("expires in"))
+                && s.reasons.iter().any(|r| r.message.contains("expires in"))
         })
     };
     wait_for(Duration::from_secs(10), "expiry warning", || warned(&t));

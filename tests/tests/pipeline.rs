@@ -72,7 +72,7 @@ fn a_failed_write_is_never_shipped_and_stops_the_stream_into_a_resync() {
                     && s.needs_resync
                     && s.dirty_regions >= 1
                     && s.lag_records == 0
-                    && s.reasons.iter().any(|r| r.contains("sector 264"))
+                    && s.reasons.iter().any(|r| r.message.contains("sector 264"))
             })
         },
     );

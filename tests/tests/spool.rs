@@ -247,10 +247,12 @@ fn damaged_spool_is_cut_never_applied_wrong_and_the_lost_range_needs_a_resync() 
         s.resync_since_seq, first,
         "the stream ends where the damage starts"
     );
-    assert_eq!(s.replica, "Outdated");
+    assert_eq!(s.replica, replicad::status::ReplicaState::Outdated);
     assert_eq!(s.health, replicad::status::Health::Warning);
     assert!(
-        s.reasons.iter().any(|x| x.contains("spool lost records")),
+        s.reasons
+            .iter()
+            .any(|x| x.message.contains("spool lost records")),
         "{s:?}"
     );
     // What the spool still holds is shipped; nothing after the damage is.
@@ -344,13 +346,13 @@ fn spool_limit_gives_needs_resync_with_exactly_the_regions_written() {
     let s = status(&r);
     assert!(s.needs_resync);
     assert_eq!(s.resync_since_seq, durable + 1);
-    assert_eq!(s.replica, "Outdated");
+    assert_eq!(s.replica, replicad::status::ReplicaState::Outdated);
     assert_eq!(s.spool_bytes, 0, "the spool was dropped");
     assert!(spool_files(&r.sstate).is_empty());
     assert!(s
         .reasons
         .iter()
-        .any(|x| x.contains("spool reached its limit")));
+        .any(|x| x.message.contains("spool reached its limit")));
     // The ring kept draining: the writes after the drop all completed
     // (apply() would have panicked on a ring that stays full).
     let rs = ResyncState::load(&r.sstate.join("resync.state"))
@@ -412,7 +414,9 @@ fn full_spool_disk_turns_into_needs_resync_without_losing_a_write() {
     wait_drained(&r);
     let s = status(&r);
     assert!(
-        s.reasons.iter().any(|x| x.contains("spool disk full")),
+        s.reasons
+            .iter()
+            .any(|x| x.message.contains("spool disk full")),
         "{s:?}"
     );
     let rs = ResyncState::load(&r.sstate.join("resync.state"))

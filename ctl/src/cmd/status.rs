@@ -113,7 +113,7 @@ fn print_table(vols: &[VolumeStatus]) {
             lag,
             spool,
             point,
-            v.reasons.join("; ")
+            v.reasons_text()
         );
     }
 }

@@ -26,29 +26,9 @@ use crate::keystore::KeyStore;
 
 use crate::config::{RingSource, SourceConfig};
 use crate::retry::{Backoff, Decision};
-use crate::source::drain::{DrainSettings, Drainer, Shared, RESYNC_REASON};
-use crate::status::{Connection, Health, Role, StatusBoard, VolumeStatus};
+use crate::source::drain::{DrainSettings, Drainer, Shared};
+use crate::status::{Connection, ReasonKind, Role, StatusBoard, VolumeStatus};
 
-/// Replaces the reason of the last session failure (`None`: the session
-/// works again), keeping the reasons that outlive a connection: failed
-/// source writes, a needed resync, expiring certificates. Health follows.
-fn set_session_reason(s: &mut VolumeStatus, why: Option<&str>) {
-    s.reasons.retain(|r| {
-        r.starts_with("write failed")
-            || r.starts_with(RESYNC_REASON)
-            || (r.contains("certificate") && r.contains("expire"))
-    });
-    if let Some(w) = why {
-        s.reasons.push(w.to_owned());
-    }
-    if s.health != Health::Critical {
-        s.health = if s.reasons.is_empty() {
-            Health::OK
-        } else {
-            Health::Warning
-        };
-    }
-}
 use crate::DaemonError;
 
 use commands::Commands;
@@ -367,8 +347,8 @@ impl Source {
                     tracing::error!(volume = %vol, "replication stopped: {message}");
                     self.board.update(&vol, |s| {
                         s.connection = Connection::StandAlone;
-                        s.health = Health::Critical;
-                        set_session_reason(s, Some(&message));
+                        s.clear_reason(ReasonKind::Session);
+                        s.set_reason(ReasonKind::Stopped, message.clone());
                     });
                     return Err(DaemonError::Critical(message));
                 }
@@ -376,8 +356,7 @@ impl Source {
                     tracing::warn!(volume = %vol, attempt = backoff.attempts(), "replication interrupted, retrying: {message}");
                     self.board.update(&vol, |s| {
                         s.connection = Connection::Retrying;
-                        s.health = Health::Warning;
-                        set_session_reason(s, Some(&message));
+                        s.set_reason(ReasonKind::Session, message.clone());
                         s.retries = backoff.attempts() as u64;
                     });
                     while Instant::now() < at && !self.stop.load(Ordering::Acquire) {
@@ -400,8 +379,8 @@ impl Source {
         tracing::error!(volume = %vol, "replication stopped: {why}");
         self.board.update(vol, |s| {
             s.connection = Connection::StandAlone;
-            s.health = Health::Critical;
-            set_session_reason(s, Some(&why));
+            s.clear_reason(ReasonKind::Session);
+            s.set_reason(ReasonKind::Stopped, why.clone());
         });
         DaemonError::Critical(why)
     }

@@ -16,10 +16,10 @@ use replica_proto::msg::{self, ErrorClass as WireClass, ErrorCode, Hello, Messag
 use super::batch::BatchCtx;
 use super::drain::Shared;
 use super::seal::{seal_worker, Job, SealError, SessionKeys};
-use super::{set_session_reason, Source};
+use super::Source;
 use crate::link::{Link, LinkError};
 use crate::retry::{Backoff, ErrorClass};
-use crate::status::Connection;
+use crate::status::{Connection, ReasonKind};
 
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -226,7 +226,7 @@ impl Source {
         let vol = cfg.volume.clone();
         self.board.update(&vol, |s| {
             s.connection = Connection::Connected;
-            set_session_reason(s, None);
+            s.clear_reason(ReasonKind::Session);
             s.retries = 0;
             s.durable_seq = welcome.durable;
         });

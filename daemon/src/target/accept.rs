@@ -20,7 +20,7 @@ use super::PUMP_INTERVAL;
 use crate::keystore::KeyStore;
 use crate::link::Link;
 use crate::retry::ErrorClass;
-use crate::status::{Connection, Health, StatusBoard};
+use crate::status::{Connection, ReasonKind, StatusBoard};
 
 /// How long the TLS handshake, the hello and the takeover of an older
 /// connection may take.
@@ -99,10 +99,7 @@ impl ConnCtx {
         let stream = session.stream.clone();
         self.board.update(&stream.id, |s| {
             s.connection = Connection::Connected;
-            if s.health == Health::Warning {
-                s.health = Health::OK;
-                s.reasons.clear();
-            }
+            s.clear_reason(ReasonKind::Session);
         });
         let result = self.receive(&mut link, &mut session);
         if stream.conn.is_current(session.id) {
@@ -124,8 +121,7 @@ impl ConnCtx {
             match r.class() {
                 ErrorClass::Fatal => s.go_critical(&self.board, &message),
                 ErrorClass::Recoverable => self.board.update(&s.id, |st| {
-                    st.health = Health::Warning;
-                    st.reasons = vec![message.clone()];
+                    st.set_reason(ReasonKind::Session, message.clone());
                 }),
             }
         }

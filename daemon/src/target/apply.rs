@@ -25,7 +25,7 @@ use super::stream::Stream;
 use super::takeover::{Takeover, TakeoverError};
 use crate::keystore::KeyStore;
 use crate::retry::{Backoff, Decision, ErrorClass};
-use crate::status::{Health, StatusBoard};
+use crate::status::{ReasonKind, StatusBoard};
 
 /// The applier flushes the replica and persists how far it is after this
 /// many segments or this long, whichever comes first.
@@ -402,11 +402,7 @@ impl Applier {
                     let why = format!("replica {what} failed, retrying: {e}");
                     tracing::warn!(volume = %self.stream.id, "{why}");
                     self.board.update(&self.stream.id, |s| {
-                        if s.health == Health::OK {
-                            s.health = Health::Warning;
-                        }
-                        s.reasons.retain(|r| !r.starts_with("replica"));
-                        s.reasons.push(why.clone());
+                        s.set_reason(ReasonKind::Replica, why.clone());
                     });
                     self.check_store(true);
                     while Instant::now() < until {
@@ -427,16 +423,8 @@ impl Applier {
 
     /// A replica operation succeeded: a Warning of an earlier failure goes.
     fn clear_replica_warning(&self) {
-        if self.board.get(&self.stream.id).is_some_and(|s| {
-            s.health == Health::Warning && s.reasons.iter().any(|r| r.starts_with("replica"))
-        }) {
-            self.board.update(&self.stream.id, |s| {
-                s.reasons.retain(|r| !r.starts_with("replica"));
-                if s.reasons.is_empty() {
-                    s.health = Health::OK;
-                }
-            });
-        }
+        self.board
+            .update(&self.stream.id, |s| s.clear_reason(ReasonKind::Replica));
     }
 
     /// Applies the records of one segment past the applied sequence, in
@@ -551,27 +539,12 @@ impl Applier {
                 tracing::warn!(volume = %self.stream.id, "{w}");
             }
         }
-        let old = std::mem::replace(&mut self.store_warnings, new.clone());
-        // Other paths replace the reasons at times: put these back too.
-        let in_place = self.board.get(&self.stream.id).is_some_and(|s| {
-            new.iter().all(|w| s.reasons.contains(w))
-                && !s
-                    .reasons
-                    .iter()
-                    .any(|r| old.contains(r) && !new.contains(r))
-                && (new.is_empty() || s.health != Health::OK)
-                && !(s.health == Health::Warning && s.reasons.is_empty())
-        });
-        if in_place {
-            return;
-        }
+        self.store_warnings.clone_from(&new);
         self.board.update(&self.stream.id, |s| {
-            s.reasons.retain(|r| !old.contains(r) && !new.contains(r));
-            s.reasons.extend(new.iter().cloned());
-            if s.health == Health::OK && !new.is_empty() {
-                s.health = Health::Warning;
-            } else if s.health == Health::Warning && s.reasons.is_empty() {
-                s.health = Health::OK;
+            if new.is_empty() {
+                s.clear_reason(ReasonKind::Backend);
+            } else {
+                s.set_reason(ReasonKind::Backend, new.join("; "));
             }
         });
     }

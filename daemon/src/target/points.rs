@@ -11,10 +11,10 @@ use replica_store::state::{PointKind, RecoveryPoint, VolumeState};
 use replica_store::StoreError;
 
 use super::apply::Applier;
-use crate::status::Health;
+use crate::status::{ReasonKind, ReplicaState};
 
 /// Status reason while a resync runs.
-pub(super) const RESYNC_RUNNING: &str = "resync in progress";
+const RESYNC_RUNNING: &str = "resync in progress";
 
 /// The status reason while the replica waits for or runs a resync.
 pub(super) fn resync_reason(since: u64, full: bool) -> String {
@@ -91,10 +91,7 @@ impl Applier {
             let why = format!("recovery point at record {} skipped: {e}", r.seq);
             tracing::warn!(volume = %self.stream.id, "{why}");
             self.board.update(&self.stream.id, |s| {
-                if s.health == Health::OK {
-                    s.health = Health::Warning;
-                }
-                s.reasons = vec![why.clone()];
+                s.set_reason(ReasonKind::RecoveryPoint, why.clone());
             });
             self.publish_applied();
             return Ok(());
@@ -119,13 +116,8 @@ impl Applier {
             s.applied_seq = r.seq;
             s.points = count as u64;
             s.last_point_seq = r.seq;
-            s.replica = "Consistent".into();
-            if s.reasons.iter().any(|x| x.starts_with("recovery point")) {
-                s.reasons.retain(|x| !x.starts_with("recovery point"));
-                if s.reasons.is_empty() {
-                    s.health = Health::OK;
-                }
-            }
+            s.replica = ReplicaState::Consistent;
+            s.clear_reason(ReasonKind::RecoveryPoint);
         });
         Ok(())
     }
@@ -189,12 +181,8 @@ impl Applier {
         };
         tracing::warn!(volume = %self.stream.id, seq = r.seq, full, "resync started: the replica is inconsistent until it ends");
         self.board.update(&self.stream.id, |s| {
-            s.replica = "Inconsistent".into();
-            s.reasons.retain(|x| !x.starts_with(RESYNC_RUNNING));
-            s.reasons.push(resync_reason(r.seq, needs_full));
-            if s.health == Health::OK {
-                s.health = Health::Warning;
-            }
+            s.replica = ReplicaState::Inconsistent;
+            s.set_reason(ReasonKind::Resync, resync_reason(r.seq, needs_full));
         });
         Ok(())
     }
@@ -213,10 +201,7 @@ impl Applier {
         }
         tracing::info!(volume = %self.stream.id, seq = r.seq, "resync complete");
         self.board.update(&self.stream.id, |s| {
-            s.reasons.retain(|x| !x.starts_with(RESYNC_RUNNING));
-            if s.reasons.is_empty() && s.health == Health::Warning {
-                s.health = Health::OK;
-            }
+            s.clear_reason(ReasonKind::Resync);
         });
         Ok(true)
     }

@@ -14,7 +14,7 @@ use replica_store::StoreError;
 use super::apply::{Applier, ApplyMsg};
 use super::points::{point_id, record_point};
 use super::stream::Stream;
-use crate::status::{Connection, Health, Role};
+use crate::status::{Connection, ReasonKind, ReplicaState, Role};
 
 /// How long a failover may wait for the replica to catch up.
 const PROMOTE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -334,12 +334,15 @@ impl Applier {
         self.board.update(&self.stream.id, |s| {
             s.role = Role::Primary;
             s.connection = Connection::StandAlone;
-            s.replica = "UpToDate".into();
-            s.health = Health::OK;
-            s.reasons = vec![format!(
-                "failed over at record {point_seq} (epoch {epoch}); the volume is {}",
-                promotion.device
-            )];
+            s.replica = ReplicaState::UpToDate;
+            s.reasons.clear();
+            s.set_reason(
+                ReasonKind::Promoted,
+                format!(
+                    "failed over at record {point_seq} (epoch {epoch}); the volume is {}",
+                    promotion.device
+                ),
+            );
             s.epoch = epoch;
             s.applied_seq = point_seq;
         });

@@ -32,7 +32,7 @@ use super::apply::{Applier, ApplyMsg};
 use super::points::resync_reason;
 use crate::config::{TargetConfig, TargetVolume};
 use crate::keystore::KeyStore;
-use crate::status::{Connection, Health, StatusBoard};
+use crate::status::{Connection, ReasonKind, ReplicaState, StatusBoard};
 use crate::DaemonError;
 
 /// Segments queued between receiver and applier.
@@ -146,10 +146,10 @@ impl Stream {
             }
         }
         board.update(&self.id, |s| {
-            s.health = Health::Critical;
             s.connection = Connection::StandAlone;
-            if !s.reasons.iter().any(|r| r == why) {
-                s.reasons.push(why.to_owned());
+            // The first non-recoverable error is the one persisted.
+            if s.reason(ReasonKind::Stopped).is_none() {
+                s.set_reason(ReasonKind::Stopped, why);
             }
         });
     }
@@ -438,17 +438,18 @@ fn publish_opened(board: &StatusBoard, volume: &str, state: &VolumeState, journa
         s.points = state.points.len() as u64;
         s.last_point_seq = state.points.last().map_or(0, |p| p.seq);
         s.replica = if inconsistent {
-            "Inconsistent".into()
+            ReplicaState::Inconsistent
         } else {
-            "Consistent".into()
+            ReplicaState::Consistent
         };
         if let Some(since) = state.resync_since {
-            s.health = Health::Warning;
-            s.reasons = vec![resync_reason(since, state.needs_full_resync)];
+            s.set_reason(
+                ReasonKind::Resync,
+                resync_reason(since, state.needs_full_resync),
+            );
         }
         if let Some(c) = &state.critical {
-            s.health = Health::Critical;
-            s.reasons = vec![c.clone()];
+            s.set_reason(ReasonKind::Stopped, c.clone());
         }
     });
 }

@@ -13,10 +13,10 @@ use replica_store::state::VolumeState;
 use replica_store::StoreError;
 
 use super::apply::{Applier, ApplyMsg};
-use super::points::{resync_reason, RESYNC_RUNNING};
+use super::points::resync_reason;
 use super::refusal::Refusal;
 use super::stream::Stream;
-use crate::status::Health;
+use crate::status::{ReasonKind, ReplicaState};
 
 /// How long the accept path waits for the applier to take a new
 /// generation over (it applies the old one's queued segments first); the
@@ -163,13 +163,10 @@ impl Applier {
             s.generation_base = t.base;
             s.applied_seq = t.base;
             s.durable_seq = t.base;
-            s.reasons.retain(|x| !x.starts_with(RESYNC_RUNNING));
-            s.replica = "Inconsistent".into();
+            s.clear_reason(ReasonKind::Resync);
+            s.replica = ReplicaState::Inconsistent;
             if t.needs_full_resync {
-                s.reasons.push(resync_reason(since, true));
-                if s.health == Health::OK {
-                    s.health = Health::Warning;
-                }
+                s.set_reason(ReasonKind::Resync, resync_reason(since, true));
             }
         });
         Ok(())

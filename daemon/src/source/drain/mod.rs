@@ -39,7 +39,7 @@ use replica_ring::{Peek, Record, RingError};
 
 use crate::source::dirty::ResyncState;
 use crate::source::ring::RingConsumer;
-use crate::status::{Health, StatusBoard};
+use crate::status::{ReasonKind, StatusBoard};
 use crate::DaemonError;
 
 /// Prefix of the status reason while a resync is needed.
@@ -190,10 +190,7 @@ impl Drainer {
             // Replication cannot go on: Critical now, whether or not a
             // session is there to notice.
             self.board.update(&self.set.volume, |s| {
-                s.health = Health::Critical;
-                if !s.reasons.contains(&msg) {
-                    s.reasons.push(msg.clone());
-                }
+                s.set_reason(ReasonKind::Stopped, msg.clone());
             });
             *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
         }
@@ -376,12 +373,12 @@ impl Drainer {
             let (sector, len) = (d.sector, d.len);
             self.board.update(&self.set.volume, |s| {
                 s.failed_records += 1;
-                s.health = Health::Warning;
-                let why = format!(
-                    "write failed on the source at sector {sector} (+{len} bytes): region needs resync"
+                s.set_reason(
+                    ReasonKind::WriteFailed,
+                    format!(
+                        "write failed on the source at sector {sector} (+{len} bytes): region needs resync"
+                    ),
                 );
-                s.reasons.retain(|x| x != &why);
-                s.reasons.push(why);
             });
         }
         match &mut self.mode {
@@ -473,7 +470,7 @@ impl Drainer {
 #[cfg(test)]
 mod volume_index_tests {
     use super::*;
-    use crate::status::{Role, VolumeStatus};
+    use crate::status::{Health, Role, VolumeStatus};
     use replica_ring::{Consumer, DescFields, FileRelease, Producer, RingParams};
 
     const SIZE: u64 = 1 << 20;
@@ -592,7 +589,8 @@ mod volume_index_tests {
         let s = board.get("v").expect("status");
         assert_eq!(s.health, Health::Critical);
         assert!(
-            s.reasons.iter().any(|r| r.contains("volume index 1")),
+            s.reason(ReasonKind::Stopped)
+                .is_some_and(|r| r.contains("volume index 1")),
             "{:?}",
             s.reasons
         );

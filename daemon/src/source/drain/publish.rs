@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{Drainer, Mode, RESYNC_REASON};
-use crate::status::Health;
+use crate::status::{ReasonKind, ReplicaState};
 
 impl Drainer {
     /// Publishes lag, spool and resync figures.
@@ -42,7 +42,6 @@ impl Drainer {
             s.lag_records = records;
             s.lag_bytes = if records == 0 { 0 } else { bytes };
             s.lag_seconds = seconds;
-            s.reasons.retain(|r| !r.starts_with(RESYNC_REASON));
             match map {
                 Some(st) => {
                     s.needs_resync = true;
@@ -52,11 +51,10 @@ impl Drainer {
                     s.resync_running = running.is_some();
                     s.resync_total_regions = running.map_or(st.map.count(), |r| r.total);
                     s.replica = if running.is_some() {
-                        "Inconsistent"
+                        ReplicaState::Inconsistent
                     } else {
-                        "Outdated"
-                    }
-                    .into();
+                        ReplicaState::Outdated
+                    };
                     let state = match (running, &blocked) {
                         (Some(r), _) => format!(
                             "resync running: {} of {} regions left",
@@ -66,29 +64,29 @@ impl Drainer {
                         (None, Some(b)) => format!("resync cannot start: {b}"),
                         (None, None) => "resync starts when the target is connected".into(),
                     };
-                    s.reasons.push(format!(
-                        "{RESYNC_REASON}: {} ({} regions dirty since record {}; {state})",
-                        st.reason,
-                        st.map.count(),
-                        st.since_seq
-                    ));
-                    if s.health == Health::OK {
-                        s.health = Health::Warning;
-                    }
+                    s.set_reason(
+                        ReasonKind::Resync,
+                        format!(
+                            "{RESYNC_REASON}: {} ({} regions dirty since record {}; {state})",
+                            st.reason,
+                            st.map.count(),
+                            st.since_seq
+                        ),
+                    );
                 }
                 None => {
                     s.needs_resync = false;
                     s.resync_running = false;
                     s.dirty_regions = 0;
                     s.dirty_bytes = 0;
+                    s.clear_reason(ReasonKind::Resync);
                     s.replica = if durable == 0 && records > 0 {
-                        "Inconsistent"
+                        ReplicaState::Inconsistent
                     } else if records == 0 {
-                        "UpToDate"
+                        ReplicaState::UpToDate
                     } else {
-                        "Consistent"
-                    }
-                    .into();
+                        ReplicaState::Consistent
+                    };
                 }
             }
         });

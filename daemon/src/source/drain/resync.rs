@@ -1,7 +1,5 @@
-//! A running resync
-//!
-//! once a session is connected, the drain
-//! asks the kernel for a BEGIN marker; from that point of the ring on,
+//! A running resync, ordered by ring markers: once a session is connected,
+//! the drain asks the kernel for a BEGIN marker; from that point of the ring on,
 //! records are spooled again (the stream resumes after a gap the target
 //! accepts because it starts with BEGIN). Then, a few at a time and paced
 //! by the target's acknowledgements, it inserts DATA markers naming runs of
@@ -29,9 +27,9 @@ use std::time::{Duration, Instant};
 use replica_proto::frame::{self, resync::Marker, OP_SKIPPED, RECORD_FLAG_RESYNC};
 use replica_ring::Record;
 
-use super::{io_err, DrainSettings, Drainer, KernelRing, Mode, RESYNC_REASON};
+use super::{io_err, DrainSettings, Drainer, KernelRing, Mode};
 use crate::source::dirty::{DirtyMap, ResyncState};
-use crate::status::Health;
+use crate::status::ReasonKind;
 use crate::DaemonError;
 
 /// DATA markers in the ring, not yet drained, at most.
@@ -455,10 +453,7 @@ impl Drainer {
             self.shared.set_resync(None);
             self.board.update(&self.set.volume, |s| {
                 s.resync_end_seq = end;
-                s.reasons.retain(|r| !r.starts_with(RESYNC_REASON));
-                if s.reasons.is_empty() && s.health == Health::Warning {
-                    s.health = Health::OK;
-                }
+                s.clear_reason(ReasonKind::Resync);
             });
             self.publish();
             return Ok(());
