@@ -40,8 +40,9 @@ pub enum Cmd {
     /// capture ring generation (sequences start over with each ring).
     Wait(WaitArgs),
     /// Recovery points of a target volume: list them, open one read-only
-    /// or as a writable copy (test failover), close it again. Works while
-    /// `replicad target` runs.
+    /// or as a writable copy (test failover), close it again. Asks the
+    /// running `replicad target`, which holds the replica; opens the
+    /// replica itself only when no daemon answers (and says so).
     Point {
         /// What to do.
         #[command(subcommand)]
@@ -272,7 +273,8 @@ pub enum KeysCmd {
 /// A volume of a target configuration.
 #[derive(Debug, Args)]
 pub struct PointVolume {
-    /// The target's configuration file.
+    /// The target's configuration file (where its control socket is, and
+    /// the replica when no daemon answers there).
     #[arg(long)]
     pub config: PathBuf,
     /// Volume id.

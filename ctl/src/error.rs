@@ -171,6 +171,14 @@ pub enum CtlError {
         #[source]
         source: std::io::Error,
     },
+    /// A daemon's successful answer lacks what the command asks for.
+    #[error("the daemon's answer to {command} has no {field}")]
+    Incomplete {
+        /// The command's wire name.
+        command: &'static str,
+        /// The field that is missing.
+        field: &'static str,
+    },
     /// A file replctl reads or writes itself.
     #[error("{what} {}: {source}", path.display())]
     Io {
@@ -204,6 +212,7 @@ impl CtlError {
             Self::NeededKeys(e) => e.exit(),
             Self::Certs(e) => e.exit(),
             Self::Store(StoreError::Io { source, .. }) => Exit::of_io(source),
+            Self::Store(StoreError::NoSuchPoint(_)) => Exit::NotFound,
             Self::Store(_) => Exit::Failed,
             Self::Dev(e) => e.exit(),
             Self::Wait(e) => e.exit(),
@@ -213,7 +222,7 @@ impl CtlError {
             Self::NoSuchVolume { .. } => Exit::NotFound,
             Self::NoStatus { source, .. } => Exit::of_io(source),
             Self::Io { source, .. } => Exit::of_io(source),
-            Self::Json(_) => Exit::Failed,
+            Self::Incomplete { .. } | Self::Json(_) => Exit::Failed,
         }
     }
 

@@ -21,51 +21,75 @@ use replica_control::{Command, Envelope, ErrorCode, Response};
 use crate::status::StatusBoard;
 use crate::DaemonError;
 
-/// A command as the role handlers read it: its wire name and arguments as
-/// text. (Built from the typed [`replica_control::Request`]; the handlers
-/// take the typed command once they move into their role modules.)
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    /// The command's wire name (`resync`, `failover`, ...).
-    pub command: String,
-    /// The volume it is about (default: the daemon's only one).
-    pub volume: Option<String>,
-    /// For `failover`: `latest` or a recovery point's record sequence.
-    pub point: Option<String>,
+/// A role's commands beyond `status`: given the volume the request names
+/// (if any) and the command, `Some(Ok(reply))` done, `Some(Err(e))`
+/// refused or failed (the response carries [`CommandFailure::code`]),
+/// `None` not a command of this role. Built with [`handler`].
+pub type Handler = Arc<
+    dyn Fn(Option<&str>, &Command) -> Option<Result<Reply, Box<dyn CommandFailure>>> + Send + Sync,
+>;
+
+/// Why a role's command did not do what it was asked: the operator's
+/// words (`Display`) and, for programs, the response's code.
+pub trait CommandFailure: std::error::Error + Send + Sync {
+    /// The code the error response carries ([`ErrorCode::Refused`],
+    /// [`ErrorCode::NotFound`] or [`ErrorCode::Failed`]).
+    fn code(&self) -> ErrorCode;
 }
 
-impl From<&replica_control::Request> for Request {
-    fn from(r: &replica_control::Request) -> Self {
-        let point = match &r.command {
-            Command::Failover { point } => point.map(|p| p.to_string()),
-            _ => None,
-        };
-        Self {
-            command: r.command.name().to_owned(),
-            volume: r.volume.clone(),
-            point,
-        }
-    }
+/// A [`Handler`] from a role's typed handler.
+pub fn handler<E>(
+    f: impl Fn(Option<&str>, &Command) -> Option<Result<Reply, E>> + Send + Sync + 'static,
+) -> Handler
+where
+    E: CommandFailure + 'static,
+{
+    Arc::new(move |volume, command| {
+        f(volume, command).map(|r| r.map_err(|e| Box::new(e) as Box<dyn CommandFailure>))
+    })
 }
-
-/// A role's commands beyond `status`: `Some(Ok(reply))` done,
-/// `Some(Err(why))` failed, `None` not a command of this role.
-pub type Handler = Arc<dyn Fn(&Request) -> Option<Result<Reply, String>> + Send + Sync>;
 
 /// What a command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// For the operator.
-    pub message: String,
-    /// For `resync`: which resync to wait for.
-    pub resync: Option<ResyncTicket>,
+pub enum Reply {
+    /// Done: what it did, for the operator.
+    Done(String),
+    /// A resync was scheduled: what it will do, and which resync to wait
+    /// for.
+    Resync {
+        /// For the operator.
+        message: String,
+        /// The resync's ticket.
+        ticket: ResyncTicket,
+    },
+    /// `point-list`: the replica backend's snapshots, ascending.
+    Points(Vec<u64>),
+    /// `point-open`: the device or file that holds the point.
+    Opened(PathBuf),
 }
 
-impl From<String> for Reply {
-    fn from(message: String) -> Self {
-        Self {
-            message,
-            resync: None,
+impl Reply {
+    /// The successful response that says it.
+    fn response(self) -> Response {
+        let ok = Response::ok();
+        match self {
+            Reply::Done(message) => Response {
+                message: Some(message),
+                ..ok
+            },
+            Reply::Resync { message, ticket } => Response {
+                message: Some(message),
+                resync: Some(ticket),
+                ..ok
+            },
+            Reply::Points(points) => Response {
+                points: Some(points),
+                ..ok
+            },
+            Reply::Opened(path) => Response {
+                path: Some(path),
+                ..ok
+            },
         }
     }
 }
@@ -231,13 +255,9 @@ fn respond(line: &str, board: &StatusBoard, handler: Option<&Handler>) -> Respon
             ..Response::ok()
         };
     }
-    match handler.and_then(|h| h(&Request::from(&req))) {
-        Some(Ok(m)) => Response {
-            message: Some(m.message),
-            resync: m.resync,
-            ..Response::ok()
-        },
-        Some(Err(e)) => Response::error(ErrorCode::Failed, e),
+    match handler.and_then(|h| h(req.volume.as_deref(), &req.command)) {
+        Some(Ok(reply)) => reply.response(),
+        Some(Err(e)) => Response::error(e.code(), e.to_string()),
         None => Response::error(
             ErrorCode::UnknownCommand,
             format!(

@@ -16,10 +16,6 @@ pub mod status;
 pub mod target;
 pub mod tls;
 
-/// Opening a volume's replica backend (the target's; `replctl point` uses it
-/// too): kept at `replicad::backend` while it lives in the target's tree.
-pub use target::backend;
-
 /// The configuration of both roles (the `replica-config` crate).
 pub use replica_config as config;
 

@@ -62,17 +62,46 @@ pub enum Command {
     },
     /// Source: stop the daemon.
     Stop,
+    /// Target: the ids of the snapshots the volume's replica backend holds,
+    /// ascending (answered in [`crate::Response::points`]).
+    PointList,
+    /// Target: make a point readable, or a writable copy of it (answered
+    /// with its device or file in [`crate::Response::path`]).
+    PointOpen {
+        /// The point's id.
+        point: u64,
+        /// A writable copy of the point instead of the point itself.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        writable: bool,
+    },
+    /// Target: undo `point-open` (a writable copy is discarded).
+    PointClose {
+        /// The point's id.
+        point: u64,
+        /// The point's writable copy.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        writable: bool,
+    },
 }
 
 impl Command {
     /// One of each command (arguments at their defaults).
-    pub const ALL: [Command; 6] = [
+    pub const ALL: [Command; 9] = [
         Command::Status,
         Command::Resync,
         Command::InitialCopy,
         Command::FailoverPlanned,
         Command::Failover { point: None },
         Command::Stop,
+        Command::PointList,
+        Command::PointOpen {
+            point: 0,
+            writable: false,
+        },
+        Command::PointClose {
+            point: 0,
+            writable: false,
+        },
     ];
 
     /// The command's name on the wire.
@@ -84,6 +113,9 @@ impl Command {
             Command::FailoverPlanned => "failover-planned",
             Command::Failover { .. } => "failover",
             Command::Stop => "stop",
+            Command::PointList => "point-list",
+            Command::PointOpen { .. } => "point-open",
+            Command::PointClose { .. } => "point-close",
         }
     }
 
@@ -207,6 +239,42 @@ mod tests {
             }))
             .expect("json"),
             r#"{"version":1,"command":"failover","point":"latest"}"#
+        );
+    }
+
+    #[test]
+    fn point_commands_name_the_point_and_say_writable_only_when_it_is() {
+        assert_eq!(
+            serde_json::to_string(
+                &Request::new(Command::PointOpen {
+                    point: 42,
+                    writable: true
+                })
+                .for_volume(Some("db1"))
+            )
+            .expect("json"),
+            r#"{"version":1,"volume":"db1","command":"point-open","point":42,"writable":true}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::new(Command::PointClose {
+                point: 7,
+                writable: false
+            }))
+            .expect("json"),
+            r#"{"version":1,"command":"point-close","point":7}"#
+        );
+        let r: Request =
+            serde_json::from_str(r#"{"version":1,"command":"point-open","point":7}"#).expect("p");
+        assert_eq!(
+            r.command,
+            Command::PointOpen {
+                point: 7,
+                writable: false
+            }
+        );
+        assert!(
+            serde_json::from_str::<Request>(r#"{"version":1,"command":"point-open"}"#).is_err(),
+            "a point is required"
         );
     }
 

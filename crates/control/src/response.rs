@@ -1,6 +1,7 @@
 //! What a daemon answers: the response, its error code, the resync ticket.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +31,14 @@ pub struct Response {
     /// For `resync` and `initial-copy`: the resync it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync: Option<ResyncTicket>,
+    /// For `point-list`: the ids of the snapshots the replica backend
+    /// holds, ascending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points: Option<Vec<u64>>,
+    /// For `point-open`: the device or file that holds the point (or its
+    /// writable copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
 }
 
 impl Response {
@@ -43,6 +52,8 @@ impl Response {
             error: None,
             code: None,
             resync: None,
+            points: None,
+            path: None,
         }
     }
 

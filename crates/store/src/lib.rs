@@ -1,6 +1,7 @@
 //! Target-side storage of dm-replica: the segment journal, replica
 //! backends with recovery points, and persistent volume state.
 
+pub mod backend;
 pub mod journal;
 pub mod replica;
 pub mod state;
@@ -33,6 +34,9 @@ pub enum StoreError {
         /// What is wrong.
         why: String,
     },
+    /// The replica has no recovery point (snapshot) of this id.
+    #[error("no recovery point {0}")]
+    NoSuchPoint(u64),
     /// A request that cannot be honoured.
     #[error("{0}")]
     Invalid(String),

@@ -1,7 +1,12 @@
 //! `replctl points` (the recovery points a target recorded) and
-//! `replctl point list/open/close` (the replica backend's snapshots).
+//! `replctl point list/open/close` (the replica backend's snapshots, through
+//! the target daemon that holds the replica; directly only when none runs).
 
-use replica_store::replica::{PointAccess, ReplicaStore};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use replica_control::{Command, ControlError, Request, Response};
+use replica_store::replica::PointAccess;
 
 use crate::cli::{PointCmd, PointVolume, PointsArgs};
 use crate::error::CtlError;
@@ -45,27 +50,92 @@ pub fn run(a: PointsArgs) -> Result<(), CtlError> {
     Ok(())
 }
 
-/// Runs a `point` command.
+/// How long a point command may take in the daemon (a writable copy on
+/// the file backend is a whole copy of the volume where the filesystem has
+/// no reflinks).
+const POINT_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// What a point command gave.
+enum PointAnswer {
+    /// `list`: snapshot ids, ascending.
+    Points(Vec<u64>),
+    /// `open`: the device or file.
+    Opened(PathBuf),
+    /// `close`.
+    Closed,
+}
+
+/// Runs a `point` command: through the target daemon that holds the
+/// replica, or, when none answers on its control socket, on the replica
+/// opened here (and says so).
 pub fn point(cmd: PointCmd) -> Result<(), CtlError> {
-    match cmd {
-        PointCmd::List { vol } => {
-            for id in open_volume_replica(&vol)?.list_points()? {
+    let vol = match &cmd {
+        PointCmd::List { vol } => vol,
+        PointCmd::Open(p) | PointCmd::Close(p) => &p.vol,
+    };
+    let cfg = replica_config::TargetConfig::load(&vol.config)?;
+    let sock = cfg
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| replica_control::default_path(&cfg.state_dir));
+    let req = Request::new(command(&cmd)).for_volume(Some(&vol.volume));
+    let answer = match replica_control::send(&sock, &req, POINT_TIMEOUT) {
+        Ok(r) => from_daemon(&cmd, r)?,
+        Err(ControlError::NotRunning { .. }) => {
+            eprintln!(
+                "replctl: no target daemon answers on {}: opening the replica directly",
+                sock.display()
+            );
+            directly(&cfg, vol, &cmd)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match answer {
+        PointAnswer::Points(ids) => {
+            for id in ids {
                 println!("{id}");
             }
         }
-        PointCmd::Open(p) => {
-            let path = open_volume_replica(&p.vol)?.open_point(p.point, access(p.writable))?;
-            println!("{}", path.display());
-        }
-        PointCmd::Close(p) => {
-            open_volume_replica(&p.vol)?.close_point(p.point, access(p.writable))?
-        }
+        PointAnswer::Opened(path) => println!("{}", path.display()),
+        PointAnswer::Closed => {}
     }
     Ok(())
 }
 
-fn open_volume_replica(v: &PointVolume) -> Result<Box<dyn ReplicaStore>, CtlError> {
-    let cfg = replica_config::TargetConfig::load(&v.config)?;
+/// The control command of a point command.
+fn command(cmd: &PointCmd) -> Command {
+    match cmd {
+        PointCmd::List { .. } => Command::PointList,
+        PointCmd::Open(p) => Command::PointOpen {
+            point: p.point,
+            writable: p.writable,
+        },
+        PointCmd::Close(p) => Command::PointClose {
+            point: p.point,
+            writable: p.writable,
+        },
+    }
+}
+
+/// What the daemon's answer says.
+fn from_daemon(cmd: &PointCmd, r: Response) -> Result<PointAnswer, CtlError> {
+    let incomplete = |field| CtlError::Incomplete {
+        command: command(cmd).name(),
+        field,
+    };
+    Ok(match cmd {
+        PointCmd::List { .. } => PointAnswer::Points(r.points.ok_or(incomplete("points"))?),
+        PointCmd::Open(_) => PointAnswer::Opened(r.path.ok_or(incomplete("path"))?),
+        PointCmd::Close(_) => PointAnswer::Closed,
+    })
+}
+
+/// Runs a point command on the replica opened here (no daemon holds it).
+fn directly(
+    cfg: &replica_config::TargetConfig,
+    v: &PointVolume,
+    cmd: &PointCmd,
+) -> Result<PointAnswer, CtlError> {
     let vc = cfg
         .volumes
         .iter()
@@ -74,7 +144,15 @@ fn open_volume_replica(v: &PointVolume) -> Result<Box<dyn ReplicaStore>, CtlErro
             volume: v.volume.clone(),
             config: v.config.clone(),
         })?;
-    Ok(replicad::backend::open_replica(&cfg.state_dir, vc)?)
+    let mut replica = replica_store::backend::open_replica(&cfg.state_dir, vc)?;
+    Ok(match cmd {
+        PointCmd::List { .. } => PointAnswer::Points(replica.list_points()?),
+        PointCmd::Open(p) => PointAnswer::Opened(replica.open_point(p.point, access(p.writable))?),
+        PointCmd::Close(p) => {
+            replica.close_point(p.point, access(p.writable))?;
+            PointAnswer::Closed
+        }
+    })
 }
 
 fn access(writable: bool) -> PointAccess {

@@ -6,7 +6,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::drain::Shared;
+use replica_control::{Command, ErrorCode};
+
+use super::drain::{PlannedRefusal, Shared};
+use crate::control::{CommandFailure, Reply, ResyncTicket};
+
+/// How long the drain may take to pick up a resync request.
+const DRAIN_ANSWER: Duration = Duration::from_secs(30);
+
+/// How long a planned failover waits for the last record to be drained.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long a planned failover waits for the target to take over.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// What the source's control commands (`resync`, `failover-planned`) act
 /// on; the drain's shared state once it runs.
@@ -27,33 +39,142 @@ pub(super) struct Commands {
     pub(super) failing_over: std::sync::Mutex<()>,
 }
 
+/// Why a source's control command did not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The request names another volume.
+    #[error("this source replicates {this}, not {asked}")]
+    NotThisVolume {
+        /// This source's volume.
+        this: String,
+        /// The one asked for.
+        asked: String,
+    },
+    /// The drain has not started (the ring is not attached yet).
+    #[error("the source is not replicating yet")]
+    NotReplicating,
+    /// The drain did not pick up a resync request.
+    #[error("the capture drain did not take the resync request within {} s (is the ring attached?); it stays queued", .0.as_secs())]
+    DrainDidNotAnswer(Duration),
+    /// One planned failover at a time.
+    #[error("a planned failover is already under way")]
+    AlreadyFailingOver,
+    /// A planned failover needs the target.
+    #[error("not connected to the target")]
+    NotConnected,
+    /// A planned failover would lose writes.
+    #[error(transparent)]
+    Refused(#[from] PlannedRefusal),
+    /// A planned failover would lose writes, found once writes were
+    /// suspended; the volume was resumed, or could not be.
+    #[error("planned failover refused ({device} {}): {refusal}", match .resume_failed { None => "resumed".to_owned(), Some(e) => format!("stays suspended: {e}") })]
+    RefusedSuspended {
+        /// The protected volume's device-mapper name.
+        device: String,
+        /// Why it could not be resumed, if it could not.
+        resume_failed: Option<String>,
+        /// Why the failover was refused.
+        refusal: PlannedRefusal,
+    },
+    /// The configuration names no protected device.
+    #[error("`device` (the protected volume) is not configured")]
+    NoDevice,
+    /// The configuration names no ring file.
+    #[error("no ring file configured")]
+    NoRingFile,
+    /// The source's role file.
+    #[error("this source's role: {0}")]
+    Role(String),
+    /// The protected volume is not a device-mapper device, or could not be
+    /// suspended.
+    #[error("{0}")]
+    Device(String),
+    /// The final marker or the error table did not go in.
+    #[error("cannot stop writes on {device}: {why}")]
+    Fence {
+        /// The protected volume's device-mapper name.
+        device: String,
+        /// What device-mapper said.
+        why: String,
+    },
+    /// The ring file.
+    #[error("ring file: {0}")]
+    Ring(#[from] replica_ring::RingError),
+    /// The stream broke off before the last record.
+    #[error("planned failover not completed: the replica needs a resync (the stream stopped at record {since}, before the last record {upto}); the source volume stays fenced; fail over (unplanned) on the target")]
+    StreamBroke {
+        /// The first record the stream lacks.
+        since: u64,
+        /// The old primary's last record.
+        upto: u64,
+    },
+    /// The last record never left the ring.
+    #[error("record {0} was never drained from the ring")]
+    NeverDrained(u64),
+    /// The target did not answer the hand-over.
+    #[error("planned failover not completed: the target did not take over within {} minutes; the source volume stays fenced; `replctl failover --planned` again to retry", .0.as_secs() / 60)]
+    TargetTimeout(Duration),
+    /// The target refused the hand-over, or the session to it ended.
+    #[error("planned failover not completed: {0}; the source volume stays fenced; `replctl failover --planned` again to retry")]
+    HandOver(String),
+}
+
+impl CommandFailure for CommandError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::NotThisVolume { .. } => ErrorCode::NotFound,
+            Self::NotReplicating
+            | Self::AlreadyFailingOver
+            | Self::NotConnected
+            | Self::Refused(_)
+            | Self::RefusedSuspended { .. } => ErrorCode::Refused,
+            Self::DrainDidNotAnswer(_)
+            | Self::NoDevice
+            | Self::NoRingFile
+            | Self::Role(_)
+            | Self::Device(_)
+            | Self::Fence { .. }
+            | Self::Ring(_)
+            | Self::StreamBroke { .. }
+            | Self::NeverDrained(_)
+            | Self::TargetTimeout(_)
+            | Self::HandOver(_) => ErrorCode::Failed,
+        }
+    }
+}
+
 impl Commands {
+    /// Runs `command` about `volume` (default: this source's); `None` if
+    /// it is not a source's command.
     pub(super) fn handle(
         &self,
-        r: &crate::control::Request,
-    ) -> Option<Result<crate::control::Reply, String>> {
+        volume: Option<&str>,
+        command: &Command,
+    ) -> Option<Result<Reply, CommandError>> {
         if !matches!(
-            r.command.as_str(),
-            "resync" | "initial-copy" | "failover-planned" | "stop"
+            command,
+            Command::Resync | Command::InitialCopy | Command::FailoverPlanned | Command::Stop
         ) {
             return None;
         }
-        if r.volume.as_ref().is_some_and(|v| v != &self.volume) {
-            return Some(Err(format!(
-                "this source replicates {}, not {}",
-                self.volume,
-                r.volume.as_deref().unwrap_or_default()
-            )));
+        if let Some(v) = volume.filter(|v| *v != self.volume) {
+            return Some(Err(CommandError::NotThisVolume {
+                this: self.volume.clone(),
+                asked: v.to_owned(),
+            }));
         }
-        Some(match r.command.as_str() {
-            "stop" => {
+        Some(match command {
+            Command::Stop => {
                 tracing::info!(volume = %self.volume, "stop requested on the control socket");
                 self.stop.store(true, Ordering::Release);
-                Ok(format!("replicad source for {} is stopping", self.volume).into())
+                Ok(Reply::Done(format!(
+                    "replicad source for {} is stopping",
+                    self.volume
+                )))
             }
-            "resync" => self.resync(false),
-            "initial-copy" => self.resync(true),
-            _ => self.planned_failover().map(Into::into),
+            Command::Resync => self.resync(false),
+            Command::InitialCopy => self.resync(true),
+            _ => self.planned_failover().map(Reply::Done),
         })
     }
 
@@ -62,7 +183,7 @@ impl Commands {
     /// drain, which answers with a ring position the resync's END comes
     /// after; the reply names it, so a wait sees this resync through to its
     /// END on the target.
-    pub(super) fn resync(&self, ensure: bool) -> Result<crate::control::Reply, String> {
+    pub(super) fn resync(&self, ensure: bool) -> Result<Reply, CommandError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.resync_request
             .lock()
@@ -76,47 +197,47 @@ impl Commands {
                 reply: tx,
                 ensure,
             });
-        let from_seq = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
-            "the capture drain did not take the resync request within 30 s (is the ring attached?); it stays queued".to_string()
-        })?;
+        let from_seq = rx
+            .recv_timeout(DRAIN_ANSWER)
+            .map_err(|_| CommandError::DrainDidNotAnswer(DRAIN_ANSWER))?;
         let generation = self
             .shared
             .get()
             .map(|s| hex::encode(s.generation))
-            .ok_or("the source is not replicating yet")?;
-        Ok(crate::control::Reply {
+            .ok_or(CommandError::NotReplicating)?;
+        Ok(Reply::Resync {
             message: format!(
                 "full resync of {} scheduled at record {from_seq}: every region will be resent; the replica is inconsistent until the target applies its end (its last recovery point stays)",
                 self.volume
             ),
-            resync: Some(crate::control::ResyncTicket {
+            ticket: ResyncTicket {
                 generation,
                 from_seq,
-            }),
+            },
         })
     }
 
     /// Planned failover: stop writes (suspend, final marker, error table),
     /// wait until the target has every record, hand over, demote this side.
-    pub(super) fn planned_failover(&self) -> Result<String, String> {
+    pub(super) fn planned_failover(&self) -> Result<String, CommandError> {
         let _one = self
             .failing_over
             .try_lock()
-            .map_err(|_| "a planned failover is already under way".to_string())?;
+            .map_err(|_| CommandError::AlreadyFailingOver)?;
         let shared = self
             .shared
             .get()
-            .ok_or("the source is not replicating yet")?
+            .ok_or(CommandError::NotReplicating)?
             .clone();
         // The kernel's dirty regions are checked once writes are suspended
         // (a retry after the fence finds the volume gone from the kernel).
         if let Some(why) =
             crate::source::drain::planned_failover_refusal(shared.needs_resync(), Ok(None))
         {
-            return Err(why);
+            return Err(why.into());
         }
         if !shared.connected.load(Ordering::Acquire) {
-            return Err("not connected to the target".into());
+            return Err(CommandError::NotConnected);
         }
         shared.failing_over.store(true, Ordering::Release);
         let r = self.hand_over(&shared);
@@ -127,31 +248,31 @@ impl Commands {
     }
 
     /// The planned failover once it may start (see [`Self::planned_failover`]).
-    pub(super) fn hand_over(&self, shared: &Arc<Shared>) -> Result<String, String> {
-        let mut role = crate::source::failover::SourceRole::load(&self.state_dir)?;
+    pub(super) fn hand_over(&self, shared: &Arc<Shared>) -> Result<String, CommandError> {
+        let mut role = crate::source::failover::SourceRole::load(&self.state_dir)
+            .map_err(CommandError::Role)?;
         let upto = if self.kernel_ring {
-            let dev = self
-                .device
-                .as_ref()
-                .ok_or("`device` (the protected volume) is not configured")?;
-            let name = crate::source::failover::dm_name(dev)?;
+            let dev = self.device.as_ref().ok_or(CommandError::NoDevice)?;
+            let name = crate::source::failover::dm_name(dev).map_err(CommandError::Device)?;
             match role.failing_over {
                 Some(upto) if crate::source::failover::is_fenced(&name) => upto,
                 _ => {
-                    crate::source::failover::suspend(&name)?;
+                    crate::source::failover::suspend(&name).map_err(CommandError::Device)?;
                     // Writes are stopped and every one in flight completed:
                     // no region can become dirty any more. Every region the
                     // kernel marked must have reached a resync (the fence
                     // removes the volume, and its bitmap, from the kernel).
-                    if let Some(why) = crate::source::drain::planned_failover_refusal(
+                    if let Some(refusal) = crate::source::drain::planned_failover_refusal(
                         shared.needs_resync(),
                         shared.kernel_dirty_regions(),
                     ) {
-                        let resumed = crate::source::failover::resume(&name)
-                            .map(|()| format!("{name} resumed"))
-                            .unwrap_or_else(|e| format!("{name} stays suspended: {e}"));
-                        tracing::warn!(volume = %self.volume, device = %name, "planned failover refused after suspending writes: {why}");
-                        return Err(format!("planned failover refused ({resumed}): {why}"));
+                        let resume_failed = crate::source::failover::resume(&name).err();
+                        tracing::warn!(volume = %self.volume, device = %name, "planned failover refused after suspending writes: {refusal}");
+                        return Err(CommandError::RefusedSuspended {
+                            device: name,
+                            resume_failed,
+                            refusal,
+                        });
                     }
                     let fenced = crate::source::failover::marker(
                         &name,
@@ -162,22 +283,22 @@ impl Commands {
                     });
                     let upto = match fenced {
                         Ok(seq) => seq,
-                        Err(e) => {
+                        Err(why) => {
                             let _ = crate::source::failover::resume(&name);
-                            return Err(format!("cannot stop writes on {name}: {e}"));
+                            return Err(CommandError::Fence { device: name, why });
                         }
                     };
                     tracing::warn!(volume = %self.volume, device = %name, upto, "planned failover: writes stopped (error table), last record {upto}");
                     role.failing_over = Some(upto);
-                    role.save(&self.state_dir)?;
+                    role.save(&self.state_dir).map_err(CommandError::Role)?;
                     upto
                 }
             }
         } else {
             // A ring file: the writers must have stopped; the last record
             // produced is the last one.
-            let path = self.ring_file.as_ref().ok_or("no ring file configured")?;
-            let map = replica_ring::Mapping::open_file(path, false).map_err(|e| e.to_string())?;
+            let path = self.ring_file.as_ref().ok_or(CommandError::NoRingFile)?;
+            let map = replica_ring::Mapping::open_file(path, false)?;
             map.header()
                 .prod_seq
                 .load(Ordering::Acquire)
@@ -185,15 +306,13 @@ impl Commands {
         };
         // Everything up to `upto` spooled, then durable on the target and
         // applied there (the target checks), then the target takes over.
-        let deadline = Instant::now() + Duration::from_secs(600);
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
         while (shared.spool.next_seq().wrapping_sub(upto) as i64) <= 0 {
             if let Some(since) = shared.needs_resync() {
-                return Err(format!(
-                    "planned failover not completed: the replica needs a resync (the stream stopped at record {since}, before the last record {upto}); the source volume stays fenced; fail over (unplanned) on the target"
-                ));
+                return Err(CommandError::StreamBroke { since, upto });
             }
             if Instant::now() > deadline {
-                return Err(format!("record {upto} was never drained from the ring"));
+                return Err(CommandError::NeverDrained(upto));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -207,24 +326,22 @@ impl Commands {
                 reply: tx,
             });
         let answer = rx
-            .recv_timeout(Duration::from_secs(900))
-            .map_err(|_| "the target did not take over within 15 minutes".to_string())
-            .and_then(|r| r);
+            .recv_timeout(TAKEOVER_TIMEOUT)
+            .map_err(|_| CommandError::TargetTimeout(TAKEOVER_TIMEOUT))
+            .and_then(|r| r.map_err(CommandError::HandOver));
         shared
             .planned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let p = answer.map_err(|e| {
-            format!("planned failover not completed: {e}; the source volume stays fenced; `replctl failover --planned` again to retry")
-        })?;
+        let p = answer?;
         role.epoch = p.epoch;
         role.failing_over = None;
         role.demoted = Some(format!(
             "planned failover: the target became the primary at epoch {} (record {})",
             p.epoch, p.point_seq
         ));
-        role.save(&self.state_dir)?;
+        role.save(&self.state_dir).map_err(CommandError::Role)?;
         self.epoch.store(p.epoch, Ordering::Release);
         tracing::warn!(volume = %self.volume, epoch = p.epoch, point = p.point_seq, "planned failover complete; this source is demoted and stops");
         self.stop.store(true, Ordering::Release);

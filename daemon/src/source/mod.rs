@@ -93,9 +93,9 @@ impl Source {
             stop: stop.clone(),
             failing_over: std::sync::Mutex::new(()),
         });
-        let handler: crate::control::Handler = {
+        let handler = {
             let c = commands.clone();
-            Arc::new(move |r: &crate::control::Request| c.handle(r))
+            crate::control::handler(move |volume, command| c.handle(volume, command))
         };
         let control = Some(crate::control::serve(
             &sock,

@@ -21,7 +21,7 @@
 //! | `keys` | the stream keys that open segments, derived once |
 //! | `points` | recovery points, checkpoints, the resync window |
 //! | `promote` | failover: the control command, planned and unplanned promotion |
-//! | [`backend`] | opening a volume's replica backend from its configuration |
+//! | `commands` | the control commands: which stream, failover, point list/open/close |
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -38,7 +38,7 @@ use crate::DaemonError;
 
 mod accept;
 mod apply;
-pub mod backend;
+mod commands;
 mod keys;
 mod points;
 mod promote;
@@ -117,14 +117,10 @@ impl Target {
             .control_socket
             .clone()
             .unwrap_or_else(|| crate::control::default_path(&cfg.state_dir));
-        let handler: crate::control::Handler = {
+        let handler = {
             let streams = streams.clone();
-            Arc::new(move |r: &crate::control::Request| {
-                (r.command == "failover").then(|| {
-                    promote::failover_command(&streams, r)
-                        .map(crate::control::Reply::from)
-                        .map_err(|e| e.to_string())
-                })
+            crate::control::handler(move |volume, command| {
+                commands::handle(&streams, volume, command)
             })
         };
         let control = crate::control::serve(&sock, board.clone(), stop.clone(), Some(handler))?;

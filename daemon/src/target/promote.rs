@@ -4,10 +4,9 @@
 //! that becomes the primary, rolling back to a point if asked, promoting
 //! the replica and recording the promotion and the epoch.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use replica_control::{ErrorCode, PointChoice};
 use replica_proto::msg;
 use replica_store::state::{PointKind, Promotion};
 use replica_store::StoreError;
@@ -104,47 +103,35 @@ fn list(points: &[u64]) -> String {
         .join(", ")
 }
 
-/// Why the `failover` command was refused.
-#[derive(Debug, thiserror::Error)]
-pub(super) enum FailoverCommandError {
-    /// No such volume here.
-    #[error("no volume {0:?} here")]
-    NoSuchVolume(String),
-    /// No volume at all.
-    #[error("no volume")]
-    NoVolume,
-    /// Several volumes and none named.
-    #[error("several volumes: name one (--volume)")]
-    WhichVolume,
-    /// A point that is neither `latest` nor a sequence.
-    #[error("point {0:?}: give `latest` or a recovery point's record sequence")]
-    BadPoint(String),
-    /// The failover failed.
-    #[error(transparent)]
-    Failover(#[from] PromoteError),
+impl PromoteError {
+    /// The control code of a failover command that ended with it.
+    pub(super) fn code(&self) -> ErrorCode {
+        match self {
+            Self::AlreadyFailedOver { .. }
+            | Self::EpochNotNewer { .. }
+            | Self::ResyncRunning
+            | Self::NotCaughtUp { .. }
+            | Self::NothingConsistent => ErrorCode::Refused,
+            Self::NoSuchPoint { .. } => ErrorCode::NotFound,
+            Self::ApplierGone
+            | Self::Timeout(_)
+            | Self::StreamDidNotStop
+            | Self::PointGone(_)
+            | Self::Store(_)
+            | Self::Promote(_) => ErrorCode::Failed,
+        }
+    }
 }
 
-/// The `failover` control command (unplanned: the source is gone).
+/// The `failover` control command (unplanned: the source is gone) on
+/// `stream`, to `point` (default: the latest consistent state).
 pub(super) fn failover_command(
-    streams: &HashMap<String, Arc<Stream>>,
-    r: &crate::control::Request,
-) -> Result<String, FailoverCommandError> {
-    let stream = match &r.volume {
-        Some(v) => streams
-            .get(v)
-            .ok_or_else(|| FailoverCommandError::NoSuchVolume(v.clone()))?,
-        None if streams.len() == 1 => streams
-            .values()
-            .next()
-            .ok_or(FailoverCommandError::NoVolume)?,
-        None => return Err(FailoverCommandError::WhichVolume),
-    };
-    let point = match r.point.as_deref() {
-        None | Some("latest") => None,
-        Some(p) => Some(
-            p.parse::<u64>()
-                .map_err(|_| FailoverCommandError::BadPoint(p.to_owned()))?,
-        ),
+    stream: &Stream,
+    point: Option<PointChoice>,
+) -> Result<String, PromoteError> {
+    let point = match point {
+        None | Some(PointChoice::Latest) => None,
+        Some(PointChoice::Seq(seq)) => Some(seq),
     };
     let p = unplanned_failover(stream, point)?;
     Ok(format!(

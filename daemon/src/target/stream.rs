@@ -61,13 +61,15 @@ pub(super) struct Stream {
 pub(super) struct Member {
     /// Size in bytes: no record may write beyond it.
     pub(super) size: u64,
+    /// Opened once, at start-up (opening runs the backend's recovery).
     /// Only the applier writes the replica (other paths ask it by message,
-    /// in stream order); the lock is there because the stream is shared.
+    /// in stream order); the point commands of the control socket open and
+    /// close its points under the same lock.
     replica: Mutex<Box<dyn ReplicaStore>>,
 }
 
 impl Member {
-    /// The replica (the applier's).
+    /// The replica (the applier's; the point commands').
     pub(super) fn replica(&self) -> MutexGuard<'_, Box<dyn ReplicaStore>> {
         self.replica.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -278,7 +280,7 @@ pub(super) fn open(
     let path = dir.join("state.json");
     let mut state = VolumeState::load(&path)?;
     let (journal, scan) = open_journal(&vc.id, &dir, cfg.journal_file_bytes, &mut state)?;
-    let mut replica = super::backend::open_replica(&cfg.state_dir, vc)?;
+    let mut replica = replica_store::backend::open_replica(&cfg.state_dir, vc)?;
     sweep_points(&vc.id, replica.as_mut(), &mut state, &path)?;
     check_generation(&vc.id, &scan, &mut state, &path)?;
     // (A Critical stream's applier applies none of them.)

@@ -23,7 +23,7 @@ mod resync;
 mod shared;
 mod switch;
 
-pub use shared::{planned_failover_refusal, Shared};
+pub use shared::{planned_failover_refusal, KernelDirtyError, PlannedRefusal, Shared};
 
 use resync::Run;
 

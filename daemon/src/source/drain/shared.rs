@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use replica_ring::device::Device;
+use replica_ring::RingError;
 
 use crate::source::spool::Spool;
 
@@ -74,16 +75,46 @@ impl Shared {
     /// Regions the kernel holds dirty for the volume (writes that failed or
     /// were made in overflow mode, not yet taken by a resync); `None` for a
     /// ring file.
-    pub fn kernel_dirty_regions(&self) -> Result<Option<u64>, String> {
+    pub fn kernel_dirty_regions(&self) -> Result<Option<u64>, KernelDirtyError> {
         let Some((dev, index)) = &self.kernel_volume else {
             return Ok(None);
         };
-        match dev.volume(*index) {
-            Ok(Some(v)) => Ok(Some(v.dirty_regions)),
-            Ok(None) => Err(format!("volume index {index} is no longer in its group")),
-            Err(e) => Err(e.to_string()),
+        match dev.volume(*index)? {
+            Some(v) => Ok(Some(v.dirty_regions)),
+            None => Err(KernelDirtyError::NotInGroup(*index)),
         }
     }
+}
+
+/// Why the kernel's dirty regions of the volume cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelDirtyError {
+    /// The volume left its group.
+    #[error("volume index {0} is no longer in its group")]
+    NotInGroup(u32),
+    /// The control device did not answer.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+}
+
+/// Why a planned failover must not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum PlannedRefusal {
+    /// The stream lacks records: a resync is needed or running.
+    #[error("the replica needs a resync (the stream stopped at record {since}): a planned failover would lose writes; let the resync finish, or fail over (unplanned) on the target")]
+    NeedsResync {
+        /// The first record the stream lacks.
+        since: u64,
+    },
+    /// The kernel holds regions no resync has covered yet.
+    #[error("the kernel holds {regions} dirty regions of the volume that no resync has resent yet (writes that failed or were not captured): a planned failover would lose them; let the resync they start finish, or fail over (unplanned) on the target")]
+    KernelDirty {
+        /// How many.
+        regions: u64,
+    },
+    /// The kernel cannot say whether it holds any.
+    #[error("cannot read the kernel's dirty regions of the volume ({0}): a planned failover cannot tell whether it would lose writes")]
+    DirtyUnknown(#[source] KernelDirtyError),
 }
 
 /// Why a planned failover must not go on, if it must not: the stream lacks
@@ -91,21 +122,15 @@ impl Shared {
 /// kernel holds regions no resync has covered yet (or cannot say).
 pub fn planned_failover_refusal(
     needs_resync: Option<u64>,
-    kernel_dirty: Result<Option<u64>, String>,
-) -> Option<String> {
+    kernel_dirty: Result<Option<u64>, KernelDirtyError>,
+) -> Option<PlannedRefusal> {
     if let Some(since) = needs_resync {
-        return Some(format!(
-            "the replica needs a resync (the stream stopped at record {since}): a planned failover would lose writes; let the resync finish, or fail over (unplanned) on the target"
-        ));
+        return Some(PlannedRefusal::NeedsResync { since });
     }
     match kernel_dirty {
         Ok(None | Some(0)) => None,
-        Ok(Some(n)) => Some(format!(
-            "the kernel holds {n} dirty regions of the volume that no resync has resent yet (writes that failed or were not captured): a planned failover would lose them; let the resync they start finish, or fail over (unplanned) on the target"
-        )),
-        Err(e) => Some(format!(
-            "cannot read the kernel's dirty regions of the volume ({e}): a planned failover cannot tell whether it would lose writes"
-        )),
+        Ok(Some(regions)) => Some(PlannedRefusal::KernelDirty { regions }),
+        Err(e) => Some(PlannedRefusal::DirtyUnknown(e)),
     }
 }
 
@@ -115,13 +140,29 @@ mod tests {
 
     #[test]
     fn a_planned_failover_is_refused_while_any_region_is_unresent() {
-        assert_eq!(planned_failover_refusal(None, Ok(None)), None);
-        assert_eq!(planned_failover_refusal(None, Ok(Some(0))), None);
+        assert!(planned_failover_refusal(None, Ok(None)).is_none());
+        assert!(planned_failover_refusal(None, Ok(Some(0))).is_none());
         let r = planned_failover_refusal(Some(17), Ok(Some(0))).expect("needs resync");
+        assert!(
+            matches!(r, PlannedRefusal::NeedsResync { since: 17 }),
+            "{r:?}"
+        );
+        let r = r.to_string();
         assert!(r.contains("needs a resync") && r.contains("17"), "{r}");
         let r = planned_failover_refusal(None, Ok(Some(4))).expect("kernel dirty");
+        assert!(
+            matches!(r, PlannedRefusal::KernelDirty { regions: 4 }),
+            "{r:?}"
+        );
+        let r = r.to_string();
         assert!(r.contains("4 dirty regions"), "{r}");
-        let r = planned_failover_refusal(None, Err("ENOENT".into())).expect("unknown");
+        let enoent = RingError::Io {
+            what: "describe a volume",
+            source: std::io::Error::other("ENOENT"),
+        };
+        let r = planned_failover_refusal(None, Err(enoent.into())).expect("unknown");
+        assert!(matches!(r, PlannedRefusal::DirtyUnknown(_)), "{r:?}");
+        let r = r.to_string();
         assert!(r.contains("cannot read") && r.contains("ENOENT"), "{r}");
     }
 }
