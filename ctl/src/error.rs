@@ -180,16 +180,8 @@ pub enum CtlError {
         field: &'static str,
     },
     /// A file replctl reads or writes itself.
-    #[error("{what} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// On which file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] replica_fs::IoError),
     /// Printing JSON.
     #[error("JSON output: {0}")]
     Json(#[from] serde_json::Error),
@@ -211,7 +203,7 @@ impl CtlError {
             Self::Keys(_) => Exit::Failed,
             Self::NeededKeys(e) => e.exit(),
             Self::Certs(e) => e.exit(),
-            Self::Store(StoreError::Io { source, .. }) => Exit::of_io(source),
+            Self::Store(StoreError::Io(replica_fs::IoError { source, .. })) => Exit::of_io(source),
             Self::Store(StoreError::NoSuchPoint(_)) => Exit::NotFound,
             Self::Store(_) => Exit::Failed,
             Self::Dev(e) => e.exit(),
@@ -221,18 +213,14 @@ impl CtlError {
             Self::Start(e) => e.exit(),
             Self::NoSuchVolume { .. } => Exit::NotFound,
             Self::NoStatus { source, .. } => Exit::of_io(source),
-            Self::Io { source, .. } => Exit::of_io(source),
+            Self::Io(replica_fs::IoError { source, .. }) => Exit::of_io(source),
             Self::Incomplete { .. } | Self::Json(_) => Exit::Failed,
         }
     }
 
     /// Wraps an OS error with context.
     pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io {
-            what,
-            path: path.into(),
-            source,
-        }
+        Self::Io(replica_fs::IoError::new(what, path, source))
     }
 }
 

@@ -19,7 +19,7 @@ pub mod tls;
 /// The configuration of both roles (the `replica-config` crate).
 pub use replica_config as config;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Daemon errors.
 #[derive(Debug, thiserror::Error)]
@@ -40,16 +40,8 @@ pub enum DaemonError {
     #[error("capture ring: {0}")]
     Ring(#[from] replica_ring::RingError),
     /// An OS error with context.
-    #[error("{what} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// On what.
-        path: PathBuf,
-        /// Error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] replica_fs::IoError),
     /// Replication stopped for a non-recoverable error.
     #[error("Critical: {0}")]
     Critical(String),
@@ -70,10 +62,6 @@ pub fn create_state_dir(dir: &Path) -> Result<(), DaemonError> {
 impl DaemonError {
     /// Wraps an OS error.
     pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            what,
-            path: path.to_owned(),
-            source,
-        }
+        Self::Io(replica_fs::IoError::new(what, path, source))
     }
 }

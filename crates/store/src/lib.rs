@@ -14,16 +14,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// An I/O operation failed.
-    #[error("{what} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// On which file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] replica_fs::IoError),
     /// Stored data is damaged.
     #[error("{}: damaged at offset {offset}: {why}", path.display())]
     Corrupt {
@@ -55,18 +47,14 @@ pub enum StoreError {
 impl StoreError {
     /// Wraps an OS error with context.
     pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            what,
-            path: path.to_owned(),
-            source,
-        }
+        Self::Io(replica_fs::IoError::new(what, path, source))
     }
 
     /// Whether retrying later can succeed (full disk or thin pool, out of
     /// memory, interrupted); everything else is non-recoverable.
     pub fn is_recoverable(&self) -> bool {
         match self {
-            StoreError::Io { source, .. } => {
+            StoreError::Io(replica_fs::IoError { source, .. }) => {
                 matches!(
                     source.raw_os_error(),
                     Some(libc::ENOSPC)

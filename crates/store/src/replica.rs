@@ -189,7 +189,7 @@ impl FileReplica {
         out.sync_all()
             .map_err(|e| StoreError::io("sync point", tmp, e))?;
         std::fs::rename(tmp, dst).map_err(|e| StoreError::io("publish point", dst, e))?;
-        crate::journal::sync_dir(&self.points_dir)
+        Ok(replica_fs::sync_dir(&self.points_dir)?)
     }
 
     fn copy_or_clean(&self, src: &File, dst: &Path) -> Result<(), StoreError> {
@@ -218,7 +218,7 @@ fn remove_partial_images(points_dir: &Path) -> Result<(), StoreError> {
         }
     }
     if removed {
-        crate::journal::sync_dir(points_dir)?;
+        replica_fs::sync_dir(points_dir)?;
     }
     Ok(())
 }
@@ -243,7 +243,7 @@ impl ReplicaStore for FileReplica {
     fn delete_point(&mut self, id: u64) -> Result<(), StoreError> {
         let p = self.point_path(id);
         match std::fs::remove_file(&p) {
-            Ok(()) => crate::journal::sync_dir(&self.points_dir),
+            Ok(()) => Ok(replica_fs::sync_dir(&self.points_dir)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StoreError::io("delete point", &p, e)),
         }
@@ -292,7 +292,7 @@ impl ReplicaStore for FileReplica {
         }
         let c = self.clone_path(id);
         match std::fs::remove_file(&c) {
-            Ok(()) => crate::journal::sync_dir(&self.points_dir),
+            Ok(()) => Ok(replica_fs::sync_dir(&self.points_dir)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StoreError::io("discard point copy", &c, e)),
         }

@@ -78,7 +78,7 @@ pub struct ThinReplica {
 fn errno(e: &StoreError) -> Option<i32> {
     match e {
         StoreError::Dm { errno, .. } => *errno,
-        StoreError::Io { source, .. } => source.raw_os_error(),
+        StoreError::Io(replica_fs::IoError { source, .. }) => source.raw_os_error(),
         _ => None,
     }
 }

@@ -112,7 +112,7 @@ impl Target {
             .map(|a| a.to_string())
             .unwrap_or_default();
         // The bound address (useful with port 0) for operators and tools.
-        replica_store::state::write_atomic(&cfg.state_dir.join("listen.addr"), bound.as_bytes())?;
+        replica_fs::write_atomic(&cfg.state_dir.join("listen.addr"), bound.as_bytes())?;
         let sock = cfg
             .control_socket
             .clone()

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use replica_proto::keys;
-use replica_store::journal::{self, FramePos, Journal, Scan};
+use replica_store::journal::{FramePos, Journal, Scan};
 use replica_store::replica::ReplicaStore;
 use replica_store::state::VolumeState;
 use replica_store::StoreError;
@@ -355,7 +355,7 @@ fn open_journal(
             let aside = dir.join(format!("journal.damaged-{}", super::now_ns()));
             std::fs::rename(&jdir, &aside)
                 .map_err(|e| DaemonError::io("move the damaged journal aside", &jdir, e))?;
-            journal::sync_dir(dir)?;
+            replica_fs::sync_dir(dir)?;
             if state.critical.is_none() {
                 state.critical = Some(format!("{reason} (kept in {})", aside.display()));
                 state.save(&dir.join("state.json"))?;

@@ -55,6 +55,7 @@ use std::path::{Path, PathBuf};
 use replica_proto::frame::SegmentHeader;
 
 use crate::StoreError;
+use replica_fs::sync_dir;
 use scan::{check_below_mark, file_name, list_files, scan_file};
 use watermark::{MarkFile, WATERMARK_TMP};
 
@@ -73,13 +74,6 @@ pub struct Journal {
     /// Highest record sequence in each journal file.
     file_max: std::collections::BTreeMap<u64, u64>,
     mark: MarkFile,
-}
-
-/// Fsyncs a directory so a created or removed entry is durable.
-pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::io("sync directory", dir, e))
 }
 
 impl Journal {
@@ -368,14 +362,16 @@ impl Journal {
             .append(true)
             .open(&path)
             .map_err(|e| StoreError::io("create journal file", &path, e))?;
-        let moved = sync_dir(&self.dir).and_then(|()| {
-            self.mark.write(Watermark {
-                base: no,
-                file: no,
-                offset: 0,
-                seq: 0,
-            })
-        });
+        let moved = sync_dir(&self.dir)
+            .map_err(StoreError::from)
+            .and_then(|()| {
+                self.mark.write(Watermark {
+                    base: no,
+                    file: no,
+                    offset: 0,
+                    seq: 0,
+                })
+            });
         if let Err(e) = moved {
             // Still the old sequence space: leave no newer empty file.
             let _ = std::fs::remove_file(&path);

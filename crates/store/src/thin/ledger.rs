@@ -165,7 +165,7 @@ impl Ledger {
             text.push_str(if i + 1 < c.devices.len() { ",\n" } else { "\n" });
         }
         text.push_str("]}\n");
-        crate::state::write_atomic(&self.path, text.as_bytes())
+        Ok(replica_fs::write_atomic(&self.path, text.as_bytes())?)
     }
 
     /// Runs `f` on the contents under the lock and writes them back if `f`

@@ -473,7 +473,7 @@ impl Spool {
         g.next_seq = next_seq;
         g.acked = AckCursor::at_end(next_seq, g.logical_end);
         drop(g);
-        let _ = replica_store::journal::sync_dir(&self.dir);
+        let _ = replica_fs::sync_dir(&self.dir);
         self.cond.notify_all();
         Ok(())
     }
