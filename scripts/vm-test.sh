@@ -210,7 +210,13 @@ for f in "${files[@]}"; do
 	rc=0
 	run_guest "$name" "$f" "$ko" || rc=$?
 	case $rc in
-	0) record PASS "$name" "($((SECONDS - t0)) s)" ;;
+	0)
+		record PASS "$name" "($((SECONDS - t0)) s)"
+		# A passed scenario keeps its console log; its disks and initramfs
+		# (gigabytes over a full run) go.
+		rm -rf "$REPO_ROOT/out/vm/$flavour/$name"/disk*.img \
+			"$REPO_ROOT/out/vm/$flavour/$name/initramfs" "$REPO_ROOT/out/vm/$flavour/$name/initramfs.cpio"
+		;;
 	2) record FAIL "$name" "TIMEOUT after ${timeout} s (log: out/vm/$flavour/$name/console.log)" ;;
 	*) record FAIL "$name" "exit $rc (log: out/vm/$flavour/$name/console.log)" ;;
 	esac

@@ -35,6 +35,18 @@ pub enum CertError {
     Name(String),
 }
 
+impl CertError {
+    /// The exit code.
+    pub fn exit(&self) -> crate::error::Exit {
+        use crate::error::Exit;
+        match self {
+            Self::Name(_) => Exit::Usage,
+            Self::Io { source, .. } => Exit::of_io(source),
+            Self::Rcgen(_) => Exit::Failed,
+        }
+    }
+}
+
 fn write(path: &Path, data: &str, mode: u32) -> Result<(), CertError> {
     let io = |source| CertError::Io {
         path: path.to_owned(),

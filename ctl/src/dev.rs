@@ -3,21 +3,63 @@
 //! captures the difference between two images of a volume as ring records,
 //! exactly as the `replica` target would have captured the writes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use replica_ring::{DescFields, Producer, RingError, RingParams};
+
+use crate::error::Exit;
+
+/// Why feeding the ring failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// The ring file cannot be opened or created.
+    #[error("{}: {source}", path.display())]
+    Ring {
+        /// The ring file.
+        path: PathBuf,
+        /// The ring's error.
+        #[source]
+        source: RingError,
+    },
+    /// A record cannot be reserved.
+    #[error("capture ring: {0}")]
+    Reserve(#[source] RingError),
+    /// The ring stayed full until the deadline.
+    #[error("ring stayed full for {0:?}: is replicad source running?")]
+    Full(Duration),
+    /// No random generation for a new ring.
+    #[error(transparent)]
+    Random(#[from] replica_proto::keys::KeyError),
+}
+
+impl DevError {
+    /// The exit code.
+    pub fn exit(&self) -> Exit {
+        match self {
+            Self::Ring {
+                source: RingError::Io { source, .. },
+                ..
+            } => Exit::of_io(source),
+            _ => Exit::Failed,
+        }
+    }
+}
 
 /// Block size compared and written.
 const BLOCK: usize = 64 << 10;
 
 /// Opens the ring file, or creates it (`desc_count` descriptors,
 /// `data_mib` of data) if it does not exist.
-pub fn open_or_create(ring: &Path, desc_count: u64, data_mib: u64) -> Result<Producer, String> {
+pub fn open_or_create(ring: &Path, desc_count: u64, data_mib: u64) -> Result<Producer, DevError> {
+    let ring_error = |source| DevError::Ring {
+        path: ring.to_owned(),
+        source,
+    };
     if ring.exists() {
-        Producer::open(ring).map_err(|e| format!("{}: {e}", ring.display()))
+        Producer::open(ring).map_err(ring_error)
     } else {
-        let generation = replica_proto::keys::random16().map_err(|e| e.to_string())?;
+        let generation = replica_proto::keys::random16()?;
         Producer::create(
             ring,
             RingParams {
@@ -28,7 +70,7 @@ pub fn open_or_create(ring: &Path, desc_count: u64, data_mib: u64) -> Result<Pro
                 first_granule: 0,
             },
         )
-        .map_err(|e| format!("{}: {e}", ring.display()))
+        .map_err(ring_error)
     }
 }
 
@@ -40,7 +82,7 @@ pub fn feed(
     base: Option<&[u8]>,
     new: &[u8],
     timeout: Duration,
-) -> Result<(u64, u64), String> {
+) -> Result<(u64, u64), DevError> {
     let now = || {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -48,7 +90,7 @@ pub fn feed(
             .unwrap_or(0)
     };
     let deadline = Instant::now() + timeout;
-    let put = |p: &mut Producer, f: DescFields, data: &[u8]| -> Result<(), String> {
+    let put = |p: &mut Producer, f: DescFields, data: &[u8]| -> Result<(), DevError> {
         loop {
             match p.reserve(f, data) {
                 Ok(seq) => {
@@ -58,10 +100,8 @@ pub fn feed(
                 Err(RingError::Full) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(1))
                 }
-                Err(RingError::Full) => {
-                    return Err("ring stayed full: is replicad source running?".into())
-                }
-                Err(e) => return Err(e.to_string()),
+                Err(RingError::Full) => return Err(DevError::Full(timeout)),
+                Err(e) => return Err(DevError::Reserve(e)),
             }
         }
     };

@@ -4,6 +4,68 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
+use replica_control::status::{Health, VolumeStatus};
+use replica_control::{Command, ControlError, Response, ResyncTicket};
+
+use crate::error::Exit;
+
+/// Why a resync was not seen through.
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncWaitError {
+    /// Asking the daemon failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The daemon reports no volume.
+    #[error("the daemon reports no volume")]
+    NoVolume,
+    /// The answer to the command names no resync.
+    #[error("the daemon did not say which resync it started (an older replicad?)")]
+    NoTicket,
+    /// The volume went Critical.
+    #[error("{volume} is Critical: {reasons}")]
+    Critical {
+        /// Volume id.
+        volume: String,
+        /// Its reasons.
+        reasons: String,
+    },
+    /// The capture ring changed: this resync's end will never come.
+    #[error("{volume}: the capture ring changed (generation {now} instead of {was}) while waiting: this resync's end will never come; the source resyncs the new ring by itself, see `replctl status`")]
+    RingChanged {
+        /// Volume id.
+        volume: String,
+        /// The generation now.
+        now: String,
+        /// The ticket's.
+        was: String,
+    },
+    /// The deadline passed.
+    #[error("resync of {volume} not finished after {timeout:?}: {reasons}")]
+    Timeout {
+        /// Volume id.
+        volume: String,
+        /// How long it waited.
+        timeout: Duration,
+        /// The volume's reasons then.
+        reasons: String,
+    },
+}
+
+impl ResyncWaitError {
+    /// The exit code.
+    pub fn exit(&self) -> Exit {
+        match self {
+            Self::Control(e) => Exit::of_control(e),
+            Self::Critical { .. } => Exit::Critical,
+            Self::NoVolume | Self::NoTicket | Self::RingChanged { .. } | Self::Timeout { .. } => {
+                Exit::Failed
+            }
+        }
+    }
+}
+
+/// The progress bar's template.
+const BAR: &str = "{msg:>12} [{bar:40}] {pos}/{len} regions ({percent}%) eta {eta}";
 
 /// Waits until the target has applied the END of the resync named by
 /// `ticket` (the answer to the `resync` command that started it), showing
@@ -15,17 +77,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// the target acknowledged it as applied.
 pub fn wait_resync(
     socket: &Path,
-    ticket: &replicad::control::ResyncTicket,
+    ticket: &ResyncTicket,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ResyncWaitError> {
     let deadline = Instant::now() + timeout;
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{msg:>12} [{bar:40}] {pos}/{len} regions ({percent}%) eta {eta}",
-        )
-        .map_err(|e| e.to_string())?
-        .progress_chars("=> "),
+        ProgressStyle::with_template(BAR)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
     bar.set_message("resync");
     // Without a terminal (logs, a serial console captured by a script) the
@@ -33,23 +93,23 @@ pub fn wait_resync(
     let plain = bar.is_hidden();
     let mut said = u64::MAX;
     loop {
-        let r = replicad::control::request(socket, "status")?;
+        let r = replica_control::request(socket, Command::Status)?;
         let vols = r.status.unwrap_or_default();
-        let v = vols.first().ok_or("the daemon reports no volume")?;
-        if v.health == replicad::status::Health::Critical {
+        let v = vols.first().ok_or(ResyncWaitError::NoVolume)?;
+        if v.health == Health::Critical {
             bar.abandon();
-            return Err(format!(
-                "{} is Critical: {}",
-                v.volume,
-                v.reasons.join("; ")
-            ));
+            return Err(ResyncWaitError::Critical {
+                volume: v.volume.clone(),
+                reasons: v.reasons_text(),
+            });
         }
         if v.generation != ticket.generation {
             bar.abandon();
-            return Err(format!(
-                "{}: the capture ring changed (generation {} instead of {}) while waiting: this resync's end will never come; the source resyncs the new ring by itself, see `replctl status`",
-                v.volume, v.generation, ticket.generation
-            ));
+            return Err(ResyncWaitError::RingChanged {
+                volume: v.volume.clone(),
+                now: v.generation.clone(),
+                was: ticket.generation.clone(),
+            });
         }
         if resync_done(v, ticket) {
             bar.finish_with_message("done");
@@ -76,11 +136,11 @@ pub fn wait_resync(
         });
         if Instant::now() >= deadline {
             bar.abandon();
-            return Err(format!(
-                "resync of {} not finished after {timeout:?}: {}",
-                v.volume,
-                v.reasons.join("; ")
-            ));
+            return Err(ResyncWaitError::Timeout {
+                volume: v.volume.clone(),
+                timeout,
+                reasons: v.reasons_text(),
+            });
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -90,21 +150,15 @@ pub fn wait_resync(
 /// names (see [`wait_resync`]).
 pub fn wait_answered_resync(
     socket: &Path,
-    r: &replicad::control::Response,
+    r: &Response,
     timeout: Duration,
-) -> Result<(), String> {
-    let ticket = r
-        .resync
-        .as_ref()
-        .ok_or("the daemon did not say which resync it started (an older replicad?)")?;
+) -> Result<(), ResyncWaitError> {
+    let ticket = r.resync.as_ref().ok_or(ResyncWaitError::NoTicket)?;
     wait_resync(socket, ticket, timeout)
 }
 
 /// Whether status `v` shows the resync of `ticket` applied on the target.
-pub fn resync_done(
-    v: &replicad::status::VolumeStatus,
-    ticket: &replicad::control::ResyncTicket,
-) -> bool {
+pub fn resync_done(v: &VolumeStatus, ticket: &ResyncTicket) -> bool {
     v.generation == ticket.generation
         && !v.needs_resync
         && v.resync_end_seq >= ticket.from_seq
@@ -115,10 +169,15 @@ pub fn resync_done(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use replicad::status::{Role, VolumeStatus};
+    use replica_control::status::Role;
 
-    fn ticket() -> replicad::control::ResyncTicket {
-        replicad::control::ResyncTicket {
+    #[test]
+    fn the_bar_template_is_valid() {
+        assert!(ProgressStyle::with_template(BAR).is_ok());
+    }
+
+    fn ticket() -> ResyncTicket {
+        ResyncTicket {
             generation: "aa".into(),
             from_seq: 100,
         }

@@ -7,12 +7,137 @@
 //! and a source configuration, `<config_dir>/source-<volume>.toml`, read by
 //! `replicad-source@<volume>.service`.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use replica_dm::{Control, DeviceMapper};
+use replica_config::{ConfigError, RingSource, SourceConfig, TlsConfig};
+use replica_control::ControlError;
+use replica_dm::{Control, DeviceMapper, DmError, Errno, Table, Target};
 use serde::{Deserialize, Serialize};
+
+use crate::error::Exit;
+
+/// Why a volume could not be protected, activated or unprotected.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtectError {
+    /// Not a volume id.
+    #[error("volume id {0:?}: use 1-63 letters, digits, '-', '_' or '.'")]
+    BadVolumeId(String),
+    /// The data device is not a usable block device.
+    #[error("{0}")]
+    Device(String),
+    /// The device's size cannot be read from sysfs.
+    #[error("{}: {why}", path.display())]
+    Size {
+        /// The sysfs file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A device-mapper device of that name exists.
+    #[error("a device-mapper device named {0} exists already")]
+    Exists(String),
+    /// Creating the table failed.
+    #[error("create /dev/mapper/{volume}: {source}")]
+    Create {
+        /// The volume.
+        volume: String,
+        /// device-mapper's error.
+        #[source]
+        source: DmError,
+    },
+    /// Removing the table failed.
+    #[error("{source} (unmount the filesystem on /dev/mapper/{volume} first)")]
+    Remove {
+        /// The volume.
+        volume: String,
+        /// device-mapper's error.
+        #[source]
+        source: DmError,
+    },
+    /// The source configuration does not check.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `replicad check source` refused the configuration.
+    #[error("replicad source cannot start: {0}")]
+    CannotStart(String),
+    /// `replicad check source` cannot be run.
+    #[error("run {} check source: {source}", exe.display())]
+    Check {
+        /// The daemon binary.
+        exe: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `replicad check source` ended other than with a verdict.
+    #[error("{} check source ended with {status}: {stderr}", exe.display())]
+    CheckDied {
+        /// The daemon binary.
+        exe: PathBuf,
+        /// How it ended.
+        status: ExitStatus,
+        /// What it said.
+        stderr: String,
+    },
+    /// An activation entry does not parse.
+    #[error("{}: {source}", path.display())]
+    Entry {
+        /// The entry.
+        path: PathBuf,
+        /// What TOML says.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// Some volumes could not be activated.
+    #[error("{}", .0.iter().map(|(v, e)| format!("{v}: {e}")).collect::<Vec<_>>().join("; "))]
+    Activate(Vec<(String, ProtectError)>),
+    /// Asking the source daemon to stop failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The source daemon was asked to stop and did not.
+    #[error("the source daemon did not stop within {0:?}")]
+    DidNotStop(Duration),
+    /// A file protect reads or writes.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ProtectError {
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// The exit code.
+    pub fn exit(&self) -> Exit {
+        match self {
+            Self::BadVolumeId(_) => Exit::Usage,
+            Self::Exists(_) | Self::Config(_) | Self::CannotStart(_) => Exit::Refused,
+            Self::Remove { source, .. } if source.errno() == Some(Errno::EBUSY) => Exit::Refused,
+            Self::Check { source, .. } | Self::Io { source, .. } => Exit::of_io(source),
+            Self::Control(e) => Exit::of_control(e),
+            Self::Activate(errors) => errors.first().map_or(Exit::Failed, |(_, e)| e.exit()),
+            Self::Device(_)
+            | Self::Size { .. }
+            | Self::Create { .. }
+            | Self::Remove { .. }
+            | Self::CheckDied { .. }
+            | Self::Entry { .. }
+            | Self::DidNotStop(_) => Exit::Failed,
+        }
+    }
+}
 
 /// How a protected volume's table is built (one file per volume).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,16 +159,17 @@ pub struct Activation {
 
 impl Activation {
     /// The table line for a data device of `sectors` sectors.
-    pub fn table(&self, sectors: u64) -> String {
-        format!(
-            "0 {sectors} replica {} {} group={} ring_mib={} region_kib={} overflow_wait_ms={}",
+    pub fn table(&self, sectors: u64) -> Table {
+        let params = format!(
+            "{} {} group={} ring_mib={} region_kib={} overflow_wait_ms={}",
             self.data_device.display(),
             self.volume,
             self.group,
             self.ring_mib,
             self.region_kib,
             self.overflow_wait_ms
-        )
+        );
+        Target::new(0, sectors, "replica", &params).into()
     }
 
     fn path(config_dir: &Path, volume: &str) -> PathBuf {
@@ -51,20 +177,22 @@ impl Activation {
     }
 
     /// Every entry in `config_dir`, sorted by volume.
-    pub fn all(config_dir: &Path) -> Result<Vec<Self>, String> {
+    pub fn all(config_dir: &Path) -> Result<Vec<Self>, ProtectError> {
         let dir = config_dir.join("protected");
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(format!("{}: {e}", dir.display())),
+            Err(e) => return Err(ProtectError::io(&dir)(e)),
         };
         let mut out = Vec::new();
         for e in rd.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "toml") {
-                let text =
-                    std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-                out.push(toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?);
+                let text = std::fs::read_to_string(&p).map_err(ProtectError::io(&p))?;
+                out.push(
+                    toml::from_str(&text)
+                        .map_err(|source| ProtectError::Entry { path: p, source })?,
+                );
             }
         }
         out.sort_by(|a: &Self, b: &Self| a.volume.cmp(&b.volume));
@@ -102,6 +230,18 @@ pub struct ProtectOpts {
     /// A target without a copy gets a full copy first (`--no-initial-copy`
     /// declares the replica identical already).
     pub initial_copy: bool,
+    /// The `replicad` binary (checks the configuration, and is started
+    /// with `--spawn`).
+    pub replicad: PathBuf,
+}
+
+/// `replicad` next to the running executable, else on PATH.
+pub fn replicad_exe() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("replicad")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("replicad"))
 }
 
 fn dm() -> Control {
@@ -109,13 +249,20 @@ fn dm() -> Control {
 }
 
 /// Size of block device `dev` in 512-byte sectors (from sysfs).
-pub fn sectors(dev: &Path) -> Result<u64, String> {
-    let p = format!("{}/size", replicad::failover::block_sysfs(dev)?);
+pub fn sectors(dev: &Path) -> Result<u64, ProtectError> {
+    let p = PathBuf::from(format!(
+        "{}/size",
+        replicad::source::failover::block_sysfs(dev).map_err(ProtectError::Device)?
+    ));
+    let size = |why: String| ProtectError::Size {
+        path: p.clone(),
+        why,
+    };
     std::fs::read_to_string(&p)
-        .map_err(|e| format!("{p}: {e}"))?
+        .map_err(|e| size(e.to_string()))?
         .trim()
         .parse()
-        .map_err(|e| format!("{p}: {e}"))
+        .map_err(|e: std::num::ParseIntError| size(e.to_string()))
 }
 
 fn exists(name: &str) -> bool {
@@ -124,7 +271,7 @@ fn exists(name: &str) -> bool {
 
 /// Creates the table of one entry unless it exists (loading the module
 /// first if needed).
-pub fn activate_one(a: &Activation) -> Result<bool, String> {
+pub fn activate_one(a: &Activation) -> Result<bool, ProtectError> {
     if exists(&a.volume) {
         return Ok(false);
     }
@@ -132,17 +279,16 @@ pub fn activate_one(a: &Activation) -> Result<bool, String> {
         let _ = Command::new("modprobe").arg("dm_replica").status();
     }
     let n = sectors(&a.data_device)?;
-    let table = a
-        .table(n)
-        .parse::<replica_dm::Table>()
-        .map_err(|e| e.to_string())?;
-    dm().create(&a.volume, &table, false)
-        .map_err(|e| e.to_string())?;
+    dm().create(&a.volume, &a.table(n), false)
+        .map_err(|source| ProtectError::Create {
+            volume: a.volume.clone(),
+            source,
+        })?;
     Ok(true)
 }
 
 /// Re-creates every protected volume's table (at boot).
-pub fn activate(config_dir: &Path) -> Result<Vec<String>, String> {
+pub fn activate(config_dir: &Path) -> Result<Vec<String>, ProtectError> {
     let mut done = Vec::new();
     let mut errors = Vec::new();
     for a in Activation::all(config_dir)? {
@@ -153,62 +299,105 @@ pub fn activate(config_dir: &Path) -> Result<Vec<String>, String> {
                 a.data_device.display()
             )),
             Ok(false) => done.push(format!("{}: already active", a.volume)),
-            Err(e) => errors.push(format!("{}: {e}", a.volume)),
+            Err(e) => errors.push((a.volume, e)),
         }
     }
     if errors.is_empty() {
         Ok(done)
     } else {
-        Err(errors.join("; "))
+        Err(ProtectError::Activate(errors))
     }
 }
 
 /// The source configuration `protect` writes for `o` (consistency group
 /// `group`, a volume of `volume_size` bytes).
-pub fn source_config(o: &ProtectOpts, group: &str, volume_size: u64) -> String {
-    format!(
-        "# Written by replctl protect.\nvolume = \"{v}\"\nvolume_size = {size}\nring = {{ group = \"{g}\" }}\ndevice = \"/dev/mapper/{v}\"\ntarget = \"{t}\"\ntarget_name = \"{tn}\"\nkeys = \"{k}\"\nstate_dir = \"{sd}\"\ninitial_copy = {ic}\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
-        v = o.volume,
-        size = volume_size,
-        g = group,
-        t = o.target,
-        tn = o.target_name,
-        k = o.keys.display(),
-        sd = o.state_dir.display(),
-        ic = o.initial_copy,
-        ca = o.ca.display(),
-        cert = o.cert.display(),
-        key = o.key.display(),
-    )
+pub fn source_config(o: &ProtectOpts, group: &str, volume_size: u64) -> SourceConfig {
+    SourceConfig {
+        volume: o.volume.clone(),
+        volume_size,
+        ring: RingSource::Group(group.to_owned()),
+        target: o.target.clone(),
+        target_name: o.target_name.clone(),
+        tls: TlsConfig {
+            ca: o.ca.clone(),
+            cert: o.cert.clone(),
+            key: o.key.clone(),
+        },
+        keys: o.keys.clone(),
+        state_dir: o.state_dir.clone(),
+        control_socket: None,
+        control_device: replica_config::default_control_device(),
+        epoch: 1,
+        segment: Default::default(),
+        retry: Default::default(),
+        spool: Default::default(),
+        device: Some(PathBuf::from("/dev/mapper").join(&o.volume)),
+        resync: Default::default(),
+        initial_copy: o.initial_copy,
+    }
+}
+
+/// The text of a source configuration as `protect` writes it.
+pub fn source_config_text(c: &SourceConfig) -> Result<String, ProtectError> {
+    Ok(format!(
+        "# Written by replctl protect.\n{}",
+        replica_config::to_text(c)?
+    ))
 }
 
 /// Checks source configuration `text` (to be written to `path`) as
-/// `replicad source` will load it, and what the daemon needs to start with
-/// it (keyring, certificates, state directory), with the daemon's own
-/// loaders: a daemon that cannot start is refused here, with its reason,
-/// instead of after it was started.
-pub fn check_source(path: &Path, text: &str) -> Result<(), String> {
-    let c: replicad::config::SourceConfig =
-        replicad::config::parse(path, text).map_err(|e| e.to_string())?;
-    c.check(path).map_err(|e| e.to_string())?;
-    replicad::cli::check_source_start(&c).map_err(|e| format!("replicad source cannot start: {e}"))
+/// `replicad source` will load it (its checks, with `path` in their
+/// messages), then runs `<replicad> check source` on it, which checks what
+/// the daemon needs to start with it (keyring, certificates, state
+/// directory) with the daemon's own loaders: a daemon that cannot start is
+/// refused here, with its reason, instead of after it was started.
+pub fn check_source(replicad: &Path, path: &Path, text: &str) -> Result<(), ProtectError> {
+    let c: SourceConfig = replica_config::parse(path, text)?;
+    c.check(path)?;
+    let run = |source| ProtectError::Check {
+        exe: replicad.to_owned(),
+        source,
+    };
+    let mut child = Command::new(replicad)
+        .args(["check", "source", "--config", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(run)?;
+    let written = child
+        .stdin
+        .take()
+        .map_or(Ok(()), |mut i| i.write_all(text.as_bytes()));
+    let out = child.wait_with_output().map_err(run)?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    let said = said.trim();
+    match out.status.code() {
+        Some(0) => written.map_err(run),
+        Some(CHECK_REFUSED) => Err(ProtectError::CannotStart(
+            said.strip_prefix("replicad: ").unwrap_or(said).to_owned(),
+        )),
+        _ => Err(ProtectError::CheckDied {
+            exe: replicad.to_owned(),
+            status: out.status,
+            stderr: said.to_owned(),
+        }),
+    }
 }
+
+/// `replicad check`'s exit status for a configuration it refuses (its
+/// "cannot start" code, docs/operations.md).
+const CHECK_REFUSED: i32 = 2;
 
 /// Writes the activation entry and the source configuration, and creates
 /// the table. Returns the path of the source configuration.
-pub fn protect(o: &ProtectOpts) -> Result<PathBuf, String> {
-    if !replicad::config::valid_id(&o.volume) {
-        return Err(format!(
-            "volume id {:?}: use 1-63 letters, digits, '-', '_' or '.'",
-            o.volume
-        ));
+pub fn protect(o: &ProtectOpts) -> Result<PathBuf, ProtectError> {
+    if !replica_config::valid_id(&o.volume) {
+        return Err(ProtectError::BadVolumeId(o.volume.clone()));
     }
     let n = sectors(&o.device)?;
     if exists(&o.volume) {
-        return Err(format!(
-            "a device-mapper device named {} exists already",
-            o.volume
-        ));
+        return Err(ProtectError::Exists(o.volume.clone()));
     }
     let entry = Activation {
         volume: o.volume.clone(),
@@ -218,19 +407,16 @@ pub fn protect(o: &ProtectOpts) -> Result<PathBuf, String> {
         region_kib: 64,
         overflow_wait_ms: 100,
     };
-    let cfg = source_config(o, &entry.group, n * 512);
+    let cfg = source_config_text(&source_config(o, &entry.group, n * 512))?;
     let cfg_path = o.config_dir.join(format!("source-{}.toml", o.volume));
     // Checked before anything is created.
-    check_source(&cfg_path, &cfg)?;
+    check_source(&o.replicad, &cfg_path, &cfg)?;
     let act_path = Activation::path(&o.config_dir, &o.volume);
     std::fs::create_dir_all(act_path.parent().unwrap_or(&o.config_dir))
-        .map_err(|e| format!("{}: {e}", o.config_dir.display()))?;
-    std::fs::write(
-        &act_path,
-        toml::to_string(&entry).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| format!("{}: {e}", act_path.display()))?;
-    std::fs::write(&cfg_path, cfg).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+        .map_err(ProtectError::io(&o.config_dir))?;
+    let entry_text = replica_config::to_text(&entry)?;
+    std::fs::write(&act_path, entry_text).map_err(ProtectError::io(&act_path))?;
+    std::fs::write(&cfg_path, cfg).map_err(ProtectError::io(&cfg_path))?;
     if let Err(e) = activate_one(&entry) {
         let _ = std::fs::remove_file(&act_path);
         let _ = std::fs::remove_file(&cfg_path);
@@ -239,196 +425,29 @@ pub fn protect(o: &ProtectOpts) -> Result<PathBuf, String> {
     Ok(cfg_path)
 }
 
-/// Waits up to `timeout` until the daemon answers on `socket`.
-pub fn wait_daemon(socket: &Path, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match replicad::control::request(socket, "status") {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-/// A source daemon `replctl protect` started, watched until it answers.
-#[derive(Debug)]
-pub enum Started {
-    /// A background process (`--spawn`), its stderr in `log`.
-    Spawned {
-        /// The daemon.
-        child: std::process::Child,
-        /// Its log.
-        log: PathBuf,
-    },
-    /// A systemd unit.
-    Unit(String),
-}
-
-/// Starts `<exe> source --config <cfg>` in the background, its stderr in
-/// `<state_dir>/replicad.log`.
-pub fn spawn_source(exe: &Path, cfg: &Path, state_dir: &Path) -> Result<Started, String> {
-    std::fs::create_dir_all(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
-    let log = state_dir.join("replicad.log");
-    let err = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let child = Command::new(exe)
-        .args(["source", "--config"])
-        .arg(cfg)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(err)
-        .spawn()
-        .map_err(|e| format!("start {}: {e}", exe.display()))?;
-    Ok(Started::Spawned { child, log })
-}
-
-/// `systemctl enable --now <unit>`; if the unit does not start, its state
-/// and journal say why.
-pub fn start_unit(unit: &str) -> Result<Started, String> {
-    let ok = Command::new("systemctl")
-        .args(["enable", "--now", unit])
-        .status()
-        .map_err(|e| format!("systemctl: {e}"))?
-        .success();
-    if !ok {
-        return Err(format!(
-            "systemctl enable --now {unit} failed{}",
-            unit_report(unit)
-        ));
-    }
-    Ok(Started::Unit(unit.to_owned()))
-}
-
-/// The last `n` lines of `path` (or why it cannot be read).
-pub fn log_tail(path: &Path, n: usize) -> String {
-    match std::fs::read(path) {
-        Ok(b) => {
-            let text = String::from_utf8_lossy(&b);
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(n)..].join("\n")
-        }
-        Err(e) => format!("({}: {e})", path.display()),
-    }
-}
-
-/// Whether a unit's `systemctl show` properties say it is not running
-/// (failed, stopped, or waiting to be restarted after a failure); the state
-/// as text if so.
-pub fn unit_stopped(show: &str) -> Option<String> {
-    let get = |k: &str| {
-        show.lines()
-            .find_map(|l| l.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
-            .unwrap_or("")
-    };
-    let (active, sub) = (get("ActiveState"), get("SubState"));
-    (active == "failed" || active == "inactive" || sub == "auto-restart").then(|| {
-        format!(
-            "{active} ({sub}), result {}, exit status {}",
-            get("Result"),
-            get("ExecMainStatus")
-        )
-    })
-}
-
-fn unit_show(unit: &str) -> String {
-    Command::new("systemctl")
-        .args([
-            "show",
-            unit,
-            "--property=ActiveState,SubState,Result,ExecMainStatus",
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-/// The unit's state and the tail of its journal, for an error message.
-fn unit_report(unit: &str) -> String {
-    let state = unit_stopped(&unit_show(unit)).unwrap_or_else(|| "running".into());
-    let journal = Command::new("journalctl")
-        .args(["-u", unit, "-n", "20", "--no-pager", "-o", "cat"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_else(|e| format!("(journalctl: {e})"));
-    format!(
-        ": {unit} is {state}; the end of its journal (journalctl -u {unit}):\n{}",
-        journal.trim_end()
-    )
-}
-
-/// Waits up to `timeout` until the daemon `started` answers on `socket`;
-/// fails at once, with its exit status and the end of its log (or its
-/// unit's state and journal), if it stops before.
-pub fn wait_started(socket: &Path, started: &mut Started, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let answer = replicad::control::request(socket, "status");
-        if answer.is_ok() {
-            return Ok(());
-        }
-        match started {
-            Started::Spawned { child, log } => {
-                if let Some(st) = child
-                    .try_wait()
-                    .map_err(|e| format!("replicad source: {e}"))?
-                {
-                    return Err(format!(
-                        "replicad source exited ({st}) before it answered on {}; the end of its log {}:\n{}",
-                        socket.display(),
-                        log.display(),
-                        log_tail(log, 20)
-                    ));
-                }
-            }
-            Started::Unit(unit) => {
-                if unit_stopped(&unit_show(unit)).is_some() {
-                    return Err(format!(
-                        "replicad source stopped before it answered on {}{}",
-                        socket.display(),
-                        unit_report(unit)
-                    ));
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            let detail = match started {
-                Started::Spawned { log, .. } => {
-                    format!(
-                        "; the end of its log {}:\n{}",
-                        log.display(),
-                        log_tail(log, 20)
-                    )
-                }
-                Started::Unit(unit) => unit_report(unit),
-            };
-            return Err(format!(
-                "replicad source did not answer on {} within {} s ({}){detail}",
-                socket.display(),
-                timeout.as_secs(),
-                answer.err().unwrap_or_default()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Stops replicating `volume` and removes its table, activation entry and
 /// configuration; the data device keeps the data. The daemon must have
 /// stopped (or is stopped through its control socket).
-pub fn unprotect(config_dir: &Path, volume: &str, keep_state: bool) -> Result<Vec<String>, String> {
+pub fn unprotect(
+    config_dir: &Path,
+    volume: &str,
+    keep_state: bool,
+) -> Result<Vec<String>, ProtectError> {
+    use replica_control::{request, Command};
     let mut done = Vec::new();
     let cfg_path = config_dir.join(format!("source-{volume}.toml"));
     let state_dir = std::fs::read_to_string(&cfg_path)
         .ok()
-        .and_then(|t| replicad::config::parse::<replicad::config::SourceConfig>(&cfg_path, &t).ok())
+        .and_then(|t| replica_config::parse::<SourceConfig>(&cfg_path, &t).ok())
         .map(|c| c.state_dir);
     if let Some(sd) = &state_dir {
-        let sock = replicad::control::default_path(sd);
-        if replicad::control::request(&sock, "stop").is_ok() {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while replicad::control::request(&sock, "status").is_ok() {
+        let sock = replica_control::default_path(sd);
+        if request(&sock, Command::Stop).is_ok() {
+            let patience = Duration::from_secs(60);
+            let deadline = Instant::now() + patience;
+            while request(&sock, Command::Status).is_ok() {
                 if Instant::now() > deadline {
-                    return Err("the source daemon did not stop".into());
+                    return Err(ProtectError::DidNotStop(patience));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -436,8 +455,10 @@ pub fn unprotect(config_dir: &Path, volume: &str, keep_state: bool) -> Result<Ve
         }
     }
     if exists(volume) {
-        dm().remove(volume)
-            .map_err(|e| format!("{e} (unmount the filesystem on /dev/mapper/{volume} first)"))?;
+        dm().remove(volume).map_err(|source| ProtectError::Remove {
+            volume: volume.to_owned(),
+            source,
+        })?;
         done.push(format!(
             "/dev/mapper/{volume} removed (the data device keeps the data)"
         ));
@@ -446,12 +467,12 @@ pub fn unprotect(config_dir: &Path, volume: &str, keep_state: bool) -> Result<Ve
         match std::fs::remove_file(&p) {
             Ok(()) => done.push(format!("{} removed", p.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("{}: {e}", p.display())),
+            Err(e) => return Err(ProtectError::io(&p)(e)),
         }
     }
     if let (Some(sd), false) = (&state_dir, keep_state) {
         if sd.exists() {
-            std::fs::remove_dir_all(sd).map_err(|e| format!("{}: {e}", sd.display()))?;
+            std::fs::remove_dir_all(sd).map_err(ProtectError::io(sd))?;
             done.push(format!("{} removed", sd.display()));
         }
     }
@@ -482,7 +503,7 @@ mod tests {
         std::fs::write(d.path().join("protected/README"), "not an entry").expect("w");
         assert_eq!(Activation::all(d.path()).expect("all"), vec![a.clone()]);
         assert_eq!(
-            a.table(2048),
+            a.table(2048).to_string(),
             "0 2048 replica /dev/disk/by-id/virtio-db1 db1 group=app ring_mib=64 region_kib=64 overflow_wait_ms=100"
         );
         std::fs::write(Activation::path(d.path(), "bad"), "volume = 1").expect("w");
@@ -490,27 +511,12 @@ mod tests {
     }
 
     #[test]
-    fn a_unit_that_failed_or_waits_for_a_restart_is_stopped() {
-        let show = |a: &str, s: &str| {
-            format!("ActiveState={a}\nSubState={s}\nResult=exit-code\nExecMainStatus=2\n")
-        };
-        assert_eq!(unit_stopped(&show("active", "running")), None);
-        assert_eq!(unit_stopped(&show("activating", "start")), None);
-        assert_eq!(
-            unit_stopped(&show("failed", "failed")).as_deref(),
-            Some("failed (failed), result exit-code, exit status 2")
-        );
-        assert!(unit_stopped(&show("activating", "auto-restart")).is_some());
-        assert!(unit_stopped(&show("inactive", "dead")).is_some());
-    }
-
-    #[test]
     fn a_regular_file_cannot_be_protected() {
         let d = tempfile::tempdir().expect("tmp");
         let f = d.path().join("img");
         std::fs::write(&f, vec![0u8; 4096]).expect("w");
-        assert!(sectors(&f)
-            .expect_err("not a block device")
-            .contains("not a block device"));
+        let e = sectors(&f).expect_err("not a block device");
+        assert!(matches!(e, ProtectError::Device(_)), "{e:?}");
+        assert!(e.to_string().contains("not a block device"), "{e}");
     }
 }

@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use replicad::status::{Health, VolumeStatus};
+use replica_control::status::{Health, VolumeStatus};
+
+use crate::error::Exit;
 
 /// Why a wait ended without the record applied.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -48,6 +50,16 @@ pub enum WaitError {
     },
 }
 
+impl WaitError {
+    /// The exit code.
+    pub fn exit(&self) -> Exit {
+        match self {
+            Self::Critical { .. } => Exit::Critical,
+            Self::NeverReceived { .. } | Self::Timeout { .. } => Exit::Failed,
+        }
+    }
+}
+
 /// Whether `v` is about ring `generation`.
 fn same_generation(v: &VolumeStatus, generation: &str) -> bool {
     !v.generation.is_empty() && v.generation.eq_ignore_ascii_case(generation)
@@ -71,12 +83,12 @@ pub fn wait_applied(
     let deadline = Instant::now() + timeout;
     let mut seen = String::new();
     loop {
-        let vols = replicad::status::read(state_dir).unwrap_or_default();
+        let vols = replica_control::status::read(state_dir).unwrap_or_default();
         if let Some(v) = vols.into_iter().find(|v| v.volume == volume) {
             if v.health == Health::Critical {
                 return Err(WaitError::Critical {
                     volume: volume.to_owned(),
-                    reasons: v.reasons.join("; "),
+                    reasons: v.reasons_text(),
                 });
             }
             if applied(&v, seq, generation) {

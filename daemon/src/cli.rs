@@ -1,6 +1,6 @@
 //! Command line of `replicad`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,14 +37,25 @@ pub enum RoleCmd {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Check a configuration file and exit.
+    /// Check a configuration file and exit (0: it is fine, 2: it is not,
+    /// with the reason). For `source`, also what the daemon needs to start
+    /// with it: keyring, certificates, state and spool directories.
     Check {
-        /// `source` or `target`.
-        role: String,
-        /// Configuration file.
+        /// The role the configuration is for.
+        role: CheckRole,
+        /// Configuration file (`-`: read it from standard input).
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+/// The roles `replicad check` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckRole {
+    /// A source configuration, and what `replicad source` needs to start.
+    Source,
+    /// A target configuration.
+    Target,
 }
 
 /// Process exit codes.
@@ -118,16 +129,17 @@ fn init_logging() {
         .try_init();
 }
 
-/// What `replicad source` needs to start, checked without starting it (for
-/// `replctl protect`, before it starts the daemon): the directories for its
+/// What `replicad source` needs to start, checked without starting it
+/// (`replicad check source`, which `replctl protect` runs before it starts
+/// the daemon): the directories for its
 /// state and spool are not on a protected volume, the keyring loads (present,
 /// mode 0600, parseable), the TLS material loads, and the state and spool
 /// directories are usable (an existing one is a writable directory, a missing
 /// one can be created). The keyring, TLS and protected-volume checks are the
 /// daemon's own loaders, so the errors are the ones it would stop with.
 pub fn check_source_start(c: &SourceConfig) -> Result<(), crate::DaemonError> {
-    crate::protected::check_not_protected(&c.state_dir, "state_dir")?;
-    crate::protected::check_not_protected(&c.spool_dir(), "spool.dir")?;
+    crate::source::protected::check_not_protected(&c.state_dir, "state_dir")?;
+    crate::source::protected::check_not_protected(&c.spool_dir(), "spool.dir")?;
     crate::keystore::KeyStore::load(&c.keys)?;
     crate::tls::client_config(&c.tls)?;
     usable_dir(&c.state_dir, "create state directory")?;
@@ -165,21 +177,41 @@ fn usable_dir(dir: &std::path::Path, what: &'static str) -> Result<(), crate::Da
     }
 }
 
+/// `replicad check`: the configuration in file `config` (`-`: on standard
+/// input) and, for a source, what the daemon needs to start with it.
+fn check(role: CheckRole, config: &Path) -> Result<(), crate::DaemonError> {
+    let stdin = || {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| crate::DaemonError::io("read configuration", config, e))
+    };
+    let from_stdin = config == Path::new("-");
+    match role {
+        CheckRole::Source => {
+            let c = if from_stdin {
+                SourceConfig::from_text(config, &stdin()?)?
+            } else {
+                SourceConfig::load(config)?
+            };
+            check_source_start(&c)
+        }
+        CheckRole::Target => {
+            if from_stdin {
+                TargetConfig::from_text(config, &stdin()?)?;
+            } else {
+                TargetConfig::load(config)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Entry point shared by the `replicad` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.role {
         RoleCmd::Check { role, config } => {
-            let r = match role.as_str() {
-                "source" => SourceConfig::load(&config).map(|_| ()),
-                "target" => TargetConfig::load(&config).map(|_| ()),
-                other => {
-                    eprintln!("replicad: unknown role {other:?} (source or target)");
-                    return Exit::Startup.into();
-                }
-            };
-            return match r {
+            return match check(role, &config) {
                 Ok(()) => {
                     println!("{}: ok", config.display());
                     Exit::Ok.into()

@@ -1,12 +1,7 @@
-//! The control socket: a Unix stream socket, mode 0600, whose callers are
-//! checked with SO_PEERCRED (root or the daemon's own user only). One JSON
-//! request per line, one JSON response per line:
-//!
-//! ```text
-//! -> {"version":1,"command":"status"}
-//! <- {"version":1,"ok":true,"status":[{...per volume...}]}
-//! <- {"version":1,"ok":false,"error":"..."}
-//! ```
+//! The control socket's server: a Unix stream socket, mode 0600, whose
+//! callers are checked with SO_PEERCRED (root or the daemon's own user
+//! only), one JSON request per line and one JSON response per line (the
+//! protocol's types are [`replica_control`]'s).
 //!
 //! Also here: the systemd notification protocol (READY, STATUS, WATCHDOG).
 
@@ -20,101 +15,83 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+pub use replica_control::{default_path, ResyncTicket, CONTROL_VERSION};
+use replica_control::{Command, Envelope, ErrorCode, Response};
 
-use crate::status::{StatusBoard, VolumeStatus};
+use crate::status::StatusBoard;
 use crate::DaemonError;
 
-/// Version of the control protocol.
-pub const CONTROL_VERSION: u32 = 1;
+/// A role's commands beyond `status`: given the volume the request names
+/// (if any) and the command, `Some(Ok(reply))` done, `Some(Err(e))`
+/// refused or failed (the response carries [`CommandFailure::code`]),
+/// `None` not a command of this role. Built with [`handler`].
+pub type Handler = Arc<
+    dyn Fn(Option<&str>, &Command) -> Option<Result<Reply, Box<dyn CommandFailure>>> + Send + Sync,
+>;
 
-/// A request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Request {
-    /// Protocol version.
-    pub version: u32,
-    /// `status`, or a command of the daemon's role (source: `resync`).
-    pub command: String,
-    /// The volume a command is about (default: the daemon's only one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub volume: Option<String>,
-    /// For `failover`: `latest` or a recovery point's record sequence.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub point: Option<String>,
+/// Why a role's command did not do what it was asked: the operator's
+/// words (`Display`) and, for programs, the response's code.
+pub trait CommandFailure: std::error::Error + Send + Sync {
+    /// The code the error response carries ([`ErrorCode::Refused`],
+    /// [`ErrorCode::NotFound`] or [`ErrorCode::Failed`]).
+    fn code(&self) -> ErrorCode;
 }
 
-/// A role's commands beyond `status`: `Some(Ok(reply))` done,
-/// `Some(Err(why))` refused, `None` not a command of this role.
-pub type Handler = Arc<dyn Fn(&Request) -> Option<Result<Reply, String>> + Send + Sync>;
+/// A [`Handler`] from a role's typed handler.
+pub fn handler<E>(
+    f: impl Fn(Option<&str>, &Command) -> Option<Result<Reply, E>> + Send + Sync + 'static,
+) -> Handler
+where
+    E: CommandFailure + 'static,
+{
+    Arc::new(move |volume, command| {
+        f(volume, command).map(|r| r.map_err(|e| Box::new(e) as Box<dyn CommandFailure>))
+    })
+}
 
 /// What a command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// For the operator.
-    pub message: String,
-    /// For `resync`: which resync to wait for.
-    pub resync: Option<ResyncTicket>,
+pub enum Reply {
+    /// Done: what it did, for the operator.
+    Done(String),
+    /// A resync was scheduled: what it will do, and which resync to wait
+    /// for.
+    Resync {
+        /// For the operator.
+        message: String,
+        /// The resync's ticket.
+        ticket: ResyncTicket,
+    },
+    /// `point-list`: the replica backend's snapshots, ascending.
+    Points(Vec<u64>),
+    /// `point-open`: the device or file that holds the point.
+    Opened(PathBuf),
 }
 
-impl From<String> for Reply {
-    fn from(message: String) -> Self {
-        Self {
-            message,
-            resync: None,
+impl Reply {
+    /// The successful response that says it.
+    fn response(self) -> Response {
+        let ok = Response::ok();
+        match self {
+            Reply::Done(message) => Response {
+                message: Some(message),
+                ..ok
+            },
+            Reply::Resync { message, ticket } => Response {
+                message: Some(message),
+                resync: Some(ticket),
+                ..ok
+            },
+            Reply::Points(points) => Response {
+                points: Some(points),
+                ..ok
+            },
+            Reply::Opened(path) => Response {
+                path: Some(path),
+                ..ok
+            },
         }
     }
-}
-
-/// Names the resync a `resync` command started: it is done when the
-/// source, still on ring generation `generation`, reports a resync END at
-/// or after `from_seq` that the target has applied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResyncTicket {
-    /// The capture ring generation, hex.
-    pub generation: String,
-    /// The ring position the request was taken at.
-    pub from_seq: u64,
-}
-
-/// A response.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
-    /// Protocol version.
-    pub version: u32,
-    /// Success.
-    pub ok: bool,
-    /// Per-volume status (for `status`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<Vec<VolumeStatus>>,
-    /// What a command did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    /// Error text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// For `resync`: the resync it started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resync: Option<ResyncTicket>,
-}
-
-impl Response {
-    fn err(m: impl Into<String>) -> Self {
-        Self {
-            version: CONTROL_VERSION,
-            ok: false,
-            status: None,
-            message: None,
-            error: Some(m.into()),
-            resync: None,
-        }
-    }
-}
-
-/// The default socket path for a state directory.
-pub fn default_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("replicad.sock")
 }
 
 /// Serves the control socket until `stop`.
@@ -130,8 +107,19 @@ pub fn serve(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
-    let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    // Bound under a temporary name, restricted, then renamed into place:
+    // the socket never appears at `path` with a wider mode.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(io)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(e)
+        })?;
     listener.set_nonblocking(true).map_err(io)?;
     let own_uid = nix::unistd::geteuid().as_raw();
     std::thread::Builder::new()
@@ -196,13 +184,21 @@ fn handle(s: UnixStream, board: &StatusBoard, handler: Option<&Handler>, own_uid
     let resp = match (uid, read) {
         (Ok(uid), _) if uid != 0 && uid != own_uid => {
             tracing::warn!(uid, "control socket: refused caller");
-            Response::err(format!(
-                "permission denied: uid {uid} is not allowed (root or the daemon's user only)"
-            ))
+            Response::error(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "permission denied: uid {uid} is not allowed (root or the daemon's user only)"
+                ),
+            )
         }
         (Ok(_), Ok(_)) => respond(&line, board, handler),
-        (Ok(_), Err(e)) => Response::err(format!("reading request: {e}")),
-        (Err(e), _) => Response::err(format!("cannot identify caller: {e}")),
+        (Ok(_), Err(e)) => {
+            Response::error(ErrorCode::MalformedRequest, format!("reading request: {e}"))
+        }
+        (Err(e), _) => Response::error(
+            ErrorCode::PermissionDenied,
+            format!("cannot identify caller: {e}"),
+        ),
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
@@ -212,78 +208,63 @@ fn handle(s: UnixStream, board: &StatusBoard, handler: Option<&Handler>, own_uid
 use std::io::Read as _;
 
 fn respond(line: &str, board: &StatusBoard, handler: Option<&Handler>) -> Response {
-    let req: Request = match serde_json::from_str(line.trim()) {
-        Ok(r) => r,
-        Err(e) => return Response::err(format!("malformed request: {e}")),
+    // The version first: a peer of another version is told so, whatever
+    // else its request holds.
+    let env: Envelope = match serde_json::from_str(line.trim()) {
+        Ok(e) => e,
+        Err(e) => {
+            return Response::error(
+                ErrorCode::MalformedRequest,
+                format!("malformed request: {e}"),
+            )
+        }
     };
-    if req.version != CONTROL_VERSION {
-        return Response::err(format!(
-            "control protocol version {} not supported (this daemon speaks {CONTROL_VERSION})",
-            req.version
-        ));
+    if env.version != CONTROL_VERSION {
+        return Response::error(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "control protocol version {} not supported (this daemon speaks {CONTROL_VERSION})",
+                env.version
+            ),
+        );
     }
-    match req.command.as_str() {
-        "status" => Response {
-            version: CONTROL_VERSION,
-            ok: true,
-            status: Some(board.all()),
-            message: None,
-            error: None,
-            resync: None,
+    let req: replica_control::Request = match serde_json::from_str(line.trim()) {
+        Ok(r) => r,
+        Err(e) => {
+            return match env.command {
+                Some(c) if !Command::is_name(&c) => {
+                    Response::error(ErrorCode::UnknownCommand, format!("unknown command {c:?}"))
+                }
+                _ => Response::error(
+                    ErrorCode::MalformedRequest,
+                    format!("malformed request: {e}"),
+                ),
+            }
+        }
+    };
+    let one = match &req.volume {
+        Some(v) => match board.get(v) {
+            Some(s) => Some(s),
+            None => return Response::error(ErrorCode::NotFound, format!("no volume {v:?} here")),
         },
-        other => match handler.and_then(|h| h(&req)) {
-            Some(Ok(m)) => Response {
-                version: CONTROL_VERSION,
-                ok: true,
-                status: None,
-                message: Some(m.message),
-                error: None,
-                resync: m.resync,
-            },
-            Some(Err(e)) => Response::err(e),
-            None => Response::err(format!("unknown command {other:?}")),
-        },
+        None => None,
+    };
+    if req.command == Command::Status {
+        return Response {
+            status: Some(one.map_or_else(|| board.all(), |s| vec![s])),
+            ..Response::ok()
+        };
     }
-}
-
-/// Sends one request to a daemon's control socket.
-pub fn request(path: &Path, command: &str) -> Result<Response, String> {
-    request_for(path, command, None)
-}
-
-/// Sends one request about `volume` to a daemon's control socket.
-pub fn request_for(path: &Path, command: &str, volume: Option<&str>) -> Result<Response, String> {
-    send(
-        path,
-        &Request {
-            version: CONTROL_VERSION,
-            command: command.to_owned(),
-            volume: volume.map(str::to_owned),
-            point: None,
-        },
-        Duration::from_secs(10),
-    )
-}
-
-/// Sends a request and waits up to `timeout` for the answer (long
-/// operations such as a failover answer when they are done).
-pub fn send(path: &Path, req: &Request, timeout: Duration) -> Result<Response, String> {
-    let mut s = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let _ = s.set_read_timeout(Some(timeout));
-    let mut b = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    b.push(b'\n');
-    s.write_all(&b)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut line = String::new();
-    BufReader::new(&s)
-        .read_line(&mut line)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let r: Response =
-        serde_json::from_str(&line).map_err(|e| format!("malformed response: {e}"))?;
-    if r.ok {
-        Ok(r)
-    } else {
-        Err(r.error.unwrap_or_else(|| "request failed".into()))
+    match handler.and_then(|h| h(req.volume.as_deref(), &req.command)) {
+        Some(Ok(reply)) => reply.response(),
+        Some(Err(e)) => Response::error(e.code(), e.to_string()),
+        None => Response::error(
+            ErrorCode::UnknownCommand,
+            format!(
+                "unknown command {:?}: not a command of this daemon's role",
+                req.command.name()
+            ),
+        ),
     }
 }
 

@@ -6,24 +6,20 @@
 //! * `replicad target` verifies, journals and acknowledges segments, and
 //!   applies them in order to the replica, keeping recovery points.
 
-pub mod backend;
 pub mod cli;
-pub mod config;
 pub mod control;
-pub mod dirty;
-pub mod drain;
-pub mod failover;
 pub mod keystore;
 pub mod link;
-pub mod protected;
 pub mod retry;
 pub mod source;
-pub mod spool;
 pub mod status;
 pub mod target;
 pub mod tls;
 
-use std::path::{Path, PathBuf};
+/// The configuration of both roles (the `replica-config` crate).
+pub use replica_config as config;
+
+use std::path::Path;
 
 /// Daemon errors.
 #[derive(Debug, thiserror::Error)]
@@ -44,16 +40,8 @@ pub enum DaemonError {
     #[error("capture ring: {0}")]
     Ring(#[from] replica_ring::RingError),
     /// An OS error with context.
-    #[error("{what} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// On what.
-        path: PathBuf,
-        /// Error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] replica_fs::IoError),
     /// Replication stopped for a non-recoverable error.
     #[error("Critical: {0}")]
     Critical(String),
@@ -74,10 +62,6 @@ pub fn create_state_dir(dir: &Path) -> Result<(), DaemonError> {
 impl DaemonError {
     /// Wraps an OS error.
     pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            what,
-            path: path.to_owned(),
-            source,
-        }
+        Self::Io(replica_fs::IoError::new(what, path, source))
     }
 }

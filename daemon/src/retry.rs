@@ -5,15 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-/// How an error is to be handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Network, low disk, busy: retry on the schedule.
-    Recoverable,
-    /// Authentication, broken sequence, invalid replica state, volume not
-    /// found: Critical, no retry.
-    Fatal,
-}
+/// How an error is to be handled: the wire's classification (`Recoverable`:
+/// network, low disk, busy, retried on the schedule; `Fatal`:
+/// authentication, broken sequence, invalid replica state, volume not
+/// found, Critical with no retry), one for both roles and the peer.
+pub use replica_proto::msg::ErrorClass;
 
 /// What to do after a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,222 +1,189 @@
-//! Daemon status, DRBD style: role, connection, replica state and health are
-//! separate dimensions. Written atomically to `status.json` in the state
-//! directory whenever it changes, so operators and tests can read it without
-//! talking to the daemon.
+//! The status board: every volume's status (the types are the control
+//! protocol's, [`replica_control::status`], re-exported here), written
+//! atomically to `status.json` in the state directory (see [`StatusBoard`]
+//! for when), so operators and tests can read it without talking to the
+//! daemon.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+pub use replica_control::status::{
+    read, Connection, Health, Reason, ReasonKind, ReplicaState, Role, VolumeStatus, STATUS_FILE,
+};
 
-/// Role of this side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Role {
-    /// The protected (writable) side.
-    Primary,
-    /// The replica side.
-    Secondary,
-}
-
-/// Connection state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Connection {
-    /// Streaming.
-    Connected,
-    /// Trying to connect or handshaking.
-    Connecting,
-    /// Waiting for the next retry after a recoverable error.
-    Retrying,
-    /// Not replicating (stopped or Critical).
-    StandAlone,
-}
-
-/// Health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Health {
-    /// Fine.
-    OK,
-    /// Degraded, recovering by itself (retrying, low space).
-    Warning,
-    /// Needs an operator: replication stopped for a non-recoverable error.
-    Critical,
-}
-
-/// Per-volume status.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VolumeStatus {
-    /// Volume id.
-    pub volume: String,
-    /// Role.
-    pub role: Role,
-    /// Connection.
-    pub connection: Connection,
-    /// Replica state: UpToDate, Consistent, Inconsistent, Outdated.
-    pub replica: String,
-    /// Health.
-    pub health: Health,
-    /// Reasons for Warning or Critical.
-    pub reasons: Vec<String>,
-    /// Ring generation, hex.
-    pub generation: String,
-    /// Epoch.
-    pub epoch: u64,
-    /// Source: next record to read from the ring. Target: unused (0).
-    pub captured_seq: u64,
-    /// Last record durable on the target.
-    pub durable_seq: u64,
-    /// Last record applied to the replica.
-    pub applied_seq: u64,
-    /// Records applied to the replica since the daemon started (target).
-    pub applied_records: u64,
-    /// Source: records captured but not yet durable on the target.
-    pub lag_records: u64,
-    /// Source: bytes those records hold in the capture ring.
-    pub lag_bytes: u64,
-    /// Source: age of the oldest record not yet durable on the target, s.
-    pub lag_seconds: f64,
-    /// Records that failed on the source and were skipped (their regions
-    /// need resync).
-    pub failed_records: u64,
-    /// Segments sent (source) or received (target) since start.
-    pub segments: u64,
-    /// Bytes of records shipped or received (uncompressed).
-    pub record_bytes: u64,
-    /// Bytes on the wire / in the journal (compressed, encrypted).
-    pub frame_bytes: u64,
-    /// Recovery points (target).
-    pub points: u64,
-    /// Latest recovery point sequence (target).
-    pub last_point_seq: u64,
-    /// Connection attempts since the last success.
-    pub retries: u64,
-    /// Source: next record to be written to the spool.
-    #[serde(default)]
-    pub spooled_seq: u64,
-    /// Source: spool bytes holding records the target does not have yet.
-    #[serde(default)]
-    pub spool_bytes: u64,
-    /// Source: the stream cannot carry every write any more; the regions
-    /// of `dirty_regions` need a resync.
-    #[serde(default)]
-    pub needs_resync: bool,
-    /// Source: first record the target will not receive through the stream
-    /// (with `needs_resync`).
-    #[serde(default)]
-    pub resync_since_seq: u64,
-    /// Source: dirty regions waiting for a resync.
-    #[serde(default)]
-    pub dirty_regions: u64,
-    /// Source: bytes those regions cover.
-    #[serde(default)]
-    pub dirty_bytes: u64,
-    /// Source: a resync is sending the dirty regions.
-    #[serde(default)]
-    pub resync_running: bool,
-    /// Source: regions the running (or next) resync sends in all.
-    #[serde(default)]
-    pub resync_total_regions: u64,
-    /// Source: the END record of the last resync (the replica is consistent
-    /// once the target applied it).
-    #[serde(default)]
-    pub resync_end_seq: u64,
-    /// Source: the target said, with its last acknowledgement, that its
-    /// replica is inconsistent (a resync runs there or is needed).
-    #[serde(default)]
-    pub target_inconsistent: bool,
-    /// Target: records of this generation up to here were never received
-    /// (the generation was taken over, or the volume first streamed, from
-    /// a later record): they were not applied, whatever `applied_seq` says.
-    #[serde(default)]
-    pub generation_base: u64,
-}
-
-impl VolumeStatus {
-    /// A fresh status.
-    pub fn new(volume: &str, role: Role) -> Self {
-        Self {
-            volume: volume.to_owned(),
-            role,
-            connection: Connection::StandAlone,
-            replica: "Inconsistent".into(),
-            health: Health::OK,
-            reasons: Vec::new(),
-            generation: String::new(),
-            epoch: 0,
-            captured_seq: 0,
-            durable_seq: 0,
-            applied_seq: 0,
-            applied_records: 0,
-            lag_records: 0,
-            lag_bytes: 0,
-            lag_seconds: 0.0,
-            failed_records: 0,
-            segments: 0,
-            record_bytes: 0,
-            frame_bytes: 0,
-            points: 0,
-            last_point_seq: 0,
-            retries: 0,
-            spooled_seq: 0,
-            spool_bytes: 0,
-            needs_resync: false,
-            resync_since_seq: 0,
-            dirty_regions: 0,
-            dirty_bytes: 0,
-            resync_running: false,
-            resync_total_regions: 0,
-            resync_end_seq: 0,
-            target_inconsistent: false,
-            generation_base: 0,
-        }
-    }
-}
+/// How often counters (sequences, lag, bytes) reach `status.json` at most;
+/// a change of state (connection, replica, health, reasons, resync) is
+/// written at once.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The status of all volumes of a daemon, published to a file.
+///
+/// Updates change the status in memory only (the data path updates it per
+/// segment); one publisher thread writes `status.json` from a snapshot taken
+/// under the lock and written outside it: at once after a change of state,
+/// otherwise at most once per [`PUBLISH_INTERVAL`]. The control socket's
+/// `status` answers from memory. The last status is written when the board
+/// is dropped.
 pub struct StatusBoard {
+    shared: Arc<Board>,
+    publisher: Option<JoinHandle<()>>,
+}
+
+struct Board {
     path: PathBuf,
-    vols: Mutex<Vec<VolumeStatus>>,
+    interval: Duration,
+    state: Mutex<BoardState>,
+    wake: Condvar,
+    /// Files written (for tests and figures).
+    written: AtomicU64,
+}
+
+struct BoardState {
+    vols: Vec<VolumeStatus>,
+    /// Changed since the last write.
+    dirty: bool,
+    /// A change of state: write now.
+    urgent: bool,
+    stop: bool,
+}
+
+/// The parts of a status whose change is written at once (a reason's kind
+/// coming or going, not its text: a running resync's progress is a counter).
+fn state_of(s: &VolumeStatus) -> impl PartialEq + '_ {
+    (
+        (s.role, s.connection, s.replica, s.health),
+        s.reasons.iter().map(|r| r.kind).collect::<Vec<_>>(),
+        (s.needs_resync, s.resync_running, s.target_inconsistent),
+        (&s.generation, s.epoch, s.generation_base),
+    )
 }
 
 impl StatusBoard {
     /// A board writing to `<dir>/status.json`.
     pub fn new(dir: &Path, vols: Vec<VolumeStatus>) -> Self {
-        let b = Self {
-            path: dir.join("status.json"),
-            vols: Mutex::new(vols),
-        };
-        b.publish();
-        b
+        Self::with_interval(dir, vols, PUBLISH_INTERVAL)
     }
 
-    /// Updates one volume's status and publishes the board.
+    /// A board whose counters are written at most once per `interval`.
+    pub fn with_interval(dir: &Path, vols: Vec<VolumeStatus>, interval: Duration) -> Self {
+        let shared = Arc::new(Board {
+            path: dir.join(STATUS_FILE),
+            interval,
+            state: Mutex::new(BoardState {
+                vols,
+                dirty: false,
+                urgent: false,
+                stop: false,
+            }),
+            wake: Condvar::new(),
+            written: AtomicU64::new(0),
+        });
+        shared.write(&shared.lock().vols.clone());
+        let s = shared.clone();
+        let publisher = std::thread::Builder::new()
+            .name("status".into())
+            .spawn(move || s.run())
+            .map_err(|e| tracing::error!(error = %e, "cannot start the status publisher; status.json is written when the daemon stops"))
+            .ok();
+        Self { shared, publisher }
+    }
+
+    /// Updates one volume's status; the publisher writes it (at once if its
+    /// state changed).
     pub fn update(&self, volume: &str, f: impl FnOnce(&mut VolumeStatus)) {
-        {
-            let mut v = self.vols.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(s) = v.iter_mut().find(|s| s.volume == volume) {
-                f(s);
-            }
+        let mut g = self.shared.lock();
+        let Some(s) = g.vols.iter_mut().find(|s| s.volume == volume) else {
+            return;
+        };
+        let before = s.clone();
+        f(s);
+        if *s == before {
+            return;
         }
-        self.publish();
+        let urgent = state_of(s) != state_of(&before);
+        g.dirty = true;
+        g.urgent |= urgent;
+        drop(g);
+        if urgent {
+            self.shared.wake.notify_one();
+        }
     }
 
     /// A copy of every volume's status.
     pub fn all(&self) -> Vec<VolumeStatus> {
-        self.vols.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.shared.lock().vols.clone()
     }
 
     /// A copy of one volume's status.
     pub fn get(&self, volume: &str) -> Option<VolumeStatus> {
-        self.vols
+        self.shared
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .vols
             .iter()
             .find(|s| s.volume == volume)
             .cloned()
     }
 
-    fn publish(&self) {
-        let v = self.vols.lock().unwrap_or_else(|p| p.into_inner());
-        let json = serde_json::to_vec_pretty(&*v).unwrap_or_default();
+    /// How many times `status.json` was written.
+    pub fn written(&self) -> u64 {
+        self.shared.written.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for StatusBoard {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_one();
+        if let Some(p) = self.publisher.take() {
+            let _ = p.join();
+        }
+        let last = self.shared.lock().vols.clone();
+        self.shared.write(&last);
+    }
+}
+
+impl Board {
+    fn lock(&self) -> MutexGuard<'_, BoardState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The publisher: waits for a change, writes a snapshot outside the lock.
+    fn run(&self) {
+        let mut last = Instant::now();
+        let mut g = self.lock();
+        loop {
+            if g.stop {
+                return;
+            }
+            let due = g.urgent || (g.dirty && last.elapsed() >= self.interval);
+            if !due {
+                let wait = if g.dirty {
+                    self.interval.saturating_sub(last.elapsed())
+                } else {
+                    self.interval
+                };
+                g = self
+                    .wake
+                    .wait_timeout(g, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            }
+            g.dirty = false;
+            g.urgent = false;
+            let snapshot = g.vols.clone();
+            drop(g);
+            self.write(&snapshot);
+            last = Instant::now();
+            g = self.lock();
+        }
+    }
+
+    fn write(&self, vols: &[VolumeStatus]) {
+        let json = serde_json::to_vec_pretty(vols).unwrap_or_default();
         // Status is advisory and rebuilt at start: replace the file
         // atomically (readers never see a partial one) but skip the fsync.
         let tmp = self.path.with_extension("tmp");
@@ -224,11 +191,98 @@ impl StatusBoard {
         {
             tracing::warn!(error = %e, "cannot publish status");
         }
+        self.written.fetch_add(1, Ordering::AcqRel);
     }
 }
 
-/// Reads a daemon's published status.
-pub fn read(dir: &Path) -> std::io::Result<Vec<VolumeStatus>> {
-    let b = std::fs::read(dir.join("status.json"))?;
-    serde_json::from_slice(&b).map_err(std::io::Error::other)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn on_disk(dir: &Path) -> VolumeStatus {
+        read(dir).expect("status.json").remove(0)
+    }
+
+    #[test]
+    fn counters_wait_for_the_timer_and_a_change_of_state_is_written_at_once() {
+        let d = tempfile::tempdir().expect("tempdir");
+        // A timer that never fires within the test: only changes of state
+        // may write.
+        let board = StatusBoard::with_interval(
+            d.path(),
+            vec![VolumeStatus::new("v", Role::Primary)],
+            Duration::from_secs(3600),
+        );
+        assert_eq!(board.written(), 1, "the initial status is written at once");
+        for i in 1..=1000 {
+            board.update("v", |s| {
+                s.segments = i;
+                s.durable_seq = i;
+            });
+        }
+        assert_eq!(
+            board.get("v").expect("v").segments,
+            1000,
+            "memory is current"
+        );
+        board.update("v", |s| s.health = Health::Warning);
+        wait_until("the change of state on disk", || {
+            read(d.path()).is_ok_and(|v| v[0].health == Health::Warning)
+        });
+        assert_eq!(
+            board.written(),
+            2,
+            "1000 counter updates and one change of state: two writes in all"
+        );
+        let s = on_disk(d.path());
+        assert_eq!(
+            (s.segments, s.durable_seq),
+            (1000, 1000),
+            "the write carries the counters too"
+        );
+        board.update("v", |s| s.segments = 1001);
+        drop(board);
+        assert_eq!(
+            on_disk(d.path()).segments,
+            1001,
+            "the last status is written when the board goes"
+        );
+    }
+
+    #[test]
+    fn counters_reach_the_file_within_the_interval() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let board = StatusBoard::with_interval(
+            d.path(),
+            vec![VolumeStatus::new("v", Role::Secondary)],
+            Duration::from_millis(50),
+        );
+        let started = Instant::now();
+        let mut n = 0u64;
+        while started.elapsed() < Duration::from_millis(300) {
+            n += 1;
+            board.update("v", |s| s.applied_seq = n);
+        }
+        let written = board.written();
+        let elapsed = started.elapsed();
+        wait_until("the counter on disk", || {
+            read(d.path()).is_ok_and(|v| v[0].applied_seq == n)
+        });
+        // At most one write per interval (plus the initial one and the one
+        // in flight), however many updates.
+        let bound = 2 + elapsed.as_millis() as u64 / 50 + 1;
+        assert!(
+            written <= bound,
+            "{written} writes for {n} updates in {elapsed:?} (bound {bound})"
+        );
+        assert!(n > bound, "the loop updated more often than it wrote ({n})");
+    }
 }

@@ -203,23 +203,17 @@ pub fn publish_expiry<'a>(
     board: &crate::status::StatusBoard,
     volumes: impl IntoIterator<Item = &'a str>,
 ) {
-    use crate::status::Health;
+    use crate::status::ReasonKind;
     let warnings = expiry_warnings(t, std::time::SystemTime::now());
     for w in &warnings {
         tracing::warn!("{w}");
     }
     for v in volumes {
         board.update(v, |s| {
-            s.reasons
-                .retain(|r| !(r.contains("certificate") && r.contains("expire")));
-            if s.reasons.is_empty() && s.health == Health::Warning {
-                s.health = Health::OK;
-            }
-            if !warnings.is_empty() {
-                if s.health == Health::OK {
-                    s.health = Health::Warning;
-                }
-                s.reasons.extend(warnings.iter().cloned());
+            if warnings.is_empty() {
+                s.clear_reason(ReasonKind::Certificate);
+            } else {
+                s.set_reason(ReasonKind::Certificate, warnings.join("; "));
             }
         });
     }

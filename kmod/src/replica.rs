@@ -5,20 +5,31 @@
 //! Captures every write of a protected volume, in submission order, into a
 //! ring shared with the replication daemon, and passes all I/O through to
 //! the data device. See `target` (the table line and the I/O path), `group`
-//! (rings, held and waiting bios, overflow), `control` (`/dev/dm-replica`)
-//! and `capture` (the ring logic itself, also tested on the host).
+//! (consistency groups: rings, held and waiting bios, overflow, the registry
+//! of groups; one file per concern under `group/`), `control`
+//! (`/dev/dm-replica`), `capture` (the ring logic itself, also tested on the
+//! host) and `dm` (the safe interface to device-mapper and the other kernel
+//! services).
 //!
 //! Table line: `<start> <sectors> replica <data_dev> <volume_id> [options]`
 //! (see `table`).
 //!
 //! All `unsafe` code lives in `dm` and its C shim; everything else is safe
-//! Rust.
+//! Rust. The compiler enforces it: the crate denies `unsafe_code` and only
+//! `dm` allows it. (Lints are not reported inside expansions of the kernel
+//! crate's macros, such as `module!`, `pin_init!` and `impl_has_work!`:
+//! their `unsafe` is the kernel's, argued there.)
+
+#![deny(unsafe_code)]
 
 use kernel::c_str;
 use kernel::prelude::*;
 
 mod capture;
 mod control;
+// The FFI layer: the one module with `unsafe` code, each block with its
+// `// SAFETY:` reason.
+#[allow(unsafe_code)]
 mod dm;
 mod group;
 mod table;

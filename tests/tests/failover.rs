@@ -2,10 +2,11 @@
 //! source hands over and is demoted), unplanned (latest or a chosen point),
 //! and the old source refused afterwards (no split brain).
 
-use std::time::Duration;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
 
+use replica_control::{send, Command, ErrorCode, PointChoice, Request};
 use replica_tests::*;
-use replicad::control::{send, Request, CONTROL_VERSION};
 
 const VOL: &str = "fo";
 const SIZE: usize = 2 << 20;
@@ -16,18 +17,21 @@ fn rig(seed: u64) -> Rig {
     r
 }
 
-fn command(dir: &std::path::Path, command: &str, point: Option<&str>) -> Result<String, String> {
+fn command(
+    dir: &std::path::Path,
+    command: Command,
+) -> Result<String, replica_control::ControlError> {
     send(
-        &replicad::control::default_path(dir),
-        &Request {
-            version: CONTROL_VERSION,
-            command: command.into(),
-            volume: None,
-            point: point.map(str::to_owned),
-        },
+        &replica_control::default_path(dir),
+        &Request::new(command),
         Duration::from_secs(120),
     )
     .map(|r| r.message.unwrap_or_default())
+}
+
+/// An unplanned failover to `point`.
+fn failover(point: Option<PointChoice>) -> Command {
+    Command::Failover { point }
 }
 
 fn replica(r: &Rig) -> Vec<u8> {
@@ -36,7 +40,7 @@ fn replica(r: &Rig) -> Vec<u8> {
 
 fn wait_socket(dir: &std::path::Path) {
     wait_for(Duration::from_secs(20), "control socket", || {
-        replicad::control::request(&replicad::control::default_path(dir), "status").is_ok()
+        replica_control::request(&replica_control::default_path(dir), Command::Status).is_ok()
     });
 }
 
@@ -53,7 +57,7 @@ fn planned_failover_loses_nothing_demotes_the_source_and_refuses_it_afterwards()
             .and_then(|s| s.status(VOL))
             .is_some_and(|s| s.connection == replicad::status::Connection::Connected)
     });
-    let msg = command(&r.sstate, "failover-planned", None).expect("planned failover");
+    let msg = command(&r.sstate, Command::FailoverPlanned).expect("planned failover");
     assert!(msg.contains("complete"), "{msg}");
     // Zero loss: the replica is the source volume, byte for byte.
     let st = r.target_state();
@@ -71,7 +75,7 @@ fn planned_failover_loses_nothing_demotes_the_source_and_refuses_it_afterwards()
     assert_eq!(ts.role, replicad::status::Role::Primary);
     // The source stopped by itself, demoted.
     assert_eq!(r.source().wait_exit(Duration::from_secs(30)), Some(0));
-    let role = replicad::failover::SourceRole::load(&r.sstate).expect("role");
+    let role = replicad::source::failover::SourceRole::load(&r.sstate).expect("role");
     assert_eq!(role.epoch, 2);
     assert!(role.demoted.is_some());
     // It will not start again as a source of this volume.
@@ -99,7 +103,7 @@ fn unplanned_failover_to_the_latest_state_and_the_old_source_is_demoted_on_retur
     // The source host is gone.
     r.source().kill9();
     wait_socket(&r.tstate);
-    let msg = command(&r.tstate, "failover", Some("latest")).expect("failover");
+    let msg = command(&r.tstate, failover(Some(PointChoice::Latest))).expect("failover");
     assert!(msg.contains("failed over"), "{msg}");
     let st = r.target_state();
     let p = st.promoted.as_ref().expect("promoted");
@@ -107,14 +111,22 @@ fn unplanned_failover_to_the_latest_state_and_the_old_source_is_demoted_on_retur
     assert_eq!(p.point_seq, last, "latest = every record journaled");
     assert_eq!(st.epoch, 2);
     assert!(first_difference(&replica(&r), &r.src.image, &r.src.masked).is_none());
-    // A second failover is refused.
-    assert!(command(&r.tstate, "failover", None).is_err());
+    // A second failover is refused (code refused; replctl exits 4).
+    let e = command(&r.tstate, failover(None)).expect_err("a second failover");
+    assert_eq!(e.daemon_code(), Some(ErrorCode::Refused), "{e}");
+    assert!(e.to_string().contains("already failed over"), "{e}");
+    let out = std::process::Command::new(replctl_bin())
+        .args(["failover", "--state-dir"])
+        .arg(&r.tstate)
+        .output()
+        .expect("run replctl");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
     // The old source comes back (epoch 1): refused, demoted, stopped.
     r.start_source(64 << 10, "");
     assert_eq!(r.source().wait_exit(Duration::from_secs(60)), Some(3));
     let log = r.source().log_text();
     assert!(log.contains("demoted"), "{log}");
-    let role = replicad::failover::SourceRole::load(&r.sstate).expect("role");
+    let role = replicad::source::failover::SourceRole::load(&r.sstate).expect("role");
     assert!(role.demoted.is_some());
     // Nothing it had was applied after the failover.
     assert!(first_difference(&replica(&r), &r.src.image, &r.src.masked).is_none());
@@ -131,11 +143,10 @@ fn unplanned_failover_to_an_older_point_rolls_the_replica_back() {
     r.drain_and_check();
     r.source().kill9();
     wait_socket(&r.tstate);
-    assert!(
-        command(&r.tstate, "failover", Some("12345678")).is_err(),
-        "not a recovery point"
-    );
-    let msg = command(&r.tstate, "failover", Some(&first_point.to_string())).expect("failover");
+    let e = command(&r.tstate, failover(Some(PointChoice::Seq(12345678))))
+        .expect_err("not a recovery point");
+    assert_eq!(e.daemon_code(), Some(ErrorCode::NotFound), "{e}");
+    let msg = command(&r.tstate, failover(Some(PointChoice::Seq(first_point)))).expect("failover");
     assert!(msg.contains(&format!("record {first_point}")), "{msg}");
     let (want, mask) = &r.src.points[&first_point];
     assert!(first_difference(&replica(&r), want, mask).is_none());
@@ -143,4 +154,75 @@ fn unplanned_failover_to_an_older_point_rolls_the_replica_back() {
         r.target_state().promoted.expect("promoted").point_seq,
         first_point
     );
+}
+
+/// `replctl failover --planned` on the source, its output captured.
+fn spawn_planned(r: &Rig) -> Child {
+    std::process::Command::new(replctl_bin())
+        .args(["failover", "--planned", "--state-dir"])
+        .arg(&r.sstate)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn replctl")
+}
+
+/// Waits until one of `children` exits (panics after `timeout`); returns
+/// it, taken out of `children`, with its output.
+fn first_to_exit(children: &mut Vec<Child>, timeout: Duration) -> std::process::Output {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let done = children
+            .iter_mut()
+            .position(|c| c.try_wait().expect("wait").is_some());
+        if let Some(i) = done {
+            return children.remove(i).wait_with_output().expect("output");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replctl ended within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_second_planned_failover_while_one_runs_is_refused_with_exit_code_4() {
+    let mut r = rig(74);
+    r.write(100);
+    r.src.apply(&Op::Flush);
+    r.drain_and_check();
+    wait_for(Duration::from_secs(30), "connected", || {
+        r.source
+            .as_ref()
+            .and_then(|s| s.status(VOL))
+            .is_some_and(|s| s.connection == replicad::status::Connection::Connected)
+    });
+    // The target stops answering (the connection stays up): a planned
+    // failover waits for it to take over.
+    r.target.signal(nix::sys::signal::Signal::SIGSTOP);
+    let mut both = vec![spawn_planned(&r), spawn_planned(&r)];
+    // Whichever comes second is refused at once; the first waits.
+    let out = first_to_exit(&mut both, Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "refused: {err}");
+    assert!(
+        err.contains("a planned failover is already under way"),
+        "{err}"
+    );
+    assert!(
+        both[0].try_wait().expect("wait").is_none(),
+        "the first failover waits for the target"
+    );
+    // The target answers again: the first failover completes.
+    r.target.signal(nix::sys::signal::Signal::SIGCONT);
+    let out = first_to_exit(&mut both, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", r.logs());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("complete"),
+        "{out:?}"
+    );
+    let p = r.target_state().promoted.expect("promoted");
+    assert!(p.planned);
+    assert_eq!(p.point_seq, r.src.last_seq);
 }

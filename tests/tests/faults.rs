@@ -200,7 +200,10 @@ fn wrong_data_key_is_critical_on_both_sides_and_nothing_applies() {
     let status = s.status("v").expect("status");
     assert_eq!(status.health, replicad::status::Health::Critical);
     assert!(
-        status.reasons.iter().any(|r| r.contains("authentication")),
+        status
+            .reasons
+            .iter()
+            .any(|r| r.message.contains("authentication")),
         "{:?}",
         status.reasons
     );
@@ -231,7 +234,7 @@ fn assert_source_refused(cert: (&str, &str), reason: &str) {
     );
     let status = s.status("v").expect("status");
     assert!(
-        status.reasons.iter().any(|r| r.contains(reason)),
+        status.reasons.iter().any(|r| r.message.contains(reason)),
         "{:?}",
         status.reasons
     );

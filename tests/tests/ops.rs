@@ -6,6 +6,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use replica_control::ErrorCode;
 use replica_tests::*;
 use rustls_pki_types::pem::PemObject;
 
@@ -36,7 +37,8 @@ fn control_socket_serves_json_status_to_root_only() {
     let st_mode = std::fs::metadata(&st).expect("stat").permissions().mode() & 0o777;
     assert_eq!(st_mode, 0o700, "state directory must be private");
 
-    let r = replicad::control::request(&sock, "status").expect("root may ask");
+    let r =
+        replica_control::request(&sock, replica_control::Command::Status).expect("root may ask");
     let vols = r.status.expect("status");
     assert_eq!(vols.len(), 1);
     assert_eq!(vols[0].volume, "v");
@@ -45,9 +47,9 @@ fn control_socket_serves_json_status_to_root_only() {
     let json = serde_json::to_string(&vols).expect("json");
     let back: Vec<replicad::status::VolumeStatus> = serde_json::from_str(&json).expect("parse");
     assert_eq!(back, vols);
-    assert!(replicad::control::request(&sock, "frobnicate")
-        .expect_err("unknown")
-        .contains("unknown command"));
+    let r = control_line(&sock, r#"{"version":1,"command":"frobnicate"}"#);
+    assert_eq!(r.code, Some(ErrorCode::UnknownCommand), "{r:?}");
+    assert!(r.error.expect("error").contains("unknown command"));
 
     // A non-root caller: refused by mode 0600 first...
     let nobody = |sock: &std::path::Path| {
@@ -66,18 +68,98 @@ fn control_socket_serves_json_status_to_root_only() {
             .expect("run helper as nobody");
         String::from_utf8_lossy(&out.stdout).to_string()
     };
+    // replctl run by that user: refused, exit code 4.
+    let replctl_nobody = |sock: &std::path::Path| {
+        Command::new(replctl_bin())
+            .args(["status", "--socket"])
+            .arg(sock)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("run replctl as nobody")
+    };
     let out = nobody(&sock);
     assert!(
-        out.contains("CLIENT-ERR") && out.to_lowercase().contains("permission denied"),
+        out.contains("CLIENT-ERR None") && out.to_lowercase().contains("permission denied"),
         "{out}"
     );
+    let out = replctl_nobody(&sock);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
     // ...and by SO_PEERCRED even when the file mode would let it in.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).expect("chmod");
     let out = nobody(&sock);
     assert!(
-        out.contains("CLIENT-ERR") && out.contains("uid 65534 is not allowed"),
+        out.contains("CLIENT-ERR Some(PermissionDenied)")
+            && out.contains("uid 65534 is not allowed"),
         "{out}"
     );
+    let out = replctl_nobody(&sock);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("uid 65534 is not allowed"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn control_errors_carry_a_code_and_replctl_exits_with_its_code() {
+    let (env, st, cfg) = target_env("");
+    let (_t, _addr) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
+    let sock = replica_control::default_path(&st);
+    wait_for(Duration::from_secs(10), "control socket", || {
+        replica_control::request(&sock, replica_control::Command::Status).is_ok()
+    });
+    // A peer of another protocol version is told so, whatever else its
+    // request holds.
+    let r = control_line(&sock, r#"{"version":2,"command":"status","since":7}"#);
+    assert_eq!(r.code, Some(ErrorCode::UnsupportedVersion), "{r:?}");
+    assert!(
+        r.error
+            .as_deref()
+            .is_some_and(|e| e.contains("version 2 not supported") && e.contains("speaks 1")),
+        "{r:?}"
+    );
+    let r = control_line(&sock, "status please");
+    assert_eq!(r.code, Some(ErrorCode::MalformedRequest), "{r:?}");
+    let r = control_line(
+        &sock,
+        r#"{"version":1,"command":"failover","point":"soon"}"#,
+    );
+    assert_eq!(r.code, Some(ErrorCode::MalformedRequest), "{r:?}");
+    // A volume that is not there.
+    let r = control_line(&sock, r#"{"version":1,"command":"status","volume":"nope"}"#);
+    assert_eq!(r.code, Some(ErrorCode::NotFound), "{r:?}");
+    // One that is: its status only.
+    let r = control_line(&sock, r#"{"version":1,"command":"status","volume":"v"}"#);
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.status.map(|v| v.len()), Some(1));
+    // A command of the other role.
+    let e = replica_control::request(&sock, replica_control::Command::FailoverPlanned)
+        .expect_err("a target has no planned failover");
+    assert_eq!(e.daemon_code(), Some(ErrorCode::UnknownCommand), "{e}");
+
+    // replctl ends with the code the daemon's error maps to.
+    let replctl = |args: &[&str]| {
+        let out = Command::new(replctl_bin())
+            .args(args)
+            .output()
+            .expect("run replctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let dir = st.to_str().expect("utf-8 path");
+    let (code, err) = replctl(&["status", "--state-dir", dir]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = replctl(&["failover", "--state-dir", dir, "--volume", "nope"]);
+    assert_eq!(code, Some(3), "not found: {err}");
+    assert!(err.contains("no volume \"nope\""), "{err}");
+    let (code, err) = replctl(&["failover", "--planned", "--state-dir", dir]);
+    assert_eq!(code, Some(4), "refused: {err}");
+    assert!(err.contains("unknown command"), "{err}");
+    let (code, err) = replctl(&["failover", "--state-dir", dir, "--point", "soon"]);
+    assert_eq!(code, Some(2), "usage: {err}");
 }
 
 use std::os::unix::process::CommandExt;
@@ -89,9 +171,12 @@ fn control_client_helper() {
     let Some(sock) = std::env::var_os("CONTROL_CLIENT_SOCKET") else {
         return;
     };
-    match replicad::control::request(std::path::Path::new(&sock), "status") {
+    match replica_control::request(
+        std::path::Path::new(&sock),
+        replica_control::Command::Status,
+    ) {
         Ok(_) => println!("CLIENT-OK"),
-        Err(e) => println!("CLIENT-ERR {e}"),
+        Err(e) => println!("CLIENT-ERR {:?} {e}", e.daemon_code()),
     }
 }
 
@@ -137,7 +222,7 @@ fn ready_is_sent_only_when_the_target_can_serve() {
     let addr =
         std::fs::read_to_string(st.join("listen.addr")).expect("listen.addr written before READY");
     std::net::TcpStream::connect(addr.trim()).expect("listening before READY");
-    replicad::control::request(&st.join("replicad.sock"), "status")
+    replica_control::request(&st.join("replicad.sock"), replica_control::Command::Status)
         .expect("control socket before READY");
     assert!(msg.contains("STATUS=listening"), "{msg}");
     let _ = child.kill();
@@ -322,7 +407,7 @@ fn expiring_certificate_warns_and_sighup_reloads_certificates() {
     let warned = |t: &Daemon| {
         t.status("v").is_some_and(|s| {
             s.health == replicad::status::Health::Warning
-                && s.reasons.iter().any(|r| r.contains("expires in"))
+                && s.reasons.iter().any(|r| r.message.contains("expires in"))
         })
     };
     wait_for(Duration::from_secs(10), "expiry warning", || warned(&t));
@@ -380,7 +465,7 @@ fn status_lag_grows_while_the_target_is_down_and_returns_to_zero() {
         "[retry]\nschedule_secs = [0.05]\n",
     );
     let lag = || {
-        replicad::control::request(&sst.join("replicad.sock"), "status")
+        replica_control::request(&sst.join("replicad.sock"), replica_control::Command::Status)
             .ok()
             .and_then(|r| r.status)
             .and_then(|v| v.into_iter().next())

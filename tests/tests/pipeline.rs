@@ -72,12 +72,12 @@ fn a_failed_write_is_never_shipped_and_stops_the_stream_into_a_resync() {
                     && s.needs_resync
                     && s.dirty_regions >= 1
                     && s.lag_records == 0
-                    && s.reasons.iter().any(|r| r.contains("sector 264"))
+                    && s.reasons.iter().any(|r| r.message.contains("sector 264"))
             })
         },
     );
     // The failed write's own region is in the saved map, for the resync.
-    let map = replicad::dirty::ResyncState::load(&p.sstate.join("resync.state"))
+    let map = replicad::source::dirty::ResyncState::load(&p.sstate.join("resync.state"))
         .expect("resync state")
         .expect("saved");
     assert!(map.map.is_set(2), "the failed write's region is dirty");

@@ -1,15 +1,18 @@
 //! `replctl protect` starting the source daemon: what the daemon needs is
 //! checked before anything is created or started, with the daemon's own
-//! loaders and messages; a spawned daemon that exits is reported at once,
-//! with its exit status and log, instead of after the 60 s wait for its
-//! control socket. (protect itself needs device-mapper, which hosts do not
-//! have: tests/vm/protect.sh runs the whole command.)
+//! loaders and messages (`replicad check source`); the configuration it
+//! writes is serialised from the configuration type, so any path
+//! round-trips; a spawned daemon that exits is reported at once, with its
+//! exit status and log, instead of after the 60 s wait for its control
+//! socket. (protect itself needs device-mapper, which hosts do not have:
+//! tests/vm/protect.sh runs the whole command.)
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use replctl::protect::{self, Started};
+use replctl::protect::{self, ProtectOpts};
+use replctl::start::{self, Started};
 use replica_tests::*;
 
 /// The material protect's pre-check looks at; the rest of the
@@ -33,17 +36,80 @@ fn opts(env: &Env) -> Opts {
     }
 }
 
+/// What `replctl protect --volume pv --target 127.0.0.1:7717` asks for,
+/// with `o`'s material.
+fn protect_opts(env: &Env, o: &Opts) -> ProtectOpts {
+    ProtectOpts {
+        device: "/dev/vdb".into(),
+        volume: "pv".into(),
+        group: None,
+        ring_mib: 64,
+        target: "127.0.0.1:7717".into(),
+        target_name: TARGET_CN.into(),
+        ca: o.ca.clone(),
+        cert: o.cert.clone(),
+        key: o.key.clone(),
+        keys: o.keys.clone(),
+        config_dir: env.path("etc"),
+        state_dir: o.state_dir.clone(),
+        initial_copy: true,
+        replicad: replicad_bin(),
+    }
+}
+
+/// The configuration text protect writes for `o`.
+fn config_text(env: &Env, o: &Opts) -> String {
+    protect::source_config_text(&protect::source_config(
+        &protect_opts(env, o),
+        "pv",
+        1 << 20,
+    ))
+    .expect("serialise")
+}
+
 /// protect's pre-check of the configuration it would write for `o`.
 fn check(env: &Env, o: &Opts) -> Result<(), String> {
-    let text = format!(
-        "volume = \"pv\"\nvolume_size = 1048576\nring = {{ group = \"pv\" }}\ndevice = \"/dev/mapper/pv\"\ntarget = \"127.0.0.1:7717\"\ntarget_name = \"{TARGET_CN}\"\nkeys = \"{}\"\nstate_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        o.keys.display(),
-        o.state_dir.display(),
-        o.ca.display(),
-        o.cert.display(),
-        o.key.display()
-    );
-    protect::check_source(&env.path("etc/source-pv.toml"), &text)
+    protect::check_source(
+        &replicad_bin(),
+        &env.path("etc/source-pv.toml"),
+        &config_text(env, o),
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn paths_with_spaces_quotes_and_backslashes_round_trip_into_a_configuration_the_daemon_accepts() {
+    let env = Env::new();
+    // Every path protect writes, under a directory whose name has a space,
+    // both quotes and a backslash.
+    let odd = env.path("site a/it's \"dr\"\\x");
+    std::fs::create_dir_all(odd.join("pki")).expect("mkdir");
+    let copy = |from: &Path, to: &Path| {
+        std::fs::copy(from, to).expect("copy");
+        to.to_owned()
+    };
+    let plain = opts(&env);
+    let o = Opts {
+        ca: copy(&plain.ca, &odd.join("pki/ca.pem")),
+        cert: copy(&plain.cert, &odd.join("pki/host.pem")),
+        key: copy(&plain.key, &odd.join("pki/host.key")),
+        keys: copy(&plain.keys, &odd.join("keys \"1\".toml")),
+        state_dir: odd.join("state dir"),
+    };
+    let text = config_text(&env, &o);
+    // The daemon's own parser reads back exactly what protect meant.
+    let back = replica_config::SourceConfig::from_text(Path::new("source-pv.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let want = protect::source_config(&protect_opts(&env, &o), "pv", 1 << 20);
+    assert_eq!(back, want, "{text}");
+    assert_eq!(back.keys, o.keys);
+    assert_eq!(back.tls.key, o.key);
+    assert_eq!(back.state_dir, o.state_dir);
+    assert_eq!(back.device.as_deref(), Some(Path::new("/dev/mapper/pv")));
+    // And `replicad check source` accepts it: it loads those very files.
+    check(&env, &o).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    // The check does not create the state directory.
+    assert!(!o.state_dir.exists());
 }
 
 #[test]
@@ -140,11 +206,12 @@ fn a_spawned_daemon_that_exits_is_reported_at_once_with_its_log() {
     // What the pre-check refuses, started anyway (the daemon's view of it).
     let missing = env.path("missing-keys.toml");
     let cfg = ring_config(&env, &missing);
-    let sock = replicad::control::default_path(&env.path("sstate"));
+    let sock = replica_control::default_path(&env.path("sstate"));
     let t0 = Instant::now();
-    let mut d = protect::spawn_source(&replicad_bin(), &cfg, &env.path("sstate")).expect("spawn");
-    let e = protect::wait_started(&sock, &mut d, Duration::from_secs(60))
-        .expect_err("the daemon cannot start");
+    let mut d = start::spawn_source(&replicad_bin(), &cfg, &env.path("sstate")).expect("spawn");
+    let e = start::wait_started(&sock, &mut d, Duration::from_secs(60))
+        .expect_err("the daemon cannot start")
+        .to_string();
     let took = t0.elapsed();
     eprintln!("after {took:?}: {e}");
     assert!(
@@ -164,9 +231,9 @@ fn a_spawned_daemon_that_exits_is_reported_at_once_with_its_log() {
 fn a_spawned_daemon_that_starts_is_waited_for() {
     let env = Env::new();
     let cfg = ring_config(&env, &env.path("keys.toml"));
-    let sock = replicad::control::default_path(&env.path("sstate"));
-    let mut d = protect::spawn_source(&replicad_bin(), &cfg, &env.path("sstate")).expect("spawn");
-    let r = protect::wait_started(&sock, &mut d, Duration::from_secs(60));
+    let sock = replica_control::default_path(&env.path("sstate"));
+    let mut d = start::spawn_source(&replicad_bin(), &cfg, &env.path("sstate")).expect("spawn");
+    let r = start::wait_started(&sock, &mut d, Duration::from_secs(60));
     if let Started::Spawned { child, .. } = &mut d {
         let _ = child.kill();
         let _ = child.wait();

@@ -73,11 +73,11 @@ fn resync_after_a_gap_applies_keeps_the_last_point_and_ends_consistent() {
     assert_eq!(s.resync_since, Some(10));
     assert_eq!(points(&st), vec![1, 3], "no point while resyncing");
     let status = t.status("v").expect("status");
-    assert_eq!(status.replica, "Inconsistent");
+    assert_eq!(status.replica, replicad::status::ReplicaState::Inconsistent);
     assert!(status
         .reasons
         .iter()
-        .any(|r| r.contains("resync in progress")));
+        .any(|r| r.message.contains("resync in progress")));
 
     // A write after the resync data, then END: a recovery point again.
     let later = vec![0x33u8; 4096];
@@ -105,7 +105,8 @@ fn resync_after_a_gap_applies_keeps_the_last_point_and_ends_consistent() {
     );
     assert!(img[8192..65536].iter().all(|&b| b == 0x22));
     wait_for(Duration::from_secs(10), "status consistent", || {
-        t.status("v").is_some_and(|s| s.replica == "Consistent")
+        t.status("v")
+            .is_some_and(|s| s.replica == replicad::status::ReplicaState::Consistent)
     });
 }
 
@@ -205,7 +206,8 @@ fn a_new_ring_generation_is_taken_over_by_the_applier_and_needs_a_full_resync() 
         "every old segment was applied first (its last flush is a point)"
     );
     wait_for(Duration::from_secs(10), "status inconsistent", || {
-        t.status("v").is_some_and(|s| s.replica == "Inconsistent")
+        t.status("v")
+            .is_some_and(|s| s.replica == replicad::status::ReplicaState::Inconsistent)
     });
     // The old generation's records say nothing about the new one's.
     let (g6, g7) = (hex::encode([6u8; 16]), hex::encode([7u8; 16]));
@@ -262,7 +264,8 @@ fn a_new_ring_generation_is_taken_over_by_the_applier_and_needs_a_full_resync() 
     );
     assert!(img[8192..65536].iter().all(|&b| b == 0x55));
     wait_for(Duration::from_secs(10), "status consistent", || {
-        t.status("v").is_some_and(|s| s.replica == "Consistent")
+        t.status("v")
+            .is_some_and(|s| s.replica == replicad::status::ReplicaState::Consistent)
     });
     replctl::wait::wait_applied(&st, "v", 8, &g7, Duration::from_secs(10))
         .expect("record 8 of the new generation is applied");
@@ -309,7 +312,10 @@ fn a_target_without_a_copy_demands_a_full_resync() {
                 points(&st).is_empty(),
                 "no point over a replica without a copy"
             );
-            assert_eq!(t.status("v").expect("status").replica, "Inconsistent");
+            assert_eq!(
+                t.status("v").expect("status").replica,
+                replicad::status::ReplicaState::Inconsistent
+            );
             let g = hex::encode([6u8; 16]);
             if oldest > 1 {
                 // Records before the stream's first were never received: a
@@ -375,7 +381,7 @@ fn a_source_told_its_target_has_no_copy_needs_a_full_resync() {
                     && s.dirty_regions == 16
                     && s.reasons
                         .iter()
-                        .any(|x| x.contains("the target holds no consistent copy"))
+                        .any(|x| x.message.contains("the target holds no consistent copy"))
             })
         },
     );
@@ -384,7 +390,7 @@ fn a_source_told_its_target_has_no_copy_needs_a_full_resync() {
     assert!(st.points.is_empty(), "{:?}", st.points);
     assert_eq!(
         r.target.status("v").expect("status").replica,
-        "Inconsistent"
+        replicad::status::ReplicaState::Inconsistent
     );
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use replica_tests::*;
-use replicad::dirty::ResyncState;
+use replicad::source::dirty::ResyncState;
 use replicad::status::VolumeStatus;
 
 const VOL: &str = "sv";
@@ -149,8 +149,8 @@ fn unrelease(ring: &Path, seq: u64) {
 /// The chunks of a spool file: (offset, first seq, last seq).
 fn chunks(path: &Path) -> Vec<(u64, u64, u64)> {
     let b = std::fs::read(path).expect("spool file");
-    let hdr = replicad::spool::CHUNK_HEADER_LEN as usize;
-    let mut off = replicad::spool::FILE_HEADER_LEN as usize;
+    let hdr = replicad::source::spool::CHUNK_HEADER_LEN as usize;
+    let mut off = replicad::source::spool::FILE_HEADER_LEN as usize;
     let mut out = Vec::new();
     while off + hdr <= b.len() {
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
@@ -232,7 +232,7 @@ fn damaged_spool_is_cut_never_applied_wrong_and_the_lost_range_needs_a_resync() 
     let last_file = spool_files(&r.sstate).pop().expect("a spool file");
     let (off, first, _) = *chunks(&last_file).last().expect("a chunk");
     let mut b = std::fs::read(&last_file).expect("read");
-    let i = off as usize + replicad::spool::CHUNK_HEADER_LEN as usize + 20;
+    let i = off as usize + replicad::source::spool::CHUNK_HEADER_LEN as usize + 20;
     b[i] ^= 0x10;
     std::fs::write(&last_file, &b).expect("write");
     r.start_source(64 << 10, "");
@@ -247,10 +247,12 @@ fn damaged_spool_is_cut_never_applied_wrong_and_the_lost_range_needs_a_resync() 
         s.resync_since_seq, first,
         "the stream ends where the damage starts"
     );
-    assert_eq!(s.replica, "Outdated");
+    assert_eq!(s.replica, replicad::status::ReplicaState::Outdated);
     assert_eq!(s.health, replicad::status::Health::Warning);
     assert!(
-        s.reasons.iter().any(|x| x.contains("spool lost records")),
+        s.reasons
+            .iter()
+            .any(|x| x.message.contains("spool lost records")),
         "{s:?}"
     );
     // What the spool still holds is shipped; nothing after the damage is.
@@ -344,13 +346,13 @@ fn spool_limit_gives_needs_resync_with_exactly_the_regions_written() {
     let s = status(&r);
     assert!(s.needs_resync);
     assert_eq!(s.resync_since_seq, durable + 1);
-    assert_eq!(s.replica, "Outdated");
+    assert_eq!(s.replica, replicad::status::ReplicaState::Outdated);
     assert_eq!(s.spool_bytes, 0, "the spool was dropped");
     assert!(spool_files(&r.sstate).is_empty());
     assert!(s
         .reasons
         .iter()
-        .any(|x| x.contains("spool reached its limit")));
+        .any(|x| x.message.contains("spool reached its limit")));
     // The ring kept draining: the writes after the drop all completed
     // (apply() would have panicked on a ring that stays full).
     let rs = ResyncState::load(&r.sstate.join("resync.state"))
@@ -412,7 +414,9 @@ fn full_spool_disk_turns_into_needs_resync_without_losing_a_write() {
     wait_drained(&r);
     let s = status(&r);
     assert!(
-        s.reasons.iter().any(|x| x.contains("spool disk full")),
+        s.reasons
+            .iter()
+            .any(|x| x.message.contains("spool disk full")),
         "{s:?}"
     );
     let rs = ResyncState::load(&r.sstate.join("resync.state"))

@@ -21,17 +21,12 @@ size=$((sectors * 512))
 W=/tmp/fr
 PORT=7715
 
-check "loopback up" ifconfig lo 127.0.0.1 up
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
+SOURCE_DM=r0 setup_pair $W fr $size 127.0.0.1:$PORT $W/target $W/replica.img 8
 healthy="0 $sectors flakey $DATA 0 3600 0"
 failing="0 $sectors flakey $DATA 0 0 3600 1 error_writes"
 check "dmsetup create flk (healthy)" dmsetup create flk --table "$healthy"
 check "dmsetup create r0 over flk" \
 	dmsetup create r0 --table "0 $sectors replica /dev/mapper/flk fr ring_mib=2 region_kib=64 overflow_wait_ms=10000"
-
-repl_keys $W
-{ target_toml $W 127.0.0.1:$PORT $W/target; target_volume fr $size $W/replica.img 8; } >$W/target.toml
-SOURCE_DM=r0 source_toml $W fr $size 127.0.0.1:$PORT $W/source >$W/source.toml
 start_daemons $W $W/source
 check "source attached" sh -c 'dmsetup status r0 | grep -q "consumer=1"'
 
@@ -55,8 +50,7 @@ m2=$(dmsetup message r0 0 marker 2 | sed -n 's/^marker 2 seq \([0-9]*\)$/\1/p')
 check "marker 2 inserted while the region is unresent (record $m2)" test -n "$m2"
 
 step "the target is back: the resync runs by itself"
-replicad target --config $W/target.toml 2>>$W/target.log &
-tpid=$!
+spawn_target $W
 wait_for "the source resent the dirty regions" 300 grep -q "resync complete" $W/source.log
 wait_for "no resync needed any more" 120 json_has $W/source '"needs_resync": false'
 grep -E "failed|resync" $W/source.log | tail -n 8

@@ -15,10 +15,8 @@ W=/tmp/fu
 T=/target
 PORT=7714
 
-check "loopback up" ifconfig lo 127.0.0.1 up
 target_disk /dev/vdd $T
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
-repl_keys $W
+setup_guest $W
 size=$(($(cat /sys/block/vda/size) * 512))
 {
 	target_toml $W 127.0.0.1:$PORT $T/state
@@ -26,8 +24,7 @@ size=$(($(cat /sys/block/vda/size) * 512))
 		target_volume u$v $size $T/u$v.img 2
 	done
 } >$W/target.toml
-replicad target --config $W/target.toml 2>$W/target.log &
-tpid=$!
+spawn_target $W
 
 round() { # n disk seed
 	n=$1
@@ -36,8 +33,7 @@ round() { # n disk seed
 	step "round $n: protect /dev/$disk, write with fsync, kill the source"
 	check "dmsetup create u$n" dmsetup create u$n --table "0 $sectors replica /dev/$disk u$n ring_mib=4 overflow_wait_ms=5000"
 	{ source_toml $W u$n $size 127.0.0.1:$PORT $W/source$n; printf '[spool]\nlimit_percent = 1000\n'; } >$W/source$n.toml
-	replicad source --config $W/source$n.toml 2>$W/source$n.log &
-	spid=$!
+	spawn_source $W source$n
 	wait_for "source u$n connected" 60 json_has $W/source$n '"connection": "Connected"'
 	check "mkfs.ext4" mkfs.ext4 -q -F -E nodiscard /dev/mapper/u$n
 	mkdir -p /mnt/u$n

@@ -21,19 +21,10 @@ W=/tmp/fo
 T=/target
 PORT=7713
 
-check "loopback up" ifconfig lo 127.0.0.1 up
 target_disk /dev/vdb $T
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
-check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA fo ring_mib=4 overflow_wait_ms=5000"
-
-repl_keys $W
-{ target_toml $W 127.0.0.1:$PORT $T/state; target_volume fo $size $T/fo.img 2; } >$W/target.toml
-{ SOURCE_DM=r0 source_toml $W fo $size 127.0.0.1:$PORT $W/source; printf '[spool]\nlimit_percent = 1000\n'; } >$W/source.toml
-replicad target --config $W/target.toml 2>$W/target.log &
-tpid=$!
-replicad source --config $W/source.toml 2>$W/source.log &
-spid=$!
-wait_for "source connected" 60 json_has $W/source '"connection": "Connected"'
+SOURCE_DM=r0 setup_pair $W fo $size 127.0.0.1:$PORT $T/state $T/fo.img 2 $DATA ring_mib=4 overflow_wait_ms=5000
+printf '[spool]\nlimit_percent = 1000\n' >>$W/source.toml
+start_daemons $W $W/source
 
 step "a filesystem written with fsync while replicating"
 check "mkfs.ext4 on the protected volume" mkfs.ext4 -q -F -E nodiscard /dev/mapper/r0
@@ -90,8 +81,7 @@ losetup -d /dev/loop0
 b=$(sha256sum <$T/fo.img | cut -d' ' -f1)
 
 step "the old primary comes back"
-replicad target --config $W/target.toml 2>>$W/target.log &
-tpid=$!
+spawn_target $W
 replicad source --config $W/source.toml 2>$W/source2.log
 check_eq "a demoted source does not start (exit 2)" 2 $?
 check "it says why" grep -q "demoted" $W/source2.log

@@ -50,20 +50,18 @@ generation() {
 	dmsetup status ga | sed -n 's/.* generation=\([0-9a-f]*\) .*/\1/p'
 }
 
-check "loopback up" ifconfig lo 127.0.0.1 up
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
+setup_guest $W
 check "dmsetup create ga (volume g, group g)" \
 	dmsetup create ga --table "0 $sa replica $A g group=g ring_mib=8 overflow_wait_ms=10000"
 
 step "volume g replicates"
-repl_keys $W
+# The target listens on a port of its choice, written to the source's
+# configuration once it does.
 { target_toml $W 127.0.0.1:0 $W/target; target_volume g $size $W/replica.img 2; } >$W/target.toml
-replicad target --config $W/target.toml 2>$W/target.log &
-tpid=$!
+spawn_target $W
 wait_for "target listening" 30 test -s $W/target/listen.addr
 SOURCE_DM=ga source_toml $W g $size "$(cat $W/target/listen.addr)" $W/source >$W/source.toml
-replicad source --config $W/source.toml 2>$W/source.log &
-spid=$!
+spawn_source $W
 wait_for "source attached to the kernel ring" 30 sh -c 'dmsetup status ga | grep -q "consumer=1"'
 check "write 4 MiB to ga" dio write /dev/mapper/ga 0 $((4 * MIB)) 1
 marker_applied ga 1 $W/target g

@@ -17,14 +17,11 @@ T=/target
 ADDR=127.0.0.1:7719
 size=$(($(cat /sys/block/vda/size) * 512))
 
-check "loopback up" ifconfig lo 127.0.0.1 up
 target_disk /dev/vdb $T
 check "random data on the disk before protection" dd if=/dev/urandom of=/dev/vda bs=1M count=96 oflag=direct
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
-repl_keys $W
+setup_guest $W
 { target_toml $W $ADDR $T/state; target_volume ic $size $T/ic.img 4; } >$W/target.toml
-replicad target --config $W/target.toml 2>$W/target.log &
-tpid=$!
+spawn_target $W
 mkdir -p $C
 
 # consistent_now: the source needs nothing, the target is Consistent at a

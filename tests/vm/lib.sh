@@ -139,23 +139,29 @@ key = "$1/pki/target-host.key"
 CFG
 }
 
-# target_volume ID SIZE REPLICA_FILE KEEP_POINTS: prints a [[volume]] block
-# with a file replica.
+# target_volume ID SIZE REPLICA KEEP_POINTS: prints a [[volume]] block with
+# REPLICA as the replica: a file's path, or a TOML inline table (`{ backend
+# = "thin", ... }`) as it is.
 target_volume() {
+	case $3 in
+	"{"*) _replica=$3 ;;
+	*) _replica="{ backend = \"file\", path = \"$3\" }" ;;
+	esac
 	cat <<CFG
 [[volume]]
 id = "$1"
 size = $2
 allowed_sources = ["source-host"]
 keep_points = $4
-replica = { backend = "file", path = "$3" }
+replica = $_replica
 CFG
 }
 
 # source_toml DIR VOLUME SIZE TARGET STATE_DIR: prints a source configuration
 # for the kernel ring of group VOLUME (/dev/mapper/VOLUME's device-mapper
-# name given by $SOURCE_DM, default VOLUME), fast retries; append more
-# settings after it (tables: [spool], [resync]).
+# name given by $SOURCE_DM, default VOLUME), fast retries (every 0.2 s, or
+# every $SOURCE_RETRY_SECS); append more settings after it (tables: [spool],
+# [resync]).
 source_toml() {
 	cat <<CFG
 volume = "$2"
@@ -174,19 +180,62 @@ ca = "$1/pki/ca.pem"
 cert = "$1/pki/source-host.pem"
 key = "$1/pki/source-host.key"
 [retry]
-schedule_secs = [0.2]
+schedule_secs = [${SOURCE_RETRY_SECS:-0.2}]
 CFG
 }
 
+# setup_guest DIR: what every scenario with daemons does first: brings the
+# loopback interface up, loads dm_replica and makes DIR's keys (repl_keys).
+setup_guest() {
+	check "loopback up" ifconfig lo 127.0.0.1 up
+	check "insmod dm_replica" insmod "$(module_path dm_replica)"
+	repl_keys "$1"
+}
+
+# setup_pair DIR VOLUME SIZE ADDR TARGET_STATE REPLICA KEEP_POINTS [DEV
+# OPTION...]: the preamble of a scenario that replicates one volume in this
+# guest. setup_guest DIR; with DEV, the protected volume: dm device
+# ${SOURCE_DM:-VOLUME}, a replica target over the SIZE bytes of DEV with
+# volume id VOLUME and the table OPTIONs; DIR/target.toml (target_toml DIR
+# ADDR TARGET_STATE, target_volume VOLUME SIZE REPLICA KEEP_POINTS) and
+# DIR/source.toml (source_toml DIR VOLUME SIZE ADDR DIR/source). Append
+# more settings to either file afterwards, create a protected volume of
+# another kind without DEV, then start_daemons.
+setup_pair() {
+	_dir=$1 _vol=$2 _size=$3 _addr=$4
+	setup_guest "$_dir"
+	{ target_toml "$_dir" "$_addr" "$5"; target_volume "$_vol" "$_size" "$6" "$7"; } >"$_dir/target.toml"
+	source_toml "$_dir" "$_vol" "$_size" "$_addr" "$_dir/source" >"$_dir/source.toml"
+	shift 7
+	[ $# -gt 0 ] || return 0
+	_dev=$1
+	shift
+	check "dmsetup create ${SOURCE_DM:-$_vol}" \
+		dmsetup create "${SOURCE_DM:-$_vol}" --table "0 $((_size / 512)) replica $_dev $_vol${*:+ $*}"
+}
+
+# spawn_target DIR: starts `replicad target` with DIR/target.toml in the
+# background (log appended to DIR/target.log) and sets $tpid.
+spawn_target() {
+	replicad target --config "$1/target.toml" 2>>"$1/target.log" &
+	tpid=$!
+}
+
+# spawn_source DIR [NAME]: starts `replicad source` with DIR/NAME.toml (NAME
+# default source) in the background (log appended to DIR/NAME.log) and sets
+# $spid.
+spawn_source() {
+	replicad source --config "$1/${2:-source}.toml" 2>>"$1/${2:-source}.log" &
+	spid=$!
+}
+
 # start_daemons DIR SOURCE_STATE: starts `replicad target` and `replicad
-# source` with DIR/target.toml and DIR/source.toml (logs DIR/target.log,
-# DIR/source.log), sets $tpid and $spid, and waits until the source (state
+# source` with DIR/target.toml and DIR/source.toml (spawn_target,
+# spawn_source), sets $tpid and $spid, and waits until the source (state
 # directory SOURCE_STATE) is connected.
 start_daemons() {
-	replicad target --config "$1/target.toml" 2>"$1/target.log" &
-	tpid=$!
-	replicad source --config "$1/source.toml" 2>"$1/source.log" &
-	spid=$!
+	spawn_target "$1"
+	spawn_source "$1"
 	wait_for "source connected" 60 json_has "$2" '"connection": "Connected"'
 }
 

@@ -19,27 +19,16 @@ W=/tmp/out
 T=/target
 ADDR=127.0.0.1:7715
 
-check "loopback up" ifconfig lo 127.0.0.1 up
 target_disk /dev/vdb $T
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
-check "dmsetup create ov" dmsetup create ov --table "0 $sectors replica $DATA ov ring_mib=2 overflow_wait_ms=5000"
-repl_keys $W
-{ target_toml $W $ADDR $T/state; target_volume ov $size $T/ov.img 4; } >$W/target.toml
-{
-	source_toml $W ov $size $ADDR $W/source
-	cat <<CFG
+setup_pair $W ov $size $ADDR $T/state $T/ov.img 4 $DATA ring_mib=2 overflow_wait_ms=5000
+cat >>$W/source.toml <<CFG
 [spool]
 limit_bytes = 2097152
 [resync]
 window_bytes = 1048576
 max_write_bytes = 65536
 CFG
-} >$W/source.toml
-replicad target --config $W/target.toml 2>$W/target.log &
-tpid=$!
-replicad source --config $W/source.toml 2>$W/source.log &
-spid=$!
-wait_for "source connected" 60 json_has $W/source '"connection": "Connected"'
+start_daemons $W $W/source
 check "fio 8 MiB while connected" fio --eta=never --name=a --filename=/dev/mapper/ov --rw=randwrite \
 	--bs=64k --ioengine=libaio --iodepth=4 --direct=1 --size=8M --randseed=1 --output=/tmp/fio.out
 marker_applied ov 1 $T/state ov
@@ -56,8 +45,7 @@ replctl status --state-dir $W/source
 check "the ring did not overflow (the spool took it, then the map)" sh -c 'dmsetup status ov | grep -q " overflow=0 "'
 
 step "the target is back: the dirty regions are resent by themselves"
-replicad target --config $W/target.toml 2>>$W/target.log &
-tpid=$!
+spawn_target $W
 wait_for "resync complete" 600 json_has $W/source '"needs_resync": false'
 grep -E "resync" $W/source.log | tail -n 3
 marker_applied ov 2 $T/state ov
@@ -72,8 +60,7 @@ check "fio 24 MiB with the target down" fio --eta=never --name=c --filename=/dev
 	--rw=randwrite --bsrange=4k-128k --blockalign=4k --ioengine=libaio --iodepth=4 --direct=1 --size=48M \
 	--io_size=24M --randseed=3 --output=/tmp/fio.out
 wait_for "the source needs a resync" 60 json_has $W/source '"needs_resync": true'
-replicad target --config $W/target.toml 2>>$W/target.log &
-tpid=$!
+spawn_target $W
 wait_for "the target is in the middle of the resync" 300 grep -qE '"resync_since": [0-9]' $T/state/volumes/ov/state.json
 kill -9 $spid
 wait $spid

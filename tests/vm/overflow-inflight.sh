@@ -27,17 +27,12 @@ W=/tmp/ofi
 PORT=7714
 slow=8192 # sectors: the first 4 MiB
 
-check "loopback up" ifconfig lo 127.0.0.1 up
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
+SOURCE_DM=r0 setup_pair $W ofi $size 127.0.0.1:$PORT $W/target $W/replica.img 8
 check "dmsetup create dly (writes delayed 10 s / 3 s)" sh -c "printf '%s\n%s\n' \
 	'0 $slow delay $DATA 0 0 $DATA 0 10000' \
 	'$slow $((sectors - slow)) delay $DATA $slow 0 $DATA $slow 3000' | dmsetup create dly"
 check "dmsetup create r0 over dly (1 MiB ring, 20 ms wait)" dmsetup create r0 \
 	--table "0 $sectors replica /dev/mapper/dly ofi ring_mib=1 region_kib=64 overflow_wait_ms=20"
-
-repl_keys $W
-{ target_toml $W 127.0.0.1:$PORT $W/target; target_volume ofi $size $W/replica.img 8; } >$W/target.toml
-SOURCE_DM=r0 source_toml $W ofi $size 127.0.0.1:$PORT $W/source >$W/source.toml
 start_daemons $W $W/source
 check "source attached" sh -c 'dmsetup status r0 | grep -q "consumer=1"'
 marker_applied r0 1 $W/target ofi

@@ -17,17 +17,14 @@ C=/etc/dm-replica
 ADDR=127.0.0.1:7717
 size=$(($(cat /sys/block/vda/size) * 512))
 
-check "loopback up" ifconfig lo 127.0.0.1 up
 check "ext4 with a file, before protection" mkfs.ext4 -q -F /dev/vda
 mkdir -p /mnt/v
 check "mount" mount -t ext4 /dev/vda /mnt/v
 echo "the data stays" >/mnt/v/keep.txt
 check "umount" umount /mnt/v
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
-repl_keys $W
+setup_guest $W
 { target_toml $W $ADDR $W/target; target_volume pv $size $W/pv.img 2; } >$W/target.toml
-replicad target --config $W/target.toml 2>$W/target.log &
-tpid=$!
+spawn_target $W
 mkdir -p $C
 
 step "protect"

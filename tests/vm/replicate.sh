@@ -16,15 +16,13 @@ sectors=$(cat /sys/block/vda/size)
 size=$((sectors * 512))
 W=/tmp/rep
 
-check "loopback up" ifconfig lo 127.0.0.1 up
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
-check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA rv ring_mib=8 overflow_wait_ms=10000"
-
 step "keys, certificates and configuration"
-repl_keys $W
+setup_guest $W
+check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA rv ring_mib=8 overflow_wait_ms=10000"
+# The target listens on a port of its choice: the source's configuration
+# can only be written once it does.
 { target_toml $W 127.0.0.1:0 $W/target; target_volume rv $size $W/replica.img 2; } >$W/target.toml
-replicad target --config $W/target.toml 2>$W/target.log &
-tpid=$!
+spawn_target $W
 wait_for "target listening" 30 test -s $W/target/listen.addr
 {
 	SOURCE_DM=r0 source_toml $W rv $size "$(cat $W/target/listen.addr)" $W/source
@@ -32,8 +30,7 @@ wait_for "target listening" 30 test -s $W/target/listen.addr
 	# it: keep it all in the spool rather than falling back to a resync.
 	printf '[spool]\nlimit_percent = 1000\n'
 } >$W/source.toml
-replicad source --config $W/source.toml 2>$W/source.log &
-spid=$!
+spawn_source $W
 wait_for "source attached to the kernel ring" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
 
 step "write through the protected volume"

@@ -17,13 +17,9 @@ W=/tmp/rs
 T=/target
 ADDR=127.0.0.1:7716
 
-check "loopback up" ifconfig lo 127.0.0.1 up
 target_disk /dev/vdb $T
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
-check "dmsetup create rr" dmsetup create rr --table "0 $sectors replica $DATA rr ring_mib=4 overflow_wait_ms=10000"
-repl_keys $W
-{ target_toml $W $ADDR $T/state; target_volume rr $size $T/rr.img 4; } >$W/target.toml
-{ source_toml $W rr $size $ADDR $W/source; printf '[spool]\nlimit_percent = 1000\n'; } >$W/source.toml
+setup_pair $W rr $size $ADDR $T/state $T/rr.img 4 $DATA ring_mib=4 overflow_wait_ms=10000
+printf '[spool]\nlimit_percent = 1000\n' >>$W/source.toml
 start_daemons $W $W/source
 
 fio --eta=never --name=w --filename=/dev/mapper/rr --rw=randwrite --bsrange=4k-64k --blockalign=4k \
@@ -40,14 +36,12 @@ while kill -0 $fpid 2>/dev/null && [ $round -lt 6 ]; do
 	if [ $((round % 2)) = 1 ]; then
 		kill -9 $spid
 		wait $spid
-		replicad source --config $W/source.toml 2>>$W/source.log &
-		spid=$!
+		spawn_source $W
 		echo "round $round: source killed and restarted"
 	else
 		kill -9 $tpid
 		wait $tpid
-		replicad target --config $W/target.toml 2>>$W/target.log &
-		tpid=$!
+		spawn_target $W
 		echo "round $round: target killed and restarted"
 	fi
 done

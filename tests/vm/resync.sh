@@ -18,18 +18,11 @@ size=$((sectors * 512))
 W=/tmp/rs
 PORT=7712
 
-check "loopback up" ifconfig lo 127.0.0.1 up
 check "data on the volume before it is protected" dd if=/dev/urandom of=$DATA bs=1M count=48 oflag=direct status=none
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
-check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA rs ring_mib=2 region_kib=64 overflow_wait_ms=2000"
-
-repl_keys $W
-{ target_toml $W 127.0.0.1:$PORT $W/target; target_volume rs $size $W/replica.img 8; } >$W/target.toml
-{ SOURCE_DM=r0 source_toml $W rs $size 127.0.0.1:$PORT $W/source; printf '[resync]\nwindow_bytes = 4194304\n'; } >$W/source.toml
-replicad target --config $W/target.toml 2>$W/target.log &
-tpid=$!
-replicad source --config $W/source.toml 2>$W/source.log &
-spid=$!
+SOURCE_DM=r0 setup_pair $W rs $size 127.0.0.1:$PORT $W/target $W/replica.img 8 $DATA ring_mib=2 region_kib=64 overflow_wait_ms=2000
+printf '[resync]\nwindow_bytes = 4194304\n' >>$W/source.toml
+spawn_target $W
+spawn_source $W
 wait_for "source attached" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
 
 compare() { # what marker-id
@@ -60,8 +53,7 @@ check "fio 8 MiB into a 2 MiB ring with no consumer" fio --eta=never --name=over
 dmsetup status r0
 check "the ring overflowed" sh -c 'dmsetup status r0 | grep -q " overflow=1 "'
 : >$W/source.log
-replicad source --config $W/source.toml 2>$W/source.log &
-spid=$!
+spawn_source $W
 wait_for "the restarted source took the kernel's bitmap over" 120 grep -q "capture ring overflowed" $W/source.log
 wait_for "the source resent the dirty regions" 600 grep -q "resync complete" $W/source.log
 grep -E "overflowed|resync" $W/source.log | tail -n 5

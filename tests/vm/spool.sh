@@ -16,18 +16,10 @@ size=$((sectors * 512))
 W=/tmp/spool
 PORT=7711
 
-check "loopback up" ifconfig lo 127.0.0.1 up
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
+step "keys, certificates and configuration"
 # 1 MiB ring; a writer that found it full would wait 10 s and then switch
 # the ring to overflow, which this test must never see.
-check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA sp ring_mib=1 overflow_wait_ms=10000"
-
-step "keys, certificates and configuration"
-repl_keys $W
-{ target_toml $W 127.0.0.1:$PORT $W/target; target_volume sp $size $W/replica.img 4; } >$W/target.toml
-source_config() { # state_dir
-	SOURCE_DM=r0 source_toml $W sp $size 127.0.0.1:$PORT "$1"
-}
+SOURCE_DM=r0 setup_pair $W sp $size 127.0.0.1:$PORT $W/target $W/replica.img 4 $DATA ring_mib=1 overflow_wait_ms=10000
 
 step "a state directory on a protected volume is refused"
 # Another protected volume (its own group, nobody draining it).
@@ -35,7 +27,7 @@ check "dmsetup create r1" dmsetup create r1 --table "0 $(cat /sys/block/vdb/size
 check "mkfs.ext4 on it" mkfs.ext4 -q -F /dev/mapper/r1
 mkdir -p /mnt/p
 check "mount it" mount -t ext4 /dev/mapper/r1 /mnt/p
-source_config /mnt/p/state >$W/bad.toml
+SOURCE_DM=r0 source_toml $W sp $size 127.0.0.1:$PORT /mnt/p/state >$W/bad.toml
 replicad source --config $W/bad.toml 2>$W/bad.log
 check_eq "replicad refuses to start (exit 2)" 2 $?
 cat $W/bad.log
@@ -44,9 +36,7 @@ check "umount" umount /mnt/p
 check "dmsetup remove r1" dmsetup remove r1
 
 step "target unreachable: the spool takes 16x the ring"
-source_config $W/source >$W/source.toml
-replicad source --config $W/source.toml 2>$W/source.log &
-spid=$!
+spawn_source $W
 wait_for "source attached to the kernel ring" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
 check "fio 16 MiB with verify" fio --eta=never --name=sp --filename=/dev/mapper/r0 --rw=randwrite \
 	--bsrange=4k-128k --blockalign=4k --ioengine=libaio --iodepth=8 --direct=1 --size=16M \
@@ -64,8 +54,7 @@ check "the spool holds more than 8x the ring" test "$spool" -gt $((8 << 20))
 check "no resync needed" json_has $W/source '"needs_resync": ?false'
 
 step "target back: the replica catches up"
-replicad target --config $W/target.toml 2>$W/target.log &
-tpid=$!
+spawn_target $W
 check "target applied up to the marker" replctl wait --state-dir $W/target --volume sp --applied "$seq" --generation "$(ring_gen r0)" --timeout 300
 wait_for "source lag back to 0 and spool empty" 60 json_has $W/source '"spool_bytes": ?0,'
 replctl status --state-dir $W/source

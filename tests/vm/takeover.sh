@@ -23,14 +23,11 @@ T=/target
 ADDR=127.0.0.1:7718
 table() { dmsetup create tk --table "0 $sectors replica $DATA tk ring_mib=4 overflow_wait_ms=10000"; }
 
-check "loopback up" ifconfig lo 127.0.0.1 up
 target_disk /dev/vdb $T
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
+setup_pair $W tk $size $ADDR $T/state $T/tk.img 8
 check "dmsetup create tk" table
-repl_keys $W
-{ target_toml $W $ADDR $T/state; target_volume tk $size $T/tk.img 8; } >$W/target.toml
 # A small resync window: the resync takes a while, the writes below overlap it.
-{ source_toml $W tk $size $ADDR $W/source; printf '[spool]\nlimit_percent = 1000\n[resync]\nwindow_bytes = 2097152\n'; } >$W/source.toml
+printf '[spool]\nlimit_percent = 1000\n[resync]\nwindow_bytes = 2097152\n' >>$W/source.toml
 start_daemons $W $W/source
 
 step "first generation: many records"
@@ -51,8 +48,7 @@ check "insmod dm_replica" insmod "$(module_path dm_replica)"
 check "dmsetup create tk (a new ring)" table
 gen2=$(ring_gen tk)
 check "a new ring generation" test "$gen1" != "$gen2"
-replicad source --config $W/source.toml 2>>$W/source.log &
-spid=$!
+spawn_source $W
 wait_for "the source needs a resync of the new ring" 60 json_has $W/source '"needs_resync": true'
 
 step "writes while the resync runs"

@@ -99,33 +99,15 @@ start_target() {
 	wait_for "target ready" 60 sh -c "[ \$(grep -c 'target ready' $W/target.log) -gt ${_n:-0} ]"
 }
 
-check "loopback up" ifconfig lo 127.0.0.1 up
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
-check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $SRC tv ring_mib=8 overflow_wait_ms=10000"
+SOURCE_DM=r0 SOURCE_RETRY_SECS=1 setup_pair $W tv $size 127.0.0.1:7710 $W/target \
+	'{ backend = "thin", pool = "pool", name = "rep", low_water_percent = 50 }' 2 $SRC ring_mib=8 overflow_wait_ms=10000
+printf '[spool]\nlimit_percent = 1000\n' >>$W/source.toml
 
 step "thin pool (first without error_if_no_space)"
 check "pool data device" dmsetup create pooldata --table "0 $DATA_SECTORS linear $DATA 0"
 check "pool without error_if_no_space" dmsetup create pool \
 	--table "0 $DATA_SECTORS thin-pool $META /dev/mapper/pooldata $POOL_BLOCK 0 0"
 
-mkdir -p $W
-check "certificates" replctl certs generate --out $W/pki --host source-host --host target-host
-check "data key" replctl keys generate --out $W/keys.toml
-cat >$W/target.toml <<CFG
-listen = "127.0.0.1:7710"
-keys = "$W/keys.toml"
-state_dir = "$W/target"
-[tls]
-ca = "$W/pki/ca.pem"
-cert = "$W/pki/target-host.pem"
-key = "$W/pki/target-host.key"
-[[volume]]
-id = "tv"
-size = $size
-allowed_sources = ["source-host"]
-keep_points = 2
-replica = { backend = "thin", pool = "pool", name = "rep", low_water_percent = 50 }
-CFG
 check "configuration valid" replicad check target --config $W/target.toml
 check_not "target refuses a pool that queues when full" replicad target --config $W/target.toml 2>$W/refused.log
 cat $W/refused.log
@@ -145,26 +127,7 @@ rep_id=$(sed -n 's/^{"id":\([0-9]*\),"volume":"tv","kind":"replica".*/\1/p' "$LE
 check "replica's id in the ledger ($rep_id)" test -n "$rep_id"
 check "replica is thin device $rep_id of the pool, $sectors sectors" \
 	sh -c "dmsetup table rep | grep -qE '^0 $sectors thin [0-9]+:[0-9]+ $rep_id\$'"
-cat >$W/source.toml <<CFG
-volume = "tv"
-volume_size = $size
-ring = { group = "tv" }
-target = "127.0.0.1:7710"
-target_name = "target-host"
-keys = "$W/keys.toml"
-state_dir = "$W/source"
-initial_copy = false
-[tls]
-ca = "$W/pki/ca.pem"
-cert = "$W/pki/source-host.pem"
-key = "$W/pki/source-host.key"
-[retry]
-schedule_secs = [1]
-[spool]
-limit_percent = 1000
-CFG
-replicad source --config $W/source.toml 2>$W/source.log &
-spid=$!
+spawn_source $W
 wait_for "source attached to the kernel ring" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
 
 step "write A, marker; write B, marker"

@@ -3,7 +3,8 @@
 //! `memcpy` of the same payloads to the same places.
 //!
 //! Per record, the capture path does what the kernel does for a write
-//! (`kmod/src/group.rs`), with userspace stand-ins for kernel services:
+//! (`kmod/src/group/io.rs` and `kmod/src/group/ring.rs`), with userspace
+//! stand-ins for kernel services:
 //!
 //! * map: read the clock (submission time), take the lock, reserve a
 //!   sequence and data granules ([`Capture::reserve`]), publish the header

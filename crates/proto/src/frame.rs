@@ -131,7 +131,9 @@ pub mod resync {
         /// Parses an `aux`.
         pub fn from_aux(aux: u64) -> Option<Self> {
             match aux >> KIND_SHIFT {
-                1 if aux & ((1 << KIND_SHIFT) - 2) == 0 => Some(Marker::Begin { full: aux & 1 != 0 }),
+                1 if aux & ((1 << KIND_SHIFT) - 2) == 0 => {
+                    Some(Marker::Begin { full: aux & 1 != 0 })
+                }
                 2 => {
                     let count = ((aux >> COUNT_SHIFT) & 0xffff) as u32;
                     (count > 0).then_some(Marker::Data {
@@ -506,6 +508,7 @@ pub mod ring_op {
 
 /// Compresses and seals a plaintext into a frame. `h.plain_len`,
 /// `cipher_len` and `features` are filled in here.
+#[cfg(feature = "codec")]
 pub fn seal(
     h: SegmentHeader,
     plain: &[u8],
@@ -518,6 +521,7 @@ pub fn seal(
 }
 
 /// [`seal`] with a reusable compression context (one per worker thread).
+#[cfg(feature = "codec")]
 pub fn seal_with(
     compressor: &mut zstd::bulk::Compressor<'_>,
     mut h: SegmentHeader,
@@ -574,6 +578,7 @@ pub fn check(frame: &[u8]) -> Result<SegmentHeader, FrameError> {
 }
 
 /// Authenticates, decrypts and decompresses a frame checked by [`check`].
+#[cfg(feature = "codec")]
 pub fn open(h: &SegmentHeader, frame: &[u8], key: &StreamKey) -> Result<Vec<u8>, FrameError> {
     decompress(h, &authenticate(h, frame, key)?)
 }
@@ -607,6 +612,7 @@ pub fn authenticate(
 }
 
 /// Decompresses an authenticated payload and checks its length.
+#[cfg(feature = "codec")]
 pub fn decompress(h: &SegmentHeader, body: &[u8]) -> Result<Vec<u8>, FrameError> {
     let mut d =
         zstd::bulk::Decompressor::new().map_err(|e| FrameError::Decompress(e.to_string()))?;
@@ -614,6 +620,7 @@ pub fn decompress(h: &SegmentHeader, body: &[u8]) -> Result<Vec<u8>, FrameError>
 }
 
 /// [`decompress`] with a reusable decompression context.
+#[cfg(feature = "codec")]
 pub fn decompress_with(
     d: &mut zstd::bulk::Decompressor<'_>,
     h: &SegmentHeader,
@@ -652,7 +659,15 @@ mod tests {
         ] {
             assert_eq!(Marker::from_aux(m.aux()), Some(m));
         }
-        for junk in [0u64, 42, (1 << 56) | 2, (1 << 56) | 3, 2 << 56, 4 << 56, (3 << 56) | 7] {
+        for junk in [
+            0u64,
+            42,
+            (1 << 56) | 2,
+            (1 << 56) | 3,
+            2 << 56,
+            4 << 56,
+            (3 << 56) | 7,
+        ] {
             assert_eq!(Marker::from_aux(junk), None, "{junk:#x}");
         }
     }

@@ -144,14 +144,115 @@ pub enum ErrorClass {
     Fatal,
 }
 
+/// The code of an `ERROR` message: why the peer refused or ended the
+/// stream. Sent as a kebab-case string; a code this build does not know
+/// (a newer peer's) reads as [`ErrorCode::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// The client certificate names nobody.
+    NoIdentity,
+    /// The peer does not speak the protocol.
+    Protocol,
+    /// No such volume here.
+    VolumeNotFound,
+    /// The certificate may not replicate the volume.
+    NotAuthorized,
+    /// Another connection or a takeover is in the way: retry.
+    Busy,
+    /// No randomness for the handshake.
+    Random,
+    /// The volume is Critical.
+    Critical,
+    /// The volume was failed over to this host.
+    Promoted,
+    /// A failover is under way.
+    Failover,
+    /// The source is at an older epoch.
+    StaleEpoch,
+    /// Records are missing between what the target has and what comes.
+    SequenceGap,
+    /// A key id the target does not have.
+    UnknownKey,
+    /// The connection failed.
+    Network,
+    /// The peer said nothing in time.
+    Timeout,
+    /// The source reported an error.
+    Peer,
+    /// A planned failover failed.
+    PromoteFailed,
+    /// A segment of an unsupported format or feature.
+    Unsupported,
+    /// A segment whose checksums hold but whose content is invalid.
+    MalformedSegment,
+    /// A segment damaged on the way.
+    CorruptSegment,
+    /// A segment of another volume.
+    WrongVolume,
+    /// A segment of another connection's stream.
+    WrongStream,
+    /// A segment of another ring generation or epoch.
+    WrongGeneration,
+    /// A segment counter out of order.
+    Replay,
+    /// A segment that fails authentication.
+    Authentication,
+    /// The target's storage failed.
+    TargetStorage,
+    /// A code this build does not know.
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorCode {
+    /// The code as sent.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoIdentity => "no-identity",
+            Self::Protocol => "protocol",
+            Self::VolumeNotFound => "volume-not-found",
+            Self::NotAuthorized => "not-authorized",
+            Self::Busy => "busy",
+            Self::Random => "random",
+            Self::Critical => "critical",
+            Self::Promoted => "promoted",
+            Self::Failover => "failover",
+            Self::StaleEpoch => "stale-epoch",
+            Self::SequenceGap => "sequence-gap",
+            Self::UnknownKey => "unknown-key",
+            Self::Network => "network",
+            Self::Timeout => "timeout",
+            Self::Peer => "peer",
+            Self::PromoteFailed => "promote-failed",
+            Self::Unsupported => "unsupported",
+            Self::MalformedSegment => "malformed-segment",
+            Self::CorruptSegment => "corrupt-segment",
+            Self::WrongVolume => "wrong-volume",
+            Self::WrongStream => "wrong-stream",
+            Self::WrongGeneration => "wrong-generation",
+            Self::Replay => "replay",
+            Self::Authentication => "authentication",
+            Self::TargetStorage => "target-storage",
+            Self::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An error reported by the peer before it closes the stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorMsg {
     /// Retry or not.
     pub class: ErrorClass,
-    /// Short machine-readable code.
-    pub code: String,
+    /// Machine-readable code.
+    pub code: ErrorCode,
     /// Human explanation.
     pub message: String,
 }
@@ -289,6 +390,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn error_codes_are_sent_as_their_names_and_unknown_ones_read_as_other() {
+        for c in [
+            ErrorCode::StaleEpoch,
+            ErrorCode::Promoted,
+            ErrorCode::SequenceGap,
+            ErrorCode::TargetStorage,
+        ] {
+            let json = serde_json::to_string(&c).expect("encode");
+            assert_eq!(json, format!("\"{}\"", c.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).expect("decode"), c);
+        }
+        assert_eq!(
+            serde_json::from_str::<ErrorCode>("\"a-code-of-a-newer-peer\"").expect("decode"),
+            ErrorCode::Other
+        );
+    }
+
+    #[test]
     fn round_trip_and_partial_input() {
         let msgs = vec![
             Message::Ack(Ack {
@@ -298,7 +417,7 @@ mod tests {
             }),
             Message::Error(ErrorMsg {
                 class: ErrorClass::Fatal,
-                code: "gap".into(),
+                code: ErrorCode::SequenceGap,
                 message: "x".into(),
             }),
             Message::Segment(vec![1, 2, 3]),

@@ -1,6 +1,7 @@
 //! Target-side storage of dm-replica: the segment journal, replica
 //! backends with recovery points, and persistent volume state.
 
+pub mod backend;
 pub mod journal;
 pub mod replica;
 pub mod state;
@@ -15,16 +16,8 @@ use replica_dm::Errno;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// An I/O operation failed.
-    #[error("{what} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// On which file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] replica_fs::IoError),
     /// Stored data is damaged.
     #[error("{}: damaged at offset {offset}: {why}", path.display())]
     Corrupt {
@@ -35,6 +28,9 @@ pub enum StoreError {
         /// What is wrong.
         why: String,
     },
+    /// The replica has no recovery point (snapshot) of this id.
+    #[error("no recovery point {0}")]
+    NoSuchPoint(u64),
     /// A request that cannot be honoured.
     #[error("{0}")]
     Invalid(String),
@@ -46,18 +42,14 @@ pub enum StoreError {
 impl StoreError {
     /// Wraps an OS error with context.
     pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            what,
-            path: path.to_owned(),
-            source,
-        }
+        Self::Io(replica_fs::IoError::new(what, path, source))
     }
 
     /// Whether retrying later can succeed (full disk or thin pool, out of
     /// memory, interrupted); everything else is non-recoverable.
     pub fn is_recoverable(&self) -> bool {
         match self {
-            StoreError::Io { source, .. } => {
+            StoreError::Io(replica_fs::IoError { source, .. }) => {
                 matches!(
                     source.raw_os_error(),
                     Some(libc::ENOSPC)

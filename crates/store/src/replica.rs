@@ -146,6 +146,7 @@ impl FileReplica {
         }
         std::fs::create_dir_all(points_dir)
             .map_err(|e| StoreError::io("create points directory", points_dir, e))?;
+        remove_partial_images(points_dir)?;
         Ok(Self {
             points_dir: points_dir.to_owned(),
             io: UringFile::new(file, path, size, Target::File)?,
@@ -188,7 +189,7 @@ impl FileReplica {
         out.sync_all()
             .map_err(|e| StoreError::io("sync point", tmp, e))?;
         std::fs::rename(tmp, dst).map_err(|e| StoreError::io("publish point", dst, e))?;
-        crate::journal::sync_dir(&self.points_dir)
+        Ok(replica_fs::sync_dir(&self.points_dir)?)
     }
 
     fn copy_or_clean(&self, src: &File, dst: &Path) -> Result<(), StoreError> {
@@ -200,6 +201,26 @@ impl FileReplica {
         }
         r
     }
+}
+
+/// Start-up recovery: deletes the partial images (`*.tmp`) a crash left
+/// while a point or a writable copy was being written; they hold space and
+/// are no point.
+fn remove_partial_images(points_dir: &Path) -> Result<(), StoreError> {
+    let list = |e| StoreError::io("list points", points_dir, e);
+    let mut removed = false;
+    for e in std::fs::read_dir(points_dir).map_err(list)? {
+        let p = e.map_err(list)?.path();
+        if p.extension().is_some_and(|x| x == "tmp") {
+            tracing::warn!(path = %p.display(), "deleting a partial point image (a copy interrupted by a crash)");
+            std::fs::remove_file(&p).map_err(|e| StoreError::io("delete partial image", &p, e))?;
+            removed = true;
+        }
+    }
+    if removed {
+        replica_fs::sync_dir(points_dir)?;
+    }
+    Ok(())
 }
 
 impl ReplicaStore for FileReplica {
@@ -222,7 +243,7 @@ impl ReplicaStore for FileReplica {
     fn delete_point(&mut self, id: u64) -> Result<(), StoreError> {
         let p = self.point_path(id);
         match std::fs::remove_file(&p) {
-            Ok(()) => crate::journal::sync_dir(&self.points_dir),
+            Ok(()) => Ok(replica_fs::sync_dir(&self.points_dir)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StoreError::io("delete point", &p, e)),
         }
@@ -250,7 +271,7 @@ impl ReplicaStore for FileReplica {
     fn open_point(&mut self, id: u64, access: PointAccess) -> Result<PathBuf, StoreError> {
         let p = self.point_path(id);
         if !p.exists() {
-            return Err(StoreError::Invalid(format!("no recovery point {id}")));
+            return Err(StoreError::NoSuchPoint(id));
         }
         match access {
             PointAccess::ReadOnly => Ok(p),
@@ -271,7 +292,7 @@ impl ReplicaStore for FileReplica {
         }
         let c = self.clone_path(id);
         match std::fs::remove_file(&c) {
-            Ok(()) => crate::journal::sync_dir(&self.points_dir),
+            Ok(()) => Ok(replica_fs::sync_dir(&self.points_dir)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StoreError::io("discard point copy", &c, e)),
         }
@@ -366,6 +387,23 @@ mod tests {
             .is_err(),
             "past the end"
         );
+    }
+
+    #[test]
+    fn opening_deletes_partial_images_and_keeps_points_and_copies() {
+        let d = tempfile::tempdir().expect("tmp");
+        let points = d.path().join("points");
+        let path = d.path().join("r.img");
+        let mut r = FileReplica::open(&path, 1 << 20, &points).expect("open");
+        r.create_point(3).expect("point");
+        let copy = r.open_point(3, PointAccess::Writable).expect("copy");
+        drop(r);
+        let partial = points.join(format!("{:020}.tmp", 4));
+        std::fs::write(&partial, b"half a point").expect("partial");
+        let r = FileReplica::open(&path, 1 << 20, &points).expect("reopen");
+        assert!(!partial.exists(), "the partial image is deleted");
+        assert!(copy.exists(), "a writable copy stays open across a restart");
+        assert_eq!(r.list_points().expect("list"), vec![3]);
     }
 
     #[test]

@@ -1,8 +1,7 @@
 //! The target's persistent per-volume state, written atomically (temporary
 //! file, fsync, rename, fsync of the directory).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -126,22 +125,9 @@ impl VolumeState {
 
     /// Writes the state atomically.
     pub fn save(&self, path: &Path) -> Result<(), StoreError> {
-        write_atomic(path, &serde_json::to_vec_pretty(self).unwrap_or_default())
+        Ok(replica_fs::write_atomic(
+            path,
+            &serde_json::to_vec_pretty(self).unwrap_or_default(),
+        )?)
     }
-}
-
-/// Replaces `path` with `data` atomically and durably.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    let dir: PathBuf = path
-        .parent()
-        .map(Path::to_owned)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io("write state", &tmp, e))?;
-    f.write_all(data)
-        .map_err(|e| StoreError::io("write state", &tmp, e))?;
-    f.sync_all()
-        .map_err(|e| StoreError::io("sync state", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| StoreError::io("publish state", path, e))?;
-    crate::journal::sync_dir(&dir)
 }

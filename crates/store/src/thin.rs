@@ -359,9 +359,7 @@ impl ThinReplica {
         self.entries(Kind::Point, id)?
             .into_iter()
             .find(|e| !e.doomed)
-            .ok_or_else(|| {
-                StoreError::Invalid(format!("volume {}: no recovery point {id}", self.volume))
-            })
+            .ok_or(StoreError::NoSuchPoint(id))
     }
 
     /// Takes a snapshot of `origin` (active as `active`, if it is) into a

@@ -927,7 +927,7 @@ mod tests {
         let (_d, p, mut u) = rig(Target::File, 1 << 20);
         let (r, r2, file) = partial_submit_then_reuse(&mut u, &p, libc::EIO, "EIO");
         match r {
-            Err(StoreError::Io { source, .. }) => {
+            Err(StoreError::Io(replica_fs::IoError { source, .. })) => {
                 assert_eq!(source.raw_os_error(), Some(libc::EIO))
             }
             other => panic!("a failed submit is its error, not {other:?}"),

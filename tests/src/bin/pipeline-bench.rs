@@ -351,7 +351,7 @@ impl Watch<'_> {
                 if v.health == replicad::status::Health::Critical {
                     die(&format!(
                         "replicad {name} reports Critical: {}",
-                        v.reasons.join("; ")
+                        v.reasons_text()
                     ));
                 }
             }
@@ -360,7 +360,7 @@ impl Watch<'_> {
             if v.needs_resync {
                 die(&format!(
                     "the source needs a resync, so the replica cannot catch up (a ring-file source has no device to resync from; is the spool limit smaller than the run?): {}",
-                    v.reasons.join("; ")
+                    v.reasons_text()
                 ));
             }
         }
@@ -375,8 +375,8 @@ impl Watch<'_> {
                 self.stall.as_secs(),
                 now.1,
                 now.2,
-                s.as_ref().map_or("no status".into(), |v| format!("{:?} {:?} {}", v.connection, v.health, v.reasons.join("; "))),
-                t.as_ref().map_or("no status".into(), |v| format!("{:?} {:?} {}", v.connection, v.health, v.reasons.join("; "))),
+                s.as_ref().map_or("no status".into(), |v| format!("{:?} {:?} {}", v.connection, v.health, v.reasons_text())),
+                t.as_ref().map_or("no status".into(), |v| format!("{:?} {:?} {}", v.connection, v.health, v.reasons_text())),
             ));
         }
         if self.started.elapsed() > self.limit {
@@ -431,8 +431,12 @@ fn main() {
     let _ = std::fs::remove_file(&data_path);
 
     // Certificates, keys, configuration.
-    replctl::certs::generate(&w("pki"), &["source-a".into(), "target.example".into()], 365)
-        .unwrap_or_else(|e| die(&e.to_string()));
+    replctl::certs::generate(
+        &w("pki"),
+        &["source-a".into(), "target.example".into()],
+        365,
+    )
+    .unwrap_or_else(|e| die(&e.to_string()));
     replica_proto::keys::KeyRing::generate()
         .and_then(|k| k.save(&w("keys.toml"), false))
         .unwrap_or_else(|e| die(&e.to_string()));

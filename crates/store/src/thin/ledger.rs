@@ -164,7 +164,7 @@ impl Ledger {
     }
 
     fn write(&self, c: &Contents) -> Result<(), StoreError> {
-        crate::state::write_atomic(&self.path, &to_text(c)?)
+        Ok(replica_fs::write_atomic(&self.path, &to_text(c)?)?)
     }
 
     /// Runs `f` on the contents under the lock and writes them back if `f`

@@ -68,7 +68,7 @@ impl SourceRole {
     /// Saves it atomically and durably.
     pub fn save(&self, state_dir: &Path) -> Result<(), String> {
         let b = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
-        replica_store::state::write_atomic(&Self::path(state_dir), &b).map_err(|e| e.to_string())
+        replica_fs::write_atomic(&Self::path(state_dir), &b).map_err(|e| e.to_string())
     }
 }
 

@@ -43,42 +43,24 @@
 //! slot readable is an error (it is never silently ignored); an operator
 //! who removes it gets that older rule for one open.
 
+mod scan;
+#[cfg(test)]
+mod testing;
+mod watermark;
+
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use replica_proto::frame::{self, SegmentHeader, HEADER_LEN};
+use replica_proto::frame::SegmentHeader;
 
 use crate::StoreError;
+use replica_fs::sync_dir;
+use scan::{check_below_mark, file_name, list_files, scan_file};
+use watermark::{MarkFile, WATERMARK_TMP};
 
-/// Where a frame lives in the journal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FramePos {
-    /// Journal file number.
-    pub file: u64,
-    /// Byte offset in that file.
-    pub offset: u64,
-    /// Its header.
-    pub header: SegmentHeader,
-}
-
-/// The durable watermark of a journal: everything before byte `offset` of
-/// journal file `file` (and every older file) is durable; `seq` is the
-/// last record sequence there. See the [module documentation](self).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Watermark {
-    /// First journal file of the current sequence space (set by
-    /// [`Journal::restart`]); older files are leftovers of an interrupted
-    /// restart.
-    pub base: u64,
-    /// Journal file number.
-    pub file: u64,
-    /// Byte offset in that file (a frame boundary).
-    pub offset: u64,
-    /// Last durable record sequence.
-    pub seq: u64,
-}
+pub use scan::{frames, read_frame, FramePos, Scan};
+pub use watermark::{Watermark, WATERMARK_FILE};
 
 /// The journal of one volume.
 pub struct Journal {
@@ -92,388 +74,6 @@ pub struct Journal {
     /// Highest record sequence in each journal file.
     file_max: std::collections::BTreeMap<u64, u64>,
     mark: MarkFile,
-}
-
-/// What a start-up scan found.
-#[derive(Debug, Default)]
-pub struct Scan {
-    /// Every whole frame, in order.
-    pub frames: Vec<FramePos>,
-    /// Bytes cut off a torn tail, if any.
-    pub truncated_bytes: u64,
-}
-
-/// Name of the durable watermark file in a journal directory.
-pub const WATERMARK_FILE: &str = "watermark";
-const WATERMARK_TMP: &str = "watermark.tmp";
-const WM_MAGIC: [u8; 8] = *b"DMRJWMK\0";
-const WM_VERSION: u32 = 1;
-/// Slot `i` starts at `i * WM_STRIDE`: the two never share a block.
-const WM_STRIDE: u64 = 4096;
-const WM_FILE_LEN: u64 = 2 * WM_STRIDE;
-/// magic 8, version 4, reserved 4, counter 8, base 8, file 8, offset 8,
-/// seq 8, crc32c (of the 56 bytes before it) 4; little endian.
-const WM_SLOT_LEN: usize = 60;
-
-use crc32c::crc32c;
-
-fn encode_slot(counter: u64, m: &Watermark) -> [u8; WM_SLOT_LEN] {
-    let mut b = [0u8; WM_SLOT_LEN];
-    b[0..8].copy_from_slice(&WM_MAGIC);
-    b[8..12].copy_from_slice(&WM_VERSION.to_le_bytes());
-    for (i, v) in [counter, m.base, m.file, m.offset, m.seq]
-        .into_iter()
-        .enumerate()
-    {
-        b[16 + i * 8..24 + i * 8].copy_from_slice(&v.to_le_bytes());
-    }
-    let crc = crc32c(&b[..56]);
-    b[56..60].copy_from_slice(&crc.to_le_bytes());
-    b
-}
-
-enum SlotError {
-    Damaged(String),
-    Newer(u32),
-}
-
-fn decode_slot(b: &[u8], slot: u64) -> Result<(u64, Watermark), SlotError> {
-    let u64_at = |o: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[o..o + 8]);
-        u64::from_le_bytes(a)
-    };
-    let u32_at = |o: usize| {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(&b[o..o + 4]);
-        u32::from_le_bytes(a)
-    };
-    if b[0..8] != WM_MAGIC {
-        return Err(SlotError::Damaged("bad magic".into()));
-    }
-    if crc32c(&b[..56]) != u32_at(56) {
-        return Err(SlotError::Damaged("checksum mismatch".into()));
-    }
-    let version = u32_at(8);
-    if version != WM_VERSION {
-        return Err(SlotError::Newer(version));
-    }
-    let counter = u64_at(16);
-    let m = Watermark {
-        base: u64_at(24),
-        file: u64_at(32),
-        offset: u64_at(40),
-        seq: u64_at(48),
-    };
-    if counter % 2 != slot {
-        return Err(SlotError::Damaged(format!(
-            "write counter {counter} does not belong in slot {slot}"
-        )));
-    }
-    if m.base > m.file || m.base == 0 {
-        return Err(SlotError::Damaged(format!(
-            "base file {} after watermark file {}",
-            m.base, m.file
-        )));
-    }
-    Ok((counter, m))
-}
-
-/// The open watermark file: the slot to write next is `(counter + 1) % 2`,
-/// never the one holding the watermark in force.
-struct MarkFile {
-    file: File,
-    path: PathBuf,
-    counter: u64,
-    mark: Watermark,
-}
-
-impl MarkFile {
-    /// The watermark in force and its write counter; `None` without a file.
-    fn load(dir: &Path) -> Result<Option<(Watermark, u64)>, StoreError> {
-        let path = dir.join(WATERMARK_FILE);
-        let b = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::io("read journal watermark", &path, e)),
-        };
-        let unusable = "the journal cannot tell acknowledged frames from a torn tail \
-                        (removing the file opens it with the older rule: a damaged \
-                        tail of the newest file is cut)";
-        if b.len() as u64 != WM_FILE_LEN {
-            return Err(StoreError::Corrupt {
-                path,
-                offset: 0,
-                why: format!(
-                    "durable watermark file has {} bytes, not {WM_FILE_LEN}: {unusable}",
-                    b.len()
-                ),
-            });
-        }
-        let mut best: Option<(u64, Watermark)> = None;
-        let mut bad = Vec::new();
-        for slot in 0..2u64 {
-            let at = (slot * WM_STRIDE) as usize;
-            match decode_slot(&b[at..at + WM_SLOT_LEN], slot) {
-                Ok((c, m)) => {
-                    if best.is_none_or(|(bc, _)| c > bc) {
-                        best = Some((c, m));
-                    }
-                }
-                Err(SlotError::Newer(v)) => {
-                    return Err(StoreError::Invalid(format!(
-                        "{}: journal watermark format {v} is newer than this version \
-                         understands ({WM_VERSION})",
-                        path.display()
-                    )))
-                }
-                Err(SlotError::Damaged(why)) => bad.push(format!("slot {slot}: {why}")),
-            }
-        }
-        match best {
-            None => Err(StoreError::Corrupt {
-                path,
-                offset: 0,
-                why: format!(
-                    "durable watermark unreadable ({}): {unusable}",
-                    bad.join(", ")
-                ),
-            }),
-            Some((c, m)) => {
-                if !bad.is_empty() {
-                    // A write torn by a crash spoils the slot being written:
-                    // the other holds the previous watermark, still true.
-                    tracing::warn!(file = %path.display(), problem = %bad.join(", "), "journal: one watermark slot unreadable (torn by a crash, or damaged); using the other");
-                }
-                Ok(Some((m, c)))
-            }
-        }
-    }
-
-    fn open(dir: &Path, mark: Watermark, counter: u64) -> Result<Self, StoreError> {
-        let path = dir.join(WATERMARK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| StoreError::io("open journal watermark", &path, e))?;
-        Ok(Self {
-            file,
-            path,
-            counter,
-            mark,
-        })
-    }
-
-    /// Creates the file atomically (temporary file, fsync, rename, fsync of
-    /// the directory) with `mark` in both slots.
-    fn create(dir: &Path, mark: Watermark) -> Result<Self, StoreError> {
-        let tmp = dir.join(WATERMARK_TMP);
-        let mut b = vec![0u8; WM_FILE_LEN as usize];
-        b[..WM_SLOT_LEN].copy_from_slice(&encode_slot(0, &mark));
-        let s1 = WM_STRIDE as usize;
-        b[s1..s1 + WM_SLOT_LEN].copy_from_slice(&encode_slot(1, &mark));
-        let mut f =
-            File::create(&tmp).map_err(|e| StoreError::io("create journal watermark", &tmp, e))?;
-        f.write_all(&b)
-            .map_err(|e| StoreError::io("write journal watermark", &tmp, e))?;
-        f.sync_all()
-            .map_err(|e| StoreError::io("sync journal watermark", &tmp, e))?;
-        drop(f);
-        let path = dir.join(WATERMARK_FILE);
-        std::fs::rename(&tmp, &path)
-            .map_err(|e| StoreError::io("publish journal watermark", &path, e))?;
-        sync_dir(dir)?;
-        Self::open(dir, mark, 1)
-    }
-
-    /// Persists `mark` (one slot write and one `fdatasync`).
-    fn write(&mut self, mark: Watermark) -> Result<(), StoreError> {
-        let counter = self.counter + 1;
-        let at = (counter % 2) * WM_STRIDE;
-        self.file
-            .write_all_at(&encode_slot(counter, &mark), at)
-            .map_err(|e| StoreError::io("write journal watermark", &self.path, e))?;
-        self.file
-            .sync_data()
-            .map_err(|e| StoreError::io("sync journal watermark", &self.path, e))?;
-        self.counter = counter;
-        self.mark = mark;
-        Ok(())
-    }
-}
-
-fn file_name(no: u64) -> String {
-    format!("{no:016}.jnl")
-}
-
-fn list_files(dir: &Path) -> Result<Vec<u64>, StoreError> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(|e| StoreError::io("read journal directory", dir, e))? {
-        let e = e.map_err(|e| StoreError::io("read journal directory", dir, e))?;
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if let Some(stem) = name.strip_suffix(".jnl") {
-            if let Ok(n) = stem.parse::<u64>() {
-                v.push(n);
-            }
-        }
-    }
-    v.sort_unstable();
-    Ok(v)
-}
-
-/// Fsyncs a directory so a created or removed entry is durable.
-pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::io("sync directory", dir, e))
-}
-
-/// Reads the frame at `pos` (header and ciphertext).
-pub fn read_frame(dir: &Path, pos: &FramePos) -> Result<Vec<u8>, StoreError> {
-    let path = dir.join(file_name(pos.file));
-    let mut f = File::open(&path).map_err(|e| StoreError::io("open journal file", &path, e))?;
-    f.seek(SeekFrom::Start(pos.offset))
-        .map_err(|e| StoreError::io("seek journal", &path, e))?;
-    let mut buf = vec![0u8; pos.header.frame_len()];
-    f.read_exact(&mut buf)
-        .map_err(|e| StoreError::io("read journal", &path, e))?;
-    let h = frame::check(&buf).map_err(|e| StoreError::Corrupt {
-        path: path.clone(),
-        offset: pos.offset,
-        why: e.to_string(),
-    })?;
-    if h != pos.header {
-        return Err(StoreError::Corrupt {
-            path,
-            offset: pos.offset,
-            why: "frame changed on disk".into(),
-        });
-    }
-    Ok(buf)
-}
-
-/// Every whole frame of the journal in `dir`, in order, read-only (a torn
-/// tail is left alone, the watermark is not consulted): for tools that
-/// inspect a live daemon's journal.
-pub fn frames(dir: &Path) -> Result<Vec<FramePos>, StoreError> {
-    let mut out = Vec::new();
-    for no in list_files(dir)? {
-        scan_file(&dir.join(file_name(no)), no, &mut out)?;
-    }
-    Ok(out)
-}
-
-fn scan_file(path: &Path, no: u64, frames: &mut Vec<FramePos>) -> Result<(u64, u64), StoreError> {
-    let mut f = File::open(path).map_err(|e| StoreError::io("open journal file", path, e))?;
-    let len = f
-        .metadata()
-        .map_err(|e| StoreError::io("stat journal file", path, e))?
-        .len();
-    let mut off = 0u64;
-    let mut hdr = [0u8; HEADER_LEN];
-    let mut buf = Vec::new();
-    while off < len {
-        let mut unsupported = None;
-        let ok = (|| {
-            if len - off < HEADER_LEN as u64 {
-                return None;
-            }
-            f.seek(SeekFrom::Start(off)).ok()?;
-            f.read_exact(&mut hdr).ok()?;
-            let (h, _) = match SegmentHeader::decode(&hdr) {
-                Ok(x) => x,
-                Err(e @ frame::FrameError::Unsupported(_)) => {
-                    // Its checksum holds: a whole frame of another format
-                    // version, not a torn one. Cutting it would drop
-                    // acknowledged records.
-                    unsupported = Some(e);
-                    return None;
-                }
-                Err(_) => return None,
-            };
-            if (h.frame_len() as u64) > len - off {
-                return None;
-            }
-            buf.resize(h.frame_len(), 0);
-            f.seek(SeekFrom::Start(off)).ok()?;
-            f.read_exact(&mut buf).ok()?;
-            frame::check(&buf).ok()
-        })();
-        match ok {
-            Some(h) => {
-                let n = h.frame_len() as u64;
-                frames.push(FramePos {
-                    file: no,
-                    offset: off,
-                    header: h,
-                });
-                off += n;
-            }
-            None => {
-                if let Some(e) = unsupported {
-                    return Err(StoreError::Invalid(format!(
-                        "{}: the frame at byte {off} is one this version cannot read ({e}): a journal written by another version; apply it with that version (let the target catch up) before changing versions",
-                        path.display()
-                    )));
-                }
-                return Ok((off, len));
-            }
-        }
-    }
-    Ok((off, len))
-}
-
-/// Checks the watermark's own file: whole frames up to `m.offset` (`good`
-/// is where the scan stopped, `len` the file's length), the last of them
-/// ending exactly there with record `m.seq`.
-fn check_below_mark(
-    path: &Path,
-    m: &Watermark,
-    frames: &[FramePos],
-    good: u64,
-    len: u64,
-) -> Result<(), StoreError> {
-    let lost = format!(
-        "durable up to byte {} of this file (record {}): acknowledged records would be lost",
-        m.offset, m.seq
-    );
-    if good < m.offset {
-        let what = if len < m.offset {
-            format!("the file ends at byte {len}, inside the durable area")
-        } else {
-            "damaged frame below the durable watermark".to_owned()
-        };
-        return Err(StoreError::Corrupt {
-            path: path.to_owned(),
-            offset: good,
-            why: format!("{what}; {lost}"),
-        });
-    }
-    if m.offset == 0 {
-        return Ok(());
-    }
-    match frames
-        .iter()
-        .find(|f| f.offset + f.header.frame_len() as u64 == m.offset)
-    {
-        None => Err(StoreError::Corrupt {
-            path: path.to_owned(),
-            offset: m.offset,
-            why: format!("the durable watermark does not fall on a frame boundary; {lost}"),
-        }),
-        Some(f) if f.header.last_seq != m.seq => Err(StoreError::Corrupt {
-            path: path.to_owned(),
-            offset: f.offset,
-            why: format!(
-                "the frame ending at the durable watermark holds records up to {}, \
-                 the watermark says {}; {lost}",
-                f.header.last_seq, m.seq
-            ),
-        }),
-        Some(_) => Ok(()),
-    }
 }
 
 impl Journal {
@@ -762,14 +362,16 @@ impl Journal {
             .append(true)
             .open(&path)
             .map_err(|e| StoreError::io("create journal file", &path, e))?;
-        let moved = sync_dir(&self.dir).and_then(|()| {
-            self.mark.write(Watermark {
-                base: no,
-                file: no,
-                offset: 0,
-                seq: 0,
-            })
-        });
+        let moved = sync_dir(&self.dir)
+            .map_err(StoreError::from)
+            .and_then(|()| {
+                self.mark.write(Watermark {
+                    base: no,
+                    file: no,
+                    offset: 0,
+                    seq: 0,
+                })
+            });
         if let Err(e) = moved {
             // Still the old sequence space: leave no newer empty file.
             let _ = std::fs::remove_file(&path);
@@ -827,78 +429,10 @@ impl Journal {
 
 #[cfg(test)]
 mod tests {
+    use replica_proto::frame::HEADER_LEN;
+
+    use super::testing::*;
     use super::*;
-    use replica_proto::frame::{seal, SegmentHeader};
-    use replica_proto::keys::{Direction, KeyRing, StreamContext, StreamKey};
-
-    fn frame(first: u64, n: u32, counter: u64) -> (Vec<u8>, SegmentHeader) {
-        let kr = KeyRing::generate().expect("kr");
-        let k = StreamKey::derive(
-            &kr,
-            1,
-            &StreamContext {
-                stream_id: [1; 16],
-                volume: "v",
-                direction: Direction::Forward,
-                epoch: 1,
-            },
-        )
-        .expect("key");
-        let mut plain = Vec::new();
-        for s in first..first + u64::from(n) {
-            replica_proto::frame::encode_record_parts(&mut plain, s, 2, 0, 0, 0, 0, 0, 0, &[]);
-        }
-        let h = SegmentHeader {
-            features: 0,
-            key_id: 1,
-            stream_id: [1; 16],
-            generation: [2; 16],
-            volume_tag: [3; 16],
-            epoch: 1,
-            counter,
-            first_seq: first,
-            last_seq: first + u64::from(n) - 1,
-            record_count: n,
-            plain_len: 0,
-            cipher_len: 0,
-            zstd_level: 1,
-            source_time_ns: 0,
-        };
-        let f = seal(h, &plain, 1, &k).expect("seal");
-        let h = replica_proto::frame::check(&f).expect("check");
-        (f, h)
-    }
-
-    /// A whole frame of another format version (its checksums hold) is not
-    /// a torn tail: cutting it would drop acknowledged records.
-    #[test]
-    fn a_frame_of_another_format_version_is_an_error_not_a_torn_tail() {
-        let d = tempfile::tempdir().expect("tmp");
-        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
-        for i in 0..2u64 {
-            let (f, h) = frame(1 + i * 3, 3, i);
-            j.append(&f, &h).expect("append");
-        }
-        j.sync().expect("sync");
-        drop(j);
-        let files = list_files(d.path()).expect("list");
-        let path = d.path().join(file_name(*files.last().expect("last")));
-        let mut bytes = std::fs::read(&path).expect("read");
-        // The second frame as an older version wrote it: version 1, header
-        // checksum recomputed.
-        let (first, _) = frame(1, 3, 0);
-        let at = first.len();
-        bytes[at + 4..at + 6].copy_from_slice(&1u16.to_le_bytes());
-        let crc = crc32c(&bytes[at..at + 132]);
-        bytes[at + 132..at + 136].copy_from_slice(&crc.to_le_bytes());
-        std::fs::write(&path, &bytes).expect("write");
-        let e = Journal::open(d.path(), 1 << 20).err().expect("refused");
-        assert!(
-            matches!(e, StoreError::Invalid(ref m) if m.contains("another version")),
-            "{e}"
-        );
-        assert_eq!(std::fs::read(&path).expect("read"), bytes, "nothing cut");
-    }
 
     #[test]
     fn torn_tail_is_truncated_and_rotation_and_trim_work() {
@@ -951,30 +485,6 @@ mod tests {
         ));
     }
 
-    /// Appends and syncs `n` one-record frames starting at record `first`;
-    /// returns their positions.
-    fn append_synced(j: &mut Journal, first: u64, n: u64) -> Vec<FramePos> {
-        let v = append_only(j, first, n);
-        assert_eq!(j.sync().expect("sync"), first + n - 1);
-        v
-    }
-
-    /// Appends `n` one-record frames (not synced).
-    fn append_only(j: &mut Journal, first: u64, n: u64) -> Vec<FramePos> {
-        (first..first + n)
-            .map(|s| {
-                let (f, h) = frame(s, 1, s);
-                j.append(&f, &h).expect("append")
-            })
-            .collect()
-    }
-
-    fn flip(path: &Path, at: u64) {
-        let mut b = std::fs::read(path).expect("read");
-        b[at as usize] ^= 0x40;
-        std::fs::write(path, b).expect("write");
-    }
-
     #[test]
     fn acknowledged_damage_in_the_newest_file_is_an_error() {
         let d = tempfile::tempdir().expect("tmp");
@@ -1023,14 +533,6 @@ mod tests {
             (pos[0].header.frame_len() + pos[1].header.frame_len()) as u64
         );
         assert_eq!(j.durable_seq(), 2);
-    }
-
-    fn wm_path(d: &Path) -> PathBuf {
-        d.join(WATERMARK_FILE)
-    }
-
-    fn end(p: &FramePos) -> u64 {
-        p.offset + p.header.frame_len() as u64
     }
 
     #[test]
@@ -1088,37 +590,6 @@ mod tests {
             Journal::open(d.path(), 1 << 20),
             Err(StoreError::Corrupt { offset, .. }) if offset == pos[0].offset
         ));
-    }
-
-    #[test]
-    fn a_group_commit_writes_one_watermark_slot() {
-        let d = tempfile::tempdir().expect("tmp");
-        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
-        append_synced(&mut j, 1, 1);
-        let before = std::fs::read(wm_path(d.path())).expect("read");
-        assert_eq!(before.len() as u64, WM_FILE_LEN);
-        let counter = j.mark.counter;
-        append_synced(&mut j, 2, 3);
-        assert_eq!(
-            j.mark.counter,
-            counter + 1,
-            "one watermark write per group commit"
-        );
-        let after = std::fs::read(wm_path(d.path())).expect("read");
-        let written = ((counter + 1) % 2 * WM_STRIDE) as usize;
-        let kept = ((counter % 2) * WM_STRIDE) as usize;
-        assert_ne!(
-            before[written..written + WM_SLOT_LEN],
-            after[written..written + WM_SLOT_LEN]
-        );
-        assert_eq!(
-            before[kept..kept + WM_SLOT_LEN],
-            after[kept..kept + WM_SLOT_LEN]
-        );
-        // Nothing new: no watermark write.
-        assert_eq!(j.sync().expect("sync"), 4);
-        assert_eq!(j.mark.counter, counter + 1);
-        assert_eq!(std::fs::read(wm_path(d.path())).expect("read"), after);
     }
 
     #[test]
@@ -1241,73 +712,6 @@ mod tests {
         assert!(matches!(
             Journal::open(d.path(), 1 << 20),
             Err(StoreError::Corrupt { offset, .. }) if offset == more[0].offset
-        ));
-    }
-
-    #[test]
-    fn a_damaged_watermark_is_an_error() {
-        let d = tempfile::tempdir().expect("tmp");
-        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
-        let pos = append_synced(&mut j, 1, 2);
-        drop(j);
-        let wm = wm_path(d.path());
-        let good = std::fs::read(&wm).expect("read");
-        flip(&wm, 20);
-        flip(&wm, WM_STRIDE + 20);
-        match Journal::open(d.path(), 1 << 20) {
-            Err(StoreError::Corrupt { path, why, .. }) => {
-                assert_eq!(path, wm);
-                assert!(
-                    why.contains("slot 0: checksum") && why.contains("slot 1: checksum"),
-                    "{why}"
-                );
-            }
-            Err(e) => panic!("wrong error: {e}"),
-            Ok(_) => panic!("opened with an unreadable watermark"),
-        }
-        std::fs::write(&wm, &good[..100]).expect("write");
-        assert!(matches!(
-            Journal::open(d.path(), 1 << 20),
-            Err(StoreError::Corrupt { path, .. }) if path == wm
-        ));
-        // Nothing was touched meanwhile.
-        std::fs::write(&wm, &good).expect("write");
-        let (_, scan) = Journal::open(d.path(), 1 << 20).expect("open");
-        assert_eq!(scan.frames, pos);
-    }
-
-    #[test]
-    fn a_torn_watermark_slot_falls_back_to_the_previous_watermark() {
-        let d = tempfile::tempdir().expect("tmp");
-        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
-        append_synced(&mut j, 1, 2);
-        let pos = append_synced(&mut j, 3, 2);
-        let slot = (j.mark.counter % 2) * WM_STRIDE;
-        drop(j);
-        // The latest slot write torn by a crash: the previous watermark
-        // (after record 2) is in force, the frames after it are above it.
-        flip(&wm_path(d.path()), slot + 40);
-        flip(&d.path().join(file_name(1)), pos[1].offset + 1);
-        let (j, scan) = Journal::open(d.path(), 1 << 20).expect("open");
-        assert_eq!(scan.frames.len(), 3);
-        assert_eq!(j.durable_seq(), 3);
-        assert_eq!(j.watermark().offset, end(&pos[0]));
-    }
-
-    #[test]
-    fn a_newer_watermark_format_is_refused() {
-        let d = tempfile::tempdir().expect("tmp");
-        let (j, _) = Journal::open(d.path(), 1 << 20).expect("open");
-        drop(j);
-        let wm = wm_path(d.path());
-        let mut b = std::fs::read(&wm).expect("read");
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let crc = crc32c(&b[..56]);
-        b[56..60].copy_from_slice(&crc.to_le_bytes());
-        std::fs::write(&wm, &b).expect("write");
-        assert!(matches!(
-            Journal::open(d.path(), 1 << 20),
-            Err(StoreError::Invalid(why)) if why.contains("format 2")
         ));
     }
 

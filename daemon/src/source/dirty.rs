@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use replica_store::state::write_atomic;
+use replica_fs::write_atomic;
 
 const MAGIC: [u8; 8] = *b"DMRDIRT1";
 const VERSION: u32 = 1;
@@ -199,7 +199,7 @@ pub enum ResyncStateError {
     },
     /// Cannot be saved.
     #[error(transparent)]
-    Store(#[from] replica_store::StoreError),
+    Save(#[from] replica_fs::IoError),
 }
 
 impl ResyncState {

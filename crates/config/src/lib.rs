@@ -1,10 +1,15 @@
-//! Typed configuration of both roles. Unknown keys are errors, so a typo
-//! never silently becomes a default; every default is documented here and
-//! in docs/configuration.md.
+//! Typed configuration of both roles (`source.toml`, `target.toml`).
+//! Unknown keys are errors, so a typo never silently becomes a default;
+//! every default is documented here and in docs/configuration.md. The
+//! types serialise too ([`to_text`]): `replctl protect` writes the source
+//! configuration from a [`SourceConfig`], leaving out what is at its
+//! default.
+
+#![warn(missing_docs)]
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Configuration errors.
 #[derive(Debug, thiserror::Error)]
@@ -34,10 +39,13 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// A configuration cannot be written as TOML.
+    #[error("config: {0}")]
+    Serialize(#[from] toml::ser::Error),
 }
 
 /// TLS material (PEM files).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// The private CA that issued the peer's certificate; the only trust root.
@@ -49,7 +57,7 @@ pub struct TlsConfig {
 }
 
 /// Where the source reads captured writes from.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum RingSource {
     /// A ring file written by a userspace producer (development and tests).
@@ -60,7 +68,7 @@ pub enum RingSource {
 }
 
 /// Segment batching and sealing.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SegmentConfig {
     /// Upper bound of a segment's uncompressed records, bytes. Default 4 MiB.
@@ -85,7 +93,7 @@ impl Default for SegmentConfig {
 }
 
 /// Backoff for recoverable errors.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     /// Waits between attempts, seconds; the last one repeats. Default
@@ -102,11 +110,12 @@ impl Default for RetryConfig {
 }
 
 /// The source's local spool.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     /// Directory (never on a protected volume; checked at start). Default
     /// `<state_dir>/spool`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
     /// The spool is dropped for a resync when the records it holds for the
     /// target reach this share of the volume size, percent (above 100 keeps
@@ -152,12 +161,23 @@ impl SpoolConfig {
     }
 }
 
-fn default_control_device() -> String {
+/// The default of [`SourceConfig::control_device`].
+pub fn default_control_device() -> String {
     replica_ring::device::CONTROL_DEVICE.to_string()
 }
 
+fn is_default_control_device(d: &str) -> bool {
+    d == replica_ring::device::CONTROL_DEVICE
+}
+
+/// Whether `v` is its type's default (left out when serialised, so a
+/// written file keeps following the defaults).
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
 /// `replicad source` configuration.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// Volume (or consistency group) id, as known to the target.
@@ -177,30 +197,33 @@ pub struct SourceConfig {
     /// Directory for this daemon's own state (never on a protected volume).
     pub state_dir: PathBuf,
     /// Control socket (mode 0600). Default `<state_dir>/replicad.sock`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
     /// The kernel module's control device, for `ring = { group = ... }`.
     /// Default `/dev/dm-replica`.
-    #[serde(default = "default_control_device")]
+    #[serde(
+        default = "default_control_device",
+        skip_serializing_if = "is_default_control_device"
+    )]
     pub control_device: String,
     /// Replication epoch this source is at. Default 1.
-    #[serde(default = "one")]
+    #[serde(default = "one", skip_serializing_if = "is_one")]
     pub epoch: u64,
     /// Segment settings.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub segment: SegmentConfig,
     /// Retry settings.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub retry: RetryConfig,
     /// Local spool.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub spool: SpoolConfig,
     /// The protected volume's block device (e.g. `/dev/mapper/db1`), read
     /// during a resync. Without it a needed resync cannot start.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<PathBuf>,
     /// Resync settings.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub resync: ResyncConfig,
     /// A target that holds no copy of the volume gets one first: every
     /// region is resent (a full resync) and the replica is inconsistent
@@ -218,7 +241,7 @@ fn yes() -> bool {
 }
 
 /// Resync pacing.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResyncConfig {
     /// No more regions are read while the spool holds this many bytes the
@@ -249,7 +272,7 @@ impl SourceConfig {
 }
 
 /// One volume the target receives.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetVolume {
     /// Volume (or group) id.
@@ -271,7 +294,7 @@ pub struct TargetVolume {
 }
 
 /// Replica storage backend.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case", tag = "backend")]
 pub enum ReplicaConfig {
     /// A plain file (hosts without device-mapper); points are file copies.
@@ -284,7 +307,7 @@ pub enum ReplicaConfig {
 }
 
 /// The dm-thin backend's settings.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ThinConfig {
     /// Device-mapper name of the thin pool (created by the administrator,
@@ -292,10 +315,10 @@ pub struct ThinConfig {
     pub pool: String,
     /// Thin device id of the replica in the pool (0 to 2^24 - 1). Default:
     /// allocated by replicad; set it to adopt an existing thin device.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_id: Option<u32>,
     /// Device-mapper name of the replica. Default `replica-<volume id>`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Pool usage (data or metadata) in percent from which the volume
     /// reports a Warning, 1..=99. Default 80.
@@ -325,7 +348,7 @@ fn valid_dm_name(name: &str) -> bool {
 }
 
 /// `replicad target` configuration.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// Listen address, `host:port`.
@@ -337,7 +360,7 @@ pub struct TargetConfig {
     /// Directory for journals and state.
     pub state_dir: PathBuf,
     /// Control socket (mode 0600). Default `<state_dir>/replicad.sock`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
     /// Journal file size before rotation, bytes. Default 64 MiB.
     #[serde(default = "journal_file_bytes")]
@@ -349,6 +372,9 @@ pub struct TargetConfig {
 
 fn one() -> u64 {
     1
+}
+fn is_one(v: &u64) -> bool {
+    *v == 1
 }
 fn eighty() -> u8 {
     80
@@ -363,12 +389,11 @@ fn journal_file_bytes() -> u64 {
     64 << 20
 }
 
-fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
         path: path.to_owned(),
         source,
-    })?;
-    parse(path, &text)
+    })
 }
 
 /// Parses configuration text (the path is only for messages).
@@ -377,6 +402,11 @@ pub fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<
         path: path.to_owned(),
         message: e.to_string(),
     })
+}
+
+/// Configuration text for `value` (what [`parse`] reads back).
+pub fn to_text<T: Serialize>(value: &T) -> Result<String, ConfigError> {
+    Ok(toml::to_string(value)?)
 }
 
 /// A volume (or group) id: 1-63 of `[A-Za-z0-9._-]`.
@@ -391,7 +421,13 @@ pub fn valid_id(id: &str) -> bool {
 impl SourceConfig {
     /// Loads and checks a source configuration.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let c: Self = load(path)?;
+        Self::from_text(path, &read(path)?)
+    }
+
+    /// Parses and checks source configuration text (`path` is named in
+    /// the messages).
+    pub fn from_text(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let c: Self = parse(path, text)?;
         c.check(path)?;
         Ok(c)
     }
@@ -463,7 +499,13 @@ impl SourceConfig {
 impl TargetConfig {
     /// Loads and checks a target configuration.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let c: Self = load(path)?;
+        Self::from_text(path, &read(path)?)
+    }
+
+    /// Parses and checks target configuration text (`path` is named in
+    /// the messages).
+    pub fn from_text(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let c: Self = parse(path, text)?;
         let bad = |m: String| {
             Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -721,5 +763,65 @@ replica = REPLICA
             .expect_err("must fail")
             .to_string()
             .contains("zstd_level"));
+    }
+
+    #[test]
+    fn a_source_configuration_round_trips_through_its_text_and_leaves_defaults_out() {
+        let odd = |name: &str| PathBuf::from(format!("/srv/dm replica/it's \"{name}\"\\x"));
+        let c: SourceConfig = parse(Path::new("s.toml"), SOURCE).expect("parse");
+        let c = SourceConfig {
+            ring: RingSource::Group("g \"1\"".into()),
+            keys: odd("keys.toml"),
+            state_dir: odd("state"),
+            device: Some(odd("dev")),
+            tls: TlsConfig {
+                ca: odd("ca.pem"),
+                cert: odd("c.pem"),
+                key: odd("k.pem"),
+            },
+            initial_copy: false,
+            ..c
+        };
+        let text = to_text(&c).expect("toml");
+        let back: SourceConfig = parse(Path::new("s.toml"), &text).expect(&text);
+        assert_eq!(back, c, "{text}");
+        back.check(Path::new("s.toml")).expect("check");
+        // Defaults are not written, so the file keeps following them.
+        for key in ["segment", "retry", "spool", "resync", "epoch", "control_"] {
+            assert!(!text.contains(key), "{key} in {text}");
+        }
+        // What is not at its default is.
+        let c = SourceConfig {
+            epoch: 3,
+            segment: SegmentConfig {
+                zstd_level: 5,
+                ..SegmentConfig::default()
+            },
+            ..c
+        };
+        let text = to_text(&c).expect("toml");
+        assert!(
+            text.contains("epoch = 3") && text.contains("zstd_level = 5"),
+            "{text}"
+        );
+        assert_eq!(
+            parse::<SourceConfig>(Path::new("s.toml"), &text).expect("parse"),
+            c
+        );
+    }
+
+    #[test]
+    fn a_target_configuration_round_trips_through_its_text() {
+        let text = format!(
+            "{}\n[[volume]]\nid = \"b\"\nsize = 4096\nallowed_sources = [\"s\"]\nreplica = {{ backend = \"thin\", pool = \"p\", device_id = 7 }}\n",
+            TARGET.replace("REPLICA", r#"{ backend = "file", path = "/r/a \"b\".img" }"#)
+        );
+        let d = tempfile::tempdir().expect("tmp");
+        let (first, again) = (d.path().join("t.toml"), d.path().join("again.toml"));
+        std::fs::write(&first, text).expect("w");
+        let c = TargetConfig::load(&first).expect("load");
+        assert_eq!(c.volumes.len(), 2);
+        std::fs::write(&again, to_text(&c).expect("toml")).expect("w");
+        assert_eq!(TargetConfig::load(&again).expect("load again"), c);
     }
 }

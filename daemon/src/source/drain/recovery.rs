@@ -1,0 +1,184 @@
+//! Start-up reconciliation of the drain: the spool, the saved resync state
+//! and the ring after a start or restart.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use replica_ring::Peek;
+
+use super::resync::Run;
+use super::{io_err, DrainSettings, Drainer, KernelRing, Mode, Pending, ResyncRequests, Shared};
+use crate::source::dirty::{DirtyMap, ResyncState};
+use crate::source::ring::RingConsumer;
+use crate::source::spool::Spool;
+use crate::status::StatusBoard;
+use crate::DaemonError;
+
+impl Drainer {
+    /// Reconciles the spool, the saved resync state and the ring after a
+    /// start (or restart) and returns the drain, ready to run.
+    pub fn new(
+        set: DrainSettings,
+        mut consumer: RingConsumer,
+        kernel: Option<KernelRing>,
+        board: Arc<StatusBoard>,
+        stop: Arc<AtomicBool>,
+        resync_request: ResyncRequests,
+    ) -> Result<(Self, Arc<Shared>), DaemonError> {
+        let generation = consumer.mapping().generation();
+        let tag = replica_proto::keys::volume_tag(&set.volume);
+        let (spool, rec) = Spool::open(&set.spool_dir, generation, tag, set.spool_file_bytes)
+            .map_err(|e| io_err("open the spool", e))?;
+        for d in &rec.damage {
+            tracing::warn!(volume = %set.volume, "spool: {d}");
+        }
+        if rec.truncated_bytes > 0 {
+            tracing::warn!(volume = %set.volume, bytes = rec.truncated_bytes, "spool: torn tail cut at the last whole chunk");
+        }
+        let region_bytes = match &kernel {
+            Some(k) => k
+                .device
+                .volume(k.index)?
+                .map_or(set.region_bytes, |v| u64::from(v.region_kib) * 1024),
+            None => set.region_bytes,
+        };
+        let released = consumer.released_seq();
+        let whole = |why: String, since: u64| {
+            let mut map = DirtyMap::new(set.volume_size, region_bytes);
+            map.mark_all();
+            tracing::error!(volume = %set.volume, "{why}: the whole volume needs a resync");
+            ResyncState {
+                generation,
+                since_seq: since,
+                reason: why,
+                map,
+                begin_seq: None,
+            }
+        };
+        let saved = match ResyncState::load(&set.state_path) {
+            Ok(s) => s,
+            Err(e) => Some(whole(
+                format!("resync state unreadable ({e})"),
+                rec.next_seq.unwrap_or(released),
+            )),
+        };
+        let spool = Arc::new(spool);
+        let mut lost: Option<ResyncState> = None;
+        match rec.next_seq {
+            None => spool.restart_at(released),
+            Some(s) if s == released => {}
+            Some(s) if (s.wrapping_sub(released) as i64) > 0 => {
+                // Spooled but not released when the daemon stopped: step
+                // over them in the ring.
+                while consumer.next_seq() != s {
+                    match consumer.peek()? {
+                        Peek::Committed(r) | Peek::Failed(r) => consumer.advance(&r),
+                        Peek::Pending | Peek::Empty => {
+                            return Err(DaemonError::Critical(format!(
+                                "the spool holds records up to {} but the ring ends at {}: not this ring's spool",
+                                s.wrapping_sub(1),
+                                consumer.next_seq()
+                            )))
+                        }
+                    }
+                }
+                consumer.release(s)?;
+            }
+            Some(s) => {
+                // The spool lost records the ring no longer has; the ring
+                // continues at `released`, the spool cannot.
+                lost = Some(whole(
+                    format!("spool lost records {s}..{}", released.wrapping_sub(1)),
+                    s,
+                ));
+            }
+        }
+        let ring_changed =
+            rec.other_generation || set.last_generation.is_some_and(|g| g != generation);
+        if ring_changed && lost.is_none() && saved.is_none() {
+            lost = Some(whole(
+                "the capture ring was re-created (the host restarted or the table was loaded anew): writes may have gone uncaptured".into(),
+                released,
+            ));
+        }
+        let mode = match (saved, lost) {
+            (Some(mut st), lost) => {
+                let mut damaged = false;
+                if st.generation != generation {
+                    st.map.mark_all();
+                    st.generation = generation;
+                    if st.begin_seq.is_some() || !st.reason.is_empty() {
+                        st.reason = format!("{}; the capture ring changed", st.reason);
+                    }
+                    damaged = true;
+                }
+                if let Some(l) = lost {
+                    st.map.mark_all();
+                    st.reason = format!("{}; {}", st.reason, l.reason);
+                    damaged = true;
+                }
+                match st.begin_seq {
+                    // Resumed: whether its BEGIN was full is not known here;
+                    // a target that still lacks a copy says so again.
+                    Some(_) if !damaged => Mode::Spool(Some(Run::new(st, false))),
+                    _ => {
+                        st.begin_seq = None;
+                        Mode::Bitmap { st, begin: None }
+                    }
+                }
+            }
+            (None, Some(st)) => Mode::Bitmap { st, begin: None },
+            (None, None) => Mode::Spool(None),
+        };
+        if let Mode::Bitmap { st, .. } = &mode {
+            st.save(&set.state_path)
+                .map_err(|e| io_err("save the resync state", e))?;
+            // An empty spool ends where the stream stopped: the target may
+            // still lack nothing before it, and must not be asked for more.
+            spool.restart_at(st.since_seq);
+        }
+        let since = match &mode {
+            Mode::Bitmap { st, .. } => Some(st.since_seq),
+            Mode::Spool(Some(run)) => Some(run.st.since_seq),
+            Mode::Spool(None) => None,
+        };
+        let shared = Arc::new(Shared {
+            generation,
+            spool,
+            durable: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            fatal: Mutex::new(None),
+            damaged: Mutex::new(None),
+            resync_since: Mutex::new(since),
+            kernel_volume: kernel.as_ref().map(|k| (k.device.clone(), k.index)),
+            planned: Mutex::new(None),
+            failing_over: AtomicBool::new(false),
+            copy_required: AtomicBool::new(false),
+            target_applied: AtomicU64::new(0),
+        });
+        let index = kernel.as_ref().map_or(0, |k| k.index);
+        let d = Self {
+            set,
+            consumer,
+            kernel,
+            index,
+            shared: shared.clone(),
+            board,
+            stop,
+            mode,
+            generation,
+            region_bytes,
+            pending: Pending::default(),
+            unsaved: 0,
+            last_save: Instant::now(),
+            volume: None,
+            blocked: None,
+            last_step: Instant::now(),
+            resync_request,
+        };
+        d.publish();
+        Ok((d, shared))
+    }
+}

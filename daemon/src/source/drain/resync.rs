@@ -1,0 +1,527 @@
+//! A running resync, ordered by ring markers: once a session is connected,
+//! the drain asks the kernel for a BEGIN marker; from that point of the ring on,
+//! records are spooled again (the stream resumes after a gap the target
+//! accepts because it starts with BEGIN). Then, a few at a time and paced
+//! by the target's acknowledgements, it inserts DATA markers naming runs of
+//! dirty regions; when the drain reaches such a marker, every earlier record
+//! has completed on the source, so it reads those regions from the volume
+//! and spools them as a write *at the marker's position*: later writes come
+//! after it in the stream and win. When no region is left, an END marker
+//! closes the resync; the target is consistent again at END.
+//!
+//! Before it inserts END the drain takes the kernel's dirty bitmap again and
+//! merges it into the run's map ([`Drainer::kernel_settled`]): regions the
+//! kernel marked after the bitmap was first taken (a write that failed, a
+//! write made in overflow mode that completed only after the take) must be
+//! resent too. Overflow-mode writes are not ordered against ring markers, so
+//! while the kernel reports any still in flight a DATA read may have missed
+//! them: END waits until a take returns no new region with none in flight;
+//! new regions are sent first (the run's cursor laps). The map is saved as
+//! "whole volume" before each take, so a daemon killed between the take and
+//! the save resends everything rather than forget what it took.
+
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use replica_proto::frame::{self, resync::Marker, OP_SKIPPED, RECORD_FLAG_RESYNC};
+use replica_ring::Record;
+
+use super::{io_err, DrainSettings, Drainer, KernelRing, Mode};
+use crate::source::dirty::{DirtyMap, ResyncState};
+use crate::status::ReasonKind;
+use crate::DaemonError;
+
+/// DATA markers in the ring, not yet drained, at most.
+pub(super) const MAX_OUTSTANDING: u32 = 4;
+
+/// A resync in progress: BEGIN is in the spool.
+pub(super) struct Run {
+    /// Regions still to send (`begin_seq` set).
+    pub(super) st: ResyncState,
+    /// Regions in the map when the resync began.
+    pub(super) total: u64,
+    /// Next region to ask for.
+    pub(super) cursor: u64,
+    /// DATA markers inserted and not yet drained.
+    pub(super) outstanding: u32,
+    /// The END marker's sequence, once inserted.
+    pub(super) end: Option<u64>,
+    /// Its BEGIN said it resends every region.
+    pub(super) full: bool,
+    /// Regions sent since the state was last saved.
+    pub(super) unsaved: bool,
+    pub(super) last_save: Instant,
+    /// When the kernel's bitmap was last taken before END (END waits while
+    /// overflow-mode writes are in flight; takes are spaced out).
+    pub(super) last_kernel_take: Option<Instant>,
+    /// Overflow-mode writes in flight at that take.
+    pub(super) kernel_in_flight: u64,
+    /// Why that take failed, once logged.
+    pub(super) kernel_take_error: Option<String>,
+}
+
+impl Run {
+    /// A resync that begins (or resumes after a restart) with the regions
+    /// still in `st`'s map.
+    pub(super) fn new(st: ResyncState, full: bool) -> Self {
+        Self {
+            total: st.map.count(),
+            st,
+            cursor: 0,
+            outstanding: 0,
+            end: None,
+            full,
+            unsaved: false,
+            last_save: Instant::now(),
+            last_kernel_take: None,
+            kernel_in_flight: 0,
+            kernel_take_error: None,
+        }
+    }
+}
+
+/// How long END waits between two takes of the kernel's bitmap while
+/// overflow-mode writes are in flight.
+pub(super) const KERNEL_RETAKE: Duration = Duration::from_millis(20);
+
+/// What a take of the kernel's bitmap before END says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Settled {
+    /// No new region, nothing in flight: END may go in.
+    Yes,
+    /// Regions added to the run's map: send them first.
+    Added(u64),
+    /// Overflow-mode writes still in flight: take again later.
+    InFlight(u64),
+    /// The bitmap could not be taken: try again later.
+    Unknown,
+}
+
+/// Merges a bitmap taken from the kernel (`region_bytes` per bit) into a
+/// run's map and says whether the resync may end.
+pub(super) fn merge_before_end(
+    map: &mut DirtyMap,
+    region_bytes: u64,
+    regions: impl Iterator<Item = u64>,
+    in_flight_overflow: u64,
+) -> Settled {
+    let before = map.count();
+    map.merge_regions(region_bytes, regions);
+    let added = map.count().saturating_sub(before);
+    if added > 0 {
+        Settled::Added(added)
+    } else if in_flight_overflow > 0 {
+        Settled::InFlight(in_flight_overflow)
+    } else {
+        Settled::Yes
+    }
+}
+
+impl Drainer {
+    /// A resync marker reached the drain: every record before it has
+    /// completed on the source.
+    pub(super) fn resync_marker(&mut self, r: &Record) -> Result<(), DaemonError> {
+        self.check(r)?;
+        let d = r.desc;
+        let marker = Marker::from_aux(d.aux);
+        let spool_next = self.shared.spool.next_seq();
+        match (&mut self.mode, marker) {
+            // The resync begins here: spool from this record on.
+            // The resync begins here: spool from this record on. Only the
+            // BEGIN inserted for the map as it is now: one inserted before
+            // the map was replaced (a full resync asked for meanwhile) says
+            // less than this resync does.
+            (Mode::Bitmap { begin, .. }, Some(Marker::Begin { full })) if *begin == Some(r.seq) => {
+                self.commit()?;
+                let Mode::Bitmap { mut st, .. } =
+                    std::mem::replace(&mut self.mode, Mode::Spool(None))
+                else {
+                    return Ok(());
+                };
+                st.begin_seq = Some(r.seq);
+                // Saved first: a restart then knows the resync began here
+                // (and re-drains BEGIN if it was not spooled).
+                st.save(&self.set.state_path)
+                    .map_err(|e| io_err("save the resync state", e))?;
+                tracing::info!(volume = %self.set.volume, seq = r.seq, regions = st.map.count(), full, "resync begins");
+                self.mode = Mode::Spool(Some(Run::new(st, full)));
+                self.pending.gap = true;
+                self.push(r.seq, d.op, d.flags, &d, 0, 0);
+            }
+            // BEGIN saved but not spooled when the daemon stopped.
+            (Mode::Spool(Some(run)), Some(Marker::Begin { .. }))
+                if run.st.begin_seq == Some(r.seq)
+                    && (r.seq.wrapping_sub(spool_next) as i64) > 0 =>
+            {
+                self.commit()?;
+                self.pending.gap = true;
+                self.push(r.seq, d.op, d.flags, &d, 0, 0);
+            }
+            (Mode::Spool(Some(run)), Some(Marker::Data { region, count })) => {
+                run.outstanding = run.outstanding.saturating_sub(1);
+                let rb = self.region_bytes;
+                let start = region.saturating_mul(rb);
+                let end = region
+                    .saturating_add(u64::from(count))
+                    .saturating_mul(rb)
+                    .min(self.set.volume_size);
+                if start >= end {
+                    self.push(r.seq, OP_SKIPPED, 0, &d, 0, 0);
+                    return Ok(());
+                }
+                let len = end - start;
+                let data = self.read_volume(start, len)?;
+                self.push(
+                    r.seq,
+                    frame::ring_op::WRITE,
+                    RECORD_FLAG_RESYNC,
+                    &d,
+                    start / 512,
+                    len as u32,
+                );
+                self.pending.plain.extend_from_slice(&data);
+                self.pending.clears.push((region, u64::from(count)));
+            }
+            (Mode::Spool(Some(run)), Some(Marker::End)) if run.end == Some(r.seq) => {
+                self.push(r.seq, d.op, d.flags, &d, 0, 0);
+                self.pending.end = true;
+            }
+            // In the map: nothing to do with markers (their regions stay
+            // set).
+            (Mode::Bitmap { .. }, _) => {}
+            // A marker of an abandoned resync: keep the sequence dense,
+            // carry nothing.
+            (Mode::Spool(_), _) => self.push(r.seq, OP_SKIPPED, 0, &d, 0, 0),
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` of the protected volume, bypassing the
+    /// page cache (writes through the filesystem do not update the block
+    /// device's cache).
+    pub(super) fn read_volume(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, DaemonError> {
+        if self.volume.is_none() {
+            let path = self.set.device.clone().ok_or_else(|| {
+                DaemonError::Critical("resync needs `device` (the protected volume)".into())
+            })?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .map_err(|e| DaemonError::io("open the protected volume", &path, e))?;
+            self.volume = Some(f);
+        }
+        let f = self
+            .volume
+            .as_ref()
+            .ok_or_else(|| DaemonError::Critical("protected volume not open".into()))?;
+        // O_DIRECT wants an aligned buffer: over-allocate, use the aligned
+        // part.
+        let mut buf = vec![0u8; len as usize + 4096];
+        let at = buf.as_ptr().align_offset(4096);
+        let dst = &mut buf[at..at + len as usize];
+        f.read_exact_at(dst, offset).map_err(|e| {
+            DaemonError::Critical(format!(
+                "resync: cannot read the protected volume at byte {offset} (+{len}): {e}"
+            ))
+        })?;
+        Ok(dst.to_vec())
+    }
+
+    /// Starts a needed resync, or keeps a running one supplied with DATA
+    /// markers (paced by the spool's unacknowledged bytes), and ends it.
+    pub(super) fn resync_step(&mut self) -> Result<(), DaemonError> {
+        if let Some(why) = self.resync_step_inner()? {
+            self.block(why);
+        }
+        Ok(())
+    }
+
+    /// [`Self::resync_step`]; returns why a needed resync cannot start.
+    pub(super) fn resync_step_inner(&mut self) -> Result<Option<&'static str>, DaemonError> {
+        let Some(k) = &self.kernel else {
+            return Ok(matches!(self.mode, Mode::Bitmap { .. })
+                .then_some("the capture ring is a ring file (development mode)"));
+        };
+        if self.consumer.overflowing() {
+            return Ok(None);
+        }
+        let spool = &self.shared.spool;
+        match &mut self.mode {
+            Mode::Bitmap { begin, st } => {
+                if begin.is_some() {
+                    return Ok(None);
+                }
+                // Full when the map holds every region: the target may then
+                // count on every region being resent.
+                let full = st.map.count() == st.map.regions();
+                if self.set.device.is_none() {
+                    return Ok(Some("`device` (the protected volume) is not configured"));
+                }
+                if !self.shared.connected.load(Ordering::Acquire) {
+                    return Ok(None);
+                }
+                match k.device.insert_marker(
+                    k.index,
+                    RECORD_FLAG_RESYNC,
+                    Marker::Begin { full }.aux(),
+                ) {
+                    Ok(seq) => {
+                        tracing::info!(volume = %self.set.volume, seq, "resync requested");
+                        *begin = Some(seq);
+                        self.blocked = None;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "resync BEGIN not inserted yet"),
+                }
+            }
+            Mode::Spool(Some(run)) => {
+                if run.end.is_some() {
+                    return Ok(None);
+                }
+                let max_regions = (self.set.resync_max_bytes / self.region_bytes).clamp(1, 65535);
+                // Never let a resync itself fill the spool to its limit.
+                let window = self.set.resync_window.min(self.set.limit_bytes / 4);
+                while run.outstanding < MAX_OUTSTANDING && spool.unacked_bytes() < window {
+                    let next = run.st.map.next_run(run.cursor, max_regions);
+                    let aux = match next {
+                        Some((region, count)) => Marker::Data {
+                            region,
+                            count: count as u32,
+                        }
+                        .aux(),
+                        None if run.outstanding == 0 && self.pending.clears.is_empty() => {
+                            if run.st.map.count() > 0 && run.cursor != 0 {
+                                // Regions behind the cursor (a resync
+                                // resumed after a restart, or added by the
+                                // kernel's bitmap): another lap.
+                                run.cursor = 0;
+                                continue;
+                            }
+                            // Every region of the map was sent and no DATA
+                            // marker is in flight: what the kernel marked
+                            // since is sent before END.
+                            match Self::kernel_settled(k, run, &self.set)? {
+                                Settled::Yes => {}
+                                Settled::Added(_) => continue,
+                                Settled::InFlight(_) | Settled::Unknown => break,
+                            }
+                            Marker::End.aux()
+                        }
+                        None => break,
+                    };
+                    match k.device.insert_marker(k.index, RECORD_FLAG_RESYNC, aux) {
+                        Ok(seq) => match next {
+                            Some((region, count)) => {
+                                run.outstanding += 1;
+                                run.cursor = region + count;
+                            }
+                            None => {
+                                run.end = Some(seq);
+                                break;
+                            }
+                        },
+                        Err(e) => {
+                            tracing::debug!(error = %e, "resync marker not inserted yet");
+                            break;
+                        }
+                    }
+                }
+            }
+            Mode::Spool(None) => {}
+        }
+        Ok(None)
+    }
+
+    /// Before a resync's END (every region of the run's map sent, no DATA
+    /// marker in flight): takes the kernel's bitmap again into the run's
+    /// map. The map is saved as "whole volume" first, since the kernel
+    /// clears what it hands over; then the merged map is saved.
+    pub(super) fn kernel_settled(
+        k: &KernelRing,
+        run: &mut Run,
+        set: &DrainSettings,
+    ) -> Result<Settled, DaemonError> {
+        if run
+            .last_kernel_take
+            .is_some_and(|t| run.kernel_in_flight > 0 && t.elapsed() < KERNEL_RETAKE)
+        {
+            return Ok(Settled::InFlight(run.kernel_in_flight));
+        }
+        let mut whole = run.st.clone();
+        whole.map.mark_all();
+        whole
+            .save(&set.state_path)
+            .map_err(|e| io_err("save the resync state", e))?;
+        let b = match k.device.take_bitmap(k.index) {
+            Ok(b) => b,
+            Err(e) => {
+                // Nothing was taken (the kernel keeps the bits of a failed
+                // hand-over): the map as it was.
+                run.st
+                    .save(&set.state_path)
+                    .map_err(|e| io_err("save the resync state", e))?;
+                let why = e.to_string();
+                if run.kernel_take_error.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(volume = %set.volume, error = %why, "cannot take the kernel's dirty bitmap before the resync's END; the resync does not end until it can");
+                    run.kernel_take_error = Some(why);
+                }
+                run.last_kernel_take = Some(Instant::now());
+                run.kernel_in_flight = 1;
+                return Ok(Settled::Unknown);
+            }
+        };
+        let settled = merge_before_end(
+            &mut run.st.map,
+            u64::from(b.region_kib) * 1024,
+            b.regions_set(),
+            b.in_flight_overflow,
+        );
+        run.st
+            .save(&set.state_path)
+            .map_err(|e| io_err("save the resync state", e))?;
+        run.unsaved = false;
+        run.last_save = Instant::now();
+        let was_in_flight = run.kernel_in_flight;
+        run.kernel_take_error = None;
+        run.last_kernel_take = Some(Instant::now());
+        run.kernel_in_flight = b.in_flight_overflow;
+        match settled {
+            Settled::Added(n) => {
+                run.total = run.total.saturating_add(n);
+                run.cursor = 0;
+                tracing::warn!(
+                    volume = %set.volume,
+                    regions = n,
+                    in_flight_overflow = b.in_flight_overflow,
+                    "the kernel marked regions dirty after the resync took its bitmap (failed writes, or writes made in overflow mode that completed later): they are resent before the resync ends"
+                );
+            }
+            Settled::InFlight(n) if was_in_flight == 0 => {
+                tracing::info!(
+                    volume = %set.volume,
+                    in_flight_overflow = n,
+                    "writes made in overflow mode are still in flight: the resync ends once they completed and their regions were resent"
+                );
+            }
+            Settled::InFlight(_) | Settled::Yes | Settled::Unknown => {}
+        }
+        Ok(settled)
+    }
+
+    /// Says (once) why a needed resync cannot start.
+    pub(super) fn block(&mut self, why: &str) {
+        if self.blocked.as_deref() != Some(why) {
+            tracing::warn!(volume = %self.set.volume, "a resync is needed but cannot start: {why}");
+            self.blocked = Some(why.to_owned());
+        }
+    }
+
+    /// Saves a running resync's remaining regions if they changed.
+    pub(super) fn save_run(&mut self) -> Result<(), DaemonError> {
+        if let Mode::Spool(Some(run)) = &mut self.mode {
+            if run.unsaved {
+                run.st
+                    .save(&self.set.state_path)
+                    .map_err(|e| io_err("save the resync state", e))?;
+                run.unsaved = false;
+                run.last_save = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    /// A chunk reached the spool: the regions it resends are no longer
+    /// dirty; with the END in it, the resync is over.
+    pub(super) fn after_spooled(&mut self) -> Result<(), DaemonError> {
+        let Mode::Spool(Some(run)) = &mut self.mode else {
+            return Ok(());
+        };
+        for (region, count) in self.pending.clears.drain(..) {
+            run.st.map.clear(region, count);
+            run.unsaved = true;
+        }
+        if self.pending.end {
+            let end = run.end.unwrap_or(0);
+            tracing::info!(volume = %self.set.volume, end, "resync complete: every dirty region was resent");
+            match std::fs::remove_file(&self.set.state_path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove the resync state", e)),
+            }
+            self.mode = Mode::Spool(None);
+            self.shared.set_resync(None);
+            self.board.update(&self.set.volume, |s| {
+                s.resync_end_seq = end;
+                s.clear_reason(ReasonKind::Resync);
+            });
+            self.publish();
+            return Ok(());
+        }
+        if run.unsaved && run.last_save.elapsed() >= Duration::from_millis(500) {
+            self.save_run()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB64: u64 = 64 * 1024;
+
+    #[test]
+    fn a_resync_ends_only_after_a_take_with_nothing_new_and_nothing_in_flight() {
+        // The run's map is empty at END time (every region was sent).
+        let mut map = DirtyMap::new(16 << 20, KIB64);
+        // An overflow-mode write in flight: its bit was cleared by the first
+        // take and is not set again yet.
+        assert_eq!(
+            merge_before_end(&mut map, KIB64, std::iter::empty(), 1),
+            Settled::InFlight(1)
+        );
+        assert_eq!(map.count(), 0);
+        // It completed and set its two regions again; another write of a
+        // region still in flight.
+        assert_eq!(
+            merge_before_end(&mut map, KIB64, [3, 4].into_iter(), 1),
+            Settled::Added(2)
+        );
+        assert!(map.is_set(3) && map.is_set(4));
+        // Sent (the lap), then taken again: nothing new, but still in flight.
+        map.clear(3, 2);
+        assert_eq!(
+            merge_before_end(&mut map, KIB64, std::iter::empty(), 1),
+            Settled::InFlight(1)
+        );
+        // The last one completed: its region comes back once more.
+        assert_eq!(
+            merge_before_end(&mut map, KIB64, [9].into_iter(), 0),
+            Settled::Added(1)
+        );
+        map.clear(9, 1);
+        assert_eq!(
+            merge_before_end(&mut map, KIB64, std::iter::empty(), 0),
+            Settled::Yes
+        );
+    }
+
+    #[test]
+    fn kernel_regions_of_another_size_are_merged_as_bytes() {
+        // The kernel's 16 KiB regions into a map of 64 KiB regions: two
+        // kernel bits in one map region add one.
+        let mut map = DirtyMap::new(16 << 20, KIB64);
+        assert_eq!(
+            merge_before_end(&mut map, 16 * 1024, [4, 5, 8].into_iter(), 0),
+            Settled::Added(2)
+        );
+        assert!(map.is_set(1) && map.is_set(2));
+        // Bits the map already holds add nothing (but the run must not end
+        // while writes are in flight).
+        assert_eq!(
+            merge_before_end(&mut map, 16 * 1024, [4].into_iter(), 2),
+            Settled::InFlight(2)
+        );
+    }
+}

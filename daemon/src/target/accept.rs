@@ -1,0 +1,303 @@
+//! Serving one connection: TLS, the source's identity and hello, the
+//! checks that decide whether it may stream (authorisation, Critical,
+//! promoted, failover, epoch), the takeover of an older connection, the
+//! welcome; and refusing, with the reason on the wire and in the status.
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use replica_proto::keys;
+use replica_proto::msg::{self, ErrorMsg, Hello, Message, Welcome};
+
+use super::receive::Session;
+use super::refusal::Refusal;
+use super::stream::{self, Stream};
+use super::takeover::{self, Takeover};
+use super::PUMP_INTERVAL;
+use crate::keystore::KeyStore;
+use crate::link::Link;
+use crate::retry::ErrorClass;
+use crate::status::{Connection, ReasonKind, StatusBoard};
+
+/// How long the TLS handshake, the hello and the takeover of an older
+/// connection may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a connection's thread shares with the target.
+pub(super) struct ConnCtx {
+    /// Every stream, by volume id.
+    pub(super) streams: HashMap<String, Arc<Stream>>,
+    /// The data keys.
+    pub(super) keys: Arc<KeyStore>,
+    /// The TLS configuration in force when the connection came.
+    pub(super) tls: Arc<rustls::ServerConfig>,
+    /// Status.
+    pub(super) board: Arc<StatusBoard>,
+    /// Set when the daemon stops.
+    pub(super) stop: Arc<AtomicBool>,
+}
+
+/// A refused connection, with the stream when the refusal says something
+/// about its replica (a Fatal one then makes the stream Critical);
+/// refusals of the caller (unknown volume, not authorised, stale epoch)
+/// leave the stream alone.
+struct Refused {
+    refusal: Refusal,
+    replica: Option<Arc<Stream>>,
+}
+
+impl From<Refusal> for Refused {
+    fn from(refusal: Refusal) -> Self {
+        Self {
+            refusal,
+            replica: None,
+        }
+    }
+}
+
+/// What the welcome tells the source.
+struct Entry {
+    durable: u64,
+    applied: u64,
+    epoch: u64,
+    resync_required: bool,
+    inconsistent: bool,
+}
+
+impl ConnCtx {
+    /// Serves the connection on `sock` until it ends.
+    pub(super) fn serve(self, sock: TcpStream) {
+        let conn = match rustls::ServerConnection::new(self.tls.clone()) {
+            Ok(c) => rustls::Connection::Server(c),
+            Err(e) => {
+                tracing::error!(error = %e, "TLS setup");
+                return;
+            }
+        };
+        let mut link = match Link::new(sock, conn) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "connection setup");
+                return;
+            }
+        };
+        if let Err(e) = link.handshake(HANDSHAKE_TIMEOUT) {
+            // A refused certificate is logged; the client sees the alert.
+            tracing::warn!(error = %e, "TLS handshake failed");
+            return;
+        }
+        let mut session = match self.accept(&mut link) {
+            Ok(s) => s,
+            Err(r) => {
+                self.refuse(&mut link, r.replica.as_ref(), &r.refusal);
+                return;
+            }
+        };
+        let stream = session.stream.clone();
+        self.board.update(&stream.id, |s| {
+            s.connection = Connection::Connected;
+            s.clear_reason(ReasonKind::Session);
+        });
+        let result = self.receive(&mut link, &mut session);
+        if stream.conn.is_current(session.id) {
+            self.board
+                .update(&stream.id, |s| s.connection = Connection::StandAlone);
+        }
+        match result {
+            Ok(()) => link.close(Duration::from_secs(1)),
+            Err(r) => self.refuse(&mut link, Some(&stream), &r),
+        }
+    }
+
+    /// Tells the peer why it is refused and closes; a Fatal refusal that
+    /// names `stream` makes it Critical, a Recoverable one a Warning.
+    fn refuse(&self, link: &mut Link, stream: Option<&Arc<Stream>>, r: &Refusal) {
+        let message = r.to_string();
+        tracing::warn!(code = r.code().as_str(), class = ?r.class(), "{message}");
+        if let Some(s) = stream {
+            match r.class() {
+                ErrorClass::Fatal => s.go_critical(&self.board, &message),
+                ErrorClass::Recoverable => self.board.update(&s.id, |st| {
+                    st.set_reason(ReasonKind::Session, message.clone());
+                }),
+            }
+        }
+        link.send(&Message::Error(ErrorMsg {
+            class: r.class(),
+            code: r.code(),
+            message,
+        }));
+        link.close(Duration::from_secs(2));
+    }
+
+    /// Checks the peer and its hello, takes the stream over from an older
+    /// connection and welcomes the source.
+    fn accept(&self, link: &mut Link) -> Result<Session, Refused> {
+        let cn = link
+            .tls()
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(crate::tls::subject_cn)
+            .ok_or(Refusal::NoIdentity)?;
+        let hello = recv_hello(link)?;
+        if hello.protocol != msg::PROTOCOL_VERSION {
+            return Err(Refusal::ProtocolVersion(hello.protocol).into());
+        }
+        let stream = self
+            .streams
+            .get(&hello.volume)
+            .cloned()
+            .ok_or_else(|| Refusal::VolumeNotFound(hello.volume.clone()))?;
+        if !stream.settings.allows(&cn) {
+            return Err(Refusal::NotAuthorized {
+                subject: cn,
+                volume: stream.id.clone(),
+            }
+            .into());
+        }
+        let (id, slot) = stream::claim(&stream, Instant::now() + HANDSHAKE_TIMEOUT)
+            .ok_or(Refusal::StillStreaming)?;
+        let generation = decode16(&hello.generation)?;
+        let src_rand = decode16(&hello.source_random)?;
+        let target_rand = keys::random16().map_err(Refusal::Random)?;
+        let stream_id = keys::stream_id(&src_rand, &target_rand);
+        let gen_hex = hex::encode(generation);
+        if let Some(t) = admit(&stream, &hello, &gen_hex)? {
+            // Queued behind every segment of the old generation: the
+            // applier applies them, then starts the new sequence space.
+            // A takeover the applier failed says something about the
+            // replica; one that did not get its turn does not.
+            takeover::request(&stream, t).map_err(|r| match r {
+                Refusal::Takeover(_) => blame(&stream, r),
+                other => other.into(),
+            })?;
+        }
+        let entry = enter(&stream, &hello, &gen_hex)?;
+        if !self.keys.get().ids().contains(&hello.key_id) {
+            return Err(blame(&stream, Refusal::UnknownSourceKey(hello.key_id)));
+        }
+        link.send(&Message::Welcome(Welcome {
+            protocol: msg::PROTOCOL_VERSION,
+            features: hello.features & msg::PROTOCOL_FEATURES,
+            target_random: hex::encode(target_rand),
+            durable_seq: entry.durable,
+            applied_seq: entry.applied,
+            epoch: entry.epoch,
+            resync_required: entry.resync_required,
+            inconsistent: entry.inconsistent,
+        }));
+        tracing::info!(volume = %stream.id, source = %cn, durable = entry.durable, resync_required = entry.resync_required, "stream accepted");
+        self.board.update(&stream.id, |s| {
+            s.generation = gen_hex.clone();
+            s.epoch = entry.epoch;
+        });
+        Ok(Session::new(
+            stream,
+            slot,
+            id,
+            stream_id,
+            entry.durable,
+            self.keys.clone(),
+        ))
+    }
+}
+
+/// A refusal that says something about `stream`'s replica.
+fn blame(stream: &Arc<Stream>, refusal: Refusal) -> Refused {
+    Refused {
+        refusal,
+        replica: Some(stream.clone()),
+    }
+}
+
+/// 16 bytes from hex.
+fn decode16(s: &str) -> Result<[u8; 16], Refusal> {
+    let mut b = [0u8; 16];
+    hex::decode_to_slice(s, &mut b).map_err(|_| Refusal::MalformedHello)?;
+    Ok(b)
+}
+
+/// Whether the source of `hello` may stream into `stream` now (not
+/// Critical, not promoted or being failed over, no takeover pending, not
+/// at an older epoch), and whether its stream of generation `gen_hex`
+/// takes the stream over.
+fn admit(stream: &Stream, hello: &Hello, gen_hex: &str) -> Result<Option<Takeover>, Refusal> {
+    let st = stream.lock_state();
+    if let Some(c) = &st.disk.critical {
+        return Err(Refusal::Critical {
+            volume: stream.id.clone(),
+            reason: c.clone(),
+        });
+    }
+    if let Some(p) = &st.disk.promoted {
+        return Err(Refusal::Promoted {
+            volume: stream.id.clone(),
+            epoch: p.epoch,
+        });
+    }
+    if st.promoting {
+        return Err(Refusal::FailingOver(stream.id.clone()));
+    }
+    if st.takeover_pending {
+        return Err(Refusal::TakeoverPending);
+    }
+    if hello.epoch < st.disk.epoch {
+        return Err(Refusal::StaleEpoch {
+            source_epoch: hello.epoch,
+            target_epoch: st.disk.epoch,
+        });
+    }
+    Ok(takeover::takeover_for(&st.disk, gen_hex, hello))
+}
+
+/// Enters the source's epoch in the stream's state and reads what the
+/// welcome says; refuses a source whose oldest record is past what the
+/// target has.
+fn enter(stream: &Arc<Stream>, hello: &Hello, gen_hex: &str) -> Result<Entry, Refused> {
+    let mut st = stream.lock_state();
+    if st.disk.generation != gen_hex || st.disk.critical.is_some() || st.disk.promoted.is_some() {
+        // The applier refused the takeover (Critical, promoted) or
+        // another one got in between.
+        return Err(Refusal::ChangedDuringAccept.into());
+    }
+    st.disk.epoch = hello.epoch;
+    st.save().map_err(Refusal::Storage)?;
+    let durable = stream.durable_with(&st);
+    if hello.oldest_seq > durable.saturating_add(1) {
+        return Err(blame(
+            stream,
+            Refusal::MissingRecords {
+                oldest: hello.oldest_seq,
+                durable,
+            },
+        ));
+    }
+    Ok(Entry {
+        durable,
+        applied: st.published,
+        epoch: st.disk.epoch,
+        resync_required: st.disk.needs_full_resync,
+        inconsistent: st.inconsistent(),
+    })
+}
+
+/// Waits for the source's hello.
+fn recv_hello(link: &mut Link) -> Result<Hello, Refusal> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    loop {
+        match link.recv() {
+            Ok(Some(Message::Hello(h))) => return Ok(h),
+            Ok(Some(other)) => return Err(Refusal::ExpectedHello(Box::new(other))),
+            Ok(None) => {}
+            Err(e) => return Err(Refusal::Network(e)),
+        }
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .ok_or(Refusal::HelloTimeout)?;
+        link.pump(left.min(PUMP_INTERVAL), None)
+            .map_err(Refusal::Network)?;
+    }
+}

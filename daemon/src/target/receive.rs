@@ -1,0 +1,259 @@
+//! The stream loop of an accepted connection: each segment is verified
+//! (header, volume, connection stream, the stream's generation and epoch,
+//! counter, authentication) and appended to the journal; after a batch, one
+//! fsync (group commit), one ack, then the hand-over to the applier. A
+//! PROMOTE (planned failover) is handed to the applier in stream order.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use replica_proto::frame::{self, FrameError};
+use replica_proto::msg::{self, Ack, Message};
+use replica_store::journal::FramePos;
+
+use super::accept::ConnCtx;
+use super::apply::ApplyMsg;
+use super::keys::KeyCache;
+use super::promote::{request_promotion, PromoteReq};
+use super::refusal::Refusal;
+use super::stream::{SlotGuard, Stream, StreamState};
+use super::PUMP_INTERVAL;
+use crate::keystore::KeyStore;
+use crate::link::{Link, LinkError};
+
+/// A segment appended to the journal, with its authenticated payload.
+type Journaled = (FramePos, Vec<u8>);
+
+/// One accepted connection streaming into a stream. What it holds is its
+/// own (the connection's keying stream, its counter, what it appended);
+/// the stream's state — generation, epoch, durable and applied sequence —
+/// it reads from the stream each time.
+pub(super) struct Session {
+    /// The stream it feeds.
+    pub(super) stream: Arc<Stream>,
+    _slot: SlotGuard,
+    /// Its session number in the stream's slot.
+    pub(super) id: u64,
+    /// The connection's keying stream id (agreed at the handshake).
+    stream_id: [u8; 16],
+    next_counter: u64,
+    /// Last record this connection appended to the journal (durable at the
+    /// next sync).
+    received: u64,
+    /// The stream keys its segments are sealed with.
+    keys: KeyCache,
+}
+
+impl Session {
+    /// A session that holds `slot` as session `id`, starting after record
+    /// `durable`, opening segments with the data keys `keys`.
+    pub(super) fn new(
+        stream: Arc<Stream>,
+        slot: SlotGuard,
+        id: u64,
+        stream_id: [u8; 16],
+        durable: u64,
+        keys: Arc<KeyStore>,
+    ) -> Self {
+        Self {
+            stream,
+            _slot: slot,
+            id,
+            stream_id,
+            next_counter: 0,
+            received: durable,
+            keys: KeyCache::new(keys),
+        }
+    }
+}
+
+/// What an ack says about the replica's state.
+pub(super) fn ack_flags(st: &StreamState) -> u64 {
+    let mut f = 0;
+    if st.inconsistent() {
+        f |= msg::ACK_INCONSISTENT;
+    }
+    if st.disk.needs_full_resync {
+        f |= msg::ACK_NEEDS_FULL_RESYNC;
+    }
+    f
+}
+
+/// The ack the stream's state calls for: durable and applied record and
+/// what the replica is good for, read together under the stream's lock
+/// (the applier clears a resync before it publishes its END as applied, so
+/// "consistent" never comes with an applied record the replica was not
+/// consistent at).
+fn ack(stream: &Stream) -> Ack {
+    let st = stream.lock_state();
+    Ack {
+        durable_seq: stream.durable_with(&st),
+        applied_seq: st.published,
+        flags: ack_flags(&st),
+    }
+}
+
+impl ConnCtx {
+    /// Receives segments until the peer closes, a newer connection takes
+    /// the stream over, the daemon stops, or a segment is refused.
+    pub(super) fn receive(&self, link: &mut Link, s: &mut Session) -> Result<(), Refusal> {
+        let mut last_sent = ack(&s.stream);
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if !s.stream.conn.is_current(s.id) {
+                tracing::info!(volume = %s.stream.id, "a newer connection took over this volume");
+                return Ok(());
+            }
+            link.pump(PUMP_INTERVAL, None).map_err(Refusal::Network)?;
+            let mut appended: Vec<Journaled> = Vec::new();
+            let mut dup_ack = false;
+            let mut failure = None;
+            loop {
+                let m = match link.recv() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(LinkError::Closed) if appended.is_empty() => return Ok(()),
+                    Err(LinkError::Closed) => break,
+                    Err(e) => {
+                        failure = Some(Refusal::Network(e));
+                        break;
+                    }
+                };
+                match m {
+                    Message::Segment(f) => match self.segment(s, f) {
+                        Ok(Some(a)) => appended.push(a),
+                        Ok(None) => dup_ack = true,
+                        Err(r) => {
+                            failure = Some(r);
+                            break;
+                        }
+                    },
+                    Message::Error(e) => return Err(Refusal::Peer(e.message)),
+                    Message::Promote(p) => {
+                        // Everything before it in the stream is journaled
+                        // and queued: the applier promotes after it.
+                        let r = request_promotion(
+                            &s.stream,
+                            PromoteReq {
+                                planned_upto: Some(p.upto),
+                                point: None,
+                                epoch: Some(p.epoch),
+                            },
+                        );
+                        match r {
+                            Ok(done) => {
+                                link.send(&Message::Promoted(done));
+                                link.close(Duration::from_secs(5));
+                                return Ok(());
+                            }
+                            Err(e) => {
+                                failure = Some(Refusal::PromoteFailed(e));
+                                break;
+                            }
+                        }
+                    }
+                    other => {
+                        failure = Some(Refusal::UnexpectedMessage(Box::new(other)));
+                        break;
+                    }
+                }
+            }
+            // Group commit: one fsync for everything that arrived, then ack.
+            if !appended.is_empty() {
+                let durable = s.stream.lock_journal().sync().map_err(Refusal::Storage)?;
+                self.board
+                    .update(&s.stream.id, |st| st.durable_seq = durable);
+            }
+            // Acknowledged as soon as it is durable, before the (bounded)
+            // hand-over to the applier, which may wait for a slow replica.
+            let a = ack(&s.stream);
+            if dup_ack || a != last_sent {
+                link.send(&Message::Ack(a));
+                let _ = link.pump(Duration::ZERO, None);
+                last_sent = a;
+            }
+            for (pos, body) in appended {
+                let _ = s.stream.apply_tx.send(ApplyMsg::Segment {
+                    pos,
+                    body: Some(body),
+                });
+            }
+            if let Some(r) = failure {
+                return Err(r);
+            }
+        }
+    }
+
+    /// Verifies one segment and appends it to the journal. `Ok(None)` for
+    /// a duplicate of what is already durable.
+    fn segment(&self, s: &mut Session, f: Vec<u8>) -> Result<Option<Journaled>, Refusal> {
+        let h = frame::check(&f).map_err(|e| match e {
+            FrameError::Unsupported(_) => Refusal::Unsupported(e),
+            // Its checksums hold, so it was not damaged on the way: a
+            // sender that builds such headers is broken, resending helps not.
+            FrameError::Malformed(_) => Refusal::MalformedSegment(e),
+            _ => Refusal::CorruptSegment(e),
+        })?;
+        if h.volume_tag != s.stream.tag {
+            return Err(Refusal::WrongVolume);
+        }
+        if h.stream_id != s.stream_id {
+            return Err(Refusal::WrongStream);
+        }
+        let current = {
+            let st = s.stream.lock_state();
+            h.epoch == st.disk.epoch && hex::encode(h.generation) == st.disk.generation
+        };
+        if !current {
+            return Err(Refusal::WrongGeneration);
+        }
+        if h.counter != s.next_counter {
+            return Err(Refusal::Replay {
+                got: h.counter,
+                expected: s.next_counter,
+            });
+        }
+        let key = s
+            .keys
+            .get(&s.stream.id, &h)
+            .map_err(|e| Refusal::UnknownSegmentKey {
+                key_id: h.key_id,
+                cause: e,
+            })?;
+        // Authenticate here (the second AES-GCM pass after TLS); the
+        // applier decompresses and checks the records, on its own thread.
+        let body = frame::authenticate(&h, &f, key).map_err(|e| match e {
+            FrameError::Authentication => Refusal::Authentication {
+                first: h.first_seq,
+                last: h.last_seq,
+            },
+            other => Refusal::MalformedSegment(other),
+        })?;
+        s.next_counter += 1;
+        self.board.update(&s.stream.id, |st| {
+            st.segments += 1;
+            st.record_bytes += u64::from(h.plain_len);
+            st.frame_bytes += f.len() as u64;
+        });
+        if h.last_seq <= s.received {
+            // Everything in it is already journaled: acknowledge, keep once.
+            return Ok(None);
+        }
+        if h.first_seq > s.received + 1 && h.features & frame::FEATURE_RESYNC_GAP == 0 {
+            return Err(Refusal::SequenceGap {
+                first: h.first_seq,
+                received: s.received,
+            });
+        }
+        let pos = s
+            .stream
+            .lock_journal()
+            .append(&f, &h)
+            .map_err(Refusal::Storage)?;
+        s.received = h.last_seq;
+        Ok(Some((pos, body)))
+    }
+}

@@ -1,0 +1,299 @@
+//! A hand-driven source connection that seals and sends frames itself.
+
+use std::time::{Duration, Instant};
+
+use crate::{Env, TARGET_CN};
+
+/// A hand-driven source connection, for feeding the target frames a real
+/// source never sends (corrupted, replayed, misrouted, wrongly keyed).
+pub struct RawClient {
+    /// The connection.
+    pub link: replicad::link::Link,
+    /// Stream id agreed at the handshake.
+    pub stream_id: [u8; 16],
+    /// What the target said.
+    pub welcome: replica_proto::msg::Welcome,
+    /// Volume.
+    pub volume: String,
+    /// Generation announced.
+    pub generation: [u8; 16],
+    /// Next counter.
+    pub counter: u64,
+}
+
+/// Flags of a [`RawClient`]'s hello.
+#[derive(Debug, Clone, Copy)]
+pub struct HelloOpts {
+    /// The stream starts with a resync.
+    pub resync: bool,
+    /// The replica is declared a copy of the volume before record 1 (test
+    /// volumes and replicas start zeroed).
+    pub replica_seeded: bool,
+}
+
+impl Default for HelloOpts {
+    fn default() -> Self {
+        Self {
+            resync: false,
+            replica_seeded: true,
+        }
+    }
+}
+
+impl RawClient {
+    /// Connects as `cert` (dir, name) and says hello for `volume` (the
+    /// replica declared seeded: test volumes start zeroed).
+    pub fn connect(
+        env: &Env,
+        addr: &str,
+        cert: (&str, &str),
+        volume: &str,
+        generation: [u8; 16],
+        oldest_seq: u64,
+    ) -> Result<Self, String> {
+        Self::connect_with(
+            env,
+            addr,
+            cert,
+            volume,
+            generation,
+            oldest_seq,
+            HelloOpts::default(),
+        )
+    }
+
+    /// [`RawClient::connect`] with the hello's flags.
+    pub fn connect_with(
+        env: &Env,
+        addr: &str,
+        cert: (&str, &str),
+        volume: &str,
+        generation: [u8; 16],
+        oldest_seq: u64,
+        opts: HelloOpts,
+    ) -> Result<Self, String> {
+        let HelloOpts {
+            resync,
+            replica_seeded,
+        } = opts;
+        use replica_proto::msg::{Hello, Message};
+        let tls = replicad::config::TlsConfig {
+            ca: env.path("pki/ca.pem"),
+            cert: env.path(&format!("{}/{}.pem", cert.0, cert.1)),
+            key: env.path(&format!("{}/{}.key", cert.0, cert.1)),
+        };
+        let cfg = replicad::tls::client_config(&tls).map_err(|e| e.to_string())?;
+        let sock = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::try_from(TARGET_CN.to_owned())
+            .map_err(|e| e.to_string())?;
+        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
+        let mut link = replicad::link::Link::new(sock, rustls::Connection::Client(conn))
+            .map_err(|e| e.to_string())?;
+        link.handshake(Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        let src_rand = replica_proto::keys::random16().map_err(|e| e.to_string())?;
+        link.send(&Message::Hello(Hello {
+            protocol: replica_proto::msg::PROTOCOL_VERSION,
+            features: replica_proto::msg::PROTOCOL_FEATURES,
+            volume: volume.to_owned(),
+            generation: hex::encode(generation),
+            epoch: 1,
+            source_random: hex::encode(src_rand),
+            oldest_seq,
+            key_id: 1,
+            resync,
+            replica_seeded,
+        }));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match link.recv().map_err(|e| e.to_string())? {
+                Some(Message::Welcome(w)) => {
+                    let mut t = [0u8; 16];
+                    hex::decode_to_slice(&w.target_random, &mut t).map_err(|e| e.to_string())?;
+                    return Ok(Self {
+                        link,
+                        stream_id: replica_proto::keys::stream_id(&src_rand, &t),
+                        welcome: w,
+                        volume: volume.to_owned(),
+                        generation,
+                        counter: 0,
+                    });
+                }
+                Some(Message::Error(e)) => return Err(format!("{}: {}", e.code, e.message)),
+                Some(m) => return Err(format!("unexpected {m:?}")),
+                None => {}
+            }
+            if Instant::now() > deadline {
+                return Err("no welcome".into());
+            }
+            link.pump(Duration::from_millis(50), None)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+
+    /// Seals records `first..` (a write of `data` at sector 0 for each
+    /// even sequence, a flush for each odd one) under this stream's key from
+    /// `keys` with master key `key_id`, as the next segment.
+    pub fn seal(
+        &mut self,
+        keys: &replica_proto::keys::KeyRing,
+        key_id: u32,
+        first: u64,
+        n: u64,
+        data: &[u8],
+    ) -> Vec<u8> {
+        use replica_proto::frame;
+        let mut plain = Vec::new();
+        for seq in first..first + n {
+            if seq % 2 == 0 {
+                frame::encode_record_parts(
+                    &mut plain,
+                    seq,
+                    frame::ring_op::WRITE,
+                    0,
+                    0,
+                    0,
+                    data.len() as u32,
+                    0,
+                    0,
+                    data,
+                );
+            } else {
+                frame::encode_record_parts(
+                    &mut plain,
+                    seq,
+                    frame::ring_op::FLUSH,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    &[],
+                );
+            }
+        }
+        self.seal_plain(keys, key_id, first, n, 0, &plain)
+    }
+
+    /// Seals records given as (seq, op, flags, sector, aux, data) into the
+    /// next frame of this stream, with segment `features`.
+    #[allow(clippy::type_complexity)]
+    pub fn seal_records(
+        &mut self,
+        keys: &replica_proto::keys::KeyRing,
+        features: u32,
+        records: &[(u64, u8, u8, u64, u64, &[u8])],
+    ) -> Vec<u8> {
+        let mut plain = Vec::new();
+        for &(seq, op, flags, sector, aux, data) in records {
+            let len = if op == replica_proto::frame::ring_op::WRITE {
+                data.len() as u32
+            } else {
+                0
+            };
+            replica_proto::frame::encode_record_parts(
+                &mut plain, seq, op, flags, 0, sector, len, 0, aux, data,
+            );
+        }
+        let first = records.first().map_or(0, |r| r.0);
+        self.seal_plain(
+            keys,
+            keys.active(),
+            first,
+            records.len() as u64,
+            features,
+            &plain,
+        )
+    }
+
+    fn seal_plain(
+        &mut self,
+        keys: &replica_proto::keys::KeyRing,
+        key_id: u32,
+        first: u64,
+        n: u64,
+        features: u32,
+        plain: &[u8],
+    ) -> Vec<u8> {
+        use replica_proto::frame;
+        let ctx = replica_proto::keys::StreamContext {
+            stream_id: self.stream_id,
+            volume: &self.volume,
+            direction: replica_proto::keys::Direction::Forward,
+            epoch: 1,
+        };
+        let key = replica_proto::keys::StreamKey::derive(keys, key_id, &ctx).expect("derive");
+        let h = frame::SegmentHeader {
+            features,
+            key_id,
+            stream_id: self.stream_id,
+            generation: self.generation,
+            volume_tag: replica_proto::keys::volume_tag(&self.volume),
+            epoch: 1,
+            counter: self.counter,
+            first_seq: first,
+            last_seq: first + n - 1,
+            record_count: n as u32,
+            plain_len: 0,
+            cipher_len: 0,
+            zstd_level: 1,
+            source_time_ns: 0,
+        };
+        self.counter += 1;
+        frame::seal(h, plain, 1, &key).expect("seal")
+    }
+
+    /// Sends a frame and returns the target's answer to it: the first ack
+    /// that covers it, or an error (or a closed connection).
+    pub fn send_frame(&mut self, f: Vec<u8>) -> Result<replica_proto::msg::Ack, String> {
+        use replica_proto::msg::Message;
+        // A damaged frame covers nothing: only an error answers it.
+        let covers =
+            replica_proto::frame::SegmentHeader::decode(&f).map_or(u64::MAX, |(h, _)| h.last_seq);
+        // Acks that answered earlier frames are stale now.
+        let _ = self.link.pump(Duration::ZERO, None);
+        while let Ok(Some(Message::Ack(_))) = self.link.recv() {}
+        self.link.send(&Message::Segment(f));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.link.recv() {
+                Ok(Some(Message::Ack(a))) if a.durable_seq >= covers => return Ok(a),
+                Ok(Some(Message::Ack(_))) => {}
+                Ok(Some(Message::Error(e))) => return Err(format!("{}: {}", e.code, e.message)),
+                Ok(Some(m)) => return Err(format!("unexpected {m:?}")),
+                Ok(None) => {}
+                Err(e) => return Err(format!("link: {e}")),
+            }
+            if Instant::now() > deadline {
+                return Err("no answer".into());
+            }
+            if let Err(e) = self.link.pump(Duration::from_millis(50), None) {
+                return Err(format!("link: {e}"));
+            }
+        }
+    }
+
+    /// Sends a frame the target must refuse: waits for its error (acks of
+    /// earlier frames are ignored). Returns the error, or a description of
+    /// what came instead.
+    pub fn send_bad_frame(&mut self, f: Vec<u8>) -> Result<String, String> {
+        use replica_proto::msg::Message;
+        self.link.send(&Message::Segment(f));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.link.recv() {
+                Ok(Some(Message::Error(e))) => return Ok(format!("{}: {}", e.code, e.message)),
+                Ok(Some(Message::Ack(_))) | Ok(None) => {}
+                Ok(Some(m)) => return Err(format!("unexpected {m:?}")),
+                Err(e) => return Err(format!("link closed without an error message: {e}")),
+            }
+            if Instant::now() > deadline {
+                return Err("the target accepted the frame (no error within 10 s)".into());
+            }
+            if let Err(e) = self.link.pump(Duration::from_millis(50), None) {
+                return Err(format!("link: {e}"));
+            }
+        }
+    }
+}
