@@ -34,9 +34,16 @@ pub enum StoreError {
     /// A request that cannot be honoured.
     #[error("{0}")]
     Invalid(String),
-    /// A device-mapper call failed (its errno is in it).
+    /// A device-mapper call failed (its errno is in it). Boxed: it is
+    /// the largest cause and errors are the cold path.
     #[error(transparent)]
-    Dm(#[from] replica_dm::DmError),
+    Dm(Box<replica_dm::DmError>),
+}
+
+impl From<replica_dm::DmError> for StoreError {
+    fn from(e: replica_dm::DmError) -> Self {
+        Self::Dm(Box::new(e))
+    }
 }
 
 impl StoreError {
