@@ -269,6 +269,18 @@ fn exists(name: &str) -> bool {
     dm().info(name).is_ok_and(|i| i.is_some())
 }
 
+/// Waits, up to `patience`, until nobody holds device `name` open.
+fn wait_unopened(name: &str, patience: Duration) {
+    let deadline = Instant::now() + patience;
+    while dm()
+        .info(name)
+        .is_ok_and(|i| i.is_some_and(|i| i.open_count > 0))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Creates the table of one entry unless it exists (loading the module
 /// first if needed).
 pub fn activate_one(a: &Activation) -> Result<bool, ProtectError> {
@@ -435,6 +447,7 @@ pub fn unprotect(
 ) -> Result<Vec<String>, ProtectError> {
     use replica_control::{request, Command};
     let mut done = Vec::new();
+    let mut stopped = false;
     let cfg_path = config_dir.join(format!("source-{volume}.toml"));
     let state_dir = std::fs::read_to_string(&cfg_path)
         .ok()
@@ -452,9 +465,15 @@ pub fn unprotect(
                 std::thread::sleep(Duration::from_millis(100));
             }
             done.push("source daemon stopped".into());
+            stopped = true;
         }
     }
     if exists(volume) {
+        if stopped {
+            // It stops answering before its process exits and lets go of
+            // the volume.
+            wait_unopened(volume, Duration::from_secs(10));
+        }
         dm().remove(volume).map_err(|source| ProtectError::Remove {
             volume: volume.to_owned(),
             source,
