@@ -164,10 +164,12 @@ done
 # Userspace tools the scenarios use, self-contained: the project's own
 # binaries linked statically, fio built statically by setup.sh, and
 # e2fsprogs (small; vm.sh copies their libraries).
-say "building static userspace tools (replicad, replctl, dmr-ring)"
+# The daemon the guests run has the test hooks (tests/vm/thin.sh crashes
+# it with REPLICAD_TEST_CRASH); a production build has none.
+say "building static userspace tools (replicad with test hooks, replctl, dmr-ring)"
 static_target=x86_64-unknown-linux-gnu
 if ! (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' \
-	cargo build --quiet --release --locked --target "$static_target" \
+	cargo build --quiet --release --locked --target "$static_target" --features replicad/test-hooks \
 	-p replicad -p replctl -p replica-tests --bin replicad --bin replctl --bin dmr-ring); then
 	record FAIL build "static userspace tools did not build"
 	summary

@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use replica_config::{ConfigError, RingSource, SourceConfig, TlsConfig};
 use replica_control::ControlError;
-use replica_store::thin::dmsetup::Dmsetup;
-use replica_store::StoreError;
+use replica_dm::{Control, DeviceMapper, DmError, Errno};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Exit;
@@ -27,8 +26,11 @@ pub enum ProtectError {
     #[error("volume id {0:?}: use 1-63 letters, digits, '-', '_' or '.'")]
     BadVolumeId(String),
     /// The data device is not a usable block device.
-    #[error("{0}")]
-    Device(String),
+    #[error(transparent)]
+    Device(#[from] replica_dm::DeviceError),
+    /// The activation entry's table line does not parse.
+    #[error(transparent)]
+    Table(#[from] replica_dm::TableError),
     /// The device's size cannot be read from sysfs.
     #[error("{}: {why}", path.display())]
     Size {
@@ -47,7 +49,7 @@ pub enum ProtectError {
         volume: String,
         /// device-mapper's error.
         #[source]
-        source: StoreError,
+        source: DmError,
     },
     /// Removing the table failed.
     #[error("{source} (unmount the filesystem on /dev/mapper/{volume} first)")]
@@ -56,7 +58,7 @@ pub enum ProtectError {
         volume: String,
         /// device-mapper's error.
         #[source]
-        source: StoreError,
+        source: DmError,
     },
     /// The source configuration does not check.
     #[error(transparent)]
@@ -125,18 +127,12 @@ impl ProtectError {
         match self {
             Self::BadVolumeId(_) => Exit::Usage,
             Self::Exists(_) | Self::Config(_) | Self::CannotStart(_) => Exit::Refused,
-            Self::Remove {
-                source:
-                    StoreError::Dm {
-                        errno: Some(libc::EBUSY),
-                        ..
-                    },
-                ..
-            } => Exit::Refused,
+            Self::Remove { source, .. } if source.errno() == Some(Errno::EBUSY) => Exit::Refused,
             Self::Check { source, .. } | Self::Io { source, .. } => Exit::of_io(source),
             Self::Control(e) => Exit::of_control(e),
             Self::Activate(errors) => errors.first().map_or(Exit::Failed, |(_, e)| e.exit()),
             Self::Device(_)
+            | Self::Table(_)
             | Self::Size { .. }
             | Self::Create { .. }
             | Self::Remove { .. }
@@ -251,16 +247,13 @@ pub fn replicad_exe() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("replicad"))
 }
 
-fn dm() -> Dmsetup {
-    Dmsetup::default()
+fn dm() -> Control {
+    Control::default()
 }
 
 /// Size of block device `dev` in 512-byte sectors (from sysfs).
 pub fn sectors(dev: &Path) -> Result<u64, ProtectError> {
-    let p = PathBuf::from(format!(
-        "{}/size",
-        replicad::source::failover::block_sysfs(dev).map_err(ProtectError::Device)?
-    ));
+    let p = replica_dm::block_sysfs(dev)?.join("size");
     let size = |why: String| ProtectError::Size {
         path: p.clone(),
         why,
@@ -286,7 +279,8 @@ pub fn activate_one(a: &Activation) -> Result<bool, ProtectError> {
         let _ = Command::new("modprobe").arg("dm_replica").status();
     }
     let n = sectors(&a.data_device)?;
-    dm().create(&a.volume, &a.table(n), false)
+    let table = a.table(n).parse::<replica_dm::Table>()?;
+    dm().create(&a.volume, &table, false)
         .map_err(|source| ProtectError::Create {
             volume: a.volume.clone(),
             source,

@@ -10,6 +10,8 @@ mod uring;
 
 use std::path::{Path, PathBuf};
 
+use replica_dm::Errno;
+
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -32,16 +34,9 @@ pub enum StoreError {
     /// A request that cannot be honoured.
     #[error("{0}")]
     Invalid(String),
-    /// A device-mapper command failed.
-    #[error("{command}: {message}")]
-    Dm {
-        /// The command line.
-        command: String,
-        /// dmsetup's error output.
-        message: String,
-        /// The errno it reported, when recognised.
-        errno: Option<i32>,
-    },
+    /// A device-mapper call failed (its errno is in it).
+    #[error(transparent)]
+    Dm(#[from] replica_dm::DmError),
 }
 
 impl StoreError {
@@ -64,9 +59,9 @@ impl StoreError {
                         | Some(libc::EINTR)
                 ) || source.kind() == std::io::ErrorKind::StorageFull
             }
-            StoreError::Dm { errno, .. } => matches!(
-                errno,
-                Some(libc::ENOSPC) | Some(libc::ENOMEM) | Some(libc::EAGAIN)
+            StoreError::Dm(e) => matches!(
+                e.errno(),
+                Some(Errno::ENOSPC) | Some(Errno::ENOMEM) | Some(Errno::EAGAIN)
             ),
             _ => false,
         }

@@ -20,28 +20,50 @@
 //!   point: test failover) through `open_point`.
 //! * `warnings` reports the pool above its low-water mark or out of space.
 //!
-//! Test hook: with `REPLICAD_TEST_CRASH=after-create-snap` in the
-//! environment the process aborts right after a recovery point's
-//! `create_snap`, before the replica is resumed and before the point is
-//! recorded — the crash the start-up cleanup exists for (VM test
-//! `tests/vm/thin.sh`).
+//! Device-mapper is reached through [`replica_dm::DeviceMapper`] (the
+//! kernel's ioctls in a running system, an in-memory pool in the tests).
+//!
+//! Test hook, only in a build with the `test-hooks` feature: with
+//! `REPLICAD_TEST_CRASH=after-create-snap` in the environment the process
+//! aborts right after a recovery point's `create_snap`, before the replica
+//! is resumed and before the point is recorded — the crash the start-up
+//! cleanup exists for (VM test `tests/vm/thin.sh`). Without the feature the
+//! variable is never read.
 
-pub mod dmsetup;
+#[cfg(test)]
+mod fake;
 pub mod ledger;
+pub mod tables;
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use self::dmsetup::{Dmsetup, PoolMode, PoolStatus};
+use replica_dm::{Control, DeviceMapper, DmError, Errno};
+
 use self::ledger::{Entry, Kind, Ledger};
+use self::tables::{PoolMode, PoolStatus};
 use crate::replica::{ApplyOp, PointAccess, ReplicaStore};
 use crate::uring::{Target, UringFile};
 use crate::StoreError;
 
-/// Environment variable of the crash test hook.
+/// Environment variable of the crash test hook (feature `test-hooks`).
+#[cfg(feature = "test-hooks")]
 pub const TEST_CRASH_ENV: &str = "REPLICAD_TEST_CRASH";
+
+/// The crash test hook: aborts when `TEST_CRASH_ENV` names `at`.
+#[cfg(feature = "test-hooks")]
+fn crash_point(at: &str, what: std::fmt::Arguments<'_>) {
+    if std::env::var(TEST_CRASH_ENV).as_deref() == Ok(at) {
+        eprintln!("{TEST_CRASH_ENV}: aborting {what}");
+        std::process::abort();
+    }
+}
+
+/// Without the `test-hooks` feature there is no hook.
+#[cfg(not(feature = "test-hooks"))]
+fn crash_point(_at: &str, _what: std::fmt::Arguments<'_>) {}
 
 /// `_IO(0x12, 97)`: drop a block device's buffer cache.
 const BLKFLSBUF: libc::c_ulong = 0x1261;
@@ -66,21 +88,13 @@ pub struct ThinOptions {
 
 /// A replica in a dm-thin pool.
 pub struct ThinReplica {
-    dm: Dmsetup,
+    dm: Box<dyn DeviceMapper>,
     opts: ThinOptions,
     volume: String,
     size: u64,
     replica_id: u32,
     ledger: Ledger,
     io: UringFile,
-}
-
-fn errno(e: &StoreError) -> Option<i32> {
-    match e {
-        StoreError::Dm { errno, .. } => *errno,
-        StoreError::Io(replica_fs::IoError { source, .. }) => source.raw_os_error(),
-        _ => None,
-    }
 }
 
 fn mapper_path(name: &str) -> PathBuf {
@@ -97,11 +111,11 @@ impl ThinReplica {
         size: u64,
         ledger_dir: &Path,
     ) -> Result<Self, StoreError> {
-        Self::open_with(Dmsetup::default(), opts, volume, size, ledger_dir)
+        Self::open_with(Box::new(Control::default()), opts, volume, size, ledger_dir)
     }
 
     fn open_with(
-        dm: Dmsetup,
+        dm: Box<dyn DeviceMapper>,
         opts: &ThinOptions,
         volume: &str,
         size: u64,
@@ -118,7 +132,7 @@ impl ThinReplica {
                 "thin pool {pool} does not exist: create it first (docs/configuration.md)"
             )));
         };
-        let table = dmsetup::parse_pool_table(&dm.table(pool)?)
+        let table = tables::parse_pool_table(&dm.table(pool)?)
             .map_err(|e| StoreError::Invalid(format!("device {pool} is not a thin pool: {e}")))?;
         if !table.features.iter().any(|f| f == "error_if_no_space") {
             return Err(StoreError::Invalid(format!(
@@ -127,7 +141,7 @@ impl ThinReplica {
                  (docs/configuration.md)"
             )));
         }
-        let status = Self::pool_status(&dm, pool)?;
+        let status = Self::pool_status(dm.as_ref(), pool)?;
         match status.mode {
             PoolMode::Fail | PoolMode::ReadOnly => {
                 return Err(StoreError::Invalid(format!(
@@ -178,7 +192,7 @@ impl ThinReplica {
         let name = &opts.name;
         match dm.info(name)? {
             Some(info) => {
-                let t = dmsetup::parse_thin_table(&dm.table(name)?).map_err(|e| {
+                let t = tables::parse_thin_table(&dm.table(name)?).map_err(|e| {
                     StoreError::Invalid(format!("device {name} exists but is not the replica: {e}"))
                 })?;
                 let pool_dev = format!("{}:{}", pool_info.major, pool_info.minor);
@@ -228,29 +242,31 @@ impl ThinReplica {
                 if !created {
                     loop {
                         match dm.message(pool, &format!("create_thin {replica_id}")) {
-                            Ok(()) => break,
+                            Ok(_) => break,
                             // Created before a crash, or an existing device the
                             // configuration names: use it.
-                            Err(e) if errno(&e) == Some(libc::EEXIST) && !fresh => break,
-                            Err(e) if errno(&e) == Some(libc::EEXIST) && attempts < ID_ATTEMPTS => {
+                            Err(e) if e.errno() == Some(Errno::EEXIST) && !fresh => break,
+                            Err(e)
+                                if e.errno() == Some(Errno::EEXIST) && attempts < ID_ATTEMPTS =>
+                            {
                                 Self::mark_foreign(&ledger, pool, replica_id)?;
                                 replica_id = ledger.allocate(volume, Kind::Replica, None)?;
                                 fresh = true;
                                 attempts += 1;
                             }
-                            Err(e) => return Err(e),
+                            Err(e) => return Err(e.into()),
                         }
                     }
                 }
                 match dm.create(name, &Self::thin_table(pool, sectors, replica_id), false) {
                     Ok(()) => {}
-                    Err(e) if errno(&e) == Some(libc::ENODATA) => {
+                    Err(e) if e.errno() == Some(Errno::ENODATA) => {
                         return Err(StoreError::Invalid(format!(
                             "the replica of volume {volume}, thin device {replica_id} of pool \
                              {pool}, is missing from the pool (deleted outside replicad?): {e}"
                         )))
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
                 tracing::info!(device = %name, pool = %pool, id = replica_id, "replica activated");
             }
@@ -288,13 +304,13 @@ impl ThinReplica {
         Ok(r)
     }
 
-    fn pool_status(dm: &Dmsetup, pool: &str) -> Result<PoolStatus, StoreError> {
-        dmsetup::parse_pool_status(&dm.status(pool)?)
+    fn pool_status(dm: &dyn DeviceMapper, pool: &str) -> Result<PoolStatus, StoreError> {
+        tables::parse_pool_status(&dm.status(pool)?)
             .map_err(|e| StoreError::Invalid(format!("thin pool {pool}: {e}")))
     }
 
-    fn thin_table(pool: &str, sectors: u64, id: u32) -> String {
-        format!("0 {sectors} thin {} {id}", mapper_path(pool).display())
+    fn thin_table(pool: &str, sectors: u64, id: u32) -> replica_dm::Table {
+        tables::thin_table(&mapper_path(pool).display().to_string(), sectors, id)
     }
 
     fn mark_foreign(ledger: &Ledger, pool: &str, id: u32) -> Result<(), StoreError> {
@@ -318,7 +334,7 @@ impl ThinReplica {
 
     /// The pool's current status.
     pub fn pool(&self) -> Result<PoolStatus, StoreError> {
-        Self::pool_status(&self.dm, &self.opts.pool)
+        Self::pool_status(self.dm.as_ref(), &self.opts.pool)
     }
 
     fn point_name(&self, point: u64) -> String {
@@ -362,25 +378,28 @@ impl ThinReplica {
             if let Some(name) = active {
                 if let Err(e) = self.dm.suspend(name) {
                     self.ledger.release(id)?;
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
             let snap = self
                 .dm
-                .message(&self.opts.pool, &format!("create_snap {id} {origin}"));
-            if snap.is_ok()
-                && kind == Kind::Point
-                && std::env::var(TEST_CRASH_ENV).as_deref() == Ok("after-create-snap")
-            {
-                eprintln!("{TEST_CRASH_ENV}: aborting after create_snap of thin device {id} (point {point})");
-                std::process::abort();
+                .message(&self.opts.pool, &format!("create_snap {id} {origin}"))
+                .map(drop);
+            if snap.is_ok() && kind == Kind::Point {
+                crash_point(
+                    "after-create-snap",
+                    format_args!("after create_snap of thin device {id} (point {point})"),
+                );
             }
             // Resume whatever happened: a suspended replica holds every
             // later write.
             let resumed = active.map_or(Ok(()), |name| self.dm.resume(name));
             match snap {
-                Ok(()) => return resumed.map(|()| id),
-                Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                Ok(()) => {
+                    resumed?;
+                    return Ok(id);
+                }
+                Err(e) if e.errno() == Some(Errno::EEXIST) => {
                     Self::mark_foreign(&self.ledger, &self.opts.pool, id)?;
                     resumed?;
                 }
@@ -389,7 +408,7 @@ impl ThinReplica {
                     // was after all, the next start-up deletes it.
                     let _ = self.destroy(id, None);
                     resumed?;
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }
@@ -403,28 +422,28 @@ impl ThinReplica {
     /// `id` from the pool, then from the ledger. A device someone holds
     /// open is marked doomed and left for a later attempt (`Ok(false)`).
     fn destroy(&self, id: u32, active: Option<&str>) -> Result<bool, StoreError> {
-        let busy = |e: &StoreError| errno(e) == Some(libc::EBUSY);
+        let busy = |e: &DmError| e.errno() == Some(Errno::EBUSY);
         if let Some(name) = active {
             if self.dm.info(name)?.is_some() {
                 match self.dm.remove(name) {
                     Ok(()) => {}
                     Err(e) if busy(&e) => return self.doom(id, &e),
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
         match self.dm.message(&self.opts.pool, &format!("delete {id}")) {
             // Never created (a crash between the intent and create_snap).
-            Ok(()) => {}
-            Err(e) if errno(&e) == Some(libc::ENODATA) => {}
+            Ok(_) => {}
+            Err(e) if e.errno() == Some(Errno::ENODATA) => {}
             Err(e) if busy(&e) => return self.doom(id, &e),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         self.ledger.release(id)?;
         Ok(true)
     }
 
-    fn doom(&self, id: u32, why: &StoreError) -> Result<bool, StoreError> {
+    fn doom(&self, id: u32, why: &DmError) -> Result<bool, StoreError> {
         tracing::warn!(volume = %self.volume, id, error = %why, "thin device is in use; deleting it later");
         self.ledger.modify(id, |e| e.doomed = true)?;
         Ok(false)
@@ -449,7 +468,7 @@ impl ThinReplica {
     /// whether the device exists in the pool.
     fn activate(&self, name: &str, id: u32, read_only: bool) -> Result<bool, StoreError> {
         if let Some(_info) = self.dm.info(name)? {
-            let t = dmsetup::parse_thin_table(&self.dm.table(name)?)
+            let t = tables::parse_thin_table(&self.dm.table(name)?)
                 .map_err(|e| StoreError::Invalid(format!("device {name}: {e}")))?;
             if t.device_id != id {
                 return Err(StoreError::Invalid(format!(
@@ -462,14 +481,15 @@ impl ThinReplica {
         let table = Self::thin_table(&self.opts.pool, self.size / 512, id);
         match self.dm.create(name, &table, read_only) {
             Ok(()) => Ok(true),
-            Err(e) if errno(&e) == Some(libc::ENODATA) => {
-                // dmsetup leaves an empty device behind when the table fails.
+            Err(e) if e.errno() == Some(Errno::ENODATA) => {
+                // `create` removes the empty device when the table fails;
+                // should that removal have failed too, it goes now.
                 if self.dm.info(name)?.is_some() {
                     self.dm.remove(name)?;
                 }
                 Ok(false)
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -671,6 +691,7 @@ pub fn pool_warnings(pool: &str, s: &PoolStatus, low_water_percent: u8) -> Vec<S
 
 #[cfg(test)]
 mod tests {
+    use super::fake::FakeDm;
     use super::*;
 
     fn status(data: (u64, u64), meta: (u64, u64), mode: PoolMode) -> PoolStatus {
@@ -713,24 +734,10 @@ mod tests {
         );
     }
 
-    /// A fake dmsetup (a shell script) for what does not need a kernel:
+    /// A device-mapper with only a pool, for what does not need a kernel:
     /// the pool checks at open.
-    fn fake_dmsetup(dir: &Path, pool_table: &str, pool_status: &str) -> Dmsetup {
-        let p = dir.join("dmsetup");
-        std::fs::write(
-            &p,
-            format!(
-                "#!/bin/sh\ncase \"$1\" in\n\
-                 info) [ \"$2\" = pool ] && {{ echo 'State: ACTIVE'; echo 'Open count: 0'; echo 'Major, minor: 254, 1'; exit 0; }}; echo 'Device does not exist.' >&2; exit 1;;\n\
-                 table) echo '{pool_table}';;\n\
-                 status) echo '{pool_status}';;\n\
-                 *) echo \"unexpected: $*\" >&2; exit 1;;\nesac\n"
-            ),
-        )
-        .expect("write");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        Dmsetup::with_program(&p)
+    fn pool_only(pool_table: &str, pool_status: &str) -> Box<FakeDm> {
+        Box::new(FakeDm::with_pool(pool_table, pool_status))
     }
 
     fn opts() -> ThinOptions {
@@ -748,7 +755,7 @@ mod tests {
     #[test]
     fn a_pool_that_queues_when_full_is_refused() {
         let d = tempfile::tempdir().expect("tmp");
-        let dm = fake_dmsetup(d.path(), "0 8192 thin-pool 254:2 254:3 128 0 0", RW);
+        let dm = pool_only("0 8192 thin-pool 254:2 254:3 128 0 0", RW);
         let e = ThinReplica::open_with(dm, &opts(), "v", 1 << 20, d.path())
             .err()
             .expect("must refuse")
@@ -765,7 +772,7 @@ mod tests {
             ("0 8192 thin-pool Fail", "failed"),
             ("0 8192 thin-pool 0 10/1024 0/64 - rw discard_passdown error_if_no_space needs_check 768", "needs_check"),
         ] {
-            let dm = fake_dmsetup(d.path(), table, st);
+            let dm = pool_only(table, st);
             let e = ThinReplica::open_with(dm, &opts(), "v", 1 << 20, d.path())
                 .err()
                 .expect("must refuse")
@@ -777,7 +784,7 @@ mod tests {
     #[test]
     fn a_missing_pool_is_refused_by_name() {
         let d = tempfile::tempdir().expect("tmp");
-        let dm = fake_dmsetup(d.path(), "", RW);
+        let dm = pool_only("", RW);
         let mut o = opts();
         o.pool = "nopool".into();
         let e = ThinReplica::open_with(dm, &o, "v", 1 << 20, d.path())
@@ -786,74 +793,24 @@ mod tests {
             .to_string();
         assert!(e.contains("thin pool nopool does not exist"), "{e}");
     }
-    /// A fake dmsetup that keeps a pool's device ids as files, for the
-    /// point logic (intents, foreign ids, deletion, crash leftovers). It
-    /// records every call, and records a violation when a snapshot is
-    /// created without its id in the ledger first.
-    fn fake_pool(dir: &Path) -> Dmsetup {
-        for d in ["devs", "active"] {
-            std::fs::create_dir_all(dir.join(d)).expect("mkdir");
-        }
-        let p = dir.join("dmsetup");
-        let s = dir.display();
-        std::fs::write(
-            &p,
-            format!(
-                r#"#!/bin/sh
-S={s}
-echo "$*" >>$S/log
-case "$1" in
-info)
-	if [ -e "$S/active/$2" ]; then printf 'State: ACTIVE\nOpen count: 0\nMajor, minor: 253, 9\n'; exit 0; fi
-	echo "Device does not exist." >&2; exit 1 ;;
-suspend | resume) exit 0 ;;
-remove)
-	[ -e "$S/busy-$2" ] && {{ echo "device-mapper: remove ioctl on $2  failed: Device or resource busy" >&2; exit 1; }}
-	rm -f "$S/active/$2" ;;
-create)
-	for t; do :; done
-	[ -e "$S/devs/${{t##* }}" ] || {{ echo "device-mapper: reload ioctl on $2  failed: No data available" >&2; exit 1; }}
-	echo "${{t##* }}" >"$S/active/$2" ;;
-reload)
-	for t; do :; done
-	echo "${{t##* }}" >"$S/active/$2" ;;
-table)
-	[ "$2" = pool ] && {{ echo "0 8192 thin-pool 254:2 254:3 128 0 1 error_if_no_space"; exit 0; }}
-	echo "0 2048 thin 253:1 $(cat "$S/active/$2")" ;;
-status) echo "0 8192 thin-pool 0 10/1024 0/64 - rw discard_passdown error_if_no_space - 768" ;;
-message)
-	set -- $4
-	case "$1" in
-	create_snap)
-		[ -e "$S/devs/$2" ] && {{ echo "device-mapper: message ioctl on pool  failed: File exists" >&2; exit 1; }}
-		[ -e "$S/fail-snap" ] && {{ echo "device-mapper: message ioctl on pool  failed: Invalid argument" >&2; exit 1; }}
-		grep -q "^{{\"id\":$2," "$S/ledger/pool.ledger" || echo "create_snap $2 before its intent" >>$S/violations
-		touch "$S/devs/$2" ;;
-	create_thin)
-		[ -e "$S/devs/$2" ] && {{ echo "device-mapper: message ioctl on pool  failed: File exists" >&2; exit 1; }}
-		touch "$S/devs/$2" ;;
-	delete)
-		[ -e "$S/devs/$2" ] || {{ echo "device-mapper: message ioctl on pool  failed: No data available" >&2; exit 1; }}
-		rm "$S/devs/$2" ;;
-	*) echo "unexpected message $*" >&2; exit 1 ;;
-	esac ;;
-*) echo "unexpected: $*" >&2; exit 1 ;;
-esac
-"#
-            ),
-        )
-        .expect("write");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        Dmsetup::with_program(&p)
+    /// A pool in memory, for the point logic (intents, foreign ids,
+    /// deletion, crash leftovers): it records every call, and records a
+    /// violation when a snapshot is created without its id in the ledger
+    /// first.
+    fn fake_pool(dir: &Path) -> FakeDm {
+        let dm = FakeDm::new();
+        dm.watch_ledger(Ledger::new(&dir.join("ledger"), "pool").expect("ledger"));
+        dm
     }
 
-    /// A replica over the fake pool (its data in a plain file).
-    fn fake_replica(dir: &Path) -> ThinReplica {
+    /// A replica over the fake pool (its data in a plain file), active as
+    /// `rep`.
+    fn fake_replica(dir: &Path) -> (ThinReplica, FakeDm) {
         let dm = fake_pool(dir);
         let ledger = Ledger::new(&dir.join("ledger"), "pool").expect("ledger");
         ledger.claim(1, "v", Kind::Replica, None).expect("claim");
-        std::fs::write(dir.join("devs/1"), b"").expect("replica device");
+        dm.add_id(1);
+        dm.activate("rep", 1);
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -862,8 +819,8 @@ esac
             .open(dir.join("data"))
             .expect("data");
         f.set_len(1 << 20).expect("size");
-        ThinReplica {
-            dm,
+        let replica = ThinReplica {
+            dm: Box::new(dm.clone()),
             opts: ThinOptions {
                 pool: "pool".into(),
                 device_id: None,
@@ -881,32 +838,22 @@ esac
             )
             .expect("io"),
             ledger,
-        }
-    }
-
-    fn log(dir: &Path) -> Vec<String> {
-        std::fs::read_to_string(dir.join("log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        };
+        (replica, dm)
     }
 
     #[test]
     fn a_point_is_a_snapshot_entered_in_the_ledger_before_it_is_taken() {
         let d = tempfile::tempdir().expect("tmp");
         let dir = d.path();
-        let mut r = fake_replica(dir);
+        let (mut r, dm) = fake_replica(dir);
         r.create_point(10).expect("point");
-        assert!(
-            !dir.join("violations").exists(),
-            "snapshot before its intent"
-        );
+        assert!(dm.violations().is_empty(), "snapshot before its intent");
         assert_eq!(r.list_points().expect("list"), vec![10]);
         let e = r.entries(Kind::Point, 10).expect("entries");
         assert_eq!(e.len(), 1);
-        assert!(dir.join("devs").join(e[0].id.to_string()).exists());
-        let calls = log(dir);
+        assert!(dm.has_id(e[0].id));
+        let calls = dm.calls();
         let pos = |c: &str| calls.iter().position(|x| x == c).unwrap_or(usize::MAX);
         let snap = format!("message pool 0 create_snap {} 1", e[0].id);
         assert!(
@@ -917,28 +864,69 @@ esac
         );
         // Deleting removes the snapshot from the pool, then the entry.
         r.delete_point(10).expect("delete");
-        assert!(!dir.join("devs").join(e[0].id.to_string()).exists());
+        assert!(!dm.has_id(e[0].id));
         assert!(r.list_points().expect("list").is_empty());
         r.delete_point(10)
             .expect("deleting a missing point is fine");
+    }
+
+    /// The child process of `the_crash_hook_is_only_in_a_test_build`.
+    #[test]
+    #[ignore = "helper process for the_crash_hook_is_only_in_a_test_build"]
+    fn crash_hook_child() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut r, _dm) = fake_replica(d.path());
+        r.create_point(10).expect("point");
+        println!("point taken");
+    }
+
+    #[test]
+    fn the_crash_hook_is_only_in_a_test_build() {
+        use std::os::unix::process::ExitStatusExt;
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "thin::tests::crash_hook_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("REPLICAD_TEST_CRASH", "after-create-snap")
+            .output()
+            .expect("run the child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if cfg!(feature = "test-hooks") {
+            assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{stdout}{stderr}");
+            assert!(
+                stderr.contains("aborting after create_snap of thin device"),
+                "{stderr}"
+            );
+            assert!(!stdout.contains("point taken"), "{stdout}");
+        } else {
+            assert!(out.status.success(), "{stdout}{stderr}");
+            assert!(stdout.contains("point taken"), "{stdout}");
+            assert!(!stderr.contains("REPLICAD_TEST_CRASH"), "{stderr}");
+        }
     }
 
     #[test]
     fn a_failed_snapshot_resumes_the_replica_and_leaves_no_entry() {
         let d = tempfile::tempdir().expect("tmp");
         let dir = d.path();
-        let mut r = fake_replica(dir);
-        std::fs::write(dir.join("fail-snap"), b"").expect("flag");
+        let (mut r, dm) = fake_replica(dir);
+        dm.fail_snapshots();
         let e = r.create_point(10).expect_err("must fail").to_string();
         assert!(
             e.contains("create_snap") && e.contains("Invalid argument"),
             "{e}"
         );
-        assert!(log(dir)
+        assert!(dm
+            .calls()
             .last()
             .is_some_and(|l| l == "resume rep" || l.starts_with("message pool 0 delete")));
         assert!(
-            log(dir).iter().any(|l| l == "resume rep"),
+            dm.calls().iter().any(|l| l == "resume rep"),
             "resumed after the failure"
         );
         assert!(r.list_points().expect("list").is_empty());
@@ -948,10 +936,10 @@ esac
     fn ids_taken_by_others_are_marked_foreign_and_skipped() {
         let d = tempfile::tempdir().expect("tmp");
         let dir = d.path();
-        let mut r = fake_replica(dir);
+        let (mut r, dm) = fake_replica(dir);
         // Devices 2 and 3 exist in the pool, unknown to the ledger.
-        std::fs::write(dir.join("devs/2"), b"").expect("foreign");
-        std::fs::write(dir.join("devs/3"), b"").expect("foreign");
+        dm.add_id(2);
+        dm.add_id(3);
         r.create_point(10).expect("point");
         let e = r.entries(Kind::Point, 10).expect("entries");
         assert_eq!(e.iter().map(|x| x.id).collect::<Vec<_>>(), vec![4]);
@@ -965,14 +953,14 @@ esac
         );
         // Never deleted: they are not ours.
         r.delete_point(10).expect("delete");
-        assert!(dir.join("devs/2").exists() && dir.join("devs/3").exists());
+        assert!(dm.has_id(2) && dm.has_id(3));
     }
 
     #[test]
     fn leftovers_of_a_crash_are_listed_and_deleted() {
         let d = tempfile::tempdir().expect("tmp");
         let dir = d.path();
-        let mut r = fake_replica(dir);
+        let (mut r, dm) = fake_replica(dir);
         // A crash after the intent, before create_snap: no device.
         let a = r
             .ledger
@@ -983,11 +971,11 @@ esac
             .ledger
             .allocate("v", Kind::Point, Some(21))
             .expect("intent");
-        std::fs::write(dir.join("devs").join(b.to_string()), b"").expect("snapshot");
+        dm.add_id(b);
         assert_eq!(r.list_points().expect("list"), vec![20, 21]);
         r.delete_point(20).expect("never created: fine");
         r.delete_point(21).expect("delete");
-        assert!(!dir.join("devs").join(b.to_string()).exists());
+        assert!(!dm.has_id(b));
         assert!(r.list_points().expect("list").is_empty());
         assert!(r
             .ledger
@@ -1001,11 +989,11 @@ esac
     fn a_replaced_point_does_not_leak_its_old_snapshot() {
         let d = tempfile::tempdir().expect("tmp");
         let dir = d.path();
-        let mut r = fake_replica(dir);
+        let (mut r, dm) = fake_replica(dir);
         r.create_point(10).expect("point");
         r.create_point(10).expect("again");
         assert_eq!(r.entries(Kind::Point, 10).expect("entries").len(), 1);
-        let devs = std::fs::read_dir(dir.join("devs")).expect("devs").count();
+        let devs = dm.id_count();
         assert_eq!(devs, 2, "the replica and one snapshot");
     }
 
@@ -1013,12 +1001,13 @@ esac
     fn points_open_read_only_or_as_writable_copies() {
         let d = tempfile::tempdir().expect("tmp");
         let dir = d.path();
-        let mut r = fake_replica(dir);
+        let (mut r, dm) = fake_replica(dir);
         r.create_point(10).expect("point");
         let point_dev = r.entries(Kind::Point, 10).expect("entries")[0].id;
         let p = r.open_point(10, PointAccess::ReadOnly).expect("open");
         assert_eq!(p, Path::new("/dev/mapper/rep-point-10"));
-        assert!(log(dir)
+        assert!(dm
+            .calls()
             .iter()
             .any(|l| l.starts_with("create rep-point-10 --readonly --table")));
         assert_eq!(r.open_point(10, PointAccess::ReadOnly).expect("again"), p);
@@ -1026,12 +1015,12 @@ esac
         assert_eq!(c, Path::new("/dev/mapper/rep-test-10"));
         let copy = r.entries(Kind::Clone, 10).expect("entries");
         assert_eq!(copy.len(), 1);
-        assert!(log(dir).contains(&format!(
+        assert!(dm.calls().contains(&format!(
             "message pool 0 create_snap {} {point_dev}",
             copy[0].id
         )));
         assert!(
-            log(dir).iter().any(|l| l == "suspend rep-point-10"),
+            dm.calls().iter().any(|l| l == "suspend rep-point-10"),
             "the active point is suspended for its copy"
         );
         assert_eq!(
@@ -1042,16 +1031,16 @@ esac
         r.close_point(10, PointAccess::Writable)
             .expect("close copy");
         assert!(r.entries(Kind::Clone, 10).expect("entries").is_empty());
-        assert!(!dir.join("devs").join(copy[0].id.to_string()).exists());
-        assert!(!dir.join("active/rep-test-10").exists());
+        assert!(!dm.has_id(copy[0].id));
+        assert!(!dm.is_active("rep-test-10"));
         // Pruned while open (busy): kept, then deleted when closed.
-        std::fs::write(dir.join("busy-rep-point-10"), b"").expect("busy");
+        dm.set_open("rep-point-10", true);
         r.delete_point(10).expect("delete while open");
-        assert!(dir.join("devs").join(point_dev.to_string()).exists());
+        assert!(dm.has_id(point_dev));
         assert!(r.entries(Kind::Point, 10).expect("entries")[0].doomed);
-        std::fs::remove_file(dir.join("busy-rep-point-10")).expect("not busy");
+        dm.set_open("rep-point-10", false);
         r.close_point(10, PointAccess::ReadOnly).expect("close");
-        assert!(!dir.join("devs").join(point_dev.to_string()).exists());
+        assert!(!dm.has_id(point_dev));
         assert!(r.list_points().expect("list").is_empty());
         assert!(
             r.open_point(11, PointAccess::ReadOnly).is_err(),
@@ -1064,54 +1053,56 @@ esac
         let d = tempfile::tempdir().expect("tmp");
         let dir = d.path();
         let dm = fake_pool(dir);
-        std::fs::write(dir.join("active/pool"), b"").expect("pool");
         let ledger_dir = dir.join("ledger");
         // First start: id allocated, created, marked created (opening the
         // device node fails on the host, after that).
-        let e = ThinReplica::open_with(dm.clone(), &opts(), "v", 1 << 20, &ledger_dir)
+        let e = ThinReplica::open_with(Box::new(dm.clone()), &opts(), "v", 1 << 20, &ledger_dir)
             .err()
             .expect("no /dev/mapper/r on the host")
             .to_string();
         assert!(e.contains("open replica /dev/mapper/r"), "{e}");
-        assert!(log(dir).iter().any(|l| l == "message pool 0 create_thin 1"));
+        assert!(dm
+            .calls()
+            .iter()
+            .any(|l| l == "message pool 0 create_thin 1"));
         let l = Ledger::new(&ledger_dir, "pool").expect("ledger");
         assert!(l.volume_entries("v").expect("entries")[0].created);
         // The replica is deleted behind replicad's back: refused, not
         // replaced by an empty device.
-        std::fs::remove_file(dir.join("devs/1")).expect("delete");
-        std::fs::remove_file(dir.join("active/r")).expect("deactivate");
-        std::fs::remove_file(dir.join("log")).expect("log");
-        let e = ThinReplica::open_with(dm, &opts(), "v", 1 << 20, &ledger_dir)
+        dm.forget_id(1);
+        dm.deactivate("r");
+        dm.clear_calls();
+        let e = ThinReplica::open_with(Box::new(dm.clone()), &opts(), "v", 1 << 20, &ledger_dir)
             .err()
             .expect("must refuse")
             .to_string();
         assert!(e.contains("missing from the pool"), "{e}");
         assert!(
-            !log(dir).iter().any(|l| l.contains("create_thin")),
+            !dm.calls().iter().any(|l| l.contains("create_thin")),
             "{:?}",
-            log(dir)
+            dm.calls()
         );
-        assert!(!dir.join("devs/1").exists());
+        assert!(!dm.has_id(1));
     }
 
     #[test]
     fn failover_to_a_point_swaps_a_copy_of_it_in_as_the_replica() {
         let d = tempfile::tempdir().expect("tmp");
         let dir = d.path();
-        let mut r = fake_replica(dir);
-        std::fs::write(dir.join("active/rep"), b"1").expect("replica active");
+        let (mut r, dm) = fake_replica(dir);
+        assert_eq!(dm.active_id("rep"), Some(1), "replica active");
         r.create_point(10).expect("point");
         r.create_point(20).expect("point");
         let p10 = r.entries(Kind::Point, 10).expect("entries")[0].id;
-        std::fs::remove_file(dir.join("log")).expect("log");
+        dm.clear_calls();
         assert_eq!(
             r.promote(None).expect("as it is"),
             Path::new("/dev/mapper/rep")
         );
         assert!(
-            !log(dir).iter().any(|l| l.contains("create_snap")),
+            !dm.calls().iter().any(|l| l.contains("create_snap")),
             "{:?}",
-            log(dir)
+            dm.calls()
         );
         assert!(r.promote(Some(11)).is_err(), "no such point");
         assert_eq!(
@@ -1120,16 +1111,13 @@ esac
         );
         let new = r.device_id();
         assert_ne!(new, 1);
-        assert!(log(dir).contains(&format!("message pool 0 create_snap {new} {p10}")));
+        assert!(dm
+            .calls()
+            .contains(&format!("message pool 0 create_snap {new} {p10}")));
         // The replica's name now maps the copy; the old replica is deleted;
         // the ledger says so; the points are untouched.
-        assert_eq!(
-            std::fs::read_to_string(dir.join("active/rep"))
-                .expect("active")
-                .trim(),
-            new.to_string()
-        );
-        assert!(!dir.join("devs/1").exists());
+        assert_eq!(dm.active_id("rep"), Some(new));
+        assert!(!dm.has_id(1));
         let mine = r.ledger.volume_entries("v").expect("entries");
         let replicas: Vec<_> = mine.iter().filter(|e| e.kind == Kind::Replica).collect();
         assert_eq!(replicas.len(), 1);

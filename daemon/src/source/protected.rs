@@ -34,10 +34,10 @@ pub fn check_not_protected(path: &Path, what: &str) -> Result<(), DaemonError> {
     }
 }
 
-/// The table of device-mapper device `name`, from `dmsetup table`.
+/// The table of device-mapper device `name`, as `dmsetup table` prints it.
 fn dm_table(name: &str) -> Result<String, DaemonError> {
-    replica_store::thin::dmsetup::Dmsetup::default()
-        .table(name)
+    replica_dm::DeviceMapper::table(&replica_dm::Control::default(), name)
+        .map(|t| t.to_string())
         .map_err(|e| {
             DaemonError::Unsupported(format!(
                 "cannot read the table of device-mapper device {name} (to check it is not protected): {e}"

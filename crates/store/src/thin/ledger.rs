@@ -14,11 +14,13 @@
 //! free (the pool's id space is 24 bits; a volume with a recovery point per
 //! second would exhaust a counter in months).
 //!
-//! The file is JSON with one device per line, so shell tools can read it:
-//! `{"version":1,"pool":"pool0","devices":[` / `{"id":1,"volume":"db1",
-//! "kind":"replica"},` / ... / `]}`.
+//! The file is `Contents` in JSON through serde, laid out with one device
+//! per line so shell tools can read it: `{"pool":"pool0","version":1,
+//! "devices":[` / `{"id":1,"volume":"db1","kind":"replica"},` / ... /
+//! `]}`. Any JSON layout of the same contents reads back.
 
 use std::fs::{File, OpenOptions};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -70,11 +72,16 @@ pub struct Entry {
     pub created: bool,
 }
 
+/// The ledger file. The fields are in the order earlier versions wrote
+/// them, so an unchanged ledger is rewritten byte for byte.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Contents {
-    version: u32,
+    /// The pool it is for.
     pool: String,
+    /// [`LEDGER_VERSION`].
+    version: u32,
+    /// One entry per id in use, by id.
     devices: Vec<Entry>,
 }
 
@@ -157,15 +164,7 @@ impl Ledger {
     }
 
     fn write(&self, c: &Contents) -> Result<(), StoreError> {
-        let head = serde_json::json!({ "version": c.version, "pool": c.pool }).to_string();
-        let mut text = format!("{},\"devices\":[\n", head.trim_end_matches('}'));
-        for (i, d) in c.devices.iter().enumerate() {
-            let line = serde_json::to_string(d).map_err(|e| StoreError::Invalid(e.to_string()))?;
-            text.push_str(&line);
-            text.push_str(if i + 1 < c.devices.len() { ",\n" } else { "\n" });
-        }
-        text.push_str("]}\n");
-        Ok(replica_fs::write_atomic(&self.path, text.as_bytes())?)
+        Ok(replica_fs::write_atomic(&self.path, &to_text(c)?)?)
     }
 
     /// Runs `f` on the contents under the lock and writes them back if `f`
@@ -314,6 +313,58 @@ impl Ledger {
     }
 }
 
+/// `c` as the ledger file holds it.
+fn to_text(c: &Contents) -> Result<Vec<u8>, StoreError> {
+    let mut text = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut text, OnePerLine::default());
+    c.serialize(&mut ser)
+        .map_err(|e| StoreError::Invalid(e.to_string()))?;
+    text.push(b'\n');
+    Ok(text)
+}
+
+/// Compact JSON with a line break before each element of an array in the
+/// top-level object (and before its closing bracket): one device per line.
+#[derive(Default)]
+struct OnePerLine {
+    depth: usize,
+}
+
+impl serde_json::ser::Formatter for OnePerLine {
+    fn begin_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.depth += 1;
+        w.write_all(b"{")
+    }
+
+    fn end_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.depth -= 1;
+        w.write_all(b"}")
+    }
+
+    fn begin_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.depth += 1;
+        w.write_all(b"[")
+    }
+
+    fn end_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.depth -= 1;
+        w.write_all(if self.depth == 1 { b"\n]" } else { b"]" })
+    }
+
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        match (self.depth == 2, first) {
+            (true, true) => w.write_all(b"\n"),
+            (true, false) => w.write_all(b",\n"),
+            (false, true) => Ok(()),
+            (false, false) => w.write_all(b","),
+        }
+    }
+}
+
 /// Takes an exclusive `flock` of `path` (created if missing).
 fn flock(path: &Path) -> Result<Locked, StoreError> {
     let f = OpenOptions::new()
@@ -417,6 +468,75 @@ mod tests {
             .collect();
         all.sort_unstable();
         assert_eq!(all, (1..=100).collect::<Vec<_>>());
+    }
+
+    /// A ledger as the hand-formatted writer of earlier versions left it.
+    const EARLIER: &str = "{\"pool\":\"pool0\",\"version\":1,\"devices\":[\n\
+        {\"id\":1,\"volume\":\"db1\",\"kind\":\"replica\",\"created\":true},\n\
+        {\"id\":2,\"volume\":\"db1\",\"kind\":\"point\",\"point\":10},\n\
+        {\"id\":3,\"volume\":\"\",\"kind\":\"foreign\"},\n\
+        {\"id\":4,\"volume\":\"db1\",\"kind\":\"clone\",\"point\":10,\"doomed\":true}\n\
+        ]}\n";
+
+    #[test]
+    fn an_earlier_ledger_reads_and_is_written_back_byte_for_byte() {
+        let d = tempfile::tempdir().expect("tmp");
+        let l = Ledger::new(d.path(), "pool0").expect("ledger");
+        std::fs::write(l.path(), EARLIER).expect("write");
+        let e = l.entries().expect("read");
+        assert_eq!(
+            e.iter()
+                .map(|x| (x.id, x.kind, x.point, x.doomed, x.created))
+                .collect::<Vec<_>>(),
+            vec![
+                (1, Kind::Replica, None, false, true),
+                (2, Kind::Point, Some(10), false, false),
+                (3, Kind::Foreign, None, false, false),
+                (4, Kind::Clone, Some(10), true, false),
+            ]
+        );
+        // A change and its undo: the file is rewritten, the same bytes.
+        l.modify(2, |x| x.doomed = true).expect("doom");
+        l.modify(2, |x| x.doomed = false).expect("undoom");
+        assert_eq!(std::fs::read_to_string(l.path()).expect("read"), EARLIER);
+        // No devices: the brackets on their own lines.
+        for id in 1..=4 {
+            l.release(id).expect("release");
+        }
+        assert_eq!(
+            std::fs::read_to_string(l.path()).expect("read"),
+            "{\"pool\":\"pool0\",\"version\":1,\"devices\":[\n]}\n"
+        );
+        // Another layout of the same JSON reads too.
+        std::fs::write(
+            l.path(),
+            serde_json::to_vec_pretty(
+                &serde_json::from_str::<serde_json::Value>(EARLIER).expect("json"),
+            )
+            .expect("pretty"),
+        )
+        .expect("write");
+        assert_eq!(l.entries().expect("pretty reads").len(), 4);
+    }
+
+    #[test]
+    fn a_damaged_or_unknown_ledger_is_a_clear_error() {
+        let d = tempfile::tempdir().expect("tmp");
+        let l = Ledger::new(d.path(), "pool0").expect("ledger");
+        std::fs::write(l.path(), &EARLIER[..EARLIER.len() / 2]).expect("write");
+        assert!(matches!(l.entries(), Err(StoreError::Corrupt { .. })));
+        std::fs::write(l.path(), EARLIER.replace("\"version\":1", "\"version\":2")).expect("w");
+        let e = l.entries().expect_err("newer version").to_string();
+        assert!(e.contains("ledger version 2"), "{e}");
+        std::fs::write(
+            l.path(),
+            EARLIER.replace("\"point\":10}", "\"point\":10,\"x\":1}"),
+        )
+        .expect("w");
+        assert!(
+            matches!(l.entries(), Err(StoreError::Corrupt { .. })),
+            "unknown fields are refused, not dropped on the next write"
+        );
     }
 
     #[test]
