@@ -34,10 +34,7 @@ done
 tree=$("$REPO_ROOT/scripts/kernel.sh")
 ko=$("$REPO_ROOT/scripts/kmod.sh")
 say "building static userspace tools"
-(cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release --locked \
-	--target x86_64-unknown-linux-gnu -p replicad -p replctl -p replica-tests \
-	--bin replicad --bin replctl --bin dmr-ring)
-rel="$REPO_ROOT/target/x86_64-unknown-linux-gnu/release"
+build_static_tools
 out="$REPO_ROOT/out/bench/vm"
 mkdir -p "$out"
 "$REPO_ROOT/scripts/vm.sh" --kernel "$tree/arch/x86/boot/bzImage" \

@@ -45,9 +45,7 @@ bash "$REPO_ROOT/scripts/setup.sh" 2>&1 | sed 's/^/    /'
 tree=$("$REPO_ROOT/scripts/kernel.sh")
 ko=$("$REPO_ROOT/scripts/kmod.sh")
 say "building static replicad and replctl"
-(cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release --locked \
-	--target x86_64-unknown-linux-gnu -p replicad -p replctl --bin replicad --bin replctl)
-rel="$REPO_ROOT/target/x86_64-unknown-linux-gnu/release"
+build_static_tools
 
 W="$REPO_ROOT/out/demo"
 rm -rf "$W"

@@ -167,16 +167,13 @@ done
 # The daemon the guests run has the test hooks (tests/vm/thin.sh crashes
 # it with REPLICAD_TEST_CRASH); a production build has none.
 say "building static userspace tools (replicad with test hooks, replctl, dmr-ring)"
-static_target=x86_64-unknown-linux-gnu
-if ! (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' \
-	cargo build --quiet --release --locked --target "$static_target" --features replicad/test-hooks \
-	-p replicad -p replctl -p replica-tests --bin replicad --bin replctl --bin dmr-ring); then
+if ! build_static_tools --features replicad/test-hooks; then
 	record FAIL build "static userspace tools did not build"
 	summary
 	exit 1
 fi
 for b in replicad replctl dmr-ring; do
-	tool_bins+=(--bin "$REPO_ROOT/target/$static_target/release/$b")
+	tool_bins+=(--bin "$rel/$b")
 done
 [[ -x "$FIO" ]] || die "fio not found at $FIO: run scripts/setup.sh"
 tool_bins+=(--bin "$FIO")

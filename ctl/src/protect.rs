@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use replica_config::{ConfigError, RingSource, SourceConfig, TlsConfig};
 use replica_control::ControlError;
-use replica_dm::{Control, DeviceMapper, DmError, Errno, Table, Target};
+use replica_dm::{Control, DeviceMapper, DmError, Errno};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Exit;
@@ -26,8 +26,11 @@ pub enum ProtectError {
     #[error("volume id {0:?}: use 1-63 letters, digits, '-', '_' or '.'")]
     BadVolumeId(String),
     /// The data device is not a usable block device.
-    #[error("{0}")]
-    Device(String),
+    #[error(transparent)]
+    Device(#[from] replica_dm::DeviceError),
+    /// The activation entry's table line does not parse.
+    #[error(transparent)]
+    Table(#[from] replica_dm::TableError),
     /// The device's size cannot be read from sysfs.
     #[error("{}: {why}", path.display())]
     Size {
@@ -129,6 +132,7 @@ impl ProtectError {
             Self::Control(e) => Exit::of_control(e),
             Self::Activate(errors) => errors.first().map_or(Exit::Failed, |(_, e)| e.exit()),
             Self::Device(_)
+            | Self::Table(_)
             | Self::Size { .. }
             | Self::Create { .. }
             | Self::Remove { .. }
@@ -159,17 +163,16 @@ pub struct Activation {
 
 impl Activation {
     /// The table line for a data device of `sectors` sectors.
-    pub fn table(&self, sectors: u64) -> Table {
-        let params = format!(
-            "{} {} group={} ring_mib={} region_kib={} overflow_wait_ms={}",
+    pub fn table(&self, sectors: u64) -> String {
+        format!(
+            "0 {sectors} replica {} {} group={} ring_mib={} region_kib={} overflow_wait_ms={}",
             self.data_device.display(),
             self.volume,
             self.group,
             self.ring_mib,
             self.region_kib,
             self.overflow_wait_ms
-        );
-        Target::new(0, sectors, "replica", &params).into()
+        )
     }
 
     fn path(config_dir: &Path, volume: &str) -> PathBuf {
@@ -250,10 +253,7 @@ fn dm() -> Control {
 
 /// Size of block device `dev` in 512-byte sectors (from sysfs).
 pub fn sectors(dev: &Path) -> Result<u64, ProtectError> {
-    let p = PathBuf::from(format!(
-        "{}/size",
-        replicad::source::failover::block_sysfs(dev).map_err(ProtectError::Device)?
-    ));
+    let p = replica_dm::block_sysfs(dev)?.join("size");
     let size = |why: String| ProtectError::Size {
         path: p.clone(),
         why,
@@ -291,7 +291,8 @@ pub fn activate_one(a: &Activation) -> Result<bool, ProtectError> {
         let _ = Command::new("modprobe").arg("dm_replica").status();
     }
     let n = sectors(&a.data_device)?;
-    dm().create(&a.volume, &a.table(n), false)
+    let table = a.table(n).parse::<replica_dm::Table>()?;
+    dm().create(&a.volume, &table, false)
         .map_err(|source| ProtectError::Create {
             volume: a.volume.clone(),
             source,
@@ -522,7 +523,7 @@ mod tests {
         std::fs::write(d.path().join("protected/README"), "not an entry").expect("w");
         assert_eq!(Activation::all(d.path()).expect("all"), vec![a.clone()]);
         assert_eq!(
-            a.table(2048).to_string(),
+            a.table(2048),
             "0 2048 replica /dev/disk/by-id/virtio-db1 db1 group=app ring_mib=64 region_kib=64 overflow_wait_ms=100"
         );
         std::fs::write(Activation::path(d.path(), "bad"), "volume = 1").expect("w");

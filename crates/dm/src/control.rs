@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 
-use crate::error::{DmError, Op};
+use crate::error::{DmError, DmErrorKind, Op};
 use crate::node::{self, Udev};
 use crate::request::{BadReply, Request};
 use crate::sys::{self, Cmd};
@@ -63,11 +63,13 @@ impl Control {
             .read(true)
             .write(true)
             .open(&self.control)
-            .map_err(|source| DmError::Control {
-                op: op.clone(),
-                name: name.to_owned(),
-                path: self.control.clone(),
-                source,
+            .map_err(|source| {
+                DmError::from(DmErrorKind::Control {
+                    op: op.clone(),
+                    name: name.to_owned(),
+                    path: self.control.clone(),
+                    source,
+                })
             })
     }
 
@@ -82,26 +84,31 @@ impl Control {
     ) -> Result<Request, DmError> {
         let mut req = Request::new(name, flags)
             .and_then(build)
-            .map_err(|source| DmError::Unencodable {
+            .map_err(|source| {
+                DmError::from(DmErrorKind::Unencodable {
+                    op: op.clone(),
+                    name: name.to_owned(),
+                    source,
+                })
+            })?;
+        let f = self.open(op, name)?;
+        sys::ioctl(f.as_fd(), cmd, req.bytes_mut()).map_err(|source| {
+            DmError::from(DmErrorKind::Ioctl {
                 op: op.clone(),
                 name: name.to_owned(),
                 source,
-            })?;
-        let f = self.open(op, name)?;
-        sys::ioctl(f.as_fd(), cmd, req.bytes_mut()).map_err(|source| DmError::Ioctl {
-            op: op.clone(),
-            name: name.to_owned(),
-            source,
+            })
         })?;
         Ok(req)
     }
 
     fn bad_reply(op: Op, name: &str, source: BadReply) -> DmError {
-        DmError::Reply {
+        DmErrorKind::Reply {
             op,
             name: name.to_owned(),
             source,
         }
+        .into()
     }
 
     /// `DM_TABLE_STATUS`, growing the buffer until the reply fits.
@@ -120,12 +127,13 @@ impl Control {
     }
 
     fn node_error(op: Op, name: &str, path: PathBuf, source: std::io::Error) -> DmError {
-        DmError::Node {
+        DmErrorKind::Node {
             op,
             name: name.to_owned(),
             path,
             source,
         }
+        .into()
     }
 
     /// Resumes `name` and makes sure its node is there.
@@ -241,7 +249,10 @@ mod tests {
         let dm = Control::with_paths(&d.path().join("control"), d.path());
         let e = dm.status("x").expect_err("must fail");
         assert_eq!(e.errno(), Some(Errno::ENOENT));
-        assert!(matches!(e, DmError::Control { op: Op::Status, .. }));
+        assert!(matches!(
+            e.kind(),
+            DmErrorKind::Control { op: Op::Status, .. }
+        ));
         let text = e.to_string();
         assert!(
             text.contains("device-mapper status x") && text.contains("control"),
@@ -254,11 +265,11 @@ mod tests {
         let d = tempfile::tempdir().expect("tmp");
         let dm = Control::with_paths(&d.path().join("control"), d.path());
         let e = dm.message("pool", "a\0b").expect_err("must fail");
-        assert!(matches!(e, DmError::Unencodable { .. }), "{e}");
+        assert!(matches!(e.kind(), DmErrorKind::Unencodable { .. }), "{e}");
         assert_eq!(e.errno(), None);
         let e = dm.info("a/b").expect_err("must fail");
         assert!(
-            matches!(e, DmError::Unencodable { op: Op::Info, .. }),
+            matches!(e.kind(), DmErrorKind::Unencodable { op: Op::Info, .. }),
             "{e}"
         );
     }
@@ -270,6 +281,9 @@ mod tests {
         let dm = Control::with_paths(Path::new("/dev/null"), d.path());
         let e = dm.info("v").expect_err("must fail");
         assert_eq!(e.errno(), Some(Errno::ENOTTY));
-        assert!(matches!(e, DmError::Ioctl { op: Op::Info, .. }), "{e}");
+        assert!(
+            matches!(e.kind(), DmErrorKind::Ioctl { op: Op::Info, .. }),
+            "{e}"
+        );
     }
 }

@@ -48,9 +48,21 @@ impl fmt::Display for Op {
     }
 }
 
-/// A failed device-mapper call.
+/// A failed device-mapper call: a [`DmErrorKind`], boxed (errors are the
+/// cold path, and a `Result` carrying one stays small wherever it goes).
 #[derive(Debug, thiserror::Error)]
-pub enum DmError {
+#[error(transparent)]
+pub struct DmError(Box<DmErrorKind>);
+
+impl From<DmErrorKind> for DmError {
+    fn from(kind: DmErrorKind) -> Self {
+        Self(Box::new(kind))
+    }
+}
+
+/// What failed in a device-mapper call.
+#[derive(Debug, thiserror::Error)]
+pub enum DmErrorKind {
     /// The control device could not be opened (no device-mapper, not
     /// root).
     #[error("device-mapper {op} {name}: cannot open {}: {source}", path.display())]
@@ -115,25 +127,30 @@ pub enum DmError {
 }
 
 impl DmError {
+    /// What failed.
+    pub fn kind(&self) -> &DmErrorKind {
+        &self.0
+    }
+
     /// The errno of the failure, when the kernel (or the OS) gave one.
     pub fn errno(&self) -> Option<Errno> {
-        match self {
-            DmError::Ioctl { source, .. } => Some(*source),
-            DmError::Control { source, .. } | DmError::Node { source, .. } => {
+        match self.kind() {
+            DmErrorKind::Ioctl { source, .. } => Some(*source),
+            DmErrorKind::Control { source, .. } | DmErrorKind::Node { source, .. } => {
                 source.raw_os_error().map(Errno::from_raw)
             }
-            DmError::Unencodable { .. } | DmError::Reply { .. } => None,
+            DmErrorKind::Unencodable { .. } | DmErrorKind::Reply { .. } => None,
         }
     }
 
     /// The operation that failed.
     pub fn op(&self) -> &Op {
-        match self {
-            DmError::Control { op, .. }
-            | DmError::Ioctl { op, .. }
-            | DmError::Unencodable { op, .. }
-            | DmError::Reply { op, .. }
-            | DmError::Node { op, .. } => op,
+        match self.kind() {
+            DmErrorKind::Control { op, .. }
+            | DmErrorKind::Ioctl { op, .. }
+            | DmErrorKind::Unencodable { op, .. }
+            | DmErrorKind::Reply { op, .. }
+            | DmErrorKind::Node { op, .. } => op,
         }
     }
 }
@@ -144,11 +161,11 @@ mod tests {
 
     #[test]
     fn the_errno_is_kept_and_shown_with_operation_and_device() {
-        let e = DmError::Ioctl {
+        let e = DmError::from(DmErrorKind::Ioctl {
             op: Op::Message("create_snap 5 1".into()),
             name: "pool".into(),
             source: Errno::EEXIST,
-        };
+        });
         assert_eq!(e.errno(), Some(Errno::EEXIST));
         assert_eq!(e.op(), &Op::Message("create_snap 5 1".into()));
         let text = e.to_string();
@@ -158,12 +175,16 @@ mod tests {
         );
         let src = std::error::Error::source(&e).expect("source");
         assert_eq!(src.to_string(), Errno::EEXIST.to_string());
-        let io = DmError::Control {
+        let io = DmError::from(DmErrorKind::Control {
             op: Op::Info,
             name: "x".into(),
             path: "/dev/mapper/control".into(),
             source: std::io::Error::from_raw_os_error(libc::ENOENT),
-        };
+        });
         assert_eq!(io.errno(), Some(Errno::ENOENT));
+        assert!(
+            std::mem::size_of::<Result<(), DmError>>() <= 8,
+            "a Result of it is a pointer"
+        );
     }
 }

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 mod control;
+mod device;
 mod error;
 mod node;
 mod request;
@@ -21,7 +22,8 @@ mod sys;
 mod table;
 
 pub use control::Control;
-pub use error::{DmError, Op};
+pub use device::{block_sysfs, dm_name, DeviceError};
+pub use error::{DmError, DmErrorKind, Op};
 pub use nix::errno::Errno;
 pub use request::{BadReply, Unencodable};
 pub use table::{LineFault, Table, TableError, Target};

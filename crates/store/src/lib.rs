@@ -34,16 +34,9 @@ pub enum StoreError {
     /// A request that cannot be honoured.
     #[error("{0}")]
     Invalid(String),
-    /// A device-mapper call failed (its errno is in it). Boxed: it is
-    /// the largest cause and errors are the cold path.
+    /// A device-mapper call failed (its errno is in it).
     #[error(transparent)]
-    Dm(Box<replica_dm::DmError>),
-}
-
-impl From<replica_dm::DmError> for StoreError {
-    fn from(e: replica_dm::DmError) -> Self {
-        Self::Dm(Box::new(e))
-    }
+    Dm(#[from] replica_dm::DmError),
 }
 
 impl StoreError {

@@ -750,18 +750,7 @@ mod tests {
     fn bounce_buffered_writes_apply_in_order() {
         // The thin path's writes (through the aligned bounce buffer) on a
         // plain file: many unaligned source slices, overlapping in places.
-        let d = tempfile::tempdir().expect("tmp");
-        let p = d.path().join("f");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .expect("create");
-        f.set_len(1 << 20).expect("size");
-        let mut u =
-            UringFile::new(f, &p, 1 << 20, Target::Thin { block_bytes: 65536 }).expect("uring");
+        let (_d, p, mut u) = rig(Target::Thin { block_bytes: 65536 }, 1 << 20);
         let backing = vec![0u8; 300 * 512 + 1];
         let mut data = backing[1..].to_vec();
         for (i, b) in data.iter_mut().enumerate() {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use replica_control::{Command, ErrorCode};
 
 use super::drain::{PlannedRefusal, Shared};
+use super::failover::FailoverError;
 use crate::control::{CommandFailure, Reply, ResyncTicket};
 
 /// How long the drain may take to pick up a resync request.
@@ -72,7 +73,7 @@ pub enum CommandError {
         /// The protected volume's device-mapper name.
         device: String,
         /// Why it could not be resumed, if it could not.
-        resume_failed: Option<String>,
+        resume_failed: Option<FailoverError>,
         /// Why the failover was refused.
         refusal: PlannedRefusal,
     },
@@ -84,18 +85,19 @@ pub enum CommandError {
     NoRingFile,
     /// The source's role file.
     #[error("this source's role: {0}")]
-    Role(String),
+    Role(#[source] FailoverError),
     /// The protected volume is not a device-mapper device, or could not be
     /// suspended.
-    #[error("{0}")]
-    Device(String),
+    #[error(transparent)]
+    Device(FailoverError),
     /// The final marker or the error table did not go in.
     #[error("cannot stop writes on {device}: {why}")]
     Fence {
         /// The protected volume's device-mapper name.
         device: String,
         /// What device-mapper said.
-        why: String,
+        #[source]
+        why: FailoverError,
     },
     /// The ring file.
     #[error("ring file: {0}")]
@@ -253,7 +255,8 @@ impl Commands {
             .map_err(CommandError::Role)?;
         let upto = if self.kernel_ring {
             let dev = self.device.as_ref().ok_or(CommandError::NoDevice)?;
-            let name = crate::source::failover::dm_name(dev).map_err(CommandError::Device)?;
+            let name = crate::source::failover::dm_name(dev)
+                .map_err(|e| CommandError::Device(e.into()))?;
             match role.failing_over {
                 Some(upto) if crate::source::failover::is_fenced(&name) => upto,
                 _ => {

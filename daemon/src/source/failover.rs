@@ -9,11 +9,46 @@
 //! fences the volume the same way and stops: it is demoted and must be
 //! protected anew.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use replica_dm::{Control, DeviceMapper, Target};
+pub use replica_dm::dm_name;
+use replica_dm::{Control, DeviceMapper, DmError, Target};
 use serde::{Deserialize, Serialize};
+
+/// Why the role could not be read or saved, or the volume not fenced.
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    /// The role file cannot be read.
+    #[error("{}: {source}", path.display())]
+    RoleRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The role file does not parse.
+    #[error("{}: {source}", path.display())]
+    RoleParse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The role file cannot be written.
+    #[error(transparent)]
+    RoleWrite(#[from] replica_fs::IoError),
+    /// `device` is not a device-mapper device.
+    #[error(transparent)]
+    Device(#[from] replica_dm::DeviceError),
+    /// A device-mapper call failed.
+    #[error(transparent)]
+    Dm(#[from] DmError),
+    /// The target's answer to the marker message is not one.
+    #[error("unexpected answer to the marker message: {0:?}")]
+    MarkerAnswer(String),
+}
 
 /// The source's persisted role (`<state_dir>/role.json`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,43 +91,22 @@ impl SourceRole {
     }
 
     /// Loads it (a missing file is a fresh source at epoch 0).
-    pub fn load(state_dir: &Path) -> Result<Self, String> {
-        let p = Self::path(state_dir);
-        match std::fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", p.display())),
+    pub fn load(state_dir: &Path) -> Result<Self, FailoverError> {
+        let path = Self::path(state_dir);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|source| FailoverError::RoleParse { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(format!("{}: {e}", p.display())),
+            Err(source) => Err(FailoverError::RoleRead { path, source }),
         }
     }
 
     /// Saves it atomically and durably.
-    pub fn save(&self, state_dir: &Path) -> Result<(), String> {
-        let b = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
-        replica_fs::write_atomic(&Self::path(state_dir), &b).map_err(|e| e.to_string())
+    pub fn save(&self, state_dir: &Path) -> Result<(), FailoverError> {
+        // A struct of plain fields always serialises.
+        let b = serde_json::to_vec_pretty(self).unwrap_or_default();
+        Ok(replica_fs::write_atomic(&Self::path(state_dir), &b)?)
     }
-}
-
-/// The sysfs directory (`/sys/dev/block/<major>:<minor>`) of the block
-/// device at `device`.
-pub fn block_sysfs(device: &Path) -> Result<String, String> {
-    let meta = std::fs::metadata(device).map_err(|e| format!("{}: {e}", device.display()))?;
-    if !meta.file_type().is_block_device() {
-        return Err(format!("{} is not a block device", device.display()));
-    }
-    let rdev = meta.rdev();
-    Ok(format!(
-        "/sys/dev/block/{}:{}",
-        libc::major(rdev),
-        libc::minor(rdev)
-    ))
-}
-
-/// The device-mapper name of the block device at `device` (a
-/// `/dev/mapper/...` path or any node of a dm device).
-pub fn dm_name(device: &Path) -> Result<String, String> {
-    std::fs::read_to_string(format!("{}/dm/name", block_sysfs(device)?))
-        .map(|s| s.trim().to_owned())
-        .map_err(|_| format!("{} is not a device-mapper device", device.display()))
 }
 
 fn dm() -> Control {
@@ -106,36 +120,33 @@ pub fn is_fenced(name: &str) -> bool {
 }
 
 /// Suspends `name`: in-flight writes complete, new ones wait.
-pub fn suspend(name: &str) -> Result<(), String> {
-    dm().suspend(name).map_err(|e| e.to_string())
+pub fn suspend(name: &str) -> Result<(), FailoverError> {
+    Ok(dm().suspend(name)?)
 }
 
 /// Inserts a marker record through the `replica` target's message
 /// interface; returns its sequence.
-pub fn marker(name: &str, id: u64) -> Result<u64, String> {
-    let out = dm()
-        .message(name, &format!("marker {id}"))
-        .map_err(|e| e.to_string())?;
+pub fn marker(name: &str, id: u64) -> Result<u64, FailoverError> {
+    let out = dm().message(name, &format!("marker {id}"))?;
     let want = format!("marker {id} seq ");
     out.lines()
         .find_map(|l| l.trim().strip_prefix(&want))
         .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| format!("unexpected answer to the marker message: {out:?}"))
+        .ok_or(FailoverError::MarkerAnswer(out))
 }
 
 /// Replaces the table of `name` (of `sectors` sectors) with an `error`
 /// target and resumes it: every write (and read) fails from now on instead
 /// of reaching the disk or hanging.
-pub fn fence(name: &str, sectors: u64) -> Result<(), String> {
+pub fn fence(name: &str, sectors: u64) -> Result<(), FailoverError> {
     let d = dm();
-    d.reload(name, &Target::new(0, sectors, "error", "").into())
-        .and_then(|()| d.resume(name))
-        .map_err(|e| e.to_string())
+    d.reload(name, &Target::new(0, sectors, "error", "").into())?;
+    Ok(d.resume(name)?)
 }
 
 /// Resumes `name` with its current table (undoing [`suspend`]).
-pub fn resume(name: &str) -> Result<(), String> {
-    dm().resume(name).map_err(|e| e.to_string())
+pub fn resume(name: &str) -> Result<(), FailoverError> {
+    Ok(dm().resume(name)?)
 }
 
 #[cfg(test)]
@@ -145,7 +156,10 @@ mod tests {
     #[test]
     fn role_round_trips_and_a_missing_file_is_a_fresh_source() {
         let d = tempfile::tempdir().expect("tmp");
-        assert_eq!(SourceRole::load(d.path()), Ok(SourceRole::default()));
+        assert_eq!(
+            SourceRole::load(d.path()).expect("load"),
+            SourceRole::default()
+        );
         let r = SourceRole {
             epoch: 3,
             demoted: Some("failed over".into()),
@@ -153,10 +167,13 @@ mod tests {
             generation: Some("00ff".into()),
         };
         r.save(d.path()).expect("save");
-        assert_eq!(SourceRole::load(d.path()), Ok(r));
+        assert_eq!(SourceRole::load(d.path()).expect("load"), r);
         std::fs::write(d.path().join("role.json"), "{\"epoch\":1,\"x\":2}").expect("w");
         assert!(
-            SourceRole::load(d.path()).is_err(),
+            matches!(
+                SourceRole::load(d.path()),
+                Err(FailoverError::RoleParse { .. })
+            ),
             "unknown keys are refused"
         );
     }
@@ -168,6 +185,7 @@ mod tests {
         std::fs::write(&f, b"x").expect("w");
         assert!(dm_name(&f)
             .expect_err("not a block device")
+            .to_string()
             .contains("not a block device"));
     }
 }

@@ -133,8 +133,10 @@ impl Source {
         }
         let fenced = match (&cfg.ring, &cfg.device) {
             (RingSource::Group(_), Some(dev)) => crate::source::failover::dm_name(dev)
+                .map_err(Into::into)
                 .and_then(|name| crate::source::failover::fence(&name, cfg.volume_size / 512))
-                .map(|()| "; the protected volume now fails every write (error table)"),
+                .map(|()| "; the protected volume now fails every write (error table)")
+                .map_err(|e| e.to_string()),
             (RingSource::Group(_), None) => Err("`device` is not configured".to_string()),
             _ => Ok(""),
         };

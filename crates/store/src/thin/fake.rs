@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use replica_dm::{DevInfo, DeviceMapper, DmError, Errno, Op, Table};
+use replica_dm::{DevInfo, DeviceMapper, DmError, DmErrorKind, Errno, Op, Table};
 
 use super::ledger::Ledger;
 use super::tables::parse_thin_table;
@@ -57,11 +57,12 @@ fn parse(text: &str) -> Table {
 }
 
 fn err(op: Op, name: &str, errno: Errno) -> DmError {
-    DmError::Ioctl {
+    DmErrorKind::Ioctl {
         op,
         name: name.to_owned(),
         source: errno,
     }
+    .into()
 }
 
 impl FakeDm {

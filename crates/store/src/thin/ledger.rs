@@ -72,6 +72,20 @@ pub struct Entry {
     pub created: bool,
 }
 
+impl Entry {
+    /// A new entry, not yet created in the pool.
+    fn new(id: u32, volume: &str, kind: Kind, point: Option<u64>) -> Self {
+        Self {
+            id,
+            volume: volume.to_owned(),
+            kind,
+            point,
+            doomed: false,
+            created: false,
+        }
+    }
+}
+
 /// The ledger file. The fields are in the order earlier versions wrote
 /// them, so an unchanged ledger is rewritten byte for byte.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -224,14 +238,7 @@ impl Ledger {
                     self.pool
                 )));
             }
-            devs.push(Entry {
-                id,
-                volume: volume.to_owned(),
-                kind,
-                point,
-                doomed: false,
-                created: false,
-            });
+            devs.push(Entry::new(id, volume, kind, point));
             Ok(id)
         })
     }
@@ -259,14 +266,7 @@ impl Ledger {
                         self.pool, d.volume, d.kind
                     )))
                 }
-                None => devs.push(Entry {
-                    id,
-                    volume: volume.to_owned(),
-                    kind,
-                    point,
-                    doomed: false,
-                    created: false,
-                }),
+                None => devs.push(Entry::new(id, volume, kind, point)),
             }
             Ok(())
         })
