@@ -17,10 +17,7 @@
 . /lib/vmtest/lib.sh
 set -u
 
-DATA=/dev/vda
-COPY=/dev/vdb
-MOD=$(module_path dm_replica)
-sectors=$(cat /sys/block/vda/size)
+ring_disks
 
 step "prepare: random data on $DATA, copied to $COPY"
 check "fill $DATA with random data" dd if=/dev/urandom of=$DATA bs=1M count=$((sectors / 2048)) status=none
@@ -28,7 +25,7 @@ check "copy to $COPY" dd if=$DATA of=$COPY bs=1M status=none
 check "copy equals data" same_content $DATA $COPY
 
 step "load the module"
-check "insmod dm_replica" insmod "$MOD"
+load_module
 check "/dev/dm-replica exists" test -c /dev/dm-replica
 check_eq "/dev/dm-replica is root-only (0600)" "crw-------" "$(ls -l /dev/dm-replica | cut -c1-10)"
 
@@ -42,13 +39,12 @@ check_eq "stable writes on the mapped device ($dm)" 1 "$(cat /sys/block/$dm/queu
 check "dmr-ring lists the volume" sh -c 'dmr-ring volumes --group vol0 | grep -q "id=vol0 sectors='"$sectors"'"'
 
 step "replay the ring onto the copy while fio writes"
-dmr-ring drain --group vol0 --image 0:$COPY --until-marker 7 --check-order --log /tmp/ring.log >/tmp/drain.out 2>&1 &
-drain_pid=$!
-wait_for "consumer attached" 20 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+drain_start vol0 7 --image 0:$COPY --check-order --log /tmp/ring.log
+wait_for "consumer attached" 20 consumer_attached r0
 check_not "a second consumer is refused" dmr-ring volumes --group vol0
 check "second consumer's error says busy" sh -c 'dmr-ring volumes --group vol0 2>&1 | grep -q "busy"'
 
-half=$((sectors * 512 / 2))
+half=$((size / 2))
 for rw in randwrite write; do
 	check "fio $rw with crc32c verify" fio --eta=never --name=cap --filename=/dev/mapper/r0 --rw=$rw \
 		--bsrange=4k-1m --bs_unaligned=0 --blockalign=4k --ioengine=libaio --iodepth=16 --direct=1 \
@@ -58,11 +54,7 @@ for rw in randwrite write; do
 	grep -E "WRITE:|READ:" /tmp/fio-$rw.out
 done
 check "marker accepted" dmsetup message r0 0 marker 7
-wait_for "consumer reached the marker" 300 sh -c "! kill -0 $drain_pid 2>/dev/null"
-wait $drain_pid
-drain_status=$?
-cat /tmp/drain.out
-check_eq "consumer exit status" 0 "$drain_status"
+drain_wait "consumer reached the marker" 300 "consumer exit status"
 check "records in ring order of completion (checked by the consumer)" grep -q "^drained " /tmp/drain.out
 check "no failed records" grep -q " failed=0 " /tmp/drain.out
 
@@ -75,10 +67,9 @@ echo "$status"
 records=$(echo "$status" | sed -n 's/.* records=\([0-9]*\).*/\1/p')
 drained=$(sed -n 's/^drained records=\([0-9]*\).*/\1/p' /tmp/drain.out)
 check_eq "every captured record was drained" "$records" "$drained"
-check "ring empty after drain" sh -c "dmsetup status r0 | grep -q ' live=0 '"
-check "no overflow" sh -c "dmsetup status r0 | grep -q ' overflow=0 '"
-check "no internal errors" sh -c "dmsetup status r0 | grep -q ' internal_errors=0'"
+check "ring empty after drain" dm_status_has r0 ' live=0 '
+check "no overflow" dm_status_has r0 ' overflow=0 '
+check "no internal errors" dm_status_has r0 ' internal_errors=0'
 
 step "remove and unload"
-check "dmsetup remove r0" dmsetup remove r0
-check "rmmod dm_replica" rmmod dm_replica
+teardown r0

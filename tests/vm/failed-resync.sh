@@ -16,19 +16,17 @@ set -u
 
 DATA=/dev/vda
 MIB=1048576
-sectors=$(cat /sys/block/vda/size)
-size=$((sectors * 512))
+volume_vars $DATA
 W=/tmp/fr
-PORT=7715
 
-SOURCE_DM=r0 setup_pair $W fr $size 127.0.0.1:$PORT $W/target $W/replica.img 8
+SOURCE_DM=r0 setup_pair $W fr $size 127.0.0.1:7715 $W/target $W/replica.img 8
 healthy="0 $sectors flakey $DATA 0 3600 0"
 failing="0 $sectors flakey $DATA 0 0 3600 1 error_writes"
 check "dmsetup create flk (healthy)" dmsetup create flk --table "$healthy"
 check "dmsetup create r0 over flk" \
 	dmsetup create r0 --table "0 $sectors replica /dev/mapper/flk fr ring_mib=2 region_kib=64 overflow_wait_ms=10000"
 start_daemons $W $W/source
-check "source attached" sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+check "source attached" consumer_attached r0
 
 step "replicating"
 check "write 1 MiB at 0" dio write /dev/mapper/r0 0 $MIB 1
@@ -36,17 +34,17 @@ marker_applied r0 1 $W/target fr
 m1=$marker_seq
 
 step "the target is down; one write fails on the source"
-kill $tpid
-wait $tpid
+stop_daemons $tpid
 check "flakey starts failing writes" sh -c "dmsetup load flk --table '$failing' && dmsetup resume flk"
 check_not "write 256 KiB at 4 MiB fails" dio write /dev/mapper/r0 $((4 * MIB)) $((256 * 1024)) 2
 check "flakey healthy again" sh -c "dmsetup load flk --table '$healthy' && dmsetup resume flk"
 check "write 1 MiB at 2 MiB (healthy)" dio write /dev/mapper/r0 $((2 * MIB)) $MIB 4
 dmsetup status r0
-check "the kernel marked the failed write's 4 regions dirty" sh -c "dmsetup status r0 | grep -q ' dirty_regions=4 '"
+check "the kernel marked the failed write's 4 regions dirty" dm_status_has r0 ' dirty_regions=4 '
 wait_for "the source needs a resync" 60 json_has $W/source '"needs_resync": true'
 replctl status --state-dir $W/source
-m2=$(dmsetup message r0 0 marker 2 | sed -n 's/^marker 2 seq \([0-9]*\)$/\1/p')
+insert_marker r0 2
+m2=$marker_seq
 check "marker 2 inserted while the region is unresent (record $m2)" test -n "$m2"
 
 step "the target is back: the resync runs by itself"
@@ -71,8 +69,5 @@ same_sha /dev/mapper/r0 $W/replica.img "the replica equals the volume"
 check "the kernel holds no dirty region" sh -c "echo '$status' | grep -q ' dirty_regions=0 '"
 
 step "shutdown"
-kill $spid $tpid
-wait $spid
-wait $tpid
-check "dmsetup remove r0 flk" dmsetup remove r0 flk
-check "rmmod dm_replica" rmmod dm_replica
+stop_daemons
+teardown r0 flk

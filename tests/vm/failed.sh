@@ -12,20 +12,15 @@
 . /lib/vmtest/lib.sh
 set -u
 
-DATA=/dev/vda
-COPY=/dev/vdb
 MIB=1048576
-sectors=$(cat /sys/block/vda/size)
-
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
+setup_ring_guest
 healthy="0 $sectors flakey $DATA 0 3600 0"
 failing="0 $sectors flakey $DATA 0 0 3600 1 error_writes"
 check "dmsetup create flk (healthy)" dmsetup create flk --table "$healthy"
 check "dmsetup create r0 over flk" \
 	dmsetup create r0 --table "0 $sectors replica /dev/mapper/flk fv region_kib=64 overflow_wait_ms=10000"
-dmr-ring drain --group fv --image 0:$COPY --until-marker 1 >/tmp/drain.out 2>&1 &
-pid=$!
-wait_for "consumer attached" 20 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+drain_start fv 1 --image 0:$COPY
+wait_for "consumer attached" 20 consumer_attached r0
 
 check "write 1 MiB at 0 (device healthy)" dio write /dev/mapper/r0 0 $MIB 1
 check "flakey starts failing writes" sh -c "dmsetup load flk --table '$failing' && dmsetup resume flk"
@@ -34,11 +29,7 @@ check_not "write 8 KiB at 8 MiB + 4 KiB fails" dio write /dev/mapper/r0 $((8 * M
 check "flakey healthy again" sh -c "dmsetup load flk --table '$healthy' && dmsetup resume flk"
 check "write 1 MiB at 2 MiB (healthy)" dio write /dev/mapper/r0 $((2 * MIB)) $MIB 4
 check "marker" dmsetup message r0 0 marker 1
-wait_for "drain reached the marker" 120 sh -c "! kill -0 $pid 2>/dev/null"
-wait $pid
-rc=$?
-cat /tmp/drain.out
-check_eq "drain exit status" 0 $rc
+drain_wait "drain reached the marker" 120 "drain exit status"
 
 failed=$(sed -n 's/^drained .* failed=\([0-9]*\).*/\1/p' /tmp/drain.out)
 check "failed writes reached the ring as FAILED records ($failed)" test "$failed" -ge 2
@@ -50,10 +41,9 @@ check "dio pattern 4 replicated" dio verify $COPY $((2 * MIB)) $MIB 4
 
 step "dirty regions: exactly those of the failed writes"
 # 64 KiB regions: 4 MiB + 256 KiB -> regions 64-67; 8 MiB + 4 KiB (8 KiB) -> 128.
-check "dmsetup status reports 5 dirty regions" sh -c "dmsetup status r0 | grep -q ' dirty_regions=5 '"
+check "dmsetup status reports 5 dirty regions" dm_status_has r0 ' dirty_regions=5 '
 dmr-ring bitmap --group fv --volume 0 >/tmp/bitmap.out 2>&1
 cat /tmp/bitmap.out
 check "bitmap holds exactly regions 64-67 and 128" grep -q "dirty=5 set=64-67,128$" /tmp/bitmap.out
-check "read-and-clear emptied it" sh -c "dmsetup status r0 | grep -q ' dirty_regions=0 '"
-check "dmsetup remove r0 flk" dmsetup remove r0 flk
-check "rmmod dm_replica" rmmod dm_replica
+check "read-and-clear emptied it" dm_status_has r0 ' dirty_regions=0 '
+teardown r0 flk

@@ -94,6 +94,5 @@ round() { # n disk seed
 round 1 vda
 round 2 vdb
 round 3 vdc
-kill $tpid
-wait $tpid
+stop_daemons $tpid
 check "rmmod dm_replica" rmmod dm_replica

@@ -15,14 +15,10 @@
 set -u
 
 DATA=/dev/vda
-sectors=$(cat /sys/block/vda/size)
-size=$((sectors * 512))
+volume_vars $DATA
 W=/tmp/fo
-T=/target
-PORT=7713
 
-target_disk /dev/vdb $T
-SOURCE_DM=r0 setup_pair $W fo $size 127.0.0.1:$PORT $T/state $T/fo.img 2 $DATA ring_mib=4 overflow_wait_ms=5000
+SOURCE_DM=r0 setup_disk_pair $W fo $size 127.0.0.1:7713 2 $DATA ring_mib=4 overflow_wait_ms=5000
 printf '[spool]\nlimit_percent = 1000\n' >>$W/source.toml
 start_daemons $W $W/source
 
@@ -44,7 +40,7 @@ wait_for "30 files written and fsynced" 120 sh -c 'test $(wc -l </tmp/fsynced) -
 
 step "planned failover while the writer runs"
 check "replctl failover --planned" replctl failover --planned --state-dir $W/source
-wait_for "the writer got an error and stopped (no hang)" 60 sh -c "! kill -0 $wpid 2>/dev/null"
+wait_for "the writer got an error and stopped (no hang)" 60 exited $wpid
 echo "files fsynced before the failover: $(wc -l </tmp/fsynced)"
 check "the source volume is fenced (error table)" sh -c 'dmsetup table r0 | grep -q " error"'
 wait $spid
@@ -63,8 +59,7 @@ replctl points --state-dir $T/state --volume fo
 check "the target is the primary" json_has $T/state '"role": "Primary"'
 
 step "the files on the target"
-kill $tpid
-wait $tpid
+stop_daemons $tpid
 check "the promoted volume passes e2fsck after journal replay" sh -c "
 	losetup /dev/loop0 $T/fo.img && mkdir -p /mnt/rep && mount -t ext4 /dev/loop0 /mnt/rep && umount /mnt/rep && e2fsck -fn /dev/loop0"
 check "mount the promoted volume" mount -t ext4 /dev/loop0 /mnt/rep
@@ -94,7 +89,5 @@ check_eq "refused by the new primary (Critical, exit 3)" 3 $?
 check "the reason says it was failed over" grep -q "failed over" $W/source3.log
 check "and it fenced its volume again (error table)" sh -c 'dmsetup table r0 | grep -q " error"'
 check "the old primary changed nothing on the new one" sh -c "test \"\$(sha256sum <$T/fo.img | cut -d' ' -f1)\" = $b"
-kill $tpid
-wait $tpid
-check "dmsetup remove r0" dmsetup remove r0
-check "rmmod dm_replica" rmmod dm_replica
+stop_daemons $tpid
+teardown r0

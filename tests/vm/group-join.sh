@@ -27,9 +27,8 @@ set -u
 A=/dev/vda
 B=/dev/vdb
 MIB=1048576
-sa=$(cat /sys/block/vda/size)
+volume_vars $A
 sb=$(cat /sys/block/vdb/size)
-size=$((sa * 512))
 W=/tmp/gj
 
 # src_has PATTERN: the source's status (JSON; the last published one once
@@ -52,7 +51,7 @@ generation() {
 
 setup_guest $W
 check "dmsetup create ga (volume g, group g)" \
-	dmsetup create ga --table "0 $sa replica $A g group=g ring_mib=8 overflow_wait_ms=10000"
+	dmsetup create ga --table "0 $sectors replica $A g group=g ring_mib=8 overflow_wait_ms=10000"
 
 step "volume g replicates"
 # The target listens on a port of its choice, written to the source's
@@ -62,7 +61,7 @@ spawn_target $W
 wait_for "target listening" 30 test -s $W/target/listen.addr
 SOURCE_DM=ga source_toml $W g $size "$(cat $W/target/listen.addr)" $W/source >$W/source.toml
 spawn_source $W
-wait_for "source attached to the kernel ring" 30 sh -c 'dmsetup status ga | grep -q "consumer=1"'
+wait_for "source attached to the kernel ring" 30 consumer_attached ga
 check "write 4 MiB to ga" dio write /dev/mapper/ga 0 $((4 * MIB)) 1
 marker_applied ga 1 $W/target g
 same_sha /dev/mapper/ga $W/replica.img "replica equals ga"
@@ -80,14 +79,14 @@ check_not "no device gb left behind" dm_exists gb
 check "kernel log says why" kernel_log_has "group g has an attached consumer that does not accept new members"
 check "table error in the kernel log" kernel_log_has "replica: Group has an attached consumer that does not accept new members"
 dmesg | tail -n 5
-check "the source is still attached" sh -c 'dmsetup status ga | grep -q "consumer=1"'
+check "the source is still attached" consumer_attached ga
 
 step "reloading ga's own table works while attached"
 table=$(dmsetup table ga)
 check "dmsetup reload ga (same volume id)" dmsetup reload ga --table "$table"
 check "dmsetup resume ga" dmsetup resume ga
 check_eq "same ring after the reload" "$gen" "$(generation)"
-check "the source is still attached" sh -c 'dmsetup status ga | grep -q "consumer=1"'
+check "the source is still attached" consumer_attached ga
 
 step "ga keeps replicating; gb never got in"
 check "write 4 MiB more to ga" dio write /dev/mapper/ga $((4 * MIB)) $((4 * MIB)) 2
@@ -106,7 +105,7 @@ check_not "dmsetup create gb refused again" dmsetup create gb --table "0 $sb rep
 check "the source's consumer allows joins" joins $spid 1
 check "dmsetup create gb (group g) now accepted" dmsetup create gb --table "0 $sb replica $B gb group=g"
 check "write 4 MiB to gb" dio write /dev/mapper/gb 0 $((4 * MIB)) 3
-wait_for "the source stopped" 120 sh -c "! kill -0 $spid 2>/dev/null"
+wait_for "the source stopped" 120 exited $spid
 wait $spid
 rc=$?
 check_eq "source exit status (3: Critical)" 3 "$rc"
@@ -121,16 +120,13 @@ check_eq "replica unchanged" "$before" "$(sha256sum <$W/replica.img | cut -d' ' 
 same_sha /dev/mapper/ga $W/replica.img "replica still equals ga"
 
 step "the allowance ended with the consumer: a new one refuses joins"
-dmr-ring drain --group g --until-marker 77 >/tmp/drain.out 2>&1 &
-dpid=$!
-wait_for "a new consumer attached" 30 sh -c 'dmsetup status ga | grep -q "consumer=1"'
+drain_start g 77
+wait_for "a new consumer attached" 30 consumer_attached ga
 check_not "dmsetup create gc (group g) refused" dmsetup create gc --table "0 $sb replica $B gc group=g"
 check_not "no device gc left behind" dm_exists gc
-kill $dpid
-wait $dpid
+kill $drain_pid
+wait $drain_pid
 
 step "shutdown"
-kill $tpid
-wait $tpid
-check "dmsetup remove gb ga" dmsetup remove gb ga
-check "rmmod dm_replica" rmmod dm_replica
+stop_daemons $tpid
+teardown gb ga

@@ -15,7 +15,7 @@ W=/tmp/ic
 C=/etc/dm-replica
 T=/target
 ADDR=127.0.0.1:7719
-size=$(($(cat /sys/block/vda/size) * 512))
+volume_vars /dev/vda
 
 target_disk /dev/vdb $T
 check "random data on the disk before protection" dd if=/dev/urandom of=/dev/vda bs=1M count=96 oflag=direct
@@ -53,6 +53,5 @@ check "resync says its end was applied" sh -c 'echo "$1" | grep -q "resync done:
 consistent_now
 
 out=$(replctl unprotect ic --config-dir $C 2>&1) || fail "replctl unprotect: $out"
-kill $tpid
-wait $tpid
+stop_daemons $tpid
 check "rmmod dm_replica" rmmod dm_replica

@@ -90,6 +90,84 @@ dm_exists() {
 	dmsetup info "$1" >/dev/null 2>&1
 }
 
+# exited PID: process PID is gone (for use with wait_for).
+exited() {
+	! kill -0 "$1" 2>/dev/null
+}
+
+# consumer_attached DM_NAME: `dmsetup status` of DM_NAME shows a ring
+# consumer attached (consumer=1).
+consumer_attached() {
+	dmsetup status "$1" | grep -q "consumer=1"
+}
+
+# dm_status_has DM_NAME PATTERN: `dmsetup status` of DM_NAME matches the
+# basic regular expression PATTERN (e.g. ' overflow=0 ').
+dm_status_has() {
+	dmsetup status "$1" | grep -q -- "$2"
+}
+
+# load_module: loads dm_replica (check "insmod dm_replica").
+load_module() {
+	check "insmod dm_replica" insmod "$(module_path dm_replica)"
+}
+
+# teardown DM_NAME...: the end of a scenario: removes the device-mapper
+# devices DM_NAME... (check "dmsetup remove DM_NAME..."), then unloads
+# dm_replica (check "rmmod dm_replica").
+teardown() {
+	check "dmsetup remove $*" dmsetup remove "$@"
+	check "rmmod dm_replica" rmmod dm_replica
+}
+
+# volume_vars DEV: sets $sectors and $size to the size of the block device
+# DEV (/dev/vda or vda) in 512-byte sectors and in bytes.
+volume_vars() {
+	sectors=$(cat "/sys/block/${1##*/}/size")
+	# shellcheck disable=SC2034 # for the scenarios
+	size=$((sectors * 512))
+}
+
+# --- Scenarios whose ring consumer is dmr-ring ------------------------------
+
+# ring_disks: sets DATA=/dev/vda (the disk under the protected volume),
+# COPY=/dev/vdb (where the consumer replays the ring) and volume_vars $DATA.
+ring_disks() {
+	DATA=/dev/vda
+	# shellcheck disable=SC2034 # for the scenarios
+	COPY=/dev/vdb
+	volume_vars $DATA
+}
+
+# setup_ring_guest: what a dmr-ring scenario does first: ring_disks, then
+# load_module.
+setup_ring_guest() {
+	ring_disks
+	load_module
+}
+
+# drain_start GROUP MARKER [OPTION...]: starts `dmr-ring drain` of GROUP
+# until marker MARKER with the OPTIONs (e.g. --image 0:$COPY --check-order)
+# in the background, its output in /tmp/drain.out; sets $drain_pid. Wait
+# for it with `wait_for ... consumer_attached DM_NAME`.
+drain_start() {
+	_group=$1 _marker=$2
+	shift 2
+	dmr-ring drain --group "$_group" --until-marker "$_marker" "$@" >/tmp/drain.out 2>&1 &
+	drain_pid=$!
+}
+
+# drain_wait WHAT SECONDS STATUS_WHAT: waits (wait_for WHAT) up to SECONDS
+# for the consumer $drain_pid to exit, shows /tmp/drain.out and checks
+# (check_eq STATUS_WHAT) that it exited with status 0.
+drain_wait() {
+	wait_for "$1" "$2" exited "$drain_pid"
+	wait "$drain_pid"
+	_rc=$?
+	cat /tmp/drain.out
+	check_eq "$3" 0 "$_rc"
+}
+
 # same_content A B: the two block devices (or files) hold the same bytes,
 # read with O_DIRECT so no stale page cache can hide or invent a difference.
 # On a mismatch, prints the first differing 4 KiB blocks.
@@ -188,7 +266,7 @@ CFG
 # loopback interface up, loads dm_replica and makes DIR's keys (repl_keys).
 setup_guest() {
 	check "loopback up" ifconfig lo 127.0.0.1 up
-	check "insmod dm_replica" insmod "$(module_path dm_replica)"
+	load_module
 	repl_keys "$1"
 }
 
@@ -212,6 +290,19 @@ setup_pair() {
 	shift
 	check "dmsetup create ${SOURCE_DM:-$_vol}" \
 		dmsetup create "${SOURCE_DM:-$_vol}" --table "0 $((_size / 512)) replica $_dev $_vol${*:+ $*}"
+}
+
+# setup_disk_pair DIR VOLUME SIZE ADDR KEEP_POINTS [DEV OPTION...]: setup_pair
+# for a target that keeps its state and its file replica on a disk of its
+# own: a fresh filesystem on /dev/vdb mounted on T=/target (target_disk,
+# sets $T), the target's state directory $T/state and the replica
+# $T/VOLUME.img; the other arguments as for setup_pair.
+setup_disk_pair() {
+	T=/target
+	target_disk /dev/vdb $T
+	_pdir=$1 _pvol=$2 _psize=$3 _paddr=$4
+	shift 4
+	setup_pair "$_pdir" "$_pvol" "$_psize" "$_paddr" $T/state "$T/$_pvol.img" "$@"
 }
 
 # spawn_target DIR: starts `replicad target` with DIR/target.toml in the
@@ -239,6 +330,16 @@ start_daemons() {
 	wait_for "source connected" 60 json_has "$2" '"connection": "Connected"'
 }
 
+# stop_daemons [PID...]: stops the daemons PID... (default $spid and $tpid)
+# with SIGTERM and waits until each has exited.
+stop_daemons() {
+	[ $# -gt 0 ] || set -- "$spid" "$tpid"
+	kill "$@"
+	for _pid in "$@"; do
+		wait "$_pid"
+	done
+}
+
 # json_has DIR PATTERN: the daemon with state directory DIR reports status
 # JSON matching the extended regular expression PATTERN.
 json_has() {
@@ -250,17 +351,30 @@ ring_gen() {
 	dmsetup status "$1" | sed -n 's/.* generation=\([0-9a-f]*\).*/\1/p'
 }
 
+# insert_marker DEV ID: inserts marker ID on dm device DEV, shows the reply
+# and sets $marker_seq to the marker's record sequence (empty if DEV gave
+# none; $marker_reply holds the reply).
+insert_marker() {
+	marker_reply=$(dmsetup message "$1" 0 marker "$2" 2>&1)
+	echo "$marker_reply"
+	marker_seq=$(echo "$marker_reply" | sed -n "s/^marker $2 seq \([0-9]*\)\$/\1/p")
+}
+
+# target_applied TARGET_STATE VOLUME SEQ DEV SECONDS: the target (state
+# directory TARGET_STATE) applies record SEQ of VOLUME, in the ring
+# generation dm device DEV has now, within SECONDS (`replctl wait`).
+target_applied() {
+	replctl wait --state-dir "$1" --volume "$2" --applied "$3" --generation "$(ring_gen "$4")" --timeout "$5"
+}
+
 # marker_applied DEV ID TARGET_STATE VOLUME: inserts marker ID on DEV and
 # waits until the target applied it (in DEV's ring generation); sets
 # $marker_seq.
 marker_applied() {
-	_out=$(dmsetup message "$1" 0 marker "$2")
-	marker_seq=$(echo "$_out" | sed -n "s/^marker $2 seq \([0-9]*\)\$/\1/p")
-	[ -n "$marker_seq" ] || fail "marker $2 on $1: $_out"
-	_gen=$(ring_gen "$1")
-	[ -n "$_gen" ] || fail "no ring generation in dmsetup status $1"
-	check "target applied marker $2 (record $marker_seq)" replctl wait --state-dir "$3" --volume "$4" \
-		--applied "$marker_seq" --generation "$_gen" --timeout 600
+	insert_marker "$1" "$2"
+	[ -n "$marker_seq" ] || fail "marker $2 on $1: $marker_reply"
+	[ -n "$(ring_gen "$1")" ] || fail "no ring generation in dmsetup status $1"
+	check "target applied marker $2 (record $marker_seq)" target_applied "$3" "$4" "$marker_seq" "$1" 600
 }
 
 # same_sha A B WHAT: the SHA-256 of A (read O_DIRECT) and of file B are

@@ -18,22 +18,17 @@
 . /lib/vmtest/lib.sh
 set -u
 
-DATA=/dev/vda
-COPY=/dev/vdb
-sectors=$(cat /sys/block/vda/size)
-MOD=$(module_path dm_replica)
+setup_ring_guest
 table="0 $sectors replica $DATA lc ring_mib=8 overflow_wait_ms=10000"
 
-check "insmod dm_replica" insmod "$MOD"
 check "dmsetup create r0" dmsetup create r0 --table "$table"
 gen=$(dmsetup status r0 | sed -n 's/.* generation=\([0-9a-f]*\) .*/\1/p')
 check "ring has a generation" test -n "$gen"
 check "misuse of the control device is refused" dmr-ring misuse --group lc
 
 step "reloads under load, consumer attached"
-dmr-ring drain --group lc --image 0:$COPY --until-marker 3 --check-order >/tmp/drain.out 2>&1 &
-dpid=$!
-wait_for "consumer attached" 20 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+drain_start lc 3 --image 0:$COPY --check-order
+wait_for "consumer attached" 20 consumer_attached r0
 fio --eta=never --name=rl --filename=/dev/mapper/r0 --rw=randwrite --bsrange=4k-256k --blockalign=4k \
 	--ioengine=libaio --iodepth=8 --direct=1 --size=48M --verify=crc32c --do_verify=1 \
 	--verify_fatal=1 --output=/tmp/fio.out &
@@ -50,31 +45,22 @@ check "table shows it" sh -c 'dmsetup table r0 | grep -q "overflow_wait_ms=5000"
 check_not "reload with another ring size is refused" dmsetup reload r0 --table "${table/ring_mib=8/ring_mib=16}"
 check "old table still active" sh -c 'dmsetup table r0 | grep -q "ring_mib=8"'
 check "suspend while writing" dmsetup suspend r0
-check "suspended: nothing in flight, held or waiting" \
-	sh -c "dmsetup status r0 | grep -q ' in_flight=0 held=0 waiting=0 '"
+check "suspended: nothing in flight, held or waiting" dm_status_has r0 ' in_flight=0 held=0 waiting=0 '
 check "resume" dmsetup resume r0
 wait $fpid
 check_eq "fio (with verify) across reloads" 0 $?
 check "marker" dmsetup message r0 0 marker 3
-wait_for "drain reached the marker" 300 sh -c "! kill -0 $dpid 2>/dev/null"
-wait $dpid
-rc=$?
-cat /tmp/drain.out
-check_eq "drain exit status" 0 $rc
+drain_wait "drain reached the marker" 300 "drain exit status"
 check_eq "same ring generation after reloads" "$gen" \
 	"$(dmsetup status r0 | sed -n 's/.* generation=\([0-9a-f]*\) .*/\1/p')"
 check "no record lost across reloads: copy equals disk" same_content $DATA $COPY
 
 step "the ring dies with its last target; the consumer drains and exits"
-dmr-ring drain --group lc --image 0:$COPY --until-marker 999 >/tmp/drain2.out 2>&1 &
-dpid=$!
-wait_for "consumer attached" 20 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+drain_start lc 999 --image 0:$COPY
+wait_for "consumer attached" 20 consumer_attached r0
 check "write 1 MiB" dio write /dev/mapper/r0 0 1048576 5
 check "dmsetup remove r0 with the consumer attached" dmsetup remove r0
-wait_for "consumer saw the ring die and exited" 30 sh -c "! kill -0 $dpid 2>/dev/null"
-wait $dpid
-check_eq "consumer exit status" 0 $?
-cat /tmp/drain2.out
+drain_wait "consumer saw the ring die and exited" 30 "consumer exit status"
 check "the last write was drained" dio verify $COPY 0 1048576 5
 
 step "unload is refused while /dev/dm-replica is open"

@@ -11,15 +11,10 @@
 . /lib/vmtest/lib.sh
 set -u
 
-DATA=/dev/vda
-COPY=/dev/vdb
-sectors=$(cat /sys/block/vda/size)
-
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
+setup_ring_guest
 check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA fs ring_mib=16 overflow_wait_ms=10000"
-dmr-ring drain --group fs --image 0:$COPY --until-marker 1 --check-order --log /tmp/ring.log >/tmp/drain.out 2>&1 &
-pid=$!
-wait_for "consumer attached" 20 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+drain_start fs 1 --image 0:$COPY --check-order --log /tmp/ring.log
+wait_for "consumer attached" 20 consumer_attached r0
 
 step "ext4 with an fsync after every write"
 check "mkfs.ext4" mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 /dev/mapper/r0
@@ -38,16 +33,11 @@ check "umount" umount /mnt
 
 step "drain and compare"
 check "marker" dmsetup message r0 0 marker 1
-wait_for "drain reached the marker" 300 sh -c "! kill -0 $pid 2>/dev/null"
-wait $pid
-rc=$?
-cat /tmp/drain.out
-check_eq "drain exit status (includes the order check)" 0 $rc
+drain_wait "drain reached the marker" 300 "drain exit status (includes the order check)"
 flushes=$(sed -n 's/^drained .* flushes=\([0-9]*\).*/\1/p' /tmp/drain.out)
 check "flushes were captured as FLUSH records ($flushes)" test "$flushes" -gt 20
 fua=$(grep -c 'op=1 .* flags=1 ' /tmp/ring.log || true)
 echo "writes with FUA: $fua"
 check "the replayed copy equals the disk" same_content $DATA $COPY
 check "the copy is a clean ext4 filesystem" e2fsck -fn $COPY
-check "dmsetup remove r0" dmsetup remove r0
-check "rmmod dm_replica" rmmod dm_replica
+teardown r0

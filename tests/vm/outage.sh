@@ -12,15 +12,10 @@
 . /lib/vmtest/lib.sh
 set -u
 
-DATA=/dev/vda
-sectors=$(cat /sys/block/vda/size)
-size=$((sectors * 512))
+volume_vars /dev/vda
 W=/tmp/out
-T=/target
-ADDR=127.0.0.1:7715
 
-target_disk /dev/vdb $T
-setup_pair $W ov $size $ADDR $T/state $T/ov.img 4 $DATA ring_mib=2 overflow_wait_ms=5000
+setup_disk_pair $W ov $size 127.0.0.1:7715 4 /dev/vda ring_mib=2 overflow_wait_ms=5000
 cat >>$W/source.toml <<CFG
 [spool]
 limit_bytes = 2097152
@@ -34,15 +29,20 @@ check "fio 8 MiB while connected" fio --eta=never --name=a --filename=/dev/mappe
 marker_applied ov 1 $T/state ov
 same_sha /dev/mapper/ov $T/ov.img "in sync before the outage"
 
+# target_down WHAT SEED: stops the target, writes 24 MiB (check WHAT) with
+# fio's random SEED and waits until the source needs a resync.
+target_down() {
+	stop_daemons $tpid
+	check "$1" fio --eta=never --name=w$2 --filename=/dev/mapper/ov \
+		--rw=randwrite --bsrange=4k-128k --blockalign=4k --ioengine=libaio --iodepth=4 --direct=1 --size=48M \
+		--io_size=24M --randseed="$2" --output=/tmp/fio.out
+	wait_for "the source needs a resync" 60 json_has $W/source '"needs_resync": true'
+}
+
 step "outage: the target is down, writers keep going past the spool limit"
-kill $tpid
-wait $tpid
-check "fio 24 MiB with the target down (no hang)" fio --eta=never --name=b --filename=/dev/mapper/ov \
-	--rw=randwrite --bsrange=4k-128k --blockalign=4k --ioengine=libaio --iodepth=4 --direct=1 --size=48M \
-	--io_size=24M --randseed=2 --output=/tmp/fio.out
-wait_for "the source needs a resync" 60 json_has $W/source '"needs_resync": true'
+target_down "fio 24 MiB with the target down (no hang)" 2
 replctl status --state-dir $W/source
-check "the ring did not overflow (the spool took it, then the map)" sh -c 'dmsetup status ov | grep -q " overflow=0 "'
+check "the ring did not overflow (the spool took it, then the map)" dm_status_has ov ' overflow=0 '
 
 step "the target is back: the dirty regions are resent by themselves"
 spawn_target $W
@@ -54,12 +54,7 @@ point_sum=$(sha256sum <$T/ov.img | cut -d' ' -f1)
 point_seq=$marker_seq
 
 step "second outage; failover while its resync runs"
-kill $tpid
-wait $tpid
-check "fio 24 MiB with the target down" fio --eta=never --name=c --filename=/dev/mapper/ov \
-	--rw=randwrite --bsrange=4k-128k --blockalign=4k --ioengine=libaio --iodepth=4 --direct=1 --size=48M \
-	--io_size=24M --randseed=3 --output=/tmp/fio.out
-wait_for "the source needs a resync" 60 json_has $W/source '"needs_resync": true'
+target_down "fio 24 MiB with the target down" 3
 spawn_target $W
 wait_for "the target is in the middle of the resync" 300 grep -qE '"resync_since": [0-9]' $T/state/volumes/ov/state.json
 kill -9 $spid
@@ -69,7 +64,5 @@ echo "$out"
 check "the failover used the last recovery point ($point_seq), not the half-resent replica" \
 	sh -c "echo '$out' | grep -q 'recovery point at record $point_seq'"
 check_eq "the promoted replica is that point, byte for byte" "$point_sum" "$(sha256sum <$T/ov.img | cut -d' ' -f1)"
-kill $tpid
-wait $tpid
-check "dmsetup remove ov" dmsetup remove ov
-check "rmmod dm_replica" rmmod dm_replica
+stop_daemons $tpid
+teardown ov

@@ -21,33 +21,31 @@
 set -u
 
 DATA=/dev/vda
-sectors=$(cat /sys/block/vda/size)
-size=$((sectors * 512))
+volume_vars $DATA
 W=/tmp/ofi
-PORT=7714
 slow=8192 # sectors: the first 4 MiB
 
-SOURCE_DM=r0 setup_pair $W ofi $size 127.0.0.1:$PORT $W/target $W/replica.img 8
+SOURCE_DM=r0 setup_pair $W ofi $size 127.0.0.1:7714 $W/target $W/replica.img 8
 check "dmsetup create dly (writes delayed 10 s / 3 s)" sh -c "printf '%s\n%s\n' \
 	'0 $slow delay $DATA 0 0 $DATA 0 10000' \
 	'$slow $((sectors - slow)) delay $DATA $slow 0 $DATA $slow 3000' | dmsetup create dly"
 check "dmsetup create r0 over dly (1 MiB ring, 20 ms wait)" dmsetup create r0 \
 	--table "0 $sectors replica /dev/mapper/dly ofi ring_mib=1 region_kib=64 overflow_wait_ms=20"
 start_daemons $W $W/source
-check "source attached" sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+check "source attached" consumer_attached r0
 marker_applied r0 1 $W/target ofi
 
 step "16 records in flight fill the ring; 32 writes overflow behind them"
 fio --eta=never --name=fill --filename=/dev/mapper/r0 --rw=write --bs=64k --offset=4M --size=1M \
 	--ioengine=libaio --iodepth=16 --direct=1 --output=/tmp/fio-fill.out &
 fill=$!
-wait_for "the ring is full of records in flight" 30 sh -c 'dmsetup status r0 | grep -q " in_flight=16 "'
+wait_for "the ring is full of records in flight" 30 dm_status_has r0 ' in_flight=16 '
 fio --eta=never --name=late --filename=/dev/mapper/r0 --rw=write --bs=64k --offset=0 --size=2M \
 	--ioengine=libaio --iodepth=32 --direct=1 --output=/tmp/fio-late.out &
 late=$!
-wait_for "the 32 writes went to the dirty bitmap" 30 sh -c 'dmsetup status r0 | grep -q " overflowed_writes=32 "'
+wait_for "the 32 writes went to the dirty bitmap" 30 dm_status_has r0 ' overflowed_writes=32 '
 dmsetup status r0
-wait_for "the source took the bitmap (overflow ended)" 30 sh -c 'dmsetup status r0 | grep -q " overflow=0 "'
+wait_for "the source took the bitmap (overflow ended)" 30 dm_status_has r0 ' overflow=0 '
 dmsetup status r0
 wait $fill
 check_eq "fio (ring-filling writes)" 0 $?
@@ -70,8 +68,5 @@ check "no overflow-mode write in flight" sh -c "echo '$status' | grep -q ' in_fl
 check "the source says the replica is up to date" json_has $W/source '"needs_resync": false'
 
 step "shutdown"
-kill $spid $tpid
-wait $spid
-wait $tpid
-check "dmsetup remove r0 dly" dmsetup remove r0 dly
-check "rmmod dm_replica" rmmod dm_replica
+stop_daemons
+teardown r0 dly

@@ -12,11 +12,7 @@
 . /lib/vmtest/lib.sh
 set -u
 
-DATA=/dev/vda
-COPY=/dev/vdb
-sectors=$(cat /sys/block/vda/size)
-
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
+setup_ring_guest
 # 1 MiB ring: 256 data granules and 256 descriptors, so exactly 256 writes
 # of 4 KiB fit.
 check "dmsetup create r0 (1 MiB ring, 50 ms wait)" dmsetup create r0 \
@@ -42,21 +38,16 @@ dmr-ring bitmap --group of --volume 0 >/tmp/bitmap.out 2>&1
 cat /tmp/bitmap.out
 check "bitmap covers exactly regions 16-63" grep -q "dirty=48 set=16-63$" /tmp/bitmap.out
 check "capture resumes at record 257" grep -q "resume_seq=257 " /tmp/bitmap.out
-check "overflow ended" sh -c "dmsetup status r0 | grep -q ' overflow=0 '"
+check "overflow ended" dm_status_has r0 ' overflow=0 '
 
 step "capture resumed"
-dmr-ring drain --group of --image 0:$COPY --until-marker 2 >/tmp/drain2.out 2>&1 &
-pid=$!
-wait_for "consumer attached" 20 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+drain_start of 2 --image 0:$COPY
+wait_for "consumer attached" 20 consumer_attached r0
 check "write 512 KiB at 6 MiB" dio write /dev/mapper/r0 $((6 * 1048576)) $((512 * 1024)) 9
 check "marker" dmsetup message r0 0 marker 2
-wait_for "drain reached the marker" 60 sh -c "! kill -0 $pid 2>/dev/null"
-wait $pid
-check_eq "drain exit status" 0 $?
-cat /tmp/drain2.out
+drain_wait "drain reached the marker" 60 "drain exit status"
 check "new write replicated" dio verify $COPY $((6 * 1048576)) $((512 * 1024)) 9
 check_not "regions 16-63 differ before resync" same_content $DATA $COPY
 check "resync regions 16-63 from the disk" dd if=$DATA of=$COPY bs=64k skip=16 seek=16 count=48 iflag=direct status=none
 check "records + resynced regions give the disk exactly" same_content $DATA $COPY
-check "dmsetup remove r0" dmsetup remove r0
-check "rmmod dm_replica" rmmod dm_replica
+teardown r0

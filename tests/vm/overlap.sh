@@ -14,11 +14,7 @@
 . /lib/vmtest/lib.sh
 set -u
 
-DATA=/dev/vda
-COPY=/dev/vdb
-sectors=$(cat /sys/block/vda/size)
-
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
+setup_ring_guest
 check "copy equals data at start" same_content $DATA $COPY
 check "dmsetup create r0" dmsetup create r0 --table "0 $sectors replica $DATA ov ring_mib=8 overflow_wait_ms=10000"
 
@@ -26,16 +22,11 @@ marker=0
 for seed in 1 2 3 4 5; do
 	step "seed $seed"
 	marker=$((marker + 1))
-	dmr-ring drain --group ov --image 0:$COPY --until-marker $marker --check-order >/tmp/drain.out 2>&1 &
-	pid=$!
-	wait_for "consumer attached" 20 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+	drain_start ov $marker --image 0:$COPY --check-order
+	wait_for "consumer attached" 20 consumer_attached r0
 	check "overlapping writes (seed $seed)" overlap /dev/mapper/r0 $seed 40 256 2
 	check "marker $marker" dmsetup message r0 0 marker $marker
-	wait_for "drain reached marker $marker" 120 sh -c "! kill -0 $pid 2>/dev/null"
-	wait $pid
-	rc=$?
-	cat /tmp/drain.out
-	check_eq "drain exit status" 0 $rc
+	drain_wait "drain reached marker $marker" 120 "drain exit status"
 	check "replayed copy equals the disk (seed $seed)" same_content $DATA $COPY
 done
 
@@ -43,7 +34,6 @@ status=$(dmsetup status r0)
 echo "$status"
 held=$(echo "$status" | sed -n 's/.* held_total=\([0-9]*\).*/\1/p')
 check "writes were held back behind overlapping ones (held_total=$held)" test "$held" -gt 0
-check "nothing left held or in flight" sh -c "dmsetup status r0 | grep -q ' in_flight=0 held=0 waiting=0 '"
-check "no overflow" sh -c "dmsetup status r0 | grep -q ' overflow=0 '"
-check "dmsetup remove r0" dmsetup remove r0
-check "rmmod dm_replica" rmmod dm_replica
+check "nothing left held or in flight" dm_status_has r0 ' in_flight=0 held=0 waiting=0 '
+check "no overflow" dm_status_has r0 ' overflow=0 '
+teardown r0

@@ -15,7 +15,7 @@ set -u
 W=/tmp/pr
 C=/etc/dm-replica
 ADDR=127.0.0.1:7717
-size=$(($(cat /sys/block/vda/size) * 512))
+volume_vars /dev/vda
 
 check "ext4 with a file, before protection" mkfs.ext4 -q -F /dev/vda
 mkdir -p /mnt/v
@@ -97,6 +97,5 @@ check_not "the state is gone" test -e $W/source
 check "the disk itself holds the filesystem" mount -t ext4 /dev/vda /mnt/v
 check "the file is there" grep -q "the data stays" /mnt/v/keep.txt
 check "umount" umount /mnt/v
-kill $tpid
-wait $tpid
+stop_daemons $tpid
 check "rmmod dm_replica" rmmod dm_replica

@@ -12,8 +12,7 @@
 set -u
 
 DATA=/dev/vda
-sectors=$(cat /sys/block/vda/size)
-size=$((sectors * 512))
+volume_vars $DATA
 W=/tmp/rep
 
 step "keys, certificates and configuration"
@@ -31,17 +30,16 @@ wait_for "target listening" 30 test -s $W/target/listen.addr
 	printf '[spool]\nlimit_percent = 1000\n'
 } >$W/source.toml
 spawn_source $W
-wait_for "source attached to the kernel ring" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+wait_for "source attached to the kernel ring" 30 consumer_attached r0
 
 step "write through the protected volume"
 check "fio randwrite with verify" fio --eta=never --name=rep --filename=/dev/mapper/r0 --rw=randwrite \
 	--bsrange=4k-256k --blockalign=4k --ioengine=libaio --iodepth=8 --direct=1 --size=24M \
 	--verify=crc32c --do_verify=1 --verify_fatal=1 --output=/tmp/fio.out
-out=$(dmsetup message r0 0 marker 42)
-echo "$out"
-seq=$(echo "$out" | sed -n 's/^marker 42 seq \([0-9]*\)$/\1/p')
+insert_marker r0 42
+seq=$marker_seq
 check "marker inserted (seq $seq)" test -n "$seq"
-if ! replctl wait --state-dir $W/target --volume rv --applied "$seq" --generation "$(ring_gen r0)" --timeout 240; then
+if ! target_applied $W/target rv "$seq" r0 240; then
 	replctl status --state-dir $W/source
 	tail -n 20 $W/source.log $W/target.log
 	fail "target applied up to the marker"
@@ -49,14 +47,11 @@ fi
 wait_for "source lag back to 0" 60 json_has $W/source '"lag_records": ?0,'
 replctl status --state-dir $W/source
 replctl status --state-dir $W/target
-wait_for "ring released by the source" 60 sh -c "dmsetup status r0 | grep -q ' live=0 '"
+wait_for "ring released by the source" 60 dm_status_has r0 ' live=0 '
 
 step "replica equals the volume"
 same_sha /dev/mapper/r0 $W/replica.img "checksums"
 
 step "shutdown"
-kill $spid $tpid
-wait $spid
-wait $tpid
-check "dmsetup remove r0" dmsetup remove r0
-check "rmmod dm_replica" rmmod dm_replica
+stop_daemons
+teardown r0

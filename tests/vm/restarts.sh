@@ -10,15 +10,10 @@
 . /lib/vmtest/lib.sh
 set -u
 
-DATA=/dev/vda
-sectors=$(cat /sys/block/vda/size)
-size=$((sectors * 512))
+volume_vars /dev/vda
 W=/tmp/rs
-T=/target
-ADDR=127.0.0.1:7716
 
-target_disk /dev/vdb $T
-setup_pair $W rr $size $ADDR $T/state $T/rr.img 4 $DATA ring_mib=4 overflow_wait_ms=10000
+setup_disk_pair $W rr $size 127.0.0.1:7716 4 /dev/vda ring_mib=4 overflow_wait_ms=10000
 printf '[spool]\nlimit_percent = 1000\n' >>$W/source.toml
 start_daemons $W $W/source
 
@@ -51,8 +46,5 @@ check "at least 4 restarts happened during the writes" test $round -ge 4
 marker_applied rr 9 $T/state rr
 same_sha /dev/mapper/rr $T/rr.img "the replica equals the volume"
 check "no resync was needed" json_has $W/source '"needs_resync": false'
-kill $spid $tpid
-wait $spid
-wait $tpid
-check "dmsetup remove rr" dmsetup remove rr
-check "rmmod dm_replica" rmmod dm_replica
+stop_daemons
+teardown rr

@@ -13,17 +13,15 @@
 set -u
 
 DATA=/dev/vda
-sectors=$(cat /sys/block/vda/size)
-size=$((sectors * 512))
+volume_vars $DATA
 W=/tmp/rs
-PORT=7712
 
 check "data on the volume before it is protected" dd if=/dev/urandom of=$DATA bs=1M count=48 oflag=direct status=none
-SOURCE_DM=r0 setup_pair $W rs $size 127.0.0.1:$PORT $W/target $W/replica.img 8 $DATA ring_mib=2 region_kib=64 overflow_wait_ms=2000
+SOURCE_DM=r0 setup_pair $W rs $size 127.0.0.1:7712 $W/target $W/replica.img 8 $DATA ring_mib=2 region_kib=64 overflow_wait_ms=2000
 printf '[resync]\nwindow_bytes = 4194304\n' >>$W/source.toml
 spawn_target $W
 spawn_source $W
-wait_for "source attached" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+wait_for "source attached" 30 consumer_attached r0
 
 compare() { # what marker-id
 	marker_applied r0 "$2" $W/target rs
@@ -45,13 +43,12 @@ check "the target is out of its resync" sh -c "! grep -q '\"resync_since\": [0-9
 compare "after the initial copy" 1
 
 step "ring overflow while the source is stopped"
-kill $spid
-wait $spid
+stop_daemons $spid
 check "fio 8 MiB into a 2 MiB ring with no consumer" fio --eta=never --name=over --filename=/dev/mapper/r0 \
 	--rw=randwrite --bs=16k --ioengine=libaio --iodepth=4 --direct=1 --offset=8M --size=8M --io_size=8M \
 	--randseed=7 --output=/tmp/fio2.out
 dmsetup status r0
-check "the ring overflowed" sh -c 'dmsetup status r0 | grep -q " overflow=1 "'
+check "the ring overflowed" dm_status_has r0 ' overflow=1 '
 : >$W/source.log
 spawn_source $W
 wait_for "the restarted source took the kernel's bitmap over" 120 grep -q "capture ring overflowed" $W/source.log
@@ -63,8 +60,5 @@ check "only the overflowed regions were resent" test "$total" -gt 0 -a "$total" 
 compare "after the overflow resync" 2
 
 step "shutdown"
-kill $spid $tpid
-wait $spid
-wait $tpid
-check "dmsetup remove r0" dmsetup remove r0
-check "rmmod dm_replica" rmmod dm_replica
+stop_daemons
+teardown r0

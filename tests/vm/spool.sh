@@ -11,15 +11,14 @@
 set -u
 
 DATA=/dev/vda
-sectors=$(cat /sys/block/vda/size)
-size=$((sectors * 512))
+volume_vars $DATA
 W=/tmp/spool
-PORT=7711
+ADDR=127.0.0.1:7711
 
 step "keys, certificates and configuration"
 # 1 MiB ring; a writer that found it full would wait 10 s and then switch
 # the ring to overflow, which this test must never see.
-SOURCE_DM=r0 setup_pair $W sp $size 127.0.0.1:$PORT $W/target $W/replica.img 4 $DATA ring_mib=1 overflow_wait_ms=10000
+SOURCE_DM=r0 setup_pair $W sp $size $ADDR $W/target $W/replica.img 4 $DATA ring_mib=1 overflow_wait_ms=10000
 
 step "a state directory on a protected volume is refused"
 # Another protected volume (its own group, nobody draining it).
@@ -27,7 +26,7 @@ check "dmsetup create r1" dmsetup create r1 --table "0 $(cat /sys/block/vdb/size
 check "mkfs.ext4 on it" mkfs.ext4 -q -F /dev/mapper/r1
 mkdir -p /mnt/p
 check "mount it" mount -t ext4 /dev/mapper/r1 /mnt/p
-SOURCE_DM=r0 source_toml $W sp $size 127.0.0.1:$PORT /mnt/p/state >$W/bad.toml
+SOURCE_DM=r0 source_toml $W sp $size $ADDR /mnt/p/state >$W/bad.toml
 replicad source --config $W/bad.toml 2>$W/bad.log
 check_eq "replicad refuses to start (exit 2)" 2 $?
 cat $W/bad.log
@@ -37,14 +36,14 @@ check "dmsetup remove r1" dmsetup remove r1
 
 step "target unreachable: the spool takes 16x the ring"
 spawn_source $W
-wait_for "source attached to the kernel ring" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+wait_for "source attached to the kernel ring" 30 consumer_attached r0
 check "fio 16 MiB with verify" fio --eta=never --name=sp --filename=/dev/mapper/r0 --rw=randwrite \
 	--bsrange=4k-128k --blockalign=4k --ioengine=libaio --iodepth=8 --direct=1 --size=16M \
 	--verify=crc32c --do_verify=1 --verify_fatal=1 --output=/tmp/fio.out
 dmsetup status r0
-check "the ring never overflowed" sh -c 'dmsetup status r0 | grep -q " overflow=0 "'
-out=$(dmsetup message r0 0 marker 7)
-seq=$(echo "$out" | sed -n 's/^marker 7 seq \([0-9]*\)$/\1/p')
+check "the ring never overflowed" dm_status_has r0 ' overflow=0 '
+insert_marker r0 7
+seq=$marker_seq
 check "marker inserted (seq $seq)" test -n "$seq"
 wait_for "marker spooled" 60 json_has $W/source "\"spooled_seq\": ?$((seq + 1)),"
 replctl status --state-dir $W/source
@@ -55,15 +54,12 @@ check "no resync needed" json_has $W/source '"needs_resync": ?false'
 
 step "target back: the replica catches up"
 spawn_target $W
-check "target applied up to the marker" replctl wait --state-dir $W/target --volume sp --applied "$seq" --generation "$(ring_gen r0)" --timeout 300
+check "target applied up to the marker" target_applied $W/target sp "$seq" r0 300
 wait_for "source lag back to 0 and spool empty" 60 json_has $W/source '"spool_bytes": ?0,'
 replctl status --state-dir $W/source
 replctl status --state-dir $W/target
 same_sha /dev/mapper/r0 $W/replica.img "checksums"
 
 step "shutdown"
-kill $spid $tpid
-wait $spid
-wait $tpid
-check "dmsetup remove r0" dmsetup remove r0
-check "rmmod dm_replica" rmmod dm_replica
+stop_daemons
+teardown r0

@@ -16,15 +16,11 @@
 set -u
 
 DATA=/dev/vda
-sectors=$(cat /sys/block/vda/size)
-size=$((sectors * 512))
+volume_vars $DATA
 W=/tmp/tk
-T=/target
-ADDR=127.0.0.1:7718
 table() { dmsetup create tk --table "0 $sectors replica $DATA tk ring_mib=4 overflow_wait_ms=10000"; }
 
-target_disk /dev/vdb $T
-setup_pair $W tk $size $ADDR $T/state $T/tk.img 8
+setup_disk_pair $W tk $size 127.0.0.1:7718 8
 check "dmsetup create tk" table
 # A small resync window: the resync takes a while, the writes below overlap it.
 printf '[spool]\nlimit_percent = 1000\n[resync]\nwindow_bytes = 2097152\n' >>$W/source.toml
@@ -40,11 +36,9 @@ gen1=$(ring_gen tk)
 echo "generation $gen1 applied up to record $old_seq"
 
 step "the protected host restarts; the target keeps running"
-kill $spid
-wait $spid
-check "dmsetup remove tk" dmsetup remove tk
-check "rmmod dm_replica" rmmod dm_replica
-check "insmod dm_replica" insmod "$(module_path dm_replica)"
+stop_daemons $spid
+teardown tk
+load_module
 check "dmsetup create tk (a new ring)" table
 gen2=$(ring_gen tk)
 check "a new ring generation" test "$gen1" != "$gen2"
@@ -61,8 +55,8 @@ wait $fpid
 check_eq "fio during the resync" 0 $?
 # The new generation's first marker comes far below the old one's records:
 # a wait for it in the old generation's terms would return at once.
-out=$(dmsetup message tk 0 marker 2)
-early=$(echo "$out" | sed -n 's/^marker 2 seq \([0-9]*\)$/\1/p')
+insert_marker tk 2
+early=$marker_seq
 check "a marker of the new generation below the old one's (record $early < $old_seq)" test "$early" -lt "$old_seq"
 out=$(replctl wait --state-dir $T/state --volume tk --applied "$early" --generation "$gen1" --timeout 2 2>&1) &&
 	fail "a wait for record $early of the old generation returned: $out"
@@ -81,8 +75,5 @@ newest=$(replctl points --state-dir $T/state --volume tk | awk '$1 ~ /^[0-9]+$/ 
 check_eq "the newest recovery point is the marker" "$last" "$newest"
 same_sha /dev/mapper/tk "$T/state/volumes/tk/points/$(printf '%020d' "$last").img" "the newest point equals the volume at its marker"
 
-kill $spid $tpid
-wait $spid
-wait $tpid
-check "dmsetup remove tk" dmsetup remove tk
-check "rmmod dm_replica" rmmod dm_replica
+stop_daemons
+teardown tk

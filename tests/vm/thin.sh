@@ -28,8 +28,7 @@ set -u
 SRC=/dev/vda   # the protected volume
 META=/dev/vdb  # pool metadata
 DATA=/dev/vdc  # pool data (a linear device over part of it, extended later)
-sectors=$(cat /sys/block/vda/size)
-size=$((sectors * 512))
+volume_vars $SRC
 W=/tmp/thin
 LEDGER=$W/target/thin/pool.ledger
 POOL_BLOCK=128                # sectors (64 KiB)
@@ -49,10 +48,12 @@ status_field() {
 	replctl status --state-dir $W/target --json 2>/dev/null | sed -n "s/^ *\"$1\": \([0-9]*\),\{0,1\}$/\1/p" | head -n1
 }
 
-# marker N: inserts marker N on the source, prints its record sequence.
+# marker N: inserts marker N on the source (check "marker N (seq S)") and
+# sets $seq to its record sequence S.
 marker() {
-	_out=$(dmsetup message r0 0 marker "$1")
-	echo "$_out" | sed -n "s/^marker $1 seq \([0-9]*\)$/\1/p"
+	insert_marker r0 "$1"
+	seq=$marker_seq
+	check "marker $1 (seq $seq)" test -n "$seq"
 }
 
 # write_at FILE OFFSET_MIB: writes FILE at OFFSET_MIB of the protected volume.
@@ -65,9 +66,17 @@ random_file() {
 	dd if=/dev/urandom of="$1" bs=1M count="$2" 2>/dev/null
 }
 
+# write_marked WHAT MIB OFFSET_MIB N: writes MIB MiB of random data at
+# OFFSET_MIB of the protected volume (check WHAT), then marker N.
+write_marked() {
+	random_file /tmp/marked "$2"
+	check "$1" write_at /tmp/marked "$3"
+	marker "$4"
+}
+
 # wait_applied SEQ: the target applied record SEQ.
 wait_applied() {
-	check "target applied record $1" replctl wait --state-dir $W/target --volume tv --applied "$1" --generation "$(ring_gen r0)" --timeout 180
+	check "target applied record $1" target_applied $W/target tv "$1" r0 180
 }
 
 # point_dev SEQ: the thin device id of point SEQ, from the pool's ledger.
@@ -128,18 +137,14 @@ check "replica's id in the ledger ($rep_id)" test -n "$rep_id"
 check "replica is thin device $rep_id of the pool, $sectors sectors" \
 	sh -c "dmsetup table rep | grep -qE '^0 $sectors thin [0-9]+:[0-9]+ $rep_id\$'"
 spawn_source $W
-wait_for "source attached to the kernel ring" 30 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+wait_for "source attached to the kernel ring" 30 consumer_attached r0
 
 step "write A, marker; write B, marker"
-random_file /tmp/a 1
-check "write A" write_at /tmp/a 0
-seq1=$(marker 1)
-check "marker 1 (seq $seq1)" test -n "$seq1"
+write_marked "write A" 1 0 1
+seq1=$seq
 sum1=$(vol_sum /dev/mapper/r0)
-random_file /tmp/b 1
-check "write B" write_at /tmp/b 2
-seq2=$(marker 2)
-check "marker 2 (seq $seq2)" test -n "$seq2"
+write_marked "write B" 1 2 2
+seq2=$seq
 sum2=$(vol_sum /dev/mapper/r0)
 check "A and B changed the volume" test "$sum1" != "$sum2"
 wait_applied "$seq2"
@@ -178,10 +183,8 @@ check_not "point device gone" dm_exists "rep-point-$seq1"
 
 step "keep_points = 2: the oldest snapshot is deleted from the pool"
 check "snapshot $dev1 exists before pruning" thin_exists "$dev1"
-random_file /tmp/c 1
-check "write C" write_at /tmp/c 4
-seq3=$(marker 3)
-check "marker 3 (seq $seq3)" test -n "$seq3"
+write_marked "write C" 1 4 3
+seq3=$seq
 wait_applied "$seq3"
 points=$(replctl point list $PT | tr '\n' ' ')
 echo "points: $points"
@@ -192,14 +195,11 @@ check_not "snapshot $dev1 deleted from the pool" thin_exists "$dev1"
 check "snapshot $dev2 still there" thin_exists "$dev2"
 
 step "crash between create_snap and the record: the snapshot is deleted at start-up"
-kill $tpid
-wait $tpid
+stop_daemons $tpid
 start_target REPLICAD_TEST_CRASH=after-create-snap
-random_file /tmp/d 1
-check "write D" write_at /tmp/d 6
-seq4=$(marker 4)
-check "marker 4 (seq $seq4)" test -n "$seq4"
-wait_for "target aborted by the test hook" 120 sh -c "! kill -0 $tpid 2>/dev/null"
+write_marked "write D" 1 6 4
+seq4=$seq
+wait_for "target aborted by the test hook" 120 exited $tpid
 wait $tpid
 echo "target exit status $?"
 check "the hook fired after create_snap" grep -q "aborting after create_snap" $W/target.log
@@ -212,19 +212,17 @@ check "start-up deleted the unrecorded snapshot" grep -q "deleting unrecorded sn
 check_not "snapshot $dev4 deleted from the pool" thin_exists "$dev4"
 check_eq "point $seq4 gone from the ledger" "" "$(point_dev "$seq4")"
 check_not "replica resumed" sh -c "dmsetup info rep | grep -q SUSPENDED"
-random_file /tmp/e 1
 dd if=/dev/zero of=/tmp/e4k bs=4096 count=1 2>/dev/null
-check "write E" write_at /tmp/e 8
-seq5=$(marker 5)
-check "marker 5 (seq $seq5)" test -n "$seq5"
+write_marked "write E" 1 8 5
+seq5=$seq
 wait_applied "$seq5"
 check "replica equals the source" same_content /dev/mapper/r0 /dev/mapper/rep
 
 step "a discard reads back as zeroes on the replica (whole pool blocks unmapped, partial ones zeroed)"
 # Inside E (8 MiB .. 9 MiB), starting and ending inside 64 KiB pool blocks.
 check "discard through the protected volume" blkdiscard -o $((8 * 1048576 + 4096)) -l $((1048576 - 8192)) /dev/mapper/r0
-seqd=$(marker 50)
-check "marker 50 (seq $seqd)" test -n "$seqd"
+marker 50
+seqd=$seq
 wait_applied "$seqd"
 zeroes=$(dd if=/dev/zero bs=4096 count=254 2>/dev/null | md5sum | cut -d' ' -f1)
 check_eq "the discarded range of the replica reads as zeroes" "$zeroes" \
@@ -235,10 +233,8 @@ check_not "the edges of E are kept" sh -c "dd if=/dev/mapper/rep iflag=direct bs
 step "low-water mark (50%)"
 check "health OK before the low-water test" status_has '"health": "OK"'
 dmsetup status pool
-random_file /tmp/f 5
-check "write F (5 MiB)" write_at /tmp/f 10
-seq6=$(marker 6)
-check "marker 6 (seq $seq6)" test -n "$seq6"
+write_marked "write F (5 MiB)" 5 10 6
+seq6=$seq
 sum6=$(vol_sum /dev/mapper/r0)
 wait_applied "$seq6"
 dmsetup status pool
@@ -247,10 +243,8 @@ wait_for "Warning: pool above its low-water mark, with figures" 60 \
 replctl status --state-dir $W/target
 
 step "pool exhaustion: Warning, no hang, nothing applied that was not written"
-random_file /tmp/g 16
-check "overwrite the whole volume (16 MiB, more than the pool has left)" write_at /tmp/g 0
-seq7=$(marker 7)
-check "marker 7 (seq $seq7)" test -n "$seq7"
+write_marked "overwrite the whole volume (16 MiB, more than the pool has left)" 16 0 7
+seq7=$seq
 sum7=$(vol_sum /dev/mapper/r0)
 wait_for "pool out of data space" 120 sh -c "dmsetup status pool | grep -q out_of_data_space"
 wait_for "Warning: replica apply retried on a full pool" 120 \
@@ -279,8 +273,7 @@ check_eq "point $seq7 holds the source as of marker 7" "$sum7" "$(vol_sum "$p7")
 check "point $seq7 closed" replctl point close $PT --point "$seq7"
 
 step "unplanned failover to an older point: a copy of it becomes the replica"
-kill $spid
-wait $spid
+stop_daemons $spid
 out=$(replctl failover --state-dir $W/target --volume tv --point "$seq6") || fail "failover: $out"
 echo "$out"
 check_eq "the promoted replica holds the source as of marker 6" "$sum6" "$(vol_sum /dev/mapper/rep)"
@@ -291,7 +284,5 @@ check_not "the old replica (thin device $rep_id) is deleted from the pool" thin_
 check "point $seq6 is still a snapshot in the pool" thin_exists "$(point_dev "$seq6")"
 
 step "shutdown"
-kill $tpid
-wait $tpid
-check "dmsetup remove r0" dmsetup remove r0
-check "rmmod dm_replica" rmmod dm_replica
+stop_daemons $tpid
+teardown r0

@@ -16,10 +16,8 @@
 . /lib/vmtest/lib.sh
 set -u
 
-DATA=/dev/vda
-COPY=/dev/vdb
+ring_disks
 MOD=$(module_path dm_replica)
-sectors=$(cat /sys/block/vda/size)
 cycles=${CYCLES:-100}
 table="0 $sectors replica $DATA cy ring_mib=4 overflow_wait_ms=20"
 
@@ -50,9 +48,8 @@ while [ $i -le $cycles ]; do
 		check "copy in sync" dd if=$DATA of=$COPY bs=1M iflag=direct oflag=direct status=none
 	fi
 	if [ $consumer = 1 ]; then
-		dmr-ring drain --group cy --image 0:$COPY --until-marker $i --check-order >/tmp/drain.out 2>&1 &
-		dpid=$!
-		wait_for "consumer attached ($i)" 60 sh -c 'dmsetup status r0 | grep -q "consumer=1"'
+		drain_start cy $i --image 0:$COPY --check-order
+		wait_for "consumer attached ($i)" 60 consumer_attached r0
 		size=4M
 	else
 		# Three times the ring: it must overflow.
@@ -69,9 +66,7 @@ while [ $i -le $cycles ]; do
 	check_eq "fio with verify ($i)" 0 $?
 	if [ $consumer = 1 ]; then
 		check "marker ($i)" dmsetup message r0 0 marker $i
-		wait_for "drain ($i)" 300 sh -c "! kill -0 $dpid 2>/dev/null"
-		wait $dpid
-		check_eq "drain exit status ($i)" 0 $?
+		drain_wait "drain ($i)" 300 "drain exit status ($i)"
 		check "replayed copy equals the disk ($i)" same_content $DATA $COPY
 	else
 		dmsetup status r0
