@@ -11,6 +11,12 @@
 //! made by udev when it runs (waited for), by this crate otherwise.
 //!
 //! The only `unsafe` code is the ioctl call itself, in `sys`.
+//!
+//! Why not the `devicemapper` crate: its `devicemapper-sys` runs bindgen
+//! (libclang) at build time and links libdevmapper through pkg-config,
+//! which the statically linked daemon the test guests run cannot use, and
+//! it brings a second `nix` and several crates more for the nine calls
+//! made here.
 #![warn(missing_docs)]
 
 mod control;
