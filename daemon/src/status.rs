@@ -127,7 +127,20 @@ impl StatusBoard {
             .cloned()
     }
 
-    /// How many times `status.json` was written.
+    /// Writes the status now, whatever the timer says (a daemon that stops
+    /// writes its last status before it returns, whoever still holds the
+    /// board).
+    pub fn flush(&self) {
+        let snapshot = {
+            let mut g = self.shared.lock();
+            g.dirty = false;
+            g.urgent = false;
+            g.vols.clone()
+        };
+        self.shared.write(&snapshot);
+    }
+
+    /// How many times `status.json` was written successfully.
     pub fn written(&self) -> u64 {
         self.shared.written.load(Ordering::Acquire)
     }
@@ -187,11 +200,12 @@ impl Board {
         // Status is advisory and rebuilt at start: replace the file
         // atomically (readers never see a partial one) but skip the fsync.
         let tmp = self.path.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, &self.path))
-        {
-            tracing::warn!(error = %e, "cannot publish status");
+        match std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, &self.path)) {
+            Ok(()) => {
+                self.written.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot publish status"),
         }
-        self.written.fetch_add(1, Ordering::AcqRel);
     }
 }
 

@@ -328,6 +328,14 @@ mod tests {
         assert_eq!(s.reason(ReasonKind::Session), Some("connect: timed out"));
         s.set_reason(ReasonKind::Stopped, "authentication failed");
         assert_eq!(s.health, Health::Critical);
+        s.set_reason(ReasonKind::WriteFailed, "write failed at sector 8");
+        s.set_reason(ReasonKind::Session, "connect: refused again");
+        assert_eq!(
+            s.health,
+            Health::Critical,
+            "a Warning after Critical never downgrades it"
+        );
+        s.clear_reason(ReasonKind::WriteFailed);
         assert_eq!(s.reasons[0].kind, ReasonKind::Stopped, "kept in kind order");
         s.clear_reason(ReasonKind::Session);
         assert_eq!(s.health, Health::Critical, "Critical stays with its reason");

@@ -138,10 +138,21 @@ pub fn marker(name: &str, id: u64) -> Result<u64, FailoverError> {
 /// Replaces the table of `name` (of `sectors` sectors) with an `error`
 /// target and resumes it: every write (and read) fails from now on instead
 /// of reaching the disk or hanging.
+///
+/// A failure after the error table went live (making the device node, say)
+/// is not one: the live table decides, so a fence that took effect is never
+/// reported as failed (a retry would then try to fence a fenced volume).
 pub fn fence(name: &str, sectors: u64) -> Result<(), FailoverError> {
     let d = dm();
     d.reload(name, &Target::new(0, sectors, "error", "").into())?;
-    Ok(d.resume(name)?)
+    match d.resume(name) {
+        Ok(()) => Ok(()),
+        Err(e) if is_fenced(name) => {
+            tracing::warn!(device = name, error = %e, "the error table is live although the resume reported an error");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Resumes `name` with its current table (undoing [`suspend`]).

@@ -257,6 +257,7 @@ impl Source {
         if let Some(c) = self.control.take() {
             let _ = c.join();
         }
+        self.board.flush();
         r
     }
 

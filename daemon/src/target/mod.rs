@@ -255,6 +255,7 @@ impl Target {
             let _ = a.join();
         }
         let _ = self.control.join();
+        self.board.flush();
         Ok(())
     }
 }
