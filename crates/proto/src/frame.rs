@@ -242,13 +242,9 @@ impl SegmentHeader {
         if b[0..4] != SEGMENT_MAGIC {
             return Err(FrameError::Corrupt("bad magic"));
         }
-        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(a)
-        };
+        let u16_at = |o: usize| crate::le::u16_at(b, o);
+        let u32_at = |o: usize| crate::le::u32_at(b, o);
+        let u64_at = |o: usize| crate::le::u64_at(b, o);
         let arr16 = |o: usize| {
             let mut a = [0u8; 16];
             a.copy_from_slice(&b[o..o + 16]);
@@ -429,11 +425,7 @@ pub fn decode_record_run(
             .checked_add(RECORD_HEADER_LEN)
             .and_then(|end| plain.get(p..end))
             .ok_or(FrameError::Records("truncated record header"))?;
-        let u64_at = |o: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&rh[o..o + 8]);
-            u64::from_le_bytes(a)
-        };
+        let u64_at = |o: usize| crate::le::u64_at(rh, o);
         let seq = u64_at(0);
         let sector = u64_at(8);
         let submit_ns = u64_at(16);

@@ -2,4 +2,5 @@
 
 pub mod frame;
 pub mod keys;
+pub mod le;
 pub mod msg;

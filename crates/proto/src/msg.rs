@@ -364,11 +364,7 @@ impl Message {
                 if body.len() != ACK_LEN {
                     return Err(MsgError::BadAck);
                 }
-                let word = |i: usize| {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(&body[i * 8..i * 8 + 8]);
-                    u64::from_le_bytes(a)
-                };
+                let word = |i: usize| crate::le::u64_at(body, i * 8);
                 let flags = word(2);
                 if flags & !(ACK_INCONSISTENT | ACK_NEEDS_FULL_RESYNC) != 0 {
                     return Err(MsgError::BadAck);

@@ -239,12 +239,8 @@ impl ResyncState {
         if crc32c::crc32c(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
             return Err("checksum mismatch");
         }
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(a)
-        };
+        let u32_at = |o: usize| replica_proto::le::u32_at(b, o);
+        let u64_at = |o: usize| replica_proto::le::u64_at(b, o);
         if u32_at(8) != VERSION {
             return Err("unsupported version");
         }
@@ -268,10 +264,8 @@ impl ResyncState {
         if words.len() != map.words.len() * 8 {
             return Err("bitmap length does not match the volume");
         }
-        for (i, c) in words.chunks_exact(8).enumerate() {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            map.words[i] = u64::from_le_bytes(a);
+        for (i, w) in map.words.iter_mut().enumerate() {
+            *w = replica_proto::le::u64_at(words, i * 8);
         }
         map.set = map.words.iter().map(|w| u64::from(w.count_ones())).sum();
         Ok(Self {

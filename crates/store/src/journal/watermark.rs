@@ -62,16 +62,8 @@ enum SlotError {
 }
 
 fn decode_slot(b: &[u8], slot: u64) -> Result<(u64, Watermark), SlotError> {
-    let u64_at = |o: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[o..o + 8]);
-        u64::from_le_bytes(a)
-    };
-    let u32_at = |o: usize| {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(&b[o..o + 4]);
-        u32::from_le_bytes(a)
-    };
+    let u64_at = |o: usize| replica_proto::le::u64_at(b, o);
+    let u32_at = |o: usize| replica_proto::le::u32_at(b, o);
     if b[0..8] != WM_MAGIC {
         return Err(SlotError::Damaged("bad magic".into()));
     }

@@ -63,12 +63,8 @@ impl ChunkHeader {
         if b[0..4] != CHUNK_MAGIC {
             return None;
         }
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(a)
-        };
+        let u32_at = |o: usize| replica_proto::le::u32_at(b, o);
+        let u64_at = |o: usize| replica_proto::le::u64_at(b, o);
         let flags = u32_at(44);
         let gap = u64_at(48);
         let h = Self {
