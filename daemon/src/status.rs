@@ -39,6 +39,9 @@ struct Board {
     wake: Condvar,
     /// Files written (for tests and figures).
     written: AtomicU64,
+    /// What the publisher wrote last: a snapshot equal to it is not
+    /// written again.
+    last: Mutex<Vec<u8>>,
 }
 
 struct BoardState {
@@ -51,14 +54,27 @@ struct BoardState {
 }
 
 /// The parts of a status whose change is written at once (a reason's kind
-/// coming or going, not its text: a running resync's progress is a counter).
-fn state_of(s: &VolumeStatus) -> impl PartialEq + '_ {
-    (
-        (s.role, s.connection, s.replica, s.health),
-        s.reasons.iter().map(|r| r.kind).collect::<Vec<_>>(),
-        (s.needs_resync, s.resync_running, s.target_inconsistent),
-        (&s.generation, s.epoch, s.generation_base),
-    )
+/// coming or going, not its text: a running resync's progress is a
+/// counter). Taken before and after every update, on the data path: plain
+/// values and one short string, not a copy of the whole status.
+#[derive(PartialEq)]
+struct State {
+    dims: (Role, Connection, ReplicaState, Health),
+    /// One bit per [`ReasonKind`] present.
+    kinds: u32,
+    flags: (bool, bool, bool),
+    stream: (String, u64, u64),
+}
+
+impl State {
+    fn of(s: &VolumeStatus) -> Self {
+        Self {
+            dims: (s.role, s.connection, s.replica, s.health),
+            kinds: s.reasons.iter().fold(0, |m, r| m | 1u32 << (r.kind as u32)),
+            flags: (s.needs_resync, s.resync_running, s.target_inconsistent),
+            stream: (s.generation.clone(), s.epoch, s.generation_base),
+        }
+    }
 }
 
 impl StatusBoard {
@@ -80,8 +96,9 @@ impl StatusBoard {
             }),
             wake: Condvar::new(),
             written: AtomicU64::new(0),
+            last: Mutex::new(Vec::new()),
         });
-        shared.write(&shared.lock().vols.clone());
+        shared.write(&shared.lock().vols.clone(), true);
         let s = shared.clone();
         let publisher = std::thread::Builder::new()
             .name("status".into())
@@ -98,12 +115,11 @@ impl StatusBoard {
         let Some(s) = g.vols.iter_mut().find(|s| s.volume == volume) else {
             return;
         };
-        let before = s.clone();
+        let before = State::of(s);
         f(s);
-        if *s == before {
-            return;
-        }
-        let urgent = state_of(s) != state_of(&before);
+        // Whether counters changed too is the publisher's to find out (it
+        // skips a snapshot equal to the last one written).
+        let urgent = State::of(s) != before;
         g.dirty = true;
         g.urgent |= urgent;
         drop(g);
@@ -137,7 +153,7 @@ impl StatusBoard {
             g.urgent = false;
             g.vols.clone()
         };
-        self.shared.write(&snapshot);
+        self.shared.write(&snapshot, true);
     }
 
     /// How many times `status.json` was written successfully.
@@ -154,7 +170,7 @@ impl Drop for StatusBoard {
             let _ = p.join();
         }
         let last = self.shared.lock().vols.clone();
-        self.shared.write(&last);
+        self.shared.write(&last, true);
     }
 }
 
@@ -189,20 +205,26 @@ impl Board {
             g.urgent = false;
             let snapshot = g.vols.clone();
             drop(g);
-            self.write(&snapshot);
+            self.write(&snapshot, false);
             last = Instant::now();
             g = self.lock();
         }
     }
 
-    fn write(&self, vols: &[VolumeStatus]) {
+    /// Writes `vols` unless (`force` unset) the file holds them already.
+    fn write(&self, vols: &[VolumeStatus], force: bool) {
         let json = serde_json::to_vec_pretty(vols).unwrap_or_default();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if !force && *last == json {
+            return;
+        }
         // Status is advisory and rebuilt at start: replace the file
         // atomically (readers never see a partial one) but skip the fsync.
         let tmp = self.path.with_extension("tmp");
         match std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, &self.path)) {
             Ok(()) => {
                 self.written.fetch_add(1, Ordering::AcqRel);
+                *last = json;
             }
             Err(e) => tracing::warn!(error = %e, "cannot publish status"),
         }
@@ -269,6 +291,25 @@ mod tests {
             1001,
             "the last status is written when the board goes"
         );
+    }
+
+    #[test]
+    fn the_publisher_does_not_write_what_the_file_holds_already() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let board = StatusBoard::with_interval(
+            d.path(),
+            vec![VolumeStatus::new("v", Role::Primary)],
+            Duration::from_secs(3600),
+        );
+        let same = board.all();
+        board.shared.write(&same, false);
+        assert_eq!(board.written(), 1, "equal to the initial write: skipped");
+        board.update("v", |s| s.segments = 7);
+        board.shared.write(&board.all(), false);
+        assert_eq!(board.written(), 2, "a changed counter is written");
+        assert_eq!(on_disk(d.path()).segments, 7);
+        board.shared.write(&board.all(), true);
+        assert_eq!(board.written(), 3, "a forced write always goes out");
     }
 
     #[test]
