@@ -343,6 +343,7 @@ pub fn source_config(o: &ProtectOpts, group: &str, volume_size: u64) -> SourceCo
         epoch: 1,
         segment: Default::default(),
         retry: Default::default(),
+        network: Default::default(),
         spool: Default::default(),
         device: Some(PathBuf::from("/dev/mapper").join(&o.volume)),
         resync: Default::default(),

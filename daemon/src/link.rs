@@ -61,6 +61,9 @@ impl LinkError {
 /// Stop reading the socket while this much received data waits to be
 /// processed (TCP then pushes back on the sender).
 const MAX_INBUF: usize = 8 << 20;
+/// What a link buffers before the peer has confirmed its key: a hello or
+/// a welcome and a confirmation, nothing more.
+const HANDSHAKE_INBUF: usize = 16 << 10;
 
 /// A TLS connection carrying messages.
 pub struct Link {
@@ -70,6 +73,11 @@ pub struct Link {
     outq: VecDeque<Vec<u8>>,
     out_off: usize,
     closed: bool,
+    /// The largest message body accepted now (small until the peer has
+    /// confirmed its key).
+    max_body: usize,
+    /// Stop reading while this much input waits.
+    inbuf_limit: usize,
 }
 
 impl Link {
@@ -80,11 +88,26 @@ impl Link {
         Ok(Self {
             sock,
             conn,
-            inbuf: Vec::with_capacity(1 << 20),
+            inbuf: Vec::new(),
             outq: VecDeque::new(),
             out_off: 0,
             closed: false,
+            max_body: replica_proto::msg::MAX_CONTROL,
+            inbuf_limit: HANDSHAKE_INBUF,
         })
+    }
+
+    /// The peer proved its key: accept messages of every size (segments)
+    /// and buffer more input.
+    pub fn authenticated(&mut self) {
+        self.max_body = replica_proto::msg::MAX_MESSAGE;
+        self.inbuf_limit = MAX_INBUF;
+    }
+
+    /// Keying material exported from the TLS session (RFC 8446 §7.5).
+    pub fn export(&self, label: &[u8], out: &mut [u8]) -> Result<(), LinkError> {
+        self.conn.export_keying_material(out, label, None)?;
+        Ok(())
     }
 
     /// The TLS connection (peer certificates etc.).
@@ -133,6 +156,7 @@ impl Link {
 
     /// Takes the next whole message received, if any.
     pub fn recv(&mut self) -> Result<Option<Message>, LinkError> {
+        self.wanted()?;
         match Message::decode(&self.inbuf)? {
             Some((m, used)) => {
                 self.inbuf.drain(..used);
@@ -143,20 +167,29 @@ impl Link {
         }
     }
 
-    /// Bytes the message at the front of the input still needs.
-    fn wanted(&self) -> usize {
-        if self.inbuf.len() < 5 {
-            return 5;
+    /// Bytes the message at the front of the input still needs, once its
+    /// header is known to be acceptable (its type known, its length within
+    /// the type's bound and what this link accepts now).
+    fn wanted(&self) -> Result<usize, MsgError> {
+        let Some(total) = Message::wanted(&self.inbuf)? else {
+            return Ok(replica_proto::msg::HEADER_LEN - self.inbuf.len());
+        };
+        let body = total - replica_proto::msg::HEADER_LEN;
+        if body > self.max_body {
+            return Err(MsgError::TooLarge(body));
         }
-        let len = u32::from_le_bytes([self.inbuf[1], self.inbuf[2], self.inbuf[3], self.inbuf[4]])
-            as usize;
-        (5 + len).saturating_sub(self.inbuf.len())
+        Ok(total.saturating_sub(self.inbuf.len()))
     }
 
     /// Whether to read more: below the buffer bound, or the message at the
-    /// front is still incomplete (a message may exceed the bound).
+    /// front is still incomplete (a segment may exceed the bound). Not
+    /// while the front holds a header to refuse: nothing of its body is
+    /// buffered, [`Link::recv`] reports it.
     fn want_input(&self) -> bool {
-        self.inbuf.len() < MAX_INBUF || self.wanted() > 0
+        match self.wanted() {
+            Ok(more) => self.inbuf.len() < self.inbuf_limit || more > 0,
+            Err(_) => false,
+        }
     }
 
     fn feed_tls(&mut self) -> Result<(), LinkError> {

@@ -19,16 +19,42 @@ pub struct RawClient {
     pub generation: [u8; 16],
     /// Next counter.
     pub counter: u64,
+    /// The key confirmation tag this client sent.
+    pub source_tag: [u8; 32],
 }
 
-/// Flags of a [`RawClient`]'s hello.
-#[derive(Debug, Clone, Copy)]
+/// What a [`RawClient`] sends after its hello.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum ConfirmWith {
+    /// The tag of its key ring's key on this connection.
+    #[default]
+    Own,
+    /// A tag taken from another connection (a replay).
+    Replayed([u8; 32]),
+    /// Nothing (an old or broken peer).
+    Nothing,
+}
+
+/// Flags of a [`RawClient`]'s hello and its key confirmation.
+#[derive(Debug, Clone)]
 pub struct HelloOpts {
     /// The stream starts with a resync.
     pub resync: bool,
     /// The replica is declared a copy of the volume before record 1 (test
     /// volumes and replicas start zeroed).
     pub replica_seeded: bool,
+    /// The protocol version announced.
+    pub protocol: u32,
+    /// The epoch announced.
+    pub epoch: u64,
+    /// The key id announced and confirmed with.
+    pub key_id: u32,
+    /// The key ring to confirm with (default: the test's `keys.toml`).
+    pub keyring: Option<std::path::PathBuf>,
+    /// The source's random half (default: fresh).
+    pub source_random: Option<[u8; 16]>,
+    /// What follows the hello.
+    pub confirm: ConfirmWith,
 }
 
 impl Default for HelloOpts {
@@ -36,6 +62,12 @@ impl Default for HelloOpts {
         Self {
             resync: false,
             replica_seeded: true,
+            protocol: replica_proto::msg::PROTOCOL_VERSION,
+            epoch: 1,
+            key_id: 1,
+            keyring: None,
+            source_random: None,
+            confirm: ConfirmWith::Own,
         }
     }
 }
@@ -75,6 +107,12 @@ impl RawClient {
         let HelloOpts {
             resync,
             replica_seeded,
+            protocol,
+            epoch,
+            key_id,
+            keyring,
+            source_random,
+            confirm,
         } = opts;
         use replica_proto::msg::{Hello, Message};
         let tls = replicad::config::TlsConfig {
@@ -91,23 +129,54 @@ impl RawClient {
             .map_err(|e| e.to_string())?;
         link.handshake(Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
-        let src_rand = replica_proto::keys::random16().map_err(|e| e.to_string())?;
-        link.send(&Message::Hello(Hello {
-            protocol: replica_proto::msg::PROTOCOL_VERSION,
+        let src_rand = match source_random {
+            Some(r) => r,
+            None => replica_proto::keys::random16().map_err(|e| e.to_string())?,
+        };
+        let hello = Message::Hello(Hello {
+            protocol,
             features: replica_proto::msg::PROTOCOL_FEATURES,
             volume: volume.to_owned(),
             generation: hex::encode(generation),
-            epoch: 1,
+            epoch,
             source_random: hex::encode(src_rand),
             oldest_seq,
-            key_id: 1,
+            key_id,
             resync,
             replica_seeded,
-        }));
+        });
+        let ring =
+            replica_proto::keys::KeyRing::load(&keyring.unwrap_or_else(|| env.path("keys.toml")))
+                .map_err(|e| e.to_string())?;
+        use replica_proto::confirm;
+        let mut exporter = [0u8; confirm::EXPORTER_LEN];
+        link.export(confirm::EXPORTER_LABEL, &mut exporter)
+            .map_err(|e| e.to_string())?;
+        let confirmer =
+            confirm::Confirmer::new(&ring, key_id, &exporter, volume).map_err(|e| e.to_string())?;
+        let transcript = hello.to_bytes();
+        let own = confirmer.source_tag(&transcript);
+        link.send(&hello);
+        let source_tag = match confirm {
+            ConfirmWith::Own => own,
+            ConfirmWith::Replayed(t) => t,
+            ConfirmWith::Nothing => [0; 32],
+        };
+        if !matches!(confirm, ConfirmWith::Nothing) {
+            link.send(&Message::Confirm(source_tag));
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut confirmed = false;
         loop {
             match link.recv().map_err(|e| e.to_string())? {
-                Some(Message::Welcome(w)) => {
+                Some(Message::Confirm(t)) if !confirmed => {
+                    confirmer
+                        .verify_target(&transcript, &source_tag, &t)
+                        .map_err(|e| format!("target: {e}"))?;
+                    confirmed = true;
+                    link.authenticated();
+                }
+                Some(Message::Welcome(w)) if confirmed => {
                     let mut t = [0u8; 16];
                     hex::decode_to_slice(&w.target_random, &mut t).map_err(|e| e.to_string())?;
                     return Ok(Self {
@@ -117,6 +186,7 @@ impl RawClient {
                         volume: volume.to_owned(),
                         generation,
                         counter: 0,
+                        source_tag,
                     });
                 }
                 Some(Message::Error(e)) => return Err(format!("{}: {}", e.code, e.message)),

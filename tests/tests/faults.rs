@@ -179,47 +179,6 @@ fn source_with(
     )
 }
 
-#[test]
-fn wrong_data_key_is_critical_on_both_sides_and_nothing_applies() {
-    let env = Env::new();
-    let (t, addr, st) = target(&env, &[("v", SIZE)]);
-    // Same key id, different secret.
-    let wrong = env.path("wrong-keys.toml");
-    KeyRing::generate()
-        .expect("kr")
-        .save(&wrong, false)
-        .expect("save");
-    let (mut s, _src) = source_with(&env, &addr, ("pki", SOURCE_CN), &wrong);
-    let code = s.wait_exit(Duration::from_secs(30));
-    assert_eq!(
-        code,
-        Some(3),
-        "source must stop as Critical:\n{}",
-        s.log_text()
-    );
-    let status = s.status("v").expect("status");
-    assert_eq!(status.health, replicad::status::Health::Critical);
-    assert!(
-        status
-            .reasons
-            .iter()
-            .any(|r| r.message.contains("authentication")),
-        "{:?}",
-        status.reasons
-    );
-    let ts = target_state(&st, "v");
-    assert!(
-        ts.critical
-            .as_deref()
-            .is_some_and(|c| c.contains("authentication")),
-        "{:?}\n{}",
-        ts.critical,
-        t.log_text()
-    );
-    assert_eq!(ts.applied_seq, 0);
-    assert!(replica_is_zero(&st, "v"));
-}
-
 /// A source presenting `cert` is refused: it stops as Critical with
 /// `reason`, and the target's volume is left exactly as it was.
 fn assert_source_refused(cert: (&str, &str), reason: &str) {

@@ -295,6 +295,7 @@ fn a_target_without_a_copy_demands_a_full_resync() {
             HelloOpts {
                 resync: false,
                 replica_seeded: seeded,
+                ..HelloOpts::default()
             },
         )
         .expect("connect");

@@ -92,6 +92,64 @@ impl Default for SegmentConfig {
     }
 }
 
+/// The replication connection: deadlines, dead-peer detection and (on the
+/// target) how many connections may wait unauthenticated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// The TLS handshake, the hello and the key confirmation of a new
+    /// connection must be done within this, seconds. Default 10.
+    pub handshake_timeout_secs: u64,
+    /// A peer that sent nothing for this long is dead: the connection is
+    /// closed (the source reconnects on its retry schedule). The source
+    /// pings an idle stream so that silence means a dead path. Default 30.
+    pub peer_timeout_secs: u64,
+    /// TCP keepalive: idle seconds before the first probe (probes then
+    /// every third of it, 3 unanswered probes close the socket). 0 turns
+    /// it off. Default 10.
+    pub keepalive_secs: u64,
+    /// Target only: connections that have not yet proved their key, at
+    /// most, from all addresses together; more are closed at once.
+    /// Default 64.
+    pub max_unauthenticated: usize,
+    /// Target only: such connections from one address, at most. Default 8.
+    pub max_unauthenticated_per_address: usize,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout_secs: 10,
+            peer_timeout_secs: 30,
+            keepalive_secs: 10,
+            max_unauthenticated: 64,
+            max_unauthenticated_per_address: 8,
+        }
+    }
+}
+
+impl NetworkConfig {
+    /// Range checks.
+    fn check(&self) -> Result<(), String> {
+        if !(1..=600).contains(&self.handshake_timeout_secs) {
+            return Err("network.handshake_timeout_secs must be 1..=600".into());
+        }
+        if !(2..=3600).contains(&self.peer_timeout_secs) {
+            return Err("network.peer_timeout_secs must be 2..=3600".into());
+        }
+        if self.keepalive_secs > 3600 {
+            return Err("network.keepalive_secs must be 0 (off) ..=3600".into());
+        }
+        if self.max_unauthenticated == 0 || self.max_unauthenticated_per_address == 0 {
+            return Err(
+                "network.max_unauthenticated and network.max_unauthenticated_per_address must be at least 1"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Backoff for recoverable errors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -215,6 +273,9 @@ pub struct SourceConfig {
     /// Retry settings.
     #[serde(default, skip_serializing_if = "is_default")]
     pub retry: RetryConfig,
+    /// Connection deadlines and dead-peer detection.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub network: NetworkConfig,
     /// Local spool.
     #[serde(default, skip_serializing_if = "is_default")]
     pub spool: SpoolConfig,
@@ -365,6 +426,9 @@ pub struct TargetConfig {
     /// Journal file size before rotation, bytes. Default 64 MiB.
     #[serde(default = "journal_file_bytes")]
     pub journal_file_bytes: u64,
+    /// Connection limits, deadlines and dead-peer detection.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub network: NetworkConfig,
     /// Volumes.
     #[serde(rename = "volume")]
     pub volumes: Vec<TargetVolume>,
@@ -472,6 +536,9 @@ impl SourceConfig {
         if self.epoch == 0 {
             return bad("epoch starts at 1".into());
         }
+        if let Err(m) = self.network.check() {
+            return bad(m);
+        }
         if !(1..=10_000).contains(&self.spool.limit_percent) {
             return bad("spool.limit_percent must be 1..=10000".into());
         }
@@ -512,6 +579,9 @@ impl TargetConfig {
                 message: m,
             })
         };
+        if let Err(m) = c.network.check() {
+            return bad(m);
+        }
         let mut seen = std::collections::HashSet::new();
         for v in &c.volumes {
             if !valid_id(&v.id) {

@@ -160,7 +160,7 @@ impl KeyRing {
         self.keys.keys().copied().collect()
     }
 
-    fn master(&self, id: u32) -> Result<&[u8; 32], KeyError> {
+    pub(crate) fn master(&self, id: u32) -> Result<&[u8; 32], KeyError> {
         self.keys
             .get(&id)
             .map(|k| &**k)

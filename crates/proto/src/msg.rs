@@ -12,14 +12,24 @@ use serde::{Deserialize, Serialize};
 ///
 /// 1: segment format 1. 2: segment format 2 (the AEAD authenticates the
 /// segment header bytes as sent, reserved bytes included; sequence ranges
-/// are checked without wrapping).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// are checked without wrapping). 3: key confirmation (a [`Message::Confirm`]
+/// from each side, bound to the TLS session, before either acts on what
+/// the other said), [`Message::Ping`], per-type message bounds.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Feature bits this build offers in the handshake.
 pub const PROTOCOL_FEATURES: u64 = FEATURE_ZSTD_SEGMENTS;
 /// Feature: segments are zstd-compressed.
 pub const FEATURE_ZSTD_SEGMENTS: u64 = 1;
-/// Largest message accepted.
+/// Largest message accepted (a segment; every other type is far smaller,
+/// see [`max_body`]).
 pub const MAX_MESSAGE: usize = (crate::frame::MAX_PLAIN_LEN as usize) + 64 * 1024;
+/// Largest hello body: a volume id, two hex strings and a few numbers.
+pub const MAX_HELLO: usize = 2048;
+/// Largest body of the other JSON control messages (welcome, error,
+/// promote, promoted).
+pub const MAX_CONTROL: usize = 8192;
+/// Bytes of a message header (`type`, `len`).
+pub const HEADER_LEN: usize = 5;
 
 const T_HELLO: u8 = 1;
 const T_WELCOME: u8 = 2;
@@ -28,6 +38,23 @@ const T_ACK: u8 = 4;
 const T_ERROR: u8 = 5;
 const T_PROMOTE: u8 = 6;
 const T_PROMOTED: u8 = 7;
+const T_CONFIRM: u8 = 8;
+const T_PING: u8 = 9;
+
+/// The largest body a message of type `t` may have, or `None` for a type
+/// this build does not know. Checked on the header, before any of the
+/// body is buffered.
+pub fn max_body(t: u8) -> Option<usize> {
+    match t {
+        T_HELLO => Some(MAX_HELLO),
+        T_WELCOME | T_ERROR | T_PROMOTE | T_PROMOTED => Some(MAX_CONTROL),
+        T_SEGMENT => Some(MAX_MESSAGE),
+        T_ACK => Some(ACK_LEN),
+        T_CONFIRM => Some(crate::confirm::TAG_LEN),
+        T_PING => Some(0),
+        _ => None,
+    }
+}
 
 /// Source → target, planned failover: every record up to `upto` has been
 /// sent and the source's volume takes no more writes; once the replica has
@@ -174,6 +201,8 @@ pub enum ErrorCode {
     SequenceGap,
     /// A key id the target does not have.
     UnknownKey,
+    /// The peer could not prove it holds the key its hello names.
+    KeyConfirmation,
     /// The connection failed.
     Network,
     /// The peer said nothing in time.
@@ -221,6 +250,7 @@ impl ErrorCode {
             Self::StaleEpoch => "stale-epoch",
             Self::SequenceGap => "sequence-gap",
             Self::UnknownKey => "unknown-key",
+            Self::KeyConfirmation => "key-confirmation",
             Self::Network => "network",
             Self::Timeout => "timeout",
             Self::Peer => "peer",
@@ -274,6 +304,12 @@ pub enum Message {
     Promote(Promote),
     /// Planned failover done.
     Promoted(Promoted),
+    /// Key confirmation: proof that the sender holds the master key the
+    /// hello names, bound to this TLS session (see [`crate::confirm`]).
+    Confirm([u8; crate::confirm::TAG_LEN]),
+    /// Source → target: are you there? The target answers with an ack, so
+    /// an idle stream still notices a dead peer.
+    Ping,
 }
 
 /// Message decoding errors.
@@ -291,6 +327,16 @@ pub enum MsgError {
     /// Bad ack body.
     #[error("malformed ack")]
     BadAck,
+    /// A body of the wrong size for its type.
+    #[error("message type {kind} with a body of {len} bytes (limit {max})")]
+    BadLength {
+        /// The type.
+        kind: u8,
+        /// Its declared length.
+        len: usize,
+        /// The bound for the type.
+        max: usize,
+    },
 }
 
 fn put(out: &mut Vec<u8>, t: u8, body: &[u8]) {
@@ -326,6 +372,8 @@ impl Message {
             Message::Promoted(p) => {
                 put(out, T_PROMOTED, &serde_json::to_vec(p).unwrap_or_default())
             }
+            Message::Confirm(tag) => put(out, T_CONFIRM, tag),
+            Message::Ping => put(out, T_PING, &[]),
         }
     }
 
@@ -336,34 +384,57 @@ impl Message {
         v
     }
 
-    /// Decodes one message from the front of `buf`: `Ok(None)` if more bytes
-    /// are needed, else the message and the bytes it used.
-    pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, MsgError> {
-        if buf.len() < 5 {
+    /// The whole length (header included) of the message whose header is
+    /// at the front of `buf`, once its type and declared length are known
+    /// to be acceptable: `Ok(None)` if the header is incomplete. A caller
+    /// that buffers input reads no more than this.
+    pub fn wanted(buf: &[u8]) -> Result<Option<usize>, MsgError> {
+        if buf.len() < HEADER_LEN {
             return Ok(None);
         }
         let t = buf[0];
-        let len = u32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-        if len > MAX_MESSAGE {
-            return Err(MsgError::TooLarge(len));
+        let len = crate::le::u32_at(buf, 1) as usize;
+        let max = max_body(t).ok_or(MsgError::UnknownType(t))?;
+        if len > max {
+            return Err(if t == T_SEGMENT {
+                MsgError::TooLarge(len)
+            } else {
+                MsgError::BadLength { kind: t, len, max }
+            });
         }
-        if !(T_HELLO..=T_PROMOTED).contains(&t) {
-            return Err(MsgError::UnknownType(t));
+        let exact = match t {
+            T_ACK => Some(ACK_LEN),
+            T_CONFIRM => Some(crate::confirm::TAG_LEN),
+            T_PING => Some(0),
+            _ => None,
+        };
+        if exact.is_some_and(|n| n != len) {
+            return Err(if t == T_ACK {
+                MsgError::BadAck
+            } else {
+                MsgError::BadLength { kind: t, len, max }
+            });
         }
-        if buf.len() < 5 + len {
+        Ok(Some(HEADER_LEN + len))
+    }
+
+    /// Decodes one message from the front of `buf`: `Ok(None)` if more bytes
+    /// are needed, else the message and the bytes it used.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, MsgError> {
+        let Some(total) = Self::wanted(buf)? else {
+            return Ok(None);
+        };
+        if buf.len() < total {
             return Ok(None);
         }
-        let body = &buf[5..5 + len];
-        let m = match t {
+        let body = &buf[HEADER_LEN..total];
+        let m = match buf[0] {
             T_HELLO => Message::Hello(serde_json::from_slice(body)?),
             T_WELCOME => Message::Welcome(serde_json::from_slice(body)?),
             T_SEGMENT => Message::Segment(body.to_vec()),
             T_PROMOTE => Message::Promote(serde_json::from_slice(body)?),
             T_PROMOTED => Message::Promoted(serde_json::from_slice(body)?),
             T_ACK => {
-                if body.len() != ACK_LEN {
-                    return Err(MsgError::BadAck);
-                }
                 let word = |i: usize| crate::le::u64_at(body, i * 8);
                 let flags = word(2);
                 if flags & !(ACK_INCONSISTENT | ACK_NEEDS_FULL_RESYNC) != 0 {
@@ -375,9 +446,15 @@ impl Message {
                     flags,
                 })
             }
+            T_CONFIRM => {
+                let mut tag = [0u8; crate::confirm::TAG_LEN];
+                tag.copy_from_slice(body);
+                Message::Confirm(tag)
+            }
+            T_PING => Message::Ping,
             _ => Message::Error(serde_json::from_slice(body)?),
         };
-        Ok(Some((m, 5 + len)))
+        Ok(Some((m, total)))
     }
 }
 
@@ -441,13 +518,54 @@ mod tests {
             assert_eq!(&d, m);
             p += used;
         }
-        assert!(Message::decode(&[9, 0, 0, 0, 0]).is_err());
+        assert!(Message::decode(&[10, 0, 0, 0, 0]).is_err());
         assert!(Message::decode(&[3, 0xff, 0xff, 0xff, 0xff]).is_err());
     }
 
     #[test]
+    fn confirm_and_ping_round_trip() {
+        for m in [Message::Confirm([7; 32]), Message::Ping] {
+            let b = m.to_bytes();
+            let (d, used) = Message::decode(&b).expect("decode").expect("whole");
+            assert_eq!((d, used), (m, b.len()));
+        }
+    }
+
+    #[test]
+    fn a_declared_length_over_its_types_bound_is_refused_on_the_header() {
+        // Only the 5 header bytes: the refusal comes before any body.
+        let header = |t: u8, len: u32| {
+            let mut h = vec![t];
+            h.extend_from_slice(&len.to_le_bytes());
+            h
+        };
+        for (t, len) in [
+            (T_HELLO, MAX_HELLO as u32 + 1),
+            (T_WELCOME, MAX_CONTROL as u32 + 1),
+            (T_ERROR, u32::MAX),
+            (T_SEGMENT, u32::MAX),
+            (T_SEGMENT, MAX_MESSAGE as u32 + 1),
+            (T_ACK, 25),
+            (T_ACK, 23),
+            (T_CONFIRM, 31),
+            (T_PING, 1),
+        ] {
+            assert!(
+                Message::wanted(&header(t, len)).is_err(),
+                "type {t} length {len}"
+            );
+            assert!(Message::decode(&header(t, len)).is_err());
+        }
+        assert_eq!(
+            Message::wanted(&header(T_HELLO, 100)).expect("ok"),
+            Some(105)
+        );
+        assert_eq!(Message::wanted(&[T_HELLO, 1]).expect("ok"), None);
+    }
+
+    #[test]
     fn an_old_peers_hello_parses_so_the_target_can_refuse_its_version() {
-        assert_eq!(PROTOCOL_VERSION, 2);
+        assert_eq!(PROTOCOL_VERSION, 3);
         // A protocol 1 source's hello, as it sends it.
         let body = br#"{"protocol":1,"features":1,"volume":"db1","generation":"00","epoch":1,"source_random":"00","oldest_seq":1,"key_id":1}"#;
         let mut buf = vec![T_HELLO];

@@ -110,6 +110,9 @@ pub enum CommandError {
         /// The old primary's last record.
         upto: u64,
     },
+    /// The epoch cannot grow any more.
+    #[error("this source is at epoch {0}, the last one: it cannot fail over")]
+    EpochExhausted(u64),
     /// The last record never left the ring.
     #[error("record {0} was never drained from the ring")]
     NeverDrained(u64),
@@ -129,6 +132,7 @@ impl CommandFailure for CommandError {
             | Self::AlreadyFailingOver
             | Self::NotConnected
             | Self::Refused(_)
+            | Self::EpochExhausted(_)
             | Self::RefusedSuspended { .. } => ErrorCode::Refused,
             Self::DrainDidNotAnswer(_)
             | Self::NoDevice
@@ -241,6 +245,11 @@ impl Commands {
         if !shared.connected.load(Ordering::Acquire) {
             return Err(CommandError::NotConnected);
         }
+        // Before anything is fenced: the next epoch must exist.
+        let now = self.epoch.load(Ordering::Acquire);
+        if now.checked_add(1).is_none() {
+            return Err(CommandError::EpochExhausted(now));
+        }
         shared.failing_over.store(true, Ordering::Release);
         let r = self.hand_over(&shared);
         if r.is_err() {
@@ -319,7 +328,10 @@ impl Commands {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let epoch = self.epoch.load(Ordering::Acquire) + 1;
+        let now = self.epoch.load(Ordering::Acquire);
+        let epoch = now
+            .checked_add(1)
+            .ok_or(CommandError::EpochExhausted(now))?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         *shared.planned.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(crate::source::failover::PlannedFailover {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
+use replica_proto::confirm::{self, Confirmer};
 use replica_proto::frame::SegmentHeader;
 use replica_proto::keys::{self};
 use replica_proto::msg::{self, ErrorClass as WireClass, ErrorCode, Hello, Message};
@@ -82,6 +83,22 @@ pub enum SessionError {
     /// The target did not answer the hello in time.
     #[error("no welcome from target")]
     NoWelcome,
+    /// The target could not confirm the key this source holds: the key
+    /// rings differ.
+    #[error("the target refused key id {key_id}: this source's key {key_id} is not the target's key {key_id} (the key rings differ). Copy the same key ring file to both sites, then reload both daemons (SIGHUP); target said: {message}")]
+    KeyRefused {
+        /// The key id this source confirmed with.
+        key_id: u32,
+        /// What the target said.
+        message: String,
+    },
+    /// The target could not prove that it holds this source's key: another
+    /// key ring, or not the real target.
+    #[error("the target did not prove it holds key id {key_id}: its key ring differs from this source's, or the address does not reach the real target; nothing it said was used")]
+    TargetUnconfirmed {
+        /// The key id.
+        key_id: u32,
+    },
     /// The target refused the stream before the welcome.
     #[error("target {}: {message} ({code})", if *.class == WireClass::Fatal { "refused" } else { "busy" })]
     Refused {
@@ -152,6 +169,8 @@ impl SessionError {
             | Self::TlsSetup(_)
             | Self::Certificate(_)
             | Self::Demoted(_)
+            | Self::KeyRefused { .. }
+            | Self::TargetUnconfirmed { .. }
             | Self::Protocol(_)
             | Self::SequenceGap { .. }
             | Self::Key(_)
@@ -336,7 +355,9 @@ impl Source {
         let cfg = self.cfg();
         let src_rand = keys::random16().map_err(SessionError::Random)?;
         let oldest = shared.spool.oldest_seq();
-        link.send(&Message::Hello(Hello {
+        let ring = self.keys.get();
+        let key_id = ring.active();
+        let hello = Message::Hello(Hello {
             protocol: msg::PROTOCOL_VERSION,
             features: msg::PROTOCOL_FEATURES,
             volume: cfg.volume.clone(),
@@ -344,38 +365,69 @@ impl Source {
             epoch: self.epoch(),
             source_random: hex::encode(src_rand),
             oldest_seq: oldest,
-            key_id: self.keys.get().active(),
+            key_id,
             resync: shared.needs_resync().is_some(),
             replica_seeded: !cfg.initial_copy,
-        }));
+        });
+        // Key confirmation (replica_proto::confirm): our tag over the hello
+        // on this TLS session, then the target's over both, before
+        // anything the target says is used.
+        let mut exporter = [0u8; confirm::EXPORTER_LEN];
+        link.export(confirm::EXPORTER_LABEL, &mut exporter)
+            .map_err(SessionError::link)?;
+        let confirmer =
+            Confirmer::new(&ring, key_id, &exporter, &cfg.volume).map_err(SessionError::Key)?;
+        let transcript = hello.to_bytes();
+        let source_tag = confirmer.source_tag(&transcript);
+        link.send(&hello);
+        link.send(&Message::Confirm(source_tag));
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        let w = loop {
-            match link.recv().map_err(SessionError::link)? {
-                Some(Message::Welcome(w)) => break w,
-                Some(Message::Error(e)) => {
-                    if e.class == WireClass::Fatal
-                        && matches!(e.code, ErrorCode::StaleEpoch | ErrorCode::Promoted)
-                    {
-                        return Err(SessionError::Demoted(self.demote(&e.message)));
-                    }
-                    return Err(SessionError::Refused {
-                        class: e.class,
-                        code: e.code,
-                        message: e.message,
-                    });
-                }
-                Some(other) => {
-                    return Err(SessionError::Protocol(format!(
-                        "expected welcome, got {other:?}"
-                    )))
-                }
-                None => {}
+        match recv_handshake(link, deadline)? {
+            Message::Confirm(t) => confirmer
+                .verify_target(&transcript, &source_tag, &t)
+                .map_err(|_| SessionError::TargetUnconfirmed { key_id })?,
+            // Refused before the target confirmed its key: nothing in it
+            // is acted on (a stale-epoch or promoted from here would not
+            // demote this source).
+            Message::Error(e) if e.code == ErrorCode::KeyConfirmation => {
+                return Err(SessionError::KeyRefused {
+                    key_id,
+                    message: e.message,
+                })
             }
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .ok_or(SessionError::NoWelcome)?;
-            link.pump(left.min(Duration::from_millis(100)), None)
-                .map_err(SessionError::link)?;
+            Message::Error(e) => {
+                return Err(SessionError::Refused {
+                    class: e.class,
+                    code: e.code,
+                    message: e.message,
+                })
+            }
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "expected the target's key confirmation, got {other:?}"
+                )))
+            }
+        }
+        link.authenticated();
+        let w = match recv_handshake(link, deadline)? {
+            Message::Welcome(w) => w,
+            Message::Error(e) => {
+                if e.class == WireClass::Fatal
+                    && matches!(e.code, ErrorCode::StaleEpoch | ErrorCode::Promoted)
+                {
+                    return Err(SessionError::Demoted(self.demote(&e.message)));
+                }
+                return Err(SessionError::Refused {
+                    class: e.class,
+                    code: e.code,
+                    message: e.message,
+                });
+            }
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "expected welcome, got {other:?}"
+                )))
+            }
         };
         if w.protocol != msg::PROTOCOL_VERSION {
             return Err(SessionError::Protocol(format!(
@@ -416,6 +468,20 @@ impl Source {
             stream_id: keys::stream_id(&src_rand, &tgt_rand),
             durable: w.durable_seq,
         })
+    }
+}
+
+/// The next message of the handshake, until `deadline`.
+fn recv_handshake(link: &mut Link, deadline: Instant) -> Result<Message, SessionError> {
+    loop {
+        if let Some(m) = link.recv().map_err(SessionError::link)? {
+            return Ok(m);
+        }
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .ok_or(SessionError::NoWelcome)?;
+        link.pump(left.min(Duration::from_millis(100)), None)
+            .map_err(SessionError::link)?;
     }
 }
 

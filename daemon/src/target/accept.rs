@@ -9,9 +9,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use replica_proto::confirm::{self, Confirmer};
 use replica_proto::keys;
 use replica_proto::msg::{self, ErrorMsg, Hello, Message, Welcome};
 
+use super::door::Ticket;
 use super::receive::Session;
 use super::refusal::Refusal;
 use super::stream::{self, Stream};
@@ -21,10 +23,6 @@ use crate::keystore::KeyStore;
 use crate::link::Link;
 use crate::retry::ErrorClass;
 use crate::status::{Connection, ReasonKind, StatusBoard};
-
-/// How long the TLS handshake, the hello and the takeover of an older
-/// connection may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a connection's thread shares with the target.
 pub(super) struct ConnCtx {
@@ -38,6 +36,8 @@ pub(super) struct ConnCtx {
     pub(super) board: Arc<StatusBoard>,
     /// Set when the daemon stops.
     pub(super) stop: Arc<AtomicBool>,
+    /// The TLS handshake, hello and key confirmation must be done within it.
+    pub(super) handshake_timeout: Duration,
 }
 
 /// A refused connection, with the stream when the refusal says something
@@ -68,8 +68,11 @@ struct Entry {
 }
 
 impl ConnCtx {
-    /// Serves the connection on `sock` until it ends.
-    pub(super) fn serve(self, sock: TcpStream) {
+    /// Serves the connection on `sock`, accepted at `accepted`, until it
+    /// ends. The TLS handshake, the hello, the key confirmation and the
+    /// takeover of an older connection share one deadline.
+    pub(super) fn serve(self, sock: TcpStream, accepted: Instant, mut ticket: Ticket) {
+        let deadline = accepted + self.handshake_timeout;
         let conn = match rustls::ServerConnection::new(self.tls.clone()) {
             Ok(c) => rustls::Connection::Server(c),
             Err(e) => {
@@ -84,12 +87,12 @@ impl ConnCtx {
                 return;
             }
         };
-        if let Err(e) = link.handshake(HANDSHAKE_TIMEOUT) {
+        if let Err(e) = link.handshake(deadline.saturating_duration_since(Instant::now())) {
             // A refused certificate is logged; the client sees the alert.
             tracing::warn!(error = %e, "TLS handshake failed");
             return;
         }
-        let mut session = match self.accept(&mut link) {
+        let mut session = match self.accept(&mut link, deadline, &mut ticket) {
             Ok(s) => s,
             Err(r) => {
                 self.refuse(&mut link, r.replica.as_ref(), &r.refusal);
@@ -133,16 +136,23 @@ impl ConnCtx {
         link.close(Duration::from_secs(2));
     }
 
-    /// Checks the peer and its hello, takes the stream over from an older
-    /// connection and welcomes the source.
-    fn accept(&self, link: &mut Link) -> Result<Session, Refused> {
+    /// Checks the peer, its hello and its key confirmation, and only then
+    /// the stream: takes it over from an older connection and welcomes the
+    /// source. Nothing the hello says reaches the stream's state before the
+    /// source proved its key on this TLS session.
+    fn accept(
+        &self,
+        link: &mut Link,
+        deadline: Instant,
+        ticket: &mut Ticket,
+    ) -> Result<Session, Refused> {
         let cn = link
             .tls()
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(crate::tls::subject_cn)
             .ok_or(Refusal::NoIdentity)?;
-        let hello = recv_hello(link)?;
+        let hello = recv_hello(link, deadline)?;
         if hello.protocol != msg::PROTOCOL_VERSION {
             return Err(Refusal::ProtocolVersion(hello.protocol).into());
         }
@@ -158,8 +168,10 @@ impl ConnCtx {
             }
             .into());
         }
-        let (id, slot) = stream::claim(&stream, Instant::now() + HANDSHAKE_TIMEOUT)
-            .ok_or(Refusal::StillStreaming)?;
+        self.confirm(link, &hello, deadline)?;
+        // From here on the source holds the stream's key.
+        ticket.authenticated();
+        let (id, slot) = stream::claim(&stream, deadline).ok_or(Refusal::StillStreaming)?;
         let generation = decode16(&hello.generation)?;
         let src_rand = decode16(&hello.source_random)?;
         let target_rand = keys::random16().map_err(Refusal::Random)?;
@@ -176,9 +188,6 @@ impl ConnCtx {
             })?;
         }
         let entry = enter(&stream, &hello, &gen_hex)?;
-        if !self.keys.get().ids().contains(&hello.key_id) {
-            return Err(blame(&stream, Refusal::UnknownSourceKey(hello.key_id)));
-        }
         link.send(&Message::Welcome(Welcome {
             protocol: msg::PROTOCOL_VERSION,
             features: hello.features & msg::PROTOCOL_FEATURES,
@@ -202,6 +211,31 @@ impl ConnCtx {
             entry.durable,
             self.keys.clone(),
         ))
+    }
+
+    /// Key confirmation (see [`replica_proto::confirm`]): waits for the
+    /// source's tag over its hello, checks it against the key the hello
+    /// names on this TLS session and answers with the target's tag. A
+    /// refusal here touches no stream: the peer has proved nothing.
+    fn confirm(&self, link: &mut Link, hello: &Hello, deadline: Instant) -> Result<(), Refusal> {
+        let mut exporter = [0u8; confirm::EXPORTER_LEN];
+        link.export(confirm::EXPORTER_LABEL, &mut exporter)
+            .map_err(Refusal::Exporter)?;
+        let confirmer = Confirmer::new(&self.keys.get(), hello.key_id, &exporter, &hello.volume)
+            .map_err(|_| Refusal::UnknownSourceKey(hello.key_id))?;
+        let source_tag = match recv(link, deadline)? {
+            Message::Confirm(t) => t,
+            other => return Err(Refusal::ExpectedConfirm(Box::new(other))),
+        };
+        let transcript = Message::Hello(hello.clone()).to_bytes();
+        confirmer
+            .verify_source(&transcript, &source_tag)
+            .map_err(|m| Refusal::KeyConfirmation { key_id: m.key_id })?;
+        link.send(&Message::Confirm(
+            confirmer.target_tag(&transcript, &source_tag),
+        ));
+        link.authenticated();
+        Ok(())
     }
 }
 
@@ -285,14 +319,18 @@ fn enter(stream: &Arc<Stream>, hello: &Hello, gen_hex: &str) -> Result<Entry, Re
 }
 
 /// Waits for the source's hello.
-fn recv_hello(link: &mut Link) -> Result<Hello, Refusal> {
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+fn recv_hello(link: &mut Link, deadline: Instant) -> Result<Hello, Refusal> {
+    match recv(link, deadline)? {
+        Message::Hello(h) => Ok(h),
+        other => Err(Refusal::ExpectedHello(Box::new(other))),
+    }
+}
+
+/// Waits for the next message of the handshake until `deadline`.
+fn recv(link: &mut Link, deadline: Instant) -> Result<Message, Refusal> {
     loop {
-        match link.recv() {
-            Ok(Some(Message::Hello(h))) => return Ok(h),
-            Ok(Some(other)) => return Err(Refusal::ExpectedHello(Box::new(other))),
-            Ok(None) => {}
-            Err(e) => return Err(Refusal::Network(e)),
+        if let Some(m) = link.recv().map_err(Refusal::Network)? {
+            return Ok(m);
         }
         let left = deadline
             .checked_duration_since(Instant::now())

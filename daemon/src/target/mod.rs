@@ -13,7 +13,8 @@
 //! |---|---|
 //! | this one | [`Target`]: start-up, the accept loop, reload (SIGHUP), certificate expiry checks |
 //! | `stream` | the owner of a stream's state and its members; opening a stream at start-up |
-//! | `accept` | serving a connection: identity, hello, epoch checks, the welcome |
+//! | `door` | the bound on connections that have not proved their key yet |
+//! | `accept` | serving a connection: identity, hello, key confirmation, epoch checks, the welcome |
 //! | `refusal` | why a connection is refused or ended: typed reasons and their wire codes |
 //! | `takeover` | a stream of a new ring generation taking a stream over |
 //! | `receive` | the stream loop: segment verification, journal group commit, acks |
@@ -39,6 +40,7 @@ use crate::DaemonError;
 mod accept;
 mod apply;
 mod commands;
+mod door;
 mod keys;
 mod points;
 mod promote;
@@ -76,6 +78,7 @@ pub struct Target {
     control: JoinHandle<()>,
     notifier: crate::control::Notifier,
     hup: Arc<AtomicU64>,
+    door: Arc<door::Door>,
 }
 
 impl Target {
@@ -146,6 +149,10 @@ impl Target {
             control,
             notifier,
             hup: sig.hup,
+            door: door::Door::new(
+                cfg.network.max_unauthenticated,
+                cfg.network.max_unauthenticated_per_address,
+            ),
         })
     }
 
@@ -211,6 +218,7 @@ impl Target {
         let mut hup_seen = self.hup.load(Ordering::Acquire);
         self.check_expiry();
         let mut last_expiry_check = Instant::now();
+        let mut turned_away = door::TurnedAway::default();
         while !self.stop.load(Ordering::Acquire) {
             self.notifier.tick();
             if self.hup.load(Ordering::Acquire) != hup_seen {
@@ -223,16 +231,39 @@ impl Target {
             }
             match self.listener.accept() {
                 Ok((sock, peer)) => {
-                    tracing::info!(%peer, "connection");
+                    conns.retain(|h| !h.is_finished());
+                    let ticket = match self.door.enter(peer.ip()) {
+                        Ok(t) => t,
+                        Err(full) => {
+                            // Closed at once: nothing is read or buffered.
+                            turned_away.note(&peer, full);
+                            continue;
+                        }
+                    };
+                    tracing::debug!(%peer, "connection");
                     let ctx = accept::ConnCtx {
                         streams: self.streams.clone(),
                         keys: self.keys.clone(),
                         tls: self.tls.get(),
                         board: self.board.clone(),
                         stop: self.stop.clone(),
+                        handshake_timeout: Duration::from_secs(
+                            self.config.network.handshake_timeout_secs,
+                        ),
                     };
-                    conns.push(std::thread::spawn(move || ctx.serve(sock)));
-                    conns.retain(|h| !h.is_finished());
+                    let accepted = Instant::now();
+                    match std::thread::Builder::new()
+                        .name("conn".into())
+                        .spawn(move || ctx.serve(sock, accepted, ticket))
+                    {
+                        Ok(h) => conns.push(h),
+                        // The closure, the socket and the ticket are
+                        // dropped: the peer sees the connection close and
+                        // retries; the daemon goes on.
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "cannot start a connection thread; connection closed")
+                        }
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let fd = std::os::fd::AsFd::as_fd(&self.listener);
@@ -240,10 +271,16 @@ impl Target {
                     let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
                 }
                 Err(e) => {
+                    // Out of descriptors or memory, an aborted connection:
+                    // never fatal; wait a little so a persistent error
+                    // does not spin.
                     tracing::warn!(error = %e, "accept failed");
-                    std::thread::sleep(Duration::from_millis(50));
+                    let fd = std::os::fd::AsFd::as_fd(&self.listener);
+                    let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::empty())];
+                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(50u16));
                 }
             }
+            turned_away.report();
         }
         for h in conns {
             let _ = h.join();

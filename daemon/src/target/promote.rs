@@ -60,6 +60,9 @@ pub(super) enum PromoteError {
         /// The replica's.
         current: u64,
     },
+    /// The epoch cannot grow any more.
+    #[error("the replica is at epoch {0}, the last one: it cannot be failed over again")]
+    EpochExhausted(u64),
     /// A planned failover while a resync runs.
     #[error("a resync is running: the replica is not consistent")]
     ResyncRunning,
@@ -109,6 +112,7 @@ impl PromoteError {
         match self {
             Self::AlreadyFailedOver { .. }
             | Self::EpochNotNewer { .. }
+            | Self::EpochExhausted(_)
             | Self::ResyncRunning
             | Self::NotCaughtUp { .. }
             | Self::NothingConsistent => ErrorCode::Refused,
@@ -220,7 +224,12 @@ impl Applier {
                 point_seq: p.point_seq,
             });
         }
-        let epoch = req.epoch.unwrap_or(epoch_now + 1);
+        let epoch = match req.epoch {
+            Some(e) => e,
+            None => epoch_now
+                .checked_add(1)
+                .ok_or(PromoteError::EpochExhausted(epoch_now))?,
+        };
         if epoch <= epoch_now {
             return Err(PromoteError::EpochNotNewer {
                 epoch,

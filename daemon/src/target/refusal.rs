@@ -23,10 +23,10 @@ pub(super) enum Refusal {
     #[error("expected hello, got {0:?}")]
     ExpectedHello(Box<Message>),
     /// No hello in time.
-    #[error("no hello within the handshake timeout")]
+    #[error("the hello and key confirmation did not come within the handshake deadline")]
     HelloTimeout,
     /// A protocol version this target does not speak.
-    #[error("protocol version {0} not supported")]
+    #[error("protocol version {0} not supported: this target speaks {v}; run the same dm-replica release on both sites", v = replica_proto::msg::PROTOCOL_VERSION)]
     ProtocolVersion(u32),
     /// The hello does not decode.
     #[error("malformed hello")]
@@ -93,8 +93,22 @@ pub(super) enum Refusal {
         durable: u64,
     },
     /// The source seals with a key the target does not have.
-    #[error("source seals with key id {0} which this target does not have")]
+    #[error("source seals with key id {0} which this target does not have: copy the key ring the source uses to this host (same file on both sites) and reload the target (SIGHUP)")]
     UnknownSourceKey(u32),
+    /// The source's hello came without its key confirmation.
+    #[error("expected the key confirmation after the hello, got {0:?}")]
+    ExpectedConfirm(Box<Message>),
+    /// The source could not prove that it holds the key its hello names
+    /// (another secret under the same id, or a tag made on another
+    /// connection).
+    #[error("key confirmation failed for key id {key_id}: the source's key {key_id} is not this target's key {key_id}; copy the same key ring to both sites and reload (SIGHUP)")]
+    KeyConfirmation {
+        /// The key id the hello named.
+        key_id: u32,
+    },
+    /// The TLS session gave no keying material.
+    #[error("TLS keying material export failed: {0}")]
+    Exporter(#[source] LinkError),
     /// The connection failed.
     #[error("{0}")]
     Network(#[source] LinkError),
@@ -174,9 +188,12 @@ impl Refusal {
         match self {
             Self::NoIdentity => C::NoIdentity,
             Self::ExpectedHello(_)
+            | Self::ExpectedConfirm(_)
             | Self::ProtocolVersion(_)
             | Self::MalformedHello
-            | Self::UnexpectedMessage(_) => C::Protocol,
+            | Self::UnexpectedMessage(_)
+            | Self::Exporter(_) => C::Protocol,
+            Self::KeyConfirmation { .. } => C::KeyConfirmation,
             Self::HelloTimeout => C::Timeout,
             Self::VolumeNotFound(_) => C::VolumeNotFound,
             Self::NotAuthorized { .. } => C::NotAuthorized,
@@ -232,6 +249,9 @@ impl Refusal {
             | Self::StaleEpoch { .. }
             | Self::MissingRecords { .. }
             | Self::UnknownSourceKey(_)
+            | Self::ExpectedConfirm(_)
+            | Self::KeyConfirmation { .. }
+            | Self::Exporter(_)
             | Self::UnexpectedMessage(_)
             | Self::PromoteFailed(_)
             | Self::Unsupported(_)
