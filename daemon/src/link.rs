@@ -137,6 +137,12 @@ impl Link {
         self.outq.push_back(m.to_bytes());
     }
 
+    /// Queues bytes as they are, framed or not (tests of hostile input).
+    #[doc(hidden)]
+    pub fn send_raw(&mut self, bytes: Vec<u8>) {
+        self.outq.push_back(bytes);
+    }
+
     /// Queues a segment frame without copying it.
     pub fn send_segment(&mut self, frame: Vec<u8>) {
         self.outq

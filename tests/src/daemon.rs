@@ -62,20 +62,48 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `replicad <role> --config <config>`.
     pub fn start(role: &str, config: &Path, state_dir: &Path, log: &Path) -> Self {
+        Self::start_limited(role, config, state_dir, log, None)
+    }
+
+    /// [`Daemon::start`] with at most `nofile` open files (RLIMIT_NOFILE).
+    pub fn start_limited(
+        role: &str,
+        config: &Path,
+        state_dir: &Path,
+        log: &Path,
+        nofile: Option<u64>,
+    ) -> Self {
         let err = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("log");
-        let child = Command::new(replicad_bin())
-            .args([role, "--config"])
+        let mut cmd = Command::new(replicad_bin());
+        cmd.args([role, "--config"])
             .arg(config)
             .env("REPLICAD_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("spawn replicad");
+            .stderr(err);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: between fork and exec the closure only calls
+            // setrlimit, which is async-signal-safe, on a value it owns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn replicad");
         Self {
             child: Some(child),
             log: log.to_owned(),
@@ -104,6 +132,20 @@ impl Daemon {
             }
         });
         (d, addr)
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// A field of its `/proc/<pid>/status` in its unit (`VmRSS`: KiB,
+    /// `Threads`: a count).
+    pub fn proc_status(&self, field: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
     }
 
     /// The log so far.

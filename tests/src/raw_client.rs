@@ -115,20 +115,7 @@ impl RawClient {
             confirm,
         } = opts;
         use replica_proto::msg::{Hello, Message};
-        let tls = replicad::config::TlsConfig {
-            ca: env.path("pki/ca.pem"),
-            cert: env.path(&format!("{}/{}.pem", cert.0, cert.1)),
-            key: env.path(&format!("{}/{}.key", cert.0, cert.1)),
-        };
-        let cfg = replicad::tls::client_config(&tls).map_err(|e| e.to_string())?;
-        let sock = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-        let name = rustls_pki_types::ServerName::try_from(TARGET_CN.to_owned())
-            .map_err(|e| e.to_string())?;
-        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
-        let mut link = replicad::link::Link::new(sock, rustls::Connection::Client(conn))
-            .map_err(|e| e.to_string())?;
-        link.handshake(Duration::from_secs(10))
-            .map_err(|e| e.to_string())?;
+        let mut link = Self::tls(env, addr, cert)?;
         let src_rand = match source_random {
             Some(r) => r,
             None => replica_proto::keys::random16().map_err(|e| e.to_string())?,
@@ -199,6 +186,25 @@ impl RawClient {
             link.pump(Duration::from_millis(50), None)
                 .map_err(|e| e.to_string())?;
         }
+    }
+
+    /// A TLS connection as `cert` (dir, name), nothing said yet.
+    pub fn tls(env: &Env, addr: &str, cert: (&str, &str)) -> Result<replicad::link::Link, String> {
+        let tls = replicad::config::TlsConfig {
+            ca: env.path("pki/ca.pem"),
+            cert: env.path(&format!("{}/{}.pem", cert.0, cert.1)),
+            key: env.path(&format!("{}/{}.key", cert.0, cert.1)),
+        };
+        let cfg = replicad::tls::client_config(&tls).map_err(|e| e.to_string())?;
+        let sock = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::try_from(TARGET_CN.to_owned())
+            .map_err(|e| e.to_string())?;
+        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
+        let mut link = replicad::link::Link::new(sock, rustls::Connection::Client(conn))
+            .map_err(|e| e.to_string())?;
+        link.handshake(Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        Ok(link)
     }
 
     /// Seals records `first..` (a write of `data` at sector 0 for each

@@ -236,3 +236,180 @@ fn an_old_peer_is_refused_with_the_protocol_versions() {
     assert!(e.contains("protocol version 2"), "{e}");
     assert!(e.contains("speaks 3"), "{e}");
 }
+
+/// A TCP connection to `addr` from `from` (another loopback address).
+fn connect_from(from: std::net::Ipv4Addr, addr: &str) -> std::net::TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let to: std::net::SocketAddrV4 = addr.parse().expect("an IPv4 address");
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
+    )
+    .expect("bind");
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to)).expect("connect");
+    std::net::TcpStream::from(fd)
+}
+
+/// Whether the peer closed `s` (EOF or reset), without waiting.
+fn closed(s: &std::net::TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    s.set_nonblocking(true).expect("nonblocking");
+    match std::io::Read::read(&mut &*s, &mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+#[test]
+fn a_flood_of_silent_connections_and_huge_declared_frames_leaves_the_target_serving() {
+    let mut rig = replicating("[network]\nhandshake_timeout_secs = 30\n");
+    let rss0 = rig.target.proc_status("VmRSS").expect("rss");
+    let threads0 = rig.target.proc_status("Threads").expect("threads");
+    // 300 connections from one address that never speak: the door keeps 8
+    // (the default per address) and closes the rest at once, long before
+    // the handshake deadline.
+    let flood: Vec<_> = (0..300)
+        .map(|_| connect_from([127, 0, 0, 2].into(), &rig.addr))
+        .collect();
+    wait_for(
+        Duration::from_secs(20),
+        "connections past the per-address limit to be closed",
+        || flood.iter().filter(|s| closed(s)).count() >= 292,
+    );
+    let open = flood.iter().filter(|s| !closed(s)).count();
+    assert_eq!(open, 8, "exactly the per-address limit is held open");
+    // With a certificate, before the key confirmation: a 4 GiB segment
+    // header, a 4 GiB hello header; both refused on the header.
+    let env = &rig.env;
+    for t in [3u8, 1] {
+        let mut link = RawClient::tls(env, &rig.addr, ("pki", SOURCE_CN)).expect("tls");
+        let mut h = vec![t];
+        h.extend_from_slice(&u32::MAX.to_le_bytes());
+        h.extend_from_slice(&[0x41; 4096]);
+        link.send_raw(h);
+        let refused = wait_until_closed(&mut link);
+        assert!(
+            refused,
+            "a 4 GiB declaration of type {t} must end the connection"
+        );
+    }
+    // The real source restarts meanwhile (a new connection from the same
+    // host as the flood would be: another address here) and replicates.
+    rig.source().kill9();
+    rig.start_source(64 << 10, "");
+    rig.write(60);
+    rig.drain_and_check();
+    let rss1 = rig.target.proc_status("VmRSS").expect("target is running");
+    let threads1 = rig.target.proc_status("Threads").expect("threads");
+    eprintln!(
+        "target RSS {} KiB before, {} KiB with 300 connections held/refused; threads {threads0} -> {threads1}",
+        rss0, rss1
+    );
+    assert!(
+        threads1 <= threads0 + 8 + 4,
+        "threads grew from {threads0} to {threads1}: more than the 8 connections the door lets wait"
+    );
+    assert!(
+        rss1 < rss0 + 64 * 1024,
+        "RSS grew from {rss0} KiB to {rss1} KiB"
+    );
+    drop(flood);
+}
+
+/// Pumps `link` until the peer closes it (true) or 10 s pass (false).
+fn wait_until_closed(link: &mut replicad::link::Link) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        match link.recv() {
+            Err(_) => return true,
+            Ok(Some(replica_proto::msg::Message::Error(_))) => return true,
+            Ok(_) => {}
+        }
+        if link.pump(Duration::from_millis(50), None).is_err() {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn a_confirmed_peer_declaring_a_4_gib_segment_is_refused_on_the_header() {
+    let env = Env::new();
+    let st = env.path("tstate");
+    let tcfg = env.target_config("target.toml", &st, &[("v", SIZE as u64)], 16, "");
+    let (t, addr) = Daemon::start_target(&tcfg, &st, &env.path("target.log"));
+    let rss0 = t.proc_status("VmRSS").expect("rss");
+    let mut c =
+        RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [4; 16], 1).expect("confirmed");
+    let mut h = vec![3u8];
+    h.extend_from_slice(&u32::MAX.to_le_bytes());
+    // Far more than a bound would let through, were it buffered.
+    h.extend_from_slice(&vec![0x42; 8 << 20]);
+    c.link.send_raw(h);
+    assert!(
+        wait_until_closed(&mut c.link),
+        "the target must end the stream"
+    );
+    let rss1 = t.proc_status("VmRSS").expect("the target is running");
+    eprintln!("target RSS {rss0} KiB before, {rss1} KiB after");
+    assert!(
+        rss1 < rss0 + 32 * 1024,
+        "RSS grew from {rss0} to {rss1} KiB"
+    );
+    // And serves the next connection.
+    RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [4; 16], 1).expect("next");
+}
+
+#[test]
+fn running_out_of_descriptors_never_takes_the_target_down() {
+    let env = Env::new();
+    let st = env.path("tstate");
+    let tcfg = env.target_config(
+        "target.toml",
+        &st,
+        &[("v", SIZE as u64)],
+        16,
+        "[network]\nhandshake_timeout_secs = 3\nmax_unauthenticated = 500\nmax_unauthenticated_per_address = 500\n",
+    );
+    let _ = std::fs::remove_file(st.join("listen.addr"));
+    let mut t = Daemon::start_limited("target", &tcfg, &st, &env.path("target.log"), Some(48));
+    wait_for(Duration::from_secs(20), "target to listen", || {
+        assert!(t.try_exit().is_none(), "{}", t.log_text());
+        std::fs::read_to_string(st.join("listen.addr")).is_ok_and(|a| !a.is_empty())
+    });
+    let addr = std::fs::read_to_string(st.join("listen.addr"))
+        .expect("addr")
+        .trim()
+        .to_owned();
+    // More silent connections than the target has descriptors: accept
+    // fails (EMFILE) until the handshake deadline closes the ones it took.
+    let flood: Vec<_> = (0..120)
+        .map(|_| connect_from([127, 0, 0, 3].into(), &addr))
+        .collect();
+    wait_for(
+        Duration::from_secs(20),
+        "accept to fail for want of descriptors",
+        || t.log_text().contains("accept failed"),
+    );
+    assert!(
+        t.try_exit().is_none(),
+        "the target must not exit:\n{}",
+        t.log_text()
+    );
+    drop(flood);
+    // Once the flood is gone, a source is served again.
+    wait_for(
+        Duration::from_secs(30),
+        "a confirmed connection after the flood",
+        || RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [8; 16], 1).is_ok(),
+    );
+    assert!(t.try_exit().is_none(), "{}", t.log_text());
+}

@@ -258,6 +258,15 @@ fn systemd_units_verify() {
         "dm-replica-activate.service",
     ] {
         let text = std::fs::read_to_string(format!("{units}/{name}")).expect("unit");
+        if name.starts_with("replicad") {
+            // A flood of connections or a runaway buffer meets a bound.
+            for key in ["TasksMax=", "MemoryMax=", "MemoryHigh="] {
+                assert!(
+                    text.lines().any(|l| l.starts_with(key)),
+                    "{name} must set {key}"
+                );
+            }
+        }
         // Point ExecStart at binaries that exist here (verify checks them).
         let text = text
             .replace(
