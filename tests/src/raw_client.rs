@@ -120,7 +120,7 @@ impl RawClient {
             Some(r) => r,
             None => replica_proto::keys::random16().map_err(|e| e.to_string())?,
         };
-        let hello = Message::Hello(Hello {
+        let hello = Hello {
             protocol,
             features: replica_proto::msg::PROTOCOL_FEATURES,
             volume: volume.to_owned(),
@@ -131,54 +131,51 @@ impl RawClient {
             key_id,
             resync,
             replica_seeded,
-        });
+        };
         let ring =
             replica_proto::keys::KeyRing::load(&keyring.unwrap_or_else(|| env.path("keys.toml")))
                 .map_err(|e| e.to_string())?;
         use replica_proto::confirm;
+        use replica_proto::handshake::{SourceSide, SourceStep};
         let mut exporter = [0u8; confirm::EXPORTER_LEN];
         link.export(confirm::EXPORTER_LABEL, &mut exporter)
             .map_err(|e| e.to_string())?;
-        let confirmer =
-            confirm::Confirmer::new(&ring, key_id, &exporter, volume).map_err(|e| e.to_string())?;
-        let transcript = hello.to_bytes();
-        let own = confirmer.source_tag(&transcript);
+        let (mut opening, [hello, own]) =
+            SourceSide::new(&ring, &exporter, hello).map_err(|e| e.to_string())?;
         link.send(&hello);
         let source_tag = match confirm {
-            ConfirmWith::Own => own,
+            ConfirmWith::Own => opening.tag(),
             ConfirmWith::Replayed(t) => t,
             ConfirmWith::Nothing => [0; 32],
         };
-        if !matches!(confirm, ConfirmWith::Nothing) {
-            link.send(&Message::Confirm(source_tag));
+        match confirm {
+            ConfirmWith::Own => link.send(&own),
+            ConfirmWith::Replayed(t) => link.send(&Message::Confirm(t)),
+            ConfirmWith::Nothing => {}
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut confirmed = false;
         loop {
-            match link.recv().map_err(|e| e.to_string())? {
-                Some(Message::Confirm(t)) if !confirmed => {
-                    confirmer
-                        .verify_target(&transcript, &source_tag, &t)
-                        .map_err(|e| format!("target: {e}"))?;
-                    confirmed = true;
-                    link.authenticated();
+            if let Some(m) = link.recv().map_err(|e| e.to_string())? {
+                match opening.receive(m).map_err(|e| format!("target: {e}"))? {
+                    SourceStep::Confirmed => link.authenticated(),
+                    SourceStep::Welcome(w) => {
+                        let mut t = [0u8; 16];
+                        hex::decode_to_slice(&w.target_random, &mut t)
+                            .map_err(|e| e.to_string())?;
+                        return Ok(Self {
+                            link,
+                            stream_id: replica_proto::keys::stream_id(&src_rand, &t),
+                            welcome: *w,
+                            volume: volume.to_owned(),
+                            generation,
+                            counter: 0,
+                            source_tag,
+                        });
+                    }
+                    SourceStep::Refused(e) | SourceStep::RefusedUnconfirmed(e) => {
+                        return Err(format!("{}: {}", e.code, e.message))
+                    }
                 }
-                Some(Message::Welcome(w)) if confirmed => {
-                    let mut t = [0u8; 16];
-                    hex::decode_to_slice(&w.target_random, &mut t).map_err(|e| e.to_string())?;
-                    return Ok(Self {
-                        link,
-                        stream_id: replica_proto::keys::stream_id(&src_rand, &t),
-                        welcome: w,
-                        volume: volume.to_owned(),
-                        generation,
-                        counter: 0,
-                        source_tag,
-                    });
-                }
-                Some(Message::Error(e)) => return Err(format!("{}: {}", e.code, e.message)),
-                Some(m) => return Err(format!("unexpected {m:?}")),
-                None => {}
             }
             if Instant::now() > deadline {
                 return Err("no welcome".into());

@@ -2,6 +2,7 @@
 
 pub mod confirm;
 pub mod frame;
+pub mod handshake;
 pub mod keys;
 pub mod le;
 pub mod msg;

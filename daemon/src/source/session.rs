@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
-use replica_proto::confirm::{self, Confirmer};
+use replica_proto::confirm::{EXPORTER_LABEL, EXPORTER_LEN};
 use replica_proto::frame::SegmentHeader;
+use replica_proto::handshake::{HandshakeError, SourceSide, SourceStep};
 use replica_proto::keys::{self};
 use replica_proto::msg::{self, ErrorClass as WireClass, ErrorCode, Hello, Message};
 
@@ -357,7 +358,7 @@ impl Source {
         let oldest = shared.spool.oldest_seq();
         let ring = self.keys.get();
         let key_id = ring.active();
-        let hello = Message::Hello(Hello {
+        let hello = Hello {
             protocol: msg::PROTOCOL_VERSION,
             features: msg::PROTOCOL_FEATURES,
             volume: cfg.volume.clone(),
@@ -368,65 +369,58 @@ impl Source {
             key_id,
             resync: shared.needs_resync().is_some(),
             replica_seeded: !cfg.initial_copy,
-        });
+        };
         // Key confirmation (replica_proto::confirm): our tag over the hello
         // on this TLS session, then the target's over both, before
         // anything the target says is used.
-        let mut exporter = [0u8; confirm::EXPORTER_LEN];
-        link.export(confirm::EXPORTER_LABEL, &mut exporter)
+        let mut exporter = [0u8; EXPORTER_LEN];
+        link.export(EXPORTER_LABEL, &mut exporter)
             .map_err(SessionError::link)?;
-        let confirmer =
-            Confirmer::new(&ring, key_id, &exporter, &cfg.volume).map_err(SessionError::Key)?;
-        let transcript = hello.to_bytes();
-        let source_tag = confirmer.source_tag(&transcript);
-        link.send(&hello);
-        link.send(&Message::Confirm(source_tag));
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        match recv_handshake(link, deadline)? {
-            Message::Confirm(t) => confirmer
-                .verify_target(&transcript, &source_tag, &t)
-                .map_err(|_| SessionError::TargetUnconfirmed { key_id })?,
-            // Refused before the target confirmed its key: nothing in it
-            // is acted on (a stale-epoch or promoted from here would not
-            // demote this source).
-            Message::Error(e) if e.code == ErrorCode::KeyConfirmation => {
-                return Err(SessionError::KeyRefused {
-                    key_id,
-                    message: e.message,
-                })
-            }
-            Message::Error(e) => {
-                return Err(SessionError::Refused {
-                    class: e.class,
-                    code: e.code,
-                    message: e.message,
-                })
-            }
-            other => {
-                return Err(SessionError::Protocol(format!(
-                    "expected the target's key confirmation, got {other:?}"
-                )))
-            }
+        let (mut opening, first) = SourceSide::new(&ring, &exporter, hello).map_err(|e| {
+            SessionError::Protocol(format!("cannot open with key id {key_id}: {e}"))
+        })?;
+        for m in &first {
+            link.send(m);
         }
-        link.authenticated();
-        let w = match recv_handshake(link, deadline)? {
-            Message::Welcome(w) => w,
-            Message::Error(e) => {
-                if e.class == WireClass::Fatal
-                    && matches!(e.code, ErrorCode::StaleEpoch | ErrorCode::Promoted)
-                {
-                    return Err(SessionError::Demoted(self.demote(&e.message)));
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let w = loop {
+            let step = opening
+                .receive(recv_handshake(link, deadline)?)
+                .map_err(|e| match e {
+                    HandshakeError::Mismatch(_) => SessionError::TargetUnconfirmed { key_id },
+                    other => SessionError::Protocol(other.to_string()),
+                })?;
+            match step {
+                SourceStep::Confirmed => link.authenticated(),
+                // Refused before the target proved its key: nothing in it
+                // is acted on (a stale-epoch or promoted from here does
+                // not demote this source).
+                SourceStep::RefusedUnconfirmed(e) if e.code == ErrorCode::KeyConfirmation => {
+                    return Err(SessionError::KeyRefused {
+                        key_id,
+                        message: e.message,
+                    })
                 }
-                return Err(SessionError::Refused {
-                    class: e.class,
-                    code: e.code,
-                    message: e.message,
-                });
-            }
-            other => {
-                return Err(SessionError::Protocol(format!(
-                    "expected welcome, got {other:?}"
-                )))
+                SourceStep::RefusedUnconfirmed(e) => {
+                    return Err(SessionError::Refused {
+                        class: e.class,
+                        code: e.code,
+                        message: e.message,
+                    })
+                }
+                SourceStep::Refused(e) => {
+                    if e.class == WireClass::Fatal
+                        && matches!(e.code, ErrorCode::StaleEpoch | ErrorCode::Promoted)
+                    {
+                        return Err(SessionError::Demoted(self.demote(&e.message)));
+                    }
+                    return Err(SessionError::Refused {
+                        class: e.class,
+                        code: e.code,
+                        message: e.message,
+                    });
+                }
+                SourceStep::Welcome(w) => break w,
             }
         };
         if w.protocol != msg::PROTOCOL_VERSION {

@@ -9,7 +9,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use replica_proto::confirm::{self, Confirmer};
+use replica_proto::confirm::{EXPORTER_LABEL, EXPORTER_LEN};
+use replica_proto::handshake::TargetSide;
 use replica_proto::keys;
 use replica_proto::msg::{self, ErrorMsg, Hello, Message, Welcome};
 
@@ -152,7 +153,14 @@ impl ConnCtx {
             .and_then(|c| c.first())
             .and_then(crate::tls::subject_cn)
             .ok_or(Refusal::NoIdentity)?;
-        let hello = recv_hello(link, deadline)?;
+        let mut exporter = [0u8; EXPORTER_LEN];
+        link.export(EXPORTER_LABEL, &mut exporter)
+            .map_err(Refusal::Exporter)?;
+        let mut opening = TargetSide::new(exporter);
+        let ring = self.keys.get();
+        let hello = opening
+            .hello(recv(link, deadline)?)
+            .map_err(Refusal::Opening)?;
         if hello.protocol != msg::PROTOCOL_VERSION {
             return Err(Refusal::ProtocolVersion(hello.protocol).into());
         }
@@ -168,7 +176,13 @@ impl ConnCtx {
             }
             .into());
         }
-        self.confirm(link, &hello, deadline)?;
+        // Key confirmation (replica_proto::confirm): a refusal here
+        // touches no stream, the peer has proved nothing.
+        let reply = opening
+            .confirm(&ring, recv(link, deadline)?)
+            .map_err(Refusal::Opening)?;
+        link.send(&reply);
+        link.authenticated();
         // From here on the source holds the stream's key.
         ticket.authenticated();
         let (id, slot) = stream::claim(&stream, deadline).ok_or(Refusal::StillStreaming)?;
@@ -211,31 +225,6 @@ impl ConnCtx {
             entry.durable,
             self.keys.clone(),
         ))
-    }
-
-    /// Key confirmation (see [`replica_proto::confirm`]): waits for the
-    /// source's tag over its hello, checks it against the key the hello
-    /// names on this TLS session and answers with the target's tag. A
-    /// refusal here touches no stream: the peer has proved nothing.
-    fn confirm(&self, link: &mut Link, hello: &Hello, deadline: Instant) -> Result<(), Refusal> {
-        let mut exporter = [0u8; confirm::EXPORTER_LEN];
-        link.export(confirm::EXPORTER_LABEL, &mut exporter)
-            .map_err(Refusal::Exporter)?;
-        let confirmer = Confirmer::new(&self.keys.get(), hello.key_id, &exporter, &hello.volume)
-            .map_err(|_| Refusal::UnknownSourceKey(hello.key_id))?;
-        let source_tag = match recv(link, deadline)? {
-            Message::Confirm(t) => t,
-            other => return Err(Refusal::ExpectedConfirm(Box::new(other))),
-        };
-        let transcript = Message::Hello(hello.clone()).to_bytes();
-        confirmer
-            .verify_source(&transcript, &source_tag)
-            .map_err(|m| Refusal::KeyConfirmation { key_id: m.key_id })?;
-        link.send(&Message::Confirm(
-            confirmer.target_tag(&transcript, &source_tag),
-        ));
-        link.authenticated();
-        Ok(())
     }
 }
 
@@ -316,14 +305,6 @@ fn enter(stream: &Arc<Stream>, hello: &Hello, gen_hex: &str) -> Result<Entry, Re
         resync_required: st.disk.needs_full_resync,
         inconsistent: st.inconsistent(),
     })
-}
-
-/// Waits for the source's hello.
-fn recv_hello(link: &mut Link, deadline: Instant) -> Result<Hello, Refusal> {
-    match recv(link, deadline)? {
-        Message::Hello(h) => Ok(h),
-        other => Err(Refusal::ExpectedHello(Box::new(other))),
-    }
 }
 
 /// Waits for the next message of the handshake until `deadline`.

@@ -4,6 +4,7 @@
 //! source should retry.
 
 use replica_proto::frame::FrameError;
+use replica_proto::handshake::HandshakeError;
 use replica_proto::keys::KeyError;
 use replica_proto::msg::{ErrorCode, Message};
 use replica_store::StoreError;
@@ -19,9 +20,6 @@ pub(super) enum Refusal {
     /// The client certificate has no subject common name.
     #[error("client certificate has no subject common name")]
     NoIdentity,
-    /// The first message was not a hello.
-    #[error("expected hello, got {0:?}")]
-    ExpectedHello(Box<Message>),
     /// No hello in time.
     #[error("the hello and key confirmation did not come within the handshake deadline")]
     HelloTimeout,
@@ -92,20 +90,11 @@ pub(super) enum Refusal {
         /// The target's last durable one.
         durable: u64,
     },
-    /// The source seals with a key the target does not have.
-    #[error("source seals with key id {0} which this target does not have: copy the key ring the source uses to this host (same file on both sites) and reload the target (SIGHUP)")]
-    UnknownSourceKey(u32),
-    /// The source's hello came without its key confirmation.
-    #[error("expected the key confirmation after the hello, got {0:?}")]
-    ExpectedConfirm(Box<Message>),
-    /// The source could not prove that it holds the key its hello names
-    /// (another secret under the same id, or a tag made on another
-    /// connection).
-    #[error("key confirmation failed for key id {key_id}: the source's key {key_id} is not this target's key {key_id}; copy the same key ring to both sites and reload (SIGHUP)")]
-    KeyConfirmation {
-        /// The key id the hello named.
-        key_id: u32,
-    },
+    /// The opening failed: a message out of turn, an unknown key id, or a
+    /// key confirmation that does not verify (another secret under the
+    /// same id, or a tag made on another connection).
+    #[error("{}", opening_message(.0))]
+    Opening(#[source] HandshakeError),
     /// The TLS session gave no keying material.
     #[error("TLS keying material export failed: {0}")]
     Exporter(#[source] LinkError),
@@ -181,19 +170,35 @@ pub(super) enum Refusal {
     Takeover(#[source] TakeoverError),
 }
 
+/// What an operator reads about a failed opening.
+fn opening_message(e: &HandshakeError) -> String {
+    match e {
+        HandshakeError::Mismatch(m) => format!(
+            "key confirmation failed for key id {id}: the source's key {id} is not this target's key {id}; copy the same key ring to both sites and reload (SIGHUP)",
+            id = m.key_id
+        ),
+        HandshakeError::UnknownKey(id) => format!(
+            "source confirms with key id {id} which this target does not have: copy the key ring the source uses to this host (same file on both sites) and reload the target (SIGHUP)"
+        ),
+        other => other.to_string(),
+    }
+}
+
 impl Refusal {
     /// Its wire code.
     pub(super) fn code(&self) -> ErrorCode {
         use ErrorCode as C;
         match self {
             Self::NoIdentity => C::NoIdentity,
-            Self::ExpectedHello(_)
-            | Self::ExpectedConfirm(_)
-            | Self::ProtocolVersion(_)
+            Self::ProtocolVersion(_)
             | Self::MalformedHello
             | Self::UnexpectedMessage(_)
             | Self::Exporter(_) => C::Protocol,
-            Self::KeyConfirmation { .. } => C::KeyConfirmation,
+            Self::Opening(e) => match e {
+                HandshakeError::Mismatch(_) => C::KeyConfirmation,
+                HandshakeError::UnknownKey(_) | HandshakeError::Key(_) => C::UnknownKey,
+                HandshakeError::Unexpected { .. } | HandshakeError::Done => C::Protocol,
+            },
             Self::HelloTimeout => C::Timeout,
             Self::VolumeNotFound(_) => C::VolumeNotFound,
             Self::NotAuthorized { .. } => C::NotAuthorized,
@@ -207,7 +212,7 @@ impl Refusal {
             Self::FailingOver(_) => C::Failover,
             Self::StaleEpoch { .. } => C::StaleEpoch,
             Self::MissingRecords { .. } | Self::SequenceGap { .. } => C::SequenceGap,
-            Self::UnknownSourceKey(_) | Self::UnknownSegmentKey { .. } => C::UnknownKey,
+            Self::UnknownSegmentKey { .. } => C::UnknownKey,
             Self::Network(_) => C::Network,
             Self::Peer(_) => C::Peer,
             Self::PromoteFailed(_) => C::PromoteFailed,
@@ -239,7 +244,6 @@ impl Refusal {
             Self::Storage(e) => e.is_recoverable(),
             Self::Takeover(e) => e.is_recoverable(),
             Self::NoIdentity
-            | Self::ExpectedHello(_)
             | Self::ProtocolVersion(_)
             | Self::MalformedHello
             | Self::VolumeNotFound(_)
@@ -248,9 +252,7 @@ impl Refusal {
             | Self::Promoted { .. }
             | Self::StaleEpoch { .. }
             | Self::MissingRecords { .. }
-            | Self::UnknownSourceKey(_)
-            | Self::ExpectedConfirm(_)
-            | Self::KeyConfirmation { .. }
+            | Self::Opening(_)
             | Self::Exporter(_)
             | Self::UnexpectedMessage(_)
             | Self::PromoteFailed(_)
