@@ -1,6 +1,8 @@
 //! Failover with the file backend and a ring file: planned (no loss, the
 //! source hands over and is demoted), unplanned (latest or a chosen point),
-//! and the old source refused afterwards (no split brain).
+//! the old source refused afterwards (no split brain), and both while the
+//! replica's disk is full (unplanned does not wait for it, planned is
+//! refused at once).
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -225,4 +227,194 @@ fn a_second_planned_failover_while_one_runs_is_refused_with_exit_code_4() {
     let p = r.target_state().promoted.expect("promoted");
     assert!(p.planned);
     assert_eq!(p.point_seq, r.src.last_seq);
+}
+
+/// A rig whose replica is a sparse file on the tmpfs `mnt`, as a thin
+/// device is thinly provisioned: once the tmpfs is full, writes to parts of
+/// the replica never written fail with ENOSPC (state, journal and points
+/// stay in the test directory). Returns the replica's path.
+fn rig_with_thin_replica(mnt: &Tmpfs, seed: u64) -> (Rig, std::path::PathBuf) {
+    let mut r = Rig::new(VOL, SIZE, seed, None, 100, "", 1024, 1024);
+    r.target.kill9();
+    let replica = mnt.path().join(format!("{VOL}.img"));
+    // Created with its size, no space reserved (the file backend reserves
+    // the space of a replica it creates itself).
+    std::fs::File::create(&replica)
+        .and_then(|f| f.set_len(SIZE as u64))
+        .expect("sparse replica");
+    let text = std::fs::read_to_string(&r.tcfg).expect("cfg").replace(
+        &r.tstate.join(format!("{VOL}.img")).display().to_string(),
+        &replica.display().to_string(),
+    );
+    std::fs::write(&r.tcfg, text).expect("cfg");
+    r.restart_target();
+    r.start_source(64 << 10, "");
+    (r, replica)
+}
+
+/// Fills the file system of `dir` (a tmpfs); returns the file that does.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("filler");
+    for chunk in [64 << 10, 4 << 10] {
+        while f.write_all(&vec![0xa5u8; chunk]).is_ok() {}
+    }
+    path
+}
+
+/// `n` writes of 16 KiB from byte `start`, one after the other.
+fn write_run(r: &mut Rig, start: u64, n: u64) {
+    for i in 0..n {
+        r.src.apply(&Op::Write {
+            sector: (start >> 9) + i * 32,
+            len: 16 << 10,
+            ok: true,
+        });
+    }
+}
+
+/// Writes the first 512 KiB and flushes; waits until it is applied and
+/// returns the flush's record.
+fn applied_first_region(r: &mut Rig) -> u64 {
+    write_run(r, 0, 32);
+    r.src.apply(&Op::Flush);
+    let flushed = r.src.last_seq;
+    r.wait_applied(flushed, Duration::from_secs(60));
+    flushed
+}
+
+/// Waits until the target's applier retries a write that failed for lack
+/// of space, with records after `applied` journaled.
+fn wait_retrying(r: &Rig, applied: u64) {
+    wait_for(
+        Duration::from_secs(60),
+        "the applier to retry a full replica disk",
+        || {
+            r.target.status(VOL).is_some_and(|s| {
+                s.durable_seq > applied
+                    && s.reasons.iter().any(|x| {
+                        x.kind == replicad::status::ReasonKind::Replica
+                            && x.message.contains("No space left")
+                    })
+            })
+        },
+    );
+}
+
+#[test]
+fn an_unplanned_failover_preempts_an_applier_retrying_a_full_replica_disk() {
+    let mnt = Tmpfs::mount("4m");
+    let (mut r, replica) = rig_with_thin_replica(&mnt, 75);
+    let applied = applied_first_region(&mut r);
+    let filler = fill(mnt.path());
+    // The second MiB, never written before: none of it fits now. More
+    // segments than the applier's inbox holds: the connection waits on it.
+    write_run(&mut r, 1 << 20, 64);
+    wait_retrying(&r, applied);
+    // The source host is gone; the operator fails over, and it does not
+    // wait for the replica's disk.
+    r.source().kill9();
+    let started = Instant::now();
+    let msg = send(
+        &replica_control::default_path(&r.tstate),
+        &Request::new(failover(Some(PointChoice::Latest))),
+        Duration::from_secs(60),
+    )
+    .map(|x| x.message.unwrap_or_default())
+    .unwrap_or_else(|e| panic!("failover: {e}\n{}", r.logs()));
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(msg.contains(&format!("record {applied}")), "{msg}");
+    // Promoted as applied: exactly the state at the flush, nothing of what
+    // could not be written.
+    let st = r.target_state();
+    let p = st.promoted.as_ref().expect("promoted");
+    assert!(!p.planned);
+    assert_eq!(p.point_seq, applied);
+    assert_eq!(st.applied_seq, applied);
+    let (want, mask) = r.src.points[&applied].clone();
+    let got = || std::fs::read(&replica).expect("replica");
+    assert!(first_difference(&got(), &want, &mask).is_none());
+    // The status says where, and which records received are not in it.
+    let received = journal_headers(&r.tstate, VOL)
+        .iter()
+        .map(|h| h.last_seq)
+        .max()
+        .expect("journaled segments");
+    assert!(received > applied);
+    let ts = r.target.status(VOL).expect("target status");
+    assert_eq!(ts.role, replicad::status::Role::Primary);
+    assert_eq!(ts.applied_seq, applied);
+    let promoted = ts
+        .reasons
+        .iter()
+        .find(|x| x.kind == replicad::status::ReasonKind::Promoted)
+        .unwrap_or_else(|| panic!("{:?}", ts.reasons));
+    assert!(
+        promoted
+            .message
+            .contains(&format!("failed over at record {applied} "))
+            && promoted.message.contains(&format!(
+                "records {}..={received} received are not in it",
+                applied + 1
+            )),
+        "{}",
+        promoted.message
+    );
+    // Applying has stopped: with space back, nothing journaled is applied,
+    // neither by the target's last drain when it stops nor after a restart.
+    std::fs::remove_file(&filler).expect("remove filler");
+    assert_eq!(r.target.stop(), Some(0));
+    assert!(first_difference(&got(), &want, &mask).is_none());
+    r.restart_target();
+    wait_socket(&r.tstate);
+    assert_eq!(r.target_state().applied_seq, applied);
+    assert!(first_difference(&got(), &want, &mask).is_none());
+}
+
+#[test]
+fn a_planned_failover_while_the_replica_cannot_be_written_fails_at_once_and_blames_nothing() {
+    let mnt = Tmpfs::mount("4m");
+    let (mut r, replica) = rig_with_thin_replica(&mnt, 76);
+    let applied = applied_first_region(&mut r);
+    let filler = fill(mnt.path());
+    // A few writes the replica's disk has no room for (all of them fit in
+    // the applier's inbox: the target has every record durable).
+    write_run(&mut r, 1 << 20, 4);
+    let last = r.src.last_seq;
+    wait_retrying(&r, applied);
+    wait_for(Duration::from_secs(30), "every record durable", || {
+        r.target.status(VOL).is_some_and(|s| s.durable_seq == last)
+    });
+    let started = Instant::now();
+    let e = command(&r.sstate, Command::FailoverPlanned).expect_err("refused");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(e.to_string().contains("cannot be written"), "{e}");
+    // Not promoted, and a full disk is no reason for Critical.
+    let st = r.target_state();
+    assert!(st.promoted.is_none());
+    assert!(st.critical.is_none(), "{:?}", st.critical);
+    let ts = r.target.status(VOL).expect("target status");
+    assert_ne!(
+        ts.health,
+        replicad::status::Health::Critical,
+        "{:?}",
+        ts.reasons
+    );
+    // Space comes back: every record is applied, and the planned failover
+    // goes through (from the same last record).
+    std::fs::remove_file(&filler).expect("remove filler");
+    r.wait_applied(last, Duration::from_secs(60));
+    let msg = command(&r.sstate, Command::FailoverPlanned)
+        .unwrap_or_else(|e| panic!("planned failover: {e}\n{}", r.logs()));
+    assert!(msg.contains("complete"), "{msg}");
+    let p = r.target_state().promoted.expect("promoted");
+    assert!(p.planned);
+    assert_eq!(p.point_seq, last);
+    let got = std::fs::read(&replica).expect("replica");
+    assert!(first_difference(&got, &r.src.image, &r.src.masked).is_none());
 }

@@ -629,3 +629,109 @@ fn source_sighup_moves_to_a_new_target_address_and_refuses_immutable_changes() {
     let got = std::fs::read(st.join("v.img")).expect("replica");
     assert!(first_difference(&got, &src.image, &src.masked).is_none());
 }
+
+#[test]
+fn a_reload_that_removes_a_source_ends_its_live_session_and_one_that_keeps_it_does_not() {
+    use replicad::status::{Connection, Health, ReasonKind};
+    let env = Env::new();
+    let st = env.path("tstate");
+    let Pair {
+        target,
+        target_config: cfg,
+        mut source,
+        mut src,
+        ..
+    } = env.pair("v", 1 << 20, 1000, 256, 1024, 13, "");
+    let write = |src: &mut Source, n: usize| {
+        for _ in 0..n {
+            let op = src.random_op(32);
+            src.apply(&op);
+        }
+        src.apply(&Op::Flush);
+    };
+    let applied = |seq: u64| {
+        wait_for(Duration::from_secs(60), &format!("applied {seq}"), || {
+            let s = target_state(&st, "v");
+            assert!(s.critical.is_none(), "{:?}", s.critical);
+            applied_published(&st, "v") >= seq
+        })
+    };
+    let reloads = |t: &Daemon| t.log_text().matches("configuration reloaded").count();
+    write(&mut src, 50);
+    applied(src.last_seq);
+
+    // A reload that keeps the source's name (another keep_points) leaves
+    // its session alone.
+    let text = std::fs::read_to_string(&cfg).expect("cfg");
+    std::fs::write(
+        &cfg,
+        text.replace("keep_points = 1000", "keep_points = 999"),
+    )
+    .expect("cfg");
+    target.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(10), "first reload", || {
+        reloads(&target) == 1
+    });
+    write(&mut src, 50);
+    applied(src.last_seq);
+    let streams: std::collections::HashSet<_> =
+        journal_keys(&st, "v").into_iter().map(|k| k.1).collect();
+    assert_eq!(
+        streams.len(),
+        1,
+        "a reload that keeps the name must not reconnect"
+    );
+    let s = source.status("v").expect("source status");
+    assert_eq!((s.connection, s.retries), (Connection::Connected, 0));
+    assert_eq!(
+        target.status("v").expect("target status").connection,
+        Connection::Connected
+    );
+
+    // Everything written is acknowledged and applied; now the name goes.
+    let acknowledged = src.last_seq;
+    let text = std::fs::read_to_string(&cfg).expect("cfg");
+    std::fs::write(
+        &cfg,
+        text.replace(
+            &format!("allowed_sources = [\"{SOURCE_CN}\"]"),
+            "allowed_sources = [\"intruder\"]",
+        ),
+    )
+    .expect("cfg");
+    target.signal(nix::sys::signal::Signal::SIGHUP);
+    // The source is told on the wire, reports it and stops (Fatal: no
+    // reconnecting).
+    let code = source.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(3), "{}", source.log_text());
+    let log = source.log_text();
+    assert!(log.contains("not-authorized"), "{log}");
+    let s = source.status("v").expect("source status");
+    assert!(
+        s.reasons
+            .iter()
+            .any(|r| r.kind == ReasonKind::Stopped && r.message.contains("not allowed")),
+        "{:?}",
+        s.reasons
+    );
+    // The target: not connected, and nothing said against the replica.
+    wait_for(Duration::from_secs(10), "target not connected", || {
+        target
+            .status("v")
+            .is_some_and(|t| t.connection != Connection::Connected)
+    });
+    let t = target.status("v").expect("target status");
+    assert_ne!(t.health, Health::Critical, "{:?}", t.reasons);
+    assert!(
+        t.reasons
+            .iter()
+            .all(|r| r.kind != ReasonKind::Stopped && r.kind != ReasonKind::Replica),
+        "{:?}",
+        t.reasons
+    );
+    assert!(target_state(&st, "v").critical.is_none());
+    // What was acknowledged is intact.
+    applied(acknowledged);
+    let got = std::fs::read(st.join("v.img")).expect("replica");
+    assert!(first_difference(&got, &src.image, &src.masked).is_none());
+}

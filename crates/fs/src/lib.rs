@@ -2,8 +2,9 @@
 //! journal's and the spool's directories), and the OS error they report:
 //! what was being done, on which path, and the error itself.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// An OS error with what was being done and on which path.
@@ -49,12 +50,35 @@ pub fn sync_dir(dir: &Path) -> Result<(), IoError> {
 /// temporary file beside it, synced, renamed over it, and the directory
 /// synced. A reader sees the old content or the new, never part of either.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), IoError> {
+    replace(path, data, 0o666)
+}
+
+/// [`write_atomic`] for a secret (a keyring): the file is created with mode
+/// 0600, and never exists under either name with a wider one.
+pub fn write_atomic_private(path: &Path, data: &[u8]) -> Result<(), IoError> {
+    replace(path, data, 0o600)
+}
+
+/// Writes `data` to a new temporary file of mode `mode` (less the umask),
+/// syncs it, renames it over `path` and syncs the directory.
+fn replace(path: &Path, data: &[u8], mode: u32) -> Result<(), IoError> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(IoError::with("write state", &tmp))?;
+    // A leftover of an interrupted write: created anew, so it takes `mode`.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(IoError::new("write state", &tmp, e)),
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(IoError::with("write state", &tmp))?;
     f.write_all(data)
         .map_err(IoError::with("write state", &tmp))?;
     f.sync_all().map_err(IoError::with("sync state", &tmp))?;
@@ -93,5 +117,24 @@ mod tests {
             (e.what, e.path.clone()),
             ("sync directory", d.path().join("gone"))
         );
+    }
+
+    #[test]
+    fn a_private_file_is_mode_0600_even_over_a_wider_leftover() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("keys.toml");
+        // An interrupted earlier write left its temporary file, readable by all.
+        std::fs::write(d.path().join("keys.tmp"), b"old").expect("leftover");
+        std::fs::set_permissions(
+            d.path().join("keys.tmp"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        write_atomic_private(&p, b"secret").expect("write");
+        assert_eq!(std::fs::read(&p).expect("read"), b"secret");
+        let mode = std::fs::metadata(&p).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!d.path().join("keys.tmp").exists());
     }
 }

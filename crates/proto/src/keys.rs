@@ -20,8 +20,7 @@
 //! a (key, nonce) pair can only repeat if a stream id repeats.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use ring::aead;
@@ -234,18 +233,14 @@ impl KeyRing {
                 "refusing to overwrite",
             )));
         }
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        f.write_all(self.to_toml().as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(())
+        // A temporary file of mode 0600, synced, renamed over the keyring,
+        // the directory synced: a crash leaves the old keyring or the new.
+        replica_fs::write_atomic_private(path, self.to_toml().as_bytes()).map_err(|e| {
+            KeyError::Io {
+                path: e.path,
+                source: e.source,
+            }
+        })
     }
 }
 

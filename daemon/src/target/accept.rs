@@ -112,6 +112,15 @@ impl ConnCtx {
         }
         match result {
             Ok(()) => link.close(Duration::from_secs(1)),
+            Err(r @ Refusal::NotAuthorized { .. }) => {
+                // Its name was taken out of `allowed_sources` (reload): that
+                // says nothing about the replica, and replication into it
+                // has stopped.
+                self.board.update(&stream.id, |s| {
+                    s.set_reason(ReasonKind::Session, r.to_string());
+                });
+                self.refuse(&mut link, None, &r);
+            }
             Err(r) => self.refuse(&mut link, Some(&stream), &r),
         }
     }
@@ -221,6 +230,7 @@ impl ConnCtx {
             stream,
             slot,
             id,
+            cn,
             stream_id,
             entry.durable,
             self.keys.clone(),

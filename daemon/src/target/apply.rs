@@ -4,7 +4,10 @@
 //! bounds, a gap only before a resync BEGIN), applies them with the
 //! replica's writes ordered, retries recoverable storage errors on a
 //! backoff, and reports the backend's warnings. Its inbox also carries
-//! promotions and takeovers, so both happen in stream order.
+//! promotions and takeovers, so both happen in stream order. A retry gives
+//! way to an unplanned failover that waits (see `promote`): the applier
+//! sets the retried segment and everything queued after it aside, applied
+//! only if the failover does not happen.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,6 +58,8 @@ pub(super) enum ApplyMsg {
     /// Failover: promote the replica once everything queued before is
     /// applied.
     Promote {
+        /// The request, pending in the stream's state until taken up.
+        id: u64,
         /// What to promote.
         req: PromoteReq,
         /// The answer.
@@ -147,6 +152,22 @@ pub(super) struct Applier {
     /// when they were last asked for.
     store_warnings: Vec<String>,
     warnings_checked: Option<Instant>,
+    /// What the applier set aside, in order, giving way to an unplanned
+    /// failover: the segment it was retrying (read back from the journal
+    /// when applied after all) and what was queued behind it. Handled as
+    /// if it came now once no such failover waits (promoted: dropped).
+    set_aside: Vec<ApplyMsg>,
+}
+
+/// How a retried replica operation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Retried {
+    /// It succeeded.
+    Done,
+    /// It gave way to an unplanned failover (it did not succeed).
+    GaveWay,
+    /// It failed for good (the stream is Critical) or the daemon stops.
+    Failed,
 }
 
 /// How a store error is handled: a full disk is retried, anything else is
@@ -217,6 +238,7 @@ impl Applier {
             dctx: zstd::bulk::Decompressor::new().ok(),
             store_warnings: Vec::new(),
             warnings_checked: None,
+            set_aside: Vec::new(),
         }
     }
 
@@ -224,11 +246,14 @@ impl Applier {
     /// daemon stops with nothing queued), then checkpoints.
     pub(super) fn run(mut self, rx: Receiver<ApplyMsg>) {
         loop {
+            if !self.resume() {
+                break;
+            }
             let msg = match rx.recv_timeout(IDLE_TICK) {
                 Ok(m) => m,
                 Err(RecvTimeoutError::Timeout) => {
                     self.check_store(false);
-                    if self.unflushed_segments > 0 {
+                    if self.unflushed_segments > 0 && self.set_aside.is_empty() {
                         self.retry("checkpoint", |a| a.checkpoint());
                     }
                     if self.stop.load(Ordering::Acquire) && rx.is_empty() {
@@ -238,22 +263,8 @@ impl Applier {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            match msg {
-                ApplyMsg::Segment { pos, body } => {
-                    if !self.segment(&pos, body) {
-                        break;
-                    }
-                }
-                ApplyMsg::Promote { req, reply } => {
-                    let r = self.promote(req);
-                    if let Err(e) = &r {
-                        tracing::error!(volume = %self.stream.id, "failover refused: {e}");
-                    }
-                    let _ = reply.send(r);
-                }
-                ApplyMsg::Takeover { takeover, reply } => {
-                    let _ = reply.send(self.take_over(&takeover));
-                }
+            if !self.handle(msg) {
+                break;
             }
         }
         if self.unflushed_segments > 0 {
@@ -261,9 +272,67 @@ impl Applier {
         }
     }
 
+    /// Handles one message of the inbox (or one set aside). Returns false
+    /// when the applier is to stop.
+    fn handle(&mut self, msg: ApplyMsg) -> bool {
+        // Behind what was set aside: set aside too, in order, or handled
+        // after it once no failover waits (which may set some aside again).
+        while !self.set_aside.is_empty() && !matches!(msg, ApplyMsg::Promote { .. }) {
+            if self.giving_way() {
+                self.set_aside.push(msg);
+                return true;
+            }
+            if !self.resume() {
+                return false;
+            }
+        }
+        match msg {
+            ApplyMsg::Segment { pos, body } => self.segment(pos, body),
+            ApplyMsg::Promote { id, req, reply } => {
+                if !self.stream.lock_state().take_failover(id) {
+                    // Withdrawn by its requester (timed out) or refused:
+                    // nobody waits for it any more.
+                    return true;
+                }
+                let r = self.promote(req);
+                if let Err(e) = &r {
+                    tracing::error!(volume = %self.stream.id, "failover refused: {e}");
+                }
+                let _ = reply.send(r);
+                true
+            }
+            ApplyMsg::Takeover { takeover, reply } => {
+                let _ = reply.send(self.take_over(&takeover));
+                true
+            }
+        }
+    }
+
+    /// Whether an unplanned failover waits: the applier gives way to it.
+    fn giving_way(&self) -> bool {
+        self.stream.lock_state().unplanned_failover_waiting()
+    }
+
+    /// Handles what was set aside once no unplanned failover waits any
+    /// more (it promoted the replica, and the segments are dropped; or it
+    /// did not happen, and they are applied now, before anything newer).
+    /// Returns false when the applier is to stop.
+    fn resume(&mut self) -> bool {
+        if self.set_aside.is_empty() || self.giving_way() {
+            return true;
+        }
+        for msg in std::mem::take(&mut self.set_aside) {
+            if !self.handle(msg) {
+                // What is left is journaled: replayed at the next start.
+                return false;
+            }
+        }
+        true
+    }
+
     /// Applies one journaled segment (a Critical or promoted stream's are
     /// dropped). Returns false when the applier is to stop.
-    fn segment(&mut self, pos: &FramePos, body: Option<Vec<u8>>) -> bool {
+    fn segment(&mut self, pos: FramePos, body: Option<Vec<u8>>) -> bool {
         let h = &pos.header;
         let (other_generation, applied) = {
             let st = self.stream.lock_state();
@@ -304,7 +373,7 @@ impl Applier {
             );
             return true;
         }
-        let plain = match self.plain(pos, body) {
+        let plain = match self.plain(&pos, body) {
             Ok(p) => p,
             Err(e) => return self.reject(h, &e),
         };
@@ -312,19 +381,31 @@ impl Applier {
             Ok(r) => r,
             Err(e) => return self.reject(h, &e),
         };
-        if let Some(()) = self.retry("apply", |a| a.apply_records(h, &records)) {
-            self.unflushed_segments += 1;
-            // A flush of the replica costs the same for one small
-            // segment as for many: bounded by time and count, not per
-            // segment, so a stream of small segments keeps up.
-            if self.unflushed_segments >= CHECKPOINT_SEGMENTS
-                || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
-            {
-                self.retry("checkpoint", |a| a.checkpoint());
+        match self.retry("apply", |a| a.apply_records(h, &records)) {
+            Retried::Done => {
+                self.unflushed_segments += 1;
+                // A flush of the replica costs the same for one small
+                // segment as for many: bounded by time and count, not per
+                // segment, so a stream of small segments keeps up.
+                if self.unflushed_segments >= CHECKPOINT_SEGMENTS
+                    || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+                {
+                    self.retry("checkpoint", |a| a.checkpoint());
+                }
+                true
             }
-            true
-        } else {
-            !self.stop.load(Ordering::Acquire)
+            Retried::GaveWay => {
+                tracing::warn!(
+                    volume = %self.stream.id,
+                    first = h.first_seq,
+                    last = h.last_seq,
+                    applied = self.stream.lock_state().applied,
+                    "an unplanned failover waits: the segment being retried and those queued after it stay journaled, unapplied"
+                );
+                self.set_aside.push(ApplyMsg::Segment { pos, body: None });
+                true
+            }
+            Retried::Failed => !self.stop.load(Ordering::Acquire),
         }
     }
 
@@ -381,19 +462,21 @@ impl Applier {
     }
 
     /// Runs `f` until it succeeds, retrying recoverable storage errors
-    /// (full disk) on a backoff that watches `stop`. A non-recoverable
-    /// error makes the stream Critical.
+    /// (full disk) on a backoff that watches `stop` and the stream's
+    /// failover requests: it gives way to an unplanned one, and refuses a
+    /// planned one (which needs every record applied) with the error. A
+    /// non-recoverable error makes the stream Critical.
     pub(super) fn retry(
         &mut self,
-        what: &str,
+        what: &'static str,
         mut f: impl FnMut(&mut Self) -> Result<(), StoreError>,
-    ) -> Option<()> {
+    ) -> Retried {
         let mut backoff = Backoff::from_secs(&STORE_RETRY_SECS);
         loop {
             let e = match f(self) {
                 Ok(()) => {
                     self.clear_replica_warning();
-                    return Some(());
+                    return Retried::Done;
                 }
                 Err(e) => e,
             };
@@ -405,9 +488,32 @@ impl Applier {
                         s.set_reason(ReasonKind::Replica, why.clone());
                     });
                     self.check_store(true);
+                    {
+                        let mut st = self.stream.lock_state();
+                        if st.unplanned_failover_waiting() {
+                            return Retried::GaveWay;
+                        }
+                        if st.planned_failover_waiting() {
+                            tracing::error!(volume = %self.stream.id, "planned failover refused: the replica cannot be written");
+                            st.refuse_planned_failover(PromoteError::ReplicaFailing {
+                                what,
+                                source: e,
+                            });
+                        }
+                    }
                     while Instant::now() < until {
                         if self.stop.load(Ordering::Acquire) {
-                            return None;
+                            return Retried::Failed;
+                        }
+                        {
+                            let st = self.stream.lock_state();
+                            if st.unplanned_failover_waiting() {
+                                return Retried::GaveWay;
+                            }
+                            if st.planned_failover_waiting() {
+                                // Try now: it is refused if this fails.
+                                break;
+                            }
                         }
                         std::thread::sleep(Duration::from_millis(20));
                     }
@@ -415,7 +521,7 @@ impl Applier {
                 Decision::Critical => {
                     self.stream
                         .go_critical(&self.board, &format!("replica {what}: {e}"));
-                    return None;
+                    return Retried::Failed;
                 }
             }
         }

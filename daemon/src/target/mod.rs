@@ -169,6 +169,8 @@ impl Target {
     /// Applies what may change at run time from the configuration file
     /// (TLS file paths, each volume's `allowed_sources` and `keep_points`);
     /// anything else that changed is reported and ignored until a restart.
+    /// A live session whose source is no longer allowed ends itself (its
+    /// stream loop checks before each batch).
     fn reload_config(&mut self) {
         let Some(path) = self.config_path.clone() else {
             return;

@@ -3,8 +3,19 @@
 //! from the stream's PROMOTE), and the applier's part — choosing the state
 //! that becomes the primary, rolling back to a point if asked, promoting
 //! the replica and recording the promotion and the epoch.
+//!
+//! A request is queued behind every segment before it, and is also
+//! recorded in the stream's state ([`PendingFailover`]) from the start, so
+//! an applier that retries a replica write (a full pool) knows one waits:
+//! an unplanned failover makes it give up the retried segment and every
+//! one queued after it (they stay journaled, unapplied) and promote the
+//! replica as it is; a planned one, which needs every record applied, is
+//! refused at once with the replica's error instead of waiting.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
 
 use replica_control::{ErrorCode, PointChoice};
 use replica_proto::msg;
@@ -13,11 +24,62 @@ use replica_store::StoreError;
 
 use super::apply::{Applier, ApplyMsg};
 use super::points::{point_id, record_point};
-use super::stream::Stream;
+use super::stream::{Stream, StreamState};
 use crate::status::{Connection, ReasonKind, ReplicaState, Role};
 
 /// How long a failover may wait for the replica to catch up.
 const PROMOTE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How often a requester waiting for the applier looks at its request.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Numbers the failover requests, so the applier takes up only the one
+/// still pending.
+static REQUESTS: AtomicU64 = AtomicU64::new(1);
+
+/// A failover request waiting for the applier, in the stream's state.
+pub(super) struct PendingFailover {
+    /// Which request.
+    id: u64,
+    /// Planned: every record up to the old primary's last must be applied.
+    planned: bool,
+    /// The applier's refusal of a planned one, for its requester.
+    refused: Option<PromoteError>,
+}
+
+impl StreamState {
+    /// An unplanned failover waits: a retrying applier gives way to it.
+    pub(super) fn unplanned_failover_waiting(&self) -> bool {
+        self.failover.as_ref().is_some_and(|f| !f.planned)
+    }
+
+    /// A planned failover waits and was not refused yet.
+    pub(super) fn planned_failover_waiting(&self) -> bool {
+        self.failover
+            .as_ref()
+            .is_some_and(|f| f.planned && f.refused.is_none())
+    }
+
+    /// Refuses the planned failover waiting, if any, with `e`.
+    pub(super) fn refuse_planned_failover(&mut self, e: PromoteError) {
+        if let Some(f) = self.failover.as_mut().filter(|f| f.planned) {
+            f.refused.get_or_insert(e);
+        }
+    }
+
+    /// The applier takes request `id` up: true if it is the one pending
+    /// (and not refused); it is no longer pending then.
+    pub(super) fn take_failover(&mut self, id: u64) -> bool {
+        let ours = self
+            .failover
+            .as_ref()
+            .is_some_and(|f| f.id == id && f.refused.is_none());
+        if ours {
+            self.failover = None;
+        }
+        ours
+    }
+}
 
 /// A failover request.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +106,19 @@ pub(super) enum PromoteError {
     /// The stream that ran did not end.
     #[error("the current stream did not stop")]
     StreamDidNotStop,
+    /// Another failover of the volume waits for the applier.
+    #[error("a failover of this volume is already under way")]
+    InProgress,
+    /// A planned failover while the replica cannot be written: it needs
+    /// every record applied, and the applier is retrying.
+    #[error("the replica cannot be written ({what}: {source}); a planned failover needs every record applied: free space and run it again, or fail over unplanned on the target")]
+    ReplicaFailing {
+        /// What the applier retries.
+        what: &'static str,
+        /// The replica's (recoverable) error.
+        #[source]
+        source: StoreError,
+    },
     /// Failed over already, at another epoch.
     #[error("already failed over (epoch {epoch}, at record {point_seq})")]
     AlreadyFailedOver {
@@ -115,15 +190,24 @@ impl PromoteError {
             | Self::EpochExhausted(_)
             | Self::ResyncRunning
             | Self::NotCaughtUp { .. }
-            | Self::NothingConsistent => ErrorCode::Refused,
+            | Self::NothingConsistent
+            | Self::InProgress => ErrorCode::Refused,
             Self::NoSuchPoint { .. } => ErrorCode::NotFound,
             Self::ApplierGone
             | Self::Timeout(_)
             | Self::StreamDidNotStop
             | Self::PointGone(_)
+            | Self::ReplicaFailing { .. }
             | Self::Store(_)
             | Self::Promote(_) => ErrorCode::Failed,
         }
+    }
+
+    /// Whether it is temporary (the replica's storage comes back, the
+    /// other request ends): a source refused with it reconnects instead of
+    /// stopping, and the replica is not blamed.
+    pub(super) fn is_recoverable(&self) -> bool {
+        matches!(self, Self::ReplicaFailing { .. } | Self::InProgress)
     }
 }
 
@@ -144,61 +228,144 @@ pub(super) fn failover_command(
     ))
 }
 
-/// Stops streams into `stream` and asks its applier to promote the
-/// replica; waits for the answer.
+/// Asks `stream`'s applier to promote the replica (a planned failover:
+/// the stream's PROMOTE); waits for the answer.
 pub(super) fn request_promotion(
     stream: &Stream,
     req: PromoteReq,
 ) -> Result<msg::Promoted, PromoteError> {
-    stream.lock_state().promoting = true;
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let r = stream
-        .apply_tx
-        .send_timeout(ApplyMsg::Promote { req, reply: tx }, PROMOTE_TIMEOUT)
-        .map_err(|_| PromoteError::ApplierGone)
-        .and_then(|()| {
-            rx.recv_timeout(PROMOTE_TIMEOUT)
-                .map_err(|_| PromoteError::Timeout(PROMOTE_TIMEOUT))
-                .and_then(|r| r)
-        });
-    if r.is_err() {
-        let mut st = stream.lock_state();
-        if st.disk.promoted.is_none() {
-            // Not failed over after all: streams may come back.
-            st.promoting = false;
-        }
-    }
+    let id = begin(stream, req.planned_upto.is_some())?;
+    let r = ask_applier(stream, id, req);
+    end(stream, id, r.is_err());
     r
 }
 
+/// Records a failover request in the stream's state: from now on no stream
+/// is accepted and the applier knows it waits. One at a time.
+fn begin(stream: &Stream, planned: bool) -> Result<u64, PromoteError> {
+    let mut st = stream.lock_state();
+    if st.failover.is_some() {
+        return Err(PromoteError::InProgress);
+    }
+    let id = REQUESTS.fetch_add(1, Ordering::Relaxed);
+    st.failover = Some(PendingFailover {
+        id,
+        planned,
+        refused: None,
+    });
+    st.promoting = true;
+    Ok(id)
+}
+
+/// Request `id` is over: no longer pending, and if it `failed` (and the
+/// replica was not promoted after all) streams may come back.
+fn end(stream: &Stream, id: u64, failed: bool) {
+    let mut st = stream.lock_state();
+    if st.failover.as_ref().is_some_and(|f| f.id == id) {
+        st.failover = None;
+    }
+    if failed && st.disk.promoted.is_none() {
+        st.promoting = false;
+    }
+}
+
+/// The applier's refusal of request `id`, if it refused it.
+fn refusal(stream: &Stream, id: u64) -> Option<PromoteError> {
+    stream
+        .lock_state()
+        .failover
+        .as_mut()
+        .filter(|f| f.id == id)
+        .and_then(|f| f.refused.take())
+}
+
+/// Withdraws request `id` if the applier has not taken it up (it then
+/// ignores it when it gets to it); false if it has (it is promoting).
+fn withdraw(stream: &Stream, id: u64) -> bool {
+    let mut st = stream.lock_state();
+    let pending = st.failover.as_ref().is_some_and(|f| f.id == id);
+    if pending {
+        st.failover = None;
+    }
+    pending
+}
+
+/// Queues request `id` behind what the applier has (its inbox may be
+/// full) and waits for its answer, a refusal or PROMOTE_TIMEOUT; once the
+/// applier has taken it up, until it answers.
+fn ask_applier(stream: &Stream, id: u64, req: PromoteReq) -> Result<msg::Promoted, PromoteError> {
+    let deadline = Instant::now() + PROMOTE_TIMEOUT;
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let mut m = ApplyMsg::Promote { id, req, reply: tx };
+    loop {
+        if let Some(e) = refusal(stream, id) {
+            return Err(e);
+        }
+        match stream.apply_tx.send_timeout(m, POLL) {
+            Ok(()) => break,
+            Err(SendTimeoutError::Timeout(back)) if Instant::now() < deadline => m = back,
+            Err(SendTimeoutError::Timeout(_)) => {
+                return Err(PromoteError::Timeout(PROMOTE_TIMEOUT))
+            }
+            Err(SendTimeoutError::Disconnected(_)) => return Err(PromoteError::ApplierGone),
+        }
+    }
+    loop {
+        match rx.recv_timeout(POLL) {
+            Ok(r) => return r,
+            // It dropped the request unanswered: refused, or gone.
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(refusal(stream, id).unwrap_or(PromoteError::ApplierGone))
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if let Some(e) = refusal(stream, id) {
+                    return Err(e);
+                }
+                if Instant::now() >= deadline && withdraw(stream, id) {
+                    return Err(PromoteError::Timeout(PROMOTE_TIMEOUT));
+                }
+            }
+        }
+    }
+}
+
 /// An operator's failover of `stream` (the source is gone): the current
-/// connection is stopped, everything journaled is applied, and the replica
-/// is promoted at `point` (a recovery point's sequence) or at the latest
-/// consistent state.
+/// connection is stopped, what is journaled is applied, and the replica is
+/// promoted at `point` (a recovery point's sequence) or at the latest
+/// consistent state. An applier that retries a replica write meanwhile (a
+/// full pool) gives way: it applies nothing more, and the replica is
+/// promoted as it is.
 fn unplanned_failover(stream: &Stream, point: Option<u64>) -> Result<msg::Promoted, PromoteError> {
-    stream.lock_state().promoting = true;
+    // Pending from here on: a connection blocked on the applier's full
+    // inbox gets through once the applier gives way.
+    let id = begin(stream, false)?;
     // End the stream that may be running and wait until it has (it may be
     // handing its last segments to a busy applier).
     stream.conn.supersede();
-    if !stream.conn.wait_idle(Instant::now() + PROMOTE_TIMEOUT) {
-        stream.lock_state().promoting = false;
-        return Err(PromoteError::StreamDidNotStop);
-    }
-    request_promotion(
-        stream,
-        PromoteReq {
-            planned_upto: None,
-            point,
-            epoch: None,
-        },
-    )
+    let r = if stream.conn.wait_idle(Instant::now() + PROMOTE_TIMEOUT) {
+        ask_applier(
+            stream,
+            id,
+            PromoteReq {
+                planned_upto: None,
+                point,
+                epoch: None,
+            },
+        )
+    } else {
+        Err(PromoteError::StreamDidNotStop)
+    };
+    end(stream, id, r.is_err());
+    r
 }
 
 impl Applier {
     /// Promotes the replica (failover). Planned: every record up to the old
     /// primary's last one must be applied, and no resync may be running.
     /// Unplanned: the chosen recovery point, or the latest consistent state
-    /// (the applied records, or the last point while a resync runs).
+    /// (the applied records, or the last point while a resync runs). An
+    /// applier that gave way to it promotes the records applied, without
+    /// the segment it was retrying and those behind it.
     pub(super) fn promote(&mut self, req: PromoteReq) -> Result<msg::Promoted, PromoteError> {
         let (epoch_now, resyncing, last_point, existing, applied) = {
             let st = self.stream.lock_state();
@@ -322,7 +489,7 @@ impl Applier {
             device: device.display().to_string(),
             at_ns: super::now_ns(),
         };
-        {
+        let received = {
             let mut st = self.stream.lock_state();
             st.disk.epoch = epoch;
             st.disk.applied_seq = point_seq;
@@ -331,7 +498,19 @@ impl Applier {
             st.save()?;
             st.applied = point_seq;
             st.published = point_seq;
-        }
+            self.stream.durable_with(&st)
+        };
+        // Records journaled here but not in the promoted volume (rolled
+        // back to a point, or not applied: the replica could not be
+        // written): never applied from now on.
+        let left_out = if received > point_seq {
+            format!(
+                "; records {}..={received} received are not in it",
+                point_seq + 1
+            )
+        } else {
+            String::new()
+        };
         tracing::warn!(
             volume = %self.stream.id,
             epoch,
@@ -348,7 +527,7 @@ impl Applier {
             s.set_reason(
                 ReasonKind::Promoted,
                 format!(
-                    "failed over at record {point_seq} (epoch {epoch}); the volume is {}",
+                    "failed over at record {point_seq} (epoch {epoch}); the volume is {}{left_out}",
                     promotion.device
                 ),
             );

@@ -35,6 +35,9 @@ pub(super) struct Session {
     _slot: SlotGuard,
     /// Its session number in the stream's slot.
     pub(super) id: u64,
+    /// The subject common name of the source's certificate: the session
+    /// ends once a configuration reload no longer allows it.
+    cn: String,
     /// The connection's keying stream id (agreed at the handshake).
     stream_id: [u8; 16],
     next_counter: u64,
@@ -46,12 +49,14 @@ pub(super) struct Session {
 }
 
 impl Session {
-    /// A session that holds `slot` as session `id`, starting after record
-    /// `durable`, opening segments with the data keys `keys`.
+    /// A session of the source named `cn` that holds `slot` as session
+    /// `id`, starting after record `durable`, opening segments with the data
+    /// keys `keys`.
     pub(super) fn new(
         stream: Arc<Stream>,
         slot: SlotGuard,
         id: u64,
+        cn: String,
         stream_id: [u8; 16],
         durable: u64,
         keys: Arc<KeyStore>,
@@ -60,6 +65,7 @@ impl Session {
             stream,
             _slot: slot,
             id,
+            cn,
             stream_id,
             next_counter: 0,
             received: durable,
@@ -96,7 +102,9 @@ fn ack(stream: &Stream) -> Ack {
 
 impl ConnCtx {
     /// Receives segments until the peer closes, a newer connection takes
-    /// the stream over, the daemon stops, or a segment is refused.
+    /// the stream over, the daemon stops, a segment is refused, or a
+    /// configuration reload no longer allows the source (checked before
+    /// each batch, so within a pump interval).
     pub(super) fn receive(&self, link: &mut Link, s: &mut Session) -> Result<(), Refusal> {
         let mut last_sent = ack(&s.stream);
         loop {
@@ -106,6 +114,14 @@ impl ConnCtx {
             if !s.stream.conn.is_current(s.id) {
                 tracing::info!(volume = %s.stream.id, "a newer connection took over this volume");
                 return Ok(());
+            }
+            if !s.stream.settings.allows(&s.cn) {
+                // Everything of an earlier batch is journaled, acknowledged
+                // and queued: the session ends between batches.
+                return Err(Refusal::NotAuthorized {
+                    subject: s.cn.clone(),
+                    volume: s.stream.id.clone(),
+                });
             }
             link.pump(PUMP_INTERVAL, None).map_err(Refusal::Network)?;
             let mut appended: Vec<Journaled> = Vec::new();

@@ -243,6 +243,7 @@ impl Refusal {
             | Self::CorruptSegment(_) => true,
             Self::Storage(e) => e.is_recoverable(),
             Self::Takeover(e) => e.is_recoverable(),
+            Self::PromoteFailed(e) => e.is_recoverable(),
             Self::NoIdentity
             | Self::ProtocolVersion(_)
             | Self::MalformedHello
@@ -255,7 +256,6 @@ impl Refusal {
             | Self::Opening(_)
             | Self::Exporter(_)
             | Self::UnexpectedMessage(_)
-            | Self::PromoteFailed(_)
             | Self::Unsupported(_)
             | Self::MalformedSegment(_)
             | Self::WrongVolume
@@ -306,5 +306,27 @@ mod tests {
         let bad = Refusal::Storage(StoreError::Invalid("x".into()));
         assert_eq!(bad.class(), ErrorClass::Fatal);
         assert_eq!(bad.to_string(), "target storage: x");
+    }
+
+    #[test]
+    fn a_planned_failover_refused_for_a_full_replica_is_recoverable_others_fatal() {
+        let full = Refusal::PromoteFailed(PromoteError::ReplicaFailing {
+            what: "apply",
+            source: StoreError::io(
+                "write replica",
+                std::path::Path::new("r"),
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ),
+        });
+        assert_eq!(full.class(), ErrorClass::Recoverable);
+        assert_eq!(full.code().as_str(), "promote-failed");
+        assert!(full.to_string().contains("cannot be written"), "{full}");
+        let busy = Refusal::PromoteFailed(PromoteError::InProgress);
+        assert_eq!(busy.class(), ErrorClass::Recoverable);
+        let behind = Refusal::PromoteFailed(PromoteError::NotCaughtUp {
+            applied: 1,
+            upto: 2,
+        });
+        assert_eq!(behind.class(), ErrorClass::Fatal);
     }
 }

@@ -6,11 +6,11 @@
 //! one member volume; a group of several adds [`Member`]s, not a new
 //! structure. Everything that says how far the replica is — applied and
 //! durable sequence, ring generation and its base, epoch, resync window,
-//! whether a full resync is needed, recovery points, Critical, promotion —
-//! lives in [`StreamState`] behind the stream's one lock. The accept path,
-//! the receive loop, the applier and promotion all read and write it there
-//! (the applier is the only one that moves the applied sequence); none of
-//! them keeps a copy of its own.
+//! whether a full resync is needed, recovery points, Critical, promotion and
+//! a failover waiting for the applier — lives in [`StreamState`] behind the
+//! stream's one lock. The accept path, the receive loop, the applier and
+//! promotion all read and write it there (the applier is the only one that
+//! moves the applied sequence); none of them keeps a copy of its own.
 //!
 //! Lock order: the state, then the journal, then a member's replica; never
 //! the state while holding the journal.
@@ -30,6 +30,7 @@ use replica_store::StoreError;
 
 use super::apply::{Applier, ApplyMsg};
 use super::points::resync_reason;
+use super::promote::PendingFailover;
 use crate::config::{TargetConfig, TargetVolume};
 use crate::keystore::KeyStore;
 use crate::status::{Connection, ReasonKind, ReplicaState, StatusBoard};
@@ -91,6 +92,11 @@ pub(super) struct StreamState {
     pub(super) published: u64,
     /// A failover is under way or done: no stream is accepted.
     pub(super) promoting: bool,
+    /// The failover request waiting for the applier, until it takes it up
+    /// (or refuses it, or its requester gives up): an unplanned one makes
+    /// a retrying applier give way, a planned one is refused while the
+    /// replica cannot be written (see `promote`).
+    pub(super) failover: Option<PendingFailover>,
     /// A takeover is queued to the applier and not yet done: no stream is
     /// accepted (it could be journaled under the old generation's state).
     pub(super) takeover_pending: bool,
@@ -308,6 +314,7 @@ pub(super) fn open(
             applied,
             published: applied,
             promoting: promoted,
+            failover: None,
             takeover_pending: false,
         }),
         journal: Mutex::new(journal),
