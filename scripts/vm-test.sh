@@ -166,13 +166,13 @@ done
 # e2fsprogs (small; vm.sh copies their libraries).
 # The daemon the guests run has the test hooks (tests/vm/thin.sh crashes
 # it with REPLICAD_TEST_CRASH); a production build has none.
-say "building static userspace tools (replicad with test hooks, replctl, dmr-ring)"
+say "building static userspace tools (replicad with test hooks, replctl, dmr-ring, dmr-peer)"
 if ! build_static_tools --features replicad/test-hooks; then
 	record FAIL build "static userspace tools did not build"
 	summary
 	exit 1
 fi
-for b in replicad replctl dmr-ring; do
+for b in replicad replctl dmr-ring dmr-peer; do
 	tool_bins+=(--bin "$rel/$b")
 done
 [[ -x "$FIO" ]] || die "fio not found at $FIO: run scripts/setup.sh"
