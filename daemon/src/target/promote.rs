@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
 use replica_control::{ErrorCode, PointChoice};
 use replica_proto::msg;
 use replica_store::state::{PointKind, Promotion};
@@ -144,23 +145,34 @@ pub(super) fn failover_command(
     ))
 }
 
-/// Stops streams into `stream` and asks its applier to promote the
-/// replica; waits for the answer.
+/// Asks `stream`'s applier to promote the replica (no stream is accepted
+/// meanwhile) and waits for the answer, calling `waiting` every `tick`
+/// (a planned failover's connection keeps its source hearing from it while
+/// the replica catches up).
 pub(super) fn request_promotion(
     stream: &Stream,
     req: PromoteReq,
+    tick: Duration,
+    mut waiting: impl FnMut(),
 ) -> Result<msg::Promoted, PromoteError> {
     stream.lock_state().promoting = true;
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let r = stream
-        .apply_tx
-        .send_timeout(ApplyMsg::Promote { req, reply: tx }, PROMOTE_TIMEOUT)
-        .map_err(|_| PromoteError::ApplierGone)
-        .and_then(|()| {
-            rx.recv_timeout(PROMOTE_TIMEOUT)
-                .map_err(|_| PromoteError::Timeout(PROMOTE_TIMEOUT))
-                .and_then(|r| r)
-        });
+    let r = queue(
+        stream,
+        ApplyMsg::Promote { req, reply: tx },
+        tick,
+        &mut waiting,
+    )
+    .and_then(|()| {
+        let deadline = Instant::now() + PROMOTE_TIMEOUT;
+        loop {
+            match rx.recv_timeout(tick) {
+                Ok(r) => break r,
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => waiting(),
+                Err(_) => break Err(PromoteError::Timeout(PROMOTE_TIMEOUT)),
+            }
+        }
+    });
     if r.is_err() {
         let mut st = stream.lock_state();
         if st.disk.promoted.is_none() {
@@ -169,6 +181,27 @@ pub(super) fn request_promotion(
         }
     }
     r
+}
+
+/// Queues `m` to the applier within [`PROMOTE_TIMEOUT`], calling `waiting`
+/// every `tick` while its queue is full.
+fn queue(
+    stream: &Stream,
+    mut m: ApplyMsg,
+    tick: Duration,
+    waiting: &mut impl FnMut(),
+) -> Result<(), PromoteError> {
+    let deadline = Instant::now() + PROMOTE_TIMEOUT;
+    loop {
+        match stream.apply_tx.send_timeout(m, tick) {
+            Ok(()) => return Ok(()),
+            Err(SendTimeoutError::Timeout(back)) if Instant::now() < deadline => {
+                m = back;
+                waiting();
+            }
+            Err(_) => return Err(PromoteError::ApplierGone),
+        }
+    }
 }
 
 /// An operator's failover of `stream` (the source is gone): the current
@@ -191,6 +224,8 @@ fn unplanned_failover(stream: &Stream, point: Option<u64>) -> Result<msg::Promot
             point,
             epoch: None,
         },
+        PROMOTE_TIMEOUT,
+        || {},
     )
 }
 

@@ -112,6 +112,13 @@ pub(super) enum Refusal {
     /// The connection failed.
     #[error("{0}")]
     Network(#[source] LinkError),
+    /// The source sent nothing (not even a ping) for the peer timeout: the
+    /// connection is dead.
+    #[error("the source sent nothing for {secs} s (network.peer_timeout_secs): the connection is dead; the source reconnects")]
+    SourceSilent {
+        /// How long it was silent, s.
+        secs: u64,
+    },
     /// The source reported an error.
     #[error("source reported: {0}")]
     Peer(String),
@@ -194,7 +201,7 @@ impl Refusal {
             | Self::UnexpectedMessage(_)
             | Self::Exporter(_) => C::Protocol,
             Self::KeyConfirmation { .. } => C::KeyConfirmation,
-            Self::HelloTimeout => C::Timeout,
+            Self::HelloTimeout | Self::SourceSilent { .. } => C::Timeout,
             Self::VolumeNotFound(_) => C::VolumeNotFound,
             Self::NotAuthorized { .. } => C::NotAuthorized,
             Self::StillStreaming
@@ -234,6 +241,7 @@ impl Refusal {
             | Self::TakeoverQueued
             | Self::ChangedDuringAccept
             | Self::Network(_)
+            | Self::SourceSilent { .. }
             | Self::Peer(_)
             | Self::CorruptSegment(_) => true,
             Self::Storage(e) => e.is_recoverable(),
@@ -290,6 +298,14 @@ mod tests {
         };
         assert_eq!(promoted.code().as_str(), "promoted");
         assert_eq!(promoted.class(), ErrorClass::Fatal);
+    }
+
+    #[test]
+    fn a_silent_source_is_a_recoverable_timeout() {
+        let r = Refusal::SourceSilent { secs: 30 };
+        assert_eq!(r.class(), ErrorClass::Recoverable);
+        assert_eq!(r.code().as_str(), "timeout");
+        assert!(r.to_string().contains("sent nothing for 30 s"), "{r}");
     }
 
     #[test]
