@@ -1,6 +1,12 @@
 //! One replication connection: a non-blocking socket driven by `poll`,
 //! rustls in the middle, and length-prefixed messages on top. A single
 //! thread reads and writes, so neither direction can stall the other.
+//!
+//! A link keeps the times it last heard from its peer and last queued
+//! something for it: the roles end a connection whose peer went silent
+//! (see [`Liveness`]), and the source pings a stream it has nothing to
+//! send on. Its socket carries TCP keepalive and `TCP_USER_TIMEOUT`, so
+//! the kernel also fails a connection whose path went dead.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -10,6 +16,65 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use replica_proto::msg::{Message, MsgError};
+
+use crate::config::NetworkConfig;
+
+/// How a connection notices that its peer is gone (the `[network]`
+/// settings both roles share).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// A peer that sent nothing for this long is dead; also the socket's
+    /// `TCP_USER_TIMEOUT` (data it sent unacknowledged that long fails it).
+    pub peer_timeout: Duration,
+    /// TCP keepalive: idle time before the first probe (probes then every
+    /// third of it, at least 1 s; 3 unanswered close the socket). `None`:
+    /// off.
+    pub keepalive: Option<Duration>,
+}
+
+impl Liveness {
+    /// From the `[network]` configuration.
+    pub fn new(n: &NetworkConfig) -> Self {
+        Self {
+            peer_timeout: Duration::from_secs(n.peer_timeout_secs),
+            keepalive: (n.keepalive_secs > 0).then(|| Duration::from_secs(n.keepalive_secs)),
+        }
+    }
+
+    /// How long the source lets a stream go without sending before it
+    /// pings: a third of the peer timeout, so that a live peer is heard
+    /// from well within it.
+    pub fn ping_interval(&self) -> Duration {
+        self.peer_timeout / 3
+    }
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self::new(&NetworkConfig::default())
+    }
+}
+
+/// Keepalive probes unanswered before the kernel closes the socket.
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Sets what makes the kernel notice a dead path on `sock`: TCP keepalive
+/// (`SO_KEEPALIVE`, `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`; off
+/// without [`Liveness::keepalive`]) and `TCP_USER_TIMEOUT` of the peer
+/// timeout.
+pub fn tune_socket(sock: &TcpStream, l: &Liveness) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(sock, sockopt::KeepAlive, &l.keepalive.is_some())?;
+    if let Some(k) = l.keepalive {
+        let idle = u32::try_from(k.as_secs()).unwrap_or(u32::MAX).max(1);
+        setsockopt(sock, sockopt::TcpKeepIdle, &idle)?;
+        setsockopt(sock, sockopt::TcpKeepInterval, &(idle / 3).max(1))?;
+        setsockopt(sock, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)?;
+    }
+    let ms = u32::try_from(l.peer_timeout.as_millis()).unwrap_or(u32::MAX);
+    setsockopt(sock, sockopt::TcpUserTimeout, &ms)?;
+    Ok(())
+}
 
 /// Connection errors.
 #[derive(Debug, thiserror::Error)]
@@ -78,13 +143,25 @@ pub struct Link {
     max_body: usize,
     /// Stop reading while this much input waits.
     inbuf_limit: usize,
+    /// When the peer was last heard from (or this end last stopped reading
+    /// because its input was full).
+    last_heard: Instant,
+    /// When something was last queued for the peer.
+    last_queued: Instant,
 }
 
 impl Link {
-    /// Wraps a connected socket.
-    pub fn new(sock: TcpStream, conn: rustls::Connection) -> Result<Self, LinkError> {
+    /// Wraps a connected socket, with keepalive and user timeout set from
+    /// `liveness` ([`tune_socket`]).
+    pub fn new(
+        sock: TcpStream,
+        conn: rustls::Connection,
+        liveness: &Liveness,
+    ) -> Result<Self, LinkError> {
         sock.set_nonblocking(true)?;
         sock.set_nodelay(true)?;
+        tune_socket(&sock, liveness)?;
+        let now = Instant::now();
         Ok(Self {
             sock,
             conn,
@@ -94,7 +171,21 @@ impl Link {
             closed: false,
             max_body: replica_proto::msg::MAX_CONTROL,
             inbuf_limit: HANDSHAKE_INBUF,
+            last_heard: now,
+            last_queued: now,
         })
+    }
+
+    /// How long nothing came from the peer. Not counted while this end
+    /// does not read (its input is full of what the peer sent): the wait
+    /// is then this end's, not the peer's.
+    pub fn silent_for(&self) -> Duration {
+        self.last_heard.elapsed()
+    }
+
+    /// How long nothing was queued for the peer.
+    pub fn quiet_for(&self) -> Duration {
+        self.last_queued.elapsed()
     }
 
     /// The peer proved its key: accept messages of every size (segments)
@@ -135,6 +226,7 @@ impl Link {
     /// Queues a message for sending.
     pub fn send(&mut self, m: &Message) {
         self.outq.push_back(m.to_bytes());
+        self.last_queued = Instant::now();
     }
 
     /// Queues bytes as they are, framed or not (tests of hostile input).
@@ -148,6 +240,7 @@ impl Link {
         self.outq
             .push_back(replica_proto::msg::segment_header(frame.len()).to_vec());
         self.outq.push_back(frame);
+        self.last_queued = Instant::now();
     }
 
     /// Bytes queued and not yet handed to TLS.
@@ -232,6 +325,7 @@ impl Link {
                     break;
                 }
                 Ok(_) => {
+                    self.last_heard = Instant::now();
                     let st = self.conn.process_new_packets();
                     if let Err(e) = st {
                         // Send the alert that explains the failure, then fail.
@@ -274,6 +368,9 @@ impl Link {
         let mut flags = PollFlags::empty();
         if self.want_input() {
             flags |= PollFlags::POLLIN;
+        } else {
+            // Not listening: the peer's silence is not counted.
+            self.last_heard = Instant::now();
         }
         if self.conn.wants_write() || !self.outq.is_empty() {
             flags |= PollFlags::POLLOUT;
@@ -334,5 +431,74 @@ impl Link {
         }
         self.conn.send_close_notify();
         let _ = self.flush_tls();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{getsockopt, sockopt};
+    use std::net::TcpListener;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        (c, s)
+    }
+
+    #[test]
+    fn sockets_get_keepalive_and_a_user_timeout_from_the_network_settings() {
+        let (c, _s) = pair();
+        let l = Liveness::new(&NetworkConfig {
+            peer_timeout_secs: 30,
+            keepalive_secs: 10,
+            ..NetworkConfig::default()
+        });
+        tune_socket(&c, &l).expect("tune");
+        assert!(getsockopt(&c, sockopt::KeepAlive).expect("keepalive"));
+        assert_eq!(getsockopt(&c, sockopt::TcpKeepIdle).expect("idle"), 10);
+        assert_eq!(getsockopt(&c, sockopt::TcpKeepInterval).expect("intvl"), 3);
+        assert_eq!(getsockopt(&c, sockopt::TcpKeepCount).expect("cnt"), 3);
+        assert_eq!(
+            getsockopt(&c, sockopt::TcpUserTimeout).expect("user timeout"),
+            30_000
+        );
+        assert_eq!(l.ping_interval(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_short_keepalive_probes_every_second_and_zero_turns_it_off() {
+        let (c, s) = pair();
+        let short = Liveness::new(&NetworkConfig {
+            peer_timeout_secs: 3,
+            keepalive_secs: 1,
+            ..NetworkConfig::default()
+        });
+        tune_socket(&c, &short).expect("tune");
+        assert_eq!(getsockopt(&c, sockopt::TcpKeepIdle).expect("idle"), 1);
+        assert_eq!(getsockopt(&c, sockopt::TcpKeepInterval).expect("intvl"), 1);
+        assert_eq!(
+            getsockopt(&c, sockopt::TcpUserTimeout).expect("user timeout"),
+            3_000
+        );
+        let off = Liveness::new(&NetworkConfig {
+            keepalive_secs: 0,
+            ..NetworkConfig::default()
+        });
+        assert_eq!(off.keepalive, None);
+        setsockopt_on(&s);
+        tune_socket(&s, &off).expect("tune");
+        assert!(!getsockopt(&s, sockopt::KeepAlive).expect("keepalive"));
+        assert_eq!(
+            getsockopt(&s, sockopt::TcpUserTimeout).expect("user timeout"),
+            30_000
+        );
+    }
+
+    /// Keepalive on first, so that turning it off is seen.
+    fn setsockopt_on(s: &TcpStream) {
+        nix::sys::socket::setsockopt(s, sockopt::KeepAlive, &true).expect("on");
+        assert!(getsockopt(s, sockopt::KeepAlive).expect("keepalive"));
     }
 }

@@ -1,11 +1,13 @@
 //! Test harness for host-only end-to-end tests: certificates and keys in a
 //! temporary directory, `replicad` processes for both roles, a userspace
-//! producer that writes exactly the kernel's ring ABI, and a reference model
-//! of the source volume to compare the replica and its recovery points with.
+//! producer that writes exactly the kernel's ring ABI, a reference model of
+//! the source volume to compare the replica and its recovery points with,
+//! and a proxy that can blackhole the path between the daemons.
 
 mod daemon;
 mod env;
 mod image;
+mod proxy;
 mod raw_client;
 mod rig;
 mod wait;
@@ -16,6 +18,7 @@ pub use daemon::{
 };
 pub use env::{pin_listen, Env, Tmpfs, SOURCE_CN, TARGET_CN};
 pub use image::{first_difference, Op, Rng, Source};
+pub use proxy::Proxy;
 pub use raw_client::{ConfirmWith, HelloOpts, RawClient};
 pub use rig::{Pair, Rig};
 pub use wait::wait_for;

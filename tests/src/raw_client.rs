@@ -131,6 +131,7 @@ impl RawClient {
             key_id,
             resync,
             replica_seeded,
+            ping_interval_ms: 0,
         };
         let ring =
             replica_proto::keys::KeyRing::load(&keyring.unwrap_or_else(|| env.path("keys.toml")))
@@ -197,8 +198,12 @@ impl RawClient {
         let name = rustls_pki_types::ServerName::try_from(TARGET_CN.to_owned())
             .map_err(|e| e.to_string())?;
         let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
-        let mut link = replicad::link::Link::new(sock, rustls::Connection::Client(conn))
-            .map_err(|e| e.to_string())?;
+        let mut link = replicad::link::Link::new(
+            sock,
+            rustls::Connection::Client(conn),
+            &replicad::link::Liveness::default(),
+        )
+        .map_err(|e| e.to_string())?;
         link.handshake(Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
         Ok(link)

@@ -140,20 +140,33 @@ impl Rig {
     }
 
     /// Starts (or restarts) the source with segments of `segment_max`
-    /// bytes, fast retries and `extra` configuration.
+    /// bytes, fast retries (unless `extra` has a `[retry]` table) and
+    /// `extra` configuration.
     pub fn start_source(&mut self, segment_max: usize, extra: &str) {
+        let addr = self.addr.clone();
+        self.start_source_to(&addr, segment_max, extra);
+    }
+
+    /// [`Rig::start_source`] shipping to `target` (e.g. a [`crate::Proxy`]
+    /// in front of the target) instead of the target's address.
+    pub fn start_source_to(&mut self, target: &str, segment_max: usize, extra: &str) {
         // What a previous source published is not this one's status.
         let _ = std::fs::remove_file(self.sstate.join("status.json"));
+        let retry = if extra.contains("[retry]") {
+            ""
+        } else {
+            "[retry]\nschedule_secs = [0.02, 0.05, 0.1]\n"
+        };
         let cfg = self.env.source_config(
             "source.toml",
             &self.vol,
             self.size as u64,
             &self.env.path("ring"),
-            &self.addr,
+            target,
             &self.sstate,
             ("pki", SOURCE_CN),
             &self.env.path("keys.toml"),
-            &format!("[segment]\nmax_bytes = {segment_max}\n[retry]\nschedule_secs = [0.02, 0.05, 0.1]\n{extra}"),
+            &format!("[segment]\nmax_bytes = {segment_max}\n{retry}{extra}"),
         );
         self.source = Some(Daemon::start(
             "source",

@@ -216,6 +216,15 @@ pub struct VolumeStatus {
     /// a later record): they were not applied, whatever `applied_seq` says.
     #[serde(default)]
     pub generation_base: u64,
+    /// Streams established since the daemon started (source: sessions
+    /// with the target; target: streams accepted). A connection that keeps
+    /// dropping shows here.
+    #[serde(default)]
+    pub sessions: u64,
+    /// Target: pings answered since the daemon started (the source pings a
+    /// stream it has nothing to send on, see `network.peer_timeout_secs`).
+    #[serde(default)]
+    pub pings: u64,
 }
 
 impl VolumeStatus {
@@ -255,6 +264,8 @@ impl VolumeStatus {
             resync_end_seq: 0,
             target_inconsistent: false,
             generation_base: 0,
+            sessions: 0,
+            pings: 0,
         }
     }
 }

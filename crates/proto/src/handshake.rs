@@ -251,6 +251,7 @@ mod tests {
             key_id: 1,
             resync: false,
             replica_seeded: false,
+            ping_interval_ms: 0,
         }
     }
 

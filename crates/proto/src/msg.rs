@@ -112,6 +112,11 @@ pub struct Hello {
     /// a target demands one.
     #[serde(default)]
     pub replica_seeded: bool,
+    /// How often the source pings a stream it has nothing to send on, ms
+    /// (0: not said). The target waits at least three of them before it
+    /// calls a silent source dead, whatever its own peer timeout.
+    #[serde(default)]
+    pub ping_interval_ms: u64,
 }
 
 /// Target's answer when it accepts the stream.
@@ -307,8 +312,11 @@ pub enum Message {
     /// Key confirmation: proof that the sender holds the master key the
     /// hello names, bound to this TLS session (see [`crate::confirm`]).
     Confirm([u8; crate::confirm::TAG_LEN]),
-    /// Source → target: are you there? The target answers with an ack, so
-    /// an idle stream still notices a dead peer.
+    /// Source → target: are you there? Sent on a stream the source has
+    /// sent nothing on for a while (its `ping_interval_ms`); the target
+    /// answers every one with an ack of its current state, so each end
+    /// hears from the other while the stream is idle and silence means a
+    /// dead connection.
     Ping,
 }
 

@@ -166,9 +166,10 @@ impl Source {
     }
 
     /// Applies what may change at run time (target address and name,
-    /// certificate paths: at the next connection; segment settings: at the
-    /// next session; retry schedule: at the next failure); every other
-    /// changed key is reported and keeps its running value.
+    /// certificate paths, `[network]` settings: at the next connection;
+    /// segment settings: at the next session; retry schedule: at the next
+    /// failure); every other changed key is reported and keeps its running
+    /// value.
     fn reload_config(&self) {
         let Some(path) = &self.config_path else {
             return;

@@ -1,5 +1,7 @@
 //! The session's socket loop: sends sealed segments in counter order, handles
-//! acknowledgements, the planned failover's hand-over and the target's errors.
+//! acknowledgements, the planned failover's hand-over and the target's errors,
+//! pings a stream it has nothing to send on and ends one whose target went
+//! silent.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -15,7 +17,7 @@ use super::drain::Shared;
 use super::seal::SealError;
 use super::session::{SessionError, MAX_QUEUED_BYTES};
 use super::Source;
-use crate::link::Link;
+use crate::link::{Link, Liveness};
 
 impl Source {
     /// Sends sealed segments in counter order and handles acks.
@@ -27,6 +29,7 @@ impl Source {
         shared: &Shared,
     ) -> Result<(), SessionError> {
         let cfg = self.cfg();
+        let live = Liveness::new(&cfg.network);
         let mut next = 0u64;
         let mut pending: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut workers_done = false;
@@ -89,6 +92,17 @@ impl Source {
                 if link.drained() {
                     return Ok(());
                 }
+            }
+            // Liveness: a target that said nothing (it acks every ping) for
+            // the peer timeout is gone; a stream with nothing to send is
+            // pinged so that it hears from a live one.
+            if link.silent_for() >= live.peer_timeout {
+                return Err(SessionError::TargetSilent {
+                    secs: live.peer_timeout.as_secs(),
+                });
+            }
+            if link.quiet_for() >= live.ping_interval() {
+                link.send(&Message::Ping);
             }
             let woke = link
                 .pump(Duration::from_millis(100), Some(wake.as_fd()))

@@ -19,12 +19,10 @@ use super::batch::BatchCtx;
 use super::drain::Shared;
 use super::seal::{seal_worker, Job, SealError, SessionKeys};
 use super::Source;
-use crate::link::{Link, LinkError};
+use crate::link::{Link, LinkError, Liveness};
 use crate::retry::{Backoff, ErrorClass};
 use crate::status::{Connection, ReasonKind};
 
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stop pulling sealed segments while this much is queued for the socket.
 pub(super) const MAX_QUEUED_BYTES: usize = 16 << 20;
 
@@ -84,6 +82,13 @@ pub enum SessionError {
     /// The target did not answer the hello in time.
     #[error("no welcome from target")]
     NoWelcome,
+    /// The target sent nothing (not even an ack of a ping) for the peer
+    /// timeout: the connection is dead.
+    #[error("the target sent nothing for {secs} s (network.peer_timeout_secs): the connection is dead; reconnecting")]
+    TargetSilent {
+        /// The peer timeout, s.
+        secs: u64,
+    },
     /// The target could not confirm the key this source holds: the key
     /// rings differ.
     #[error("the target refused key id {key_id}: this source's key {key_id} is not the target's key {key_id} (the key rings differ). Copy the same key ring file to both sites, then reload both daemons (SIGHUP); target said: {message}")]
@@ -161,6 +166,7 @@ impl SessionError {
             | Self::Resource { .. }
             | Self::Random(_)
             | Self::NoWelcome
+            | Self::TargetSilent { .. }
             | Self::Spool(_) => ErrorClass::Recoverable,
             Self::Refused { class, .. } | Self::Ended { class, .. } => match class {
                 WireClass::Fatal => ErrorClass::Fatal,
@@ -202,10 +208,11 @@ impl Source {
                 source,
             })?
             .collect();
+        let timeout = Duration::from_secs(cfg.network.handshake_timeout_secs);
         let mut last = None;
         let mut sock = None;
         for a in addrs {
-            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            match TcpStream::connect_timeout(&a, timeout) {
                 Ok(s) => {
                     sock = Some(s);
                     break;
@@ -226,10 +233,13 @@ impl Source {
             })?;
         let conn =
             rustls::ClientConnection::new(self.tls.get(), name).map_err(SessionError::TlsSetup)?;
-        let mut link =
-            Link::new(sock, rustls::Connection::Client(conn)).map_err(SessionError::link)?;
-        link.handshake(HANDSHAKE_TIMEOUT)
-            .map_err(SessionError::link)?;
+        let mut link = Link::new(
+            sock,
+            rustls::Connection::Client(conn),
+            &Liveness::new(&cfg.network),
+        )
+        .map_err(SessionError::link)?;
+        link.handshake(timeout).map_err(SessionError::link)?;
         Ok(link)
     }
 
@@ -248,6 +258,7 @@ impl Source {
             s.connection = Connection::Connected;
             s.clear_reason(ReasonKind::Session);
             s.retries = 0;
+            s.sessions += 1;
             s.durable_seq = welcome.durable;
         });
         let key = Arc::new(SessionKeys {
@@ -369,6 +380,10 @@ impl Source {
             key_id,
             resync: shared.needs_resync().is_some(),
             replica_seeded: !cfg.initial_copy,
+            ping_interval_ms: u64::try_from(
+                Liveness::new(&cfg.network).ping_interval().as_millis(),
+            )
+            .unwrap_or(u64::MAX),
         };
         // Key confirmation (replica_proto::confirm): our tag over the hello
         // on this TLS session, then the target's over both, before
@@ -382,7 +397,7 @@ impl Source {
         for m in &first {
             link.send(m);
         }
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let deadline = Instant::now() + Duration::from_secs(cfg.network.handshake_timeout_secs);
         let w = loop {
             let step = opening
                 .receive(recv_handshake(link, deadline)?)

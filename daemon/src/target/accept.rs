@@ -15,13 +15,13 @@ use replica_proto::keys;
 use replica_proto::msg::{self, ErrorMsg, Hello, Message, Welcome};
 
 use super::door::Ticket;
-use super::receive::Session;
+use super::receive::{Heartbeat, Session};
 use super::refusal::Refusal;
 use super::stream::{self, Stream};
 use super::takeover::{self, Takeover};
 use super::PUMP_INTERVAL;
 use crate::keystore::KeyStore;
-use crate::link::Link;
+use crate::link::{Link, Liveness};
 use crate::retry::ErrorClass;
 use crate::status::{Connection, ReasonKind, StatusBoard};
 
@@ -39,6 +39,8 @@ pub(super) struct ConnCtx {
     pub(super) stop: Arc<AtomicBool>,
     /// The TLS handshake, hello and key confirmation must be done within it.
     pub(super) handshake_timeout: Duration,
+    /// When a connection's peer counts as gone.
+    pub(super) liveness: Liveness,
 }
 
 /// A refused connection, with the stream when the refusal says something
@@ -81,7 +83,7 @@ impl ConnCtx {
                 return;
             }
         };
-        let mut link = match Link::new(sock, conn) {
+        let mut link = match Link::new(sock, conn, &self.liveness) {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "connection setup");
@@ -104,44 +106,70 @@ impl ConnCtx {
         self.board.update(&stream.id, |s| {
             s.connection = Connection::Connected;
             s.clear_reason(ReasonKind::Session);
+            s.sessions += 1;
         });
         let result = self.receive(&mut link, &mut session);
+        // Still the stream's connection: it is not connected any more, and
+        // why. Published while it holds the stream's slot, so a newer
+        // connection's Connected always comes after.
         if stream.conn.is_current(session.id) {
             self.board
                 .update(&stream.id, |s| s.connection = Connection::StandAlone);
+            if let Err(r) = &result {
+                self.report(&stream, r);
+            }
+        } else if let Some(r) = result
+            .as_ref()
+            .err()
+            .filter(|r| r.class() == ErrorClass::Fatal)
+        {
+            // Taken over, but what it found says something about the replica.
+            self.report(&stream, r);
         }
+        // Nothing more goes to the journal from here: a newer connection
+        // may take the stream over while this one says goodbye (which a
+        // dead path makes wait for its deadline).
+        drop(session);
         match result {
             Ok(()) => link.close(Duration::from_secs(1)),
-            Err(r @ Refusal::NotAuthorized { .. }) => {
-                // Its name was taken out of `allowed_sources` (reload): that
-                // says nothing about the replica, and replication into it
-                // has stopped.
-                self.board.update(&stream.id, |s| {
-                    s.set_reason(ReasonKind::Session, r.to_string());
-                });
-                self.refuse(&mut link, None, &r);
+            Err(r) => {
+                tracing::warn!(volume = %stream.id, code = r.code().as_str(), class = ?r.class(), "{r}");
+                self.tell(&mut link, &r);
             }
-            Err(r) => self.refuse(&mut link, Some(&stream), &r),
         }
     }
 
     /// Tells the peer why it is refused and closes; a Fatal refusal that
     /// names `stream` makes it Critical, a Recoverable one a Warning.
     fn refuse(&self, link: &mut Link, stream: Option<&Arc<Stream>>, r: &Refusal) {
-        let message = r.to_string();
-        tracing::warn!(code = r.code().as_str(), class = ?r.class(), "{message}");
+        tracing::warn!(code = r.code().as_str(), class = ?r.class(), "{r}");
         if let Some(s) = stream {
-            match r.class() {
-                ErrorClass::Fatal => s.go_critical(&self.board, &message),
-                ErrorClass::Recoverable => self.board.update(&s.id, |st| {
-                    st.set_reason(ReasonKind::Session, message.clone());
-                }),
-            }
+            self.report(s, r);
         }
+        self.tell(link, r);
+    }
+
+    /// What refusal `r` means for `stream`: a Fatal one that says
+    /// something about the replica makes it Critical; any other one is a
+    /// Warning of its session (a source a reload no longer allows: its
+    /// replication stopped, the replica is fine).
+    fn report(&self, stream: &Stream, r: &Refusal) {
+        let message = r.to_string();
+        if r.class() == ErrorClass::Fatal && r.blames_replica() {
+            stream.go_critical(&self.board, &message);
+        } else {
+            self.board.update(&stream.id, |st| {
+                st.set_reason(ReasonKind::Session, message);
+            });
+        }
+    }
+
+    /// Sends the peer refusal `r` and closes the connection.
+    fn tell(&self, link: &mut Link, r: &Refusal) {
         link.send(&Message::Error(ErrorMsg {
             class: r.class(),
             code: r.code(),
-            message,
+            message: r.to_string(),
         }));
         link.close(Duration::from_secs(2));
     }
@@ -234,6 +262,7 @@ impl ConnCtx {
             stream_id,
             entry.durable,
             self.keys.clone(),
+            Heartbeat::new(&self.liveness, hello.ping_interval_ms),
         ))
     }
 }

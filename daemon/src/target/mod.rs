@@ -17,7 +17,7 @@
 //! | `accept` | serving a connection: identity, hello, key confirmation, epoch checks, the welcome |
 //! | `refusal` | why a connection is refused or ended: typed reasons and their wire codes |
 //! | `takeover` | a stream of a new ring generation taking a stream over |
-//! | `receive` | the stream loop: segment verification, journal group commit, acks |
+//! | `receive` | the stream loop: segment verification, journal group commit, acks, pings, a silent source |
 //! | `apply` | the applier: opening journaled frames, applying records, retry |
 //! | `keys` | the stream keys that open segments, derived once |
 //! | `points` | recovery points, checkpoints, the resync window |
@@ -167,10 +167,11 @@ impl Target {
     }
 
     /// Applies what may change at run time from the configuration file
-    /// (TLS file paths, each volume's `allowed_sources` and `keep_points`);
-    /// anything else that changed is reported and ignored until a restart.
-    /// A live session whose source is no longer allowed ends itself (its
-    /// stream loop checks before each batch).
+    /// (TLS file paths, each volume's `allowed_sources` and `keep_points`;
+    /// the `[network]` timeouts, for new connections); anything else that
+    /// changed is reported and ignored until a restart. A live session
+    /// whose source is no longer allowed ends itself (its stream loop
+    /// checks before each batch).
     fn reload_config(&mut self) {
         let Some(path) = self.config_path.clone() else {
             return;
@@ -252,6 +253,7 @@ impl Target {
                         handshake_timeout: Duration::from_secs(
                             self.config.network.handshake_timeout_secs,
                         ),
+                        liveness: crate::link::Liveness::new(&self.config.network),
                     };
                     let accepted = Instant::now();
                     match std::thread::Builder::new()
@@ -317,6 +319,12 @@ fn fixed_keys_changed(old: &TargetConfig, new: &TargetConfig) -> Vec<&'static st
     }
     if new.journal_file_bytes != old.journal_file_bytes {
         fixed.push("journal_file_bytes");
+    }
+    if new.network.max_unauthenticated != old.network.max_unauthenticated
+        || new.network.max_unauthenticated_per_address
+            != old.network.max_unauthenticated_per_address
+    {
+        fixed.push("network.max_unauthenticated, network.max_unauthenticated_per_address");
     }
     let same_volumes = new.volumes.len() == old.volumes.len()
         && new

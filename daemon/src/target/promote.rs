@@ -228,14 +228,18 @@ pub(super) fn failover_command(
     ))
 }
 
-/// Asks `stream`'s applier to promote the replica (a planned failover:
-/// the stream's PROMOTE); waits for the answer.
+/// Asks `stream`'s applier to promote the replica (no stream is accepted
+/// meanwhile) and waits for the answer, calling `waiting` every `tick`
+/// (a planned failover's connection keeps its source hearing from it while
+/// the replica catches up).
 pub(super) fn request_promotion(
     stream: &Stream,
     req: PromoteReq,
+    tick: Duration,
+    mut waiting: impl FnMut(),
 ) -> Result<msg::Promoted, PromoteError> {
     let id = begin(stream, req.planned_upto.is_some())?;
-    let r = ask_applier(stream, id, req);
+    let r = ask_applier(stream, id, req, tick, &mut waiting);
     end(stream, id, r.is_err());
     r
 }
@@ -292,8 +296,16 @@ fn withdraw(stream: &Stream, id: u64) -> bool {
 
 /// Queues request `id` behind what the applier has (its inbox may be
 /// full) and waits for its answer, a refusal or PROMOTE_TIMEOUT; once the
-/// applier has taken it up, until it answers.
-fn ask_applier(stream: &Stream, id: u64, req: PromoteReq) -> Result<msg::Promoted, PromoteError> {
+/// applier has taken it up, until it answers. Calls `waiting` every
+/// `tick` (at most [`POLL`]) meanwhile.
+fn ask_applier(
+    stream: &Stream,
+    id: u64,
+    req: PromoteReq,
+    tick: Duration,
+    waiting: &mut dyn FnMut(),
+) -> Result<msg::Promoted, PromoteError> {
+    let tick = tick.min(POLL);
     let deadline = Instant::now() + PROMOTE_TIMEOUT;
     let (tx, rx) = crossbeam_channel::bounded(1);
     let mut m = ApplyMsg::Promote { id, req, reply: tx };
@@ -301,9 +313,12 @@ fn ask_applier(stream: &Stream, id: u64, req: PromoteReq) -> Result<msg::Promote
         if let Some(e) = refusal(stream, id) {
             return Err(e);
         }
-        match stream.apply_tx.send_timeout(m, POLL) {
+        match stream.apply_tx.send_timeout(m, tick) {
             Ok(()) => break,
-            Err(SendTimeoutError::Timeout(back)) if Instant::now() < deadline => m = back,
+            Err(SendTimeoutError::Timeout(back)) if Instant::now() < deadline => {
+                m = back;
+                waiting();
+            }
             Err(SendTimeoutError::Timeout(_)) => {
                 return Err(PromoteError::Timeout(PROMOTE_TIMEOUT))
             }
@@ -311,13 +326,14 @@ fn ask_applier(stream: &Stream, id: u64, req: PromoteReq) -> Result<msg::Promote
         }
     }
     loop {
-        match rx.recv_timeout(POLL) {
+        match rx.recv_timeout(tick) {
             Ok(r) => return r,
             // It dropped the request unanswered: refused, or gone.
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(refusal(stream, id).unwrap_or(PromoteError::ApplierGone))
             }
             Err(RecvTimeoutError::Timeout) => {
+                waiting();
                 if let Some(e) = refusal(stream, id) {
                     return Err(e);
                 }
@@ -351,6 +367,8 @@ fn unplanned_failover(stream: &Stream, point: Option<u64>) -> Result<msg::Promot
                 point,
                 epoch: None,
             },
+            POLL,
+            &mut || {},
         )
     } else {
         Err(PromoteError::StreamDidNotStop)

@@ -3,10 +3,16 @@
 //! counter, authentication) and appended to the journal; after a batch, one
 //! fsync (group commit), one ack, then the hand-over to the applier. A
 //! PROMOTE (planned failover) is handed to the applier in stream order.
+//! Every PING is answered with an ack, and the source hears an ack at least
+//! as often as it pings even while this end is busy; a source that sent
+//! nothing for the peer timeout is gone and its stream ends (see
+//! [`Heartbeat`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+use crossbeam_channel::SendTimeoutError;
 
 use replica_proto::frame::{self, FrameError};
 use replica_proto::msg::{self, Ack, Message};
@@ -20,7 +26,39 @@ use super::refusal::Refusal;
 use super::stream::{SlotGuard, Stream, StreamState};
 use super::PUMP_INTERVAL;
 use crate::keystore::KeyStore;
-use crate::link::{Link, LinkError};
+use crate::link::{Link, LinkError, Liveness};
+
+/// The longest a source's silence is waited out, whatever its pings say.
+const MAX_SILENCE: Duration = Duration::from_secs(3600);
+
+/// How a stream's connection tells a live source from a dead one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Heartbeat {
+    /// The source sent nothing for this long: it is gone.
+    pub(super) silence: Duration,
+    /// The source hears from the connection at least this often, an
+    /// unchanged ack if nothing else (a large segment still arriving on a
+    /// slow link, the applier's queue full, a planned failover catching
+    /// up), so that it does not take a busy target for a dead one.
+    pub(super) keepalive: Duration,
+}
+
+impl Heartbeat {
+    /// From this target's settings and the ping interval the source's hello
+    /// announced (ms, 0: not said). A source that pings less often than a
+    /// third of this target's peer timeout (its own timeout is longer) is
+    /// given three of its intervals: a quiet stream of it is not dead.
+    pub(super) fn new(own: &Liveness, source_ping_ms: u64) -> Self {
+        let source_ping = (source_ping_ms > 0).then(|| Duration::from_millis(source_ping_ms));
+        let silence = source_ping.map_or(own.peer_timeout, |p| {
+            own.peer_timeout.max(p.saturating_mul(3).min(MAX_SILENCE))
+        });
+        let keepalive = source_ping
+            .map_or(own.ping_interval(), |p| p.min(own.ping_interval()))
+            .max(PUMP_INTERVAL);
+        Self { silence, keepalive }
+    }
+}
 
 /// A segment appended to the journal, with its authenticated payload.
 type Journaled = (FramePos, Vec<u8>);
@@ -46,12 +84,15 @@ pub(super) struct Session {
     received: u64,
     /// The stream keys its segments are sealed with.
     keys: KeyCache,
+    /// When its source counts as gone.
+    heartbeat: Heartbeat,
 }
 
 impl Session {
     /// A session of the source named `cn` that holds `slot` as session
     /// `id`, starting after record `durable`, opening segments with the data
-    /// keys `keys`.
+    /// keys `keys`, its source live while `heartbeat` says so.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         stream: Arc<Stream>,
         slot: SlotGuard,
@@ -60,6 +101,7 @@ impl Session {
         stream_id: [u8; 16],
         durable: u64,
         keys: Arc<KeyStore>,
+        heartbeat: Heartbeat,
     ) -> Self {
         Self {
             stream,
@@ -70,6 +112,7 @@ impl Session {
             next_counter: 0,
             received: durable,
             keys: KeyCache::new(keys),
+            heartbeat,
         }
     }
 }
@@ -100,11 +143,19 @@ fn ack(stream: &Stream) -> Ack {
     }
 }
 
+/// Tells the source this target is alive while the connection waits: an
+/// ack of the current state, handed to the socket at once.
+fn keep_alive(link: &mut Link, stream: &Stream) {
+    link.send(&Message::Ack(ack(stream)));
+    // A dead socket shows at the next read.
+    let _ = link.pump(Duration::ZERO, None);
+}
+
 impl ConnCtx {
     /// Receives segments until the peer closes, a newer connection takes
-    /// the stream over, the daemon stops, a segment is refused, or a
-    /// configuration reload no longer allows the source (checked before
-    /// each batch, so within a pump interval).
+    /// the stream over, the daemon stops, the source goes silent, a
+    /// segment is refused, or a configuration reload no longer allows the
+    /// source (checked before each batch, so within a pump interval).
     pub(super) fn receive(&self, link: &mut Link, s: &mut Session) -> Result<(), Refusal> {
         let mut last_sent = ack(&s.stream);
         loop {
@@ -125,7 +176,10 @@ impl ConnCtx {
             }
             link.pump(PUMP_INTERVAL, None).map_err(Refusal::Network)?;
             let mut appended: Vec<Journaled> = Vec::new();
-            let mut dup_ack = false;
+            // An ack is owed even if nothing changed (a duplicate segment,
+            // a ping).
+            let mut must_ack = false;
+            let mut pings = 0u64;
             let mut failure = None;
             loop {
                 let m = match link.recv() {
@@ -141,16 +195,21 @@ impl ConnCtx {
                 match m {
                     Message::Segment(f) => match self.segment(s, f) {
                         Ok(Some(a)) => appended.push(a),
-                        Ok(None) => dup_ack = true,
+                        Ok(None) => must_ack = true,
                         Err(r) => {
                             failure = Some(r);
                             break;
                         }
                     },
+                    Message::Ping => {
+                        must_ack = true;
+                        pings += 1;
+                    }
                     Message::Error(e) => return Err(Refusal::Peer(e.message)),
                     Message::Promote(p) => {
                         // Everything before it in the stream is journaled
                         // and queued: the applier promotes after it.
+                        let stream = s.stream.clone();
                         let r = request_promotion(
                             &s.stream,
                             PromoteReq {
@@ -158,6 +217,8 @@ impl ConnCtx {
                                 point: None,
                                 epoch: Some(p.epoch),
                             },
+                            s.heartbeat.keepalive,
+                            || keep_alive(link, &stream),
                         );
                         match r {
                             Ok(done) => {
@@ -183,22 +244,53 @@ impl ConnCtx {
                 self.board
                     .update(&s.stream.id, |st| st.durable_seq = durable);
             }
+            if pings > 0 {
+                self.board.update(&s.stream.id, |st| st.pings += pings);
+            }
             // Acknowledged as soon as it is durable, before the (bounded)
             // hand-over to the applier, which may wait for a slow replica.
+            // Also when the source heard nothing for a ping interval (a
+            // large segment still arriving on a slow link): it must not
+            // take a busy target for a dead one.
             let a = ack(&s.stream);
-            if dup_ack || a != last_sent {
+            if must_ack || a != last_sent || link.quiet_for() >= s.heartbeat.keepalive {
                 link.send(&Message::Ack(a));
                 let _ = link.pump(Duration::ZERO, None);
                 last_sent = a;
             }
             for (pos, body) in appended {
-                let _ = s.stream.apply_tx.send(ApplyMsg::Segment {
-                    pos,
-                    body: Some(body),
-                });
+                self.to_applier(
+                    link,
+                    s,
+                    ApplyMsg::Segment {
+                        pos,
+                        body: Some(body),
+                    },
+                );
             }
             if let Some(r) = failure {
                 return Err(r);
+            }
+            if link.silent_for() >= s.heartbeat.silence {
+                return Err(Refusal::SourceSilent {
+                    secs: s.heartbeat.silence.as_secs(),
+                });
+            }
+        }
+    }
+
+    /// Hands `m` to the applier in stream order, waiting while its queue is
+    /// full (a slow replica pushes back on the source); the source hears
+    /// from this target meanwhile. Returns when the applier has it, or is
+    /// gone (the daemon stops).
+    fn to_applier(&self, link: &mut Link, s: &Session, mut m: ApplyMsg) {
+        loop {
+            match s.stream.apply_tx.send_timeout(m, s.heartbeat.keepalive) {
+                Ok(()) | Err(SendTimeoutError::Disconnected(_)) => return,
+                Err(SendTimeoutError::Timeout(back)) => {
+                    m = back;
+                    keep_alive(link, &s.stream);
+                }
             }
         }
     }
@@ -271,5 +363,40 @@ impl ConnCtx {
             .map_err(Refusal::Storage)?;
         s.received = h.last_seq;
         Ok(Some((pos, body)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own(peer_timeout_secs: u64) -> Liveness {
+        Liveness {
+            peer_timeout: Duration::from_secs(peer_timeout_secs),
+            keepalive: None,
+        }
+    }
+
+    #[test]
+    fn a_source_is_dead_after_the_peer_timeout_or_three_of_its_rarer_pings() {
+        // Same settings on both ends (or the source's not said).
+        let h = Heartbeat::new(&own(30), 10_000);
+        assert_eq!(h.silence, Duration::from_secs(30));
+        assert_eq!(h.keepalive, Duration::from_secs(10));
+        assert_eq!(Heartbeat::new(&own(30), 0), h);
+        // A source that pings more often: this target's timeout holds, and
+        // it hears from the target as often as it pings.
+        let h = Heartbeat::new(&own(30), 1_000);
+        assert_eq!(h.silence, Duration::from_secs(30));
+        assert_eq!(h.keepalive, Duration::from_secs(1));
+        // One with a longer timeout pings less often: its quiet stream is
+        // not dead here.
+        let h = Heartbeat::new(&own(3), 20_000);
+        assert_eq!(h.silence, Duration::from_secs(60));
+        assert_eq!(h.keepalive, Duration::from_secs(1));
+        // Whatever it says, within bounds.
+        let h = Heartbeat::new(&own(3), u64::MAX);
+        assert_eq!(h.silence, MAX_SILENCE);
+        assert_eq!(Heartbeat::new(&own(3), 1).keepalive, PUMP_INTERVAL);
     }
 }

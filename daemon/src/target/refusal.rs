@@ -101,6 +101,13 @@ pub(super) enum Refusal {
     /// The connection failed.
     #[error("{0}")]
     Network(#[source] LinkError),
+    /// The source sent nothing (not even a ping) for the peer timeout: the
+    /// connection is dead.
+    #[error("the source sent nothing for {secs} s (network.peer_timeout_secs): the connection is dead; the source reconnects")]
+    SourceSilent {
+        /// How long it was silent, s.
+        secs: u64,
+    },
     /// The source reported an error.
     #[error("source reported: {0}")]
     Peer(String),
@@ -199,7 +206,7 @@ impl Refusal {
                 HandshakeError::UnknownKey(_) | HandshakeError::Key(_) => C::UnknownKey,
                 HandshakeError::Unexpected { .. } | HandshakeError::Done => C::Protocol,
             },
-            Self::HelloTimeout => C::Timeout,
+            Self::HelloTimeout | Self::SourceSilent { .. } => C::Timeout,
             Self::VolumeNotFound(_) => C::VolumeNotFound,
             Self::NotAuthorized { .. } => C::NotAuthorized,
             Self::StillStreaming
@@ -228,6 +235,13 @@ impl Refusal {
         }
     }
 
+    /// Whether a Fatal refusal of a running stream says something about
+    /// its replica (and makes it Critical). A source that a reload no
+    /// longer allows is refused, but the replica is as good as it was.
+    pub(super) fn blames_replica(&self) -> bool {
+        !matches!(self, Self::NotAuthorized { .. })
+    }
+
     /// Whether the source should retry.
     pub(super) fn class(&self) -> ErrorClass {
         let recoverable = match self {
@@ -239,6 +253,7 @@ impl Refusal {
             | Self::TakeoverQueued
             | Self::ChangedDuringAccept
             | Self::Network(_)
+            | Self::SourceSilent { .. }
             | Self::Peer(_)
             | Self::CorruptSegment(_) => true,
             Self::Storage(e) => e.is_recoverable(),
@@ -292,6 +307,14 @@ mod tests {
         };
         assert_eq!(promoted.code().as_str(), "promoted");
         assert_eq!(promoted.class(), ErrorClass::Fatal);
+    }
+
+    #[test]
+    fn a_silent_source_is_a_recoverable_timeout() {
+        let r = Refusal::SourceSilent { secs: 30 };
+        assert_eq!(r.class(), ErrorClass::Recoverable);
+        assert_eq!(r.code().as_str(), "timeout");
+        assert!(r.to_string().contains("sent nothing for 30 s"), "{r}");
     }
 
     #[test]

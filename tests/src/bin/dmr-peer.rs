@@ -97,8 +97,12 @@ fn run(cli: Cli) -> Result<String, String> {
     let sock = std::net::TcpStream::connect(&target).map_err(|e| e.to_string())?;
     let server = rustls_pki_types::ServerName::try_from(name).map_err(|e| e.to_string())?;
     let conn = rustls::ClientConnection::new(cfg, server).map_err(|e| e.to_string())?;
-    let mut link = replicad::link::Link::new(sock, rustls::Connection::Client(conn))
-        .map_err(|e| e.to_string())?;
+    let mut link = replicad::link::Link::new(
+        sock,
+        rustls::Connection::Client(conn),
+        &replicad::link::Liveness::default(),
+    )
+    .map_err(|e| e.to_string())?;
     link.handshake(Duration::from_secs(20))
         .map_err(|e| e.to_string())?;
     let ring = replica_proto::keys::KeyRing::load(&keys).map_err(|e| e.to_string())?;
@@ -113,6 +117,7 @@ fn run(cli: Cli) -> Result<String, String> {
         key_id: ring.active(),
         resync,
         replica_seeded: true,
+        ping_interval_ms: 0,
     };
     let mut exporter = [0u8; EXPORTER_LEN];
     link.export(EXPORTER_LABEL, &mut exporter)
