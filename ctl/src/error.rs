@@ -185,6 +185,9 @@ pub enum CtlError {
     /// Printing JSON.
     #[error("JSON output: {0}")]
     Json(#[from] serde_json::Error),
+    /// A daemon owns the state directory but does not answer.
+    #[error("a replicad holds {} (its lock) but does not answer on its control socket: wait until it has started or stopped, then retry", .0.display())]
+    StateDirBusy(std::path::PathBuf),
 }
 
 impl CtlError {
@@ -215,6 +218,7 @@ impl CtlError {
             Self::NoStatus { source, .. } => Exit::of_io(source),
             Self::Io(replica_fs::IoError { source, .. }) => Exit::of_io(source),
             Self::Incomplete { .. } | Self::Json(_) => Exit::Failed,
+            Self::StateDirBusy(_) => Exit::Refused,
         }
     }
 

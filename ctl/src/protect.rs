@@ -493,6 +493,12 @@ pub fn unprotect(
     }
     if let (Some(sd), false) = (&state_dir, keep_state) {
         if sd.exists() {
+            // A daemon that stopped answering may still write its last
+            // status: it owns the directory until its process exits.
+            let patience = Duration::from_secs(60);
+            let _owned = replica_fs::DirLock::wait(sd, patience)
+                .map_err(|e| ProtectError::io(sd)(e.source))?
+                .ok_or(ProtectError::DidNotStop(patience))?;
             std::fs::remove_dir_all(sd).map_err(ProtectError::io(sd))?;
             done.push(format!("{} removed", sd.display()));
         }

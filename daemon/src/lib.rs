@@ -48,15 +48,20 @@ pub enum DaemonError {
     /// Not supported by this build.
     #[error("{0}")]
     Unsupported(String),
+    /// Another process owns the state directory.
+    #[error("another replicad runs with state directory {} (it holds {}); stop it first, or give this one its own state_dir", .0.display(), .0.join(replica_fs::LOCK_FILE).display())]
+    StateDirBusy(std::path::PathBuf),
 }
 
 /// Creates a daemon's state directory, readable by its owner only (it holds
-/// journals, status and the control socket).
-pub fn create_state_dir(dir: &Path) -> Result<(), DaemonError> {
+/// journals, status and the control socket), and takes its lock: held
+/// until the process exits, so one daemon at a time owns it.
+pub fn own_state_dir(dir: &Path) -> Result<replica_fs::DirLock, DaemonError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).map_err(|e| DaemonError::io("create state directory", dir, e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| DaemonError::io("restrict state directory", dir, e))
+        .map_err(|e| DaemonError::io("restrict state directory", dir, e))?;
+    replica_fs::DirLock::try_lock(dir)?.ok_or_else(|| DaemonError::StateDirBusy(dir.to_owned()))
 }
 
 impl DaemonError {

@@ -735,3 +735,39 @@ fn a_reload_that_removes_a_source_ends_its_live_session_and_one_that_keeps_it_do
     let got = std::fs::read(st.join("v.img")).expect("replica");
     assert!(first_difference(&got, &src.image, &src.masked).is_none());
 }
+
+#[test]
+fn a_second_daemon_on_the_same_state_directory_is_refused_and_the_first_goes_on() {
+    let (env, st, cfg) = target_env("");
+    let (first, addr) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
+    let out = Command::new(replicad_bin())
+        .args(["target", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "a second daemon cannot start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another replicad runs with state directory") && err.contains("replicad.lock"),
+        "{err}"
+    );
+    // The first one still serves.
+    RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [2; 16], 1)
+        .expect("the first daemon serves");
+    // And `replctl point` does not open the replica beside it, even when
+    // the daemon does not answer on its socket (here: it was moved away).
+    let sock = replica_control::default_path(&st);
+    let moved = st.join("moved.sock");
+    std::fs::rename(&sock, &moved).expect("move the socket");
+    let out = Command::new(replctl_bin())
+        .args(["point", "list", "--config"])
+        .arg(&cfg)
+        .args(["--volume", "v"])
+        .output()
+        .expect("run replctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "refused: {err}");
+    assert!(err.contains("holds"), "{err}");
+    std::fs::rename(&moved, &sock).expect("move it back");
+    drop(first);
+}

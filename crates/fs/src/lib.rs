@@ -1,11 +1,15 @@
 //! Durable file helpers both roles and `replctl` use (state files, the
-//! journal's and the spool's directories), and the OS error they report:
-//! what was being done, on which path, and the error itself.
+//! journal's and the spool's directories), the lock of a state directory,
+//! and the OS error they report: what was being done, on which path, and
+//! the error itself.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+mod lock;
+pub use lock::{DirLock, LOCK_FILE};
 
 /// An OS error with what was being done and on which path.
 #[derive(Debug, thiserror::Error)]

@@ -48,6 +48,8 @@ pub struct Source {
     /// What control commands act on.
     commands: Arc<Commands>,
     hup_seen: AtomicU64,
+    /// This process owns the state directory while it lives.
+    _state_lock: replica_fs::DirLock,
 }
 
 impl Source {
@@ -59,7 +61,7 @@ impl Source {
         crate::source::protected::check_not_protected(&cfg.spool_dir(), "spool.dir")?;
         let keys = KeyStore::load(&cfg.keys)?;
         let tls = crate::tls::Reloadable::new(crate::tls::client_config(&cfg.tls)?);
-        crate::create_state_dir(&cfg.state_dir)?;
+        let state_lock = crate::own_state_dir(&cfg.state_dir)?;
         let board = Arc::new(StatusBoard::new(
             &cfg.state_dir,
             vec![VolumeStatus::new(&cfg.volume, Role::Primary)],
@@ -104,6 +106,7 @@ impl Source {
             Some(handler),
         )?);
         Ok(Self {
+            _state_lock: state_lock,
             cfg: std::sync::RwLock::new(Arc::new(cfg)),
             config_path: None,
             keys,

@@ -79,6 +79,8 @@ pub struct Target {
     notifier: crate::control::Notifier,
     hup: Arc<AtomicU64>,
     door: Arc<door::Door>,
+    /// This process owns the state directory while it lives.
+    _state_lock: replica_fs::DirLock,
 }
 
 impl Target {
@@ -90,7 +92,7 @@ impl Target {
         let tls = Arc::new(crate::tls::Reloadable::new(crate::tls::server_config(
             &cfg.tls,
         )?));
-        crate::create_state_dir(&cfg.state_dir)?;
+        let state_lock = crate::own_state_dir(&cfg.state_dir)?;
         let board = Arc::new(StatusBoard::new(
             &cfg.state_dir,
             cfg.volumes
@@ -136,6 +138,7 @@ impl Target {
         ));
         tracing::info!(listen = %bound, "target ready");
         Ok(Self {
+            _state_lock: state_lock,
             streams,
             appliers,
             keys,
