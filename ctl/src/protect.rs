@@ -470,6 +470,20 @@ pub fn unprotect(
             stopped = true;
         }
     }
+    // A daemon that stopped answering may still write its last status: it
+    // owns the state directory until its process exits. Nothing is removed
+    // before it is gone.
+    let _owned = match &state_dir {
+        Some(sd) if sd.exists() => {
+            let patience = Duration::from_secs(60);
+            Some(
+                replica_fs::DirLock::wait(sd, patience)
+                    .map_err(|e| ProtectError::io(sd)(e.source))?
+                    .ok_or(ProtectError::DidNotStop(patience))?,
+            )
+        }
+        _ => None,
+    };
     if exists(volume) {
         if stopped {
             // It stops answering before its process exits and lets go of
@@ -493,12 +507,6 @@ pub fn unprotect(
     }
     if let (Some(sd), false) = (&state_dir, keep_state) {
         if sd.exists() {
-            // A daemon that stopped answering may still write its last
-            // status: it owns the directory until its process exits.
-            let patience = Duration::from_secs(60);
-            let _owned = replica_fs::DirLock::wait(sd, patience)
-                .map_err(|e| ProtectError::io(sd)(e.source))?
-                .ok_or(ProtectError::DidNotStop(patience))?;
             std::fs::remove_dir_all(sd).map_err(ProtectError::io(sd))?;
             done.push(format!("{} removed", sd.display()));
         }

@@ -55,14 +55,24 @@ pub enum DaemonError {
 
 /// Creates a daemon's state directory, readable by its owner only (it holds
 /// journals, status and the control socket), and takes its lock: held
-/// until the process exits, so one daemon at a time owns it.
+/// until the process exits, so one daemon at a time owns it. Waits up to
+/// [`STATE_LOCK_WAIT`] for it (`replctl point` may hold it for a moment
+/// while no daemon runs).
 pub fn own_state_dir(dir: &Path) -> Result<replica_fs::DirLock, DaemonError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).map_err(|e| DaemonError::io("create state directory", dir, e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| DaemonError::io("restrict state directory", dir, e))?;
-    replica_fs::DirLock::try_lock(dir)?.ok_or_else(|| DaemonError::StateDirBusy(dir.to_owned()))
+    if let Some(l) = replica_fs::DirLock::try_lock(dir)? {
+        return Ok(l);
+    }
+    tracing::warn!(dir = %dir.display(), "another process holds the state directory's lock; waiting up to {}s", STATE_LOCK_WAIT.as_secs());
+    replica_fs::DirLock::wait(dir, STATE_LOCK_WAIT)?
+        .ok_or_else(|| DaemonError::StateDirBusy(dir.to_owned()))
 }
+
+/// How long a starting daemon waits for its state directory's lock.
+pub const STATE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl DaemonError {
     /// Wraps an OS error.

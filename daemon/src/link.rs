@@ -5,8 +5,12 @@
 //! A link keeps the times it last heard from its peer and last queued
 //! something for it: the roles end a connection whose peer went silent
 //! (see [`Liveness`]), and the source pings a stream it has nothing to
-//! send on. Its socket carries TCP keepalive and `TCP_USER_TIMEOUT`, so
-//! the kernel also fails a connection whose path went dead.
+//! send on. Its socket carries TCP keepalive, so the kernel also fails an
+//! idle connection whose path went dead. It does not set
+//! `TCP_USER_TIMEOUT`: Linux aborts a connection whose peer keeps a zero
+//! window for that long, and a live target that stops reading (its
+//! applier retries against a full pool) must not be cut off; the
+//! application's silence check covers a dead path with data in flight.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -23,8 +27,7 @@ use crate::config::NetworkConfig;
 /// settings both roles share).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Liveness {
-    /// A peer that sent nothing for this long is dead; also the socket's
-    /// `TCP_USER_TIMEOUT` (data it sent unacknowledged that long fails it).
+    /// A peer that sent nothing for this long is dead.
     pub peer_timeout: Duration,
     /// TCP keepalive: idle time before the first probe (probes then every
     /// third of it, at least 1 s; 3 unanswered close the socket). `None`:
@@ -60,8 +63,8 @@ const KEEPALIVE_PROBES: u32 = 3;
 
 /// Sets what makes the kernel notice a dead path on `sock`: TCP keepalive
 /// (`SO_KEEPALIVE`, `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`; off
-/// without [`Liveness::keepalive`]) and `TCP_USER_TIMEOUT` of the peer
-/// timeout.
+/// without [`Liveness::keepalive`]). Not `TCP_USER_TIMEOUT` (see the
+/// module's documentation).
 pub fn tune_socket(sock: &TcpStream, l: &Liveness) -> std::io::Result<()> {
     use nix::sys::socket::{setsockopt, sockopt};
     setsockopt(sock, sockopt::KeepAlive, &l.keepalive.is_some())?;
@@ -71,8 +74,6 @@ pub fn tune_socket(sock: &TcpStream, l: &Liveness) -> std::io::Result<()> {
         setsockopt(sock, sockopt::TcpKeepInterval, &(idle / 3).max(1))?;
         setsockopt(sock, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)?;
     }
-    let ms = u32::try_from(l.peer_timeout.as_millis()).unwrap_or(u32::MAX);
-    setsockopt(sock, sockopt::TcpUserTimeout, &ms)?;
     Ok(())
 }
 
@@ -96,14 +97,26 @@ pub enum LinkError {
     Timeout(&'static str),
 }
 
+/// Whose certificate a TLS failure is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateFailure {
+    /// This side checked the peer's certificate and refused it: a fact.
+    PeerRefusedHere,
+    /// The peer says it refused ours (an alert): possibly true, but an
+    /// alert can be sent by anyone on the path before the peer has proved
+    /// who it is.
+    OursRefusedThere,
+}
+
 impl LinkError {
-    /// Whether the error means the peer's or our certificate was refused
-    /// (a non-recoverable, configuration problem).
-    pub fn is_certificate(&self) -> bool {
+    /// Whether, and whose, certificate the error says was refused.
+    pub fn certificate_failure(&self) -> Option<CertificateFailure> {
         use rustls::AlertDescription as A;
         match self {
             LinkError::Tls(rustls::Error::InvalidCertificate(_))
-            | LinkError::Tls(rustls::Error::NoCertificatesPresented) => true,
+            | LinkError::Tls(rustls::Error::NoCertificatesPresented) => {
+                Some(CertificateFailure::PeerRefusedHere)
+            }
             LinkError::Tls(rustls::Error::AlertReceived(a)) => matches!(
                 a,
                 // DecryptError is what rustls sends when a certificate's
@@ -117,8 +130,9 @@ impl LinkError {
                     | A::UnknownCA
                     | A::AccessDenied
                     | A::CertificateRequired
-            ),
-            _ => false,
+            )
+            .then_some(CertificateFailure::OursRefusedThere),
+            _ => None,
         }
     }
 }
@@ -255,12 +269,15 @@ impl Link {
 
     /// Takes the next whole message received, if any.
     pub fn recv(&mut self) -> Result<Option<Message>, LinkError> {
+        Ok(self.recv_raw()?.map(|(m, _)| m))
+    }
+
+    /// [`Link::recv`], with the message's bytes as received (header
+    /// included): what a key confirmation tag covers.
+    pub fn recv_raw(&mut self) -> Result<Option<(Message, Vec<u8>)>, LinkError> {
         self.wanted()?;
         match Message::decode(&self.inbuf)? {
-            Some((m, used)) => {
-                self.inbuf.drain(..used);
-                Ok(Some(m))
-            }
+            Some((m, used)) => Ok(Some((m, self.inbuf.drain(..used).collect()))),
             None if self.closed => Err(LinkError::Closed),
             None => Ok(None),
         }
@@ -448,7 +465,7 @@ mod tests {
     }
 
     #[test]
-    fn sockets_get_keepalive_and_a_user_timeout_from_the_network_settings() {
+    fn sockets_get_keepalive_and_no_user_timeout_from_the_network_settings() {
         let (c, _s) = pair();
         let l = Liveness::new(&NetworkConfig {
             peer_timeout_secs: 30,
@@ -460,9 +477,10 @@ mod tests {
         assert_eq!(getsockopt(&c, sockopt::TcpKeepIdle).expect("idle"), 10);
         assert_eq!(getsockopt(&c, sockopt::TcpKeepInterval).expect("intvl"), 3);
         assert_eq!(getsockopt(&c, sockopt::TcpKeepCount).expect("cnt"), 3);
+        // A zero window for long (a busy target) must not abort it.
         assert_eq!(
             getsockopt(&c, sockopt::TcpUserTimeout).expect("user timeout"),
-            30_000
+            0
         );
         assert_eq!(l.ping_interval(), Duration::from_secs(10));
     }
@@ -478,10 +496,6 @@ mod tests {
         tune_socket(&c, &short).expect("tune");
         assert_eq!(getsockopt(&c, sockopt::TcpKeepIdle).expect("idle"), 1);
         assert_eq!(getsockopt(&c, sockopt::TcpKeepInterval).expect("intvl"), 1);
-        assert_eq!(
-            getsockopt(&c, sockopt::TcpUserTimeout).expect("user timeout"),
-            3_000
-        );
         let off = Liveness::new(&NetworkConfig {
             keepalive_secs: 0,
             ..NetworkConfig::default()
@@ -490,10 +504,6 @@ mod tests {
         setsockopt_on(&s);
         tune_socket(&s, &off).expect("tune");
         assert!(!getsockopt(&s, sockopt::KeepAlive).expect("keepalive"));
-        assert_eq!(
-            getsockopt(&s, sockopt::TcpUserTimeout).expect("user timeout"),
-            30_000
-        );
     }
 
     /// Keepalive on first, so that turning it off is seen.

@@ -108,13 +108,10 @@ fn a_blackholed_path_is_noticed_on_both_ends_and_the_source_reconnects_losing_no
         "both ends to notice the dead path",
         || {
             if source_saw.is_none() {
-                // The application's timeout, or the kernel's
-                // (TCP_USER_TIMEOUT) if the segments filled the path's
-                // buffers first; never a reconnect attempt's.
+                // The application's timeout; never a reconnect attempt's.
                 source_saw = dropped_because(source(&r))
                     .filter(|m| {
                         m.contains(&format!("the target sent nothing for {PEER_TIMEOUT} s"))
-                            || m.contains("Connection timed out")
                     })
                     .map(|m| (cut.elapsed(), m));
             }

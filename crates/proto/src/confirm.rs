@@ -21,7 +21,8 @@
 //! T   = HMAC-SHA256(K, "target" | len(hello) | hello | S)      target → source
 //! ```
 //!
-//! `hello` is the hello message as encoded (header and JSON body). The
+//! `hello` is the hello message as sent and received, byte for byte (header
+//! and JSON body), not a re-encoding of what the target parsed. The
 //! source sends its hello and `S`; the target checks the hello's identity
 //! and key id, verifies `S` and only then looks at the stream's state; it
 //! answers `T` before its welcome (or its refusal). The source acts on

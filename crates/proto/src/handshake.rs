@@ -25,12 +25,12 @@ use crate::msg::{ErrorMsg, Hello, Message, Welcome};
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
     /// A message out of turn.
-    #[error("expected {expected}, got {got:?}")]
+    #[error("expected {expected}, got {got}")]
     Unexpected {
         /// What the state machine waited for.
         expected: &'static str,
-        /// What came.
-        got: Box<Message>,
+        /// What came ([`Message::kind`]).
+        got: String,
     },
     /// The hello names a key this side does not have.
     #[error("unknown key id {0}")]
@@ -84,28 +84,29 @@ impl TargetSide {
         }
     }
 
-    /// Takes the source's first message, which must be its hello. Check
-    /// what may be checked without trusting it (protocol, volume,
-    /// certificate): nothing in it is proven yet.
-    pub fn hello(&mut self, m: Message) -> Result<Box<Hello>, HandshakeError> {
+    /// Takes the source's first message, which must be its hello, and its
+    /// bytes as received (`raw`: header and body, what the source's tag
+    /// covers). Check what may be checked without trusting it (the
+    /// protocol version): nothing in it is proven yet.
+    pub fn hello(&mut self, m: Message, raw: &[u8]) -> Result<Box<Hello>, HandshakeError> {
         match std::mem::replace(&mut self.state, TargetState::Done) {
             TargetState::Hello => {
                 let Message::Hello(hello) = m else {
                     return Err(HandshakeError::Unexpected {
                         expected: "hello",
-                        got: Box::new(m),
+                        got: m.kind(),
                     });
                 };
                 let hello = Box::new(hello);
                 self.state = TargetState::Confirm {
-                    transcript: Message::Hello((*hello).clone()).to_bytes(),
+                    transcript: raw.to_vec(),
                     hello: hello.clone(),
                 };
                 Ok(hello)
             }
             TargetState::Confirm { .. } => Err(HandshakeError::Unexpected {
                 expected: "key confirmation",
-                got: Box::new(m),
+                got: m.kind(),
             }),
             TargetState::Done => Err(HandshakeError::Done),
         }
@@ -120,7 +121,7 @@ impl TargetSide {
                 let Message::Confirm(tag) = m else {
                     return Err(HandshakeError::Unexpected {
                         expected: "key confirmation",
-                        got: Box::new(m),
+                        got: m.kind(),
                     });
                 };
                 let confirmer = derive(ring, &self.exporter, &hello)?;
@@ -129,7 +130,7 @@ impl TargetSide {
             }
             TargetState::Hello => Err(HandshakeError::Unexpected {
                 expected: "hello",
-                got: Box::new(m),
+                got: m.kind(),
             }),
             TargetState::Done => Err(HandshakeError::Done),
         }
@@ -200,6 +201,12 @@ impl SourceSide {
         self.tag
     }
 
+    /// Whether the target has proved its key (what it says from now on
+    /// may be acted on).
+    pub fn confirmed(&self) -> bool {
+        self.state != SourceState::Confirm
+    }
+
     /// Takes the next message from the target.
     pub fn receive(&mut self, m: Message) -> Result<SourceStep, HandshakeError> {
         let state = std::mem::replace(&mut self.state, SourceState::Done);
@@ -220,7 +227,7 @@ impl SourceSide {
                 } else {
                     "welcome"
                 },
-                got: Box::new(got),
+                got: got.kind(),
             }),
         }
     }
@@ -273,7 +280,8 @@ mod tests {
         let kr = ring(1);
         let (mut s, [h, c]) = SourceSide::new(&kr, &[9; 32], hello()).expect("source");
         let mut t = TargetSide::new([9; 32]);
-        assert_eq!(*t.hello(h).expect("hello"), hello());
+        let raw = h.to_bytes();
+        assert_eq!(*t.hello(h, &raw).expect("hello"), hello());
         let reply = t.confirm(&kr, c).expect("confirm");
         assert!(matches!(
             s.receive(reply).expect("reply"),
@@ -291,7 +299,10 @@ mod tests {
             t.confirm(&kr, Message::Ping),
             Err(HandshakeError::Done)
         ));
-        assert!(matches!(t.hello(Message::Ping), Err(HandshakeError::Done)));
+        assert!(matches!(
+            t.hello(Message::Ping, &[]),
+            Err(HandshakeError::Done)
+        ));
     }
 
     #[test]
@@ -299,7 +310,7 @@ mod tests {
         let (_, [h, c]) = SourceSide::new(&ring(1), &[9; 32], hello()).expect("source");
         for (kr, exporter) in [(ring(2), [9; 32]), (ring(1), [8; 32])] {
             let mut t = TargetSide::new(exporter);
-            t.hello(h.clone()).expect("hello");
+            t.hello(h.clone(), &h.to_bytes()).expect("hello");
             assert!(matches!(
                 t.confirm(&kr, c.clone()),
                 Err(HandshakeError::Mismatch(Mismatch { key_id: 1 }))
@@ -309,7 +320,9 @@ mod tests {
         changed.epoch = u64::MAX;
         let kr = ring(1);
         let mut t = TargetSide::new([9; 32]);
-        t.hello(Message::Hello(changed)).expect("hello");
+        let changed = Message::Hello(changed);
+        t.hello(changed.clone(), &changed.to_bytes())
+            .expect("hello");
         assert!(matches!(
             t.confirm(&kr, c),
             Err(HandshakeError::Mismatch(_))
@@ -323,7 +336,7 @@ mod tests {
         // The target's tag from another key.
         let other = ring(2);
         let mut t = TargetSide::new([9; 32]);
-        t.hello(h).expect("hello");
+        t.hello(h.clone(), &h.to_bytes()).expect("hello");
         assert!(t.confirm(&other, c.clone()).is_err());
         // A reflected source tag is not a target tag.
         assert!(matches!(s.receive(c), Err(HandshakeError::Mismatch(_))));
@@ -351,7 +364,7 @@ mod tests {
         let kr = ring(1);
         let mut t = TargetSide::new([9; 32]);
         assert!(matches!(
-            t.hello(Message::Confirm([0; 32])),
+            t.hello(Message::Confirm([0; 32]), &[]),
             Err(HandshakeError::Unexpected { .. })
         ));
         let mut t = TargetSide::new([9; 32]);
@@ -360,7 +373,8 @@ mod tests {
             Err(HandshakeError::Unexpected { .. })
         ));
         let mut t = TargetSide::new([9; 32]);
-        t.hello(Message::Hello(hello())).expect("hello");
+        t.hello(Message::Hello(hello()), &Message::Hello(hello()).to_bytes())
+            .expect("hello");
         assert!(matches!(
             t.confirm(&kr, Message::Hello(hello())),
             Err(HandshakeError::Unexpected { .. })
@@ -368,7 +382,8 @@ mod tests {
         let mut h = hello();
         h.key_id = 7;
         let mut t = TargetSide::new([9; 32]);
-        t.hello(Message::Hello(h)).expect("hello");
+        let h = Message::Hello(h);
+        t.hello(h.clone(), &h.to_bytes()).expect("hello");
         assert!(matches!(
             t.confirm(&kr, Message::Confirm([0; 32])),
             Err(HandshakeError::UnknownKey(7))

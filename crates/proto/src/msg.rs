@@ -385,6 +385,22 @@ impl Message {
         }
     }
 
+    /// What it is, for messages about it: its type, and a segment's length
+    /// (never a peer's bytes, which may be large or crafted).
+    pub fn kind(&self) -> String {
+        match self {
+            Message::Hello(_) => "hello".into(),
+            Message::Welcome(_) => "welcome".into(),
+            Message::Segment(f) => format!("a segment of {} bytes", f.len()),
+            Message::Ack(_) => "ack".into(),
+            Message::Error(e) => format!("error {}", e.code),
+            Message::Promote(_) => "promote".into(),
+            Message::Promoted(_) => "promoted".into(),
+            Message::Confirm(_) => "key confirmation".into(),
+            Message::Ping => "ping".into(),
+        }
+    }
+
     /// Encodes into a fresh buffer.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut v = Vec::new();

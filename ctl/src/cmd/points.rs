@@ -144,9 +144,9 @@ fn directly(
             volume: v.volume.clone(),
             config: v.config.clone(),
         })?;
-    // Owned here while it is open: a daemon starting meanwhile waits (it
-    // refuses to start), and one that runs but did not answer is not
-    // raced.
+    // Owned here while it is open: a daemon starting meanwhile waits for
+    // it (up to replicad's STATE_LOCK_WAIT), and one that runs but did not
+    // answer is not raced.
     let _owned = replica_fs::DirLock::try_lock(&cfg.state_dir)?
         .ok_or_else(|| CtlError::StateDirBusy(cfg.state_dir.join(replica_fs::LOCK_FILE)))?;
     let mut replica = replica_store::backend::open_replica(&cfg.state_dir, vc)?;

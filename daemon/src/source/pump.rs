@@ -97,9 +97,15 @@ impl Source {
             // the peer timeout is gone; a stream with nothing to send is
             // pinged so that it hears from a live one.
             if link.silent_for() >= live.peer_timeout {
-                return Err(SessionError::TargetSilent {
-                    secs: live.peer_timeout.as_secs(),
-                });
+                // Read what is waiting first: this thread may have been
+                // kept from running, not the target from answering.
+                link.pump(Duration::ZERO, None)
+                    .map_err(SessionError::link)?;
+                if link.silent_for() >= live.peer_timeout {
+                    return Err(SessionError::TargetSilent {
+                        secs: live.peer_timeout.as_secs(),
+                    });
+                }
             }
             if link.quiet_for() >= live.ping_interval() {
                 link.send(&Message::Ping);
@@ -175,7 +181,8 @@ impl Source {
                     }
                     other => {
                         return Err(SessionError::Protocol(format!(
-                            "unexpected message from target: {other:?}"
+                            "unexpected message from target: {}",
+                            other.kind()
                         )))
                     }
                 }

@@ -19,7 +19,7 @@ use super::batch::BatchCtx;
 use super::drain::Shared;
 use super::seal::{seal_worker, Job, SealError, SessionKeys};
 use super::Source;
-use crate::link::{Link, LinkError, Liveness};
+use crate::link::{CertificateFailure, Link, LinkError, Liveness};
 use crate::retry::{Backoff, ErrorClass};
 use crate::status::{Connection, ReasonKind};
 
@@ -60,9 +60,13 @@ pub enum SessionError {
     /// The TLS client could not be set up.
     #[error("TLS setup: {0}")]
     TlsSetup(#[source] rustls::Error),
-    /// A certificate was refused (ours by the target, or the target's).
+    /// This source refused the target's certificate.
     #[error("certificate refused: {0}")]
     Certificate(#[source] LinkError),
+    /// The target says it refused this source's certificate (a TLS alert,
+    /// which anyone on the path could send: retried, not Critical).
+    #[error("the target refused this source's certificate ({0}): check that it is signed by the CA the target trusts, not expired, and that its name is in the target's allowed_sources; retrying")]
+    CertificateRefused(#[source] LinkError),
     /// The connection failed.
     #[error(transparent)]
     Link(LinkError),
@@ -105,6 +109,11 @@ pub enum SessionError {
         /// The key id.
         key_id: u32,
     },
+    /// The target said something out of turn before it proved its key.
+    #[error(
+        "the target answered out of turn before proving its key ({0}); nothing it said was used"
+    )]
+    Unconfirmed(String),
     /// The target refused the stream before the welcome.
     #[error("target {}: {message} ({code})", if *.class == WireClass::Fatal { "refused" } else { "busy" })]
     Refused {
@@ -167,6 +176,9 @@ impl SessionError {
             | Self::Random(_)
             | Self::NoWelcome
             | Self::TargetSilent { .. }
+            | Self::TargetUnconfirmed { .. }
+            | Self::Unconfirmed(_)
+            | Self::CertificateRefused(_)
             | Self::Spool(_) => ErrorClass::Recoverable,
             Self::Refused { class, .. } | Self::Ended { class, .. } => match class {
                 WireClass::Fatal => ErrorClass::Fatal,
@@ -177,7 +189,6 @@ impl SessionError {
             | Self::Certificate(_)
             | Self::Demoted(_)
             | Self::KeyRefused { .. }
-            | Self::TargetUnconfirmed { .. }
             | Self::Protocol(_)
             | Self::SequenceGap { .. }
             | Self::Key(_)
@@ -187,12 +198,13 @@ impl SessionError {
         }
     }
 
-    /// A link error: a refused certificate is a configuration problem.
+    /// A link error: a certificate this source refused is a configuration
+    /// problem; one the target says it refused is reported and retried.
     pub(super) fn link(e: LinkError) -> Self {
-        if e.is_certificate() {
-            Self::Certificate(e)
-        } else {
-            Self::Link(e)
+        match e.certificate_failure() {
+            Some(CertificateFailure::PeerRefusedHere) => Self::Certificate(e),
+            Some(CertificateFailure::OursRefusedThere) => Self::CertificateRefused(e),
+            None => Self::Link(e),
         }
     }
 }
@@ -399,10 +411,14 @@ impl Source {
         }
         let deadline = Instant::now() + Duration::from_secs(cfg.network.handshake_timeout_secs);
         let w = loop {
+            let confirmed = opening.confirmed();
             let step = opening
                 .receive(recv_handshake(link, deadline)?)
                 .map_err(|e| match e {
                     HandshakeError::Mismatch(_) => SessionError::TargetUnconfirmed { key_id },
+                    // Whoever answers before proving the key cannot stop
+                    // this source: retried on the schedule.
+                    other if !confirmed => SessionError::Unconfirmed(other.to_string()),
                     other => SessionError::Protocol(other.to_string()),
                 })?;
             match step {
@@ -416,12 +432,19 @@ impl Source {
                         message: e.message,
                     })
                 }
+                // A real target confirms before it refuses for anything
+                // but the opening itself (protocol, key): only those may
+                // stop this source; anything else is retried.
                 SourceStep::RefusedUnconfirmed(e) => {
+                    let class = match e.code {
+                        ErrorCode::Protocol | ErrorCode::UnknownKey => e.class,
+                        _ => WireClass::Recoverable,
+                    };
                     return Err(SessionError::Refused {
-                        class: e.class,
+                        class,
                         code: e.code,
                         message: e.message,
-                    })
+                    });
                 }
                 SourceStep::Refused(e) => {
                     if e.class == WireClass::Fatal

@@ -21,7 +21,7 @@ use super::stream::{self, Stream};
 use super::takeover::{self, Takeover};
 use super::PUMP_INTERVAL;
 use crate::keystore::KeyStore;
-use crate::link::{Link, Liveness};
+use crate::link::{Link, LinkError, Liveness};
 use crate::retry::ErrorClass;
 use crate::status::{Connection, ReasonKind, StatusBoard};
 
@@ -91,8 +91,15 @@ impl ConnCtx {
             }
         };
         if let Err(e) = link.handshake(deadline.saturating_duration_since(Instant::now())) {
-            // A refused certificate is logged; the client sees the alert.
-            tracing::warn!(error = %e, "TLS handshake failed");
+            // A refused certificate is logged (the client sees the
+            // alert); a peer that said nothing or left is not worth a
+            // warning each (a scan, a flood: the door reports those).
+            match e {
+                LinkError::Timeout(_) | LinkError::Closed => {
+                    tracing::debug!(error = %e, "TLS handshake did not finish")
+                }
+                _ => tracing::warn!(error = %e, "TLS handshake failed"),
+            }
             return;
         }
         let mut session = match self.accept(&mut link, deadline, &mut ticket) {
@@ -195,12 +202,19 @@ impl ConnCtx {
             .map_err(Refusal::Exporter)?;
         let mut opening = TargetSide::new(exporter);
         let ring = self.keys.get();
-        let hello = opening
-            .hello(recv(link, deadline)?)
-            .map_err(Refusal::Opening)?;
+        let (first, raw) = recv_raw(link, deadline)?;
+        let hello = opening.hello(first, &raw).map_err(Refusal::Opening)?;
         if hello.protocol != msg::PROTOCOL_VERSION {
             return Err(Refusal::ProtocolVersion(hello.protocol).into());
         }
+        // Key confirmation (replica_proto::confirm) before anything else:
+        // a refusal here touches no stream, the peer has proved nothing;
+        // every refusal after it comes from a target the source can trust.
+        let reply = opening
+            .confirm(&ring, recv(link, deadline)?)
+            .map_err(Refusal::Opening)?;
+        link.send(&reply);
+        link.authenticated();
         let stream = self
             .streams
             .get(&hello.volume)
@@ -213,13 +227,6 @@ impl ConnCtx {
             }
             .into());
         }
-        // Key confirmation (replica_proto::confirm): a refusal here
-        // touches no stream, the peer has proved nothing.
-        let reply = opening
-            .confirm(&ring, recv(link, deadline)?)
-            .map_err(Refusal::Opening)?;
-        link.send(&reply);
-        link.authenticated();
         // From here on the source holds the stream's key.
         ticket.authenticated();
         let (id, slot) = stream::claim(&stream, deadline).ok_or(Refusal::StillStreaming)?;
@@ -348,8 +355,13 @@ fn enter(stream: &Arc<Stream>, hello: &Hello, gen_hex: &str) -> Result<Entry, Re
 
 /// Waits for the next message of the handshake until `deadline`.
 fn recv(link: &mut Link, deadline: Instant) -> Result<Message, Refusal> {
+    recv_raw(link, deadline).map(|(m, _)| m)
+}
+
+/// [`recv`], with the message's bytes as received.
+fn recv_raw(link: &mut Link, deadline: Instant) -> Result<(Message, Vec<u8>), Refusal> {
     loop {
-        if let Some(m) = link.recv().map_err(Refusal::Network)? {
+        if let Some(m) = link.recv_raw().map_err(Refusal::Network)? {
             return Ok(m);
         }
         let left = deadline

@@ -56,6 +56,7 @@ impl Door {
 
     /// A place for a connection from `addr`, if there is one.
     pub(super) fn enter(self: &Arc<Self>, addr: IpAddr) -> Result<Ticket, Full> {
+        let addr = peer_key(addr);
         let mut w = self.lock();
         if w.total >= self.max_total {
             return Err(Full::Total(w.total));
@@ -87,6 +88,19 @@ impl Door {
                 w.by_addr.remove(&addr);
             }
         }
+    }
+}
+
+/// What counts as one address: an IPv4 address (also written IPv4-mapped),
+/// or an IPv6 /64 (one host may hold a whole /64).
+fn peer_key(addr: IpAddr) -> IpAddr {
+    match addr.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::V6(o.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -151,6 +165,31 @@ impl TurnedAway {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_slash_64_and_an_ipv4_mapped_address_count_as_one_address() {
+        let door = Door::new(10, 2);
+        let _a = door.enter("2001:db8::1".parse().expect("ip")).expect("a");
+        let _b = door
+            .enter("2001:db8::ffff:2".parse().expect("ip"))
+            .expect("b");
+        assert_eq!(
+            door.enter("2001:db8::1:0:0:3".parse().expect("ip"))
+                .expect_err("same /64"),
+            Full::Address(2)
+        );
+        door.enter("2001:db8:0:1::1".parse().expect("ip"))
+            .expect("another /64");
+        let _c = door.enter("192.0.2.7".parse().expect("ip")).expect("v4");
+        let _d = door
+            .enter("::ffff:192.0.2.7".parse().expect("ip"))
+            .expect("mapped");
+        assert_eq!(
+            door.enter("192.0.2.7".parse().expect("ip"))
+                .expect_err("the same host"),
+            Full::Address(2)
+        );
+    }
 
     #[test]
     fn places_are_bounded_in_total_and_per_address_and_given_back() {

@@ -27,6 +27,7 @@ use super::stream::{SlotGuard, Stream, StreamState};
 use super::PUMP_INTERVAL;
 use crate::keystore::KeyStore;
 use crate::link::{Link, LinkError, Liveness};
+use crate::status::{Connection, ReasonKind};
 
 /// The longest a source's silence is waited out, whatever its pings say.
 const MAX_SILENCE: Duration = Duration::from_secs(3600);
@@ -159,20 +160,8 @@ impl ConnCtx {
     pub(super) fn receive(&self, link: &mut Link, s: &mut Session) -> Result<(), Refusal> {
         let mut last_sent = ack(&s.stream);
         loop {
-            if self.stop.load(Ordering::Acquire) {
-                return Ok(());
-            }
-            if !s.stream.conn.is_current(s.id) {
-                tracing::info!(volume = %s.stream.id, "a newer connection took over this volume");
-                return Ok(());
-            }
-            if !s.stream.settings.allows(&s.cn) {
-                // Everything of an earlier batch is journaled, acknowledged
-                // and queued: the session ends between batches.
-                return Err(Refusal::NotAuthorized {
-                    subject: s.cn.clone(),
-                    volume: s.stream.id.clone(),
-                });
+            if let Some(end) = self.ending(link, s) {
+                return end;
             }
             link.pump(PUMP_INTERVAL, None).map_err(Refusal::Network)?;
             let mut appended: Vec<Journaled> = Vec::new();
@@ -233,7 +222,7 @@ impl ConnCtx {
                         }
                     }
                     other => {
-                        failure = Some(Refusal::UnexpectedMessage(Box::new(other)));
+                        failure = Some(Refusal::UnexpectedMessage(other.kind()));
                         break;
                     }
                 }
@@ -258,8 +247,11 @@ impl ConnCtx {
                 let _ = link.pump(Duration::ZERO, None);
                 last_sent = a;
             }
+            // Every journaled segment reaches the applier in order, even
+            // when the session ends meanwhile (it would leave a gap).
+            let mut end = None;
             for (pos, body) in appended {
-                self.to_applier(
+                let e = self.to_applier(
                     link,
                     s,
                     ApplyMsg::Segment {
@@ -267,29 +259,84 @@ impl ConnCtx {
                         body: Some(body),
                     },
                 );
+                end = end.or(e);
             }
             if let Some(r) = failure {
                 return Err(r);
             }
-            if link.silent_for() >= s.heartbeat.silence {
-                return Err(Refusal::SourceSilent {
-                    secs: s.heartbeat.silence.as_secs(),
-                });
+            if let Some(end) = end {
+                return end;
             }
         }
+    }
+
+    /// Whether the session must end now: quietly (`Ok`: the daemon stops,
+    /// a newer connection took the stream over) or with a refusal (a
+    /// reload no longer allows the source, the source went silent).
+    fn ending(&self, link: &Link, s: &Session) -> Option<Result<(), Refusal>> {
+        if self.stop.load(Ordering::Acquire) {
+            return Some(Ok(()));
+        }
+        if !s.stream.conn.is_current(s.id) {
+            tracing::info!(volume = %s.stream.id, "a newer connection took over this volume");
+            return Some(Ok(()));
+        }
+        if !s.stream.settings.allows(&s.cn) {
+            // Everything of an earlier batch is journaled, acknowledged
+            // and queued: the session ends between batches.
+            return Some(Err(Refusal::NotAuthorized {
+                subject: s.cn.clone(),
+                volume: s.stream.id.clone(),
+            }));
+        }
+        if link.silent_for() >= s.heartbeat.silence {
+            return Some(Err(Refusal::SourceSilent {
+                secs: s.heartbeat.silence.as_secs(),
+            }));
+        }
+        None
     }
 
     /// Hands `m` to the applier in stream order, waiting while its queue is
     /// full (a slow replica pushes back on the source); the source hears
     /// from this target meanwhile. Returns when the applier has it, or is
-    /// gone (the daemon stops).
-    fn to_applier(&self, link: &mut Link, s: &Session, mut m: ApplyMsg) {
+    /// gone (the daemon stops). While it waits, what would end the session
+    /// is watched ([`Self::ending`], a dead link): the segment must still
+    /// reach the applier, but the source is no longer told this target is
+    /// alive and the volume is shown not connected with the reason at once;
+    /// the session ends once the segment is handed over (the returned end).
+    fn to_applier(
+        &self,
+        link: &mut Link,
+        s: &Session,
+        mut m: ApplyMsg,
+    ) -> Option<Result<(), Refusal>> {
+        let mut end: Option<Result<(), Refusal>> = None;
         loop {
             match s.stream.apply_tx.send_timeout(m, s.heartbeat.keepalive) {
-                Ok(()) | Err(SendTimeoutError::Disconnected(_)) => return,
+                Ok(()) | Err(SendTimeoutError::Disconnected(_)) => return end,
                 Err(SendTimeoutError::Timeout(back)) => {
                     m = back;
-                    keep_alive(link, &s.stream);
+                    if end.is_some() {
+                        continue;
+                    }
+                    end = self.ending(link, s);
+                    if end.is_none() {
+                        link.send(&Message::Ack(ack(&s.stream)));
+                        if let Err(e) = link.pump(Duration::ZERO, None) {
+                            end = Some(Err(Refusal::Network(e)));
+                        }
+                    }
+                    if let Some(Err(r)) = &end {
+                        if s.stream.conn.is_current(s.id) {
+                            let why = r.to_string();
+                            tracing::warn!(volume = %s.stream.id, "{why}; the segment received last still goes to the replica first");
+                            self.board.update(&s.stream.id, |st| {
+                                st.connection = Connection::StandAlone;
+                                st.set_reason(ReasonKind::Session, why);
+                            });
+                        }
+                    }
                 }
             }
         }

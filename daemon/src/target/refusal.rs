@@ -6,7 +6,7 @@
 use replica_proto::frame::FrameError;
 use replica_proto::handshake::HandshakeError;
 use replica_proto::keys::KeyError;
-use replica_proto::msg::{ErrorCode, Message};
+use replica_proto::msg::ErrorCode;
 use replica_store::StoreError;
 
 use super::promote::PromoteError;
@@ -112,8 +112,8 @@ pub(super) enum Refusal {
     #[error("source reported: {0}")]
     Peer(String),
     /// A message that has no place in a stream.
-    #[error("unexpected message {0:?}")]
-    UnexpectedMessage(Box<Message>),
+    #[error("unexpected message: {0}")]
+    UnexpectedMessage(String),
     /// A planned failover failed.
     #[error("{0}")]
     PromoteFailed(#[source] PromoteError),
