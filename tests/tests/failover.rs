@@ -234,6 +234,16 @@ fn a_second_planned_failover_while_one_runs_is_refused_with_exit_code_4() {
 /// the replica never written fail with ENOSPC (state, journal and points
 /// stay in the test directory). Returns the replica's path.
 fn rig_with_thin_replica(mnt: &Tmpfs, seed: u64) -> (Rig, std::path::PathBuf) {
+    rig_with_thin_replica_and(mnt, seed, "")
+}
+
+/// [`rig_with_thin_replica`] with `source_extra` in the source's
+/// configuration.
+fn rig_with_thin_replica_and(
+    mnt: &Tmpfs,
+    seed: u64,
+    source_extra: &str,
+) -> (Rig, std::path::PathBuf) {
     let mut r = Rig::new(VOL, SIZE, seed, None, 100, "", 1024, 1024);
     r.target.kill9();
     let replica = mnt.path().join(format!("{VOL}.img"));
@@ -248,7 +258,7 @@ fn rig_with_thin_replica(mnt: &Tmpfs, seed: u64) -> (Rig, std::path::PathBuf) {
     );
     std::fs::write(&r.tcfg, text).expect("cfg");
     r.restart_target();
-    r.start_source(64 << 10, "");
+    r.start_source(64 << 10, source_extra);
     (r, replica)
 }
 
@@ -417,4 +427,52 @@ fn a_planned_failover_while_the_replica_cannot_be_written_fails_at_once_and_blam
     assert_eq!(p.point_seq, last);
     let got = std::fs::read(&replica).expect("replica");
     assert!(first_difference(&got, &r.src.image, &r.src.masked).is_none());
+}
+
+#[test]
+fn a_reload_that_removes_the_source_while_the_applier_retries_ends_its_session_at_once() {
+    use replicad::status::{Connection, Health};
+    let mnt = Tmpfs::mount("4m");
+    let (mut r, _replica) =
+        rig_with_thin_replica_and(&mnt, 77, "[network]\npeer_timeout_secs = 3\n");
+    let applied = applied_first_region(&mut r);
+    let _filler = fill(mnt.path());
+    // More than the applier's inbox holds: the connection waits on it.
+    write_run(&mut r, 1 << 20, 64);
+    wait_retrying(&r, applied);
+    let text = std::fs::read_to_string(&r.tcfg).expect("cfg").replace(
+        &format!("allowed_sources = [\"{SOURCE_CN}\"]"),
+        "allowed_sources = [\"another-host\"]",
+    );
+    std::fs::write(&r.tcfg, text).expect("cfg");
+    r.target.signal(nix::sys::signal::Signal::SIGHUP);
+    // The session still owes the applier a segment it cannot take, but
+    // it is over: the target says so at once...
+    wait_for(
+        Duration::from_secs(10),
+        "the target to show the session ended by the reload",
+        || {
+            r.target.status(VOL).is_some_and(|s| {
+                s.connection != Connection::Connected
+                    && s.reasons.iter().any(|x| x.message.contains("not allowed"))
+            })
+        },
+    );
+    // ...stops telling the source it is alive, and the source, refused
+    // when it reconnects, stops as the reload wants.
+    assert_eq!(
+        r.source().wait_exit(Duration::from_secs(30)),
+        Some(3),
+        "{}",
+        r.logs()
+    );
+    let s = r.source().status(VOL).expect("source status");
+    assert!(
+        s.reasons.iter().any(|x| x.message.contains("not allowed")),
+        "{:?}",
+        s.reasons
+    );
+    let ts = r.target.status(VOL).expect("target status");
+    assert_ne!(ts.health, Health::Critical, "{:?}", ts.reasons);
+    assert!(r.target_state().critical.is_none());
 }
