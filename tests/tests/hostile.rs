@@ -413,3 +413,116 @@ fn running_out_of_descriptors_never_takes_the_target_down() {
     );
     assert!(t.try_exit().is_none(), "{}", t.log_text());
 }
+
+/// A pids cgroup of its own for this test (v1 `pids` hierarchy, or v2 with
+/// the pids controller), or why there is none.
+struct PidsCgroup {
+    dir: std::path::PathBuf,
+    parent_procs: std::path::PathBuf,
+}
+
+impl PidsCgroup {
+    fn new() -> Result<Self, String> {
+        let name = format!("dm-replica-test-{}", std::process::id());
+        for root in ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"] {
+            let root = std::path::Path::new(root);
+            let v2 = root.join("cgroup.subtree_control");
+            let usable = root.join("tasks").exists()
+                || std::fs::read_to_string(&v2)
+                    .is_ok_and(|c| c.split_whitespace().any(|x| x == "pids"));
+            if !usable {
+                continue;
+            }
+            let dir = root.join(&name);
+            if std::fs::create_dir(&dir).is_ok() && dir.join("pids.max").exists() {
+                return Ok(Self {
+                    dir,
+                    parent_procs: root.join("cgroup.procs"),
+                });
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        Err(
+            "no writable pids cgroup (v1 /sys/fs/cgroup/pids or v2 with the pids controller)"
+                .into(),
+        )
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).expect("join the cgroup");
+    }
+
+    fn limit(&self, max: Option<u64>) {
+        let v = max.map_or_else(|| "max".to_owned(), |m| m.to_string());
+        std::fs::write(self.dir.join("pids.max"), v).expect("pids.max");
+    }
+
+    fn current(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("pids.current"))
+            .expect("pids.current")
+            .trim()
+            .parse()
+            .expect("a count")
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
+            for p in procs.split_whitespace() {
+                let _ = std::fs::write(&self.parent_procs, p);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn a_thread_that_cannot_start_closes_its_connection_not_the_target() {
+    let cg = match PidsCgroup::new() {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED a_thread_that_cannot_start_closes_its_connection_not_the_target: {why}"
+            );
+            return;
+        }
+    };
+    let env = Env::new();
+    let st = env.path("tstate");
+    let tcfg = env.target_config(
+        "target.toml",
+        &st,
+        &[("v", SIZE as u64)],
+        16,
+        "[network]\nhandshake_timeout_secs = 5\n",
+    );
+    let (mut t, addr) = Daemon::start_target(&tcfg, &st, &env.path("target.log"));
+    cg.add(t.pid().expect("pid"));
+    // Room for one more thread only.
+    cg.limit(Some(cg.current() + 1));
+    let flood: Vec<_> = (0..6)
+        .map(|_| connect_from([127, 0, 0, 4].into(), &addr))
+        .collect();
+    wait_for(
+        Duration::from_secs(20),
+        "a connection thread to fail to start",
+        || t.log_text().contains("cannot start a connection thread"),
+    );
+    assert!(
+        t.try_exit().is_none(),
+        "the target must not exit:\n{}",
+        t.log_text()
+    );
+    // The connections it could not serve were closed at once.
+    wait_for(
+        Duration::from_secs(10),
+        "the unserved connections closed",
+        || flood.iter().filter(|s| closed(s)).count() >= 5,
+    );
+    drop(flood);
+    cg.limit(None);
+    RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], 1)
+        .expect("served once threads can start again");
+    assert!(t.try_exit().is_none(), "{}", t.log_text());
+}
