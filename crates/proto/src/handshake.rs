@@ -144,6 +144,8 @@ pub struct SourceSide {
     transcript: Vec<u8>,
     tag: [u8; TAG_LEN],
     state: SourceState,
+    /// The target's tag verified.
+    proven: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +188,7 @@ impl SourceSide {
                 transcript,
                 tag,
                 state: SourceState::Confirm,
+                proven: false,
             },
             [hello, Message::Confirm(tag)],
         ))
@@ -204,7 +207,7 @@ impl SourceSide {
     /// Whether the target has proved its key (what it says from now on
     /// may be acted on).
     pub fn confirmed(&self) -> bool {
-        self.state != SourceState::Confirm
+        self.proven
     }
 
     /// Takes the next message from the target.
@@ -214,6 +217,7 @@ impl SourceSide {
             (SourceState::Confirm, Message::Confirm(t)) => {
                 self.confirmer
                     .verify_target(&self.transcript, &self.tag, &t)?;
+                self.proven = true;
                 self.state = SourceState::Welcome;
                 Ok(SourceStep::Confirmed)
             }
@@ -340,6 +344,7 @@ mod tests {
         assert!(t.confirm(&other, c.clone()).is_err());
         // A reflected source tag is not a target tag.
         assert!(matches!(s.receive(c), Err(HandshakeError::Mismatch(_))));
+        assert!(!s.confirmed(), "a failed opening proved nothing");
         // A refusal before confirmation is marked as such.
         let (mut s, _) = SourceSide::new(&kr, &[9; 32], hello()).expect("source");
         let e = ErrorMsg {
