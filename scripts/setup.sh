@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Install what the kernel-side build and the VM tests need, and nothing that is
-# already there: Debian packages (kernel source, Debian's rustc with its core
-# source, clang/llvm, qemu, busybox, dmsetup, build tools) and bindgen-cli at
-# the exact version the kernel build uses.
+# Install what the kernel-side build, the VM tests and the fuzz smoke run
+# need, and nothing that is already there: Debian packages (kernel source,
+# Debian's rustc with its core source, clang/llvm, qemu, busybox, dmsetup,
+# build tools), bindgen-cli at the exact version the kernel build uses, and
+# cargo-fuzz (scripts/fuzz.sh).
 #
 # Idempotent: a second run only checks. Usable by CI on a fresh Debian 12.
 #
 # Environment:
-#   DM_REPLICA_TOOLS  where bindgen is installed
+#   DM_REPLICA_TOOLS  where bindgen and cargo-fuzz are installed
 #                     (default: ${XDG_CACHE_HOME:-$HOME/.cache}/dm-replica/tools)
 set -euo pipefail
 
@@ -60,6 +61,9 @@ else
 	[[ "$("$BINDGEN" --version)" == "bindgen $BINDGEN_VERSION" ]] ||
 		die "bindgen at $BINDGEN does not report version $BINDGEN_VERSION"
 fi
+
+# cargo-fuzz: builds the fuzz targets on the stable toolchain (no sanitizer).
+ensure_cargo_fuzz
 
 # fio: the guests need a self-contained binary. Built from Debian's source
 # package (fetched with a private apt source list and state directory, so

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The full test suite, as CI runs it:
-#   1. installs what is missing (Debian packages, bindgen) via scripts/setup.sh;
+#   1. installs what is missing (Debian packages, bindgen, cargo-fuzz) via
+#      scripts/setup.sh;
 #   2. builds the workspace and runs every host test (unit, property,
 #      end-to-end over TLS on 127.0.0.1, fault injection), then a smoke run
-#      of the host benchmarks (scripts/bench-smoke.sh --host, a few seconds);
+#      of the host benchmarks (scripts/bench-smoke.sh --host, a few seconds)
+#      and of the fuzz targets (scripts/fuzz.sh, 30 s each: about 5 minutes
+#      with the build);
 #   3. builds (or reuses the cached) Rust-enabled kernel and dm_replica.ko and
 #      runs the VM tests in qemu, then a smoke run of the VM benchmarks and
 #      the stress run (scripts/bench-smoke.sh --vm, about 2.5 minutes).
@@ -35,6 +38,8 @@ if ((host)); then
 	cargo test --workspace --locked
 	echo "==> benchmark smoke runs (host)"
 	bash scripts/bench-smoke.sh --host
+	echo "==> fuzz smoke runs (30 s per target)"
+	bash scripts/fuzz.sh --time 30
 fi
 if ((vm)); then
 	echo "==> VM tests"

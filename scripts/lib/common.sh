@@ -1,4 +1,5 @@
-# Shared settings and helpers for the kernel-side scripts. Sourced, not run.
+# Shared settings and helpers for the scripts (kernel side, VM tests,
+# fuzzing). Sourced, not run.
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # variables used by the scripts that source this
 
@@ -16,6 +17,9 @@ KERNEL_SERIES=6.12
 # binary package pulls in 80 MB of libraries).
 FIO_VERSION=3.33
 FIO="$DM_REPLICA_TOOLS/fio-$FIO_VERSION/fio"
+# cargo-fuzz for the fuzz targets (tests/fuzz, scripts/fuzz.sh), pinned.
+CARGO_FUZZ_VERSION=0.13.2
+CARGO_FUZZ="$DM_REPLICA_TOOLS/bin/cargo-fuzz"
 
 say() { printf '==> %s\n' "$*" >&2; }
 warn() { printf '==> WARNING: %s\n' "$*" >&2; }
@@ -40,4 +44,18 @@ build_static_tools() {
 		--target x86_64-unknown-linux-gnu -p replicad -p replctl -p replica-tests \
 		--bin replicad --bin replctl --bin dmr-ring --bin dmr-peer "$@")
 	rel="$REPO_ROOT/target/x86_64-unknown-linux-gnu/release"
+}
+
+# Installs cargo-fuzz $CARGO_FUZZ_VERSION into the tools cache (from
+# crates.io, --locked) unless it is there already.
+ensure_cargo_fuzz() {
+	if [[ "$("$CARGO_FUZZ" fuzz --version 2>/dev/null || true)" == "cargo-fuzz $CARGO_FUZZ_VERSION" ]]; then
+		say "cargo-fuzz $CARGO_FUZZ_VERSION present at $CARGO_FUZZ"
+		return
+	fi
+	command -v cargo >/dev/null || die "cargo not found: needed to install cargo-fuzz $CARGO_FUZZ_VERSION"
+	say "installing cargo-fuzz $CARGO_FUZZ_VERSION into $DM_REPLICA_TOOLS"
+	cargo install --locked --root "$DM_REPLICA_TOOLS" cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+	[[ "$("$CARGO_FUZZ" fuzz --version)" == "cargo-fuzz $CARGO_FUZZ_VERSION" ]] ||
+		die "cargo-fuzz at $CARGO_FUZZ does not report version $CARGO_FUZZ_VERSION"
 }

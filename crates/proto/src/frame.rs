@@ -413,7 +413,10 @@ pub fn decode_record_run(
     count: u32,
     plain: &[u8],
 ) -> Result<Vec<RecordView<'_>>, FrameError> {
-    let mut out = Vec::with_capacity(count.min(1 << 16) as usize);
+    // Sized by what the plaintext can hold, not by the count it claims:
+    // every record takes at least its header.
+    let fits = plain.len() / RECORD_HEADER_LEN;
+    let mut out = Vec::with_capacity((count as usize).min(fits));
     let mut p = 0usize;
     // `None` once the sequence after the last record would not fit.
     let mut expect = Some(first_seq);
@@ -1093,6 +1096,83 @@ mod tests {
             decode_record_run(1, 1, &p),
             Err(FrameError::Records("truncated payload"))
         );
+    }
+
+    /// Records the largest allocation made by each thread, so that a test
+    /// can tell what a decoder sized its buffers by.
+    mod peak {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        thread_local! {
+            static PEAK: Cell<usize> = const { Cell::new(0) };
+        }
+
+        pub(super) struct Peak;
+
+        fn note(size: usize) {
+            let _ = PEAK.try_with(|p| p.set(p.get().max(size)));
+        }
+
+        /// Forgets the allocations made so far on this thread.
+        pub(super) fn reset() {
+            PEAK.with(|p| p.set(0));
+        }
+
+        /// The largest allocation made on this thread since [`reset`].
+        pub(super) fn get() -> usize {
+            PEAK.with(|p| p.get())
+        }
+
+        // SAFETY: forwards every call to `System` unchanged; `note` does not
+        // allocate (a const-initialised thread local of a `Cell<usize>`).
+        unsafe impl GlobalAlloc for Peak {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                note(layout.size());
+                // SAFETY: the caller's contract, passed on.
+                unsafe { System.alloc(layout) }
+            }
+
+            unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+                note(layout.size());
+                // SAFETY: the caller's contract, passed on.
+                unsafe { System.alloc_zeroed(layout) }
+            }
+
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                // SAFETY: `ptr` came from `System` through this wrapper.
+                unsafe { System.dealloc(ptr, layout) }
+            }
+
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+                note(new_size);
+                // SAFETY: the caller's contract, passed on.
+                unsafe { System.realloc(ptr, layout, new_size) }
+            }
+        }
+    }
+
+    #[global_allocator]
+    static PEAK: peak::Peak = peak::Peak;
+
+    /// Found by fuzzing (tests/fuzz, target `frame`): the records' vector
+    /// was sized by the count the header (or a spool chunk) claims, up to
+    /// 65536 records (4 MiB) for a plaintext of one record.
+    #[test]
+    fn decoding_sizes_its_buffer_by_the_plaintext_not_the_claimed_count() {
+        let plain = one_record(1, ring_op::FLUSH, 0, 0, &[]);
+        for count in [2, 1 << 16, u32::MAX] {
+            peak::reset();
+            assert!(decode_record_run(1, count, &plain).is_err());
+            let most = peak::get();
+            assert!(
+                most <= 4096,
+                "{most} bytes allocated for a claimed {count} records"
+            );
+        }
+        peak::reset();
+        assert!(decode_record_run(1, u32::MAX, &[]).is_err());
+        assert_eq!(peak::get(), 0);
     }
 
     #[test]

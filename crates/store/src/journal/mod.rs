@@ -326,15 +326,28 @@ impl Journal {
         Ok(self.durable_seq)
     }
 
+    /// The number of the file after the current one. A watermark can name
+    /// any file number; after the last one there is none (and a wrapped
+    /// number would name file 0, which is not a journal file).
+    fn next_file_no(&self) -> Result<u64, StoreError> {
+        self.current_no.checked_add(1).ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "{}: journal file {} is the last file number there is; no file can follow it",
+                self.dir.display(),
+                self.current_no
+            ))
+        })
+    }
+
     /// Starts the next file; the old one is fsynced whole first (so damage
     /// in any file but the newest is an error wherever it is). The
     /// watermark keeps naming the old file until the next [`Self::sync`].
     fn rotate(&mut self) -> Result<(), StoreError> {
         let old = self.dir.join(file_name(self.current_no));
+        let no = self.next_file_no()?;
         self.current
             .sync_all()
             .map_err(|e| StoreError::io("sync journal", &old, e))?;
-        let no = self.current_no + 1;
         let path = self.dir.join(file_name(no));
         self.current = OpenOptions::new()
             .create(true)
@@ -355,7 +368,7 @@ impl Journal {
     /// files are gone leaves them to be removed at the next open), then the
     /// old files are removed.
     pub fn restart(&mut self) -> Result<(), StoreError> {
-        let no = self.current_no + 1;
+        let no = self.next_file_no()?;
         let path = self.dir.join(file_name(no));
         let fresh = OpenOptions::new()
             .create(true)

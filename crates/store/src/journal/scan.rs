@@ -41,8 +41,16 @@ pub(super) fn list_files(dir: &Path) -> Result<Vec<u64>, StoreError> {
         let e = e.map_err(|e| StoreError::io("read journal directory", dir, e))?;
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if let Some(stem) = name.strip_suffix(".jnl") {
-            if let Ok(n) = stem.parse::<u64>() {
+        // Only the names the journal gives its files: numbers from 1,
+        // exactly as `file_name` writes them. Another name (file 0, which
+        // no journal numbers, or "+5.jnl" for file 5) would be opened
+        // under a name it does not have, or become the base of a durable
+        // watermark that the next open refuses as damaged.
+        if let Some(n) = name
+            .strip_suffix(".jnl")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            if n >= 1 && file_name(n) == name {
                 v.push(n);
             }
         }
@@ -208,6 +216,35 @@ mod tests {
     use super::super::testing::*;
     use super::super::Journal;
     use super::*;
+
+    /// Found by fuzzing (tests/fuzz, target `journal`): a file named as
+    /// journal file 0 in a journal without a watermark became the base of
+    /// the watermark written at open, which the next open refused as
+    /// damaged ("base file 0"): the journal no longer opened. Names the
+    /// journal does not give its files are not journal files.
+    #[test]
+    fn only_the_names_the_journal_writes_are_journal_files() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (f, _) = frame(1, 1, 0);
+        std::fs::write(d.path().join(file_name(0)), &f).expect("write");
+        std::fs::write(d.path().join("+7.jnl"), &f).expect("write");
+        std::fs::write(d.path().join("7.jnl"), &f).expect("write");
+        assert_eq!(list_files(d.path()).expect("list"), Vec::<u64>::new());
+        let (j, scan) = Journal::open(d.path(), 1 << 20).expect("open");
+        assert!(scan.frames.is_empty());
+        assert_eq!(j.watermark().base, 1);
+        drop(j);
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open again");
+        let (f2, h2) = frame(1, 1, 1);
+        j.append(&f2, &h2).expect("append");
+        assert_eq!(j.sync().expect("sync"), 1);
+        drop(j);
+        let (_, scan) = Journal::open(d.path(), 1 << 20).expect("open a third time");
+        assert_eq!(scan.frames.len(), 1);
+        assert_eq!(scan.frames[0].file, 1);
+        // The files it does not own are left alone.
+        assert_eq!(std::fs::read(d.path().join(file_name(0))).expect("read"), f);
+    }
 
     /// A whole frame of another format version (its checksums hold) is not
     /// a torn tail: cutting it would drop acknowledged records.

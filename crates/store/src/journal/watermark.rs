@@ -205,7 +205,17 @@ impl MarkFile {
 
     /// Persists `mark` (one slot write and one `fdatasync`).
     pub(super) fn write(&mut self, mark: Watermark) -> Result<(), StoreError> {
-        let counter = self.counter + 1;
+        let Some(counter) = self.counter.checked_add(1) else {
+            // The write counter is used up (no journal writes that many
+            // times; a file set this way does): a wrapped counter would
+            // lose to the slot it should replace at the next open, so both
+            // slots start again, atomically, as when the file is created.
+            let dir = self.path.parent().ok_or_else(|| {
+                StoreError::Invalid(format!("{}: no directory", self.path.display()))
+            })?;
+            *self = Self::create(dir, mark)?;
+            return Ok(());
+        };
         let at = (counter % 2) * WM_STRIDE;
         self.file
             .write_all_at(&encode_slot(counter, &mark), at)
@@ -304,6 +314,81 @@ mod tests {
         assert_eq!(scan.frames.len(), 3);
         assert_eq!(j.durable_seq(), 3);
         assert_eq!(j.watermark().offset, end(&pos[0]));
+    }
+
+    /// Found by fuzzing (tests/fuzz, target `journal`): a watermark naming
+    /// the last file number made the next file's number overflow (a panic
+    /// with overflow checks, file 0 without them, which the next open
+    /// does not read).
+    #[test]
+    fn no_file_follows_the_last_file_number() {
+        let d = tempfile::tempdir().expect("tmp");
+        let last = Watermark {
+            base: u64::MAX,
+            file: u64::MAX,
+            offset: 0,
+            seq: 0,
+        };
+        let mut b = vec![0u8; WM_FILE_LEN as usize];
+        b[..WM_SLOT_LEN].copy_from_slice(&encode_slot(0, &last));
+        let s1 = WM_STRIDE as usize;
+        b[s1..s1 + WM_SLOT_LEN].copy_from_slice(&encode_slot(1, &last));
+        std::fs::write(wm_path(d.path()), &b).expect("write");
+        // Small files: the second frame needs a new one.
+        let (mut j, _) = Journal::open(d.path(), 1).expect("open");
+        let (f, h) = frame(1, 1, 1);
+        j.append(&f, &h)
+            .expect("the first frame fits the current file");
+        assert_eq!(j.sync().expect("sync"), 1);
+        let (f, h) = frame(2, 1, 2);
+        assert!(
+            matches!(j.append(&f, &h), Err(StoreError::Invalid(m)) if m.contains("last file number"))
+        );
+        assert!(matches!(j.restart(), Err(StoreError::Invalid(_))));
+        drop(j);
+        let (j, scan) = Journal::open(d.path(), 1).expect("open again");
+        assert_eq!(scan.frames.len(), 1);
+        assert_eq!(scan.frames[0].file, u64::MAX);
+        assert_eq!(j.durable_seq(), 1);
+    }
+
+    /// Found by fuzzing (tests/fuzz, target `journal`): a slot holding the
+    /// last write counter made the next write's counter overflow (a panic
+    /// with overflow checks; without them counter 0, which loses to the
+    /// slot it replaces: the next open used the older watermark).
+    #[test]
+    fn the_write_counter_does_not_wrap() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        let pos = append_synced(&mut j, 1, 1);
+        drop(j);
+        // Both slots hold the watermark after record 1, the odd one with
+        // the last counter there is.
+        let m = Watermark {
+            base: 1,
+            file: 1,
+            offset: end(&pos[0]),
+            seq: 1,
+        };
+        let mut b = std::fs::read(wm_path(d.path())).expect("read");
+        b[..WM_SLOT_LEN].copy_from_slice(&encode_slot(u64::MAX - 1, &m));
+        let s1 = WM_STRIDE as usize;
+        b[s1..s1 + WM_SLOT_LEN].copy_from_slice(&encode_slot(u64::MAX, &m));
+        std::fs::write(wm_path(d.path()), &b).expect("write");
+        let (mut j, _) = Journal::open(d.path(), 1 << 20).expect("open");
+        assert_eq!(j.mark.counter, u64::MAX);
+        let more = append_synced(&mut j, 2, 2);
+        assert_eq!(j.watermark().offset, end(&more[1]));
+        // Counting starts again.
+        assert_eq!(j.mark.counter, 1);
+        let last = append_synced(&mut j, 4, 1);
+        assert_eq!(j.mark.counter, 2);
+        drop(j);
+        let (j, scan) = Journal::open(d.path(), 1 << 20).expect("open again");
+        assert_eq!(scan.frames.len(), 4);
+        assert_eq!(j.durable_seq(), 4);
+        assert_eq!(j.watermark().offset, end(&last[0]));
+        assert_eq!(scan.truncated_bytes, 0);
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! start of a gap before it, CRC32C over header and plaintext) and the
 //! plaintext. Sequences are consecutive across chunks and files, except
 //! before a chunk flagged as starting a resync, which records where the gap
-//! begins.
+//! begins. Files are read in the order of their names, so a file whose
+//! header does not start at the record its name says is damage.
 //!
 //! Durability: chunks are written, not synced. A spool outlives the daemon
 //! (a killed daemon's writes are in the page cache), not the host: after a
@@ -665,6 +666,41 @@ mod tests {
         assert_eq!(read_all(&s, 1), (1..101).collect::<Vec<_>>());
         assert!(!names[1].exists(), "later files are removed");
         assert!(end > 101);
+    }
+
+    /// Found by fuzzing (tests/fuzz, target `spool`): a file whose name
+    /// is not its first record was taken where the previous file ended;
+    /// once the next file was started (named by its own first record) the
+    /// following open read the files in name order, found the new one out
+    /// of sequence and cut it and every file after it: records not yet
+    /// acknowledged were lost.
+    #[test]
+    fn a_file_named_for_another_record_is_damage_and_later_opens_stay_clean() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (s, _) = open(d.path());
+        s.restart_at(1);
+        let end = fill(&s, 1, 1, 10);
+        drop(s);
+        // Records 11..=12 in a file named for record 99.
+        let other = tempfile::tempdir().expect("tmp");
+        let (s, _) = open(other.path());
+        s.restart_at(end);
+        fill(&s, end, 1, 2);
+        drop(s);
+        let misnamed = d.path().join(file_name(99));
+        std::fs::copy(other.path().join(file_name(end)), &misnamed).expect("copy");
+
+        let (s, rec) = open(d.path());
+        assert_eq!(rec.next_seq, Some(end), "{rec:?}");
+        assert_eq!(rec.damage.len(), 1, "{:?}", rec.damage);
+        assert!(rec.damage[0].contains("its name at 99"), "{:?}", rec.damage);
+        assert!(!misnamed.exists());
+        let end2 = fill(&s, end, 1, 2);
+        drop(s);
+        let (s, rec) = open(d.path());
+        assert!(rec.damage.is_empty(), "{:?}", rec.damage);
+        assert_eq!(rec.next_seq, Some(end2));
+        assert_eq!(read_all(&s, 1), (1..end2).collect::<Vec<_>>());
     }
 
     #[test]

@@ -50,7 +50,7 @@ impl Spool {
                 continue;
             }
             let expect = next.unwrap_or(name_seq);
-            match scan_file(&path, generation, volume_tag, expect)? {
+            match scan_file(&path, generation, volume_tag, name_seq, expect)? {
                 Scanned::Foreign(why) => {
                     rec.other_generation |= why.contains("generation");
                     rec.damage
@@ -177,10 +177,13 @@ pub(super) enum Scanned {
     },
 }
 
+/// Scans the file named for record `name_seq`, whose first chunk must
+/// start at `expect_first` (or start a resync gap there).
 pub(super) fn scan_file(
     path: &Path,
     generation: [u8; 16],
     volume_tag: [u8; 16],
+    name_seq: u64,
     expect_first: u64,
 ) -> Result<Scanned, SpoolError> {
     let mut f = File::open(path).map_err(|e| SpoolError::io("open", path, e))?;
@@ -204,6 +207,16 @@ pub(super) fn scan_file(
     }
     if fh.volume_tag != volume_tag {
         return Ok(Scanned::Foreign("written for another volume".into()));
+    }
+    // Files are read in the order of their names: one whose name is not
+    // its first record would be read out of place on a later open (after
+    // a new file is started between the two), and the records after it
+    // cut as damage.
+    if fh.first_seq != name_seq {
+        return Ok(Scanned::Bad(format!(
+            "its header starts at record {}, its name at {name_seq}",
+            fh.first_seq
+        )));
     }
     let mut off = FILE_HEADER_LEN;
     let mut next = expect_first;
