@@ -37,6 +37,15 @@ pub enum StoreError {
     /// A device-mapper call failed (its errno is in it).
     #[error(transparent)]
     Dm(#[from] replica_dm::DmError),
+    /// The journal's current file has the last file number there is (a
+    /// watermark named it): no file can follow it.
+    #[error("{}: journal file {file} is the last file number there is; no file can follow it", dir.display())]
+    JournalFileNumbers {
+        /// The journal directory.
+        dir: PathBuf,
+        /// Its current file.
+        file: u64,
+    },
 }
 
 impl StoreError {

@@ -330,13 +330,12 @@ impl Journal {
     /// any file number; after the last one there is none (and a wrapped
     /// number would name file 0, which is not a journal file).
     fn next_file_no(&self) -> Result<u64, StoreError> {
-        self.current_no.checked_add(1).ok_or_else(|| {
-            StoreError::Invalid(format!(
-                "{}: journal file {} is the last file number there is; no file can follow it",
-                self.dir.display(),
-                self.current_no
-            ))
-        })
+        self.current_no
+            .checked_add(1)
+            .ok_or_else(|| StoreError::JournalFileNumbers {
+                dir: self.dir.clone(),
+                file: self.current_no,
+            })
     }
 
     /// Starts the next file; the old one is fsynced whole first (so damage

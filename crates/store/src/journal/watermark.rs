@@ -341,10 +341,14 @@ mod tests {
             .expect("the first frame fits the current file");
         assert_eq!(j.sync().expect("sync"), 1);
         let (f, h) = frame(2, 1, 2);
-        assert!(
-            matches!(j.append(&f, &h), Err(StoreError::Invalid(m)) if m.contains("last file number"))
-        );
-        assert!(matches!(j.restart(), Err(StoreError::Invalid(_))));
+        assert!(matches!(
+            j.append(&f, &h),
+            Err(StoreError::JournalFileNumbers { .. })
+        ));
+        assert!(matches!(
+            j.restart(),
+            Err(StoreError::JournalFileNumbers { .. })
+        ));
         drop(j);
         let (j, scan) = Journal::open(d.path(), 1).expect("open again");
         assert_eq!(scan.frames.len(), 1);
