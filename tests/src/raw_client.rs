@@ -23,6 +23,56 @@ pub struct RawClient {
     pub source_tag: [u8; 32],
 }
 
+/// A TLS connection to `addr` with the material `tls`, the target named
+/// `name`, handshaken within `timeout`; nothing said yet.
+pub fn tls_link(
+    tls: &replicad::config::TlsConfig,
+    addr: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<replicad::link::Link, String> {
+    let cfg = replicad::tls::client_config(tls).map_err(|e| e.to_string())?;
+    let sock = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    let name =
+        rustls_pki_types::ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
+    let mut link = replicad::link::Link::new(
+        sock,
+        rustls::Connection::Client(conn),
+        &replicad::link::Liveness::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    link.handshake(timeout).map_err(|e| e.to_string())?;
+    Ok(link)
+}
+
+/// The target's answer to an opening already sent on `link`, within
+/// `timeout`: its welcome, or its refusal (before or after it proved its
+/// key); `Err` if the link fails or the target's key confirmation does not
+/// verify.
+pub fn answer(
+    link: &mut replicad::link::Link,
+    opening: &mut replica_proto::handshake::SourceSide,
+    timeout: Duration,
+) -> Result<Result<Box<replica_proto::msg::Welcome>, replica_proto::msg::ErrorMsg>, String> {
+    use replica_proto::handshake::SourceStep;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(m) = link.recv().map_err(|e| e.to_string())? {
+            match opening.receive(m).map_err(|e| format!("target: {e}"))? {
+                SourceStep::Confirmed => link.authenticated(),
+                SourceStep::Welcome(w) => return Ok(Ok(w)),
+                SourceStep::Refused(e) | SourceStep::RefusedUnconfirmed(e) => return Ok(Err(e)),
+            }
+        }
+        if Instant::now() > deadline {
+            return Err("no welcome".into());
+        }
+        link.pump(Duration::from_millis(50), None)
+            .map_err(|e| e.to_string())?;
+    }
+}
+
 /// What a [`RawClient`] sends after its hello.
 #[derive(Debug, Clone, Copy, Default)]
 pub enum ConfirmWith {
@@ -137,7 +187,7 @@ impl RawClient {
             replica_proto::keys::KeyRing::load(&keyring.unwrap_or_else(|| env.path("keys.toml")))
                 .map_err(|e| e.to_string())?;
         use replica_proto::confirm;
-        use replica_proto::handshake::{SourceSide, SourceStep};
+        use replica_proto::handshake::SourceSide;
         let mut exporter = [0u8; confirm::EXPORTER_LEN];
         link.export(confirm::EXPORTER_LABEL, &mut exporter)
             .map_err(|e| e.to_string())?;
@@ -154,36 +204,21 @@ impl RawClient {
             ConfirmWith::Replayed(t) => link.send(&Message::Confirm(t)),
             ConfirmWith::Nothing => {}
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(m) = link.recv().map_err(|e| e.to_string())? {
-                match opening.receive(m).map_err(|e| format!("target: {e}"))? {
-                    SourceStep::Confirmed => link.authenticated(),
-                    SourceStep::Welcome(w) => {
-                        let mut t = [0u8; 16];
-                        hex::decode_to_slice(&w.target_random, &mut t)
-                            .map_err(|e| e.to_string())?;
-                        return Ok(Self {
-                            link,
-                            stream_id: replica_proto::keys::stream_id(&src_rand, &t),
-                            welcome: *w,
-                            volume: volume.to_owned(),
-                            generation,
-                            counter: 0,
-                            source_tag,
-                        });
-                    }
-                    SourceStep::Refused(e) | SourceStep::RefusedUnconfirmed(e) => {
-                        return Err(format!("{}: {}", e.code, e.message))
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                return Err("no welcome".into());
-            }
-            link.pump(Duration::from_millis(50), None)
-                .map_err(|e| e.to_string())?;
-        }
+        let w = match answer(&mut link, &mut opening, Duration::from_secs(10))? {
+            Ok(w) => w,
+            Err(e) => return Err(format!("{}: {}", e.code, e.message)),
+        };
+        let mut t = [0u8; 16];
+        hex::decode_to_slice(&w.target_random, &mut t).map_err(|e| e.to_string())?;
+        Ok(Self {
+            link,
+            stream_id: replica_proto::keys::stream_id(&src_rand, &t),
+            welcome: *w,
+            volume: volume.to_owned(),
+            generation,
+            counter: 0,
+            source_tag,
+        })
     }
 
     /// A TLS connection as `cert` (dir, name), nothing said yet.
@@ -193,20 +228,7 @@ impl RawClient {
             cert: env.path(&format!("{}/{}.pem", cert.0, cert.1)),
             key: env.path(&format!("{}/{}.key", cert.0, cert.1)),
         };
-        let cfg = replicad::tls::client_config(&tls).map_err(|e| e.to_string())?;
-        let sock = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-        let name = rustls_pki_types::ServerName::try_from(TARGET_CN.to_owned())
-            .map_err(|e| e.to_string())?;
-        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
-        let mut link = replicad::link::Link::new(
-            sock,
-            rustls::Connection::Client(conn),
-            &replicad::link::Liveness::default(),
-        )
-        .map_err(|e| e.to_string())?;
-        link.handshake(Duration::from_secs(10))
-            .map_err(|e| e.to_string())?;
-        Ok(link)
+        tls_link(&tls, addr, TARGET_CN, Duration::from_secs(10))
     }
 
     /// Seals records `first..` (a write of `data` at sector 0 for each

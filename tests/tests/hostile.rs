@@ -15,6 +15,15 @@ fn state_bytes(st: &std::path::Path, vol: &str) -> Option<Vec<u8>> {
     std::fs::read(st.join("volumes").join(vol).join("state.json")).ok()
 }
 
+/// A target serving volume `v` (`extra` in its configuration): it, its
+/// address and its state directory.
+fn target(env: &Env, extra: &str) -> (Daemon, String, std::path::PathBuf) {
+    let st = env.path("tstate");
+    let tcfg = env.target_config("target.toml", &st, &[("v", SIZE as u64)], 16, extra);
+    let (t, addr) = Daemon::start_target(&tcfg, &st, &env.path("target.log"));
+    (t, addr, st)
+}
+
 /// A rig whose source replicated some writes, all applied.
 fn replicating(extra_target: &str) -> Rig {
     let mut rig = Rig::new("v", SIZE, 14, None, 16, extra_target, 64, 64);
@@ -81,9 +90,7 @@ fn an_allowed_certificate_with_the_wrong_key_changes_nothing_on_the_target() {
 #[test]
 fn a_source_daemon_with_the_wrong_key_stops_critical_naming_the_key_and_the_target_is_untouched() {
     let env = Env::new();
-    let st = env.path("tstate");
-    let tcfg = env.target_config("target.toml", &st, &[("v", SIZE as u64)], 16, "");
-    let (t, addr) = Daemon::start_target(&tcfg, &st, &env.path("target.log"));
+    let (t, addr, st) = target(&env, "");
     let before = state_bytes(&st, "v");
     let ring = env.path("ring");
     let mut src = Source::create(&ring, SIZE, 64, 64, 1);
@@ -177,15 +184,7 @@ fn a_key_confirmation_replayed_from_another_connection_is_refused() {
 #[test]
 fn a_peer_that_never_confirms_is_closed_at_the_handshake_deadline() {
     let env = Env::new();
-    let st = env.path("tstate");
-    let tcfg = env.target_config(
-        "target.toml",
-        &st,
-        &[("v", SIZE as u64)],
-        16,
-        "[network]\nhandshake_timeout_secs = 2\n",
-    );
-    let (_t, addr) = Daemon::start_target(&tcfg, &st, &env.path("target.log"));
+    let (_t, addr, st) = target(&env, "[network]\nhandshake_timeout_secs = 2\n");
     let before = state_bytes(&st, "v");
     let t0 = std::time::Instant::now();
     let e = RawClient::connect_with(
@@ -214,9 +213,7 @@ fn a_peer_that_never_confirms_is_closed_at_the_handshake_deadline() {
 #[test]
 fn an_old_peer_is_refused_with_the_protocol_versions() {
     let env = Env::new();
-    let st = env.path("tstate");
-    let tcfg = env.target_config("target.toml", &st, &[("v", SIZE as u64)], 16, "");
-    let (_t, addr) = Daemon::start_target(&tcfg, &st, &env.path("target.log"));
+    let (_t, addr, _st) = target(&env, "");
     let e = RawClient::connect_with(
         &env,
         &addr,
@@ -343,9 +340,7 @@ fn wait_until_closed(link: &mut replicad::link::Link) -> bool {
 #[test]
 fn a_confirmed_peer_declaring_a_4_gib_segment_is_refused_on_the_header() {
     let env = Env::new();
-    let st = env.path("tstate");
-    let tcfg = env.target_config("target.toml", &st, &[("v", SIZE as u64)], 16, "");
-    let (t, addr) = Daemon::start_target(&tcfg, &st, &env.path("target.log"));
+    let (t, addr, _st) = target(&env, "");
     let rss0 = t.proc_status("VmRSS").expect("rss");
     let mut c =
         RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [4; 16], 1).expect("confirmed");

@@ -15,11 +15,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use replica_proto::confirm::{EXPORTER_LABEL, EXPORTER_LEN};
-use replica_proto::handshake::{SourceSide, SourceStep};
+use replica_proto::handshake::SourceSide;
 use replica_proto::msg::{Hello, PROTOCOL_FEATURES, PROTOCOL_VERSION};
 
 #[derive(Parser)]
@@ -93,18 +93,7 @@ fn run(cli: Cli) -> Result<String, String> {
         resync,
     } = cli.cmd;
     let tls = replicad::config::TlsConfig { ca, cert, key };
-    let cfg = replicad::tls::client_config(&tls).map_err(|e| e.to_string())?;
-    let sock = std::net::TcpStream::connect(&target).map_err(|e| e.to_string())?;
-    let server = rustls_pki_types::ServerName::try_from(name).map_err(|e| e.to_string())?;
-    let conn = rustls::ClientConnection::new(cfg, server).map_err(|e| e.to_string())?;
-    let mut link = replicad::link::Link::new(
-        sock,
-        rustls::Connection::Client(conn),
-        &replicad::link::Liveness::default(),
-    )
-    .map_err(|e| e.to_string())?;
-    link.handshake(Duration::from_secs(20))
-        .map_err(|e| e.to_string())?;
+    let mut link = replica_tests::tls_link(&tls, &target, &name, Duration::from_secs(20))?;
     let ring = replica_proto::keys::KeyRing::load(&keys).map_err(|e| e.to_string())?;
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
@@ -127,26 +116,10 @@ fn run(cli: Cli) -> Result<String, String> {
     for m in &first {
         link.send(m);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(m) = link.recv().map_err(|e| e.to_string())? {
-            match opening.receive(m).map_err(|e| e.to_string())? {
-                SourceStep::Confirmed => link.authenticated(),
-                SourceStep::Welcome(w) => {
-                    return Ok(format!(
-                        "welcomed durable={} epoch={}",
-                        w.durable_seq, w.epoch
-                    ))
-                }
-                SourceStep::Refused(e) | SourceStep::RefusedUnconfirmed(e) => {
-                    return Ok(format!("refused {}: {}", e.code, e.message))
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            return Err("no answer within 30 s".into());
-        }
-        link.pump(Duration::from_millis(100), None)
-            .map_err(|e| e.to_string())?;
-    }
+    Ok(
+        match replica_tests::answer(&mut link, &mut opening, Duration::from_secs(30))? {
+            Ok(w) => format!("welcomed durable={} epoch={}", w.durable_seq, w.epoch),
+            Err(e) => format!("refused {}: {}", e.code, e.message),
+        },
+    )
 }
