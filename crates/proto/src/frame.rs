@@ -78,6 +78,13 @@ pub const MAX_CIPHER_LEN: u32 = MAX_PLAIN_LEN + 4096 + TAG_LEN as u32;
 /// keeps the sequence dense but carries nothing to apply.
 pub const OP_SKIPPED: u8 = 0x80;
 
+/// Record op of a resync's or verify's chunk hashes: the source's hashes
+/// ([`crate::chunk`]) of `len / 32` chunks from byte `sector * 512`, taken
+/// at this point of the stream; `aux` is a [`crate::chunk::HashAux`]. The
+/// target compares the replica's chunks when its apply order reaches it
+/// and changes nothing.
+pub const OP_CHUNK_HASHES: u8 = 0x81;
+
 /// Record flag (the ring's `FLAG_RESYNC`): a resync marker, or a write that
 /// carries a region's content read at this point of the stream.
 pub const RECORD_FLAG_RESYNC: u8 = 4;
@@ -112,6 +119,15 @@ pub mod resync {
         },
         /// Every region was sent: the replica is consistent again.
         End,
+        /// Compare `count` chunks from `region` (in the resync's or
+        /// verify's chunk size): replaced, on the source, by a record of
+        /// their hashes (`OP_CHUNK_HASHES`) at this position.
+        Hash {
+            /// First chunk.
+            region: u64,
+            /// Chunks (1..=65535).
+            count: u32,
+        },
     }
 
     impl Marker {
@@ -125,6 +141,11 @@ pub mod resync {
                         | (region & REGION_MASK)
                 }
                 Marker::End => 3 << KIND_SHIFT,
+                Marker::Hash { region, count } => {
+                    (4 << KIND_SHIFT)
+                        | (u64::from(count & 0xffff) << COUNT_SHIFT)
+                        | (region & REGION_MASK)
+                }
             }
         }
 
@@ -142,6 +163,13 @@ pub mod resync {
                     })
                 }
                 3 if aux & ((1 << KIND_SHIFT) - 1) == 0 => Some(Marker::End),
+                4 => {
+                    let count = ((aux >> COUNT_SHIFT) & 0xffff) as u32;
+                    (count > 0).then_some(Marker::Hash {
+                        region: aux & REGION_MASK,
+                        count,
+                    })
+                }
                 _ => None,
             }
         }
@@ -456,6 +484,9 @@ pub fn decode_record_run(
             ring_op::WRITE => {
                 usize::try_from(len).map_err(|_| FrameError::Records("truncated payload"))?
             }
+            OP_CHUNK_HASHES => {
+                usize::try_from(len).map_err(|_| FrameError::Records("truncated payload"))?
+            }
             ring_op::FLUSH | ring_op::MARKER | OP_SKIPPED => 0,
             ring_op::DISCARD | ring_op::WRITE_ZEROES => 0,
             _ => return Err(FrameError::Records("unknown record op")),
@@ -651,6 +682,10 @@ mod tests {
                 region: (1 << 40) - 1,
                 count: 65535,
             },
+            Marker::Hash {
+                region: 77,
+                count: 1024,
+            },
         ] {
             assert_eq!(Marker::from_aux(m.aux()), Some(m));
         }
@@ -661,6 +696,7 @@ mod tests {
             (1 << 56) | 3,
             2 << 56,
             4 << 56,
+            5 << 56,
             (3 << 56) | 7,
         ] {
             assert_eq!(Marker::from_aux(junk), None, "{junk:#x}");

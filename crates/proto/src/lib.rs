@@ -1,5 +1,6 @@
 //! dm-replica's replication stream: segment format, stream keys, messages.
 
+pub mod chunk;
 pub mod confirm;
 pub mod frame;
 pub mod handshake;

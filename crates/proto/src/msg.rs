@@ -10,12 +10,15 @@ use serde::{Deserialize, Serialize};
 /// Protocol version spoken by this build; peers must speak the same one (the
 /// target refuses another in the hello, the source in the welcome).
 ///
+/// 4: checksum resync and verify (hash records in segments, the target's
+/// [`Message::Compared`] answers).
+///
 /// 1: segment format 1. 2: segment format 2 (the AEAD authenticates the
 /// segment header bytes as sent, reserved bytes included; sequence ranges
 /// are checked without wrapping). 3: key confirmation (a [`Message::Confirm`]
 /// from each side, bound to the TLS session, before either acts on what
 /// the other said), [`Message::Ping`], per-type message bounds.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Feature bits this build offers in the handshake.
 pub const PROTOCOL_FEATURES: u64 = FEATURE_ZSTD_SEGMENTS;
 /// Feature: segments are zstd-compressed.
@@ -40,6 +43,9 @@ const T_PROMOTE: u8 = 6;
 const T_PROMOTED: u8 = 7;
 const T_CONFIRM: u8 = 8;
 const T_PING: u8 = 9;
+const T_COMPARED: u8 = 10;
+/// Bytes of a [`Compared`] before its bitmap.
+const COMPARED_HEAD: usize = 12;
 
 /// The largest body a message of type `t` may have, or `None` for a type
 /// this build does not know. Checked on the header, before any of the
@@ -52,7 +58,57 @@ pub fn max_body(t: u8) -> Option<usize> {
         T_ACK => Some(ACK_LEN),
         T_CONFIRM => Some(crate::confirm::TAG_LEN),
         T_PING => Some(0),
+        T_COMPARED => Some(COMPARED_HEAD + crate::chunk::MAX_CHUNKS_PER_RECORD as usize / 8),
         _ => None,
+    }
+}
+
+/// Target → source: which chunks of the hash record at `seq` differ on the
+/// replica, compared when the target's apply order reached it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compared {
+    /// The hash record.
+    pub seq: u64,
+    /// Chunks it named.
+    count: u32,
+    /// One bit per chunk, set: differs.
+    bits: Vec<u8>,
+}
+
+impl Compared {
+    /// The answer for the hash record `seq` whose chunk `i` differs when
+    /// `differs[i]`; `None` for no chunk or more than a record names.
+    pub fn new(seq: u64, differs: &[bool]) -> Option<Self> {
+        let count = u32::try_from(differs.len()).ok()?;
+        if count == 0 || count > crate::chunk::MAX_CHUNKS_PER_RECORD {
+            return None;
+        }
+        let mut bits = vec![0u8; differs.len().div_ceil(8)];
+        for (i, d) in differs.iter().enumerate() {
+            if *d {
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        Some(Self { seq, count, bits })
+    }
+
+    /// Chunks it answers for.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Whether chunk `i` differs.
+    pub fn differs(&self, i: u32) -> bool {
+        i < self.count
+            && self
+                .bits
+                .get((i / 8) as usize)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+
+    /// The chunks that differ, in order.
+    pub fn differing(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.count).filter(|&i| self.differs(i))
     }
 }
 
@@ -318,6 +374,8 @@ pub enum Message {
     /// hears from the other while the stream is idle and silence means a
     /// dead connection.
     Ping,
+    /// Target → source: the outcome of comparing a hash record's chunks.
+    Compared(Compared),
 }
 
 /// Message decoding errors.
@@ -335,6 +393,9 @@ pub enum MsgError {
     /// Bad ack body.
     #[error("malformed ack")]
     BadAck,
+    /// Bad compared body.
+    #[error("malformed chunk comparison")]
+    BadCompared,
     /// A body of the wrong size for its type.
     #[error("message type {kind} with a body of {len} bytes (limit {max})")]
     BadLength {
@@ -382,6 +443,13 @@ impl Message {
             }
             Message::Confirm(tag) => put(out, T_CONFIRM, tag),
             Message::Ping => put(out, T_PING, &[]),
+            Message::Compared(c) => {
+                let mut b = Vec::with_capacity(COMPARED_HEAD + c.bits.len());
+                b.extend_from_slice(&c.seq.to_le_bytes());
+                b.extend_from_slice(&c.count.to_le_bytes());
+                b.extend_from_slice(&c.bits);
+                put(out, T_COMPARED, &b)
+            }
         }
     }
 
@@ -398,6 +466,7 @@ impl Message {
             Message::Promoted(_) => "promoted".into(),
             Message::Confirm(_) => "key confirmation".into(),
             Message::Ping => "ping".into(),
+            Message::Compared(_) => "chunk comparison".into(),
         }
     }
 
@@ -476,6 +545,26 @@ impl Message {
                 Message::Confirm(tag)
             }
             T_PING => Message::Ping,
+            T_COMPARED => {
+                if body.len() < COMPARED_HEAD {
+                    return Err(MsgError::BadCompared);
+                }
+                let seq = crate::le::u64_at(body, 0);
+                let count = crate::le::u32_at(body, 8);
+                let bits = &body[COMPARED_HEAD..];
+                let ok = (1..=crate::chunk::MAX_CHUNKS_PER_RECORD).contains(&count)
+                    && bits.len() == (count as usize).div_ceil(8)
+                    && (count % 8 == 0
+                        || bits.last().is_some_and(|b| b >> (count % 8) == 0));
+                if !ok {
+                    return Err(MsgError::BadCompared);
+                }
+                Message::Compared(Compared {
+                    seq,
+                    count,
+                    bits: bits.to_vec(),
+                })
+            }
             _ => Message::Error(serde_json::from_slice(body)?),
         };
         Ok(Some((m, total)))
@@ -556,6 +645,51 @@ mod tests {
     }
 
     #[test]
+    fn compared_round_trips_and_malformed_bodies_are_refused() {
+        let mut d = vec![false; 1024];
+        d[0] = true;
+        d[9] = true;
+        d[1023] = true;
+        for c in [
+            Compared::new(42, &d).expect("1024"),
+            Compared::new(7, &[false, true, false]).expect("3"),
+        ] {
+            let m = Message::Compared(c.clone());
+            let b = m.to_bytes();
+            let (got, used) = Message::decode(&b).expect("decode").expect("whole");
+            assert_eq!((got, used), (m, b.len()));
+        }
+        let c = Compared::new(42, &d).expect("1024");
+        assert_eq!(c.differing().collect::<Vec<_>>(), vec![0, 9, 1023]);
+        assert!(!c.differs(1024));
+        assert!(Compared::new(1, &[]).is_none());
+        assert!(Compared::new(1, &vec![false; 1025]).is_none());
+        let body = |seq: u64, count: u32, bits: &[u8]| {
+            let mut b = seq.to_le_bytes().to_vec();
+            b.extend_from_slice(&count.to_le_bytes());
+            b.extend_from_slice(bits);
+            let mut m = vec![T_COMPARED];
+            m.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            m.extend_from_slice(&b);
+            m
+        };
+        assert!(Message::decode(&body(1, 3, &[0b101])).is_ok());
+        // Padding bits set, a bitmap of the wrong length, no chunk, too many.
+        for bad in [
+            body(1, 3, &[0b1101]),
+            body(1, 3, &[0, 0]),
+            body(1, 0, &[]),
+            body(1, 1025, &[0; 129]),
+            body(1, 9, &[0]),
+        ] {
+            assert!(
+                matches!(Message::decode(&bad), Err(MsgError::BadCompared) | Err(MsgError::BadLength { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_declared_length_over_its_types_bound_is_refused_on_the_header() {
         // Only the 5 header bytes: the refusal comes before any body.
         let header = |t: u8, len: u32| {
@@ -589,7 +723,7 @@ mod tests {
 
     #[test]
     fn an_old_peers_hello_parses_so_the_target_can_refuse_its_version() {
-        assert_eq!(PROTOCOL_VERSION, 3);
+        assert_eq!(PROTOCOL_VERSION, 4);
         // A protocol 1 source's hello, as it sends it.
         let body = br#"{"protocol":1,"features":1,"volume":"db1","generation":"00","epoch":1,"source_random":"00","oldest_seq":1,"key_id":1}"#;
         let mut buf = vec![T_HELLO];
