@@ -65,11 +65,20 @@ pub enum Cmd {
         #[arg(long, default_value = "/etc/dm-replica")]
         config_dir: PathBuf,
     },
-    /// Resend every region of a protected volume (a full resync): the
-    /// source ships what it has spooled, then the current content of the
-    /// whole volume, with later writes winning. The replica is inconsistent
-    /// until it ends; its last recovery point stays.
+    /// Resync a protected volume: the source ships what it has spooled,
+    /// then compares every chunk of the volume with the replica's (keyed
+    /// hashes, at one point of the stream on both sides) and sends those
+    /// that differ, later writes winning; `--full` sends every chunk. The
+    /// replica is inconsistent until it ends; its last recovery point
+    /// stays.
     Resync(ResyncArgs),
+    /// Online verify: compare every chunk of a protected volume with the
+    /// replica's while replication goes on (the replica stays consistent),
+    /// report the chunks that differ, and with `--resync` send them. The
+    /// result is kept in `replctl status` and the daemon's log; with
+    /// `--wait` the exit status is non-zero when chunks differ and were not
+    /// resent.
+    Verify(VerifyArgs),
     /// Fail a volume over to the target host. `--planned` on the source
     /// host: stop writes, ship everything, hand over (no data loss). Without
     /// it, on the target host when the source is gone: promote the replica
@@ -136,7 +145,32 @@ pub struct ResyncArgs {
     /// The source daemon.
     #[command(flatten)]
     pub daemon: DaemonArgs,
+    /// Resend every chunk without comparing it with the replica's first
+    /// (by default only chunks whose hashes differ are sent).
+    #[arg(long)]
+    pub full: bool,
     /// Wait for the resync to finish, with a progress bar.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 86400)]
+    pub timeout: u64,
+}
+
+/// `replctl verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The source daemon.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Send the chunks found different (ordinary writes in the stream: the
+    /// replica stays consistent).
+    #[arg(long)]
+    pub resync: bool,
+    /// Compare at most this many MiB per second (the reads on both sides).
+    #[arg(long = "max-rate", value_name = "MIB_PER_SEC")]
+    pub max_rate_mib: Option<u64>,
+    /// Wait for the result.
     #[arg(long)]
     pub wait: bool,
     /// Give up waiting after this many seconds.

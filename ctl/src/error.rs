@@ -146,6 +146,9 @@ pub enum CtlError {
     /// Waiting for a resync.
     #[error(transparent)]
     Resync(#[from] crate::progress::ResyncWaitError),
+    /// An online verify.
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
     /// Protecting or unprotecting a volume.
     #[error(transparent)]
     Protect(#[from] crate::protect::ProtectError),
@@ -212,6 +215,7 @@ impl CtlError {
             Self::Dev(e) => e.exit(),
             Self::Wait(e) => e.exit(),
             Self::Resync(e) => e.exit(),
+            Self::Verify(e) => e.exit(),
             Self::Protect(e) => e.exit(),
             Self::Start(e) => e.exit(),
             Self::NoSuchVolume { .. } => Exit::NotFound,

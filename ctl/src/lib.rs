@@ -11,6 +11,7 @@ pub mod keys;
 pub mod progress;
 pub mod protect;
 pub mod start;
+pub mod verify;
 pub mod wait;
 
 /// The `replctl` program: runs the command line's command, says why it

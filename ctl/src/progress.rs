@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use replica_control::status::{Health, VolumeStatus};
+use replica_control::status::{ChunkProgress, Health, VolumeStatus};
 use replica_control::{Command, ControlError, Response, ResyncTicket};
 
 use crate::error::Exit;
@@ -65,7 +65,56 @@ impl ResyncWaitError {
 }
 
 /// The progress bar's template.
-const BAR: &str = "{msg:>12} [{bar:40}] {pos}/{len} regions ({percent}%) eta {eta}";
+const BAR: &str = "[{bar:30}] {pos}/{len} chunks ({percent}%) {msg}";
+
+/// Bytes for a human: B, KiB, MiB, GiB, TiB with one decimal.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Seconds as `1h2m3s`.
+pub fn duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, s) => format!("{h}h{m:02}m{s:02}s"),
+    }
+}
+
+/// One line of a resync's or verify's progress: what was compared, found
+/// different and sent, the rate and the time left.
+pub fn progress_line(p: &ChunkProgress) -> String {
+    let mut s = format!(
+        "{} compared, {} differing, {} sent ({})",
+        p.compared_chunks,
+        p.differing_chunks,
+        p.sent_chunks,
+        human_bytes(p.sent_bytes)
+    );
+    if p.done_before > 0 {
+        s.push_str(&format!(", {} proven before a restart", p.done_before));
+    }
+    if p.rehashed_chunks > 0 {
+        s.push_str(&format!(", {} compared again", p.rehashed_chunks));
+    }
+    s.push_str(&format!(", {}/s", human_bytes(p.bytes_per_second as u64)));
+    if let Some(eta) = p.eta_seconds.filter(|_| p.remaining_chunks > 0) {
+        s.push_str(&format!(", eta {}", duration(eta)));
+    }
+    s
+}
 
 /// Waits until the target has applied the END of the resync named by
 /// `ticket` (the answer to the `resync` command that started it), showing
@@ -115,25 +164,30 @@ pub fn wait_resync(
             bar.finish_with_message("done");
             return Ok(());
         }
-        let total = v.resync_total_regions.max(v.dirty_regions);
-        bar.set_length(total);
-        bar.set_position(total - v.dirty_regions);
-        let tenth = ((total - v.dirty_regions) * 10)
-            .checked_div(total)
-            .unwrap_or(0);
-        if plain && v.resync_running && tenth != said {
-            println!(
-                "resync: {} of {total} regions sent ({}%)",
-                total - v.dirty_regions,
-                tenth * 10
-            );
-            said = tenth;
+        match v
+            .resync_progress
+            .as_ref()
+            .filter(|p| !p.verify && v.resync_running)
+        {
+            Some(p) => {
+                let total = p.total_chunks.max(p.remaining_chunks);
+                let done = total - p.remaining_chunks;
+                bar.set_length(total);
+                bar.set_position(done);
+                let line = progress_line(p);
+                let tenth = (done * 10).checked_div(total).unwrap_or(0);
+                if plain && tenth != said {
+                    println!(
+                        "resync: {done} of {total} chunks proven ({}%): {line}",
+                        tenth * 10
+                    );
+                    said = tenth;
+                }
+                bar.set_message(line);
+            }
+            None if v.needs_resync => bar.set_message("waiting for the resync to start"),
+            None => bar.set_message("waiting for the target to apply the resync's end"),
         }
-        bar.set_message(if v.resync_running {
-            "resync"
-        } else {
-            "waiting"
-        });
         if Instant::now() >= deadline {
             bar.abandon();
             return Err(ResyncWaitError::Timeout {

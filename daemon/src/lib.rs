@@ -6,6 +6,7 @@
 //! * `replicad target` verifies, journals and acknowledges segments, and
 //!   applies them in order to the replica, keeping recovery points.
 
+pub mod chunkio;
 pub mod cli;
 pub mod control;
 pub mod keystore;
@@ -79,4 +80,12 @@ impl DaemonError {
     pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
         Self::Io(replica_fs::IoError::new(what, path, source))
     }
+}
+
+/// Now, ns since the Unix epoch (0 if the clock is before it).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }

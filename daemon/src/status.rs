@@ -11,7 +11,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use replica_control::status::{
-    read, Connection, Health, Reason, ReasonKind, ReplicaState, Role, VolumeStatus, STATUS_FILE,
+    read, ChunkProgress, Connection, Health, Reason, ReasonKind, ReplicaState, Role, VerifyReport,
+    VolumeStatus, STATUS_FILE,
 };
 
 /// How often counters (sequences, lag, bytes) reach `status.json` at most;

@@ -97,11 +97,15 @@ impl Env {
         // Test volumes are tiny and written far beyond their size: unless a
         // test sets its own spool settings, keep a spool of 100 volumes'
         // worth so a burst never trips the resync limit.
-        let spool = if extra.contains("[spool]") {
-            ""
+        let mut spool = if extra.contains("[spool]") {
+            String::new()
         } else {
-            "[spool]\nlimit_percent = 10000\n"
+            "[spool]\nlimit_percent = 10000\n".to_owned()
         };
+        // Dirty maps of 64 KiB regions (the tests' volumes are small).
+        if !extra.contains("[resync]") {
+            spool.push_str("[resync]\nchunk_kib = 64\n");
+        }
         // Test volumes and replicas start zeroed: no initial copy unless a
         // test asks for one.
         // (`initial_copy = true` anywhere in `extra` is moved to the top
@@ -121,6 +125,24 @@ impl Env {
         let p = self.path(name);
         std::fs::write(&p, s).expect("write source config");
         p
+    }
+}
+
+impl Env {
+    /// The resync state a source saved in `state_dir` for `volume`
+    /// (authenticated with the test's key ring).
+    pub fn resync_state(
+        &self,
+        state_dir: &Path,
+        volume: &str,
+    ) -> Option<replicad::source::dirty::ResyncState> {
+        let ring = replica_proto::keys::KeyRing::load(&self.path("keys.toml")).expect("keys");
+        let keys = replicad::source::dirty::CursorKeys {
+            ring: &ring,
+            volume,
+        };
+        replicad::source::dirty::ResyncState::load(&state_dir.join("resync.state"), &keys)
+            .expect("read the resync state")
     }
 }
 

@@ -19,6 +19,6 @@ pub use daemon::{
 pub use env::{pin_listen, Env, Tmpfs, SOURCE_CN, TARGET_CN};
 pub use image::{first_difference, Op, Rng, Source};
 pub use proxy::Proxy;
-pub use raw_client::{answer, tls_link, ConfirmWith, HelloOpts, RawClient};
+pub use raw_client::{answer, tls_link, ConfirmWith, Heard, HelloOpts, RawClient};
 pub use rig::{Pair, Rig};
 pub use wait::wait_for;

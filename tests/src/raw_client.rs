@@ -21,6 +21,18 @@ pub struct RawClient {
     pub counter: u64,
     /// The key confirmation tag this client sent.
     pub source_tag: [u8; 32],
+    /// What the target sent since the connection opened, in order: the
+    /// applied record of each ack, and its answers to hash records.
+    pub heard: Vec<Heard>,
+}
+
+/// A message a [`RawClient`] heard from the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    /// An ack saying this record applied.
+    Applied(u64),
+    /// An answer to a hash record.
+    Compared(replica_proto::msg::Compared),
 }
 
 /// A TLS connection to `addr` with the material `tls`, the target named
@@ -218,6 +230,7 @@ impl RawClient {
             generation,
             counter: 0,
             source_tag,
+            heard: Vec::new(),
         })
     }
 
@@ -287,7 +300,9 @@ impl RawClient {
     ) -> Vec<u8> {
         let mut plain = Vec::new();
         for &(seq, op, flags, sector, aux, data) in records {
-            let len = if op == replica_proto::frame::ring_op::WRITE {
+            let len = if op == replica_proto::frame::ring_op::WRITE
+                || op == replica_proto::frame::OP_CHUNK_HASHES
+            {
                 data.len() as u32
             } else {
                 0
@@ -353,13 +368,23 @@ impl RawClient {
             replica_proto::frame::SegmentHeader::decode(&f).map_or(u64::MAX, |(h, _)| h.last_seq);
         // Acks that answered earlier frames are stale now.
         let _ = self.link.pump(Duration::ZERO, None);
-        while let Ok(Some(Message::Ack(_))) = self.link.recv() {}
+        loop {
+            match self.link.recv() {
+                Ok(Some(Message::Ack(a))) => self.heard.push(Heard::Applied(a.applied_seq)),
+                Ok(Some(Message::Compared(c))) => self.heard.push(Heard::Compared(c)),
+                _ => break,
+            }
+        }
         self.link.send(&Message::Segment(f));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self.link.recv() {
-                Ok(Some(Message::Ack(a))) if a.durable_seq >= covers => return Ok(a),
-                Ok(Some(Message::Ack(_))) => {}
+                Ok(Some(Message::Ack(a))) if a.durable_seq >= covers => {
+                    self.heard.push(Heard::Applied(a.applied_seq));
+                    return Ok(a);
+                }
+                Ok(Some(Message::Ack(a))) => self.heard.push(Heard::Applied(a.applied_seq)),
+                Ok(Some(Message::Compared(c))) => self.heard.push(Heard::Compared(c)),
                 Ok(Some(Message::Error(e))) => return Err(format!("{}: {}", e.code, e.message)),
                 Ok(Some(m)) => return Err(format!("unexpected {m:?}")),
                 Ok(None) => {}
@@ -370,6 +395,40 @@ impl RawClient {
             }
             if let Err(e) = self.link.pump(Duration::from_millis(50), None) {
                 return Err(format!("link: {e}"));
+            }
+        }
+    }
+
+    /// Listens until the target answered hash record `seq` (sending pings
+    /// so it acks), and returns the answer.
+    pub fn answer_for(&mut self, seq: u64) -> Result<replica_proto::msg::Compared, String> {
+        use replica_proto::msg::Message;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(c) = self.heard.iter().find_map(|h| match h {
+                Heard::Compared(c) if c.seq == seq => Some(c.clone()),
+                _ => None,
+            }) {
+                return Ok(c);
+            }
+            match self.link.recv() {
+                Ok(Some(Message::Ack(a))) => self.heard.push(Heard::Applied(a.applied_seq)),
+                Ok(Some(Message::Compared(c))) => self.heard.push(Heard::Compared(c)),
+                Ok(Some(Message::Error(e))) => return Err(format!("{}: {}", e.code, e.message)),
+                Ok(Some(m)) => return Err(format!("unexpected {m:?}")),
+                Ok(None) => {
+                    if Instant::now() > deadline {
+                        return Err(format!(
+                            "no answer for record {seq}: heard {:?}",
+                            self.heard
+                        ));
+                    }
+                    self.link.send(&Message::Ping);
+                    if let Err(e) = self.link.pump(Duration::from_millis(50), None) {
+                        return Err(format!("link: {e}"));
+                    }
+                }
+                Err(e) => return Err(format!("link: {e}")),
             }
         }
     }

@@ -222,16 +222,16 @@ fn an_old_peer_is_refused_with_the_protocol_versions() {
         [3; 16],
         1,
         HelloOpts {
-            protocol: 2,
+            protocol: 3,
             confirm: ConfirmWith::Nothing,
             ..HelloOpts::default()
         },
     )
     .err()
-    .expect("protocol 2 is refused");
+    .expect("protocol 3 is refused");
     assert!(e.starts_with("protocol: "), "{e}");
-    assert!(e.contains("protocol version 2"), "{e}");
-    assert!(e.contains("speaks 3"), "{e}");
+    assert!(e.contains("protocol version 3"), "{e}");
+    assert!(e.contains("speaks 4"), "{e}");
 }
 
 /// A TCP connection to `addr` from `from` (another loopback address).

@@ -77,9 +77,7 @@ fn a_failed_write_is_never_shipped_and_stops_the_stream_into_a_resync() {
         },
     );
     // The failed write's own region is in the saved map, for the resync.
-    let map = replicad::source::dirty::ResyncState::load(&p.sstate.join("resync.state"))
-        .expect("resync state")
-        .expect("saved");
+    let map = p.env.resync_state(&p.sstate, VOL).expect("saved");
     assert!(map.map.is_set(2), "the failed write's region is dirty");
     // Nothing from the failed write on reached the target (its journal
     // holds every record it was sent), so no recovery point claims a state

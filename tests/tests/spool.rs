@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use replica_tests::*;
-use replicad::source::dirty::ResyncState;
 use replicad::status::VolumeStatus;
 
 const VOL: &str = "sv";
@@ -267,8 +266,9 @@ fn damaged_spool_is_cut_never_applied_wrong_and_the_lost_range_needs_a_resync() 
     assert!(r.check_points() >= 2);
     // A resync of the whole volume is recorded (the lost records' regions
     // are unknown).
-    let rs = ResyncState::load(&r.sstate.join("resync.state"))
-        .expect("read")
+    let rs = r
+        .env
+        .resync_state(&r.sstate, VOL)
         .expect("resync state saved");
     assert_eq!(rs.map.count(), rs.map.regions());
 }
@@ -355,8 +355,9 @@ fn spool_limit_gives_needs_resync_with_exactly_the_regions_written() {
         .any(|x| x.message.contains("spool reached its limit")));
     // The ring kept draining: the writes after the drop all completed
     // (apply() would have panicked on a ring that stays full).
-    let rs = ResyncState::load(&r.sstate.join("resync.state"))
-        .expect("read")
+    let rs = r
+        .env
+        .resync_state(&r.sstate, VOL)
         .expect("resync state saved");
     assert_eq!(rs.since_seq, durable + 1);
     assert_eq!(rs.map.region_bytes(), REGION);
@@ -373,9 +374,7 @@ fn spool_limit_gives_needs_resync_with_exactly_the_regions_written() {
     apply_logged(&mut r, &mut ops, 50, 8);
     wait_drained(&r);
     r.source().stop();
-    let rs = ResyncState::load(&r.sstate.join("resync.state"))
-        .expect("read")
-        .expect("saved");
+    let rs = r.env.resync_state(&r.sstate, VOL).expect("saved");
     let got: BTreeSet<u64> = rs.map.iter().collect();
     assert_eq!(got, regions_of(&ops, durable));
     // The replica stays where it was: nothing after the limit is sent.
@@ -419,9 +418,7 @@ fn full_spool_disk_turns_into_needs_resync_without_losing_a_write() {
             .any(|x| x.message.contains("spool disk full")),
         "{s:?}"
     );
-    let rs = ResyncState::load(&r.sstate.join("resync.state"))
-        .expect("read")
-        .expect("saved");
+    let rs = r.env.resync_state(&r.sstate, VOL).expect("saved");
     let got: BTreeSet<u64> = rs.map.iter().collect();
     assert_eq!(got, regions_of(&ops, durable));
     assert!(

@@ -18,7 +18,7 @@ W=/tmp/rs
 
 check "data on the volume before it is protected" dd if=/dev/urandom of=$DATA bs=1M count=48 oflag=direct status=none
 SOURCE_DM=r0 setup_pair $W rs $size 127.0.0.1:7712 $W/target $W/replica.img 8 $DATA ring_mib=2 region_kib=64 overflow_wait_ms=2000
-printf '[resync]\nwindow_bytes = 4194304\n' >>$W/source.toml
+printf '[resync]\nwindow_bytes = 4194304\nchunk_kib = 64\n' >>$W/source.toml
 spawn_target $W
 spawn_source $W
 wait_for "source attached" 30 consumer_attached r0
@@ -54,7 +54,7 @@ spawn_source $W
 wait_for "the restarted source took the kernel's bitmap over" 120 grep -q "capture ring overflowed" $W/source.log
 wait_for "the source resent the dirty regions" 600 grep -q "resync complete" $W/source.log
 grep -E "overflowed|resync" $W/source.log | tail -n 5
-total=$(grep -E "resync begins" $W/source.log | tail -n 1 | sed -n 's/.*regions=\([0-9]*\).*/\1/p')
+total=$(grep -E "resync begins" $W/source.log | tail -n 1 | sed -n 's/.* chunks=\([0-9]*\).*/\1/p')
 echo "regions resent after the overflow: $total of $((size / 65536))"
 check "only the overflowed regions were resent" test "$total" -gt 0 -a "$total" -le $((8 * 1048576 / 65536 + 2))
 compare "after the overflow resync" 2

@@ -187,9 +187,8 @@ pub struct SpoolConfig {
     pub file_bytes: u64,
     /// Records written to the spool at a time, bytes. Default 1 MiB.
     pub chunk_bytes: usize,
-    /// Region size of the dirty map kept while a resync is needed, KiB,
-    /// when the capture ring has none of its own (a ring file). The kernel
-    /// ring's `region_kib=` applies otherwise. Default 64.
+    /// No longer used (accepted so older configurations still load): the
+    /// dirty map's region is the resync chunk, `resync.chunk_kib`.
     pub region_kib: u64,
 }
 
@@ -311,6 +310,11 @@ pub struct ResyncConfig {
     /// Bytes of one resync write (a run of dirty regions), at most.
     /// Default 1 MiB.
     pub max_write_bytes: u64,
+    /// Chunk of a checksum resync and an online verify, KiB: the unit
+    /// that is hashed on both sides and sent when it differs (also the
+    /// region of the dirty map kept while a resync is needed). A power of
+    /// two from 64 to 1024. Default 256.
+    pub chunk_kib: u32,
 }
 
 impl Default for ResyncConfig {
@@ -318,6 +322,7 @@ impl Default for ResyncConfig {
         Self {
             window_bytes: 64 << 20,
             max_write_bytes: 1 << 20,
+            chunk_kib: 256,
         }
     }
 }
@@ -553,6 +558,13 @@ impl SourceConfig {
         }
         if !(4096..=16 << 20).contains(&self.resync.max_write_bytes) {
             return bad("resync.max_write_bytes must be between 4 KiB and 16 MiB".into());
+        }
+        let (min, max) = (64, 1024);
+        if !self.resync.chunk_kib.is_power_of_two() || !(min..=max).contains(&self.resync.chunk_kib)
+        {
+            return bad(format!(
+                "resync.chunk_kib must be a power of two from {min} to {max}"
+            ));
         }
         if !self.spool.region_kib.is_power_of_two()
             || !(4..=1 << 20).contains(&self.spool.region_kib)

@@ -47,8 +47,24 @@ impl Request {
 pub enum Command {
     /// Either role: every volume's status (or the named volume's).
     Status,
-    /// Source: resend every region (a full resync).
-    Resync,
+    /// Source: a resync of the whole volume: every chunk compared with the
+    /// replica's and those that differ sent, or (`full`) every chunk sent.
+    Resync {
+        /// Send every chunk without comparing.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        full: bool,
+    },
+    /// Source: online verify: compare every chunk with the replica's
+    /// without stopping replication; report those that differ and
+    /// (`resync`) send them.
+    Verify {
+        /// Send the chunks found different.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resync: bool,
+        /// Bytes compared per second, at most.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_rate: Option<u64>,
+    },
     /// Source: a full copy, unless a resync that reaches the target is
     /// pending or running already.
     InitialCopy,
@@ -86,9 +102,13 @@ pub enum Command {
 
 impl Command {
     /// One of each command (arguments at their defaults).
-    pub const ALL: [Command; 9] = [
+    pub const ALL: [Command; 10] = [
         Command::Status,
-        Command::Resync,
+        Command::Resync { full: false },
+        Command::Verify {
+            resync: false,
+            max_rate: None,
+        },
         Command::InitialCopy,
         Command::FailoverPlanned,
         Command::Failover { point: None },
@@ -108,7 +128,8 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Command::Status => "status",
-            Command::Resync => "resync",
+            Command::Resync { .. } => "resync",
+            Command::Verify { .. } => "verify",
             Command::InitialCopy => "initial-copy",
             Command::FailoverPlanned => "failover-planned",
             Command::Failover { .. } => "failover",

@@ -93,6 +93,8 @@ pub enum ReasonKind {
     Certificate,
     /// The volume was promoted here (informational).
     Promoted,
+    /// The last online verify found the replica different from the source.
+    Verify,
 }
 
 impl ReasonKind {
@@ -107,7 +109,8 @@ impl ReasonKind {
             | Self::Replica
             | Self::RecoveryPoint
             | Self::Backend
-            | Self::Certificate => Health::Warning,
+            | Self::Certificate
+            | Self::Verify => Health::Warning,
         }
     }
 }
@@ -225,6 +228,85 @@ pub struct VolumeStatus {
     /// stream it has nothing to send on, see `network.peer_timeout_secs`).
     #[serde(default)]
     pub pings: u64,
+    /// Source: the running resync's or verify's chunk comparison.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_progress: Option<ChunkProgress>,
+    /// Source: the last online verify's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<VerifyReport>,
+    /// Target: chunks compared with the source's hashes since the daemon
+    /// started (resync and verify).
+    #[serde(default)]
+    pub compared_chunks: u64,
+    /// Target: of those, chunks that differed.
+    #[serde(default)]
+    pub differing_chunks: u64,
+}
+
+/// How far a resync or an online verify is (source). A chunk is *proven*
+/// once the target answered that it equals the source's (compared equal)
+/// or its data was sent; the run ends when every chunk is proven and, for a
+/// resync, the target applied its END (`end_seq`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkProgress {
+    /// An online verify, not a resync.
+    pub verify: bool,
+    /// Bytes of a chunk.
+    pub chunk_bytes: u64,
+    /// Chunks the run covers (this start; more when the kernel adds some).
+    pub total_chunks: u64,
+    /// Chunks proven before this start (a resync resumed from its cursor).
+    pub done_before: u64,
+    /// Chunks not proven yet.
+    pub remaining_chunks: u64,
+    /// Chunks the target answered for.
+    pub compared_chunks: u64,
+    /// Of those, equal on both sides.
+    pub equal_chunks: u64,
+    /// Of those, different.
+    pub differing_chunks: u64,
+    /// Chunks whose data was sent.
+    pub sent_chunks: u64,
+    /// Their bytes (before compression).
+    pub sent_bytes: u64,
+    /// Chunks compared again because an answer was lost.
+    pub rehashed_chunks: u64,
+    /// Seconds since the run started (or resumed).
+    pub elapsed_seconds: f64,
+    /// Bytes proven per second.
+    pub bytes_per_second: f64,
+    /// Seconds left at that rate.
+    pub eta_seconds: Option<f64>,
+    /// The resync's END record, once inserted (0: not yet).
+    pub end_seq: u64,
+}
+
+/// The result of an online verify (source).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// The ring generation it ran on.
+    pub generation: String,
+    /// When it started, ns since the Unix epoch.
+    pub started_ns: u64,
+    /// When it ended.
+    pub finished_ns: u64,
+    /// Bytes of a chunk.
+    pub chunk_bytes: u64,
+    /// Chunks of the volume.
+    pub chunks: u64,
+    /// Chunks compared.
+    pub compared_chunks: u64,
+    /// Chunks that differed.
+    pub differing_chunks: u64,
+    /// Byte offsets of the differing chunks (the first thousand).
+    pub differing_offsets: Vec<u64>,
+    /// The differing chunks were sent.
+    pub resynced: bool,
+    /// The last record of what was sent (the replica holds the repairs
+    /// once the target applied it); 0 if nothing.
+    pub repair_seq: u64,
+    /// Why it did not finish, if it did not.
+    pub abandoned: Option<String>,
 }
 
 impl VolumeStatus {
@@ -266,6 +348,10 @@ impl VolumeStatus {
             generation_base: 0,
             sessions: 0,
             pings: 0,
+            compared_chunks: 0,
+            differing_chunks: 0,
+            resync_progress: None,
+            last_verify: None,
         }
     }
 }

@@ -68,6 +68,7 @@ pub fn derive_key(
 }
 
 /// The chunk-hash key of one volume under one master key.
+#[derive(Clone)]
 pub struct ChunkKey {
     key: Zeroizing<[u8; 32]>,
     key_id: u32,
@@ -167,7 +168,7 @@ impl HashAux {
 /// The hashes of a hash record's payload, one per chunk; `None` if the
 /// payload is not a whole number of hashes or names too many chunks.
 pub fn hashes(payload: &[u8]) -> Option<impl Iterator<Item = &[u8; HASH_LEN]>> {
-    (payload.len() % HASH_LEN == 0
+    (payload.len().is_multiple_of(HASH_LEN)
         && !payload.is_empty()
         && payload.len() / HASH_LEN <= MAX_CHUNKS_PER_RECORD as usize)
         .then(|| {
@@ -199,7 +200,11 @@ mod tests {
         assert_ne!(h, ChunkKey::derive(&r, 1, "w").expect("key").hash(0, &data));
         assert_ne!(h, k.hash(65536, &data));
         assert_ne!(h, k.hash(0, &data[..65535]));
-        assert_ne!(h, *blake3::hash(&data).as_bytes(), "keyed, not plain BLAKE3");
+        assert_ne!(
+            h,
+            *blake3::hash(&data).as_bytes(),
+            "keyed, not plain BLAKE3"
+        );
         for i in [0, 1, 4095, 65535] {
             let mut d = data.clone();
             d[i] ^= 0x80;

@@ -45,7 +45,7 @@ const T_CONFIRM: u8 = 8;
 const T_PING: u8 = 9;
 const T_COMPARED: u8 = 10;
 /// Bytes of a [`Compared`] before its bitmap.
-const COMPARED_HEAD: usize = 12;
+const COMPARED_HEAD: usize = 28;
 
 /// The largest body a message of type `t` may have, or `None` for a type
 /// this build does not know. Checked on the header, before any of the
@@ -67,6 +67,9 @@ pub fn max_body(t: u8) -> Option<usize> {
 /// replica, compared when the target's apply order reached it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compared {
+    /// The ring generation of the hash record (an answer about another
+    /// generation's record of the same sequence proves nothing).
+    pub generation: [u8; 16],
     /// The hash record.
     pub seq: u64,
     /// Chunks it named.
@@ -78,7 +81,7 @@ pub struct Compared {
 impl Compared {
     /// The answer for the hash record `seq` whose chunk `i` differs when
     /// `differs[i]`; `None` for no chunk or more than a record names.
-    pub fn new(seq: u64, differs: &[bool]) -> Option<Self> {
+    pub fn new(generation: [u8; 16], seq: u64, differs: &[bool]) -> Option<Self> {
         let count = u32::try_from(differs.len()).ok()?;
         if count == 0 || count > crate::chunk::MAX_CHUNKS_PER_RECORD {
             return None;
@@ -89,7 +92,12 @@ impl Compared {
                 bits[i / 8] |= 1 << (i % 8);
             }
         }
-        Some(Self { seq, count, bits })
+        Some(Self {
+            generation,
+            seq,
+            count,
+            bits,
+        })
     }
 
     /// Chunks it answers for.
@@ -445,6 +453,7 @@ impl Message {
             Message::Ping => put(out, T_PING, &[]),
             Message::Compared(c) => {
                 let mut b = Vec::with_capacity(COMPARED_HEAD + c.bits.len());
+                b.extend_from_slice(&c.generation);
                 b.extend_from_slice(&c.seq.to_le_bytes());
                 b.extend_from_slice(&c.count.to_le_bytes());
                 b.extend_from_slice(&c.bits);
@@ -549,17 +558,20 @@ impl Message {
                 if body.len() < COMPARED_HEAD {
                     return Err(MsgError::BadCompared);
                 }
-                let seq = crate::le::u64_at(body, 0);
-                let count = crate::le::u32_at(body, 8);
+                let mut generation = [0u8; 16];
+                generation.copy_from_slice(&body[..16]);
+                let seq = crate::le::u64_at(body, 16);
+                let count = crate::le::u32_at(body, 24);
                 let bits = &body[COMPARED_HEAD..];
                 let ok = (1..=crate::chunk::MAX_CHUNKS_PER_RECORD).contains(&count)
                     && bits.len() == (count as usize).div_ceil(8)
-                    && (count % 8 == 0
+                    && (count.is_multiple_of(8)
                         || bits.last().is_some_and(|b| b >> (count % 8) == 0));
                 if !ok {
                     return Err(MsgError::BadCompared);
                 }
                 Message::Compared(Compared {
+                    generation,
                     seq,
                     count,
                     bits: bits.to_vec(),
@@ -651,21 +663,22 @@ mod tests {
         d[9] = true;
         d[1023] = true;
         for c in [
-            Compared::new(42, &d).expect("1024"),
-            Compared::new(7, &[false, true, false]).expect("3"),
+            Compared::new([5; 16], 42, &d).expect("1024"),
+            Compared::new([6; 16], 7, &[false, true, false]).expect("3"),
         ] {
             let m = Message::Compared(c.clone());
             let b = m.to_bytes();
             let (got, used) = Message::decode(&b).expect("decode").expect("whole");
             assert_eq!((got, used), (m, b.len()));
         }
-        let c = Compared::new(42, &d).expect("1024");
+        let c = Compared::new([5; 16], 42, &d).expect("1024");
         assert_eq!(c.differing().collect::<Vec<_>>(), vec![0, 9, 1023]);
         assert!(!c.differs(1024));
-        assert!(Compared::new(1, &[]).is_none());
-        assert!(Compared::new(1, &vec![false; 1025]).is_none());
+        assert!(Compared::new([0; 16], 1, &[]).is_none());
+        assert!(Compared::new([0; 16], 1, &vec![false; 1025]).is_none());
         let body = |seq: u64, count: u32, bits: &[u8]| {
-            let mut b = seq.to_le_bytes().to_vec();
+            let mut b = vec![9u8; 16];
+            b.extend_from_slice(&seq.to_le_bytes());
             b.extend_from_slice(&count.to_le_bytes());
             b.extend_from_slice(bits);
             let mut m = vec![T_COMPARED];
@@ -683,7 +696,10 @@ mod tests {
             body(1, 9, &[0]),
         ] {
             assert!(
-                matches!(Message::decode(&bad), Err(MsgError::BadCompared) | Err(MsgError::BadLength { .. })),
+                matches!(
+                    Message::decode(&bad),
+                    Err(MsgError::BadCompared) | Err(MsgError::BadLength { .. })
+                ),
                 "{bad:?}"
             );
         }

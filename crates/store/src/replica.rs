@@ -99,6 +99,21 @@ pub trait ReplicaStore: Send {
     /// point `id` or as it is now (`None`), flushed; returns the path of the
     /// volume to use on this host. Nothing is applied to it afterwards.
     fn promote(&mut self, point: Option<u64>) -> Result<PathBuf, StoreError>;
+    /// Where the replica's current contents can be read by another open
+    /// file (a chunk comparison reads it while the applier goes on), and
+    /// whether to read it with `O_DIRECT` (a block device the applier
+    /// writes with `O_DIRECT`). Writes are visible there once `apply`
+    /// returned.
+    fn reader(&self) -> ReadAccess;
+}
+
+/// How a replica's current contents are read from outside the applier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadAccess {
+    /// The file or block device.
+    pub path: PathBuf,
+    /// Read it with `O_DIRECT`.
+    pub direct: bool,
 }
 
 /// A replica in a plain file, with recovery points as file copies (reflinks
@@ -224,6 +239,13 @@ fn remove_partial_images(points_dir: &Path) -> Result<(), StoreError> {
 }
 
 impl ReplicaStore for FileReplica {
+    fn reader(&self) -> ReadAccess {
+        ReadAccess {
+            path: self.io.path().to_owned(),
+            direct: false,
+        }
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

@@ -495,6 +495,13 @@ impl ThinReplica {
 }
 
 impl ReplicaStore for ThinReplica {
+    fn reader(&self) -> crate::replica::ReadAccess {
+        crate::replica::ReadAccess {
+            path: self.path(),
+            direct: true,
+        }
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

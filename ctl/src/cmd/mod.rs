@@ -9,6 +9,7 @@ mod points;
 mod protect;
 mod resync;
 mod status;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -29,6 +30,7 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
         Cmd::Unprotect(a) => protect::unprotect(a),
         Cmd::Activate { config_dir } => protect::activate(&config_dir),
         Cmd::Resync(a) => resync::run(a),
+        Cmd::Verify(a) => verify::run(a),
         Cmd::Failover(a) => failover::run(a),
     }
 }

@@ -90,7 +90,7 @@ fn print_table(vols: &[VolumeStatus]) {
         let (lag, spool, point) = if v.role == Role::Primary {
             (
                 format!("{} rec/{:.1}s", v.lag_records, v.lag_seconds),
-                human_bytes(v.spool_bytes),
+                crate::progress::human_bytes(v.spool_bytes),
                 "-".to_owned(),
             )
         } else {
@@ -116,21 +116,27 @@ fn print_table(vols: &[VolumeStatus]) {
             v.reasons_text()
         );
     }
-}
-
-/// Bytes for a human: B, KiB, MiB, GiB, TiB with one decimal.
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
+    for v in vols {
+        if let Some(p) = v.resync_progress.as_ref() {
+            let what = if p.verify { "verify" } else { "resync" };
+            let running = if p.verify {
+                v.last_verify.is_none() || p.remaining_chunks > 0
+            } else {
+                v.resync_running
+            };
+            if running {
+                println!(
+                    "{}: {what} {} of {} chunks left: {}",
+                    v.volume,
+                    p.remaining_chunks,
+                    p.total_chunks,
+                    crate::progress::progress_line(p)
+                );
+            }
+        }
+        if let Some(r) = &v.last_verify {
+            println!("{}: last verify: {}", v.volume, crate::verify::summary(r));
+        }
     }
 }
 
@@ -140,6 +146,7 @@ mod tests {
 
     #[test]
     fn bytes_are_shown_in_binary_units() {
+        use crate::progress::human_bytes;
         assert_eq!(human_bytes(0), "0 B");
         assert_eq!(human_bytes(1023), "1023 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");

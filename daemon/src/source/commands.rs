@@ -33,7 +33,7 @@ pub(super) struct Commands {
     pub(super) ring_file: Option<std::path::PathBuf>,
     /// The epoch this source is at.
     pub(super) epoch: AtomicU64,
-    pub(super) resync_request: crate::source::drain::ResyncRequests,
+    pub(super) requests: crate::source::drain::Requests,
     pub(super) shared: std::sync::OnceLock<Arc<Shared>>,
     pub(super) stop: Arc<AtomicBool>,
     /// One planned failover at a time.
@@ -54,6 +54,9 @@ pub enum CommandError {
     /// The drain has not started (the ring is not attached yet).
     #[error("the source is not replicating yet")]
     NotReplicating,
+    /// A verify cannot start.
+    #[error("verify refused: {0}")]
+    VerifyRefused(#[source] crate::source::drain::VerifyRefusal),
     /// The drain did not pick up a resync request.
     #[error("the capture drain did not take the resync request within {} s (is the ring attached?); it stays queued", .0.as_secs())]
     DrainDidNotAnswer(Duration),
@@ -132,6 +135,7 @@ impl CommandFailure for CommandError {
             | Self::AlreadyFailingOver
             | Self::NotConnected
             | Self::Refused(_)
+            | Self::VerifyRefused(_)
             | Self::EpochExhausted(_)
             | Self::RefusedSuspended { .. } => ErrorCode::Refused,
             Self::DrainDidNotAnswer(_)
@@ -159,7 +163,11 @@ impl Commands {
     ) -> Option<Result<Reply, CommandError>> {
         if !matches!(
             command,
-            Command::Resync | Command::InitialCopy | Command::FailoverPlanned | Command::Stop
+            Command::Resync { .. }
+                | Command::Verify { .. }
+                | Command::InitialCopy
+                | Command::FailoverPlanned
+                | Command::Stop
         ) {
             return None;
         }
@@ -178,8 +186,9 @@ impl Commands {
                     self.volume
                 )))
             }
-            Command::Resync => self.resync(false),
-            Command::InitialCopy => self.resync(true),
+            Command::Resync { full } => self.resync(false, *full),
+            Command::InitialCopy => self.resync(true, false),
+            Command::Verify { resync, max_rate } => self.verify(*resync, *max_rate),
             _ => self.planned_failover().map(Reply::Done),
         })
     }
@@ -189,19 +198,21 @@ impl Commands {
     /// drain, which answers with a ring position the resync's END comes
     /// after; the reply names it, so a wait sees this resync through to its
     /// END on the target.
-    pub(super) fn resync(&self, ensure: bool) -> Result<Reply, CommandError> {
+    pub(super) fn resync(&self, ensure: bool, send_all: bool) -> Result<Reply, CommandError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.resync_request
+        self.requests
+            .resync
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(crate::source::drain::ResyncRequest {
                 why: if ensure {
                     "initial copy".into()
                 } else {
-                    "full resync requested by an operator".into()
+                    "resync requested by an operator".into()
                 },
                 reply: tx,
                 ensure,
+                send_all,
             });
         let from_seq = rx
             .recv_timeout(DRAIN_ANSWER)
@@ -213,14 +224,49 @@ impl Commands {
             .ok_or(CommandError::NotReplicating)?;
         Ok(Reply::Resync {
             message: format!(
-                "full resync of {} scheduled at record {from_seq}: every region will be resent; the replica is inconsistent until the target applies its end (its last recovery point stays)",
-                self.volume
+                "resync of {} scheduled at record {from_seq}: {}; the replica is inconsistent until the target applies its end (its last recovery point stays)",
+                self.volume,
+                if send_all {
+                    "every chunk will be resent"
+                } else {
+                    "every chunk will be compared with the replica's and those that differ resent"
+                }
             ),
             ticket: ResyncTicket {
                 generation,
                 from_seq,
             },
         })
+    }
+
+    /// An online verify, handed to the drain.
+    pub(super) fn verify(
+        &self,
+        resync: bool,
+        max_rate: Option<u64>,
+    ) -> Result<Reply, CommandError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.requests
+            .verify
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(crate::source::drain::VerifyRequest {
+                resync,
+                max_rate,
+                reply: tx,
+            });
+        let from_seq = rx
+            .recv_timeout(DRAIN_ANSWER)
+            .map_err(|_| CommandError::DrainDidNotAnswer(DRAIN_ANSWER))?
+            .map_err(CommandError::VerifyRefused)?;
+        Ok(Reply::Done(format!(
+            "verify of {} started at record {from_seq}{}",
+            self.volume,
+            match max_rate {
+                Some(r) => format!(", at most {} MiB/s", r >> 20),
+                None => String::new(),
+            }
+        )))
     }
 
     /// Planned failover: stop writes (suspend, final marker, error table),

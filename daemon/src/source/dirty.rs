@@ -11,9 +11,13 @@ use std::path::Path;
 
 use replica_fs::write_atomic;
 
-const MAGIC: [u8; 8] = *b"DMRDIRT1";
-const VERSION: u32 = 1;
+const MAGIC: [u8; 8] = *b"DMRDIRT2";
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 4 + 16 + 8 + 8 + 8 + 8 + 4;
+/// Bytes of the trailer: the key id and the MAC.
+const TRAILER_LEN: usize = 4 + 32;
+/// The label of the cursor's authentication key (see [`CursorKeys`]).
+const CURSOR_LABEL: &[u8] = b"dm-replica resync cursor v1";
 
 /// A bitmap of fixed-size regions of a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +62,8 @@ impl DirtyMap {
         self.set
     }
 
-    fn set_region(&mut self, r: u64) {
+    /// Sets region `r`.
+    pub fn set_region(&mut self, r: u64) {
         if r >= self.regions() {
             return;
         }
@@ -175,6 +180,9 @@ pub struct ResyncState {
     /// The resync that sends them started at this record (its BEGIN
     /// marker), if it has.
     pub begin_seq: Option<u64>,
+    /// Regions of `map` a comparison found different on the target: sent
+    /// without comparing again (same region size as `map`).
+    pub differ: DirtyMap,
 }
 
 /// Errors reading the resync state.
@@ -189,7 +197,7 @@ pub enum ResyncStateError {
         #[source]
         source: std::io::Error,
     },
-    /// Damaged.
+    /// Damaged, of another version, or not this volume's.
     #[error("resync state {path}: {message}")]
     Damaged {
         /// File.
@@ -202,11 +210,43 @@ pub enum ResyncStateError {
     Save(#[from] replica_fs::IoError),
 }
 
+/// The keys that authenticate the resync cursor: derived from the master
+/// keys with the volume's name, so a cursor edited by hand, damaged, or
+/// copied from another volume is refused (and the resync starts over).
+pub struct CursorKeys<'a> {
+    /// The key ring.
+    pub ring: &'a replica_proto::keys::KeyRing,
+    /// The volume.
+    pub volume: &'a str,
+}
+
+impl CursorKeys<'_> {
+    fn mac(&self, key_id: u32, body: &[u8]) -> Option<[u8; 32]> {
+        let key =
+            replica_proto::chunk::derive_key(self.ring, key_id, CURSOR_LABEL, self.volume).ok()?;
+        Some(*blake3::keyed_hash(&key, body).as_bytes())
+    }
+}
+
 impl ResyncState {
-    /// Encodes it (with a trailing CRC32C).
-    pub fn encode(&self) -> Vec<u8> {
+    /// A state that needs `map`'s regions since `since_seq`.
+    pub fn new(generation: [u8; 16], since_seq: u64, reason: String, map: DirtyMap) -> Self {
+        let differ = DirtyMap::new(map.volume_size(), map.region_bytes());
+        Self {
+            generation,
+            since_seq,
+            reason,
+            map,
+            begin_seq: None,
+            differ,
+        }
+    }
+
+    /// Encodes it, authenticated with the ring's active key.
+    pub fn encode(&self, keys: &CursorKeys<'_>) -> Vec<u8> {
         let reason = self.reason.as_bytes();
-        let mut b = Vec::with_capacity(HEADER_LEN + reason.len() + self.map.words.len() * 8 + 4);
+        let mut b =
+            Vec::with_capacity(HEADER_LEN + reason.len() + self.map.words.len() * 16 + TRAILER_LEN);
         b.extend_from_slice(&MAGIC);
         b.extend_from_slice(&VERSION.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes());
@@ -222,23 +262,36 @@ impl ResyncState {
         );
         b.extend_from_slice(&(reason.len() as u32).to_le_bytes());
         b.extend_from_slice(reason);
-        for w in &self.map.words {
+        for w in self.map.words.iter().chain(&self.differ.words) {
             b.extend_from_slice(&w.to_le_bytes());
         }
-        let crc = crc32c::crc32c(&b);
-        b.extend_from_slice(&crc.to_le_bytes());
+        let key_id = keys.ring.active();
+        b.extend_from_slice(&key_id.to_le_bytes());
+        let mac = keys.mac(key_id, &b).unwrap_or([0; 32]);
+        b.extend_from_slice(&mac);
         b
     }
 
-    /// Decodes what [`Self::encode`] wrote.
-    pub fn decode(b: &[u8]) -> Result<Self, &'static str> {
-        if b.len() < HEADER_LEN + 4 || b[0..8] != MAGIC {
-            return Err("not a resync state file");
+    /// Decodes what [`Self::encode`] wrote for the same volume with a key
+    /// still in the ring.
+    pub fn decode(b: &[u8], keys: &CursorKeys<'_>) -> Result<Self, &'static str> {
+        if b.len() < HEADER_LEN + TRAILER_LEN || b[0..8] != MAGIC {
+            return Err(if b.starts_with(b"DMRDIRT") {
+                "a resync state of another version"
+            } else {
+                "not a resync state file"
+            });
         }
-        let (body, crc) = b.split_at(b.len() - 4);
-        if crc32c::crc32c(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
-            return Err("checksum mismatch");
+        let (body, mac) = b.split_at(b.len() - 32);
+        let key_id = replica_proto::le::u32_at(body, body.len() - 4);
+        let want = keys
+            .mac(key_id, body)
+            .ok_or("authenticated with a key no longer in the key ring")?;
+        // Constant time: the MAC is a secret-keyed check.
+        if want.iter().zip(mac).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
+            return Err("authentication failed (damaged, edited, or another volume's)");
         }
+        let body = &body[..body.len() - 4];
         let u32_at = |o: usize| replica_proto::le::u32_at(b, o);
         let u64_at = |o: usize| replica_proto::le::u64_at(b, o);
         if u32_at(8) != VERSION {
@@ -260,30 +313,39 @@ impl ResyncState {
             .ok_or("bad reason")?
             .to_owned();
         let mut map = DirtyMap::new(volume_size, region_bytes);
+        let mut differ = DirtyMap::new(volume_size, region_bytes);
         let words = &body[HEADER_LEN + rlen..];
-        if words.len() != map.words.len() * 8 {
+        let n = map.words.len();
+        if words.len() != n * 16 {
             return Err("bitmap length does not match the volume");
         }
-        for (i, w) in map.words.iter_mut().enumerate() {
+        for (i, w) in map
+            .words
+            .iter_mut()
+            .chain(differ.words.iter_mut())
+            .enumerate()
+        {
             *w = replica_proto::le::u64_at(words, i * 8);
         }
         map.set = map.words.iter().map(|w| u64::from(w.count_ones())).sum();
+        differ.set = differ.words.iter().map(|w| u64::from(w.count_ones())).sum();
         Ok(Self {
             generation,
             since_seq,
             reason,
             map,
             begin_seq: begin.checked_sub(1),
+            differ,
         })
     }
 
     /// Saves it atomically and durably.
-    pub fn save(&self, path: &Path) -> Result<(), ResyncStateError> {
-        Ok(write_atomic(path, &self.encode())?)
+    pub fn save(&self, path: &Path, keys: &CursorKeys<'_>) -> Result<(), ResyncStateError> {
+        Ok(write_atomic(path, &self.encode(keys))?)
     }
 
     /// Loads it; `None` if there is none.
-    pub fn load(path: &Path) -> Result<Option<Self>, ResyncStateError> {
+    pub fn load(path: &Path, keys: &CursorKeys<'_>) -> Result<Option<Self>, ResyncStateError> {
         let b = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -294,7 +356,7 @@ impl ResyncState {
                 })
             }
         };
-        Self::decode(&b)
+        Self::decode(&b, keys)
             .map(Some)
             .map_err(|message| ResyncStateError::Damaged {
                 path: path.display().to_string(),
@@ -338,31 +400,52 @@ mod tests {
         let mut map = DirtyMap::new(10 << 20, 65536);
         map.mark(123 * 4096, 100_000);
         map.mark(9 << 20, 1);
-        let s = ResyncState {
-            generation: [3; 16],
-            since_seq: 4242,
-            reason: "spool limit reached".into(),
-            map,
-            begin_seq: Some(5000),
+        let mut s = ResyncState::new([3; 16], 4242, "spool limit reached".into(), map);
+        s.begin_seq = Some(5000);
+        s.differ.set_region(40);
+        let ring = replica_proto::keys::KeyRing::generate().expect("keys");
+        let keys = CursorKeys {
+            ring: &ring,
+            volume: "v",
         };
-        let b = s.encode();
-        assert_eq!(ResyncState::decode(&b), Ok(s.clone()));
-        for i in [0, 20, 60, b.len() - 1] {
+        let b = s.encode(&keys);
+        assert_eq!(ResyncState::decode(&b, &keys), Ok(s.clone()));
+        // Every byte is covered: a flipped one anywhere is refused.
+        for i in 0..b.len() {
             let mut d = b.clone();
             d[i] ^= 1;
-            assert!(ResyncState::decode(&d).is_err(), "byte {i}");
+            assert!(ResyncState::decode(&d, &keys).is_err(), "byte {i}");
         }
-        assert!(ResyncState::decode(&b[..b.len() - 9]).is_err());
+        assert!(ResyncState::decode(&b[..b.len() - 9], &keys).is_err());
+        // Another volume's cursor, or one made under another key ring.
+        let other = CursorKeys {
+            ring: &ring,
+            volume: "w",
+        };
+        assert!(ResyncState::decode(&b, &other).is_err());
+        let ring2 = replica_proto::keys::KeyRing::generate().expect("keys");
+        let foreign = CursorKeys {
+            ring: &ring2,
+            volume: "v",
+        };
+        assert!(ResyncState::decode(&b, &foreign).is_err());
+        // A version 1 file (CRC only) is not taken.
+        let mut v1 = b"DMRDIRT1".to_vec();
+        v1.resize(200, 0);
+        assert_eq!(
+            ResyncState::decode(&v1, &keys),
+            Err("a resync state of another version")
+        );
         let dir = tempfile::tempdir().expect("tmp");
         let p = dir.path().join("resync.state");
-        assert_eq!(ResyncState::load(&p).expect("load"), None);
-        s.save(&p).expect("save");
-        assert_eq!(ResyncState::load(&p).expect("load"), Some(s.clone()));
+        assert_eq!(ResyncState::load(&p, &keys).expect("load"), None);
+        s.save(&p, &keys).expect("save");
+        assert_eq!(ResyncState::load(&p, &keys).expect("load"), Some(s.clone()));
         let none = ResyncState {
             begin_seq: None,
             ..s
         };
-        assert_eq!(ResyncState::decode(&none.encode()), Ok(none));
+        assert_eq!(ResyncState::decode(&none.encode(&keys), &keys), Ok(none));
     }
 
     #[test]

@@ -90,7 +90,7 @@ impl Source {
                 RingSource::Group(_) => None,
             },
             epoch: AtomicU64::new(cfg.epoch.max(role.epoch)),
-            resync_request: Arc::default(),
+            requests: Default::default(),
             shared: std::sync::OnceLock::new(),
             stop: stop.clone(),
             failing_over: std::sync::Mutex::new(()),
@@ -282,7 +282,7 @@ impl Source {
                 volume_size: cfg.volume_size,
                 chunk_bytes: cfg.spool.chunk_bytes.min(cfg.segment.max_bytes),
                 limit_bytes: cfg.spool.limit(cfg.volume_size),
-                region_bytes: cfg.spool.region_kib * 1024,
+                region_bytes: u64::from(cfg.resync.chunk_kib) * 1024,
                 state_path: cfg.state_dir.join("resync.state"),
                 device: cfg.device.clone(),
                 resync_window: cfg.resync.window_bytes,
@@ -301,7 +301,8 @@ impl Source {
             kernel,
             self.board.clone(),
             self.stop.clone(),
-            self.commands.resync_request.clone(),
+            self.commands.requests.clone(),
+            self.keys.clone(),
         )?;
         let _ = self.commands.shared.set(shared.clone());
         // From now on a different ring means writes may have been missed.

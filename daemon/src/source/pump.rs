@@ -136,6 +136,7 @@ impl Source {
                             shared.copy_required.store(true, Ordering::Release);
                         }
                     }
+                    Message::Compared(c) => shared.answered(c),
                     Message::Promoted(p) => {
                         let pf = shared
                             .planned

@@ -22,6 +22,7 @@ use replica_store::replica::ApplyOp;
 use replica_store::state::PointKind;
 use replica_store::StoreError;
 
+use super::compare::{Comparer, HashRecordError, Job};
 use super::keys::KeyCache;
 use super::promote::{PromoteError, PromoteReq};
 use super::stream::Stream;
@@ -99,6 +100,9 @@ enum SegmentError {
     /// A sequence gap not followed by a resync.
     #[error("a segment after a sequence gap does not start a resync")]
     GapWithoutResync,
+    /// A hash record that names no chunks of this volume.
+    #[error(transparent)]
+    HashRecord(#[from] HashRecordError),
 }
 
 /// A record that writes outside the volume.
@@ -157,6 +161,8 @@ pub(super) struct Applier {
     /// when applied after all) and what was queued behind it. Handled as
     /// if it came now once no such failover waits (promoted: dropped).
     set_aside: Vec<ApplyMsg>,
+    /// Compares the chunks of hash records beside the applier.
+    comparer: Comparer,
 }
 
 /// How a retried replica operation ended.
@@ -227,7 +233,15 @@ impl Applier {
         board: Arc<StatusBoard>,
         stop: Arc<AtomicBool>,
     ) -> Self {
+        let comparer = Comparer::start(
+            &stream.id,
+            stream.volume().size,
+            keys.clone(),
+            stream.answers.clone(),
+            board.clone(),
+        );
         Self {
+            comparer,
             stream,
             keys: KeyCache::new(keys),
             board,
@@ -255,6 +269,10 @@ impl Applier {
                     self.check_store(false);
                     if self.unflushed_segments > 0 && self.set_aside.is_empty() {
                         self.retry("checkpoint", |a| a.checkpoint());
+                    } else {
+                        // Comparisons answered since the last checkpoint
+                        // let acks report more as applied.
+                        self.publish_applied();
                     }
                     if self.stop.load(Ordering::Acquire) && rx.is_empty() {
                         break;
@@ -446,6 +464,14 @@ impl Applier {
     ) -> Result<Vec<RecordView<'p>>, SegmentError> {
         let r = frame::decode_records(h, plain).map_err(SegmentError::Records)?;
         check_bounds(&r, self.stream.volume().size)?;
+        for rec in r.iter().filter(|r| r.op == frame::OP_CHUNK_HASHES) {
+            Job::of(
+                h.generation,
+                rec,
+                self.stream.volume().size,
+                self.stream.volume().replica().reader(),
+            )?;
+        }
         if gap && !r.first().is_some_and(is_resync_begin) {
             return Err(SegmentError::GapWithoutResync);
         }
@@ -549,7 +575,32 @@ impl Applier {
                 continue;
             }
             let off = r.sector * 512;
+            if matches!(
+                r.op,
+                frame::ring_op::WRITE | frame::ring_op::DISCARD | frame::ring_op::WRITE_ZEROES
+            ) && self.comparer.busy()
+            {
+                // Not before a comparison still reading there saw the
+                // replica as it was at its hash record.
+                let len = if r.op == frame::ring_op::WRITE {
+                    r.data.len() as u64
+                } else {
+                    u64::from(r.len)
+                };
+                self.flush_ops(&mut ops)?;
+                self.comparer.before_write(off, len);
+            }
             match r.op {
+                frame::OP_CHUNK_HASHES => {
+                    // Everything before it is on the replica.
+                    self.flush_ops(&mut ops)?;
+                    let size = self.stream.volume().size;
+                    let access = self.stream.volume().replica().reader();
+                    // Checked when the segment was decoded.
+                    if let Ok(job) = Job::of(h.generation, r, size, access) {
+                        self.comparer.submit(job, &self.stream.answers);
+                    }
+                }
                 frame::ring_op::WRITE => ops.push(ApplyOp::Write {
                     offset: off,
                     data: r.data,
@@ -573,7 +624,10 @@ impl Applier {
                         }
                         // Data markers become writes on the source; a
                         // stray one carries nothing to apply.
-                        Some(resync::Marker::Data { .. }) | None => {}
+                        // Data and hash markers become writes and hash
+                        // records on the source; a stray one carries
+                        // nothing to apply.
+                        Some(resync::Marker::Data { .. } | resync::Marker::Hash { .. }) | None => {}
                     }
                     applied = r.seq;
                     self.set_applied(applied);
@@ -617,6 +671,11 @@ impl Applier {
         self.stream.volume().replica().apply(ops)?;
         ops.clear();
         Ok(())
+    }
+
+    /// The oldest hash record whose comparison is not answered yet.
+    pub(super) fn comparer_unanswered(&self) -> Option<u64> {
+        self.comparer.unanswered_before()
     }
 
     /// Moves the stream's applied record (the applier is the only one).

@@ -78,7 +78,8 @@ pub(super) fn handle(
             stream().and_then(|s| close_point(s, point, writable))
         }
         Command::Status
-        | Command::Resync
+        | Command::Resync { .. }
+        | Command::Verify { .. }
         | Command::InitialCopy
         | Command::FailoverPlanned
         | Command::Stop => return None,

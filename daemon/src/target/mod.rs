@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::config::TargetConfig;
 use crate::keystore::KeyStore;
@@ -40,6 +40,7 @@ use crate::DaemonError;
 mod accept;
 mod apply;
 mod commands;
+mod compare;
 mod door;
 mod keys;
 mod points;
@@ -55,13 +56,7 @@ use stream::Stream;
 /// the stop flag.
 const PUMP_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Now, ns since the Unix epoch (0 if the clock is before it).
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+use crate::now_ns;
 
 /// A running target.
 pub struct Target {

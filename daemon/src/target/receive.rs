@@ -241,7 +241,14 @@ impl ConnCtx {
             // Also when the source heard nothing for a ping interval (a
             // large segment still arriving on a slow link): it must not
             // take a busy target for a dead one.
+            // An ack that reports a hash record applied comes after its
+            // answer on this connection: the ack is read first (a record
+            // is published only once its answer is queued), the answers
+            // taken and sent, then the ack.
             let a = ack(&s.stream);
+            for c in s.stream.answers.take() {
+                link.send(&Message::Compared(c));
+            }
             if must_ack || a != last_sent || link.quiet_for() >= s.heartbeat.keepalive {
                 link.send(&Message::Ack(a));
                 let _ = link.pump(Duration::ZERO, None);

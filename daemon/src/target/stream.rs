@@ -29,6 +29,7 @@ use replica_store::state::VolumeState;
 use replica_store::StoreError;
 
 use super::apply::{Applier, ApplyMsg};
+use super::compare::Answers;
 use super::points::resync_reason;
 use super::promote::PendingFailover;
 use crate::config::{TargetConfig, TargetVolume};
@@ -56,6 +57,8 @@ pub(super) struct Stream {
     pub(super) settings: Settings,
     /// The applier's inbox, in stream order.
     pub(super) apply_tx: Sender<ApplyMsg>,
+    /// Chunk comparisons answered, for the source's connection.
+    pub(super) answers: Arc<Answers>,
 }
 
 /// A volume of a stream: the replica it is applied to.
@@ -321,6 +324,7 @@ pub(super) fn open(
         conn: ConnSlot::default(),
         settings: Settings::new(vc),
         apply_tx,
+        answers: Arc::new(Answers::default()),
     });
     let s2 = stream.clone();
     let h = std::thread::Builder::new()

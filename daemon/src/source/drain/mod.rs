@@ -17,11 +17,13 @@
 //! [`RingError::OtherVolume`]; nothing of it is spooled, and the source is
 //! Critical.
 
+mod chunks;
 mod publish;
 mod recovery;
 mod resync;
 mod shared;
 mod switch;
+mod verify;
 
 pub use shared::{planned_failover_refusal, KernelDirtyError, PlannedRefusal, Shared};
 
@@ -56,6 +58,53 @@ pub struct ResyncRequest {
     /// Only make sure a full resync is pending or running (an initial
     /// copy): one already under way that reaches the target is kept.
     pub ensure: bool,
+    /// Resend every chunk without comparing (`replctl resync --full`).
+    pub send_all: bool,
+}
+
+/// An online verify asked for on the control socket. The drain answers on
+/// `reply` with the ring position it starts at, or why it cannot start.
+pub struct VerifyRequest {
+    /// Send the chunks found different.
+    pub resync: bool,
+    /// Bytes compared per second, at most (`None`: as fast as it goes).
+    pub max_rate: Option<u64>,
+    /// Where to send the answer.
+    pub reply: crossbeam_channel::Sender<Result<u64, VerifyRefusal>>,
+}
+
+/// Why a verify cannot start.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum VerifyRefusal {
+    /// A resync is needed or running: the replica is not a copy to verify.
+    #[error("a resync is needed or running: the replica is not consistent, there is nothing to verify yet")]
+    Resyncing,
+    /// One is running.
+    #[error("a verify is already running")]
+    Running,
+    /// The ring is a ring file (no markers).
+    #[error(
+        "the capture ring is a ring file (development mode): a verify needs the kernel's markers"
+    )]
+    NoMarkers,
+    /// `device` is not configured.
+    #[error("`device` (the protected volume) is not configured")]
+    NoDevice,
+    /// The source is not connected to its target.
+    #[error("not connected to the target: a verify compares with the target's replica")]
+    NotConnected,
+}
+
+/// Verifies asked for and not yet taken by the drain.
+pub type VerifyRequests = Arc<Mutex<Vec<VerifyRequest>>>;
+
+/// What operators ask the drain for, through the control socket.
+#[derive(Clone, Default)]
+pub struct Requests {
+    /// Resyncs.
+    pub resync: ResyncRequests,
+    /// Verifies.
+    pub verify: VerifyRequests,
 }
 
 /// Full resyncs asked for and not yet taken by the drain.
@@ -101,8 +150,9 @@ pub struct DrainSettings {
 }
 
 enum Mode {
-    /// Records go to the spool; with a resync running after a BEGIN.
-    Spool(Option<Run>),
+    /// Records go to the spool; with a resync running after a BEGIN, or a
+    /// verify.
+    Spool(Option<Box<Run>>),
     /// Records only mark the map; `begin`: a BEGIN marker was inserted.
     Bitmap { st: ResyncState, begin: Option<u64> },
 }
@@ -157,8 +207,10 @@ pub struct Drainer {
     /// Why a needed resync cannot start, once reported.
     blocked: Option<String>,
     last_step: Instant,
-    /// Full resyncs asked for by an operator.
-    resync_request: ResyncRequests,
+    /// Resyncs and verifies asked for by an operator.
+    requests: Requests,
+    /// The data keys (chunk hashes, the resync cursor's authentication).
+    keys: Arc<crate::keystore::KeyStore>,
 }
 
 fn data_op(op: u8) -> bool {
@@ -224,7 +276,8 @@ impl Drainer {
             }
             let asked = std::mem::take(
                 &mut *self
-                    .resync_request
+                    .requests
+                    .resync
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()),
             );
@@ -233,7 +286,8 @@ impl Drainer {
                     self.ensure_full_resync()?
                 } else {
                     let why = asked[0].why.clone();
-                    self.full_resync(why)?;
+                    let send_all = asked.iter().any(|r| r.send_all);
+                    self.full_resync(why, send_all)?;
                     // Every marker from here on, END included, comes after it.
                     self.consumer.producer_seq()
                 };
@@ -241,6 +295,17 @@ impl Drainer {
                     // The asker may have stopped waiting.
                     let _ = r.reply.send(from);
                 }
+            }
+            let verifies = std::mem::take(
+                &mut *self
+                    .requests
+                    .verify
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            for v in verifies {
+                let r = self.start_verify(v.resync, v.max_rate);
+                let _ = v.reply.send(r);
             }
             if self.shared.copy_required.swap(false, Ordering::AcqRel) {
                 self.ensure_full_resync()?;
@@ -416,8 +481,7 @@ impl Drainer {
         match &mut self.mode {
             Mode::Bitmap { st, .. } => {
                 if self.unsaved > 0 {
-                    st.save(&self.set.state_path)
-                        .map_err(|e| io_err("save the resync state", e))?;
+                    resync::save_state(&self.set, &self.keys, st)?;
                     self.unsaved = 0;
                     self.last_save = Instant::now();
                 }
@@ -545,9 +609,22 @@ mod volume_index_tests {
             last_generation: None,
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let (mut drainer, shared) =
-            Drainer::new(set, consumer, None, board.clone(), stop, Default::default())
-                .expect("drainer");
+        let keys_path = dir.path().join("keys.toml");
+        replica_proto::keys::KeyRing::generate()
+            .expect("keys")
+            .save(&keys_path, false)
+            .expect("save keys");
+        let keys = crate::keystore::KeyStore::load(&keys_path).expect("key store");
+        let (mut drainer, shared) = Drainer::new(
+            set,
+            consumer,
+            None,
+            board.clone(),
+            stop,
+            Default::default(),
+            keys,
+        )
+        .expect("drainer");
         assert_eq!(drainer.index, 0, "a ring file holds volume index 0");
 
         // Volume 0's record goes to the spool...

@@ -15,8 +15,14 @@ impl Drainer {
         let spooled = spool.next_seq();
         let (map, running) = match &self.mode {
             Mode::Bitmap { st, .. } => (Some(st), None),
+            // A verify is not a resync: the replica stays what it is.
+            Mode::Spool(Some(run)) if run.verifying().is_some() => (None, None),
             Mode::Spool(Some(run)) => (Some(&run.st), Some(run)),
             Mode::Spool(None) => (None, None),
+        };
+        let progress = match &self.mode {
+            Mode::Spool(Some(run)) => Some(Self::progress(run)),
+            _ => None,
         };
         let stopped = matches!(self.mode, Mode::Bitmap { .. });
         // Records the target lacks: in the spool and still in the ring (or,
@@ -42,6 +48,9 @@ impl Drainer {
             s.lag_records = records;
             s.lag_bytes = if records == 0 { 0 } else { bytes };
             s.lag_seconds = seconds;
+            if progress.is_some() {
+                s.resync_progress = progress;
+            }
             match map {
                 Some(st) => {
                     s.needs_resync = true;
@@ -49,18 +58,25 @@ impl Drainer {
                     s.dirty_regions = st.map.count();
                     s.dirty_bytes = st.map.count() * st.map.region_bytes();
                     s.resync_running = running.is_some();
-                    s.resync_total_regions = running.map_or(st.map.count(), |r| r.total);
+                    s.resync_total_regions =
+                        running.map_or(st.map.count(), |r| r.chunks.tally.total);
                     s.replica = if running.is_some() {
                         ReplicaState::Inconsistent
                     } else {
                         ReplicaState::Outdated
                     };
                     let state = match (running, &blocked) {
-                        (Some(r), _) => format!(
-                            "resync running: {} of {} regions left",
-                            st.map.count(),
-                            r.total
-                        ),
+                        (Some(r), _) => {
+                            let t = r.chunks.tally;
+                            format!(
+                                "resync running: {} of {} chunks left, {} compared ({} differing), {} sent",
+                                st.map.count(),
+                                t.total,
+                                t.compared,
+                                t.differing,
+                                t.sent
+                            )
+                        }
                         (None, Some(b)) => format!("resync cannot start: {b}"),
                         (None, None) => "resync starts when the target is connected".into(),
                     };

@@ -8,7 +8,9 @@ use std::time::Instant;
 use replica_ring::Peek;
 
 use super::resync::Run;
-use super::{io_err, DrainSettings, Drainer, KernelRing, Mode, Pending, ResyncRequests, Shared};
+use super::{io_err, DrainSettings, Drainer, KernelRing, Mode, Pending, Requests, Shared};
+use crate::keystore::KeyStore;
+use crate::source::dirty::CursorKeys;
 use crate::source::dirty::{DirtyMap, ResyncState};
 use crate::source::ring::RingConsumer;
 use crate::source::spool::Spool;
@@ -24,7 +26,8 @@ impl Drainer {
         kernel: Option<KernelRing>,
         board: Arc<StatusBoard>,
         stop: Arc<AtomicBool>,
-        resync_request: ResyncRequests,
+        requests: Requests,
+        keys: Arc<KeyStore>,
     ) -> Result<(Self, Arc<Shared>), DaemonError> {
         let generation = consumer.mapping().generation();
         let tag = replica_proto::keys::volume_tag(&set.volume);
@@ -36,30 +39,31 @@ impl Drainer {
         if rec.truncated_bytes > 0 {
             tracing::warn!(volume = %set.volume, bytes = rec.truncated_bytes, "spool: torn tail cut at the last whole chunk");
         }
-        let region_bytes = match &kernel {
-            Some(k) => k
-                .device
-                .volume(k.index)?
-                .map_or(set.region_bytes, |v| u64::from(v.region_kib) * 1024),
-            None => set.region_bytes,
-        };
+        // The map's regions are the resync's chunks; the kernel's bitmap
+        // (its own region size) merges into it.
+        let region_bytes = set.region_bytes;
+        if let Some(k) = &kernel {
+            // The volume must be in the group (checked here, at start).
+            k.device.volume(k.index)?;
+        }
         let released = consumer.released_seq();
         let whole = |why: String, since: u64| {
             let mut map = DirtyMap::new(set.volume_size, region_bytes);
             map.mark_all();
             tracing::error!(volume = %set.volume, "{why}: the whole volume needs a resync");
-            ResyncState {
-                generation,
-                since_seq: since,
-                reason: why,
-                map,
-                begin_seq: None,
-            }
+            ResyncState::new(generation, since, why, map)
         };
-        let saved = match ResyncState::load(&set.state_path) {
+        let ring = keys.get();
+        let cursor_keys = CursorKeys {
+            ring: &ring,
+            volume: &set.volume,
+        };
+        let saved = match ResyncState::load(&set.state_path, &cursor_keys) {
             Ok(s) => s,
+            // Damaged, edited, of another version or another volume's: not
+            // trusted; every chunk is compared again.
             Err(e) => Some(whole(
-                format!("resync state unreadable ({e})"),
+                format!("resync state refused ({e})"),
                 rec.next_seq.unwrap_or(released),
             )),
         };
@@ -121,7 +125,10 @@ impl Drainer {
                 match st.begin_seq {
                     // Resumed: whether its BEGIN was full is not known here;
                     // a target that still lacks a copy says so again.
-                    Some(_) if !damaged => Mode::Spool(Some(Run::new(st, false))),
+                    Some(_) if !damaged => {
+                        tracing::info!(volume = %set.volume, chunks_left = st.map.count(), of = st.map.regions(), to_send = st.differ.count(), "resync resumes from its saved cursor");
+                        Mode::Spool(Some(Box::new(Run::new(st, false, true))))
+                    }
                     _ => {
                         st.begin_seq = None;
                         Mode::Bitmap { st, begin: None }
@@ -132,7 +139,7 @@ impl Drainer {
             (None, None) => Mode::Spool(None),
         };
         if let Mode::Bitmap { st, .. } = &mode {
-            st.save(&set.state_path)
+            st.save(&set.state_path, &cursor_keys)
                 .map_err(|e| io_err("save the resync state", e))?;
             // An empty spool ends where the stream stopped: the target may
             // still lack nothing before it, and must not be asked for more.
@@ -157,6 +164,7 @@ impl Drainer {
             failing_over: AtomicBool::new(false),
             copy_required: AtomicBool::new(false),
             target_applied: AtomicU64::new(0),
+            answers: Mutex::new(Vec::new()),
         });
         let index = kernel.as_ref().map_or(0, |k| k.index);
         let d = Self {
@@ -176,7 +184,8 @@ impl Drainer {
             volume: None,
             blocked: None,
             last_step: Instant::now(),
-            resync_request,
+            requests,
+            keys,
         };
         d.publish();
         Ok((d, shared))

@@ -2,12 +2,22 @@
 //! the drain asks the kernel for a BEGIN marker; from that point of the ring on,
 //! records are spooled again (the stream resumes after a gap the target
 //! accepts because it starts with BEGIN). Then, a few at a time and paced
-//! by the target's acknowledgements, it inserts DATA markers naming runs of
-//! dirty regions; when the drain reaches such a marker, every earlier record
-//! has completed on the source, so it reads those regions from the volume
-//! and spools them as a write *at the marker's position*: later writes come
-//! after it in the stream and win. When no region is left, an END marker
-//! closes the resync; the target is consistent again at END.
+//! by the target's answers and acknowledgements, it inserts markers naming
+//! runs of chunks (the map's regions): HASH markers for chunks to compare,
+//! DATA markers for chunks known to differ. When the drain reaches a
+//! marker, every earlier record has completed on the source: for a HASH
+//! marker it reads and hashes the chunks and spools their hashes *at the
+//! marker's position* (the target compares its replica when its apply
+//! order gets there and answers which differ, see [`super::chunks`]); for a
+//! DATA marker it reads the chunks and spools them as a write at that
+//! position: later writes come after it in the stream and win. When every
+//! chunk is proven (equal, or sent), an END marker closes the resync; the
+//! target is consistent again at END.
+//!
+//! An online verify is the same walk of HASH markers over the whole volume
+//! without BEGIN and END: the replica stays consistent; differing chunks
+//! are reported and, when asked, sent as DATA (ordinary writes in the
+//! stream).
 //!
 //! Before it inserts END the drain takes the kernel's dirty bitmap again and
 //! merges it into the run's map ([`Drainer::kernel_settled`]): regions the
@@ -16,40 +26,86 @@
 //! resent too. Overflow-mode writes are not ordered against ring markers, so
 //! while the kernel reports any still in flight a DATA read may have missed
 //! them: END waits until a take returns no new region with none in flight;
-//! new regions are sent first (the run's cursor laps). The map is saved as
-//! "whole volume" before each take, so a daemon killed between the take and
-//! the save resends everything rather than forget what it took.
+//! new regions are compared first. The map is saved as "whole volume"
+//! before each take, so a daemon killed between the take and the save
+//! resends everything rather than forget what it took.
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use replica_proto::frame::{self, resync::Marker, OP_SKIPPED, RECORD_FLAG_RESYNC};
+use replica_proto::chunk::{ChunkKey, ChunkSpan, HashAux, MAX_CHUNKS_PER_RECORD};
+use replica_proto::frame::{self, resync::Marker, OP_CHUNK_HASHES, OP_SKIPPED, RECORD_FLAG_RESYNC};
 use replica_ring::Record;
 
+use super::chunks::Chunks;
 use super::{io_err, DrainSettings, Drainer, KernelRing, Mode};
+use crate::chunkio::hash_chunks;
 use crate::source::dirty::{DirtyMap, ResyncState};
 use crate::status::ReasonKind;
 use crate::DaemonError;
 
-/// DATA markers in the ring, not yet drained, at most.
+/// Markers in the ring, not yet drained, at most.
 pub(super) const MAX_OUTSTANDING: u32 = 4;
+/// Offsets of differing chunks a verify report lists, at most.
+const REPORT_OFFSETS: usize = 1000;
 
-/// A resync in progress: BEGIN is in the spool.
+/// What a run is for.
+#[derive(Debug, Clone)]
+pub(super) enum Purpose {
+    /// A resync between BEGIN and END: the replica is inconsistent until END.
+    Resync,
+    /// An online verify.
+    Verify(Verify),
+}
+
+/// An online verify's settings and findings.
+#[derive(Debug, Clone)]
+pub(super) struct Verify {
+    /// Send the chunks found different.
+    pub(super) resync: bool,
+    /// Bytes compared per second, at most (source and target reads).
+    pub(super) max_rate: Option<u64>,
+    /// No HASH marker before this (the rate limit).
+    pub(super) next_at: Instant,
+    /// Offsets of the chunks found different (the first ones).
+    pub(super) offsets: Vec<u64>,
+    /// The last DATA marker of its repairs.
+    pub(super) repair_seq: u64,
+    /// When it started (ns since the epoch).
+    pub(super) started_ns: u64,
+}
+
+impl Verify {
+    /// A verify (`resync`: send what differs), at most `max_rate` bytes per
+    /// second.
+    pub(super) fn new(resync: bool, max_rate: Option<u64>) -> Self {
+        Self {
+            resync,
+            max_rate,
+            next_at: Instant::now(),
+            offsets: Vec::new(),
+            repair_seq: 0,
+            started_ns: crate::now_ns(),
+        }
+    }
+}
+
+/// A resync (BEGIN is in the spool) or a verify in progress.
 pub(super) struct Run {
-    /// Regions still to send (`begin_seq` set).
+    /// Chunks still to prove (`begin_seq` set for a resync).
     pub(super) st: ResyncState,
-    /// Regions in the map when the resync began.
-    pub(super) total: u64,
-    /// Next region to ask for.
-    pub(super) cursor: u64,
-    /// DATA markers inserted and not yet drained.
+    /// What the answers proved so far, what is issued.
+    pub(super) chunks: Chunks,
+    /// Resync or verify.
+    pub(super) purpose: Purpose,
+    /// Markers inserted and not yet drained.
     pub(super) outstanding: u32,
     /// The END marker's sequence, once inserted.
     pub(super) end: Option<u64>,
-    /// Its BEGIN said it resends every region.
+    /// Its BEGIN said it covers every chunk.
     pub(super) full: bool,
-    /// Regions sent since the state was last saved.
+    /// Chunks proven since the state was last saved.
     pub(super) unsaved: bool,
     pub(super) last_save: Instant,
     /// When the kernel's bitmap was last taken before END (END waits while
@@ -59,16 +115,30 @@ pub(super) struct Run {
     pub(super) kernel_in_flight: u64,
     /// Why that take failed, once logged.
     pub(super) kernel_take_error: Option<String>,
+    /// The chunk key (of the key ring's active key when last derived).
+    key: Option<ChunkKey>,
 }
 
 impl Run {
-    /// A resync that begins (or resumes after a restart) with the regions
-    /// still in `st`'s map.
-    pub(super) fn new(st: ResyncState, full: bool) -> Self {
+    /// A resync that begins (`resumed`: or resumes after a restart) with
+    /// the chunks still in `st`'s map.
+    pub(super) fn new(st: ResyncState, full: bool, resumed: bool) -> Self {
+        Self::with(st, full, resumed, Purpose::Resync)
+    }
+
+    /// A verify of every chunk of a volume of `volume_size` bytes.
+    pub(super) fn verify(generation: [u8; 16], volume_size: u64, chunk: u64, v: Verify) -> Self {
+        let mut map = DirtyMap::new(volume_size, chunk);
+        map.mark_all();
+        let st = ResyncState::new(generation, 0, "verify".into(), map);
+        Self::with(st, false, false, Purpose::Verify(v))
+    }
+
+    fn with(st: ResyncState, full: bool, resumed: bool, purpose: Purpose) -> Self {
         Self {
-            total: st.map.count(),
+            chunks: Chunks::new(&st, resumed),
             st,
-            cursor: 0,
+            purpose,
             outstanding: 0,
             end: None,
             full,
@@ -77,6 +147,24 @@ impl Run {
             last_kernel_take: None,
             kernel_in_flight: 0,
             kernel_take_error: None,
+            key: None,
+        }
+    }
+
+    /// A verify's settings, if it is one.
+    pub(super) fn verifying(&self) -> Option<&Verify> {
+        match &self.purpose {
+            Purpose::Verify(v) => Some(v),
+            Purpose::Resync => None,
+        }
+    }
+
+    /// What a resync that replaces this run must still cover: a resync's
+    /// unproven chunks; for a verify, the chunks it found different.
+    pub(super) fn into_dirty(self) -> DirtyMap {
+        match self.purpose {
+            Purpose::Resync => self.st.map,
+            Purpose::Verify(_) => self.st.differ,
         }
     }
 }
@@ -142,10 +230,9 @@ impl Drainer {
                 st.begin_seq = Some(r.seq);
                 // Saved first: a restart then knows the resync began here
                 // (and re-drains BEGIN if it was not spooled).
-                st.save(&self.set.state_path)
-                    .map_err(|e| io_err("save the resync state", e))?;
-                tracing::info!(volume = %self.set.volume, seq = r.seq, regions = st.map.count(), full, "resync begins");
-                self.mode = Mode::Spool(Some(Run::new(st, full)));
+                super::resync::save_state(&self.set, &self.keys, &st)?;
+                tracing::info!(volume = %self.set.volume, seq = r.seq, chunks = st.map.count(), to_send = st.differ.count(), full, "resync begins");
+                self.mode = Mode::Spool(Some(Box::new(Run::new(st, full, false))));
                 self.pending.gap = true;
                 self.push(r.seq, d.op, d.flags, &d, 0, 0);
             }
@@ -160,7 +247,7 @@ impl Drainer {
             }
             (Mode::Spool(Some(run)), Some(Marker::Data { region, count })) => {
                 run.outstanding = run.outstanding.saturating_sub(1);
-                let rb = self.region_bytes;
+                let rb = run.st.map.region_bytes();
                 let start = region.saturating_mul(rb);
                 let end = region
                     .saturating_add(u64::from(count))
@@ -183,6 +270,9 @@ impl Drainer {
                 self.pending.plain.extend_from_slice(&data);
                 self.pending.clears.push((region, u64::from(count)));
             }
+            (Mode::Spool(Some(_)), Some(Marker::Hash { region, count })) => {
+                self.hash_marker(r, region, count)?;
+            }
             (Mode::Spool(Some(run)), Some(Marker::End)) if run.end == Some(r.seq) => {
                 self.push(r.seq, d.op, d.flags, &d, 0, 0);
                 self.pending.end = true;
@@ -197,10 +287,9 @@ impl Drainer {
         Ok(())
     }
 
-    /// Reads `len` bytes at `offset` of the protected volume, bypassing the
-    /// page cache (writes through the filesystem do not update the block
-    /// device's cache).
-    pub(super) fn read_volume(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, DaemonError> {
+    /// The protected volume, opened with `O_DIRECT` (writes through the
+    /// filesystem do not update the block device's page cache).
+    fn volume_file(&mut self) -> Result<&std::fs::File, DaemonError> {
         if self.volume.is_none() {
             let path = self.set.device.clone().ok_or_else(|| {
                 DaemonError::Critical("resync needs `device` (the protected volume)".into())
@@ -212,25 +301,92 @@ impl Drainer {
                 .map_err(|e| DaemonError::io("open the protected volume", &path, e))?;
             self.volume = Some(f);
         }
-        let f = self
-            .volume
+        self.volume
             .as_ref()
-            .ok_or_else(|| DaemonError::Critical("protected volume not open".into()))?;
-        // O_DIRECT wants an aligned buffer: over-allocate, use the aligned
-        // part.
-        let mut buf = vec![0u8; len as usize + 4096];
-        let at = buf.as_ptr().align_offset(4096);
-        let dst = &mut buf[at..at + len as usize];
-        f.read_exact_at(dst, offset).map_err(|e| {
+            .ok_or_else(|| DaemonError::Critical("protected volume not open".into()))
+    }
+
+    /// Reads `len` bytes at `offset` of the protected volume.
+    pub(super) fn read_volume(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, DaemonError> {
+        let f = self.volume_file()?;
+        let mut buf = crate::chunkio::AlignedBuf::new(len as usize);
+        f.read_exact_at(buf.bytes_mut(), offset).map_err(|e| {
             DaemonError::Critical(format!(
                 "resync: cannot read the protected volume at byte {offset} (+{len}): {e}"
             ))
         })?;
-        Ok(dst.to_vec())
+        Ok(buf.bytes_mut().to_vec())
     }
 
-    /// Starts a needed resync, or keeps a running one supplied with DATA
-    /// markers (paced by the spool's unacknowledged bytes), and ends it.
+    /// A HASH marker reached the drain: hashes its chunks as the volume is
+    /// now (every earlier write completed) and spools them at its position.
+    fn hash_marker(&mut self, r: &Record, region: u64, count: u32) -> Result<(), DaemonError> {
+        let d = r.desc;
+        let size = self.set.volume_size;
+        let ring = self.keys.get();
+        let Mode::Spool(Some(run)) = &mut self.mode else {
+            return Ok(());
+        };
+        run.outstanding = run.outstanding.saturating_sub(1);
+        let rb = run.st.map.region_bytes();
+        let span = ChunkSpan {
+            start: region.saturating_mul(rb),
+            chunk_bytes: rb,
+            count: count.min(MAX_CHUNKS_PER_RECORD),
+        };
+        if span.start >= size || count == 0 {
+            self.push(r.seq, OP_SKIPPED, 0, &d, 0, 0);
+            return Ok(());
+        }
+        // Clipped to the volume's last chunk.
+        let span = ChunkSpan {
+            count: span.count.min(((size - span.start).div_ceil(rb)) as u32),
+            ..span
+        };
+        if run.key.as_ref().map(ChunkKey::key_id) != Some(ring.active()) {
+            run.key = Some(
+                ChunkKey::derive(&ring, ring.active(), &self.set.volume)
+                    .map_err(|e| io_err("derive the chunk hash key", e))?,
+            );
+        }
+        let Some(key) = run.key.clone() else {
+            return Ok(());
+        };
+        let hashed = {
+            let f = self.volume_file()?;
+            hash_chunks(f, &key, &span, size, true)
+        };
+        let hashes = hashed.map_err(|e| {
+            DaemonError::Critical(format!(
+                "resync: cannot read the protected volume at byte {} (+{} chunks): {e}",
+                span.start, span.count
+            ))
+        })?;
+        let aux = HashAux {
+            key_id: key.key_id(),
+            chunk_bytes: rb as u32,
+        };
+        let fields = replica_ring::DescFields {
+            aux: aux.aux(),
+            ..d
+        };
+        self.push(
+            r.seq,
+            OP_CHUNK_HASHES,
+            RECORD_FLAG_RESYNC,
+            &fields,
+            span.start / 512,
+            (hashes.len() * replica_proto::chunk::HASH_LEN) as u32,
+        );
+        for h in &hashes {
+            self.pending.plain.extend_from_slice(h);
+        }
+        Ok(())
+    }
+
+    /// Starts a needed resync, or keeps a running one (or a verify)
+    /// supplied with markers, paced by the answers and the spool's
+    /// unacknowledged bytes, and ends it.
     pub(super) fn resync_step(&mut self) -> Result<(), DaemonError> {
         if let Some(why) = self.resync_step_inner()? {
             self.block(why);
@@ -254,7 +410,7 @@ impl Drainer {
                     return Ok(None);
                 }
                 // Full when the map holds every region: the target may then
-                // count on every region being resent.
+                // count on every region being covered.
                 let full = st.map.count() == st.map.regions();
                 if self.set.device.is_none() {
                     return Ok(Some("`device` (the protected volume) is not configured"));
@@ -279,49 +435,118 @@ impl Drainer {
                 if run.end.is_some() {
                     return Ok(None);
                 }
-                let max_regions = (self.set.resync_max_bytes / self.region_bytes).clamp(1, 65535);
+                // The answers: the target's applied record first (it acks
+                // a hash record only after its answer was sent).
+                let applied = self.shared.target_applied.load(Ordering::Acquire);
+                for c in self.shared.take_answers() {
+                    if let Some(differing) = run.chunks.answer(&mut run.st, &c) {
+                        run.unsaved = true;
+                        if let Purpose::Verify(v) = &mut run.purpose {
+                            let rb = run.st.map.region_bytes();
+                            for r in differing {
+                                if v.offsets.len() < REPORT_OFFSETS {
+                                    v.offsets.push(r * rb);
+                                }
+                                if !v.resync {
+                                    // Reported, not sent.
+                                    run.st.map.clear(r, 1);
+                                    run.st.differ.clear(r, 1);
+                                }
+                            }
+                        }
+                    }
+                }
+                let lost = run.chunks.lost(applied);
+                if lost > 0 {
+                    tracing::info!(volume = %self.set.volume, chunks = lost, applied, "answers to chunk comparisons were lost (a connection ended, or the target restarted): those chunks are compared again");
+                }
+                let rb = run.st.map.region_bytes();
+                let max_data = (self.set.resync_max_bytes / rb).clamp(1, 65535);
+                let max_hash = (self.set.resync_max_bytes.max(rb * 16) / rb)
+                    .clamp(1, u64::from(MAX_CHUNKS_PER_RECORD));
                 // Never let a resync itself fill the spool to its limit.
                 let window = self.set.resync_window.min(self.set.limit_bytes / 4);
-                while run.outstanding < MAX_OUTSTANDING && spool.unacked_bytes() < window {
-                    let next = run.st.map.next_run(run.cursor, max_regions);
-                    let aux = match next {
-                        Some((region, count)) => Marker::Data {
+                // Chunks compared and not answered, at most: the target
+                // reads them at its own pace.
+                let hash_window = (self.set.resync_window.saturating_mul(4) / rb).max(max_hash);
+                while run.outstanding < MAX_OUTSTANDING {
+                    let verify = run.verifying().cloned();
+                    let send = verify.as_ref().is_none_or(|v| v.resync);
+                    let (marker, first, count) = if let Some((region, count)) = (send
+                        && spool.unacked_bytes() < window)
+                        .then(|| run.chunks.next_data(&run.st, max_data))
+                        .flatten()
+                    {
+                        let m = Marker::Data {
                             region,
                             count: count as u32,
+                        };
+                        (m, region, count)
+                    } else if let Some((region, count)) = (run.chunks.waiting_chunks()
+                        < hash_window
+                        && verify.as_ref().is_none_or(|v| Instant::now() >= v.next_at))
+                    .then(|| run.chunks.next_hash(&run.st, max_hash))
+                    .flatten()
+                    {
+                        let m = Marker::Hash {
+                            region,
+                            count: count as u32,
+                        };
+                        (m, region, count)
+                    } else if run.st.map.count() == 0
+                        && run.chunks.idle()
+                        && run.outstanding == 0
+                        && self.pending.clears.is_empty()
+                    {
+                        if verify.is_some() {
+                            self.verify_done();
+                            return Ok(None);
                         }
-                        .aux(),
-                        None if run.outstanding == 0 && self.pending.clears.is_empty() => {
-                            if run.st.map.count() > 0 && run.cursor != 0 {
-                                // Regions behind the cursor (a resync
-                                // resumed after a restart, or added by the
-                                // kernel's bitmap): another lap.
-                                run.cursor = 0;
-                                continue;
-                            }
-                            // Every region of the map was sent and no DATA
-                            // marker is in flight: what the kernel marked
-                            // since is sent before END.
-                            match Self::kernel_settled(k, run, &self.set)? {
-                                Settled::Yes => {}
-                                Settled::Added(_) => continue,
-                                Settled::InFlight(_) | Settled::Unknown => break,
-                            }
-                            Marker::End.aux()
+                        // Every chunk of the map is proven and no marker is
+                        // in flight: what the kernel marked since is
+                        // compared before END.
+                        match Self::kernel_settled(k, run, &self.set, &self.keys)? {
+                            Settled::Yes => {}
+                            Settled::Added(_) => continue,
+                            Settled::InFlight(_) | Settled::Unknown => break,
                         }
-                        None => break,
+                        match k
+                            .device
+                            .insert_marker(k.index, RECORD_FLAG_RESYNC, Marker::End.aux())
+                        {
+                            Ok(seq) => run.end = Some(seq),
+                            Err(e) => tracing::debug!(error = %e, "resync END not inserted yet"),
+                        }
+                        break;
+                    } else {
+                        break;
                     };
-                    match k.device.insert_marker(k.index, RECORD_FLAG_RESYNC, aux) {
-                        Ok(seq) => match next {
-                            Some((region, count)) => {
-                                run.outstanding += 1;
-                                run.cursor = region + count;
+                    match k
+                        .device
+                        .insert_marker(k.index, RECORD_FLAG_RESYNC, marker.aux())
+                    {
+                        Ok(seq) => {
+                            run.outstanding += 1;
+                            match marker {
+                                Marker::Hash { region, count } => {
+                                    run.chunks.hashing(seq, region, count);
+                                    if let Purpose::Verify(v) = &mut run.purpose {
+                                        if let Some(rate) = v.max_rate.filter(|r| *r > 0) {
+                                            let secs = (count as f64 * rb as f64) / rate as f64;
+                                            v.next_at = v.next_at.max(Instant::now())
+                                                + Duration::from_secs_f64(secs);
+                                        }
+                                    }
+                                }
+                                _ => {
+                                    if let Purpose::Verify(v) = &mut run.purpose {
+                                        v.repair_seq = seq;
+                                    }
+                                }
                             }
-                            None => {
-                                run.end = Some(seq);
-                                break;
-                            }
-                        },
+                        }
                         Err(e) => {
+                            run.chunks.unissue(first, count);
                             tracing::debug!(error = %e, "resync marker not inserted yet");
                             break;
                         }
@@ -341,7 +566,13 @@ impl Drainer {
         k: &KernelRing,
         run: &mut Run,
         set: &DrainSettings,
+        keys: &crate::keystore::KeyStore,
     ) -> Result<Settled, DaemonError> {
+        let ring = keys.get();
+        let ck = crate::source::dirty::CursorKeys {
+            ring: &ring,
+            volume: &set.volume,
+        };
         if run
             .last_kernel_take
             .is_some_and(|t| run.kernel_in_flight > 0 && t.elapsed() < KERNEL_RETAKE)
@@ -351,7 +582,7 @@ impl Drainer {
         let mut whole = run.st.clone();
         whole.map.mark_all();
         whole
-            .save(&set.state_path)
+            .save(&set.state_path, &ck)
             .map_err(|e| io_err("save the resync state", e))?;
         let b = match k.device.take_bitmap(k.index) {
             Ok(b) => b,
@@ -359,7 +590,7 @@ impl Drainer {
                 // Nothing was taken (the kernel keeps the bits of a failed
                 // hand-over): the map as it was.
                 run.st
-                    .save(&set.state_path)
+                    .save(&set.state_path, &ck)
                     .map_err(|e| io_err("save the resync state", e))?;
                 let why = e.to_string();
                 if run.kernel_take_error.as_deref() != Some(why.as_str()) {
@@ -378,7 +609,7 @@ impl Drainer {
             b.in_flight_overflow,
         );
         run.st
-            .save(&set.state_path)
+            .save(&set.state_path, &ck)
             .map_err(|e| io_err("save the resync state", e))?;
         run.unsaved = false;
         run.last_save = Instant::now();
@@ -388,8 +619,8 @@ impl Drainer {
         run.kernel_in_flight = b.in_flight_overflow;
         match settled {
             Settled::Added(n) => {
-                run.total = run.total.saturating_add(n);
-                run.cursor = 0;
+                run.chunks.added(n);
+                run.chunks.rewind();
                 tracing::warn!(
                     volume = %set.volume,
                     regions = n,
@@ -417,33 +648,33 @@ impl Drainer {
         }
     }
 
-    /// Saves a running resync's remaining regions if they changed.
+    /// Saves a running resync's remaining chunks (its cursor) if they
+    /// changed. A verify keeps nothing: it is not a resync.
     pub(super) fn save_run(&mut self) -> Result<(), DaemonError> {
         if let Mode::Spool(Some(run)) = &mut self.mode {
-            if run.unsaved {
-                run.st
-                    .save(&self.set.state_path)
-                    .map_err(|e| io_err("save the resync state", e))?;
-                run.unsaved = false;
+            if run.unsaved && run.verifying().is_none() {
+                save_state(&self.set, &self.keys, &run.st)?;
                 run.last_save = Instant::now();
             }
+            run.unsaved = false;
         }
         Ok(())
     }
 
-    /// A chunk reached the spool: the regions it resends are no longer
-    /// dirty; with the END in it, the resync is over.
+    /// A chunk reached the spool: the regions it resends are proven; with
+    /// the END in it, the resync is over.
     pub(super) fn after_spooled(&mut self) -> Result<(), DaemonError> {
         let Mode::Spool(Some(run)) = &mut self.mode else {
             return Ok(());
         };
         for (region, count) in self.pending.clears.drain(..) {
-            run.st.map.clear(region, count);
+            run.chunks.spooled(&mut run.st, region, count);
             run.unsaved = true;
         }
         if self.pending.end {
             let end = run.end.unwrap_or(0);
-            tracing::info!(volume = %self.set.volume, end, "resync complete: every dirty region was resent");
+            let t = run.chunks.tally;
+            tracing::info!(volume = %self.set.volume, end, compared = t.compared, equal = t.equal, differing = t.differing, sent = t.sent, sent_bytes = t.sent_bytes, rehashed = t.rehashed, done_before = t.done_before, "resync complete: every chunk is proven equal or was resent");
             match std::fs::remove_file(&self.set.state_path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -454,6 +685,10 @@ impl Drainer {
             self.board.update(&self.set.volume, |s| {
                 s.resync_end_seq = end;
                 s.clear_reason(ReasonKind::Resync);
+                if let Some(p) = &mut s.resync_progress {
+                    p.remaining_chunks = 0;
+                    p.end_seq = end;
+                }
             });
             self.publish();
             return Ok(());
@@ -463,6 +698,23 @@ impl Drainer {
         }
         Ok(())
     }
+}
+
+/// Saves a resync state, authenticated with the key ring's active key.
+pub(super) fn save_state(
+    set: &DrainSettings,
+    keys: &crate::keystore::KeyStore,
+    st: &ResyncState,
+) -> Result<(), DaemonError> {
+    let ring = keys.get();
+    st.save(
+        &set.state_path,
+        &crate::source::dirty::CursorKeys {
+            ring: &ring,
+            volume: &set.volume,
+        },
+    )
+    .map_err(|e| io_err("save the resync state", e))
 }
 
 #[cfg(test)]

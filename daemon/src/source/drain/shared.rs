@@ -40,6 +40,8 @@ pub struct Shared {
     pub copy_required: AtomicBool,
     /// Last record the target said it applied (its welcome or last ack).
     pub target_applied: AtomicU64,
+    /// The target's answers to chunk comparisons, for the drain.
+    pub answers: Mutex<Vec<replica_proto::msg::Compared>>,
 }
 
 impl Shared {
@@ -55,6 +57,21 @@ impl Shared {
             tracing::error!(error = %e, "cannot trim the spool");
             self.report_damage(e.to_string());
         }
+    }
+
+    /// An answer of the target to a chunk comparison (kept for the drain;
+    /// a drain that does not take them keeps the newest few thousand).
+    pub fn answered(&self, c: replica_proto::msg::Compared) {
+        let mut a = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        if a.len() >= 4096 {
+            a.remove(0);
+        }
+        a.push(c);
+    }
+
+    /// The answers received since the last call.
+    pub(super) fn take_answers(&self) -> Vec<replica_proto::msg::Compared> {
+        std::mem::take(&mut *self.answers.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// A session could not read the spool.

@@ -16,6 +16,7 @@ impl Drainer {
     /// those a running resync has not sent yet are marked, the state is
     /// saved, then the spool is dropped.
     pub(super) fn go_resync(&mut self, why: String, drop_spool: bool) -> Result<(), DaemonError> {
+        self.abandon_verify(&why);
         let spool = self.shared.spool.clone();
         let durable = self.shared.durable.load(Ordering::Acquire);
         let oldest = spool.oldest_seq();
@@ -30,7 +31,7 @@ impl Drainer {
             spool.next_seq()
         };
         let mut map = match std::mem::replace(&mut self.mode, Mode::Spool(None)) {
-            Mode::Spool(Some(run)) => run.st.map,
+            Mode::Spool(Some(run)) => run.into_dirty(),
             _ => DirtyMap::new(self.set.volume_size, self.region_bytes),
         };
         if drop_spool {
@@ -54,15 +55,8 @@ impl Drainer {
                 Err(_) => map.mark_all(),
             }
         }
-        let st = ResyncState {
-            generation: self.generation,
-            since_seq: since,
-            reason: why.clone(),
-            map,
-            begin_seq: None,
-        };
-        st.save(&self.set.state_path)
-            .map_err(|e| io_err("save the resync state", e))?;
+        let st = ResyncState::new(self.generation, since, why.clone(), map);
+        super::resync::save_state(&self.set, &self.keys, &st)?;
         if drop_spool {
             spool
                 .drop_all(since)
@@ -84,10 +78,12 @@ impl Drainer {
         Ok(())
     }
 
-    /// Every region of the volume is to be resent (an initial copy, or an
-    /// operator's request): what the spool holds still ships, then the
-    /// stream stops and a resync of the whole volume follows.
-    pub(super) fn full_resync(&mut self, why: String) -> Result<(), DaemonError> {
+    /// Every chunk of the volume is to be compared, or (`send_all`) resent
+    /// without comparing (an initial copy, or an operator's request): what
+    /// the spool holds still ships, then the stream stops and a resync of
+    /// the whole volume follows.
+    pub(super) fn full_resync(&mut self, why: String, send_all: bool) -> Result<(), DaemonError> {
+        self.abandon_verify(&why);
         self.commit()?;
         let since = self.shared.spool.next_seq();
         let mut st = match std::mem::replace(&mut self.mode, Mode::Spool(None)) {
@@ -95,22 +91,27 @@ impl Drainer {
                 st.reason = format!("{}; {why}", st.reason);
                 st
             }
-            Mode::Spool(run) => ResyncState {
-                generation: self.generation,
-                since_seq: since,
-                reason: why.clone(),
-                map: match run {
-                    Some(run) => run.st.map,
+            Mode::Spool(run) => ResyncState::new(
+                self.generation,
+                since,
+                why.clone(),
+                match run {
+                    Some(run) => run.into_dirty(),
                     None => DirtyMap::new(self.set.volume_size, self.region_bytes),
                 },
-                begin_seq: None,
-            },
+            ),
         };
         st.begin_seq = None;
         st.map.mark_all();
-        st.save(&self.set.state_path)
-            .map_err(|e| io_err("save the resync state", e))?;
-        tracing::warn!(volume = %self.set.volume, since_seq = st.since_seq, "{why}: every region will be resent");
+        if send_all {
+            st.differ.mark_all();
+        }
+        super::resync::save_state(&self.set, &self.keys, &st)?;
+        if send_all {
+            tracing::warn!(volume = %self.set.volume, since_seq = st.since_seq, "{why}: every chunk will be resent");
+        } else {
+            tracing::warn!(volume = %self.set.volume, since_seq = st.since_seq, "{why}: every chunk will be compared, those that differ resent");
+        }
         self.shared.set_resync(Some(st.since_seq));
         self.mode = Mode::Bitmap { st, begin: None };
         self.last_save = Instant::now();
@@ -138,7 +139,10 @@ impl Drainer {
         if let Some(from) = keep {
             return Ok(from);
         }
-        self.full_resync("the target holds no consistent copy of the volume".into())?;
+        self.full_resync(
+            "the target holds no consistent copy of the volume".into(),
+            false,
+        )?;
         Ok(self.consumer.producer_seq())
     }
 
@@ -147,28 +151,26 @@ impl Drainer {
     /// is taken (which ends the overflow) into the saved map, with whatever
     /// a running resync had not sent yet.
     pub(super) fn overflowed(&mut self) -> Result<(), DaemonError> {
+        self.abandon_verify("the capture ring overflowed");
         let next = self.consumer.next_seq();
         let mut st = match std::mem::replace(&mut self.mode, Mode::Spool(None)) {
             Mode::Bitmap { st, .. } => st,
-            Mode::Spool(run) => ResyncState {
-                generation: self.generation,
-                since_seq: self.shared.spool.next_seq(),
-                reason: "capture ring overflowed".into(),
-                map: match run {
-                    Some(run) => run.st.map,
+            Mode::Spool(run) => ResyncState::new(
+                self.generation,
+                self.shared.spool.next_seq(),
+                "capture ring overflowed".into(),
+                match run {
+                    Some(run) => run.into_dirty(),
                     None => DirtyMap::new(self.set.volume_size, self.region_bytes),
                 },
-                begin_seq: None,
-            },
+            ),
         };
         st.begin_seq = None;
         // Saved as "whole volume" first: the kernel clears its bitmap when
         // it hands it over, so dying between the two must not forget it.
         let mut whole = st.clone();
         whole.map.mark_all();
-        whole
-            .save(&self.set.state_path)
-            .map_err(|e| io_err("save the resync state", e))?;
+        super::resync::save_state(&self.set, &self.keys, &whole)?;
         match &self.kernel {
             Some(k) => {
                 let b = k.device.take_bitmap(k.index)?;
@@ -188,8 +190,7 @@ impl Drainer {
         if !st.reason.contains("overflow") {
             st.reason = format!("{}; capture ring overflowed", st.reason);
         }
-        st.save(&self.set.state_path)
-            .map_err(|e| io_err("save the resync state", e))?;
+        super::resync::save_state(&self.set, &self.keys, &st)?;
         tracing::error!(
             volume = %self.set.volume,
             since_seq = st.since_seq,

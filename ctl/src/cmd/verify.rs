@@ -1,0 +1,36 @@
+//! `replctl verify`: an online verify of a protected volume.
+
+use std::time::Duration;
+
+use replica_control::Command;
+
+use crate::cli::VerifyArgs;
+use crate::error::CtlError;
+
+/// Runs `verify`.
+pub fn run(a: VerifyArgs) -> Result<(), CtlError> {
+    let sock = super::control_socket(&a.daemon)?;
+    let since = now_ns();
+    let r = replica_control::request(
+        &sock,
+        Command::Verify {
+            resync: a.resync,
+            max_rate: a.max_rate_mib.map(|m| m.saturating_mul(1 << 20)),
+        },
+    )?;
+    println!("{}", r.message.as_deref().unwrap_or_default());
+    if a.wait {
+        let report = crate::verify::wait_verify(&sock, since, Duration::from_secs(a.timeout))?;
+        println!("verify done: {}", crate::verify::summary(&report));
+    }
+    Ok(())
+}
+
+/// Now, ns since the Unix epoch (the daemon stamps its report from the
+/// same clock).
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

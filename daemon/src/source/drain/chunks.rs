@@ -1,0 +1,263 @@
+//! Which chunks a running resync or verify compares and sends next, and
+//! what the target's answers prove: the bookkeeping of a checksum resync,
+//! apart from the ring and the spool so it can be tested on its own.
+//!
+//! A chunk of the run's map is *unproven* until either the target answered
+//! that it equals the source's at one ring position (then every later write
+//! reaches both sides in the same order, so they stay equal), or its data
+//! was spooled at a later position (then the replica holds what the volume
+//! held there). Unproven chunks are in the map (persisted: the resync's
+//! cursor); those an answer found different are also in `differ` (sent
+//! without comparing again, also after a restart). In memory only: the
+//! chunks named by a marker not yet answered or spooled (`issued`), and the
+//! hash records waiting for an answer.
+//!
+//! An answer is looked for until the target reports the hash record
+//! applied: the target sends its answer before any ack that says so, so a
+//! record applied without an answer means the answer was lost (a connection
+//! that ended, a target restart) and its chunks are compared again. Late
+//! or repeated answers are harmless: "equal" at any position proves a
+//! chunk; "differs" only asks for data that was not sent yet.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use replica_proto::msg::Compared;
+
+use crate::source::dirty::{DirtyMap, ResyncState};
+
+/// A hash record in the ring or the stream, waiting for its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Waiting {
+    seq: u64,
+    region: u64,
+    count: u32,
+}
+
+/// What a run has done, for the status.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tally {
+    /// Chunks in the map when the run started (or resumed), plus those
+    /// added since.
+    pub(crate) total: u64,
+    /// Chunks proven before this start (a resumed run).
+    pub(crate) done_before: u64,
+    /// Chunks answered.
+    pub(crate) compared: u64,
+    /// Of those, found equal.
+    pub(crate) equal: u64,
+    /// Found different.
+    pub(crate) differing: u64,
+    /// Chunks whose data was spooled.
+    pub(crate) sent: u64,
+    /// Their bytes.
+    pub(crate) sent_bytes: u64,
+    /// Chunks compared again because an answer was lost.
+    pub(crate) rehashed: u64,
+    /// Bytes covered so far (compared equal, or sent).
+    pub(crate) covered_bytes: u64,
+    /// When the run started (this daemon's start for a resumed one).
+    pub(crate) started: Instant,
+}
+
+/// The chunk bookkeeping of one run.
+pub(crate) struct Chunks {
+    issued: DirtyMap,
+    waiting: VecDeque<Waiting>,
+    hash_cursor: u64,
+    data_cursor: u64,
+    pub(crate) tally: Tally,
+}
+
+/// The first run of regions at or after `from` set in `a` and not in `b`
+/// (and not in `c`), at most `max` long; wraps around to the start once.
+fn next_run(a: &DirtyMap, not: &[&DirtyMap], from: u64, max: u64) -> Option<(u64, u64)> {
+    let n = a.regions();
+    let ok = |r: u64| a.is_set(r) && not.iter().all(|m| !m.is_set(r));
+    for (lo, hi) in [(from.min(n), n), (0, from.min(n))] {
+        let mut r = lo;
+        while r < hi {
+            match a.next_run(r, 1) {
+                Some((f, _)) if f < hi => {
+                    if ok(f) {
+                        let mut end = f + 1;
+                        while end < n && end - f < max.max(1) && ok(end) {
+                            end += 1;
+                        }
+                        return Some((f, end - f));
+                    }
+                    r = f + 1;
+                }
+                _ => break,
+            }
+        }
+    }
+    None
+}
+
+impl Chunks {
+    /// The bookkeeping of a run over `st`'s map (`regions_done`: regions of
+    /// the volume the map no longer holds when resuming).
+    pub(crate) fn new(st: &ResyncState, resumed: bool) -> Self {
+        let m = &st.map;
+        Self {
+            issued: DirtyMap::new(m.volume_size(), m.region_bytes()),
+            waiting: VecDeque::new(),
+            hash_cursor: 0,
+            data_cursor: 0,
+            tally: Tally {
+                total: m.count(),
+                done_before: if resumed {
+                    m.regions().saturating_sub(m.count())
+                } else {
+                    0
+                },
+                compared: 0,
+                equal: 0,
+                differing: 0,
+                sent: 0,
+                sent_bytes: 0,
+                rehashed: 0,
+                covered_bytes: 0,
+                started: Instant::now(),
+            },
+        }
+    }
+
+    /// Regions the kernel added to the map after the run started.
+    pub(crate) fn added(&mut self, n: u64) {
+        self.tally.total = self.tally.total.saturating_add(n);
+    }
+
+    fn issue(&mut self, first: u64, count: u64) {
+        for r in first..first + count {
+            self.issued.set_region(r);
+        }
+    }
+
+    /// The next run of chunks known to differ, at most `max`: marked issued.
+    pub(crate) fn next_data(&mut self, st: &ResyncState, max: u64) -> Option<(u64, u64)> {
+        let run = next_run(&st.differ, &[&self.issued], self.data_cursor, max)?;
+        // Only chunks still unproven (the map holds every one of `differ`).
+        self.issue(run.0, run.1);
+        self.data_cursor = run.0 + run.1;
+        Some(run)
+    }
+
+    /// The next run of chunks to compare, at most `max`: marked issued.
+    pub(crate) fn next_hash(&mut self, st: &ResyncState, max: u64) -> Option<(u64, u64)> {
+        let run = next_run(&st.map, &[&self.issued, &st.differ], self.hash_cursor, max)?;
+        self.issue(run.0, run.1);
+        self.hash_cursor = run.0 + run.1;
+        Some(run)
+    }
+
+    /// A marker for chunks from `next_*` could not be inserted.
+    pub(crate) fn unissue(&mut self, first: u64, count: u64) {
+        self.issued.clear(first, count);
+    }
+
+    /// A hash marker for `count` chunks from `region` went into the ring at
+    /// `seq`.
+    pub(crate) fn hashing(&mut self, seq: u64, region: u64, count: u32) {
+        self.waiting.push_back(Waiting { seq, region, count });
+    }
+
+    /// Chunks waiting for an answer.
+    pub(crate) fn waiting_chunks(&self) -> u64 {
+        self.waiting.iter().map(|w| u64::from(w.count)).sum()
+    }
+
+    /// Nothing issued is unanswered or unsent.
+    pub(crate) fn idle(&self) -> bool {
+        self.waiting.is_empty() && self.issued.count() == 0
+    }
+
+    /// An answer of the target: returns the chunks found different (region
+    /// numbers), or `None` if it answers no record this run waits for.
+    pub(crate) fn answer(&mut self, st: &mut ResyncState, c: &Compared) -> Option<Vec<u64>> {
+        if c.generation != st.generation {
+            return None;
+        }
+        let i = self
+            .waiting
+            .iter()
+            .position(|w| w.seq == c.seq && w.count == c.count())?;
+        let w = self.waiting.remove(i)?;
+        let rb = st.map.region_bytes();
+        let mut differing = Vec::new();
+        for j in 0..w.count {
+            let r = w.region + u64::from(j);
+            self.issued.clear(r, 1);
+            if !st.map.is_set(r) {
+                continue; // proven meanwhile (sent, or an earlier answer)
+            }
+            self.tally.compared += 1;
+            if c.differs(j) {
+                st.differ.set_region(r);
+                self.tally.differing += 1;
+                differing.push(r);
+            } else {
+                st.map.clear(r, 1);
+                st.differ.clear(r, 1);
+                self.tally.equal += 1;
+                self.tally.covered_bytes += chunk_len(st, r, rb);
+            }
+        }
+        Some(differing)
+    }
+
+    /// The target reports record `applied` applied: hash records at or
+    /// before it still waiting lost their answer; their chunks are compared
+    /// again. Returns how many chunks.
+    pub(crate) fn lost(&mut self, applied: u64) -> u64 {
+        let mut n = 0;
+        let issued = &mut self.issued;
+        self.waiting.retain(|w| {
+            if (applied.wrapping_sub(w.seq) as i64) >= 0 {
+                issued.clear(w.region, u64::from(w.count));
+                n += u64::from(w.count);
+                false
+            } else {
+                true
+            }
+        });
+        if n > 0 {
+            self.hash_cursor = 0;
+        }
+        self.tally.rehashed += n;
+        n
+    }
+
+    /// The data of `count` chunks from `region` is in the spool: proven.
+    pub(crate) fn spooled(&mut self, st: &mut ResyncState, region: u64, count: u64) {
+        let rb = st.map.region_bytes();
+        for r in region..region.saturating_add(count).min(st.map.regions()) {
+            if st.map.is_set(r) {
+                self.tally.sent += 1;
+                let len = chunk_len(st, r, rb);
+                self.tally.sent_bytes += len;
+                self.tally.covered_bytes += len;
+            }
+        }
+        st.map.clear(region, count);
+        st.differ.clear(region, count);
+        self.issued.clear(region, count);
+    }
+
+    /// The run lapped: chunks the kernel added behind the cursors are
+    /// looked at from the start again.
+    pub(crate) fn rewind(&mut self) {
+        self.hash_cursor = 0;
+        self.data_cursor = 0;
+    }
+}
+
+/// Bytes of region `r` (the last one clipped to the volume).
+fn chunk_len(st: &ResyncState, r: u64, rb: u64) -> u64 {
+    let start = r * rb;
+    (start + rb).min(st.map.volume_size()).saturating_sub(start)
+}
+
+#[cfg(test)]
+mod tests;
