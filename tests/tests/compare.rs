@@ -196,3 +196,39 @@ fn a_malformed_hash_record_makes_the_stream_critical_and_applies_nothing() {
         "nothing of the segment applied"
     );
 }
+
+#[test]
+fn many_hash_records_between_overlapping_writes_never_stall_the_applier() {
+    let (env, _t, addr, st, kr) = setup();
+    let mut c = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], 1).expect("connect");
+    let mut rng = Rng::new(5);
+    let mut seq = 1u64;
+    let data = vec![0x77u8; 8192];
+    let zeros = vec![0u8; SIZE as usize];
+    let h = hashes(&kr, kr.active(), &zeros);
+    let mut hash_seqs = Vec::new();
+    for _ in 0..200 {
+        let mut recs: Vec<(u64, u8, u8, u64, u64, &[u8])> = Vec::new();
+        for _ in 0..4 {
+            let first = rng.below(CHUNKS as u64 - 4);
+            let hs = &h[first as usize * 32..(first as usize + 4) * 32];
+            recs.push((seq, OP_CHUNK_HASHES, RECORD_FLAG_RESYNC, first * CHUNK / 512, aux(kr.active()), hs));
+            hash_seqs.push(seq);
+            seq += 1;
+            for _ in 0..3 {
+                let sector = rng.below(SIZE / 512 - 16);
+                recs.push((seq, ring_op::WRITE, 0, sector, 0, &data));
+                seq += 1;
+            }
+        }
+        let f = c.seal_records(&kr, 0, &recs);
+        c.send_frame(f).expect("segment");
+    }
+    let last = seq - 1;
+    wait_for(Duration::from_secs(60), "everything applied", || {
+        target_state(&st, "v").applied_seq >= last
+    });
+    for s in hash_seqs {
+        c.answer_for(s).expect("every hash record answered");
+    }
+}

@@ -397,3 +397,83 @@ daemon_up() {
 	fi
 	replctl status --socket "$2" >/dev/null 2>&1
 }
+
+# --- checksum resync scenarios (checksum-resync, resync-resume) ---
+
+# cs_setup: a protected volume cs over /dev/vda (64 KiB chunks, a 4 MiB
+# ring) replicated to a file replica on the target's own disk (T=/target),
+# two recovery points kept (each is a copy of the image on ext4). Sets W,
+# CHUNK, NCH (chunks of the volume), IMG (the replica image), marker; on
+# failure the end of both daemons' logs is shown.
+cs_setup() {
+	W=/tmp/cs
+	CHUNK=65536
+	volume_vars /dev/vda
+	NCH=$((size / CHUNK))
+	SOURCE_INITIAL_COPY=true setup_disk_pair $W cs $size 127.0.0.1:7731 2 /dev/vda ring_mib=4 region_kib=64
+	printf '[resync]\nchunk_kib = 64\nwindow_bytes = 4194304\n' >>$W/source.toml
+	IMG=$T/cs.img
+	marker=0
+	trap '[ -s /tmp/vmtest-fail-reason ] && { echo "--- source log"; tail -n 60 $W/source.log; echo "--- target log"; tail -n 60 $W/target.log; }' EXIT
+}
+
+# piped COMMAND...: runs COMMAND with its output through a pipe (no
+# terminal: progress in plain lines), shows it, and returns its status.
+piped() {
+	"$@" >/tmp/piped.out 2>&1
+	_rc=$?
+	cat /tmp/piped.out
+	return $_rc
+}
+
+# jnum FIELD: the number FIELD of the source's resync progress (the
+# running or last resync's).
+jnum() {
+	replctl status --state-dir $W/source --json 2>/dev/null | tr -d ' \n' |
+		sed -n 's/.*"resync_progress":{\([^}]*\)}.*/\1/p' |
+		sed -n "s/.*\"$1\":\([0-9][0-9]*\).*/\1/p"
+}
+
+# done_pct: how far the running resync is, percent of its chunks proven.
+done_pct() {
+	_t=$(jnum total_chunks) _r=$(jnum remaining_chunks)
+	[ -n "$_t" ] && [ -n "$_r" ] && [ "$_t" -gt 0 ] || return 1
+	echo $(((_t - _r) * 100 / _t))
+}
+
+# at_least PCT: the running resync proved at least PCT% of its chunks.
+at_least() {
+	json_has $W/source '"resync_running": true' || return 1
+	_d=$(done_pct) || return 1
+	[ "$_d" -ge "$1" ]
+}
+
+# garble N SEED: overwrites N distinct chunks of the replica image with
+# random data (behind the target's back) and lists their offsets, sorted,
+# in $garbled.
+garble() {
+	garbled=$(awk -v n="$1" -v seed="$2" -v max=$NCH 'BEGIN {
+		srand(seed); c = 0
+		while (c < n) { i = int(rand() * max); if (!(i in s)) { s[i] = 1; c++ } }
+		for (i in s) print i }' | sort -n)
+	for i in $garbled; do
+		dd if=/dev/urandom of=$IMG bs=$CHUNK count=1 seek="$i" conv=notrunc status=none ||
+			fail "garble chunk $i"
+	done
+	sync
+}
+
+# in_sync WHAT: a marker through the stream, applied, and the replica
+# equals the volume.
+in_sync() {
+	marker=$((marker + 1))
+	marker_applied /dev/mapper/cs $marker $T/state cs
+	same_sha /dev/mapper/cs $IMG "$1"
+}
+
+# resync_done: the source finished its resync and the target is
+# consistent again.
+resync_done() {
+	json_has $W/source '"needs_resync": false' && json_has $T/state '"replica": "Consistent"'
+}
+

@@ -154,6 +154,11 @@ impl Answers {
             .collect()
     }
 
+    /// Whether any answer waits.
+    pub(super) fn waiting(&self) -> bool {
+        !self.queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
     fn push(&self, c: Compared) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         if q.len() >= MAX_ANSWERS {

@@ -147,9 +147,21 @@ fn ack(stream: &Stream) -> Ack {
 /// Tells the source this target is alive while the connection waits: an
 /// ack of the current state, handed to the socket at once.
 fn keep_alive(link: &mut Link, stream: &Stream) {
-    link.send(&Message::Ack(ack(stream)));
+    send_ack(link, stream, ack(stream));
     // A dead socket shows at the next read.
     let _ = link.pump(Duration::ZERO, None);
+}
+
+/// Sends ack `a` (read from the stream's state before this call), after
+/// every chunk comparison answered so far: a record is published as
+/// applied only once its answer is queued, so the source hears the answer
+/// to a hash record before any ack that reports it applied, and takes a
+/// record applied without an answer for a lost answer.
+fn send_ack(link: &mut Link, stream: &Stream, a: Ack) {
+    for c in stream.answers.take() {
+        link.send(&Message::Compared(c));
+    }
+    link.send(&Message::Ack(a));
 }
 
 impl ConnCtx {
@@ -241,16 +253,15 @@ impl ConnCtx {
             // Also when the source heard nothing for a ping interval (a
             // large segment still arriving on a slow link): it must not
             // take a busy target for a dead one.
-            // An ack that reports a hash record applied comes after its
-            // answer on this connection: the ack is read first (a record
-            // is published only once its answer is queued), the answers
-            // taken and sent, then the ack.
+            // (The ack is read before the answers are taken: see
+            // `send_ack`.)
             let a = ack(&s.stream);
-            for c in s.stream.answers.take() {
-                link.send(&Message::Compared(c));
-            }
-            if must_ack || a != last_sent || link.quiet_for() >= s.heartbeat.keepalive {
-                link.send(&Message::Ack(a));
+            if must_ack
+                || a != last_sent
+                || link.quiet_for() >= s.heartbeat.keepalive
+                || s.stream.answers.waiting()
+            {
+                send_ack(link, &s.stream, a);
                 let _ = link.pump(Duration::ZERO, None);
                 last_sent = a;
             }
@@ -329,7 +340,7 @@ impl ConnCtx {
                     }
                     end = self.ending(link, s);
                     if end.is_none() {
-                        link.send(&Message::Ack(ack(&s.stream)));
+                        send_ack(link, &s.stream, ack(&s.stream));
                         if let Err(e) = link.pump(Duration::ZERO, None) {
                             end = Some(Err(Refusal::Network(e)));
                         }

@@ -674,6 +674,9 @@ impl Drainer {
         if self.pending.end {
             let end = run.end.unwrap_or(0);
             let t = run.chunks.tally;
+            let mut last = Self::progress(run);
+            last.remaining_chunks = 0;
+            last.end_seq = end;
             tracing::info!(volume = %self.set.volume, end, compared = t.compared, equal = t.equal, differing = t.differing, sent = t.sent, sent_bytes = t.sent_bytes, rehashed = t.rehashed, done_before = t.done_before, "resync complete: every chunk is proven equal or was resent");
             match std::fs::remove_file(&self.set.state_path) {
                 Ok(()) => {}
@@ -685,10 +688,7 @@ impl Drainer {
             self.board.update(&self.set.volume, |s| {
                 s.resync_end_seq = end;
                 s.clear_reason(ReasonKind::Resync);
-                if let Some(p) = &mut s.resync_progress {
-                    p.remaining_chunks = 0;
-                    p.end_seq = end;
-                }
+                s.resync_progress = Some(last);
             });
             self.publish();
             return Ok(());
