@@ -2,8 +2,8 @@
 # Install what the kernel-side build, the VM tests and the fuzz smoke run
 # need, and nothing that is already there: Debian packages (kernel source,
 # Debian's rustc with its core source, clang/llvm, qemu, busybox, dmsetup,
-# drbd-utils, build tools), bindgen-cli at the exact version the kernel build uses, and
-# cargo-fuzz (scripts/fuzz.sh).
+# drbd-utils, build tools), bindgen-cli at the exact version the kernel
+# build uses, and cargo-fuzz (scripts/fuzz.sh).
 #
 # Idempotent: a second run only checks. Usable by CI on a fresh Debian 12.
 #
