@@ -140,10 +140,11 @@ for key in want:
     elif "drbd_says_sec" in r[2]:
         note = f"  (DRBD's log: {r[2]['drbd_says_sec']} s)"
     print(f"{label[key]:<52} {r[1]:>8.1f} {mibs(r):>8.1f} {mibs(ours) / mibs(r):>16.2f}{note}")
-for s, why in skips:
-    print(f"{s}: SKIPPED: {why}")
 if skip:
-    print(f"drbd: SKIPPED: {skip}")
+    print(f"drbd: SKIPPED, no comparison: {skip}")
+else:
+    for s, why in skips:
+        print(f"{s}: SKIPPED: {why}")
 if "drbd_version" in info:
     print(f"DRBD {info['drbd_version']} (the kernel's drivers/block/drbd as a module); goal: dm-replica/this >= 1")
 print(f"benchmark run took {int(runtime)} s wall clock")
