@@ -13,6 +13,7 @@
 #       bench-capture.sh --smoke    16 MiB per round
 # vm:   bench-vm.sh --smoke         1 round, 1 s fio runs
 #       bench-rpo.sh --smoke        3 s per steady load
+#       bench-resync-vm.sh --smoke  64 MiB, DRBD and dm-replica
 #       vm-stress.sh --smoke        2 cycles on the normal kernel
 #
 # Prints one PASS/FAIL line per run with its duration; exits non-zero if
@@ -30,7 +31,7 @@ esac
 
 runs=()
 ((host)) && runs+=("bench-pipeline.sh --smoke" "bench-capture.sh --smoke")
-((vm)) && runs+=("bench-vm.sh --smoke" "bench-rpo.sh --smoke" "vm-stress.sh --smoke")
+((vm)) && runs+=("bench-vm.sh --smoke" "bench-rpo.sh --smoke" "bench-resync-vm.sh --smoke" "vm-stress.sh --smoke")
 
 logdir=$(mktemp -d /tmp/bench-smoke.XXXXXX)
 results=() failed=0

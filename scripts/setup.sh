@@ -2,8 +2,8 @@
 # Install what the kernel-side build, the VM tests and the fuzz smoke run
 # need, and nothing that is already there: Debian packages (kernel source,
 # Debian's rustc with its core source, clang/llvm, qemu, busybox, dmsetup,
-# build tools), bindgen-cli at the exact version the kernel build uses, and
-# cargo-fuzz (scripts/fuzz.sh).
+# drbd-utils, build tools), bindgen-cli at the exact version the kernel
+# build uses, and cargo-fuzz (scripts/fuzz.sh).
 #
 # Idempotent: a second run only checks. Usable by CI on a fresh Debian 12.
 #
@@ -25,6 +25,9 @@ PACKAGES=(
 	# Guest: emulator, initramfs contents (e2fsprogs for filesystem tests;
 	# libaio-dev and zlib for the static fio build).
 	qemu-system-x86 busybox-static dmsetup e2fsprogs libaio-dev zlib1g-dev
+	# DRBD 8.4's tools (drbdsetup-84, drbdmeta) for the comparison in
+	# scripts/bench-resync-vm.sh.
+	drbd-utils
 	# Used by the scripts themselves.
 	util-linux coreutils gzip
 )

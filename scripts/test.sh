@@ -9,7 +9,7 @@
 #      with the build);
 #   3. builds (or reuses the cached) Rust-enabled kernel and dm_replica.ko and
 #      runs the VM tests in qemu, then a smoke run of the VM benchmarks and
-#      the stress run (scripts/bench-smoke.sh --vm, about 2.5 minutes).
+#      the stress run (scripts/bench-smoke.sh --vm, about 3.5 minutes).
 # Exits non-zero if anything fails or cannot run. Needs root (package
 # installs, a size-limited tmpfs for the disk-full test).
 #
