@@ -11,6 +11,7 @@
 #
 # host: bench-pipeline.sh --smoke   16 MiB through source and target (debug build)
 #       bench-capture.sh --smoke    16 MiB per round
+#       bench-resync.sh --smoke     32 MiB, dm-replica vs rsync and b3sum
 # vm:   bench-vm.sh --smoke         1 round, 1 s fio runs
 #       bench-rpo.sh --smoke        3 s per steady load
 #       bench-resync-vm.sh --smoke  64 MiB, DRBD and dm-replica
@@ -30,7 +31,7 @@ case "${1:-}" in
 esac
 
 runs=()
-((host)) && runs+=("bench-pipeline.sh --smoke" "bench-capture.sh --smoke")
+((host)) && runs+=("bench-pipeline.sh --smoke" "bench-capture.sh --smoke" "bench-resync.sh --smoke")
 ((vm)) && runs+=("bench-vm.sh --smoke" "bench-rpo.sh --smoke" "bench-resync-vm.sh --smoke" "vm-stress.sh --smoke")
 
 logdir=$(mktemp -d /tmp/bench-smoke.XXXXXX)

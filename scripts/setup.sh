@@ -28,6 +28,8 @@ PACKAGES=(
 	# DRBD 8.4's tools (drbdsetup-84, drbdmeta) for the comparison in
 	# scripts/bench-resync-vm.sh.
 	drbd-utils
+	# rsync and b3sum, next to which scripts/bench-resync.sh measures.
+	rsync b3sum
 	# Used by the scripts themselves.
 	util-linux coreutils gzip
 )
