@@ -17,6 +17,8 @@
 #  * an exhausted pool gives a recoverable Warning, the applier does not
 #    hang or mark unwritten records applied, and after the pool is extended
 #    replication resumes by itself and the replica is correct.
+#  * an online verify compares with the thin replica (read O_DIRECT) and
+#    finds it identical;
 #  * an unplanned failover to an older point swaps a copy of that point in
 #    as the replica (same name), and the old replica leaves the pool.
 #
@@ -271,6 +273,11 @@ check "replica equals the source" same_content /dev/mapper/r0 /dev/mapper/rep
 p7=$(replctl point open $PT --point "$seq7")
 check_eq "point $seq7 holds the source as of marker 7" "$sum7" "$(vol_sum "$p7")"
 check "point $seq7 closed" replctl point close $PT --point "$seq7"
+
+step "online verify reads the thin replica (O_DIRECT): identical"
+out=$(replctl verify --state-dir $W/source --wait --timeout 300 2>&1) || fail "verify: $out"
+echo "$out"
+check "verify says identical" sh -c 'echo "$1" | grep -q "identical"' _ "$out"
 
 step "unplanned failover to an older point: a copy of it becomes the replica"
 stop_daemons $spid
