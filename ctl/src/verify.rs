@@ -96,6 +96,12 @@ pub fn summary(r: &VerifyReport) -> String {
             }
         }
     }
+    if r.busy_chunks > 0 {
+        s.push_str(&format!(
+            "; {} chunks not verified (the application kept writing them)",
+            r.busy_chunks
+        ));
+    }
     s
 }
 
@@ -106,9 +112,15 @@ fn finished(v: &VolumeStatus, since_ns: u64) -> Option<&VerifyReport> {
         .last_verify
         .as_ref()
         .filter(|r| r.started_ns >= since_ns)?;
+    // Repairs are in the replica once the target applied them and no
+    // resync (which may have dropped them from the spool to resend them)
+    // is needed or running.
     let repaired = r.repair_seq == 0
         || r.abandoned.is_some()
-        || (v.generation == r.generation && v.applied_seq >= r.repair_seq);
+        || (v.generation == r.generation
+            && v.applied_seq >= r.repair_seq
+            && !v.needs_resync
+            && !v.target_inconsistent);
     repaired.then_some(r)
 }
 
@@ -189,6 +201,7 @@ mod tests {
             resynced: repair_seq > 0,
             repair_seq,
             abandoned: None,
+            busy_chunks: 0,
         }
     }
 
@@ -207,6 +220,12 @@ mod tests {
         assert!(finished(&v, 200).is_none());
         v.applied_seq = 50;
         assert!(finished(&v, 200).is_some());
+        // Not while a resync (which took the repairs over) runs.
+        v.needs_resync = true;
+        assert!(finished(&v, 200).is_none());
+        v.needs_resync = false;
+        v.target_inconsistent = true;
+        assert!(finished(&v, 200).is_none());
         let s = summary(&report(0, 2, 0));
         assert!(s.contains("2 differing") && s.contains("0x40000"), "{s}");
         assert!(summary(&report(0, 0, 0)).contains("identical"));

@@ -2,8 +2,9 @@
 # An interrupted checksum resync resumes from its cursor: the source daemon
 # killed (SIGKILL) at ~30% and ~70% of a resync of every chunk resumes where
 # its cursor says (chunks proven before the kill are not sent again); a
-# tampered cursor is refused and the resync starts over. Each ends with the
-# replica equal to the volume.
+# tampered cursor is refused and the resync starts over; a daemon stopped
+# during a verify keeps what it found different (resynced after the
+# restart). Each ends with the replica equal to the volume.
 #
 # vm-disks: 64M 480M
 # shellcheck source=tests/vm/lib.sh
@@ -52,6 +53,30 @@ check "the cursor was refused" grep -q "resync state refused" $W/source.log
 check_not "it did not resume from it" grep -q "resync resumes from its saved cursor" $W/source.log
 check_eq "it started over: nothing proven before" 0 "$(jnum done_before)"
 in_sync "after the restarted resync"
+
+# verify_compared N: the running verify has answers for N chunks.
+verify_compared() {
+	json_has $W/source '"verify": true' || return 1
+	_c=$(jnum compared_chunks)
+	[ -n "$_c" ] && [ "$_c" -ge "$1" ]
+}
+
+step "the daemon stopped during a verify: what it found different is resynced after the restart"
+for i in 1 2 3; do
+	check "chunk $i of the replica overwritten" dd if=/dev/urandom of=$IMG bs=$CHUNK count=1 seek=$i conv=notrunc status=none
+done
+sync
+check "replctl verify (slow)" replctl verify --state-dir $W/source --max-rate 2
+wait_for "the verify compared the first chunks" 300 verify_compared 16
+stop_daemons $spid
+check "the findings were saved as needing a resync" grep -q "saved as needing a resync" $W/source.log
+check "the report says the verify was abandoned" grep -q '"abandoned": "the daemon stopped"' $W/source/verify.json
+: >$W/source.log
+spawn_source $W
+wait_for "the resync after the restart is done" 600 sh -c "grep -q 'resync complete' $W/source.log"
+wait_for "the resync is done" 600 resync_done
+check_eq "it resent exactly the three chunks" 3 "$(jnum sent_chunks)"
+in_sync "after the resync of the verify's findings"
 
 step "shutdown"
 stop_daemons

@@ -305,8 +305,13 @@ pub struct VerifyReport {
     /// The last record of what was sent (the replica holds the repairs
     /// once the target applied it); 0 if nothing.
     pub repair_seq: u64,
-    /// Why it did not finish, if it did not.
+    /// Why it did not finish, if it did not (what it had found different
+    /// then joined a resync).
     pub abandoned: Option<String>,
+    /// Chunks it gave up on: the application wrote them every time they
+    /// were compared (neither verified nor reported different).
+    #[serde(default)]
+    pub busy_chunks: u64,
 }
 
 impl VolumeStatus {

@@ -183,6 +183,9 @@ pub struct ResyncState {
     /// Regions of `map` a comparison found different on the target: sent
     /// without comparing again (same region size as `map`).
     pub differ: DirtyMap,
+    /// The resync's BEGIN said it covers every chunk (a target that needs
+    /// a full copy counts on it).
+    pub full: bool,
 }
 
 /// Errors reading the resync state.
@@ -239,6 +242,7 @@ impl ResyncState {
             map,
             begin_seq: None,
             differ,
+            full: false,
         }
     }
 
@@ -249,7 +253,7 @@ impl ResyncState {
             Vec::with_capacity(HEADER_LEN + reason.len() + self.map.words.len() * 16 + TRAILER_LEN);
         b.extend_from_slice(&MAGIC);
         b.extend_from_slice(&VERSION.to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&u32::from(self.full).to_le_bytes());
         b.extend_from_slice(&self.generation);
         b.extend_from_slice(&self.map.volume_size.to_le_bytes());
         b.extend_from_slice(&self.map.region_bytes.to_le_bytes());
@@ -297,6 +301,10 @@ impl ResyncState {
         if u32_at(8) != VERSION {
             return Err("unsupported version");
         }
+        let flags = u32_at(12);
+        if flags & !1 != 0 {
+            return Err("unknown flags");
+        }
         let mut generation = [0u8; 16];
         generation.copy_from_slice(&b[16..32]);
         let volume_size = u64_at(32);
@@ -336,6 +344,7 @@ impl ResyncState {
             map,
             begin_seq: begin.checked_sub(1),
             differ,
+            full: flags & 1 != 0,
         })
     }
 
@@ -403,6 +412,7 @@ mod tests {
         let mut s = ResyncState::new([3; 16], 4242, "spool limit reached".into(), map);
         s.begin_seq = Some(5000);
         s.differ.set_region(40);
+        s.full = true;
         let ring = replica_proto::keys::KeyRing::generate().expect("keys");
         let keys = CursorKeys {
             ring: &ring,

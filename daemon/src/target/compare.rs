@@ -125,16 +125,38 @@ impl Job {
     }
 }
 
-/// Jobs handed over and not answered yet, by record and byte range.
+/// A job handed over and not answered yet: its record and byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pending {
+    generation: [u8; 16],
+    seq: u64,
+    start: u64,
+    end: u64,
+}
+
+/// Jobs handed over and not answered yet.
 #[derive(Default)]
 struct InFlight {
-    jobs: Mutex<Vec<(u64, u64, u64)>>,
+    jobs: Mutex<Vec<Pending>>,
     done: Condvar,
 }
 
 impl InFlight {
-    fn lock(&self) -> MutexGuard<'_, Vec<(u64, u64, u64)>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<Pending>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The job of (`generation`, `seq`) is answered.
+    fn finished(&self, generation: [u8; 16], seq: u64) {
+        let mut jobs = self.lock();
+        if let Some(i) = jobs
+            .iter()
+            .position(|j| j.generation == generation && j.seq == seq)
+        {
+            jobs.remove(i);
+        }
+        drop(jobs);
+        self.done.notify_all();
     }
 }
 
@@ -218,24 +240,30 @@ impl Comparer {
         let seq = job.seq;
         let generation = job.generation;
         let count = job.span.count;
+        let pending = Pending {
+            generation,
+            seq,
+            start,
+            end,
+        };
+        // A segment applied again after a failed attempt hands its hash
+        // records over again: one comparison each is enough.
+        if self.in_flight.lock().contains(&pending) {
+            return;
+        }
         let Some(tx) = &self.tx else {
             if let Some(c) = Compared::new(generation, seq, &vec![true; count as usize]) {
                 answers.push(c);
             }
             return;
         };
-        self.in_flight.lock().push((seq, start, end));
+        self.in_flight.lock().push(pending);
         if let Err(e) = tx.send(job) {
-            self.finished(seq);
+            self.in_flight.finished(generation, seq);
             if let Some(c) = Compared::new(generation, e.0.seq, &vec![true; count as usize]) {
                 answers.push(c);
             }
         }
-    }
-
-    fn finished(&self, seq: u64) {
-        self.in_flight.lock().retain(|j| j.0 != seq);
-        self.in_flight.done.notify_all();
     }
 
     /// Waits until no job still reading overlaps `[offset, offset + len)`:
@@ -243,7 +271,7 @@ impl Comparer {
     pub(super) fn before_write(&self, offset: u64, len: u64) {
         let end = offset.saturating_add(len.max(1));
         let mut jobs = self.in_flight.lock();
-        while jobs.iter().any(|&(_, s, e)| s < end && offset < e) {
+        while jobs.iter().any(|j| j.start < end && offset < j.end) {
             jobs = self
                 .in_flight
                 .done
@@ -260,7 +288,7 @@ impl Comparer {
     /// The oldest hash record not answered yet: acks report nothing at or
     /// after it as applied.
     pub(super) fn unanswered_before(&self) -> Option<u64> {
-        self.in_flight.lock().iter().map(|j| j.0).min()
+        self.in_flight.lock().iter().map(|j| j.seq).min()
     }
 }
 
@@ -290,7 +318,13 @@ struct Worker {
 impl Worker {
     fn run(mut self, rx: Receiver<Job>) {
         for job in rx {
-            let differs = self.compare(&job);
+            // Whatever happens in the comparison, the job is answered and
+            // leaves the in-flight list (the applier waits on it).
+            let differs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.compare(&job)))
+                .unwrap_or_else(|_| {
+                    tracing::error!(volume = %self.volume, seq = job.seq, "the chunk comparison failed unexpectedly; the chunks are resent");
+                    vec![true; job.hashes.len()]
+                });
             let n = differs.iter().filter(|d| **d).count() as u64;
             if n > 0 {
                 tracing::debug!(volume = %self.volume, seq = job.seq, chunks = job.span.count, differing = n, "chunks compared");
@@ -302,8 +336,7 @@ impl Worker {
                 s.compared_chunks += u64::from(job.span.count);
                 s.differing_chunks += n;
             });
-            self.in_flight.lock().retain(|j| j.0 != job.seq);
-            self.in_flight.done.notify_all();
+            self.in_flight.finished(job.generation, job.seq);
         }
     }
 

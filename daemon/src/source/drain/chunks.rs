@@ -52,8 +52,12 @@ pub(crate) struct Tally {
     pub(crate) sent: u64,
     /// Their bytes.
     pub(crate) sent_bytes: u64,
-    /// Chunks compared again because an answer was lost.
+    /// Chunks compared again: an answer was lost, or (a verify) the
+    /// application wrote the chunk while the source read it.
     pub(crate) rehashed: u64,
+    /// Chunks a verify gave up on: written by the application every time
+    /// they were compared.
+    pub(crate) busy: u64,
     /// Bytes covered so far (compared equal, or sent).
     pub(crate) covered_bytes: u64,
     /// When the run started (this daemon's start for a resumed one).
@@ -118,6 +122,7 @@ impl Chunks {
                 sent: 0,
                 sent_bytes: 0,
                 rehashed: 0,
+                busy: 0,
                 covered_bytes: 0,
                 started: Instant::now(),
             },
@@ -174,8 +179,15 @@ impl Chunks {
     }
 
     /// An answer of the target: returns the chunks found different (region
-    /// numbers), or `None` if it answers no record this run waits for.
-    pub(crate) fn answer(&mut self, st: &mut ResyncState, c: &Compared) -> Option<Vec<u64>> {
+    /// numbers), or `None` if it answers no record this run waits for. A
+    /// chunk found different for which `doubtful(i)` (its `i` in the
+    /// record) is neither different nor proven: it is compared again.
+    pub(crate) fn answer(
+        &mut self,
+        st: &mut ResyncState,
+        c: &Compared,
+        doubtful: impl Fn(u32) -> bool,
+    ) -> Option<Vec<u64>> {
         if c.generation != st.generation {
             return None;
         }
@@ -191,6 +203,11 @@ impl Chunks {
             self.issued.clear(r, 1);
             if !st.map.is_set(r) {
                 continue; // proven meanwhile (sent, or an earlier answer)
+            }
+            if c.differs(j) && doubtful(j) {
+                self.tally.rehashed += 1;
+                self.hash_cursor = self.hash_cursor.min(r);
+                continue;
             }
             self.tally.compared += 1;
             if c.differs(j) {

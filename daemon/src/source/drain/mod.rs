@@ -272,6 +272,7 @@ impl Drainer {
             }
             if self.stop.load(Ordering::Acquire) {
                 self.commit()?;
+                self.stop_verify("the daemon stopped")?;
                 return self.save_run();
             }
             let asked = std::mem::take(
@@ -332,6 +333,7 @@ impl Drainer {
                     && self.consumer.producer_seq() == self.consumer.next_seq()
                 {
                     tracing::info!(volume = %self.set.volume, "capture ring closed; everything it held is spooled");
+                    self.stop_verify("the capture ring closed")?;
                     self.save_run()?;
                     self.shared.closed.store(true, Ordering::Release);
                     self.shared.spool.wake();
@@ -453,7 +455,10 @@ impl Drainer {
                 }
                 self.unsaved += 1;
             }
-            Mode::Spool(_) => {
+            Mode::Spool(run) => {
+                if let Some(run) = run.as_mut().filter(|_| ok && data_op(op)) {
+                    run.drained_write(r.seq, d.sector * 512, u64::from(d.len));
+                }
                 self.push(r.seq, op, d.flags & !RECORD_FLAG_RESYNC, d, d.sector, d.len);
                 if ok {
                     self.consumer.append_payload(r, &mut self.pending.plain)?;

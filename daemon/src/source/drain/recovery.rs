@@ -109,6 +109,16 @@ impl Drainer {
         let mode = match (saved, lost) {
             (Some(mut st), lost) => {
                 let mut damaged = false;
+                if st.map.volume_size() != set.volume_size {
+                    // Made for another size of the volume: its chunks are
+                    // not this volume's.
+                    tracing::error!(volume = %set.volume, was = st.map.volume_size(), now = set.volume_size, "the resync state is for another volume size: the whole volume needs a resync");
+                    st = whole(
+                        format!("{}; the volume size changed", st.reason),
+                        st.since_seq,
+                    );
+                    damaged = true;
+                }
                 if st.generation != generation {
                     st.map.mark_all();
                     st.generation = generation;
@@ -123,11 +133,11 @@ impl Drainer {
                     damaged = true;
                 }
                 match st.begin_seq {
-                    // Resumed: whether its BEGIN was full is not known here;
-                    // a target that still lacks a copy says so again.
+                    // Resumed (the cursor says whether its BEGIN was full).
                     Some(_) if !damaged => {
                         tracing::info!(volume = %set.volume, chunks_left = st.map.count(), of = st.map.regions(), to_send = st.differ.count(), "resync resumes from its saved cursor");
-                        Mode::Spool(Some(Box::new(Run::new(st, false, true))))
+                        let full = st.full;
+                        Mode::Spool(Some(Box::new(Run::new(st, full, true))))
                     }
                     _ => {
                         st.begin_seq = None;
@@ -187,6 +197,10 @@ impl Drainer {
             requests,
             keys,
         };
+        if let Some(report) = super::verify::load_report(&d.set.state_path) {
+            d.board
+                .update(&d.set.volume, |s| super::verify::apply_report(s, &report));
+        }
         d.publish();
         Ok((d, shared))
     }

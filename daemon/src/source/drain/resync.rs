@@ -76,6 +76,22 @@ pub(super) struct Verify {
     pub(super) started_ns: u64,
 }
 
+/// A verify's HASH record whose chunks the application may have written
+/// while the source read them: writes reserved after the marker and
+/// before the read ended (`until`) may be in the read, not on the target
+/// at the record; a difference in such a chunk proves nothing.
+#[derive(Debug, Clone)]
+pub(super) struct Window {
+    seq: u64,
+    until: u64,
+    span: ChunkSpan,
+    touched: Vec<bool>,
+}
+
+/// How often a verify compares a chunk the application keeps writing
+/// before it gives up on it (reported as busy).
+const MAX_DOUBTS: u8 = 4;
+
 impl Verify {
     /// A verify (`resync`: send what differs), at most `max_rate` bytes per
     /// second.
@@ -117,6 +133,12 @@ pub(super) struct Run {
     pub(super) kernel_take_error: Option<String>,
     /// The chunk key (of the key ring's active key when last derived).
     key: Option<ChunkKey>,
+    /// A verify: the chunks it found different (all of them, sent or not).
+    pub(super) found: DirtyMap,
+    /// A verify: its HASH records whose reads writes may have overlapped.
+    windows: Vec<Window>,
+    /// A verify: how often a chunk's difference was in doubt.
+    doubts: std::collections::HashMap<u64, u8>,
 }
 
 impl Run {
@@ -136,6 +158,9 @@ impl Run {
 
     fn with(st: ResyncState, full: bool, resumed: bool, purpose: Purpose) -> Self {
         Self {
+            found: DirtyMap::new(st.map.volume_size(), st.map.region_bytes()),
+            windows: Vec::new(),
+            doubts: Default::default(),
             chunks: Chunks::new(&st, resumed),
             st,
             purpose,
@@ -160,11 +185,36 @@ impl Run {
     }
 
     /// What a resync that replaces this run must still cover: a resync's
-    /// unproven chunks; for a verify, the chunks it found different.
+    /// unproven chunks; for a verify, every chunk it found different (the
+    /// ones it sent too: their writes may be in a spool that is dropped).
     pub(super) fn into_dirty(self) -> DirtyMap {
         match self.purpose {
             Purpose::Resync => self.st.map,
-            Purpose::Verify(_) => self.st.differ,
+            Purpose::Verify(_) => self.found,
+        }
+    }
+
+    /// A verify: write record `seq` of `len` bytes at byte `offset` was
+    /// drained: chunks of an open window it touches are in doubt.
+    pub(super) fn drained_write(&mut self, seq: u64, offset: u64, len: u64) {
+        if self.windows.is_empty() || len == 0 {
+            return;
+        }
+        let rb = self.st.map.region_bytes();
+        let end = offset.saturating_add(len);
+        for w in &mut self.windows {
+            let open = (seq.wrapping_sub(w.seq) as i64) > 0 && (w.until.wrapping_sub(seq) as i64) > 0;
+            if !open {
+                continue;
+            }
+            let first = offset / rb;
+            let last = (end - 1) / rb;
+            let base = w.span.start / rb;
+            for r in first.max(base)..=last.min(base + u64::from(w.span.count).saturating_sub(1)) {
+                if let Some(t) = w.touched.get_mut((r - base) as usize) {
+                    *t = true;
+                }
+            }
         }
     }
 }
@@ -228,6 +278,7 @@ impl Drainer {
                     return Ok(());
                 };
                 st.begin_seq = Some(r.seq);
+                st.full = full;
                 // Saved first: a restart then knows the resync began here
                 // (and re-drains BEGIN if it was not spooled).
                 super::resync::save_state(&self.set, &self.keys, &st)?;
@@ -362,6 +413,18 @@ impl Drainer {
                 span.start, span.count
             ))
         })?;
+        // Writes reserved from here on were not in the read.
+        let until = self.consumer.producer_seq();
+        if let Mode::Spool(Some(run)) = &mut self.mode {
+            if run.verifying().is_some() {
+                run.windows.push(Window {
+                    seq: r.seq,
+                    until,
+                    span,
+                    touched: vec![false; span.count as usize],
+                });
+            }
+        }
         let aux = HashAux {
             key_id: key.key_id(),
             chunk_bytes: rb as u32,
@@ -439,24 +502,52 @@ impl Drainer {
                 // a hash record only after its answer was sent).
                 let applied = self.shared.target_applied.load(Ordering::Acquire);
                 for c in self.shared.take_answers() {
-                    if let Some(differing) = run.chunks.answer(&mut run.st, &c) {
-                        run.unsaved = true;
-                        if let Purpose::Verify(v) = &mut run.purpose {
-                            let rb = run.st.map.region_bytes();
-                            for r in differing {
-                                if v.offsets.len() < REPORT_OFFSETS {
-                                    v.offsets.push(r * rb);
-                                }
-                                if !v.resync {
-                                    // Reported, not sent.
+                    // A verify's doubtful chunks: written while the source
+                    // read them.
+                    let window = run
+                        .windows
+                        .iter()
+                        .position(|w| w.seq == c.seq)
+                        .map(|i| run.windows.swap_remove(i));
+                    let touched = window.as_ref().map(|w| w.touched.clone()).unwrap_or_default();
+                    let doubtful = |j: u32| touched.get(j as usize).copied().unwrap_or(false);
+                    let Some(differing) = run.chunks.answer(&mut run.st, &c, doubtful) else {
+                        continue;
+                    };
+                    run.unsaved = true;
+                    let rb = run.st.map.region_bytes();
+                    if let (Some(w), Purpose::Verify(_)) = (&window, &run.purpose) {
+                        let base = w.span.start / rb;
+                        for (j, t) in w.touched.iter().enumerate() {
+                            let r = base + j as u64;
+                            if *t && c.differs(j as u32) && run.st.map.is_set(r) {
+                                let n = run.doubts.entry(r).or_insert(0);
+                                *n += 1;
+                                if *n >= MAX_DOUBTS {
+                                    // The application keeps writing it:
+                                    // given up on, reported as busy.
                                     run.st.map.clear(r, 1);
-                                    run.st.differ.clear(r, 1);
+                                    run.chunks.tally.busy += 1;
                                 }
+                            }
+                        }
+                    }
+                    if let Purpose::Verify(v) = &mut run.purpose {
+                        for r in differing {
+                            run.found.set_region(r);
+                            if v.offsets.len() < REPORT_OFFSETS {
+                                v.offsets.push(r * rb);
+                            }
+                            if !v.resync {
+                                // Reported (and kept in `found`), not sent.
+                                run.st.map.clear(r, 1);
+                                run.st.differ.clear(r, 1);
                             }
                         }
                     }
                 }
                 let lost = run.chunks.lost(applied);
+                run.windows.retain(|w| (w.seq.wrapping_sub(applied) as i64) > 0);
                 if lost > 0 {
                     tracing::info!(volume = %self.set.volume, chunks = lost, applied, "answers to chunk comparisons were lost (a connection ended, or the target restarted): those chunks are compared again");
                 }
@@ -677,6 +768,7 @@ impl Drainer {
             let mut last = Self::progress(run);
             last.remaining_chunks = 0;
             last.end_seq = end;
+            let full = run.full;
             tracing::info!(volume = %self.set.volume, end, compared = t.compared, equal = t.equal, differing = t.differing, sent = t.sent, sent_bytes = t.sent_bytes, rehashed = t.rehashed, done_before = t.done_before, "resync complete: every chunk is proven equal or was resent");
             match std::fs::remove_file(&self.set.state_path) {
                 Ok(()) => {}
@@ -689,6 +781,11 @@ impl Drainer {
                 s.resync_end_seq = end;
                 s.clear_reason(ReasonKind::Resync);
                 s.resync_progress = Some(last);
+                // What a verify found different is resent by a full resync,
+                // and by the one its abandoned chunks joined.
+                if full || s.last_verify.as_ref().is_some_and(|v| v.abandoned.is_some()) {
+                    s.clear_reason(ReasonKind::Verify);
+                }
             });
             self.publish();
             return Ok(());

@@ -4,9 +4,46 @@
 
 use std::sync::atomic::Ordering;
 
+use std::path::{Path, PathBuf};
+
 use super::resync::{Run, Verify};
 use super::{Drainer, Mode, VerifyRefusal};
-use crate::status::{ChunkProgress, ReasonKind, VerifyReport};
+use crate::source::dirty::ResyncState;
+use crate::status::{ChunkProgress, ReasonKind, VerifyReport, VolumeStatus};
+use crate::DaemonError;
+
+/// Where the last verify's report is kept: beside the resync state.
+pub(super) fn verify_path(state_path: &Path) -> PathBuf {
+    state_path.with_file_name("verify.json")
+}
+
+/// The last verify's report saved in the state directory, if any (one that
+/// cannot be read is ignored: it is a report, not state).
+pub(super) fn load_report(state_path: &Path) -> Option<VerifyReport> {
+    let b = std::fs::read(verify_path(state_path)).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+/// Shows `report` in status `s`: a Warning while chunks it found different
+/// may still differ (not resent; abandoned ones joined a resync, whose end
+/// clears it).
+pub(super) fn apply_report(s: &mut VolumeStatus, report: &VerifyReport) {
+    let n = report.differing_chunks;
+    if n > 0 && !report.resynced {
+        let what = if report.abandoned.is_some() {
+            "; they are resent by the resync that follows"
+        } else {
+            "; run `replctl verify --resync` or `replctl resync`"
+        };
+        s.set_reason(
+            ReasonKind::Verify,
+            format!("verify found {n} chunks of the replica different from the source{what}"),
+        );
+    } else if report.abandoned.is_none() {
+        s.clear_reason(ReasonKind::Verify);
+    }
+    s.last_verify = Some(report.clone());
+}
 
 impl Drainer {
     /// Starts a verify (`resync`: send what differs) at most `max_rate`
@@ -65,11 +102,22 @@ impl Drainer {
             resynced: v.resync,
             repair_seq: v.repair_seq,
             abandoned,
+            busy_chunks: t.busy,
         })
     }
 
-    /// Puts a verify's report in the status and the log.
+    /// Puts a verify's report in the status, the log and `verify.json` in
+    /// the state directory (the status shows it again after a restart).
     fn record_verify(&self, report: VerifyReport) {
+        let path = verify_path(&self.set.state_path);
+        match serde_json::to_vec_pretty(&report) {
+            Ok(b) => {
+                if let Err(e) = replica_fs::write_atomic(&path, &b) {
+                    tracing::warn!(volume = %self.set.volume, "cannot save the verify report: {e}");
+                }
+            }
+            Err(e) => tracing::warn!(volume = %self.set.volume, "cannot encode the verify report: {e}"),
+        }
         let n = report.differing_chunks;
         match &report.abandoned {
             Some(why) => {
@@ -83,24 +131,7 @@ impl Drainer {
             }
         }
         self.board.update(&self.set.volume, |s| {
-            if report.abandoned.is_none() {
-                if n > 0 {
-                    s.set_reason(
-                        ReasonKind::Verify,
-                        format!(
-                            "verify found {n} chunks of the replica different from the source{}",
-                            if report.resynced {
-                                " (resent)"
-                            } else {
-                                "; run `replctl verify --resync` or `replctl resync`"
-                            }
-                        ),
-                    );
-                } else {
-                    s.clear_reason(ReasonKind::Verify);
-                }
-            }
-            s.last_verify = Some(report.clone());
+            apply_report(s, &report);
             s.resync_progress = None;
         });
     }
@@ -122,6 +153,39 @@ impl Drainer {
         if let Some(r) = self.verify_report(Some(why.to_owned())) {
             self.record_verify(r);
         }
+    }
+
+    /// The daemon stops (or the ring closed) during a verify: its report
+    /// says it was abandoned, and the chunks it found different and did not
+    /// send yet are saved as needing a resync, so a restart repairs them
+    /// instead of forgetting them.
+    pub(super) fn stop_verify(&mut self, why: &str) -> Result<(), DaemonError> {
+        let Mode::Spool(Some(run)) = &self.mode else {
+            return Ok(());
+        };
+        let Some(v) = run.verifying() else {
+            return Ok(());
+        };
+        let left = if v.resync {
+            run.st.differ.clone()
+        } else {
+            run.found.clone()
+        };
+        self.abandon_verify(why);
+        if left.count() == 0 {
+            self.mode = Mode::Spool(None);
+            return Ok(());
+        }
+        let st = ResyncState::new(
+            self.generation,
+            self.shared.spool.next_seq(),
+            format!("a verify found {} chunks of the replica different", left.count()),
+            left,
+        );
+        super::resync::save_state(&self.set, &self.keys, &st)?;
+        tracing::warn!(volume = %self.set.volume, chunks = st.map.count(), "the verify's differing chunks were not all sent: saved as needing a resync");
+        self.mode = Mode::Spool(None);
+        Ok(())
     }
 
     /// The progress of the running resync or verify.

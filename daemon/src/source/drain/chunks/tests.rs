@@ -221,7 +221,7 @@ impl Sim {
     fn hear(&mut self) {
         match self.to_source.pop_front() {
             Some(Msg::Answer(c)) => {
-                self.chunks.answer(&mut self.st, &c);
+                self.chunks.answer(&mut self.st, &c, |_| false);
             }
             Some(Msg::Applied(seq)) => {
                 self.chunks.lost(seq);
