@@ -17,6 +17,9 @@ const SIZE: u64 = 1 << 20;
 const CHUNK: u64 = 65536;
 const CHUNKS: usize = (SIZE / CHUNK) as usize;
 
+/// A record for `RawClient::seal_records`: seq, op, flags, sector, aux, data.
+type Rec<'a> = (u64, u8, u8, u64, u64, &'a [u8]);
+
 fn setup() -> (Env, Daemon, String, std::path::PathBuf, KeyRing) {
     let env = Env::new();
     let st = env.path("tstate");
@@ -137,7 +140,7 @@ fn the_comparison_sees_the_replica_as_of_its_record_not_the_write_after_it() {
     let source = vec![0u8; SIZE as usize];
     let h = hashes(&kr, kr.active(), &source);
     let data = vec![0x5au8; CHUNK as usize];
-    let mut recs: Vec<(u64, u8, u8, u64, u64, &[u8])> = vec![(
+    let mut recs: Vec<Rec<'_>> = vec![(
         1,
         OP_CHUNK_HASHES,
         RECORD_FLAG_RESYNC,
@@ -208,7 +211,7 @@ fn many_hash_records_between_overlapping_writes_never_stall_the_applier() {
     let h = hashes(&kr, kr.active(), &zeros);
     let mut hash_seqs = Vec::new();
     for _ in 0..200 {
-        let mut recs: Vec<(u64, u8, u8, u64, u64, &[u8])> = Vec::new();
+        let mut recs: Vec<Rec<'_>> = Vec::new();
         for _ in 0..4 {
             let first = rng.below(CHUNKS as u64 - 4);
             let hs = &h[first as usize * 32..(first as usize + 4) * 32];

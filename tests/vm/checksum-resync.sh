@@ -41,7 +41,7 @@ check "identical" sh -c 'echo "$1" | grep -q "identical"' _ "$out"
 
 step "verify while the application writes: no false differences"
 fio --eta=never --name=busy --filename=/dev/mapper/cs --rw=randwrite --bs=16k --ioengine=libaio \
-	--iodepth=4 --direct=1 --size=$size --io_size=16M --randseed=9 --output=/tmp/fio-busy.out &
+	--iodepth=2 --direct=1 --size=$size --io_size=8M --rate=2m --randseed=9 --output=/tmp/fio-busy.out &
 fpid=$!
 out=$(replctl verify --state-dir $W/source --wait --timeout 600 2>&1) || fail "verify under writes: $out"
 wait $fpid

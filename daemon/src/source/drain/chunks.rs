@@ -227,11 +227,12 @@ impl Chunks {
     /// The target reports record `applied` applied: hash records at or
     /// before it still waiting lost their answer; their chunks are compared
     /// again. Returns how many chunks.
-    pub(crate) fn lost(&mut self, applied: u64) -> u64 {
+    /// (`answered(seq)`: its answer is here, held back; not lost.)
+    pub(crate) fn lost(&mut self, applied: u64, answered: impl Fn(u64) -> bool) -> u64 {
         let mut n = 0;
         let issued = &mut self.issued;
         self.waiting.retain(|w| {
-            if (applied.wrapping_sub(w.seq) as i64) >= 0 {
+            if (applied.wrapping_sub(w.seq) as i64) >= 0 && !answered(w.seq) {
                 issued.clear(w.region, u64::from(w.count));
                 n += u64::from(w.count);
                 false

@@ -139,6 +139,9 @@ pub(super) struct Run {
     windows: Vec<Window>,
     /// A verify: how often a chunk's difference was in doubt.
     doubts: std::collections::HashMap<u64, u8>,
+    /// A verify: answers that came before the drain passed every write that
+    /// may have been in their read (looked at again later).
+    deferred: Vec<replica_proto::msg::Compared>,
 }
 
 impl Run {
@@ -161,6 +164,7 @@ impl Run {
             found: DirtyMap::new(st.map.volume_size(), st.map.region_bytes()),
             windows: Vec::new(),
             doubts: Default::default(),
+            deferred: Vec::new(),
             chunks: Chunks::new(&st, resumed),
             st,
             purpose,
@@ -501,9 +505,21 @@ impl Drainer {
                 // The answers: the target's applied record first (it acks
                 // a hash record only after its answer was sent).
                 let applied = self.shared.target_applied.load(Ordering::Acquire);
-                for c in self.shared.take_answers() {
+                let drained = self.consumer.next_seq();
+                let mut answers = std::mem::take(&mut run.deferred);
+                answers.extend(self.shared.take_answers());
+                for c in answers {
                     // A verify's doubtful chunks: written while the source
-                    // read them.
+                    // read them. Known once the drain passed every write
+                    // that may have been in the read.
+                    if run
+                        .windows
+                        .iter()
+                        .any(|w| w.seq == c.seq && (w.until.wrapping_sub(drained) as i64) > 0)
+                    {
+                        run.deferred.push(c);
+                        continue;
+                    }
                     let window = run
                         .windows
                         .iter()
@@ -546,8 +562,13 @@ impl Drainer {
                         }
                     }
                 }
-                let lost = run.chunks.lost(applied);
-                run.windows.retain(|w| (w.seq.wrapping_sub(applied) as i64) > 0);
+                let deferred = &run.deferred;
+                let lost = run
+                    .chunks
+                    .lost(applied, |seq| deferred.iter().any(|c| c.seq == seq));
+                run.windows.retain(|w| {
+                    (w.seq.wrapping_sub(applied) as i64) > 0 || deferred.iter().any(|c| c.seq == w.seq)
+                });
                 if lost > 0 {
                     tracing::info!(volume = %self.set.volume, chunks = lost, applied, "answers to chunk comparisons were lost (a connection ended, or the target restarted): those chunks are compared again");
                 }

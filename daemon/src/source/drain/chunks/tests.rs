@@ -224,7 +224,7 @@ impl Sim {
                 self.chunks.answer(&mut self.st, &c, |_| false);
             }
             Some(Msg::Applied(seq)) => {
-                self.chunks.lost(seq);
+                self.chunks.lost(seq, |_| false);
             }
             None => {}
         }
