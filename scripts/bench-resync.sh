@@ -10,7 +10,7 @@
 #                           [--work DIR] [--no-sweep]
 #   scripts/bench-resync.sh --smoke    # 32 MiB with the debug build (CI)
 #
-# Defaults: 1024 MiB, 256 KiB chunks, 10 per mille changed, work directory
+# Defaults: 1024 MiB, 128 KiB chunks, 10 per mille changed, work directory
 # /dev/shm (needs about 4x the size in free memory). Needs rsync and b3sum.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

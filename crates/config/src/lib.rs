@@ -313,7 +313,8 @@ pub struct ResyncConfig {
     /// Chunk of a checksum resync and an online verify, KiB: the unit
     /// that is hashed on both sides and sent when it differs (also the
     /// region of the dirty map kept while a resync is needed). A power of
-    /// two from 64 to 1024. Default 256.
+    /// two from 64 to 1024. Default 128 (the fastest measured, half the
+    /// bytes of 256 for scattered changes).
     pub chunk_kib: u32,
 }
 
@@ -322,7 +323,7 @@ impl Default for ResyncConfig {
         Self {
             window_bytes: 64 << 20,
             max_write_bytes: 1 << 20,
-            chunk_kib: 256,
+            chunk_kib: 128,
         }
     }
 }
@@ -845,6 +846,18 @@ replica = REPLICA
             .expect_err("must fail")
             .to_string()
             .contains("zstd_level"));
+        // Chunks: a power of two from 64 to 1024 KiB.
+        for bad in [32, 96, 2048, 0] {
+            let text = format!("{SOURCE}\n[resync]\nchunk_kib = {bad}\n");
+            let c: SourceConfig = parse(Path::new("s.toml"), &text).expect("parse");
+            let e = c.check(Path::new("s.toml")).expect_err("must fail").to_string();
+            assert!(e.contains("resync.chunk_kib"), "{bad}: {e}");
+        }
+        for good in [64, 128, 1024] {
+            let text = format!("{SOURCE}\n[resync]\nchunk_kib = {good}\n");
+            let c: SourceConfig = parse(Path::new("s.toml"), &text).expect("parse");
+            c.check(Path::new("s.toml")).expect("in range");
+        }
     }
 
     #[test]

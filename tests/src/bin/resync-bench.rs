@@ -38,7 +38,7 @@ struct Args {
 fn args() -> Args {
     let mut a = Args {
         size_mib: 1024,
-        chunk_kib: 256,
+        chunk_kib: 128,
         changed_permille: 10,
         work: PathBuf::from("/dev/shm"),
         sweep: true,
