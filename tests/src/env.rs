@@ -128,7 +128,35 @@ impl Env {
     }
 }
 
+/// A target of one file-backed volume started in an [`Env`]: the daemon,
+/// its address, its state directory and the test's key ring.
+pub struct OneVolumeTarget {
+    /// The daemon.
+    pub daemon: crate::Daemon,
+    /// Where it listens.
+    pub addr: String,
+    /// Its state directory (the replica is `<id>.img` in it).
+    pub state_dir: std::path::PathBuf,
+    /// The test's key ring.
+    pub keys: replica_proto::keys::KeyRing,
+}
+
 impl Env {
+    /// Starts a target (state in `tstate`) with one volume `id` of `size`
+    /// bytes and a file replica.
+    pub fn one_volume_target(&self, id: &str, size: u64) -> OneVolumeTarget {
+        let st = self.path("tstate");
+        let cfg = self.target_config("target.toml", &st, &[(id, size)], 64, "");
+        let (daemon, addr) = crate::Daemon::start_target(&cfg, &st, &self.path("target.log"));
+        let keys = replica_proto::keys::KeyRing::load(&self.path("keys.toml")).expect("keys");
+        OneVolumeTarget {
+            daemon,
+            addr,
+            state_dir: st,
+            keys,
+        }
+    }
+
     /// The resync state a source saved in `state_dir` for `volume`
     /// (authenticated with the test's key ring).
     pub fn resync_state(

@@ -16,7 +16,7 @@ pub use daemon::{
     applied_published, control_line, journal_headers, point_image, replctl_bin, replicad_bin,
     target_state, volume_status, Daemon,
 };
-pub use env::{pin_listen, Env, Tmpfs, SOURCE_CN, TARGET_CN};
+pub use env::{pin_listen, Env, OneVolumeTarget, Tmpfs, SOURCE_CN, TARGET_CN};
 pub use image::{first_difference, Op, Rng, Source};
 pub use proxy::Proxy;
 pub use raw_client::{answer, tls_link, ConfirmWith, Heard, HelloOpts, RawClient};

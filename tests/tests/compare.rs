@@ -22,11 +22,8 @@ type Rec<'a> = (u64, u8, u8, u64, u64, &'a [u8]);
 
 fn setup() -> (Env, Daemon, String, std::path::PathBuf, KeyRing) {
     let env = Env::new();
-    let st = env.path("tstate");
-    let cfg = env.target_config("target.toml", &st, &[("v", SIZE)], 64, "");
-    let (d, addr) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
-    let kr = KeyRing::load(&env.path("keys.toml")).expect("keys");
-    (env, d, addr, st, kr)
+    let t = env.one_volume_target("v", SIZE);
+    (env, t.daemon, t.addr, t.state_dir, t.keys)
 }
 
 /// The hashes of `image`'s chunks, as the source sends them.

@@ -12,11 +12,8 @@ const SIZE: u64 = 1 << 20;
 
 fn setup() -> (Env, Daemon, String, std::path::PathBuf, KeyRing) {
     let env = Env::new();
-    let st = env.path("tstate");
-    let cfg = env.target_config("target.toml", &st, &[("v", SIZE)], 64, "");
-    let (d, addr) = Daemon::start_target(&cfg, &st, &env.path("target.log"));
-    let kr = KeyRing::load(&env.path("keys.toml")).expect("keys");
-    (env, d, addr, st, kr)
+    let t = env.one_volume_target("v", SIZE);
+    (env, t.daemon, t.addr, t.state_dir, t.keys)
 }
 
 /// Connects and sends records 1..=4 (flushes at 1 and 3: recovery points),
