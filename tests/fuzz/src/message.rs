@@ -142,6 +142,13 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
                 device: "/dev/mapper/db1".into(),
             }),
         ),
+        (
+            "compared",
+            Message::Compared(
+                replica_proto::msg::Compared::new([7; 16], 43, &[false, true, false, false, true])
+                    .expect("answer"),
+            ),
+        ),
     ];
     let mut stream = Vec::new();
     let mut out = Vec::new();
