@@ -111,7 +111,8 @@ fn check_records(first_seq: u64, count: u32, plain: &[u8]) {
             .checked_mul(512)
             .and_then(|b| b.checked_add(u64::from(r.len)))
             .is_some());
-        if r.op == frame::ring_op::WRITE {
+        // Writes and chunk hashes carry `len` bytes; nothing else carries any.
+        if r.op == frame::ring_op::WRITE || r.op == frame::OP_CHUNK_HASHES {
             assert_eq!(r.data.len(), r.len as usize);
         } else {
             assert!(r.data.is_empty());
