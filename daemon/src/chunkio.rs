@@ -6,8 +6,15 @@ use std::os::unix::fs::FileExt;
 
 use replica_proto::chunk::{ChunkKey, ChunkSpan, HASH_LEN};
 
-/// Reads and hashes the chunks of `span` from `file`, in parallel (one
-/// thread per core, at most four).
+/// Threads [`hash_chunks`] uses by default: one per core, at most four.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |p| p.get())
+        .clamp(1, 4)
+}
+
+/// Reads and hashes the chunks of `span` from `file`, in parallel
+/// ([`default_workers`] threads).
 pub fn hash_chunks(
     file: &File,
     key: &ChunkKey,
@@ -15,11 +22,20 @@ pub fn hash_chunks(
     volume_size: u64,
     direct: bool,
 ) -> std::io::Result<Vec<[u8; HASH_LEN]>> {
+    hash_chunks_with(file, key, span, volume_size, direct, default_workers())
+}
+
+/// [`hash_chunks`] with `workers` threads.
+pub fn hash_chunks_with(
+    file: &File,
+    key: &ChunkKey,
+    span: &ChunkSpan,
+    volume_size: u64,
+    direct: bool,
+    workers: usize,
+) -> std::io::Result<Vec<[u8; HASH_LEN]>> {
     let n = span.count as usize;
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |p| p.get())
-        .clamp(1, 4)
-        .min(n.max(1));
+    let workers = workers.max(1).min(n.max(1));
     let mut out = vec![[0u8; HASH_LEN]; n];
     let per = n.div_ceil(workers);
     std::thread::scope(|s| -> std::io::Result<()> {

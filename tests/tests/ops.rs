@@ -160,6 +160,29 @@ fn control_errors_carry_a_code_and_replctl_exits_with_its_code() {
     assert!(err.contains("unknown command"), "{err}");
     let (code, err) = replctl(&["failover", "--state-dir", dir, "--point", "soon"]);
     assert_eq!(code, Some(2), "usage: {err}");
+    // A verify is the source's: a target refuses it.
+    let (code, err) = replctl(&["verify", "--state-dir", dir]);
+    assert_eq!(code, Some(4), "refused: {err}");
+    assert!(err.contains("unknown command"), "{err}");
+}
+
+#[test]
+fn a_verify_without_kernel_markers_is_refused_with_the_reason() {
+    let env = Env::new();
+    let _pair = env.pair("v", 1 << 20, 1000, 256, 1024, 3, "");
+    let sstate = env.path("sstate");
+    let sock = replica_control::default_path(&sstate);
+    wait_for(Duration::from_secs(20), "source control socket", || {
+        replica_control::request(&sock, replica_control::Command::Status).is_ok()
+    });
+    let out = Command::new(replctl_bin())
+        .args(["verify", "--wait", "--state-dir"])
+        .arg(&sstate)
+        .output()
+        .expect("run replctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "refused: {err}");
+    assert!(err.contains("ring file"), "{err}");
 }
 
 use std::os::unix::process::CommandExt;

@@ -159,10 +159,14 @@ fn dm_replica(a: &Path, b: &Path, size: u64, chunk: u64, ring: &KeyRing) -> Pass
             chunk_bytes: chunk,
             count: count as u32,
         };
-        // Both hosts hash their side at once.
+        // Both hosts hash their side at once, sharing this machine's cores
+        // (each would have its own).
+        let per_side = (replicad::chunkio::default_workers() / 2).max(1);
         let (ha, hb) = std::thread::scope(|s| {
-            let ta = s.spawn(|| replicad::chunkio::hash_chunks(&fa, &key, &span, size, false));
-            let hb = replicad::chunkio::hash_chunks(&fb, &key, &span, size, false);
+            let ta = s.spawn(|| {
+                replicad::chunkio::hash_chunks_with(&fa, &key, &span, size, false, per_side)
+            });
+            let hb = replicad::chunkio::hash_chunks_with(&fb, &key, &span, size, false, per_side);
             (ta.join().expect("source side"), hb)
         });
         let (ha, hb) = (ha.expect("hash A"), hb.expect("hash B"));
