@@ -22,7 +22,7 @@ use replica_store::replica::ApplyOp;
 use replica_store::state::PointKind;
 use replica_store::StoreError;
 
-use super::compare::{Comparer, HashRecordError, Job};
+use super::compare::{self, Comparer, HashRecordError, Job};
 use super::keys::KeyCache;
 use super::promote::{PromoteError, PromoteReq};
 use super::stream::Stream;
@@ -465,12 +465,7 @@ impl Applier {
         let r = frame::decode_records(h, plain).map_err(SegmentError::Records)?;
         check_bounds(&r, self.stream.volume().size)?;
         for rec in r.iter().filter(|r| r.op == frame::OP_CHUNK_HASHES) {
-            Job::of(
-                h.generation,
-                rec,
-                self.stream.volume().size,
-                self.stream.volume().replica().reader(),
-            )?;
+            compare::check(rec, self.stream.volume().size)?;
         }
         if gap && !r.first().is_some_and(is_resync_begin) {
             return Err(SegmentError::GapWithoutResync);
@@ -622,8 +617,6 @@ impl Applier {
                                 self.point(r, PointKind::Marker)?;
                             }
                         }
-                        // Data markers become writes on the source; a
-                        // stray one carries nothing to apply.
                         // Data and hash markers become writes and hash
                         // records on the source; a stray one carries
                         // nothing to apply.
@@ -673,9 +666,13 @@ impl Applier {
         Ok(())
     }
 
-    /// The oldest hash record whose comparison is not answered yet.
-    pub(super) fn comparer_unanswered(&self) -> Option<u64> {
-        self.comparer.unanswered_before()
+    /// How far acks may report the replica applied when it is applied up
+    /// to `seq`: not past a hash record whose comparison is not answered
+    /// (a source that sees it applied without an answer compares again).
+    pub(super) fn publishable(&self, seq: u64) -> u64 {
+        self.comparer
+            .unanswered_before()
+            .map_or(seq, |s| seq.min(s.saturating_sub(1)))
     }
 
     /// Moves the stream's applied record (the applier is the only one).

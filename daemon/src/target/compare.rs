@@ -83,6 +83,37 @@ pub(super) enum HashRecordError {
     },
 }
 
+/// The geometry of hash record `r` on a volume of `size` bytes, checked:
+/// its chunk size, where its chunks lie, and its payload of hashes.
+fn geometry<'r>(
+    r: &RecordView<'r>,
+    size: u64,
+) -> Result<(HashAux, ChunkSpan, impl Iterator<Item = &'r [u8; HASH_LEN]>), HashRecordError> {
+    let seq = r.seq;
+    let aux = HashAux::from_aux(r.aux).ok_or(HashRecordError::Geometry { seq, aux: r.aux })?;
+    let count = r.data.len() / HASH_LEN;
+    let hashes = chunk::hashes(r.data).ok_or(HashRecordError::Payload {
+        seq,
+        len: r.data.len(),
+    })?;
+    let span = ChunkSpan {
+        start: r.sector.saturating_mul(512),
+        chunk_bytes: u64::from(aux.chunk_bytes),
+        count: count as u32,
+    };
+    // Every chunk starts inside the volume (the last one may be clipped).
+    if !span.start.is_multiple_of(span.chunk_bytes) || span.chunk(span.count - 1, size).1 == 0 {
+        return Err(HashRecordError::Bounds { seq });
+    }
+    Ok((aux, span, hashes))
+}
+
+/// Checks hash record `r` on a volume of `size` bytes (a malformed one
+/// makes its segment's stream Critical before anything of it is applied).
+pub(super) fn check(r: &RecordView<'_>, size: u64) -> Result<(), HashRecordError> {
+    geometry(r, size).map(|_| ())
+}
+
 impl Job {
     /// The job of hash record `r` on a volume of `size` bytes.
     pub(super) fn of(
@@ -91,30 +122,13 @@ impl Job {
         size: u64,
         access: ReadAccess,
     ) -> Result<Self, HashRecordError> {
-        let seq = r.seq;
-        let aux = HashAux::from_aux(r.aux).ok_or(HashRecordError::Geometry { seq, aux: r.aux })?;
-        let hashes: Vec<[u8; HASH_LEN]> = chunk::hashes(r.data)
-            .ok_or(HashRecordError::Payload {
-                seq,
-                len: r.data.len(),
-            })?
-            .copied()
-            .collect();
-        let span = ChunkSpan {
-            start: r.sector.saturating_mul(512),
-            chunk_bytes: u64::from(aux.chunk_bytes),
-            count: hashes.len() as u32,
-        };
-        // Every chunk starts inside the volume (the last one may be clipped).
-        if !span.start.is_multiple_of(span.chunk_bytes) || span.chunk(span.count - 1, size).1 == 0 {
-            return Err(HashRecordError::Bounds { seq });
-        }
+        let (aux, span, hashes) = geometry(r, size)?;
         Ok(Self {
             generation,
-            seq,
+            seq: r.seq,
             span,
             aux,
-            hashes,
+            hashes: hashes.copied().collect(),
             access,
         })
     }
@@ -178,7 +192,11 @@ impl Answers {
 
     /// Whether any answer waits.
     pub(super) fn waiting(&self) -> bool {
-        !self.queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        !self
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     fn push(&self, c: Compared) {

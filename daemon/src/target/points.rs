@@ -111,9 +111,7 @@ impl Applier {
             self.stream.volume().replica().delete_point(id)?;
         }
         self.last_point = Some(Instant::now());
-        let unanswered = self.comparer_unanswered();
-        self.stream.lock_state().published =
-            unanswered.map_or(r.seq, |s| r.seq.min(s.saturating_sub(1)));
+        self.stream.lock_state().published = self.publishable(r.seq);
         self.board.update(&self.stream.id, |s| {
             s.applied_seq = r.seq;
             s.points = count as u64;
@@ -151,13 +149,9 @@ impl Applier {
     /// Tells acks and status how far the replica is (after any recovery
     /// point at that sequence exists).
     pub(super) fn publish_applied(&self) {
-        // Not past a hash record whose comparison is not answered: a
-        // source that sees it applied without an answer compares again.
-        let unanswered = self.comparer_unanswered();
         let applied = {
             let mut st = self.stream.lock_state();
-            let upto = unanswered.map_or(st.applied, |s| st.applied.min(s.saturating_sub(1)));
-            st.published = upto.min(st.disk.applied_seq);
+            st.published = self.publishable(st.applied).min(st.disk.applied_seq);
             st.published
         };
         self.board

@@ -207,7 +207,8 @@ impl Run {
         let rb = self.st.map.region_bytes();
         let end = offset.saturating_add(len);
         for w in &mut self.windows {
-            let open = (seq.wrapping_sub(w.seq) as i64) > 0 && (w.until.wrapping_sub(seq) as i64) > 0;
+            let open =
+                (seq.wrapping_sub(w.seq) as i64) > 0 && (w.until.wrapping_sub(seq) as i64) > 0;
             if !open {
                 continue;
             }
@@ -525,7 +526,10 @@ impl Drainer {
                         .iter()
                         .position(|w| w.seq == c.seq)
                         .map(|i| run.windows.swap_remove(i));
-                    let touched = window.as_ref().map(|w| w.touched.clone()).unwrap_or_default();
+                    let touched = window
+                        .as_ref()
+                        .map(|w| w.touched.clone())
+                        .unwrap_or_default();
                     let doubtful = |j: u32| touched.get(j as usize).copied().unwrap_or(false);
                     let Some(differing) = run.chunks.answer(&mut run.st, &c, doubtful) else {
                         continue;
@@ -567,7 +571,8 @@ impl Drainer {
                     .chunks
                     .lost(applied, |seq| deferred.iter().any(|c| c.seq == seq));
                 run.windows.retain(|w| {
-                    (w.seq.wrapping_sub(applied) as i64) > 0 || deferred.iter().any(|c| c.seq == w.seq)
+                    (w.seq.wrapping_sub(applied) as i64) > 0
+                        || deferred.iter().any(|c| c.seq == w.seq)
                 });
                 if lost > 0 {
                     tracing::info!(volume = %self.set.volume, chunks = lost, applied, "answers to chunk comparisons were lost (a connection ended, or the target restarted): those chunks are compared again");
@@ -804,7 +809,11 @@ impl Drainer {
                 s.resync_progress = Some(last);
                 // What a verify found different is resent by a full resync,
                 // and by the one its abandoned chunks joined.
-                if full || s.last_verify.as_ref().is_some_and(|v| v.abandoned.is_some()) {
+                if full
+                    || s.last_verify
+                        .as_ref()
+                        .is_some_and(|v| v.abandoned.is_some())
+                {
                     s.clear_reason(ReasonKind::Verify);
                 }
             });

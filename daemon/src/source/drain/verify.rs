@@ -116,7 +116,9 @@ impl Drainer {
                     tracing::warn!(volume = %self.set.volume, "cannot save the verify report: {e}");
                 }
             }
-            Err(e) => tracing::warn!(volume = %self.set.volume, "cannot encode the verify report: {e}"),
+            Err(e) => {
+                tracing::warn!(volume = %self.set.volume, "cannot encode the verify report: {e}")
+            }
         }
         let n = report.differing_chunks;
         match &report.abandoned {
@@ -179,7 +181,10 @@ impl Drainer {
         let st = ResyncState::new(
             self.generation,
             self.shared.spool.next_seq(),
-            format!("a verify found {} chunks of the replica different", left.count()),
+            format!(
+                "a verify found {} chunks of the replica different",
+                left.count()
+            ),
             left,
         );
         super::resync::save_state(&self.set, &self.keys, &st)?;
