@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use replica_proto::chunk::{ChunkKey, ChunkSpan, HashAux, MAX_CHUNKS_PER_RECORD};
 use replica_proto::frame::{self, resync::Marker, OP_CHUNK_HASHES, OP_SKIPPED, RECORD_FLAG_RESYNC};
+use replica_proto::msg::Compared;
 use replica_ring::Record;
 
 use super::chunks::Chunks;
@@ -141,7 +142,7 @@ pub(super) struct Run {
     doubts: std::collections::HashMap<u64, u8>,
     /// A verify: answers that came before the drain passed every write that
     /// may have been in their read (looked at again later).
-    deferred: Vec<replica_proto::msg::Compared>,
+    deferred: Vec<Compared>,
 }
 
 impl Run {
@@ -196,6 +197,77 @@ impl Run {
             Purpose::Resync => self.st.map,
             Purpose::Verify(_) => self.found,
         }
+    }
+
+    /// Takes the target's answers (and those held back before) with the
+    /// drain at `drained` and the target at `applied`; returns how many
+    /// chunks lost their answer and are compared again.
+    fn take_answers(&mut self, new: Vec<Compared>, drained: u64, applied: u64) -> u64 {
+        let mut answers = std::mem::take(&mut self.deferred);
+        answers.extend(new);
+        for c in answers {
+            // A verify's doubtful chunks: written while the source read
+            // them. Known once the drain passed every write that may have
+            // been in the read.
+            if self
+                .windows
+                .iter()
+                .any(|w| w.seq == c.seq && (w.until.wrapping_sub(drained) as i64) > 0)
+            {
+                self.deferred.push(c);
+                continue;
+            }
+            let window = self
+                .windows
+                .iter()
+                .position(|w| w.seq == c.seq)
+                .map(|i| self.windows.swap_remove(i));
+            let touched = window.as_ref().map_or(&[][..], |w| &w.touched[..]);
+            let doubtful = |j: u32| touched.get(j as usize).copied().unwrap_or(false);
+            let Some(differing) = self.chunks.answer(&mut self.st, &c, doubtful) else {
+                continue;
+            };
+            self.unsaved = true;
+            let Purpose::Verify(v) = &mut self.purpose else {
+                continue;
+            };
+            let rb = self.st.map.region_bytes();
+            if let Some(w) = &window {
+                let base = w.span.start / rb;
+                for (j, t) in w.touched.iter().enumerate() {
+                    let r = base + j as u64;
+                    if *t && c.differs(j as u32) && self.st.map.is_set(r) {
+                        let n = self.doubts.entry(r).or_insert(0);
+                        *n += 1;
+                        if *n >= MAX_DOUBTS {
+                            // The application keeps writing it: given up
+                            // on, reported as busy.
+                            self.st.map.clear(r, 1);
+                            self.chunks.tally.busy += 1;
+                        }
+                    }
+                }
+            }
+            for r in differing {
+                self.found.set_region(r);
+                if v.offsets.len() < REPORT_OFFSETS {
+                    v.offsets.push(r * rb);
+                }
+                if !v.resync {
+                    // Reported (and kept in `found`), not sent.
+                    self.st.map.clear(r, 1);
+                    self.st.differ.clear(r, 1);
+                }
+            }
+        }
+        let deferred = &self.deferred;
+        let lost = self
+            .chunks
+            .lost(applied, |seq| deferred.iter().any(|c| c.seq == seq));
+        self.windows.retain(|w| {
+            (w.seq.wrapping_sub(applied) as i64) > 0 || deferred.iter().any(|c| c.seq == w.seq)
+        });
+        lost
     }
 
     /// A verify: write record `seq` of `len` bytes at byte `offset` was
@@ -286,7 +358,7 @@ impl Drainer {
                 st.full = full;
                 // Saved first: a restart then knows the resync began here
                 // (and re-drains BEGIN if it was not spooled).
-                super::resync::save_state(&self.set, &self.keys, &st)?;
+                save_state(&self.set, &self.keys, &st)?;
                 tracing::info!(volume = %self.set.volume, seq = r.seq, chunks = st.map.count(), to_send = st.differ.count(), full, "resync begins");
                 self.mode = Mode::Spool(Some(Box::new(Run::new(st, full, false))));
                 self.pending.gap = true;
@@ -507,73 +579,7 @@ impl Drainer {
                 // a hash record only after its answer was sent).
                 let applied = self.shared.target_applied.load(Ordering::Acquire);
                 let drained = self.consumer.next_seq();
-                let mut answers = std::mem::take(&mut run.deferred);
-                answers.extend(self.shared.take_answers());
-                for c in answers {
-                    // A verify's doubtful chunks: written while the source
-                    // read them. Known once the drain passed every write
-                    // that may have been in the read.
-                    if run
-                        .windows
-                        .iter()
-                        .any(|w| w.seq == c.seq && (w.until.wrapping_sub(drained) as i64) > 0)
-                    {
-                        run.deferred.push(c);
-                        continue;
-                    }
-                    let window = run
-                        .windows
-                        .iter()
-                        .position(|w| w.seq == c.seq)
-                        .map(|i| run.windows.swap_remove(i));
-                    let touched = window
-                        .as_ref()
-                        .map(|w| w.touched.clone())
-                        .unwrap_or_default();
-                    let doubtful = |j: u32| touched.get(j as usize).copied().unwrap_or(false);
-                    let Some(differing) = run.chunks.answer(&mut run.st, &c, doubtful) else {
-                        continue;
-                    };
-                    run.unsaved = true;
-                    let rb = run.st.map.region_bytes();
-                    if let (Some(w), Purpose::Verify(_)) = (&window, &run.purpose) {
-                        let base = w.span.start / rb;
-                        for (j, t) in w.touched.iter().enumerate() {
-                            let r = base + j as u64;
-                            if *t && c.differs(j as u32) && run.st.map.is_set(r) {
-                                let n = run.doubts.entry(r).or_insert(0);
-                                *n += 1;
-                                if *n >= MAX_DOUBTS {
-                                    // The application keeps writing it:
-                                    // given up on, reported as busy.
-                                    run.st.map.clear(r, 1);
-                                    run.chunks.tally.busy += 1;
-                                }
-                            }
-                        }
-                    }
-                    if let Purpose::Verify(v) = &mut run.purpose {
-                        for r in differing {
-                            run.found.set_region(r);
-                            if v.offsets.len() < REPORT_OFFSETS {
-                                v.offsets.push(r * rb);
-                            }
-                            if !v.resync {
-                                // Reported (and kept in `found`), not sent.
-                                run.st.map.clear(r, 1);
-                                run.st.differ.clear(r, 1);
-                            }
-                        }
-                    }
-                }
-                let deferred = &run.deferred;
-                let lost = run
-                    .chunks
-                    .lost(applied, |seq| deferred.iter().any(|c| c.seq == seq));
-                run.windows.retain(|w| {
-                    (w.seq.wrapping_sub(applied) as i64) > 0
-                        || deferred.iter().any(|c| c.seq == w.seq)
-                });
+                let lost = run.take_answers(self.shared.take_answers(), drained, applied);
                 if lost > 0 {
                     tracing::info!(volume = %self.set.volume, chunks = lost, applied, "answers to chunk comparisons were lost (a connection ended, or the target restarted): those chunks are compared again");
                 }
@@ -587,8 +593,11 @@ impl Drainer {
                 // reads them at its own pace.
                 let hash_window = (self.set.resync_window.saturating_mul(4) / rb).max(max_hash);
                 while run.outstanding < MAX_OUTSTANDING {
-                    let verify = run.verifying().cloned();
-                    let send = verify.as_ref().is_none_or(|v| v.resync);
+                    // A verify sends only when asked, compares at its rate.
+                    let (verifying, send, may_hash) = match run.verifying() {
+                        None => (false, true, true),
+                        Some(v) => (true, v.resync, Instant::now() >= v.next_at),
+                    };
                     let (marker, first, count) = if let Some((region, count)) = (send
                         && spool.unacked_bytes() < window)
                         .then(|| run.chunks.next_data(&run.st, max_data))
@@ -599,11 +608,10 @@ impl Drainer {
                             count: count as u32,
                         };
                         (m, region, count)
-                    } else if let Some((region, count)) = (run.chunks.waiting_chunks()
-                        < hash_window
-                        && verify.as_ref().is_none_or(|v| Instant::now() >= v.next_at))
-                    .then(|| run.chunks.next_hash(&run.st, max_hash))
-                    .flatten()
+                    } else if let Some((region, count)) =
+                        (run.chunks.waiting_chunks() < hash_window && may_hash)
+                            .then(|| run.chunks.next_hash(&run.st, max_hash))
+                            .flatten()
                     {
                         let m = Marker::Hash {
                             region,
@@ -615,7 +623,7 @@ impl Drainer {
                         && run.outstanding == 0
                         && self.pending.clears.is_empty()
                     {
-                        if verify.is_some() {
+                        if verifying {
                             self.verify_done();
                             return Ok(None);
                         }
@@ -685,11 +693,6 @@ impl Drainer {
         set: &DrainSettings,
         keys: &crate::keystore::KeyStore,
     ) -> Result<Settled, DaemonError> {
-        let ring = keys.get();
-        let ck = crate::source::dirty::CursorKeys {
-            ring: &ring,
-            volume: &set.volume,
-        };
         if run
             .last_kernel_take
             .is_some_and(|t| run.kernel_in_flight > 0 && t.elapsed() < KERNEL_RETAKE)
@@ -698,17 +701,13 @@ impl Drainer {
         }
         let mut whole = run.st.clone();
         whole.map.mark_all();
-        whole
-            .save(&set.state_path, &ck)
-            .map_err(|e| io_err("save the resync state", e))?;
+        save_state(set, keys, &whole)?;
         let b = match k.device.take_bitmap(k.index) {
             Ok(b) => b,
             Err(e) => {
                 // Nothing was taken (the kernel keeps the bits of a failed
                 // hand-over): the map as it was.
-                run.st
-                    .save(&set.state_path, &ck)
-                    .map_err(|e| io_err("save the resync state", e))?;
+                save_state(set, keys, &run.st)?;
                 let why = e.to_string();
                 if run.kernel_take_error.as_deref() != Some(why.as_str()) {
                     tracing::warn!(volume = %set.volume, error = %why, "cannot take the kernel's dirty bitmap before the resync's END; the resync does not end until it can");
@@ -725,9 +724,7 @@ impl Drainer {
             b.regions_set(),
             b.in_flight_overflow,
         );
-        run.st
-            .save(&set.state_path, &ck)
-            .map_err(|e| io_err("save the resync state", e))?;
+        save_state(set, keys, &run.st)?;
         run.unsaved = false;
         run.last_save = Instant::now();
         let was_in_flight = run.kernel_in_flight;
