@@ -14,15 +14,15 @@ pub fn default_workers() -> usize {
 }
 
 /// Reads and hashes the chunks of `span` from `file`, in parallel
-/// ([`default_workers`] threads).
+/// ([`default_workers`] threads). The reads go into 4 KiB-aligned buffers
+/// of whole sectors, so `file` may be open with `O_DIRECT`.
 pub fn hash_chunks(
     file: &File,
     key: &ChunkKey,
     span: &ChunkSpan,
     volume_size: u64,
-    direct: bool,
 ) -> std::io::Result<Vec<[u8; HASH_LEN]>> {
-    hash_chunks_with(file, key, span, volume_size, direct, default_workers())
+    hash_chunks_with(file, key, span, volume_size, default_workers())
 }
 
 /// [`hash_chunks`] with `workers` threads.
@@ -31,7 +31,6 @@ pub fn hash_chunks_with(
     key: &ChunkKey,
     span: &ChunkSpan,
     volume_size: u64,
-    direct: bool,
     workers: usize,
 ) -> std::io::Result<Vec<[u8; HASH_LEN]>> {
     let n = span.count as usize;
@@ -50,7 +49,7 @@ pub fn hash_chunks_with(
                     // O_DIRECT reads whole sectors; the volume is a
                     // multiple of 512 bytes.
                     let dst = &mut buf.bytes_mut()[..len];
-                    read_full(file, dst, off, direct)?;
+                    file.read_exact_at(dst, off)?;
                     *h = key.hash(off, dst);
                 }
                 Ok(())
@@ -63,10 +62,6 @@ pub fn hash_chunks_with(
         Ok(())
     })?;
     Ok(out)
-}
-
-fn read_full(file: &File, dst: &mut [u8], off: u64, _direct: bool) -> std::io::Result<()> {
-    file.read_exact_at(dst, off)
 }
 
 /// A heap buffer aligned to 4 KiB (`O_DIRECT`).
@@ -109,7 +104,7 @@ mod tests {
             chunk_bytes: 65536,
             count: 5,
         };
-        let got = hash_chunks(&f, &key, &span, size as u64, false).expect("hash");
+        let got = hash_chunks(&f, &key, &span, size as u64).expect("hash");
         for (i, h) in got.iter().enumerate() {
             let (off, len) = span.chunk(i as u32, size as u64);
             assert_eq!(*h, key.hash(off, &data[off as usize..(off + len) as usize]));

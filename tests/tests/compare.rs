@@ -200,7 +200,8 @@ fn a_malformed_hash_record_makes_the_stream_critical_and_applies_nothing() {
 #[test]
 fn many_hash_records_between_overlapping_writes_never_stall_the_applier() {
     let (env, _t, addr, st, kr) = setup();
-    let mut c = RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], 1).expect("connect");
+    let mut c =
+        RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [6; 16], 1).expect("connect");
     let mut rng = Rng::new(5);
     let mut seq = 1u64;
     let data = vec![0x77u8; 8192];
@@ -212,7 +213,14 @@ fn many_hash_records_between_overlapping_writes_never_stall_the_applier() {
         for _ in 0..4 {
             let first = rng.below(CHUNKS as u64 - 4);
             let hs = &h[first as usize * 32..(first as usize + 4) * 32];
-            recs.push((seq, OP_CHUNK_HASHES, RECORD_FLAG_RESYNC, first * CHUNK / 512, aux(kr.active()), hs));
+            recs.push((
+                seq,
+                OP_CHUNK_HASHES,
+                RECORD_FLAG_RESYNC,
+                first * CHUNK / 512,
+                aux(kr.active()),
+                hs,
+            ));
             hash_seqs.push(seq);
             seq += 1;
             for _ in 0..3 {

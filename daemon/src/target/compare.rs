@@ -381,7 +381,7 @@ impl Worker {
         let (Some(key), Some((_, file))) = (&self.key, &self.file) else {
             return all;
         };
-        match hash_chunks(file, key, &job.span, self.size, job.access.direct) {
+        match hash_chunks(file, key, &job.span, self.size) {
             Ok(mine) => mine
                 .iter()
                 .zip(&job.hashes)

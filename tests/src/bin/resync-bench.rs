@@ -45,12 +45,17 @@ fn args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
-        let mut val = || it.next().unwrap_or_else(|| die(&format!("{k} needs a value")));
+        let mut val = || {
+            it.next()
+                .unwrap_or_else(|| die(&format!("{k} needs a value")))
+        };
         match k.as_str() {
             "--size-mib" => a.size_mib = val().parse().unwrap_or_else(|_| die("--size-mib N")),
             "--chunk-kib" => a.chunk_kib = val().parse().unwrap_or_else(|_| die("--chunk-kib N")),
             "--changed-permille" => {
-                a.changed_permille = val().parse().unwrap_or_else(|_| die("--changed-permille N"))
+                a.changed_permille = val()
+                    .parse()
+                    .unwrap_or_else(|_| die("--changed-permille N"))
             }
             "--work" => a.work = PathBuf::from(val()),
             "--no-sweep" => a.sweep = false,
@@ -144,7 +149,11 @@ struct Pass {
 fn dm_replica(a: &Path, b: &Path, size: u64, chunk: u64, ring: &KeyRing) -> Pass {
     let key = ChunkKey::derive(ring, ring.active(), "bench").expect("chunk key");
     let fa = File::open(a).expect("open A");
-    let fb = OpenOptions::new().read(true).write(true).open(b).expect("open B");
+    let fb = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b)
+        .expect("open B");
     let chunks = size.div_ceil(chunk);
     let per = u64::from(MAX_CHUNKS_PER_RECORD).min(chunks);
     let mut sealer = Sealer::new(ring);
@@ -163,19 +172,22 @@ fn dm_replica(a: &Path, b: &Path, size: u64, chunk: u64, ring: &KeyRing) -> Pass
         // (each would have its own).
         let per_side = (replicad::chunkio::default_workers() / 2).max(1);
         let (ha, hb) = std::thread::scope(|s| {
-            let ta = s.spawn(|| {
-                replicad::chunkio::hash_chunks_with(&fa, &key, &span, size, false, per_side)
-            });
-            let hb = replicad::chunkio::hash_chunks_with(&fb, &key, &span, size, false, per_side);
+            let ta =
+                s.spawn(|| replicad::chunkio::hash_chunks_with(&fa, &key, &span, size, per_side));
+            let hb = replicad::chunkio::hash_chunks_with(&fb, &key, &span, size, per_side);
             (ta.join().expect("source side"), hb)
         });
         let (ha, hb) = (ha.expect("hash A"), hb.expect("hash B"));
         // The hash record, sealed as the source ships it.
         let payload: Vec<u8> = ha.iter().flatten().copied().collect();
-        sent += 5 + sealer.seal(&[(frame::OP_CHUNK_HASHES, span.start / 512, chunk, &payload)]).len() as u64;
+        sent += 5 + sealer
+            .seal(&[(frame::OP_CHUNK_HASHES, span.start / 512, chunk, &payload)])
+            .len() as u64;
         // The target's answer: type, length, generation, seq, count, bits.
         sent += 5 + 28 + count.div_ceil(8);
-        let diff: Vec<u64> = (0..count).filter(|&i| ha[i as usize] != hb[i as usize]).collect();
+        let diff: Vec<u64> = (0..count)
+            .filter(|&i| ha[i as usize] != hb[i as usize])
+            .collect();
         differing += diff.len() as u64;
         // The differing chunks: read on the source, sealed (runs of up to
         // 1 MiB per write, as `resync.max_write_bytes`), opened and
@@ -183,7 +195,10 @@ fn dm_replica(a: &Path, b: &Path, size: u64, chunk: u64, ring: &KeyRing) -> Pass
         let mut i = 0;
         while i < diff.len() {
             let mut j = i + 1;
-            while j < diff.len() && diff[j] == diff[j - 1] + 1 && (j - i + 1) as u64 * chunk <= 1 << 20 {
+            while j < diff.len()
+                && diff[j] == diff[j - 1] + 1
+                && (j - i + 1) as u64 * chunk <= 1 << 20
+            {
                 j += 1;
             }
             let off = (first + diff[i]) * chunk;
@@ -226,10 +241,15 @@ fn copy(from: &Path, to: &Path) {
 /// Runs `cmd` and returns its wall time and standard output.
 fn timed(cmd: &mut Command) -> (f64, String) {
     let t = Instant::now();
-    let out = cmd.output().unwrap_or_else(|e| die(&format!("{cmd:?}: {e}")));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| die(&format!("{cmd:?}: {e}")));
     let secs = t.elapsed().as_secs_f64();
     if !out.status.success() {
-        die(&format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+        die(&format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     (secs, String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -303,7 +323,12 @@ fn main() {
         die("the replica image differs from the source after the dm-replica pass");
     }
     copy(&pb0, &pr);
-    let (rsync_secs, rsync_out) = timed(Command::new("rsync").args(["-I", "--no-whole-file", "--inplace", "--stats"]).arg(&pa).arg(&pr));
+    let (rsync_secs, rsync_out) = timed(
+        Command::new("rsync")
+            .args(["-I", "--no-whole-file", "--inplace", "--stats"])
+            .arg(&pa)
+            .arg(&pr),
+    );
     let rsync_sent: u64 = rsync_out
         .lines()
         .find_map(|l| l.strip_prefix("Total bytes sent: "))
@@ -329,7 +354,10 @@ fn main() {
 
     let mib = |s: f64| size as f64 / 1048576.0 / s;
     println!();
-    println!("{:<34} {:>8} {:>9} {:>14} {:>13}", "", "time s", "MiB/s", "bytes sent", "sent/changed");
+    println!(
+        "{:<34} {:>8} {:>9} {:>14} {:>13}",
+        "", "time s", "MiB/s", "bytes sent", "sent/changed"
+    );
     println!(
         "{:<34} {:>8.2} {:>9.0} {:>14} {:>13.3}",
         format!("dm-replica ({} differing)", d.differing),
@@ -346,23 +374,63 @@ fn main() {
         rsync_sent,
         rsync_sent as f64 / changed as f64
     );
-    println!("{:<34} {:>8.2} {:>9.0}", "b3sum of both images", b3_secs, mib(b3_secs) * 2.0);
+    println!(
+        "{:<34} {:>8.2} {:>9.0}",
+        "b3sum of both images",
+        b3_secs,
+        mib(b3_secs) * 2.0
+    );
     println!();
     println!("{:<44} {:>8} {:>8}", "ratio", "value", "goal");
-    println!("{:<44} {:>8.3} {:>8}", "bytes sent / bytes changed", d.sent as f64 / changed as f64, "<= 1.1");
-    println!("{:<44} {:>8.3} {:>8}", "time / rsync's", d.secs / rsync_secs, "<= 0.333");
-    println!("{:<44} {:>8.3} {:>8}", "time / b3sum of both images", d.secs / b3_secs, "<= 1.5");
-    println!("{:<44} {:>8.2} {:>8}", "keyed BLAKE3, GiB/s on one core", per_core, "");
-    println!("(chunks compared: {}; {} cores)", d.chunks, std::thread::available_parallelism().map_or(1, |p| p.get()));
+    println!(
+        "{:<44} {:>8.3} {:>8}",
+        "bytes sent / bytes changed",
+        d.sent as f64 / changed as f64,
+        "<= 1.1"
+    );
+    println!(
+        "{:<44} {:>8.3} {:>8}",
+        "time / rsync's",
+        d.secs / rsync_secs,
+        "<= 0.333"
+    );
+    println!(
+        "{:<44} {:>8.3} {:>8}",
+        "time / b3sum of both images",
+        d.secs / b3_secs,
+        "<= 1.5"
+    );
+    println!(
+        "{:<44} {:>8.2} {:>8}",
+        "keyed BLAKE3, GiB/s on one core", per_core, ""
+    );
+    println!(
+        "(chunks compared: {}; {} cores)",
+        d.chunks,
+        std::thread::available_parallelism().map_or(1, |p| p.get())
+    );
 
     if a.sweep {
         // The same changes (1% of 64 KiB blocks) at every chunk size: larger
         // chunks hash fewer times but send more around each change.
         println!();
-        println!("chunk size sweep: {} of 64 KiB blocks changed", a.changed_permille as f64 / 10.0);
-        println!("{:>10} {:>8} {:>9} {:>14} {:>13}", "chunk KiB", "time s", "MiB/s", "bytes sent", "sent/changed");
+        println!(
+            "chunk size sweep: {} of 64 KiB blocks changed",
+            a.changed_permille as f64 / 10.0
+        );
+        println!(
+            "{:>10} {:>8} {:>9} {:>14} {:>13}",
+            "chunk KiB", "time s", "MiB/s", "bytes sent", "sent/changed"
+        );
         let units = size / 65536;
-        let changed = images(&pa, &pb0, size, 65536, (units * a.changed_permille).div_ceil(1000), 43);
+        let changed = images(
+            &pa,
+            &pb0,
+            size,
+            65536,
+            (units * a.changed_permille).div_ceil(1000),
+            43,
+        );
         for kib in [64u64, 128, 256, 512, 1024] {
             copy(&pb0, &pb);
             let d = dm_replica(&pa, &pb, size, kib << 10, &ring);

@@ -482,7 +482,7 @@ impl Drainer {
         };
         let hashed = {
             let f = self.volume_file()?;
-            hash_chunks(f, &key, &span, size, true)
+            hash_chunks(f, &key, &span, size)
         };
         let hashes = hashed.map_err(|e| {
             DaemonError::Critical(format!(
