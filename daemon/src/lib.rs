@@ -83,9 +83,4 @@ impl DaemonError {
 }
 
 /// Now, ns since the Unix epoch (0 if the clock is before it).
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+pub use replica_ring::now_ns;

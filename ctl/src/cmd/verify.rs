@@ -10,7 +10,8 @@ use crate::error::CtlError;
 /// Runs `verify`.
 pub fn run(a: VerifyArgs) -> Result<(), CtlError> {
     let sock = super::control_socket(&a.daemon)?;
-    let since = now_ns();
+    // The daemon stamps its report from the same clock.
+    let since = replica_ring::now_ns();
     let r = replica_control::request(
         &sock,
         Command::Verify {
@@ -24,13 +25,4 @@ pub fn run(a: VerifyArgs) -> Result<(), CtlError> {
         println!("verify done: {}", crate::verify::summary(&report));
     }
     Ok(())
-}
-
-/// Now, ns since the Unix epoch (the daemon stamps its report from the
-/// same clock).
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
