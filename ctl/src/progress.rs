@@ -170,12 +170,11 @@ pub fn wait_resync(
             .filter(|p| !p.verify && v.resync_running)
         {
             Some(p) => {
-                let total = p.total_chunks.max(p.remaining_chunks);
-                let done = total - p.remaining_chunks;
+                let (done, total) = p.proven();
                 bar.set_length(total);
                 bar.set_position(done);
                 let line = progress_line(p);
-                let tenth = (done * 10).checked_div(total).unwrap_or(0);
+                let tenth = p.tenths();
                 if plain && tenth != said {
                     println!(
                         "resync: {done} of {total} chunks proven ({}%): {line}",

@@ -161,9 +161,7 @@ pub fn wait_verify(
             return Ok(r.clone());
         }
         if let Some(p) = v.resync_progress.as_ref().filter(|p| p.verify) {
-            let tenth = ((p.total_chunks - p.remaining_chunks) * 10)
-                .checked_div(p.total_chunks)
-                .unwrap_or(0);
+            let tenth = p.tenths();
             if tenth != said {
                 println!(
                     "verify: {}%: {}",

@@ -281,6 +281,20 @@ pub struct ChunkProgress {
     pub end_seq: u64,
 }
 
+impl ChunkProgress {
+    /// Chunks proven and chunks in all (never fewer than those left).
+    pub fn proven(&self) -> (u64, u64) {
+        let total = self.total_chunks.max(self.remaining_chunks);
+        (total - self.remaining_chunks, total)
+    }
+
+    /// How far it is, in tenths (0..=10).
+    pub fn tenths(&self) -> u64 {
+        let (done, total) = self.proven();
+        (done * 10).checked_div(total).unwrap_or(0)
+    }
+}
+
 /// The result of an online verify (source).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
@@ -418,6 +432,35 @@ pub fn read(dir: &Path) -> std::io::Result<Vec<VolumeStatus>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_progress_counts_what_is_proven_and_never_underflows() {
+        let mut p = ChunkProgress {
+            verify: false,
+            chunk_bytes: 65536,
+            total_chunks: 200,
+            done_before: 0,
+            remaining_chunks: 50,
+            compared_chunks: 150,
+            equal_chunks: 140,
+            differing_chunks: 10,
+            sent_chunks: 10,
+            sent_bytes: 655360,
+            rehashed_chunks: 0,
+            elapsed_seconds: 1.0,
+            bytes_per_second: 1.0,
+            eta_seconds: None,
+            end_seq: 0,
+        };
+        assert_eq!(p.proven(), (150, 200));
+        assert_eq!(p.tenths(), 7);
+        // More left than counted (regions added since): nothing proven.
+        p.remaining_chunks = 300;
+        assert_eq!(p.proven(), (0, 300));
+        p.total_chunks = 0;
+        p.remaining_chunks = 0;
+        assert_eq!(p.tenths(), 0);
+    }
 
     #[test]
     fn one_reason_per_kind_and_health_follows_the_worst() {
