@@ -224,10 +224,12 @@ pub struct CursorKeys<'a> {
 }
 
 impl CursorKeys<'_> {
-    fn mac(&self, key_id: u32, body: &[u8]) -> Option<[u8; 32]> {
+    /// The MAC of `body` under key `key_id` (its comparison with bytes is
+    /// constant-time).
+    fn mac(&self, key_id: u32, body: &[u8]) -> Option<blake3::Hash> {
         let key =
             replica_proto::chunk::derive_key(self.ring, key_id, CURSOR_LABEL, self.volume).ok()?;
-        Some(*blake3::keyed_hash(&key, body).as_bytes())
+        Some(blake3::keyed_hash(&key, body))
     }
 }
 
@@ -271,7 +273,7 @@ impl ResyncState {
         }
         let key_id = keys.ring.active();
         b.extend_from_slice(&key_id.to_le_bytes());
-        let mac = keys.mac(key_id, &b).unwrap_or([0; 32]);
+        let mac = keys.mac(key_id, &b).map_or([0; 32], |h| *h.as_bytes());
         b.extend_from_slice(&mac);
         b
     }
@@ -291,8 +293,8 @@ impl ResyncState {
         let want = keys
             .mac(key_id, body)
             .ok_or("authenticated with a key no longer in the key ring")?;
-        // Constant time: the MAC is a secret-keyed check.
-        if want.iter().zip(mac).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
+        // Constant time (blake3's comparison): a secret-keyed check.
+        if want != *mac {
             return Err("authentication failed (damaged, edited, or another volume's)");
         }
         let body = &body[..body.len() - 4];

@@ -73,8 +73,8 @@ pub(crate) struct Chunks {
     pub(crate) tally: Tally,
 }
 
-/// The first run of regions at or after `from` set in `a` and not in `b`
-/// (and not in `c`), at most `max` long; wraps around to the start once.
+/// The first run of regions at or after `from` set in `a` and in none of
+/// `not`, at most `max` long; wraps around to the start once.
 fn next_run(a: &DirtyMap, not: &[&DirtyMap], from: u64, max: u64) -> Option<(u64, u64)> {
     let n = a.regions();
     let ok = |r: u64| a.is_set(r) && not.iter().all(|m| !m.is_set(r));
@@ -100,8 +100,8 @@ fn next_run(a: &DirtyMap, not: &[&DirtyMap], from: u64, max: u64) -> Option<(u64
 }
 
 impl Chunks {
-    /// The bookkeeping of a run over `st`'s map (`regions_done`: regions of
-    /// the volume the map no longer holds when resuming).
+    /// The bookkeeping of a run over `st`'s map (`resumed`: the regions the
+    /// map no longer holds were proven before a restart).
     pub(crate) fn new(st: &ResyncState, resumed: bool) -> Self {
         let m = &st.map;
         Self {
