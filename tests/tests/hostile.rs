@@ -234,6 +234,29 @@ fn an_old_peer_is_refused_with_the_protocol_versions() {
     assert!(e.contains("speaks 4"), "{e}");
 }
 
+/// Opens `n` silent connections to target `t` at `addr` from loopback
+/// address `from`, waits until its log says `needle` (`what`), and checks
+/// that it is still running; returns the connections.
+fn flood_until(
+    t: &mut Daemon,
+    addr: &str,
+    from: [u8; 4],
+    n: usize,
+    needle: &str,
+    what: &str,
+) -> Vec<std::net::TcpStream> {
+    let flood: Vec<_> = (0..n).map(|_| connect_from(from.into(), addr)).collect();
+    wait_for(Duration::from_secs(20), what, || {
+        t.log_text().contains(needle)
+    });
+    assert!(
+        t.try_exit().is_none(),
+        "the target must not exit:\n{}",
+        t.log_text()
+    );
+    flood
+}
+
 /// A TCP connection to `addr` from `from` (another loopback address).
 fn connect_from(from: std::net::Ipv4Addr, addr: &str) -> std::net::TcpStream {
     use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
@@ -386,18 +409,13 @@ fn running_out_of_descriptors_never_takes_the_target_down() {
         .to_owned();
     // More silent connections than the target has descriptors: accept
     // fails (EMFILE) until the handshake deadline closes the ones it took.
-    let flood: Vec<_> = (0..120)
-        .map(|_| connect_from([127, 0, 0, 3].into(), &addr))
-        .collect();
-    wait_for(
-        Duration::from_secs(20),
+    let flood = flood_until(
+        &mut t,
+        &addr,
+        [127, 0, 0, 3],
+        120,
+        "accept failed",
         "accept to fail for want of descriptors",
-        || t.log_text().contains("accept failed"),
-    );
-    assert!(
-        t.try_exit().is_none(),
-        "the target must not exit:\n{}",
-        t.log_text()
     );
     drop(flood);
     // Once the flood is gone, a source is served again.
@@ -496,18 +514,13 @@ fn a_thread_that_cannot_start_closes_its_connection_not_the_target() {
     cg.add(t.pid().expect("pid"));
     // Room for one more thread only.
     cg.limit(Some(cg.current() + 1));
-    let flood: Vec<_> = (0..6)
-        .map(|_| connect_from([127, 0, 0, 4].into(), &addr))
-        .collect();
-    wait_for(
-        Duration::from_secs(20),
+    let flood = flood_until(
+        &mut t,
+        &addr,
+        [127, 0, 0, 4],
+        6,
+        "cannot start a connection thread",
         "a connection thread to fail to start",
-        || t.log_text().contains("cannot start a connection thread"),
-    );
-    assert!(
-        t.try_exit().is_none(),
-        "the target must not exit:\n{}",
-        t.log_text()
     );
     // The connections it could not serve were closed at once.
     wait_for(
