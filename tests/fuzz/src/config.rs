@@ -108,6 +108,7 @@ region_kib = 64
 [resync]
 window_bytes = 67108864
 max_write_bytes = 1048576
+chunk_kib = 128
 "#;
     let ring_file = r#"
 volume = "dev"
