@@ -21,6 +21,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -153,11 +154,22 @@ struct Pending {
 struct InFlight {
     jobs: Mutex<Vec<Pending>>,
     done: Condvar,
+    /// How many `jobs` holds, read without the lock by the applier before
+    /// each write (only the applier adds jobs, so it never misses one of
+    /// its own).
+    count: AtomicUsize,
 }
 
 impl InFlight {
     fn lock(&self) -> MutexGuard<'_, Vec<Pending>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds the job `p`.
+    fn add(&self, p: Pending) {
+        let mut jobs = self.lock();
+        jobs.push(p);
+        self.count.store(jobs.len(), Ordering::Release);
     }
 
     /// The job of (`generation`, `seq`) is answered.
@@ -169,6 +181,7 @@ impl InFlight {
         {
             jobs.remove(i);
         }
+        self.count.store(jobs.len(), Ordering::Release);
         drop(jobs);
         self.done.notify_all();
     }
@@ -275,7 +288,7 @@ impl Comparer {
             }
             return;
         };
-        self.in_flight.lock().push(pending);
+        self.in_flight.add(pending);
         if let Err(e) = tx.send(job) {
             self.in_flight.finished(generation, seq);
             if let Some(c) = Compared::new(generation, e.0.seq, &vec![true; count as usize]) {
@@ -298,9 +311,10 @@ impl Comparer {
         }
     }
 
-    /// Whether any job is in flight (a cheap check before `before_write`).
+    /// Whether any job is in flight (a check before each write, without
+    /// the lock, before `before_write`).
     pub(super) fn busy(&self) -> bool {
-        !self.in_flight.lock().is_empty()
+        self.in_flight.count.load(Ordering::Acquire) > 0
     }
 
     /// The oldest hash record not answered yet: acks report nothing at or
