@@ -103,6 +103,9 @@ pub fn progress_line(p: &ChunkProgress) -> String {
         p.sent_chunks,
         human_bytes(p.sent_bytes)
     );
+    if p.zero_chunks > 0 {
+        s.push_str(&format!(", {} zero on both sides", p.zero_chunks));
+    }
     if p.done_before > 0 {
         s.push_str(&format!(", {} proven before a restart", p.done_before));
     }

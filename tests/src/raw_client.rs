@@ -33,6 +33,8 @@ pub enum Heard {
     Applied(u64),
     /// An answer to a hash record.
     Compared(replica_proto::msg::Compared),
+    /// What the replica read as zeros at a resync's BEGIN.
+    Zeroes(replica_proto::msg::Zeroes),
 }
 
 /// A TLS connection to `addr` with the material `tls`, the target named
@@ -372,6 +374,7 @@ impl RawClient {
             match self.link.recv() {
                 Ok(Some(Message::Ack(a))) => self.heard.push(Heard::Applied(a.applied_seq)),
                 Ok(Some(Message::Compared(c))) => self.heard.push(Heard::Compared(c)),
+                Ok(Some(Message::Zeroes(z))) => self.heard.push(Heard::Zeroes(z)),
                 _ => break,
             }
         }
@@ -385,6 +388,7 @@ impl RawClient {
                 }
                 Ok(Some(Message::Ack(a))) => self.heard.push(Heard::Applied(a.applied_seq)),
                 Ok(Some(Message::Compared(c))) => self.heard.push(Heard::Compared(c)),
+                Ok(Some(Message::Zeroes(z))) => self.heard.push(Heard::Zeroes(z)),
                 Ok(Some(Message::Error(e))) => return Err(format!("{}: {}", e.code, e.message)),
                 Ok(Some(m)) => return Err(format!("unexpected {m:?}")),
                 Ok(None) => {}
@@ -402,18 +406,34 @@ impl RawClient {
     /// Listens until the target answered hash record `seq` (sending pings
     /// so it acks), and returns the answer.
     pub fn answer_for(&mut self, seq: u64) -> Result<replica_proto::msg::Compared, String> {
+        self.listen_for(seq, |h| match h {
+            Heard::Compared(c) if c.seq == seq => Some(c.clone()),
+            _ => None,
+        })
+    }
+
+    /// Listens until the target sent its zero ranges for the resync BEGIN
+    /// `seq` (sending pings so it acks), and returns them.
+    pub fn zeroes_for(&mut self, seq: u64) -> Result<replica_proto::msg::Zeroes, String> {
+        self.listen_for(seq, |h| match h {
+            Heard::Zeroes(z) if z.seq == seq => Some(z.clone()),
+            _ => None,
+        })
+    }
+
+    /// Listens (sending pings so the target acks) until `want` finds what
+    /// it looks for in what was heard; about record `seq`.
+    fn listen_for<T>(&mut self, seq: u64, want: impl Fn(&Heard) -> Option<T>) -> Result<T, String> {
         use replica_proto::msg::Message;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(c) = self.heard.iter().find_map(|h| match h {
-                Heard::Compared(c) if c.seq == seq => Some(c.clone()),
-                _ => None,
-            }) {
+            if let Some(c) = self.heard.iter().find_map(&want) {
                 return Ok(c);
             }
             match self.link.recv() {
                 Ok(Some(Message::Ack(a))) => self.heard.push(Heard::Applied(a.applied_seq)),
                 Ok(Some(Message::Compared(c))) => self.heard.push(Heard::Compared(c)),
+                Ok(Some(Message::Zeroes(z))) => self.heard.push(Heard::Zeroes(z)),
                 Ok(Some(Message::Error(e))) => return Err(format!("{}: {}", e.code, e.message)),
                 Ok(Some(m)) => return Err(format!("unexpected {m:?}")),
                 Ok(None) => {

@@ -4,7 +4,8 @@
 //! write right after it does not change the answer), the answer comes before
 //! any ack that reports the record applied, and a hash record the target
 //! cannot check (a key it does not hold) is answered "all differ", never
-//! "equal".
+//! "equal". A resync's BEGIN is answered with what the replica reads as
+//! zeros there, never naming a byte a record wrote.
 
 use std::time::Duration;
 
@@ -54,6 +55,59 @@ fn acked_before_answer(c: &RawClient, seq: u64) -> bool {
         }
     }
     false
+}
+
+#[test]
+fn a_resync_begin_is_answered_with_the_holes_of_the_replica_and_no_written_byte() {
+    let (env, _t, addr, st, kr) = setup();
+    let mut c =
+        RawClient::connect(&env, &addr, ("pki", SOURCE_CN), "v", [8; 16], 1).expect("connect");
+    let a = vec![0x44u8; 4096];
+    let s3 = 3 * CHUNK / 512 + 8;
+    let begin = replica_proto::frame::resync::Marker::Begin { full: false }.aux();
+    let f = c.seal_records(
+        &kr,
+        0,
+        &[
+            (1, ring_op::WRITE, 0, s3, 0, &a),
+            (2, ring_op::MARKER, RECORD_FLAG_RESYNC, 0, begin, &[]),
+            // After BEGIN: not part of what it says.
+            (3, ring_op::WRITE, 0, 0, 0, &a),
+        ],
+    );
+    c.send_frame(f).expect("writes and BEGIN");
+    let z = c.zeroes_for(2).expect("zero ranges");
+    assert_eq!(z.generation, c.generation);
+    let claimed = |at: u64| z.ranges().iter().any(|&(s, l)| at >= s && at < s + l);
+    let written = s3 * 512;
+    for at in [written, written + 4095] {
+        assert!(
+            !claimed(at),
+            "byte {at} was written, yet claimed zero: {:?}",
+            z.ranges()
+        );
+    }
+    for &(s, l) in z.ranges() {
+        assert!(l > 0 && s + l <= SIZE, "{:?}", z.ranges());
+    }
+    // Where the filesystem keeps holes, the rest of a fresh replica is
+    // named (chunk 0 too: its write came after BEGIN).
+    let probe = st.join("hole-probe");
+    let f = std::fs::File::create(&probe).expect("probe");
+    f.set_len(SIZE).expect("size");
+    let holes = replica_store::replica::file_holes(&f, &probe, SIZE).expect("holes");
+    if holes.is_empty() {
+        eprintln!("NOTE: this filesystem reports no holes: the target rightly names none");
+    } else {
+        for at in [0, 4096, 2 * CHUNK, 5 * CHUNK, SIZE - 1] {
+            assert!(
+                claimed(at),
+                "byte {at} of a fresh replica not named: {:?}",
+                z.ranges()
+            );
+        }
+    }
+    assert!(target_state(&st, "v").critical.is_none());
 }
 
 #[test]

@@ -222,16 +222,19 @@ fn an_old_peer_is_refused_with_the_protocol_versions() {
         [3; 16],
         1,
         HelloOpts {
-            protocol: 3,
+            protocol: 4,
             confirm: ConfirmWith::Nothing,
             ..HelloOpts::default()
         },
     )
     .err()
-    .expect("protocol 3 is refused");
+    .expect("protocol 4 is refused");
     assert!(e.starts_with("protocol: "), "{e}");
-    assert!(e.contains("protocol version 3"), "{e}");
-    assert!(e.contains("speaks 4"), "{e}");
+    assert!(e.contains("protocol version 4"), "{e}");
+    assert!(
+        e.contains(&format!("speaks {}", replica_proto::msg::PROTOCOL_VERSION)),
+        "{e}"
+    );
 }
 
 /// Opens `n` silent connections to target `t` at `addr` from loopback

@@ -269,6 +269,11 @@ pub struct ChunkProgress {
     pub sent_chunks: u64,
     /// Their bytes (before compression).
     pub sent_bytes: u64,
+    /// Chunks neither compared nor sent: zeros on the volume where the
+    /// target's replica read zeros (a hole, an unprovisioned thin block)
+    /// when the resync began.
+    #[serde(default)]
+    pub zero_chunks: u64,
     /// Chunks compared again because an answer was lost.
     pub rehashed_chunks: u64,
     /// Seconds since the run started (or resumed).
@@ -446,6 +451,7 @@ mod tests {
             differing_chunks: 10,
             sent_chunks: 10,
             sent_bytes: 655360,
+            zero_chunks: 0,
             rehashed_chunks: 0,
             elapsed_seconds: 1.0,
             bytes_per_second: 1.0,

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 /// Protocol version spoken by this build; peers must speak the same one (the
 /// target refuses another in the hello, the source in the welcome).
 ///
+/// 5: the target's [`Message::Zeroes`] (what its replica holds as zeros when
+/// a resync begins).
+///
 /// 4: checksum resync and verify (hash records in segments, the target's
 /// [`Message::Compared`] answers).
 ///
@@ -18,7 +21,7 @@ use serde::{Deserialize, Serialize};
 /// are checked without wrapping). 3: key confirmation (a [`Message::Confirm`]
 /// from each side, bound to the TLS session, before either acts on what
 /// the other said), [`Message::Ping`], per-type message bounds.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Feature bits this build offers in the handshake.
 pub const PROTOCOL_FEATURES: u64 = FEATURE_ZSTD_SEGMENTS;
 /// Feature: segments are zstd-compressed.
@@ -44,8 +47,14 @@ const T_PROMOTED: u8 = 7;
 const T_CONFIRM: u8 = 8;
 const T_PING: u8 = 9;
 const T_COMPARED: u8 = 10;
+const T_ZEROES: u8 = 11;
 /// Bytes of a [`Compared`] before its bitmap.
 const COMPARED_HEAD: usize = 28;
+/// Bytes of a [`Zeroes`] before its ranges (16 bytes each).
+const ZEROES_HEAD: usize = 28;
+/// Most byte ranges one [`Zeroes`] names (a replica with more holes than
+/// this names the first ones: saying less is always safe).
+pub const MAX_ZERO_RANGES: usize = 4096;
 
 /// The largest body a message of type `t` may have, or `None` for a type
 /// this build does not know. Checked on the header, before any of the
@@ -59,6 +68,7 @@ pub fn max_body(t: u8) -> Option<usize> {
         T_CONFIRM => Some(crate::confirm::TAG_LEN),
         T_PING => Some(0),
         T_COMPARED => Some(COMPARED_HEAD + crate::chunk::MAX_CHUNKS_PER_RECORD as usize / 8),
+        T_ZEROES => Some(ZEROES_HEAD + MAX_ZERO_RANGES * 16),
         _ => None,
     }
 }
@@ -117,6 +127,55 @@ impl Compared {
     /// The chunks that differ, in order.
     pub fn differing(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.count).filter(|&i| self.differs(i))
+    }
+}
+
+/// Target → source: byte ranges the replica reads as zeros (a hole of a
+/// file replica, thin blocks never provisioned) when the target's apply
+/// order reached the resync BEGIN at `seq`, every earlier record applied.
+///
+/// The source needs no comparison for a chunk inside them: every later
+/// write reaches both sides in order, so a chunk the source reads as zeros
+/// at a later ring position is zeros on the replica there too, and any
+/// other chunk is sent. Ranges are sorted, non-empty and do not overlap or
+/// touch; at most [`MAX_ZERO_RANGES`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zeroes {
+    /// The ring generation of the BEGIN.
+    pub generation: [u8; 16],
+    /// The BEGIN record.
+    pub seq: u64,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Zeroes {
+    /// The claim for BEGIN `seq` over `ranges` (`(start, length)` in bytes):
+    /// sorted and merged here; empty ones dropped; beyond
+    /// [`MAX_ZERO_RANGES`] the rest are left out.
+    pub fn new(generation: [u8; 16], seq: u64, mut ranges: Vec<(u64, u64)>) -> Self {
+        ranges.retain(|r| r.1 > 0);
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (start, len) in ranges {
+            let end = start.saturating_add(len);
+            match merged.last_mut() {
+                Some(last) if start <= last.0 + last.1 => {
+                    last.1 = end.max(last.0 + last.1) - last.0;
+                }
+                _ => merged.push((start, end - start)),
+            }
+        }
+        merged.truncate(MAX_ZERO_RANGES);
+        Self {
+            generation,
+            seq,
+            ranges: merged,
+        }
+    }
+
+    /// The ranges, `(start, length)` in bytes, ascending.
+    pub fn ranges(&self) -> &[(u64, u64)] {
+        &self.ranges
     }
 }
 
@@ -384,6 +443,9 @@ pub enum Message {
     Ping,
     /// Target → source: the outcome of comparing a hash record's chunks.
     Compared(Compared),
+    /// Target → source: what the replica holds as zeros at a resync's
+    /// BEGIN.
+    Zeroes(Zeroes),
 }
 
 /// Message decoding errors.
@@ -404,6 +466,9 @@ pub enum MsgError {
     /// Bad compared body.
     #[error("malformed chunk comparison")]
     BadCompared,
+    /// Bad zeroes body.
+    #[error("malformed zero ranges")]
+    BadZeroes,
     /// A body of the wrong size for its type.
     #[error("message type {kind} with a body of {len} bytes (limit {max})")]
     BadLength {
@@ -459,6 +524,17 @@ impl Message {
                 b.extend_from_slice(&c.bits);
                 put(out, T_COMPARED, &b)
             }
+            Message::Zeroes(z) => {
+                let mut b = Vec::with_capacity(ZEROES_HEAD + z.ranges.len() * 16);
+                b.extend_from_slice(&z.generation);
+                b.extend_from_slice(&z.seq.to_le_bytes());
+                b.extend_from_slice(&(z.ranges.len() as u32).to_le_bytes());
+                for (start, len) in &z.ranges {
+                    b.extend_from_slice(&start.to_le_bytes());
+                    b.extend_from_slice(&len.to_le_bytes());
+                }
+                put(out, T_ZEROES, &b)
+            }
         }
     }
 
@@ -476,6 +552,7 @@ impl Message {
             Message::Confirm(_) => "key confirmation".into(),
             Message::Ping => "ping".into(),
             Message::Compared(_) => "chunk comparison".into(),
+            Message::Zeroes(_) => "zero ranges".into(),
         }
     }
 
@@ -577,10 +654,44 @@ impl Message {
                     bits: bits.to_vec(),
                 })
             }
+            T_ZEROES => Message::Zeroes(decode_zeroes(body).ok_or(MsgError::BadZeroes)?),
             _ => Message::Error(serde_json::from_slice(body)?),
         };
         Ok(Some((m, total)))
     }
+}
+
+/// A [`Zeroes`] body: the count must match, and the ranges must be what
+/// [`Zeroes::new`] makes (sorted, non-empty, apart, no overflow).
+fn decode_zeroes(body: &[u8]) -> Option<Zeroes> {
+    if body.len() < ZEROES_HEAD {
+        return None;
+    }
+    let mut generation = [0u8; 16];
+    generation.copy_from_slice(&body[..16]);
+    let seq = crate::le::u64_at(body, 16);
+    let n = crate::le::u32_at(body, 24) as usize;
+    if n > MAX_ZERO_RANGES || body.len() != ZEROES_HEAD + n * 16 {
+        return None;
+    }
+    let mut ranges = Vec::with_capacity(n);
+    let mut after = 0u64;
+    for i in 0..n {
+        let at = ZEROES_HEAD + i * 16;
+        let start = crate::le::u64_at(body, at);
+        let len = crate::le::u64_at(body, at + 8);
+        let end = start.checked_add(len)?;
+        if len == 0 || (i > 0 && start <= after) {
+            return None;
+        }
+        after = end;
+        ranges.push((start, len));
+    }
+    Some(Zeroes {
+        generation,
+        seq,
+        ranges,
+    })
 }
 
 #[cfg(test)]
@@ -706,6 +817,73 @@ mod tests {
     }
 
     #[test]
+    fn zeroes_round_trip_merged_and_malformed_bodies_are_refused() {
+        let z = Zeroes::new(
+            [3; 16],
+            77,
+            vec![(8192, 4096), (0, 4096), (4096, 4096), (1 << 20, 0)],
+        );
+        // Sorted, touching ranges merged, the empty one dropped.
+        assert_eq!(z.ranges(), &[(0, 12288)]);
+        let z = Zeroes::new(
+            [3; 16],
+            77,
+            vec![(1 << 30, 1 << 20), (0, 65536), (u64::MAX - 10, 100)],
+        );
+        assert_eq!(
+            z.ranges(),
+            &[(0, 65536), (1 << 30, 1 << 20), (u64::MAX - 10, 10)]
+        );
+        for z in [z, Zeroes::new([1; 16], 2, Vec::new())] {
+            let m = Message::Zeroes(z);
+            let b = m.to_bytes();
+            let (got, used) = Message::decode(&b).expect("decode").expect("whole");
+            assert_eq!((got, used), (m, b.len()));
+        }
+        let many: Vec<(u64, u64)> = (0..MAX_ZERO_RANGES as u64 + 5)
+            .map(|i| (i * 10, 5))
+            .collect();
+        let z = Zeroes::new([0; 16], 1, many);
+        assert_eq!(z.ranges().len(), MAX_ZERO_RANGES);
+        assert!(Message::decode(&Message::Zeroes(z).to_bytes()).is_ok());
+        let body = |count: u32, ranges: &[(u64, u64)]| {
+            let mut b = vec![9u8; 16];
+            b.extend_from_slice(&5u64.to_le_bytes());
+            b.extend_from_slice(&count.to_le_bytes());
+            for (s, l) in ranges {
+                b.extend_from_slice(&s.to_le_bytes());
+                b.extend_from_slice(&l.to_le_bytes());
+            }
+            let mut m = vec![T_ZEROES];
+            m.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            m.extend_from_slice(&b);
+            m
+        };
+        assert!(Message::decode(&body(2, &[(0, 10), (11, 5)])).is_ok());
+        // Touching, overlapping, unsorted, empty, overflowing, a count
+        // that does not match, a truncated range.
+        let mut truncated = body(1, &[(0, 10)]);
+        truncated.truncate(truncated.len() - 1);
+        let n = (truncated.len() - 5) as u32;
+        truncated[1..5].copy_from_slice(&n.to_le_bytes());
+        for bad in [
+            body(2, &[(0, 10), (10, 5)]),
+            body(2, &[(0, 10), (5, 10)]),
+            body(2, &[(20, 1), (0, 10)]),
+            body(1, &[(0, 0)]),
+            body(1, &[(u64::MAX, 2)]),
+            body(2, &[(0, 10)]),
+            body(0, &[(0, 10)]),
+            truncated,
+        ] {
+            assert!(
+                matches!(Message::decode(&bad), Err(MsgError::BadZeroes)),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_declared_length_over_its_types_bound_is_refused_on_the_header() {
         // Only the 5 header bytes: the refusal comes before any body.
         let header = |t: u8, len: u32| {
@@ -739,7 +917,7 @@ mod tests {
 
     #[test]
     fn an_old_peers_hello_parses_so_the_target_can_refuse_its_version() {
-        assert_eq!(PROTOCOL_VERSION, 4);
+        assert_eq!(PROTOCOL_VERSION, 5);
         // A protocol 1 source's hello, as it sends it.
         let body = br#"{"protocol":1,"features":1,"volume":"db1","generation":"00","epoch":1,"source_random":"00","oldest_seq":1,"key_id":1}"#;
         let mut buf = vec![T_HELLO];

@@ -105,6 +105,56 @@ pub trait ReplicaStore: Send {
     /// writes with `O_DIRECT`). Writes are visible there once `apply`
     /// returned.
     fn reader(&self) -> ReadAccess;
+    /// Byte ranges, `(start, length)`, that read as zeros now (everything
+    /// `apply` returned for included) because nothing was ever stored
+    /// there: a file's holes, a thin device's unprovisioned blocks. A
+    /// backend that cannot tell says nothing; saying less than is true is
+    /// always safe, saying more never is.
+    fn known_zero(&mut self) -> Result<Vec<(u64, u64)>, StoreError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Most ranges [`file_holes`] lists (the first ones of the file).
+pub const MAX_HOLES: usize = 4096;
+
+/// The holes of `file` of `size` bytes (`SEEK_DATA`/`SEEK_HOLE`: the
+/// filesystem's own map; unwritten extents count as holes where it says
+/// so), at most [`MAX_HOLES`]. A filesystem without hole support reports
+/// the whole file as data: no holes.
+pub fn file_holes(file: &File, path: &Path, size: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+    let fd = file.as_raw_fd();
+    let seek = |at: u64, whence: libc::c_int| -> Result<Option<u64>, StoreError> {
+        // SAFETY: lseek on an fd we hold open; no memory is passed. It
+        // moves the file offset, which nothing here relies on (the replica
+        // is read and written with positioned I/O).
+        let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None) // no data (or hole) at or after `at`
+        } else {
+            Err(StoreError::io("look for holes in replica", path, e))
+        }
+    };
+    let mut holes = Vec::new();
+    let mut at = 0u64;
+    while at < size && holes.len() < MAX_HOLES {
+        let data = seek(at, libc::SEEK_DATA)?.unwrap_or(size).min(size);
+        if data > at {
+            holes.push((at, data - at));
+        }
+        if data >= size {
+            break;
+        }
+        at = seek(data, libc::SEEK_HOLE)?.unwrap_or(size);
+        if at <= data {
+            break; // a filesystem that contradicts itself: stop, say less
+        }
+    }
+    Ok(holes)
 }
 
 /// How a replica's current contents are read from outside the applier.
@@ -239,6 +289,10 @@ fn remove_partial_images(points_dir: &Path) -> Result<(), StoreError> {
 }
 
 impl ReplicaStore for FileReplica {
+    fn known_zero(&mut self) -> Result<Vec<(u64, u64)>, StoreError> {
+        file_holes(self.io.file(), self.io.path(), self.size)
+    }
+
     fn reader(&self) -> ReadAccess {
         ReadAccess {
             path: self.io.path().to_owned(),
@@ -409,6 +463,54 @@ mod tests {
             .is_err(),
             "past the end"
         );
+    }
+
+    /// Whether `ranges` say that byte `at` reads as zero.
+    fn claimed(ranges: &[(u64, u64)], at: u64) -> bool {
+        ranges.iter().any(|&(s, l)| at >= s && at < s + l)
+    }
+
+    #[test]
+    fn known_zero_never_names_written_bytes() {
+        let d = tempfile::tempdir().expect("tmp");
+        let size = 8 << 20;
+        let mut r = FileReplica::open(&d.path().join("r.img"), size, &d.path().join("points"))
+            .expect("open");
+        let fresh = r.known_zero().expect("holes");
+        let a = vec![7u8; 4096];
+        let b = vec![0u8; 65536];
+        let ops = [
+            ApplyOp::Write {
+                offset: 1 << 20,
+                data: &a,
+            },
+            ApplyOp::Write {
+                offset: 5 << 20,
+                data: &b,
+            },
+        ];
+        r.apply(&ops).expect("apply");
+        let after = r.known_zero().expect("holes");
+        for at in [1 << 20, (1 << 20) + 4095, 5 << 20, (5 << 20) + 65535] {
+            assert!(
+                !claimed(&after, at),
+                "written byte {at} claimed zero: {after:?}"
+            );
+        }
+        r.flush().expect("flush");
+        let flushed = r.known_zero().expect("holes");
+        assert!(!claimed(&flushed, 1 << 20), "{flushed:?}");
+        // A filesystem with holes (and unwritten extents as holes) names
+        // the rest; one without names nothing, which is safe.
+        if !fresh.is_empty() {
+            eprintln!("holes of a fresh replica: {fresh:?}; after two writes: {flushed:?}");
+            assert!(claimed(&flushed, 3 << 20), "{flushed:?}");
+        } else {
+            eprintln!("this filesystem reports no holes: nothing is claimed zero");
+        }
+        for &(s, l) in &flushed {
+            assert!(l > 0 && s + l <= size, "{flushed:?}");
+        }
     }
 
     #[test]

@@ -495,6 +495,18 @@ impl ThinReplica {
 }
 
 impl ReplicaStore for ThinReplica {
+    /// Everything after the highest provisioned block (the thin status
+    /// says no more: holes below it are not listed).
+    fn known_zero(&mut self) -> Result<Vec<(u64, u64)>, StoreError> {
+        let status = self.dm.status(&self.opts.name)?;
+        let end = tables::parse_thin_status(&status)
+            .map_err(|e| StoreError::Invalid(format!("thin device {}: {e}", self.opts.name)))?;
+        Ok(match end {
+            Some(end) if end < self.size => vec![(end, self.size - end)],
+            _ => Vec::new(),
+        })
+    }
+
     fn reader(&self) -> crate::replica::ReadAccess {
         crate::replica::ReadAccess {
             path: self.path(),

@@ -137,6 +137,7 @@ impl Source {
                         }
                     }
                     Message::Compared(c) => shared.answered(c),
+                    Message::Zeroes(z) => shared.zeroes(z),
                     Message::Promoted(p) => {
                         let pf = shared
                             .planned

@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use replica_proto::frame::{self, resync, FrameError, RecordView, SegmentHeader};
 use replica_proto::keys::KeyError;
-use replica_proto::msg;
+use replica_proto::msg::{self, Zeroes};
 use replica_store::journal::{self, FramePos};
 use replica_store::replica::ApplyOp;
 use replica_store::state::PointKind;
 use replica_store::StoreError;
 
-use super::compare::{self, Comparer, HashRecordError, Job};
+use super::compare::{self, Answer, Comparer, HashRecordError, Job};
 use super::keys::KeyCache;
 use super::promote::{PromoteError, PromoteReq};
 use super::stream::Stream;
@@ -611,7 +611,10 @@ impl Applier {
                 frame::ring_op::MARKER if r.flags & frame::RECORD_FLAG_RESYNC != 0 => {
                     self.flush_ops(&mut ops)?;
                     match resync::Marker::from_aux(r.aux) {
-                        Some(resync::Marker::Begin { full }) => self.resync_begin(r, full)?,
+                        Some(resync::Marker::Begin { full }) => {
+                            self.resync_begin(r, full)?;
+                            self.announce_zeroes(h.generation, r.seq);
+                        }
                         Some(resync::Marker::End) => {
                             if self.resync_end(r)? {
                                 self.point(r, PointKind::Marker)?;
@@ -657,6 +660,26 @@ impl Applier {
         self.board
             .update(&self.stream.id, |s| s.applied_records += n);
         Ok(())
+    }
+
+    /// Tells the source what the replica reads as zeros at the resync
+    /// BEGIN `seq` (every earlier record applied, no later one yet): it
+    /// compares none of those chunks (see [`replica_proto::msg::Zeroes`]).
+    /// When the backend cannot tell, nothing is claimed and the source
+    /// compares as usual.
+    fn announce_zeroes(&mut self, generation: [u8; 16], seq: u64) {
+        let known = self.stream.volume().replica().known_zero();
+        match known {
+            Ok(ranges) => {
+                let z = Zeroes::new(generation, seq, ranges);
+                let bytes: u64 = z.ranges().iter().map(|r| r.1).sum();
+                tracing::info!(volume = %self.stream.id, seq, zero_bytes = bytes, ranges = z.ranges().len(), "the replica's zero ranges at the resync's start go to the source");
+                self.stream.answers.push(Answer::Zeroes(z));
+            }
+            Err(e) => {
+                tracing::warn!(volume = %self.stream.id, seq, error = %e, "cannot tell which parts of the replica are zeros: the source compares every chunk");
+            }
+        }
     }
 
     /// Applies the operations gathered so far and empties the list.

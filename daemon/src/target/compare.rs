@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use replica_proto::chunk::{self, ChunkKey, ChunkSpan, HashAux, HASH_LEN};
 use replica_proto::frame::RecordView;
-use replica_proto::msg::Compared;
+use replica_proto::msg::{Compared, Message, Zeroes};
 use replica_store::replica::ReadAccess;
 
 use crate::chunkio::hash_chunks;
@@ -187,15 +187,35 @@ impl InFlight {
     }
 }
 
+/// What the target tells the source about its replica during a resync or
+/// verify, sent before the next ack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// A hash record's chunks compared.
+    Compared(Compared),
+    /// What reads as zeros at a resync's BEGIN.
+    Zeroes(Zeroes),
+}
+
+impl Answer {
+    /// The message that carries it.
+    pub(super) fn into_message(self) -> Message {
+        match self {
+            Answer::Compared(c) => Message::Compared(c),
+            Answer::Zeroes(z) => Message::Zeroes(z),
+        }
+    }
+}
+
 /// The answers waiting for the source's connection.
 #[derive(Default)]
 pub(super) struct Answers {
-    queue: Mutex<VecDeque<Compared>>,
+    queue: Mutex<VecDeque<Answer>>,
 }
 
 impl Answers {
     /// Takes every answer waiting.
-    pub(super) fn take(&self) -> Vec<Compared> {
+    pub(super) fn take(&self) -> Vec<Answer> {
         self.queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -212,7 +232,7 @@ impl Answers {
             .is_empty()
     }
 
-    fn push(&self, c: Compared) {
+    pub(super) fn push(&self, c: Answer) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         if q.len() >= MAX_ANSWERS {
             q.pop_front();
@@ -284,7 +304,7 @@ impl Comparer {
         }
         let Some(tx) = &self.tx else {
             if let Some(c) = Compared::new(generation, seq, &vec![true; count as usize]) {
-                answers.push(c);
+                answers.push(Answer::Compared(c));
             }
             return;
         };
@@ -292,7 +312,7 @@ impl Comparer {
         if let Err(e) = tx.send(job) {
             self.in_flight.finished(generation, seq);
             if let Some(c) = Compared::new(generation, e.0.seq, &vec![true; count as usize]) {
-                answers.push(c);
+                answers.push(Answer::Compared(c));
             }
         }
     }
@@ -362,7 +382,7 @@ impl Worker {
                 tracing::debug!(volume = %self.volume, seq = job.seq, chunks = job.span.count, differing = n, "chunks compared");
             }
             if let Some(c) = Compared::new(job.generation, job.seq, &differs) {
-                self.answers.push(c);
+                self.answers.push(Answer::Compared(c));
             }
             self.board.update(&self.volume, |s| {
                 s.compared_chunks += u64::from(job.span.count);

@@ -158,8 +158,8 @@ fn keep_alive(link: &mut Link, stream: &Stream) {
 /// to a hash record before any ack that reports it applied, and takes a
 /// record applied without an answer for a lost answer.
 fn send_ack(link: &mut Link, stream: &Stream, a: Ack) {
-    for c in stream.answers.take() {
-        link.send(&Message::Compared(c));
+    for a in stream.answers.take() {
+        link.send(&a.into_message());
     }
     link.send(&Message::Ack(a));
 }

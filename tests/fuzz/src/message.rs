@@ -149,6 +149,14 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
                     .expect("answer"),
             ),
         ),
+        (
+            "zeroes",
+            Message::Zeroes(replica_proto::msg::Zeroes::new(
+                [7; 16],
+                44,
+                vec![(0, 65536), (1 << 20, 1 << 30)],
+            )),
+        ),
     ];
     let mut stream = Vec::new();
     let mut out = Vec::new();

@@ -193,6 +193,36 @@ pub fn parse_pool_status(status: &Table) -> Result<PoolStatus, LayoutError> {
     })
 }
 
+/// Parses a thin device's status, `0 <len> thin <mapped sectors> <highest
+/// mapped sector>|-` (or `Fail`): the first byte after its highest
+/// provisioned block (0 when nothing is provisioned; every byte from
+/// there on reads as zeros), or `None` for a failed device (nothing is
+/// known).
+pub fn parse_thin_status(status: &Table) -> Result<Option<u64>, LayoutError> {
+    let t = single(status, "thin")?;
+    let f: Vec<&str> = t.params.split_whitespace().collect();
+    let bad = |field: usize| LayoutError::Field {
+        field,
+        line: t.to_string(),
+    };
+    match f.as_slice() {
+        [one] if *one == "Fail" || *one == "Error" => Ok(None),
+        [mapped, highest] => {
+            mapped.parse::<u64>().map_err(|_| bad(0))?;
+            if *highest == "-" {
+                return Ok(Some(0));
+            }
+            let h: u64 = highest.parse().map_err(|_| bad(1))?;
+            Ok(Some(
+                h.checked_add(1)
+                    .and_then(|s| s.checked_mul(512))
+                    .ok_or_else(|| bad(1))?,
+            ))
+        }
+        _ => Err(bad(0)),
+    }
+}
+
 /// A thin device's table: `0 <len> thin <pool dev> <device id>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThinTable {
@@ -301,6 +331,32 @@ mod tests {
             "0 10 thin-pool 1:1 1:2 128 0 0\n10 10 thin-pool 1:1 1:2 128 0 0"
         ))
         .is_err());
+    }
+
+    #[test]
+    fn thin_status_gives_the_end_of_the_highest_provisioned_block() {
+        assert_eq!(
+            parse_thin_status(&t("0 65536 thin 0 -\n")).expect("parse"),
+            Some(0)
+        );
+        // Block of 128 sectors: highest mapped block 3 ends at sector 511.
+        assert_eq!(
+            parse_thin_status(&t("0 65536 thin 256 511\n")).expect("parse"),
+            Some(512 * 512)
+        );
+        assert_eq!(
+            parse_thin_status(&t("0 65536 thin Fail\n")).expect("parse"),
+            None
+        );
+        for bad in [
+            "0 65536 thin 256\n",
+            "0 65536 thin x 511\n",
+            "0 65536 thin 256 y\n",
+            "0 65536 thin 1 18446744073709551615\n",
+            "0 65536 thin-pool 1 2\n",
+        ] {
+            assert!(parse_thin_status(&t(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -12,6 +12,14 @@
 //! chunks named by a marker not yet answered or spooled (`issued`), and the
 //! hash records waiting for an answer.
 //!
+//! A chunk the target said reads as zeros when the resync began (its
+//! [`replica_proto::msg::Zeroes`] for the run's BEGIN: a hole, an
+//! unprovisioned thin block) is not compared: it is read at a DATA marker
+//! like a differing chunk, and proven without sending when it reads as
+//! zeros there too (every write between the BEGIN and that marker reached
+//! both sides in order, so the replica reads zeros there as well), sent
+//! otherwise.
+//!
 //! An answer is looked for until the target reports the hash record
 //! applied: the target sends its answer before any ack that says so, so a
 //! record applied without an answer means the answer was lost (a connection
@@ -50,6 +58,9 @@ pub(crate) struct Tally {
     pub(crate) differing: u64,
     /// Chunks whose data was spooled.
     pub(crate) sent: u64,
+    /// Chunks neither compared nor sent: zeros on the source where the
+    /// target said its replica reads zeros.
+    pub(crate) zero: u64,
     /// Their bytes.
     pub(crate) sent_bytes: u64,
     /// Chunks compared again: an answer was lost, or (a verify) the
@@ -70,14 +81,26 @@ pub(crate) struct Chunks {
     waiting: VecDeque<Waiting>,
     hash_cursor: u64,
     data_cursor: u64,
+    zero_cursor: u64,
+    /// Chunks the target said read as zeros at the run's BEGIN (empty
+    /// until it said so).
+    zeroes: DirtyMap,
     pub(crate) tally: Tally,
 }
 
-/// The first run of regions at or after `from` set in `a` and in none of
-/// `not`, at most `max` long; wraps around to the start once.
-fn next_run(a: &DirtyMap, not: &[&DirtyMap], from: u64, max: u64) -> Option<(u64, u64)> {
+/// The first run of regions at or after `from` set in `a`, in all of
+/// `and` and in none of `not`, at most `max` long; wraps around to the
+/// start once.
+fn next_run(
+    a: &DirtyMap,
+    and: &[&DirtyMap],
+    not: &[&DirtyMap],
+    from: u64,
+    max: u64,
+) -> Option<(u64, u64)> {
     let n = a.regions();
-    let ok = |r: u64| a.is_set(r) && not.iter().all(|m| !m.is_set(r));
+    let ok =
+        |r: u64| a.is_set(r) && and.iter().all(|m| m.is_set(r)) && not.iter().all(|m| !m.is_set(r));
     for (lo, hi) in [(from.min(n), n), (0, from.min(n))] {
         let mut r = lo;
         while r < hi {
@@ -109,6 +132,8 @@ impl Chunks {
             waiting: VecDeque::new(),
             hash_cursor: 0,
             data_cursor: 0,
+            zero_cursor: 0,
+            zeroes: DirtyMap::new(m.volume_size(), m.region_bytes()),
             tally: Tally {
                 total: m.count(),
                 done_before: if resumed {
@@ -120,6 +145,7 @@ impl Chunks {
                 equal: 0,
                 differing: 0,
                 sent: 0,
+                zero: 0,
                 sent_bytes: 0,
                 rehashed: 0,
                 busy: 0,
@@ -142,16 +168,69 @@ impl Chunks {
 
     /// The next run of chunks known to differ, at most `max`: marked issued.
     pub(crate) fn next_data(&mut self, st: &ResyncState, max: u64) -> Option<(u64, u64)> {
-        let run = next_run(&st.differ, &[&self.issued], self.data_cursor, max)?;
+        let run = next_run(&st.differ, &[], &[&self.issued], self.data_cursor, max)?;
         // Only chunks still unproven (the map holds every one of `differ`).
         self.issue(run.0, run.1);
         self.data_cursor = run.0 + run.1;
         Some(run)
     }
 
+    /// The target reads zeros in `ranges` (bytes, `(start, length)`) at
+    /// the run's BEGIN: the chunks wholly inside them are not compared.
+    /// Returns how many unproven chunks that spares a comparison.
+    pub(crate) fn zeroes_at_begin(&mut self, st: &ResyncState, ranges: &[(u64, u64)]) -> u64 {
+        let rb = st.map.region_bytes();
+        let size = st.map.volume_size();
+        for &(start, len) in ranges {
+            let end = start.saturating_add(len).min(size);
+            let mut r = start.div_ceil(rb);
+            while r < st.map.regions() && r * rb + chunk_len(st, r, rb) <= end {
+                self.zeroes.set_region(r);
+                r += 1;
+            }
+        }
+        (0..st.map.regions())
+            .filter(|&r| self.spares(st, r))
+            .count() as u64
+    }
+
+    /// Whether chunk `r` is unproven, not issued, not known to differ, and
+    /// read as zeros on the target at BEGIN.
+    fn spares(&self, st: &ResyncState, r: u64) -> bool {
+        st.map.is_set(r) && self.zeroes.is_set(r) && !self.issued.is_set(r) && !st.differ.is_set(r)
+    }
+
+    /// Whether chunk `r`, read as zeros at a DATA marker, is proven
+    /// without sending: the target read zeros there at BEGIN, and no
+    /// answer (or `--full`) asked for its data.
+    pub(crate) fn zero_proves(&self, st: &ResyncState, r: u64) -> bool {
+        self.zeroes.is_set(r) && !st.differ.is_set(r)
+    }
+
+    /// The next run of chunks the target read as zeros at BEGIN, to read
+    /// at a DATA marker, at most `max`: marked issued.
+    pub(crate) fn next_zero(&mut self, st: &ResyncState, max: u64) -> Option<(u64, u64)> {
+        let run = next_run(
+            &st.map,
+            &[&self.zeroes],
+            &[&self.issued, &st.differ],
+            self.zero_cursor,
+            max,
+        )?;
+        self.issue(run.0, run.1);
+        self.zero_cursor = run.0 + run.1;
+        Some(run)
+    }
+
     /// The next run of chunks to compare, at most `max`: marked issued.
     pub(crate) fn next_hash(&mut self, st: &ResyncState, max: u64) -> Option<(u64, u64)> {
-        let run = next_run(&st.map, &[&self.issued, &st.differ], self.hash_cursor, max)?;
+        let run = next_run(
+            &st.map,
+            &[],
+            &[&self.issued, &st.differ, &self.zeroes],
+            self.hash_cursor,
+            max,
+        )?;
         self.issue(run.0, run.1);
         self.hash_cursor = run.0 + run.1;
         Some(run)
@@ -263,11 +342,28 @@ impl Chunks {
         self.issued.clear(region, count);
     }
 
+    /// `count` chunks from `region` read as zeros at a DATA marker that is
+    /// in the spool, where the target read zeros at BEGIN: proven, nothing
+    /// sent.
+    pub(crate) fn zeroed(&mut self, st: &mut ResyncState, region: u64, count: u64) {
+        let rb = st.map.region_bytes();
+        for r in region..region.saturating_add(count).min(st.map.regions()) {
+            if st.map.is_set(r) {
+                self.tally.zero += 1;
+                self.tally.covered_bytes += chunk_len(st, r, rb);
+            }
+        }
+        st.map.clear(region, count);
+        st.differ.clear(region, count);
+        self.issued.clear(region, count);
+    }
+
     /// The run lapped: chunks the kernel added behind the cursors are
     /// looked at from the start again.
     pub(crate) fn rewind(&mut self) {
         self.hash_cursor = 0;
         self.data_cursor = 0;
+        self.zero_cursor = 0;
     }
 }
 

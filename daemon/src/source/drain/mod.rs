@@ -169,6 +169,9 @@ struct Pending {
     gap: bool,
     /// Region runs this chunk resends (cleared from the map once spooled).
     clears: Vec<(u64, u64)>,
+    /// Region runs proven zeros on both sides by a DATA marker in this
+    /// chunk (cleared from the map once spooled).
+    zeroed: Vec<(u64, u64)>,
     /// The chunk holds the resync's END.
     end: bool,
 }
@@ -180,6 +183,7 @@ impl Pending {
         self.count = 0;
         self.gap = false;
         self.clears.clear();
+        self.zeroed.clear();
         self.end = false;
     }
 }

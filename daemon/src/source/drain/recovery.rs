@@ -175,6 +175,7 @@ impl Drainer {
             copy_required: AtomicBool::new(false),
             target_applied: AtomicU64::new(0),
             answers: Mutex::new(Vec::new()),
+            zeroes: Mutex::new(None),
         });
         let index = kernel.as_ref().map_or(0, |k| k.index);
         let d = Self {

@@ -385,18 +385,51 @@ impl Drainer {
                     self.push(r.seq, OP_SKIPPED, 0, &d, 0, 0);
                     return Ok(());
                 }
+                // Chunks the target read as zeros at BEGIN need not be
+                // sent if they read as zeros here too.
+                let may_skip: Vec<bool> = (region..region + u64::from(count))
+                    .map(|c| run.chunks.zero_proves(&run.st, c))
+                    .collect();
                 let len = end - start;
                 let data = self.read_volume(start, len)?;
+                let skip = |i: usize| {
+                    may_skip[i] && {
+                        let lo = i * rb as usize;
+                        let hi = (lo + rb as usize).min(data.len());
+                        data[lo..hi].iter().all(|b| *b == 0)
+                    }
+                };
+                let n = (len.div_ceil(rb) as usize).min(may_skip.len());
+                let lead = (0..n).take_while(|&i| skip(i)).count();
+                let trail = (lead..n).rev().take_while(|&i| skip(i)).count();
+                let count = u64::from(count);
+                if lead > 0 {
+                    self.pending.zeroed.push((region, lead as u64));
+                }
+                if lead == n {
+                    self.push(r.seq, OP_SKIPPED, 0, &d, 0, 0);
+                    return Ok(());
+                }
+                if trail > 0 {
+                    self.pending
+                        .zeroed
+                        .push((region + (n - trail) as u64, trail as u64));
+                }
+                // The chunks between: sent (zeros inside included).
+                let lo = lead * rb as usize;
+                let hi = ((n - trail) * rb as usize).min(data.len());
                 self.push(
                     r.seq,
                     frame::ring_op::WRITE,
                     RECORD_FLAG_RESYNC,
                     &d,
-                    start / 512,
-                    len as u32,
+                    (start + lo as u64) / 512,
+                    (hi - lo) as u32,
                 );
-                self.pending.plain.extend_from_slice(&data);
-                self.pending.clears.push((region, u64::from(count)));
+                self.pending.plain.extend_from_slice(&data[lo..hi]);
+                self.pending
+                    .clears
+                    .push((region + lead as u64, count - (lead + trail) as u64));
             }
             (Mode::Spool(Some(_)), Some(Marker::Hash { region, count })) => {
                 self.hash_marker(r, region, count)?;
@@ -579,6 +612,17 @@ impl Drainer {
                 // a hash record only after its answer was sent).
                 let applied = self.shared.target_applied.load(Ordering::Acquire);
                 let drained = self.consumer.next_seq();
+                if let Some(z) = self.shared.take_zeroes() {
+                    if run.verifying().is_none()
+                        && z.generation == run.st.generation
+                        && run.st.begin_seq == Some(z.seq)
+                    {
+                        let spared = run.chunks.zeroes_at_begin(&run.st, z.ranges());
+                        tracing::info!(volume = %self.set.volume, begin = z.seq, chunks = spared, "the target's replica reads zeros in chunks not yet compared: they are read and sent only where the volume does not read zeros");
+                    } else {
+                        tracing::debug!(volume = %self.set.volume, seq = z.seq, "zero ranges for another resync: ignored");
+                    }
+                }
                 let lost = run.take_answers(self.shared.take_answers(), drained, applied);
                 if lost > 0 {
                     tracing::info!(volume = %self.set.volume, chunks = lost, applied, "answers to chunk comparisons were lost (a connection ended, or the target restarted): those chunks are compared again");
@@ -600,7 +644,11 @@ impl Drainer {
                     };
                     let (marker, first, count) = if let Some((region, count)) = (send
                         && spool.unacked_bytes() < window)
-                        .then(|| run.chunks.next_data(&run.st, max_data))
+                        .then(|| {
+                            run.chunks
+                                .next_data(&run.st, max_data)
+                                .or_else(|| run.chunks.next_zero(&run.st, max_data))
+                        })
                         .flatten()
                     {
                         let m = Marker::Data {
@@ -622,6 +670,7 @@ impl Drainer {
                         && run.chunks.idle()
                         && run.outstanding == 0
                         && self.pending.clears.is_empty()
+                        && self.pending.zeroed.is_empty()
                     {
                         if verifying {
                             self.verify_done();
@@ -785,6 +834,10 @@ impl Drainer {
             run.chunks.spooled(&mut run.st, region, count);
             run.unsaved = true;
         }
+        for (region, count) in self.pending.zeroed.drain(..) {
+            run.chunks.zeroed(&mut run.st, region, count);
+            run.unsaved = true;
+        }
         if self.pending.end {
             let end = run.end.unwrap_or(0);
             let t = run.chunks.tally;
@@ -792,7 +845,7 @@ impl Drainer {
             last.remaining_chunks = 0;
             last.end_seq = end;
             let full = run.full;
-            tracing::info!(volume = %self.set.volume, end, compared = t.compared, equal = t.equal, differing = t.differing, sent = t.sent, sent_bytes = t.sent_bytes, rehashed = t.rehashed, done_before = t.done_before, "resync complete: every chunk is proven equal or was resent");
+            tracing::info!(volume = %self.set.volume, end, compared = t.compared, equal = t.equal, differing = t.differing, sent = t.sent, sent_bytes = t.sent_bytes, zero = t.zero, rehashed = t.rehashed, done_before = t.done_before, "resync complete: every chunk is proven equal or was resent");
             match std::fs::remove_file(&self.set.state_path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -42,6 +42,9 @@ pub struct Shared {
     pub target_applied: AtomicU64,
     /// The target's answers to chunk comparisons, for the drain.
     pub answers: Mutex<Vec<replica_proto::msg::Compared>>,
+    /// What the target last said reads as zeros on its replica at a
+    /// resync's BEGIN, for the drain.
+    pub zeroes: Mutex<Option<replica_proto::msg::Zeroes>>,
 }
 
 impl Shared {
@@ -67,6 +70,16 @@ impl Shared {
             a.remove(0);
         }
         a.push(c);
+    }
+
+    /// The target's zero ranges at a resync's BEGIN (the newest is kept).
+    pub fn zeroes(&self, z: replica_proto::msg::Zeroes) {
+        *self.zeroes.lock().unwrap_or_else(|p| p.into_inner()) = Some(z);
+    }
+
+    /// The zero ranges received since the last call.
+    pub(super) fn take_zeroes(&self) -> Option<replica_proto::msg::Zeroes> {
+        self.zeroes.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// The answers received since the last call.

@@ -215,6 +215,7 @@ impl Drainer {
             differing_chunks: t.differing,
             sent_chunks: t.sent,
             sent_bytes: t.sent_bytes,
+            zero_chunks: t.zero,
             rehashed_chunks: t.rehashed,
             elapsed_seconds: elapsed,
             bytes_per_second: rate,

@@ -2,7 +2,9 @@
 //! the run goes on, the ring with its markers, a drain that reads the volume
 //! late (writes made after a marker may already be there), a stream to a
 //! target that applies in order and compares at hash records, answers that
-//! may be lost. Whatever the interleaving, the replica at END equals the
+//! may be lost, and the target's zero ranges at BEGIN (chunks that read as
+//! zeros there are read late at DATA markers and skipped when zeros on the
+//! source too). Whatever the interleaving, the replica at END equals the
 //! source at END.
 
 use std::collections::VecDeque;
@@ -39,6 +41,8 @@ enum Ev {
 
 #[derive(Debug, Clone)]
 enum Rec {
+    /// The resync's BEGIN: the target says which chunks read as zeros.
+    Begin,
     Write {
         chunk: u64,
         val: u64,
@@ -54,6 +58,34 @@ enum Rec {
 enum Msg {
     Answer(Compared),
     Applied(u64),
+    Zeroes(Vec<(u64, u64)>),
+}
+
+/// How a model run starts (chunk values: 0 reads as zeros).
+#[derive(Debug, Clone, Copy, Default)]
+struct Setup {
+    /// Chunks of the volume.
+    n: u64,
+    /// Percent of chunks the replica holds another value for.
+    differ_percent: u64,
+    /// Only the differing chunks and some others are in the map.
+    dirty_only: bool,
+    /// Every chunk is sent, none compared.
+    send_all: bool,
+    /// Percent of the replica's chunks that read as zeros (holes).
+    replica_zero_percent: u64,
+    /// Percent of the volume's chunks that are zeros (and of writes).
+    volume_zero_percent: u64,
+}
+
+impl Setup {
+    fn new(n: u64, differ_percent: u64) -> Self {
+        Self {
+            n,
+            differ_percent,
+            ..Self::default()
+        }
+    }
 }
 
 struct Sim {
@@ -70,24 +102,51 @@ struct Sim {
     at_end: Option<Vec<u64>>,
     end_applied: bool,
     lose_percent: u64,
+    /// Percent of writes that write zeros.
+    zero_writes: u64,
 }
 
 impl Sim {
     fn new(seed: u64, n: u64, differ_percent: u64, dirty_only: bool, send_all: bool) -> Self {
+        Self::with(
+            seed,
+            Setup {
+                dirty_only,
+                send_all,
+                ..Setup::new(n, differ_percent)
+            },
+        )
+    }
+
+    fn with(seed: u64, set: Setup) -> Self {
+        let n = set.n;
         let mut rng = Rng(seed | 1);
-        let volume: Vec<u64> = (0..n).map(|_| rng.next()).collect();
+        let mut volume: Vec<u64> = (0..n).map(|_| rng.next()).collect();
         let mut replica = volume.clone();
         let mut map = DirtyMap::new(n * CHUNK, CHUNK);
         for (c, v) in replica.iter_mut().enumerate() {
-            if rng.chance(differ_percent) {
+            if rng.chance(set.differ_percent) {
                 *v = rng.next();
                 map.set_region(c as u64);
-            } else if !dirty_only || rng.chance(10) {
+            } else if !set.dirty_only || rng.chance(10) {
                 map.set_region(c as u64);
             }
         }
+        if set.replica_zero_percent > 0 || set.volume_zero_percent > 0 {
+            for c in 0..n as usize {
+                if rng.chance(set.replica_zero_percent) {
+                    replica[c] = 0;
+                }
+                if rng.chance(set.volume_zero_percent) {
+                    volume[c] = 0;
+                }
+                if replica[c] != volume[c] {
+                    map.set_region(c as u64);
+                }
+            }
+        }
         let mut st = ResyncState::new([1; 16], 1, "test".into(), map);
-        if send_all {
+        if set.send_all {
             for r in 0..n {
                 if st.map.is_set(r) {
                     st.differ.set_region(r);
@@ -95,13 +154,15 @@ impl Sim {
             }
         }
         let chunks = Chunks::new(&st, false);
+        let mut stream = VecDeque::new();
+        stream.push_back((0, Rec::Begin));
         Self {
             rng,
             volume,
             replica,
             ring: VecDeque::new(),
             seq: 10,
-            stream: VecDeque::new(),
+            stream,
             to_source: VecDeque::new(),
             st,
             chunks,
@@ -109,6 +170,7 @@ impl Sim {
             at_end: None,
             end_applied: false,
             lose_percent: 10,
+            zero_writes: set.volume_zero_percent,
         }
     }
 
@@ -119,7 +181,11 @@ impl Sim {
 
     fn write(&mut self) {
         let chunk = self.rng.below(self.volume.len() as u64);
-        let val = self.rng.next();
+        let val = if self.zero_writes > 0 && self.rng.chance(self.zero_writes) {
+            0
+        } else {
+            self.rng.next()
+        };
         self.volume[chunk as usize] = val;
         let seq = self.next_seq();
         self.ring.push_back(Ev::Write { seq, chunk, val });
@@ -131,7 +197,11 @@ impl Sim {
             return;
         }
         while self.in_ring < 4 {
-            if let Some((region, count)) = self.chunks.next_data(&self.st, 3) {
+            if let Some((region, count)) = self
+                .chunks
+                .next_data(&self.st, 3)
+                .or_else(|| self.chunks.next_zero(&self.st, 3))
+            {
                 self.next_seq();
                 self.ring.push_back(Ev::Data { region, count });
             } else if let Some((region, count)) = self.chunks.next_hash(&self.st, 5) {
@@ -176,9 +246,13 @@ impl Sim {
                 self.in_ring -= 1;
                 for c in region..region + count {
                     let val = self.volume[c as usize];
-                    self.stream.push_back((0, Rec::Write { chunk: c, val }));
+                    if val == 0 && self.chunks.zero_proves(&self.st, c) {
+                        self.chunks.zeroed(&mut self.st, c, 1);
+                    } else {
+                        self.stream.push_back((0, Rec::Write { chunk: c, val }));
+                        self.chunks.spooled(&mut self.st, c, 1);
+                    }
                 }
-                self.chunks.spooled(&mut self.st, region, count);
             }
             Ev::End { seq } => self.stream.push_back((seq, Rec::End)),
         }
@@ -190,6 +264,15 @@ impl Sim {
             return;
         };
         match rec {
+            Rec::Begin => {
+                let zeros = (0..self.replica.len() as u64)
+                    .filter(|&c| self.replica[c as usize] == 0)
+                    .map(|c| (c * CHUNK, CHUNK))
+                    .collect();
+                if !self.rng.chance(self.lose_percent) {
+                    self.to_source.push_back(Msg::Zeroes(zeros));
+                }
+            }
             Rec::Write { chunk, val } => self.replica[chunk as usize] = val,
             Rec::Hashes { seq, region, vals } => {
                 let differs: Vec<bool> = vals
@@ -225,6 +308,9 @@ impl Sim {
             }
             Some(Msg::Applied(seq)) => {
                 self.chunks.lost(seq, |_| false);
+            }
+            Some(Msg::Zeroes(ranges)) => {
+                self.chunks.zeroes_at_begin(&self.st, &ranges);
             }
             None => {}
         }
@@ -302,6 +388,73 @@ fn lost_answers_are_compared_again() {
 }
 
 #[test]
+fn zero_ranges_at_begin_keep_the_replica_equal_whatever_the_interleaving() {
+    for seed in 1..300u64 {
+        let mut s = Sim::with(
+            seed,
+            Setup {
+                replica_zero_percent: 40,
+                volume_zero_percent: 30,
+                dirty_only: seed % 4 == 0,
+                ..Setup::new(40, 20)
+            },
+        );
+        s.run(30);
+        assert!(s.st.map.count() == 0, "seed {seed}");
+    }
+}
+
+#[test]
+fn an_empty_replica_compares_nothing_and_zeros_are_not_sent() {
+    for seed in 1..50u64 {
+        let mut s = Sim::with(
+            seed,
+            Setup {
+                replica_zero_percent: 100,
+                volume_zero_percent: 50,
+                ..Setup::new(300, 0)
+            },
+        );
+        s.lose_percent = 0;
+        let zeros = s.volume.iter().filter(|v| **v == 0).count() as u64;
+        // The zero ranges come before the first comparison is issued.
+        s.apply();
+        s.hear();
+        s.run(0);
+        let t = s.chunks.tally;
+        assert_eq!(t.compared, 0, "seed {seed}: nothing compared");
+        assert_eq!(
+            t.zero, zeros,
+            "seed {seed}: the volume's zero chunks are not sent"
+        );
+        assert_eq!(
+            t.sent,
+            300 - zeros,
+            "seed {seed}: every other chunk is sent"
+        );
+    }
+}
+
+#[test]
+fn a_full_resend_sends_zero_chunks_too() {
+    let mut s = Sim::with(
+        5,
+        Setup {
+            send_all: true,
+            replica_zero_percent: 100,
+            volume_zero_percent: 50,
+            ..Setup::new(100, 0)
+        },
+    );
+    s.lose_percent = 0;
+    s.apply();
+    s.hear();
+    s.run(0);
+    assert_eq!(s.chunks.tally.zero, 0);
+    assert_eq!(s.chunks.tally.sent, 100);
+}
+
+#[test]
 fn next_run_skips_issued_and_wraps() {
     let mut a = DirtyMap::new(100 * CHUNK, CHUNK);
     let mut b = DirtyMap::new(100 * CHUNK, CHUNK);
@@ -309,10 +462,12 @@ fn next_run_skips_issued_and_wraps() {
         a.set_region(r);
     }
     b.set_region(5);
-    assert_eq!(next_run(&a, &[&b], 0, 10), Some((3, 2)));
-    assert_eq!(next_run(&a, &[&b], 5, 10), Some((6, 1)));
-    assert_eq!(next_run(&a, &[&b], 91, 10), Some((3, 2)), "wraps");
-    assert_eq!(next_run(&a, &[&b], 50, 10), Some((50, 1)));
+    assert_eq!(next_run(&a, &[], &[&b], 0, 10), Some((3, 2)));
+    assert_eq!(next_run(&a, &[], &[&b], 5, 10), Some((6, 1)));
+    assert_eq!(next_run(&a, &[], &[&b], 91, 10), Some((3, 2)), "wraps");
+    assert_eq!(next_run(&a, &[], &[&b], 50, 10), Some((50, 1)));
+    // Only regions also set in `and`.
+    assert_eq!(next_run(&a, &[&b], &[], 0, 10), Some((5, 1)));
     let empty = DirtyMap::new(100 * CHUNK, CHUNK);
-    assert_eq!(next_run(&empty, &[], 0, 10), None);
+    assert_eq!(next_run(&empty, &[], &[], 0, 10), None);
 }
