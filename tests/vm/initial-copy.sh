@@ -1,10 +1,13 @@
 #!/bin/sh
 # `replctl protect` and `replctl resync --wait` return only when the copy
-# they started has been applied on the target: a disk full of random data
-# (whose copy takes a while under emulation) is protected; the moment
-# protect returns, the source needs no resync, the target says Consistent
-# with a recovery point at the copy's END, and the replica equals the disk.
-# The same for an operator's full resync with --wait afterwards.
+# they started has been applied on the target: a disk with 56 MiB of random
+# data in three places and zeros elsewhere (whose copy takes a while under
+# emulation) is protected; the moment protect returns, the source needs no
+# resync, the target says Consistent with a recovery point at the copy's
+# END, and the replica equals the disk. The target's replica is a new
+# (sparse) file: it says so at BEGIN, so the copy compares nothing, sends
+# exactly the chunks holding data, and skips the zero ones. The same for an
+# operator's full resync with --wait afterwards.
 #
 # vm-disks: 96M 640M
 # shellcheck source=tests/vm/lib.sh
@@ -18,7 +21,9 @@ ADDR=127.0.0.1:7719
 volume_vars /dev/vda
 
 target_disk /dev/vdb $T
-check "random data on the disk before protection" dd if=/dev/urandom of=/dev/vda bs=1M count=96 oflag=direct
+check "random data on the disk before protection (0-32 MiB)" dd if=/dev/urandom of=/dev/vda bs=1M count=32 oflag=direct
+check "random data at 48-64 MiB" dd if=/dev/urandom of=/dev/vda bs=1M count=16 seek=48 oflag=direct
+check "random data at 88-96 MiB" dd if=/dev/urandom of=/dev/vda bs=1M count=8 seek=88 oflag=direct
 setup_guest $W
 { target_toml $W $ADDR $T/state; target_volume ic $size $T/ic.img 4; } >$W/target.toml
 spawn_target $W
@@ -42,6 +47,11 @@ out=$(replctl protect /dev/vda --volume ic --target $ADDR --target-name target-h
 echo "$out"
 check "protect says the target applied the copy" sh -c 'echo "$1" | grep -q "initial copy done: the target applied its end"' _ "$out"
 consistent_now
+# 96 MiB in 128 KiB chunks: 768, of which 448 hold data, 320 zeros.
+check "the target named its replica's holes" grep -q "the target's replica reads zeros in chunks not yet compared" $W/source/replicad.log
+check_eq "chunks compared" 0 "$(jnum compared_chunks)"
+check_eq "chunks sent: those with data" 448 "$(jnum sent_chunks)"
+check_eq "zero chunks neither compared nor sent" 320 "$(jnum zero_chunks)"
 
 step "a full resync with --wait: returns when its END is applied"
 # Under the replica target, so only a resync can bring it to the replica.

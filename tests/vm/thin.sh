@@ -4,6 +4,8 @@
 # `replicad source` ships the writes of a protected volume (kernel ring,
 # TLS over 127.0.0.1). Shows:
 #  * a pool without error_if_no_space is refused at start, with the reason;
+#  * a new thin replica is named as zeros at the initial copy's BEGIN
+#    (nothing provisioned): no chunk of it is compared;
 #  * the replica equals the source after a marker is applied, and each
 #    point is a thin snapshot holding the source as of its marker (write A,
 #    marker, write B, marker: the first point has A only);
@@ -110,7 +112,7 @@ start_target() {
 	wait_for "target ready" 60 sh -c "[ \$(grep -c 'target ready' $W/target.log) -gt ${_n:-0} ]"
 }
 
-SOURCE_DM=r0 SOURCE_RETRY_SECS=1 setup_pair $W tv $size 127.0.0.1:7710 $W/target \
+SOURCE_INITIAL_COPY=true SOURCE_DM=r0 SOURCE_RETRY_SECS=1 setup_pair $W tv $size 127.0.0.1:7710 $W/target \
 	'{ backend = "thin", pool = "pool", name = "rep", low_water_percent = 50 }' 2 $SRC ring_mib=8 overflow_wait_ms=10000
 printf '[spool]\nlimit_percent = 1000\n' >>$W/source.toml
 
@@ -140,6 +142,17 @@ check "replica is thin device $rep_id of the pool, $sectors sectors" \
 	sh -c "dmsetup table rep | grep -qE '^0 $sectors thin [0-9]+:[0-9]+ $rep_id\$'"
 spawn_source $W
 wait_for "source attached to the kernel ring" 30 consumer_attached r0
+
+step "initial copy to the new thin replica"
+# Nothing of it is provisioned: the target says at BEGIN that all of it
+# reads as zeros, and the volume (a new disk) is zeros too: nothing is
+# compared, nothing sent.
+wait_for "initial copy done" 120 json_has $W/source '"needs_resync": false'
+wait_for "target Consistent" 60 status_has '"replica": "Consistent"'
+check "the target named the whole new thin replica as zeros" grep -q "zero_bytes=$size " $W/target.log
+check_eq "chunks compared" 0 "$(jnum compared_chunks)"
+check_eq "chunks sent" 0 "$(jnum sent_chunks)"
+check_eq "zero chunks neither compared nor sent" "$((size / 131072))" "$(jnum zero_chunks)"
 
 step "write A, marker; write B, marker"
 write_marked "write A" 1 0 1

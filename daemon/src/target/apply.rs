@@ -612,8 +612,11 @@ impl Applier {
                     self.flush_ops(&mut ops)?;
                     match resync::Marker::from_aux(r.aux) {
                         Some(resync::Marker::Begin { full }) => {
-                            self.resync_begin(r, full)?;
+                            // Queued before BEGIN is published as applied:
+                            // a source that sees it applied without them
+                            // knows none are coming.
                             self.announce_zeroes(h.generation, r.seq);
+                            self.resync_begin(r, full)?;
                         }
                         Some(resync::Marker::End) => {
                             if self.resync_end(r)? {

@@ -143,6 +143,10 @@ pub(super) struct Run {
     /// A verify: answers that came before the drain passed every write that
     /// may have been in their read (looked at again later).
     deferred: Vec<Compared>,
+    /// BEGIN was spooled by this daemon: no chunk is compared until the
+    /// target's zero ranges for it came, or the target reported BEGIN
+    /// applied without them (it sends them first, so none are coming).
+    pub(super) zeroes_due: bool,
 }
 
 impl Run {
@@ -178,6 +182,7 @@ impl Run {
             kernel_in_flight: 0,
             kernel_take_error: None,
             key: None,
+            zeroes_due: false,
         }
     }
 
@@ -360,7 +365,9 @@ impl Drainer {
                 // (and re-drains BEGIN if it was not spooled).
                 save_state(&self.set, &self.keys, &st)?;
                 tracing::info!(volume = %self.set.volume, seq = r.seq, chunks = st.map.count(), to_send = st.differ.count(), full, "resync begins");
-                self.mode = Mode::Spool(Some(Box::new(Run::new(st, full, false))));
+                let mut run = Box::new(Run::new(st, full, false));
+                run.zeroes_due = true;
+                self.mode = Mode::Spool(Some(run));
                 self.pending.gap = true;
                 self.push(r.seq, d.op, d.flags, &d, 0, 0);
             }
@@ -369,6 +376,7 @@ impl Drainer {
                 if run.st.begin_seq == Some(r.seq)
                     && (r.seq.wrapping_sub(spool_next) as i64) > 0 =>
             {
+                run.zeroes_due = true;
                 self.commit()?;
                 self.pending.gap = true;
                 self.push(r.seq, d.op, d.flags, &d, 0, 0);
@@ -612,16 +620,29 @@ impl Drainer {
                 // a hash record only after its answer was sent).
                 let applied = self.shared.target_applied.load(Ordering::Acquire);
                 let drained = self.consumer.next_seq();
+                // Zero ranges: taken after the applied record was read (the
+                // target sends them before any ack that reports BEGIN
+                // applied).
                 if let Some(z) = self.shared.take_zeroes() {
                     if run.verifying().is_none()
                         && z.generation == run.st.generation
                         && run.st.begin_seq == Some(z.seq)
                     {
                         let spared = run.chunks.zeroes_at_begin(&run.st, z.ranges());
+                        run.zeroes_due = false;
                         tracing::info!(volume = %self.set.volume, begin = z.seq, chunks = spared, "the target's replica reads zeros in chunks not yet compared: they are read and sent only where the volume does not read zeros");
                     } else {
                         tracing::debug!(volume = %self.set.volume, seq = z.seq, "zero ranges for another resync: ignored");
                     }
+                }
+                if run.zeroes_due
+                    && run
+                        .st
+                        .begin_seq
+                        .is_none_or(|b| (applied.wrapping_sub(b) as i64) >= 0)
+                {
+                    tracing::debug!(volume = %self.set.volume, applied, "the target applied BEGIN without zero ranges: every chunk is compared");
+                    run.zeroes_due = false;
                 }
                 let lost = run.take_answers(self.shared.take_answers(), drained, applied);
                 if lost > 0 {
@@ -639,7 +660,7 @@ impl Drainer {
                 while run.outstanding < MAX_OUTSTANDING {
                     // A verify sends only when asked, compares at its rate.
                     let (verifying, send, may_hash) = match run.verifying() {
-                        None => (false, true, true),
+                        None => (false, true, !run.zeroes_due),
                         Some(v) => (true, v.resync, Instant::now() >= v.next_at),
                     };
                     let (marker, first, count) = if let Some((region, count)) = (send
