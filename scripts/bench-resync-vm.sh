@@ -91,7 +91,7 @@ start=$SECONDS
 say "booting the benchmark guest ($mib MiB, DRBD: ${drbd_configs:-none}; timeout ${timeout}s; log $out/run.log)"
 "$REPO_ROOT/scripts/vm.sh" --kernel "$tree/arch/x86/boot/bzImage" \
 	--scenario "$REPO_ROOT/tests/vm/bench/sync-bench.sh" --name bench-resync-vm --workdir "$out" \
-	--module "$ko" "${drbd_args[@]}" --bin "$rel/replicad" --bin "$rel/replctl" --bin "$(command -v mkfs.ext4)" \
+	--module "$ko" "${drbd_args[@]}" --bin "$rel/replicad" --bin "$rel/replctl" --bin "$rel/dmr-cost" --bin "$(command -v mkfs.ext4)" \
 	--disk-file "$data" --disk "${mib}M" --disk 8M --disk "$((2 * mib + 256))M" \
 	--mem 2048 --accel "$accel" --timeout "$timeout" \
 	--env "BENCH_DRBD=$drbd_configs" --env "BENCH_VERIFY=$verify" >"$out/run.log" 2>&1 ||
@@ -145,6 +145,21 @@ if skip:
 else:
     for s, why in skips:
         print(f"{s}: SKIPPED: {why}")
+if "compared_chunks" in info:
+    print(f"dm-replica's copy: {info.get('compared_chunks')} chunks compared, {info.get('sent_chunks')} sent, "
+          f"{info.get('zero_chunks')} zero on both sides (not sent)")
+if "cpu_busy_pct" in info:
+    print(f"during protect: CPUs {info['cpu_busy_pct']}% busy; CPU seconds: source daemon "
+          f"{info.get('source_cpu_sec', '?')}, target daemon {info.get('target_cpu_sec', '?')}")
+cost = {k[5:]: float(v) for k, v in info.items() if k.startswith("cost_")}
+if cost:
+    print("one core of this guest, MiB/s: " + ", ".join(f"{k} {v:.0f}" for k, v in cost.items()))
+    if cost.get("seal", 0) > 0 and cost.get("open", 0) > 0:
+        cpus = int(info.get("cpus", "1"))
+        bound = cpus / (2 / cost["seal"] + 2 / cost["open"])
+        print(f"bound of the crypto alone (segment seal + TLS out, TLS in + segment open, "
+              f"AES-256-GCM each) on {cpus} CPUs: {bound:.1f} MiB/s; "
+              f"dm-replica reached {mibs(ours) / bound:.2f} of it (DRBD ships plaintext)")
 if "drbd_version" in info:
     print(f"DRBD {info['drbd_version']} (the kernel's drivers/block/drbd as a module); goal: dm-replica/this >= 1")
 print(f"benchmark run took {int(runtime)} s wall clock")

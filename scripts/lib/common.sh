@@ -35,14 +35,14 @@ kmake_vars() {
 }
 
 # build_static_tools [CARGO_ARGS...]: builds the statically linked userspace
-# tools the guests run (replicad, replctl, dmr-ring, dmr-peer) and sets $rel to their
+# tools the guests run (replicad, replctl, dmr-ring, dmr-peer, dmr-cost) and sets $rel to their
 # directory. Every guest script builds this one set of packages and binaries,
 # so one build serves them all (another set unifies features differently
 # and rebuilds).
 build_static_tools() {
 	(cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release --locked \
 		--target x86_64-unknown-linux-gnu -p replicad -p replctl -p replica-tests \
-		--bin replicad --bin replctl --bin dmr-ring --bin dmr-peer "$@")
+		--bin replicad --bin replctl --bin dmr-ring --bin dmr-peer --bin dmr-cost "$@")
 	rel="$REPO_ROOT/target/x86_64-unknown-linux-gnu/release"
 }
 

@@ -55,7 +55,8 @@ const PAYLOAD_CRC_AT: usize = 128;
 const HEADER_CRC_AT: usize = 132;
 /// The reserved (zero) header bytes.
 const RESERVED: [std::ops::Range<usize>; 2] = [109..112, 120..128];
-/// Feature bit: payload compressed with zstd.
+/// Feature bit: payload compressed with zstd (without it, the payload is
+/// the plaintext as is: a segment that does not compress).
 pub const FEATURE_ZSTD: u32 = 1;
 /// Feature bit: the segment starts a resync. Records between the target's
 /// last one and this segment's first were not shipped (the source tracked
@@ -546,6 +547,33 @@ pub fn seal(
     seal_with(&mut c, h, plain, zstd_level, key)
 }
 
+/// Bytes of each of the three samples [`worth_compressing`] tries.
+#[cfg(feature = "codec")]
+const SAMPLE: usize = 4096;
+
+/// Whether a payload is worth compressing: a small one always; a larger
+/// one unless three samples of it (start, middle, end) do not shrink at all
+/// together (random or already compressed data: zstd would cost CPU for
+/// nothing, and the segment goes without [`FEATURE_ZSTD`]).
+#[cfg(feature = "codec")]
+fn worth_compressing(
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    plain: &[u8],
+) -> Result<bool, FrameError> {
+    if plain.len() < 16 * SAMPLE {
+        return Ok(true);
+    }
+    let mid = plain.len() / 2 - SAMPLE / 2;
+    let mut sample = Vec::with_capacity(3 * SAMPLE);
+    for at in [0, mid, plain.len() - SAMPLE] {
+        sample.extend_from_slice(&plain[at..at + SAMPLE]);
+    }
+    let out = compressor
+        .compress(&sample)
+        .map_err(|e| FrameError::Decompress(e.to_string()))?;
+    Ok(out.len() < sample.len())
+}
+
 /// [`seal`] with a reusable compression context (one per worker thread).
 #[cfg(feature = "codec")]
 pub fn seal_with(
@@ -558,11 +586,18 @@ pub fn seal_with(
     if plain.len() > MAX_PLAIN_LEN as usize {
         return Err(FrameError::Records("segment too large"));
     }
-    let mut body = compressor
-        .compress(plain)
-        .map_err(|e| FrameError::Decompress(e.to_string()))?;
+    let zstd = worth_compressing(compressor, plain)?;
+    let mut body = if zstd {
+        compressor
+            .compress(plain)
+            .map_err(|e| FrameError::Decompress(e.to_string()))?
+    } else {
+        let mut b = Vec::with_capacity(plain.len() + TAG_LEN);
+        b.extend_from_slice(plain);
+        b
+    };
     body.reserve(TAG_LEN);
-    h.features = FEATURE_ZSTD | (h.features & FEATURE_RESYNC_GAP);
+    h.features = if zstd { FEATURE_ZSTD } else { 0 } | (h.features & FEATURE_RESYNC_GAP);
     h.key_id = key.key_id();
     h.plain_len =
         u32::try_from(plain.len()).map_err(|_| FrameError::Records("segment too large"))?;
@@ -652,6 +687,15 @@ pub fn decompress_with(
     h: &SegmentHeader,
     body: &[u8],
 ) -> Result<Vec<u8>, FrameError> {
+    if h.features & FEATURE_ZSTD == 0 {
+        // Stored as is (it did not compress).
+        if body.len() != h.plain_len as usize {
+            return Err(FrameError::Records(
+                "plaintext length does not match the header",
+            ));
+        }
+        return Ok(body.to_vec());
+    }
     let plain = d
         .decompress(body, h.plain_len as usize)
         .map_err(|e| FrameError::Decompress(e.to_string()))?;
@@ -786,6 +830,63 @@ mod tests {
         assert_eq!(recs.len(), 3);
         assert_eq!(recs[0].data, &[7u8; 4096][..]);
         assert_eq!(recs[2].op, OP_SKIPPED);
+    }
+
+    #[test]
+    fn random_data_is_stored_as_is_and_compressible_data_compressed() {
+        let kr = KeyRing::generate().expect("kr");
+        let k = key(&kr, 1, "vol");
+        let (h, _) = sample();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..256 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut text = random.clone();
+        text[..200 * 1024].fill(0x61);
+        for (what, data, zstd) in [("random", &random, false), ("mostly text", &text, true)] {
+            let rec = RecordView {
+                seq: 10,
+                op: ring_op::WRITE,
+                flags: 0,
+                volume: 0,
+                sector: 0,
+                len: data.len() as u32,
+                submit_ns: 1,
+                aux: 0,
+                data,
+            };
+            let mut plain = Vec::new();
+            encode_record(&mut plain, &rec);
+            let hh = SegmentHeader {
+                first_seq: 10,
+                last_seq: 10,
+                record_count: 1,
+                ..h.clone()
+            };
+            let frame = seal(hh, &plain, 1, &k).expect("seal");
+            let got = check(&frame).expect("check");
+            assert_eq!(got.features & FEATURE_ZSTD != 0, zstd, "{what}");
+            if zstd {
+                assert!((got.cipher_len as usize) < plain.len() / 2, "{what}");
+            } else {
+                assert_eq!(got.cipher_len as usize, plain.len() + TAG_LEN, "{what}");
+            }
+            assert_eq!(open(&got, &frame, &k).expect("open"), plain, "{what}");
+            // Every flipped byte of a stored segment is caught too.
+            for i in (0..frame.len()).step_by(997) {
+                let mut f = frame.clone();
+                f[i] ^= 0x40;
+                assert!(
+                    check(&f).and_then(|h| open(&h, &f, &k)).is_err(),
+                    "{what}: {i}"
+                );
+            }
+        }
     }
 
     #[test]

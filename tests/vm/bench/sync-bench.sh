@@ -30,6 +30,9 @@
 # and the copy requested) until its "initial copy done" line; the whole
 # protect call is reported too.
 #
+# Before it, dmr-cost measures what each per-byte stage costs on one core
+# of this guest (BENCH-INFO cost_<stage> MiB/s).
+#
 # Output, one line per run:
 #   BENCH-SYNC <system> <config> <bytes> <seconds> [<key>=<value>...]
 #   BENCH-SKIP <system> <reason>
@@ -53,6 +56,10 @@ VERIFY=${BENCH_VERIFY:-1}
 W=/tmp/sb
 
 now() { cut -d' ' -f1 /proc/uptime; }
+# cpu_ticks: busy and total clock ticks of all CPUs since boot.
+cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat; }
+# proc_secs PID: CPU seconds (user + system, in USER_HZ = 100 ticks) process PID used so far.
+proc_secs() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }
 # secs T0 T1: T1 - T0 with two decimals.
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
@@ -151,6 +158,16 @@ else
 	check "rmmod lru_cache" rmmod lru_cache
 fi
 
+# --- the cost of each stage ------------------------------------------------
+
+# The per-byte CPU cost of the data path's stages on one core of this guest
+# (dmr-cost: memcpy, chunk hash, seal, open, zstd), printed as BENCH-INFO.
+if command -v dmr-cost >/dev/null; then
+	dmr-cost --mib 32 | while read -r _ stage mibs; do echo "BENCH-INFO cost_$stage $mibs"; done
+else
+	echo "BENCH-SKIP cost dmr-cost not given"
+fi
+
 # --- dm-replica -------------------------------------------------------------
 
 step "dm-replica: initial copy of $((KIB / 1024)) MiB"
@@ -165,6 +182,8 @@ wait_for "target listening" 60 test -s $T/state/listen.addr
 mkdir -p $C
 fresh_caches
 # Every line of protect's output with the guest uptime in front.
+ticks0=$(cpu_ticks)
+tcpu0=$(proc_secs $tpid)
 t0=$(now)
 {
 	replctl protect $DATA --volume rb --target $ADDR --target-name target-host \
@@ -173,6 +192,9 @@ t0=$(now)
 	echo "protect-exit $?"
 } | while IFS= read -r line; do echo "$(now) $line"; done >$W/protect.out
 t1=$(now)
+ticks1=$(cpu_ticks)
+tcpu1=$(proc_secs $tpid)
+spid=$(pidof replicad | tr ' ' '\n' | grep -vx "$tpid" | head -n1)
 cat $W/protect.out
 grep -q '^[0-9.]* protect-exit 0$' $W/protect.out || fail "replctl protect failed (output above)"
 c0=$(sed -n 's/^\([0-9.]*\) initial copy: .*/\1/p' $W/protect.out | head -n1)
@@ -182,6 +204,15 @@ c1=$(sed -n 's/^\([0-9.]*\) initial copy done.*/\1/p' $W/protect.out | head -n1)
 replctl status --state-dir $T/state
 check "the target says Consistent" json_has $T/state '"replica": "Consistent"'
 echo "BENCH-SYNC dm-replica initial-copy $BYTES $(secs "$c0" "$c1") protect_sec=$(secs "$t0" "$t1")"
+# Where the CPU went during protect: busy share of all CPUs, and each
+# daemon's CPU seconds (the source's since it started, within protect).
+echo "$ticks0 $ticks1" | awk '{ printf "BENCH-INFO cpu_busy_pct %.0f\n", 100 * ($3 - $1) / ($4 - $2) }'
+echo "BENCH-INFO target_cpu_sec $(awk -v a="$tcpu0" -v b="$tcpu1" 'BEGIN { printf "%.1f", b - a }')"
+[ -n "$spid" ] && echo "BENCH-INFO source_cpu_sec $(proc_secs "$spid")"
+# What the copy did: chunks compared, sent, and zero on both sides.
+for f in compared_chunks sent_chunks zero_chunks; do
+	echo "BENCH-INFO $f $(jnum $f)"
+done
 if [ "$VERIFY" = 1 ]; then
 	same_sha /dev/mapper/rb $T/rb.img "the replica holds the data"
 fi
