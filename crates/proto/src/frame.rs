@@ -680,6 +680,25 @@ pub fn decompress(h: &SegmentHeader, body: &[u8]) -> Result<Vec<u8>, FrameError>
     decompress_with(&mut d, h, body)
 }
 
+/// [`decompress_with`] for a payload the caller owns: one stored as is is
+/// returned without a copy.
+#[cfg(feature = "codec")]
+pub fn decompress_owned(
+    d: &mut zstd::bulk::Decompressor<'_>,
+    h: &SegmentHeader,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, FrameError> {
+    if h.features & FEATURE_ZSTD == 0 {
+        if body.len() != h.plain_len as usize {
+            return Err(FrameError::Records(
+                "plaintext length does not match the header",
+            ));
+        }
+        return Ok(body);
+    }
+    decompress_with(d, h, &body)
+}
+
 /// [`decompress`] with a reusable decompression context.
 #[cfg(feature = "codec")]
 pub fn decompress_with(

@@ -442,7 +442,7 @@ impl Applier {
     fn plain(&mut self, pos: &FramePos, body: Option<Vec<u8>>) -> Result<Vec<u8>, SegmentError> {
         match body {
             Some(b) => match self.dctx.as_mut() {
-                Some(d) => frame::decompress_with(d, &pos.header, &b),
+                Some(d) => frame::decompress_owned(d, &pos.header, b),
                 None => frame::decompress(&pos.header, &b),
             }
             .map_err(SegmentError::Decompress),

@@ -8,6 +8,7 @@
 //!
 //! Prints one line per stage, `COST <stage> <MiB/s>`:
 //!   memcpy       copying the data once
+//!   crc32c       the checksum of spool chunks and segments
 //!   chunk-hash   keyed BLAKE3 of 128 KiB chunks (a checksum resync's hash)
 //!   seal         a 1 MiB segment of random data sealed (compression tried
 //!                and skipped, AES-256-GCM, checksum): the source's segment
@@ -61,6 +62,12 @@ fn main() {
         sink ^= v[v.len() / 2];
     }
     println!("COST memcpy {:.1}", rate(n, t));
+
+    let t = Instant::now();
+    for c in data.chunks(1 << 20) {
+        sink ^= crc32c::crc32c(c) as u8;
+    }
+    println!("COST crc32c {:.1}", rate(n, t));
 
     let kr = KeyRing::generate().expect("a key ring");
     let ck = ChunkKey::derive(&kr, kr.active(), "cost").expect("chunk key");
