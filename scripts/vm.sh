@@ -23,6 +23,7 @@
 #   --log FILE          console log (default: <workdir>/console.log)
 #   --timeout SECONDS   kill the guest after this long (default 300)
 #   --mem MIB, --smp N  guest memory (default 1024) and CPUs (default 2)
+#   --cpu MODEL         qemu CPU model and features (default max)
 #   --accel ACCEL       qemu accelerator (default tcg; kvm only where it works)
 #   --expect-fail       the caller expects the scenario to fail: report a
 #                       failure calmly (the exit code is the same)
@@ -50,7 +51,7 @@ usage_error() {
 }
 
 kernel='' scenario='' name='' workdir='' log='' append='' verdict_log=''
-timeout=300 mem=1024 smp=2 accel=tcg expect_fail=0
+timeout=300 mem=1024 smp=2 cpu=max accel=tcg expect_fail=0
 modules=() bins=() files=() disks=() envs=() qemu_args=()
 while (($# > 0)); do
 	opt=$1
@@ -78,6 +79,7 @@ while (($# > 0)); do
 	--timeout) timeout=$val ;;
 	--mem) mem=$val ;;
 	--smp) smp=$val ;;
+	--cpu) cpu=$val ;;
 	--accel) accel=$val ;;
 	--verdict) verdict_log=$val ;;
 	*) usage_error "unknown option: $opt" ;;
@@ -300,7 +302,7 @@ done
 
 # --- Boot. ---
 cmdline="console=ttyS0 panic=-1 oops=panic acpi=noirq rdinit=/init${append:+ $append}"
-qemu=(qemu-system-x86_64 -accel "$accel" -cpu max -m "$mem" -smp "$smp"
+qemu=(qemu-system-x86_64 -accel "$accel" -cpu "$cpu" -m "$mem" -smp "$smp"
 	-nographic -no-reboot
 	-kernel "$kernel" -initrd "$workdir/initramfs.cpio" -append "$cmdline"
 	"${drive_args[@]}" "${qemu_args[@]}")

@@ -15,6 +15,10 @@
 //!   open         the same segment checked and opened: the target's
 //!   zstd         zstd level 1 over 1 MiB of random data (what sealing
 //!                incompressible data cost before it was skipped)
+//!   tls-send     the product's TLS client (rustls, its configuration)
+//!                encrypting 1 MiB writes into memory
+//!   tls-receive  its TLS server decrypting them
+//! (and `COST tls-suite <name>`: the cipher suite the two agreed on).
 //! TLS 1.3 carries every segment once more with the same cipher
 //! (AES-256-GCM), so the data path seals twice and opens twice: a bound
 //! for the copy on C cores is C / (2 / seal + 2 / open) MiB/s.
@@ -135,6 +139,76 @@ fn main() {
         sink ^= comp.compress(c).expect("zstd")[0];
     }
     println!("COST zstd {:.1}", rate(n, t));
+    tls(&data, &mut sink);
     // Keeps the work from being optimised away.
     eprintln!("dmr-cost: done ({sink})");
+}
+
+/// The TLS stages: a client and a server with the daemons' own TLS
+/// configuration (certificates from `replctl certs`), in memory.
+fn tls(data: &[u8], sink: &mut u8) {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let hosts = ["source-host".to_owned(), "target-host".to_owned()];
+    replctl::certs::generate(dir.path(), &hosts, 30).expect("certificates");
+    let material = |host: &str| replicad::config::TlsConfig {
+        ca: dir.path().join("ca.pem"),
+        cert: dir.path().join(format!("{host}.pem")),
+        key: dir.path().join(format!("{host}.key")),
+    };
+    let ccfg = replicad::tls::client_config(&material("source-host")).expect("client config");
+    let scfg = replicad::tls::server_config(&material("target-host")).expect("server config");
+    let name = rustls_pki_types::ServerName::try_from("target-host".to_owned()).expect("name");
+    let mut c = rustls::ClientConnection::new(ccfg, name).expect("client");
+    let mut s = rustls::ServerConnection::new(scfg).expect("server");
+    let mut wire = Vec::new();
+    while c.is_handshaking() || s.is_handshaking() {
+        wire.clear();
+        while c.wants_write() {
+            c.write_tls(&mut wire).expect("client hello");
+        }
+        s.read_tls(&mut &wire[..]).expect("server reads");
+        s.process_new_packets().expect("server handshake");
+        wire.clear();
+        while s.wants_write() {
+            s.write_tls(&mut wire).expect("server hello");
+        }
+        c.read_tls(&mut &wire[..]).expect("client reads");
+        c.process_new_packets().expect("client handshake");
+    }
+    let suite = c
+        .negotiated_cipher_suite()
+        .map_or("none".to_owned(), |s| format!("{:?}", s.suite()));
+    println!("COST tls-suite {suite}");
+    c.set_buffer_limit(None);
+    s.set_buffer_limit(None);
+    let mut records = Vec::new();
+    let t = Instant::now();
+    for chunk in data.chunks(1 << 20) {
+        c.writer().write_all(chunk).expect("encrypt");
+        let mut out = Vec::with_capacity(chunk.len() + 4096);
+        while c.wants_write() {
+            c.write_tls(&mut out).expect("records");
+        }
+        records.push(out);
+    }
+    println!("COST tls-send {:.1}", rate(data.len(), t));
+    let t = Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    for r in &records {
+        let mut rd = &r[..];
+        while !rd.is_empty() {
+            s.read_tls(&mut rd).expect("read records");
+            s.process_new_packets().expect("decrypt");
+            loop {
+                match s.reader().read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => *sink ^= buf[n - 1],
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("read: {e}"),
+                }
+            }
+        }
+    }
+    println!("COST tls-receive {:.1}", rate(data.len(), t));
 }

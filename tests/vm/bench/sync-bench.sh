@@ -163,7 +163,7 @@ fi
 # The per-byte CPU cost of the data path's stages on one core of this guest
 # (dmr-cost: memcpy, chunk hash, seal, open, zstd), printed as BENCH-INFO.
 if command -v dmr-cost >/dev/null; then
-	dmr-cost --mib 32 | while read -r _ stage mibs; do echo "BENCH-INFO cost_$stage $mibs"; done
+	dmr-cost --mib 32 2>/dev/null | while read -r _ stage mibs; do echo "BENCH-INFO cost_$stage $mibs"; done
 else
 	echo "BENCH-SKIP cost dmr-cost not given"
 fi
@@ -209,6 +209,15 @@ echo "BENCH-SYNC dm-replica initial-copy $BYTES $(secs "$c0" "$c1") protect_sec=
 echo "$ticks0 $ticks1" | awk '{ printf "BENCH-INFO cpu_busy_pct %.0f\n", 100 * ($3 - $1) / ($4 - $2) }'
 echo "BENCH-INFO target_cpu_sec $(awk -v a="$tcpu0" -v b="$tcpu1" 'BEGIN { printf "%.1f", b - a }')"
 [ -n "$spid" ] && echo "BENCH-INFO source_cpu_sec $(proc_secs "$spid")"
+# Per thread (names as the daemons give them), for where the time went.
+for p in $tpid $spid; do
+	for t in /proc/$p/task/*; do
+		echo "BENCH-THREAD $p $(cat $t/comm) $(proc_secs ${t#/proc/}) $(awk '{ printf "user=%.2f sys=%.2f", $14 / 100, $15 / 100 }' $t/stat)"
+	done
+done
+# When the target began and ended the copy (after END comes a recovery
+# point: for a file replica, a copy of the image).
+grep -E "resync started|resync complete" $W/target.log | tail -n 4
 # What the copy did: chunks compared, sent, and zero on both sides.
 for f in compared_chunks sent_chunks zero_chunks; do
 	echo "BENCH-INFO $f $(jnum $f)"
