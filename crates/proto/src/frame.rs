@@ -547,14 +547,14 @@ pub fn seal(
     seal_with(&mut c, h, plain, zstd_level, key)
 }
 
-/// Bytes of each of the three samples [`worth_compressing`] tries.
+/// Bytes of each sample [`worth_compressing`] tries.
 #[cfg(feature = "codec")]
 const SAMPLE: usize = 4096;
 
 /// Whether a payload is worth compressing: a small one always; a larger
-/// one unless three samples of it (start, middle, end) do not shrink at all
-/// together (random or already compressed data: zstd would cost CPU for
-/// nothing, and the segment goes without [`FEATURE_ZSTD`]).
+/// one unless eight samples of it, spread evenly from start to end, do not
+/// shrink at all together (random or already compressed data: zstd would
+/// cost CPU for nothing, and the segment goes without [`FEATURE_ZSTD`]).
 #[cfg(feature = "codec")]
 fn worth_compressing(
     compressor: &mut zstd::bulk::Compressor<'_>,
@@ -563,9 +563,11 @@ fn worth_compressing(
     if plain.len() < 16 * SAMPLE {
         return Ok(true);
     }
-    let mid = plain.len() / 2 - SAMPLE / 2;
-    let mut sample = Vec::with_capacity(3 * SAMPLE);
-    for at in [0, mid, plain.len() - SAMPLE] {
+    const SAMPLES: usize = 8;
+    let step = (plain.len() - SAMPLE) / (SAMPLES - 1);
+    let mut sample = Vec::with_capacity(SAMPLES * SAMPLE);
+    for i in 0..SAMPLES {
+        let at = i * step;
         sample.extend_from_slice(&plain[at..at + SAMPLE]);
     }
     let out = compressor

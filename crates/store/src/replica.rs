@@ -117,11 +117,14 @@ pub trait ReplicaStore: Send {
 
 /// Most ranges [`file_holes`] lists (the first ones of the file).
 pub const MAX_HOLES: usize = 4096;
+/// Holes shorter than this are left out: they cannot hold a whole chunk
+/// (64 KiB at the least), and many small ones would use up [`MAX_HOLES`].
+pub const MIN_HOLE: u64 = 64 << 10;
 
 /// The holes of `file` of `size` bytes (`SEEK_DATA`/`SEEK_HOLE`: the
 /// filesystem's own map; unwritten extents count as holes where it says
-/// so), at most [`MAX_HOLES`]. A filesystem without hole support reports
-/// the whole file as data: no holes.
+/// so), at most [`MAX_HOLES`] of at least [`MIN_HOLE`] bytes. A filesystem
+/// without hole support reports the whole file as data: no holes.
 pub fn file_holes(file: &File, path: &Path, size: u64) -> Result<Vec<(u64, u64)>, StoreError> {
     let fd = file.as_raw_fd();
     let seek = |at: u64, whence: libc::c_int| -> Result<Option<u64>, StoreError> {
@@ -143,7 +146,7 @@ pub fn file_holes(file: &File, path: &Path, size: u64) -> Result<Vec<(u64, u64)>
     let mut at = 0u64;
     while at < size && holes.len() < MAX_HOLES {
         let data = seek(at, libc::SEEK_DATA)?.unwrap_or(size).min(size);
-        if data > at {
+        if data >= at.saturating_add(MIN_HOLE) || (data > at && data == size) {
             holes.push((at, data - at));
         }
         if data >= size {

@@ -141,6 +141,14 @@ impl ThinReplica {
                  (docs/configuration.md)"
             )));
         }
+        if table.features.iter().any(|f| f == "skip_block_zeroing") {
+            return Err(StoreError::Invalid(format!(
+                "thin pool {pool} does not zero new blocks (its table has skip_block_zeroing): \
+                 a write smaller than a pool block would leave the rest of that block on the \
+                 replica holding old data of the pool where the volume reads zeros; reload the \
+                 pool without skip_block_zeroing (LVM: lvchange --zero y) (docs/configuration.md)"
+            )));
+        }
         let status = Self::pool_status(dm.as_ref(), pool)?;
         match status.mode {
             PoolMode::Fail | PoolMode::ReadOnly => {
@@ -780,6 +788,23 @@ mod tests {
             .expect("must refuse")
             .to_string();
         assert!(e.contains("error_if_no_space") && e.contains("hang"), "{e}");
+    }
+
+    #[test]
+    fn a_pool_that_does_not_zero_new_blocks_is_refused() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dm = pool_only(
+            "0 8192 thin-pool 254:2 254:3 128 0 2 error_if_no_space skip_block_zeroing",
+            RW,
+        );
+        let e = ThinReplica::open_with(dm, &opts(), "v", 1 << 20, d.path())
+            .err()
+            .expect("must refuse")
+            .to_string();
+        assert!(
+            e.contains("skip_block_zeroing") && e.contains("zeros"),
+            "{e}"
+        );
     }
 
     #[test]

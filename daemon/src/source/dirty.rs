@@ -134,6 +134,38 @@ impl DirtyMap {
         Some((r, end - r))
     }
 
+    /// The first region in `from..to` set here, in every map of `and` and
+    /// in none of `not` (maps of this one's geometry), found a 64-region
+    /// word at a time.
+    pub fn first_masked(
+        &self,
+        and: &[&DirtyMap],
+        not: &[&DirtyMap],
+        from: u64,
+        to: u64,
+    ) -> Option<u64> {
+        let to = to.min(self.regions());
+        let word = |m: &DirtyMap, i: usize| m.words.get(i).copied().unwrap_or(0);
+        let mut r = from;
+        while r < to {
+            let i = (r / 64) as usize;
+            let mut w = word(self, i);
+            for m in and {
+                w &= word(m, i);
+            }
+            for m in not {
+                w &= !word(m, i);
+            }
+            w >>= r % 64;
+            if w != 0 {
+                let found = r + u64::from(w.trailing_zeros());
+                return (found < to).then_some(found);
+            }
+            r = (r / 64 + 1) * 64;
+        }
+        None
+    }
+
     /// Marks the whole volume.
     pub fn mark_all(&mut self) {
         for r in 0..self.regions() {

@@ -671,7 +671,12 @@ impl Applier {
     /// When the backend cannot tell, nothing is claimed and the source
     /// compares as usual.
     fn announce_zeroes(&mut self, generation: [u8; 16], seq: u64) {
-        let known = self.stream.volume().replica().known_zero();
+        // Flushed first: what the filesystem reports about holes is then
+        // about data on disk too, not only in its cache.
+        let known = {
+            let mut r = self.stream.volume().replica();
+            r.flush().and_then(|()| r.known_zero())
+        };
         match known {
             Ok(ranges) => {
                 let z = Zeroes::new(generation, seq, ranges);

@@ -15,8 +15,9 @@
 //!   header it was given, opens to the same plaintext, and its records,
 //!   when they decode, encode back to exactly that plaintext.
 //! * 2, a sender holding the key who builds the payload by hand: the rest
-//!   is decompressed as an authenticated body of the declared length, and
-//!   its records decoded.
+//!   is decompressed (or, with the next byte's low bit set, taken as a
+//!   payload stored without zstd) as an authenticated body of the declared
+//!   length, and its records decoded.
 
 use replica_proto::frame::{
     self, FrameError, RecordView, SegmentHeader, FEATURE_RESYNC_GAP, FEATURE_ZSTD, HEADER_LEN,
@@ -172,7 +173,13 @@ fn sealed(r: &mut Reader<'_>) {
         (got.first_seq, got.last_seq, got.record_count, got.counter),
         (h.first_seq, h.last_seq, h.record_count, h.counter)
     );
-    assert_eq!(got.features, FEATURE_ZSTD | features);
+    // Payloads under 64 KiB are always compressed; larger ones only when
+    // samples of them shrink.
+    if plain.len() < 64 * 1024 {
+        assert_eq!(got.features, FEATURE_ZSTD | features);
+    } else {
+        assert_eq!(got.features & !FEATURE_ZSTD, features);
+    }
     assert_eq!(got.plain_len as usize, plain.len());
     let opened = open_and_decode(&got, &f).expect("a sealed frame opens");
     assert_eq!(opened, plain);
@@ -185,6 +192,8 @@ fn sealed(r: &mut Reader<'_>) {
 }
 
 fn decompressed(r: &mut Reader<'_>) {
+    // A zstd payload, or (low bit set) one stored as is.
+    let features = if r.u8() & 1 == 0 { FEATURE_ZSTD } else { 0 };
     let first = r.u64();
     let count = r.u32();
     let plain_len = r.u32() % (MAX_PLAIN_LEN + 1);
@@ -194,7 +203,7 @@ fn decompressed(r: &mut Reader<'_>) {
         first.wrapping_add(u64::from(count)).wrapping_sub(1),
         count,
         0,
-        0,
+        features,
     );
     h.plain_len = plain_len;
     if let Ok(plain) = decompress(&h, body) {
@@ -260,10 +269,22 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             format!("decompressed-{name}"),
             Writer::new()
                 .u8(2)
+                .u8(0)
                 .u64(first)
                 .u32(count)
                 .u32(p.len() as u32)
                 .bytes(&body)
+                .finish(),
+        ));
+        out.push((
+            format!("stored-{name}"),
+            Writer::new()
+                .u8(2)
+                .u8(1)
+                .u64(first)
+                .u32(count)
+                .u32(p.len() as u32)
+                .bytes(p)
                 .finish(),
         ));
     }

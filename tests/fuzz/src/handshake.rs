@@ -92,7 +92,10 @@ fn forgery(kr: &KeyRing, exporter: [u8; 32], peer: &[u8]) {
     let hello = match t.hello(first.clone(), first_raw) {
         Ok(h) => h,
         Err(_) => {
-            assert!(!matches!(first, Message::Hello(_)), "a hello is always taken first");
+            assert!(
+                !matches!(first, Message::Hello(_)),
+                "a hello is always taken first"
+            );
             return;
         }
     };
@@ -105,7 +108,11 @@ fn forgery(kr: &KeyRing, exporter: [u8; 32], peer: &[u8]) {
         .map(|c| c.source_tag(first_raw));
     match (&accepted, second) {
         (Ok(_), Message::Confirm(tag)) => {
-            assert_eq!(Some(*tag), honest_tag, "a key confirmation accepted without the key");
+            assert_eq!(
+                Some(*tag),
+                honest_tag,
+                "a key confirmation accepted without the key"
+            );
         }
         (Ok(_), other) => panic!("{} accepted as a key confirmation", other.kind()),
         (Err(_), Message::Confirm(tag)) => {
@@ -125,14 +132,19 @@ fn honest(kr: &KeyRing, exporter: [u8; 32], hello: Hello, damage: usize, choice:
     let raw = h.to_bytes();
     let mut t = TargetSide::new(exporter);
     assert_eq!(*t.hello(h.clone(), &raw).expect("a hello"), hello);
-    let reply = t.confirm(kr, c.clone()).expect("an honest source is confirmed");
+    let reply = t
+        .confirm(kr, c.clone())
+        .expect("an honest source is confirmed");
     // The reply, changed, is refused; as sent, accepted.
     if let Message::Confirm(mut tag) = reply.clone() {
         tag[damage % 32] ^= 1 | choice;
         let (mut s2, _) = SourceSide::new(kr, &exporter, hello.clone()).expect("source");
         assert!(s2.receive(Message::Confirm(tag)).is_err());
     }
-    assert!(matches!(s.receive(reply).expect("the reply verifies"), SourceStep::Confirmed));
+    assert!(matches!(
+        s.receive(reply).expect("the reply verifies"),
+        SourceStep::Confirmed
+    ));
     assert!(s.confirmed());
 
     // One byte of the hello as received changed: refused.
@@ -141,7 +153,10 @@ fn honest(kr: &KeyRing, exporter: [u8; 32], hello: Hello, damage: usize, choice:
     bad[i] ^= 1 | choice;
     let mut t = TargetSide::new(exporter);
     t.hello(h.clone(), &bad).expect("a hello");
-    assert!(t.confirm(kr, c.clone()).is_err(), "byte {i} of the hello changed");
+    assert!(
+        t.confirm(kr, c.clone()).is_err(),
+        "byte {i} of the hello changed"
+    );
     // The tag changed, another session, another key ring: refused.
     if let Message::Confirm(mut tag) = c.clone() {
         tag[damage % 32] ^= 1 | choice;
@@ -153,7 +168,10 @@ fn honest(kr: &KeyRing, exporter: [u8; 32], hello: Hello, damage: usize, choice:
     other_session[damage % 32] ^= 1 | choice;
     let mut t = TargetSide::new(other_session);
     t.hello(h.clone(), &raw).expect("a hello");
-    assert!(t.confirm(kr, c.clone()).is_err(), "a tag of another session");
+    assert!(
+        t.confirm(kr, c.clone()).is_err(),
+        "a tag of another session"
+    );
     let mut t = TargetSide::new(exporter);
     t.hello(h, &raw).expect("a hello");
     assert!(t.confirm(&ring(OTHER_KEYRING), c).is_err(), "another key");
@@ -208,7 +226,12 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     };
     let honest = [h.to_bytes(), c.to_bytes()].concat();
     let wrong = [h.to_bytes(), Message::Confirm([0; 32]).to_bytes()].concat();
-    let out_of_turn = [Message::Confirm([1; 32]).to_bytes(), h.to_bytes(), Message::Ping.to_bytes()].concat();
+    let out_of_turn = [
+        Message::Confirm([1; 32]).to_bytes(),
+        h.to_bytes(),
+        Message::Ping.to_bytes(),
+    ]
+    .concat();
     vec![
         ("honest".into(), head(honest)),
         ("wrong-tag".into(), head(wrong)),

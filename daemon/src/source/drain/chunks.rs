@@ -90,7 +90,7 @@ pub(crate) struct Chunks {
 
 /// The first run of regions at or after `from` set in `a`, in all of
 /// `and` and in none of `not`, at most `max` long; wraps around to the
-/// start once.
+/// start once. (All maps of one geometry: searched a word at a time.)
 fn next_run(
     a: &DirtyMap,
     and: &[&DirtyMap],
@@ -102,21 +102,12 @@ fn next_run(
     let ok =
         |r: u64| a.is_set(r) && and.iter().all(|m| m.is_set(r)) && not.iter().all(|m| !m.is_set(r));
     for (lo, hi) in [(from.min(n), n), (0, from.min(n))] {
-        let mut r = lo;
-        while r < hi {
-            match a.next_run(r, 1) {
-                Some((f, _)) if f < hi => {
-                    if ok(f) {
-                        let mut end = f + 1;
-                        while end < n && end - f < max.max(1) && ok(end) {
-                            end += 1;
-                        }
-                        return Some((f, end - f));
-                    }
-                    r = f + 1;
-                }
-                _ => break,
+        if let Some(f) = a.first_masked(and, not, lo, hi) {
+            let mut end = f + 1;
+            while end < n && end - f < max.max(1) && ok(end) {
+                end += 1;
             }
+            return Some((f, end - f));
         }
     }
     None
@@ -207,9 +198,21 @@ impl Chunks {
         self.zeroes.is_set(r) && !st.differ.is_set(r)
     }
 
+    /// The kernel added chunks to the map (writes that failed, or were made
+    /// in overflow mode and completed later): those writes are not records,
+    /// so nothing orders them with the DATA markers, and what the target
+    /// said about its zeros proves nothing any more. Every chunk is
+    /// compared again.
+    pub(crate) fn forget_zeroes(&mut self) {
+        self.zeroes = DirtyMap::new(self.zeroes.volume_size(), self.zeroes.region_bytes());
+    }
+
     /// The next run of chunks the target read as zeros at BEGIN, to read
     /// at a DATA marker, at most `max`: marked issued.
     pub(crate) fn next_zero(&mut self, st: &ResyncState, max: u64) -> Option<(u64, u64)> {
+        if self.zeroes.count() == 0 {
+            return None;
+        }
         let run = next_run(
             &st.map,
             &[&self.zeroes],

@@ -805,6 +805,7 @@ impl Drainer {
             Settled::Added(n) => {
                 run.chunks.added(n);
                 run.chunks.rewind();
+                run.chunks.forget_zeroes();
                 tracing::warn!(
                     volume = %set.volume,
                     regions = n,
@@ -866,7 +867,7 @@ impl Drainer {
             last.remaining_chunks = 0;
             last.end_seq = end;
             let full = run.full;
-            tracing::info!(volume = %self.set.volume, end, compared = t.compared, equal = t.equal, differing = t.differing, sent = t.sent, sent_bytes = t.sent_bytes, zero = t.zero, rehashed = t.rehashed, done_before = t.done_before, "resync complete: every chunk is proven equal or was resent");
+            tracing::info!(volume = %self.set.volume, end, compared = t.compared, equal = t.equal, differing = t.differing, sent = t.sent, sent_bytes = t.sent_bytes, zero = t.zero, rehashed = t.rehashed, done_before = t.done_before, "resync complete: every chunk is proven equal, zeros on both sides, or was resent");
             match std::fs::remove_file(&self.set.state_path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -436,6 +436,52 @@ fn an_empty_replica_compares_nothing_and_zeros_are_not_sent() {
 }
 
 #[test]
+fn chunks_the_kernel_adds_are_compared_whatever_the_target_said() {
+    // Writes the kernel marks (failed, or made in overflow mode) are not
+    // records: after it adds chunks, the zero ranges prove nothing.
+    let mut s = Sim::with(
+        9,
+        Setup {
+            replica_zero_percent: 100,
+            volume_zero_percent: 50,
+            ..Setup::new(100, 0)
+        },
+    );
+    s.lose_percent = 0;
+    s.apply();
+    s.hear();
+    assert!(s.chunks.next_zero(&s.st, 1).is_some());
+    s.chunks.unissue(0, 100);
+    s.chunks.forget_zeroes();
+    assert_eq!(s.chunks.next_zero(&s.st, 100), None);
+    s.run(0);
+    assert_eq!(s.chunks.tally.zero, 0);
+    assert_eq!(s.chunks.tally.compared, 100, "every chunk compared");
+}
+
+#[test]
+fn first_masked_finds_a_word_at_a_time_what_next_run_would() {
+    let mut rng = Rng(77);
+    for _ in 0..200 {
+        let n = 1 + rng.below(700);
+        let mk = |rng: &mut Rng, p: u64| {
+            let mut m = DirtyMap::new(n * CHUNK, CHUNK);
+            for r in 0..n {
+                if rng.chance(p) {
+                    m.set_region(r);
+                }
+            }
+            m
+        };
+        let (a, b, c) = (mk(&mut rng, 60), mk(&mut rng, 50), mk(&mut rng, 30));
+        let from = rng.below(n);
+        let to = from + rng.below(n - from + 1);
+        let slow = (from..to).find(|&r| a.is_set(r) && b.is_set(r) && !c.is_set(r));
+        assert_eq!(a.first_masked(&[&b], &[&c], from, to), slow);
+    }
+}
+
+#[test]
 fn a_full_resend_sends_zero_chunks_too() {
     let mut s = Sim::with(
         5,
