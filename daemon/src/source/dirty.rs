@@ -256,6 +256,16 @@ pub struct CursorKeys<'a> {
 }
 
 impl CursorKeys<'_> {
+    /// `body` with the trailer that authenticates it: the ring's active key
+    /// id and the MAC of everything before it.
+    pub fn seal(&self, mut body: Vec<u8>) -> Vec<u8> {
+        let key_id = self.ring.active();
+        body.extend_from_slice(&key_id.to_le_bytes());
+        let mac = self.mac(key_id, &body).map_or([0; 32], |h| *h.as_bytes());
+        body.extend_from_slice(&mac);
+        body
+    }
+
     /// The MAC of `body` under key `key_id` (its comparison with bytes is
     /// constant-time).
     fn mac(&self, key_id: u32, body: &[u8]) -> Option<blake3::Hash> {
@@ -303,11 +313,7 @@ impl ResyncState {
         for w in self.map.words.iter().chain(&self.differ.words) {
             b.extend_from_slice(&w.to_le_bytes());
         }
-        let key_id = keys.ring.active();
-        b.extend_from_slice(&key_id.to_le_bytes());
-        let mac = keys.mac(key_id, &b).map_or([0; 32], |h| *h.as_bytes());
-        b.extend_from_slice(&mac);
-        b
+        keys.seal(b)
     }
 
     /// Decodes what [`Self::encode`] wrote for the same volume with a key
@@ -354,13 +360,16 @@ impl ResyncState {
             .and_then(|r| std::str::from_utf8(r).ok())
             .ok_or("bad reason")?
             .to_owned();
-        let mut map = DirtyMap::new(volume_size, region_bytes);
-        let mut differ = DirtyMap::new(volume_size, region_bytes);
+        // The bitmaps' length is checked before anything is sized by the
+        // volume size it names.
         let words = &body[HEADER_LEN + rlen..];
-        let n = map.words.len();
-        if words.len() != n * 16 {
+        let regions = volume_size.div_ceil(region_bytes);
+        if regions.div_ceil(64).checked_mul(16) != Some(words.len() as u64) {
             return Err("bitmap length does not match the volume");
         }
+        let mut map = DirtyMap::new(volume_size, region_bytes);
+        let mut differ = DirtyMap::new(volume_size, region_bytes);
+        let n = map.words.len();
         for (i, w) in map
             .words
             .iter_mut()
@@ -368,6 +377,14 @@ impl ResyncState {
             .enumerate()
         {
             *w = replica_proto::le::u64_at(words, i * 8);
+        }
+        // No bit past the last region (it could never be cleared: a resync
+        // would never end).
+        if regions % 64 != 0 {
+            let pad = !0u64 << (regions % 64);
+            if map.words[n - 1] & pad != 0 || differ.words[n - 1] & pad != 0 {
+                return Err("regions set past the end of the volume");
+            }
         }
         map.set = map.words.iter().map(|w| u64::from(w.count_ones())).sum();
         differ.set = differ.words.iter().map(|w| u64::from(w.count_ones())).sum();
@@ -436,6 +453,58 @@ mod tests {
         m.mark_all();
         assert_eq!(m.count(), 4);
         assert_eq!(m.dirty_bytes(), 65536 * 3 + 512);
+    }
+
+    /// `b` with bytes `at..` replaced by `with`, sealed again with the
+    /// ring's active key (what a holder of the key could write).
+    fn resealed(b: &[u8], at: usize, with: &[u8], keys: &CursorKeys<'_>) -> Vec<u8> {
+        let mut body = b[..b.len() - TRAILER_LEN].to_vec();
+        body[at..at + with.len()].copy_from_slice(with);
+        keys.seal(body)
+    }
+
+    #[test]
+    fn an_authentic_cursor_with_impossible_geometry_is_refused_before_any_allocation() {
+        // 100 regions: two words per bitmap, 28 padding bits in the last.
+        let mut map = DirtyMap::new(100 * 65536, 65536);
+        map.mark_all();
+        let s = ResyncState::new([3; 16], 1, "r".into(), map);
+        let ring = replica_proto::keys::KeyRing::generate().expect("keys");
+        let keys = CursorKeys {
+            ring: &ring,
+            volume: "v",
+        };
+        let b = s.encode(&keys);
+        assert_eq!(
+            resealed(&b, 0, &b[..8], &keys),
+            b,
+            "resealing itself is exact"
+        );
+        // A volume of 16 EiB: refused on the bitmap length, nothing sized
+        // by it (a test that allocated it would abort).
+        let huge = resealed(&b, 32, &u64::MAX.to_le_bytes(), &keys);
+        assert_eq!(
+            ResyncState::decode(&huge, &keys),
+            Err("bitmap length does not match the volume")
+        );
+        // A region past the end set (it could never be resent).
+        let words_at = HEADER_LEN + 1;
+        let mut last = u64::MAX.to_le_bytes();
+        last[7] = 0xff;
+        let padded = resealed(&b, words_at + 8, &last, &keys);
+        assert_eq!(
+            ResyncState::decode(&padded, &keys),
+            Err("regions set past the end of the volume")
+        );
+        let in_differ = resealed(&b, words_at + 24, &(1u64 << 40).to_le_bytes(), &keys);
+        assert_eq!(
+            ResyncState::decode(&in_differ, &keys),
+            Err("regions set past the end of the volume")
+        );
+        // The last real region (99: bit 35 of the second word) is fine.
+        let ok = resealed(&b, words_at + 24, &(1u64 << 35).to_le_bytes(), &keys);
+        let got = ResyncState::decode(&ok, &keys).expect("decodes");
+        assert!(got.differ.is_set(99) && got.differ.count() == 1);
     }
 
     #[test]

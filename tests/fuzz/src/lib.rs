@@ -10,6 +10,7 @@
 //! | `spool` | the source's spool files: start-up scan and repair, reader, acknowledgement, append after repair | the disk |
 //! | `journal` | the target's journal files and durable watermark: open, repair, refusal, append after repair | the disk |
 //! | `config` | `source.toml`, `target.toml`, the keyring file; what parses is written back and parses equal | the administrator |
+//! | `cursor` | the source's resync cursor (`resync.state`), as any file and as what a holder of the key could seal: refused, or a state within its volume that encodes back to the same bytes | the disk |
 //! | `ring_abi` | the ring ABI's index rules, the kernel module's producer logic under arbitrary release requests, its dirty bitmaps, and the userspace consumer over ring memory a producer wrote | the kernel/user boundary |
 //!
 //! Each target is a function here (`<module>::run`) that takes the fuzz
@@ -65,6 +66,7 @@
 
 pub mod alloc;
 pub mod config;
+pub mod cursor;
 pub mod frame;
 pub mod handshake;
 pub mod input;
@@ -95,6 +97,7 @@ pub const TARGETS: &[Target] = &[
     ("journal", journal::run, journal::seeds),
     ("config", config::run, config::seeds),
     ("ring_abi", ring::run, ring::seeds),
+    ("cursor", cursor::run, cursor::seeds),
 ];
 
 #[cfg(test)]
