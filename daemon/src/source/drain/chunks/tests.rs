@@ -404,22 +404,31 @@ fn zero_ranges_at_begin_keep_the_replica_equal_whatever_the_interleaving() {
     }
 }
 
+/// A run (`send_all`: a full resend) of `n` chunks, half of them zeros,
+/// to a replica that reads zeros everywhere, whose zero ranges reached the
+/// source before anything was compared; no answer is lost.
+fn to_empty_replica(seed: u64, n: u64, send_all: bool) -> Sim {
+    let mut s = Sim::with(
+        seed,
+        Setup {
+            send_all,
+            replica_zero_percent: 100,
+            volume_zero_percent: 50,
+            ..Setup::new(n, 0)
+        },
+    );
+    s.lose_percent = 0;
+    // BEGIN applied, its zero ranges heard.
+    s.apply();
+    s.hear();
+    s
+}
+
 #[test]
 fn an_empty_replica_compares_nothing_and_zeros_are_not_sent() {
     for seed in 1..50u64 {
-        let mut s = Sim::with(
-            seed,
-            Setup {
-                replica_zero_percent: 100,
-                volume_zero_percent: 50,
-                ..Setup::new(300, 0)
-            },
-        );
-        s.lose_percent = 0;
+        let mut s = to_empty_replica(seed, 300, false);
         let zeros = s.volume.iter().filter(|v| **v == 0).count() as u64;
-        // The zero ranges come before the first comparison is issued.
-        s.apply();
-        s.hear();
         s.run(0);
         let t = s.chunks.tally;
         assert_eq!(t.compared, 0, "seed {seed}: nothing compared");
@@ -439,17 +448,7 @@ fn an_empty_replica_compares_nothing_and_zeros_are_not_sent() {
 fn chunks_the_kernel_adds_are_compared_whatever_the_target_said() {
     // Writes the kernel marks (failed, or made in overflow mode) are not
     // records: after it adds chunks, the zero ranges prove nothing.
-    let mut s = Sim::with(
-        9,
-        Setup {
-            replica_zero_percent: 100,
-            volume_zero_percent: 50,
-            ..Setup::new(100, 0)
-        },
-    );
-    s.lose_percent = 0;
-    s.apply();
-    s.hear();
+    let mut s = to_empty_replica(9, 100, false);
     assert!(s.chunks.next_zero(&s.st, 1).is_some());
     s.chunks.unissue(0, 100);
     s.chunks.forget_zeroes();
@@ -483,18 +482,7 @@ fn first_masked_finds_a_word_at_a_time_what_next_run_would() {
 
 #[test]
 fn a_full_resend_sends_zero_chunks_too() {
-    let mut s = Sim::with(
-        5,
-        Setup {
-            send_all: true,
-            replica_zero_percent: 100,
-            volume_zero_percent: 50,
-            ..Setup::new(100, 0)
-        },
-    );
-    s.lose_percent = 0;
-    s.apply();
-    s.hear();
+    let mut s = to_empty_replica(5, 100, true);
     s.run(0);
     assert_eq!(s.chunks.tally.zero, 0);
     assert_eq!(s.chunks.tally.sent, 100);
