@@ -691,11 +691,7 @@ pub fn decompress_owned(
     body: Vec<u8>,
 ) -> Result<Vec<u8>, FrameError> {
     if h.features & FEATURE_ZSTD == 0 {
-        if body.len() != h.plain_len as usize {
-            return Err(FrameError::Records(
-                "plaintext length does not match the header",
-            ));
-        }
+        check_plain_len(h, body.len())?;
         return Ok(body);
     }
     decompress_with(d, h, &body)
@@ -710,22 +706,25 @@ pub fn decompress_with(
 ) -> Result<Vec<u8>, FrameError> {
     if h.features & FEATURE_ZSTD == 0 {
         // Stored as is (it did not compress).
-        if body.len() != h.plain_len as usize {
-            return Err(FrameError::Records(
-                "plaintext length does not match the header",
-            ));
-        }
+        check_plain_len(h, body.len())?;
         return Ok(body.to_vec());
     }
     let plain = d
         .decompress(body, h.plain_len as usize)
         .map_err(|e| FrameError::Decompress(e.to_string()))?;
-    if plain.len() != h.plain_len as usize {
+    check_plain_len(h, plain.len())?;
+    Ok(plain)
+}
+
+/// A payload's plaintext is as long as its header says.
+#[cfg(feature = "codec")]
+fn check_plain_len(h: &SegmentHeader, len: usize) -> Result<(), FrameError> {
+    if len != h.plain_len as usize {
         return Err(FrameError::Records(
             "plaintext length does not match the header",
         ));
     }
-    Ok(plain)
+    Ok(())
 }
 
 #[cfg(test)]

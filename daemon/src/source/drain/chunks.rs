@@ -331,29 +331,35 @@ impl Chunks {
 
     /// The data of `count` chunks from `region` is in the spool: proven.
     pub(crate) fn spooled(&mut self, st: &mut ResyncState, region: u64, count: u64) {
-        let rb = st.map.region_bytes();
-        for r in region..region.saturating_add(count).min(st.map.regions()) {
-            if st.map.is_set(r) {
-                self.tally.sent += 1;
-                let len = chunk_len(st, r, rb);
-                self.tally.sent_bytes += len;
-                self.tally.covered_bytes += len;
-            }
-        }
-        st.map.clear(region, count);
-        st.differ.clear(region, count);
-        self.issued.clear(region, count);
+        self.proven(st, region, count, |t, len| {
+            t.sent += 1;
+            t.sent_bytes += len;
+        });
     }
 
     /// `count` chunks from `region` read as zeros at a DATA marker that is
     /// in the spool, where the target read zeros at BEGIN: proven, nothing
     /// sent.
     pub(crate) fn zeroed(&mut self, st: &mut ResyncState, region: u64, count: u64) {
+        self.proven(st, region, count, |t, _| t.zero += 1);
+    }
+
+    /// `count` chunks from `region` are proven by what reached the spool:
+    /// `tally` counts each one still unproven (with its length), and none
+    /// is unproven, known to differ or issued any more.
+    fn proven(
+        &mut self,
+        st: &mut ResyncState,
+        region: u64,
+        count: u64,
+        tally: impl Fn(&mut Tally, u64),
+    ) {
         let rb = st.map.region_bytes();
         for r in region..region.saturating_add(count).min(st.map.regions()) {
             if st.map.is_set(r) {
-                self.tally.zero += 1;
-                self.tally.covered_bytes += chunk_len(st, r, rb);
+                let len = chunk_len(st, r, rb);
+                tally(&mut self.tally, len);
+                self.tally.covered_bytes += len;
             }
         }
         st.map.clear(region, count);
