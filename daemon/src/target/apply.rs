@@ -612,11 +612,7 @@ impl Applier {
                     self.flush_ops(&mut ops)?;
                     match resync::Marker::from_aux(r.aux) {
                         Some(resync::Marker::Begin { full }) => {
-                            // Queued before BEGIN is published as applied:
-                            // a source that sees it applied without them
-                            // knows none are coming.
-                            self.announce_zeroes(h.generation, r.seq);
-                            self.resync_begin(r, full)?;
+                            self.resync_begin(r, full, h.generation)?
                         }
                         Some(resync::Marker::End) => {
                             if self.resync_end(r)? {
@@ -670,13 +666,8 @@ impl Applier {
     /// compares none of those chunks (see [`replica_proto::msg::Zeroes`]).
     /// When the backend cannot tell, nothing is claimed and the source
     /// compares as usual.
-    fn announce_zeroes(&mut self, generation: [u8; 16], seq: u64) {
-        // Flushed first: what the filesystem reports about holes is then
-        // about data on disk too, not only in its cache.
-        let known = {
-            let mut r = self.stream.volume().replica();
-            r.flush().and_then(|()| r.known_zero())
-        };
+    pub(super) fn announce_zeroes(&mut self, generation: [u8; 16], seq: u64) {
+        let known = self.stream.volume().replica().known_zero();
         match known {
             Ok(ranges) => {
                 let z = Zeroes::new(generation, seq, ranges);

@@ -162,13 +162,20 @@ impl Applier {
     /// new regions, so no recovery point is taken (the last one stays the
     /// one to fail over to). A `full` one resends every region: its END
     /// makes even a replica without a consistent copy consistent.
+    /// What the replica reads as zeros there goes to the source first
+    /// (`generation`: the BEGIN's), before BEGIN is published as applied: a
+    /// source that sees it applied without them knows none are coming.
     pub(super) fn resync_begin(
         &mut self,
         r: &RecordView<'_>,
         full: bool,
+        generation: [u8; 16],
     ) -> Result<(), StoreError> {
-        self.set_applied(r.seq);
+        // Flushed first: what the filesystem reports about holes is then
+        // about data on disk too, not only in its cache.
         self.stream.volume().replica().flush()?;
+        self.announce_zeroes(generation, r.seq);
+        self.set_applied(r.seq);
         let needs_full = {
             let mut st = self.stream.lock_state();
             st.disk.applied_seq = r.seq;
